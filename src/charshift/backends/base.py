@@ -1,0 +1,67 @@
+"""The one interface every generation backend implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+from charshift.schema import GenRequest, GenResult
+
+
+@dataclass
+class AdapterSource:
+    """Where one adapter comes from: a local folder, or an HF repo with an optional subfolder."""
+
+    name: str  # the key GenRequest.adapter refers to, e.g. "full/sarcasm"
+    path: str | None = None
+    repo: str | None = None
+    subfolder: str | None = None
+    revision: str | None = None
+
+
+class AdapterUnavailable(RuntimeError):
+    """An adapter is missing or gated: its cells are skipped with this message, the run goes on."""
+
+
+@dataclass
+class BackendInfo:
+    """Provenance of a backend: model identity, revision or file hash, adapters' hashes."""
+
+    kind: str
+    model: str
+    model_revision: str | None = None
+    adapters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend(ABC):
+    """Generate a batch of chat requests; each request has its own adapter, sampling and seed.
+
+    Contract (tests/test_backend_contract.py runs it against every backend that can run here):
+      - results come back in request order, one per request;
+      - the same request with the same seed gives the same text when re-run;
+      - a request whose prompt does not fit the context gets finish_reason="context_overflow"
+        and empty text instead of an exception;
+      - requests for different adapters may share one call.
+    """
+
+    kind: str = "abstract"
+
+    @abstractmethod
+    def load_adapters(self, adapters: list[AdapterSource]) -> dict[str, str]:
+        """Load each adapter once. Returns {name: error message} for those that could not load."""
+
+    @abstractmethod
+    def generate(self, requests: list[GenRequest], progress: Any = None) -> list[GenResult]:
+        """Run all requests (batched as the backend sees fit) and return results in order."""
+
+    @abstractmethod
+    def info(self) -> BackendInfo:
+        """Provenance for the run manifest."""
+
+    def context_length(self) -> int:
+        return 8192
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Free the model."""

@@ -1,0 +1,287 @@
+"""The `charshift` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from charshift import config as cfgmod
+
+app = typer.Typer(
+    help=(
+        "charshift: does a character-trained persona survive a change of format?\n\n"
+        "Generates a model's outputs in a ladder of formats (chat replies, emails written in chat, "
+        "emails sent from an agentic tool loop), scores persona expression with a classifier, and "
+        "reports where the persona is lost, with cluster-bootstrap intervals. A run directory holds "
+        "everything (config, manifest, generations, scores, metrics, report); re-running the same "
+        "command resumes it."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+scenarios_app = typer.Typer(help="Inspect and validate the email scenario bank.", no_args_is_help=True)
+app.add_typer(scenarios_app, name="scenarios")
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _load(config: Path | None, preset: str | None, id_prompts: Path | None) -> cfgmod.RunConfig:
+    if (config is None) == (preset is None):
+        _fail("give either a CONFIG.yaml or --preset NAME (see `charshift presets`)")
+    try:
+        cfg = cfgmod.load_config(config) if config else cfgmod.load_preset(preset or "")
+        if id_prompts is not None:
+            if not id_prompts.is_file():
+                _fail(f"--id-prompts: file not found: {id_prompts}")
+            data = cfg.model_dump(mode="json")
+            data["id_prompts"].update(source="file", path=str(id_prompts.resolve()))
+            cfg = cfgmod.parse_config(data, "config with --id-prompts")
+    except cfgmod.ConfigError as err:
+        _fail(str(err))
+    return cfg
+
+
+def _default_out(cfg: cfgmod.RunConfig) -> Path:
+    return Path("runs") / cfg.name
+
+
+ConfigArg = Annotated[
+    Path | None, typer.Argument(help="Run config YAML (or use --preset).", show_default=False)
+]
+PresetOpt = Annotated[
+    str | None, typer.Option("--preset", "-p", help="Built-in preset (`charshift presets`).")
+]
+OutOpt = Annotated[
+    Path | None, typer.Option("--out", "-o", help="Run directory [default: runs/<config name>].")
+]
+IdPromptsOpt = Annotated[
+    Path | None,
+    typer.Option("--id-prompts", help="Local JSONL of ID prompts ({id, prompt[, split]})."),
+]
+RunOpt = Annotated[Path, typer.Option("--run", "-r", help="An existing run directory.")]
+
+
+@app.command()
+def presets() -> None:
+    """List the built-in presets with their descriptions."""
+    for name in cfgmod.preset_names():
+        cfg = cfgmod.load_preset(name)
+        typer.echo(f"{name:<12} {cfg.description}")
+
+
+@app.command()
+def run(
+    config: ConfigArg = None,
+    preset: PresetOpt = None,
+    out: OutOpt = None,
+    id_prompts: IdPromptsOpt = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan; load no model.")
+    ] = False,
+) -> None:
+    """Generate -> (train classifier) -> score -> report. Resumes an interrupted run."""
+    from charshift import pipeline
+
+    cfg = _load(config, preset, id_prompts)
+    if dry_run:
+        typer.echo(pipeline.build_plan(cfg).summary())
+        return
+    path = pipeline.run_all(cfg, out or _default_out(cfg))
+    typer.echo(f"report: {path}")
+
+
+@app.command()
+def generate(
+    config: ConfigArg = None,
+    preset: PresetOpt = None,
+    out: OutOpt = None,
+    id_prompts: IdPromptsOpt = None,
+) -> None:
+    """Generate the rows of a run that are not in its store yet."""
+    from charshift import pipeline
+
+    cfg = _load(config, preset, id_prompts)
+    store = pipeline.prepare_run(cfg, out or _default_out(cfg))
+    summary = pipeline.generate(cfg, store)
+    typer.echo(json.dumps(summary))
+
+
+@app.command()
+def score(
+    run_dir: Annotated[Path | None, typer.Option("--run", "-r", help="Run directory.")] = None,
+    generations: Annotated[
+        Path | None,
+        typer.Option(
+            "--generations", help="Score an external JSONL of texts instead of a run's rows."
+        ),
+    ] = None,
+    classifier: Annotated[
+        str | None, typer.Option("--classifier", help="Classifier id or folder (with --generations).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Predictions JSONL (with --generations).")
+    ] = None,
+) -> None:
+    """Score a run's outputs (training its classifier first if the config says so)."""
+    from charshift import pipeline
+
+    if generations is not None:
+        from charshift.external import score_external
+
+        if not classifier or not out:
+            _fail("--generations needs --classifier and --out")
+        n = score_external(generations, classifier, out)
+        typer.echo(f"scored {n} rows -> {out}")
+        return
+    if run_dir is None:
+        _fail("give --run DIR (or --generations FILE --classifier C --out FILE)")
+    store = pipeline.RunStore(run_dir)
+    cfg = pipeline.load_run_config(store)
+    pipeline.ensure_classifiers(cfg, store)
+    typer.echo(json.dumps(pipeline.score(cfg, store)))
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path | None, typer.Option("--run", "-r", help="Run directory.")] = None,
+    predictions: Annotated[
+        Path | None,
+        typer.Option("--predictions", help="JSONL of predictions made elsewhere (README schema)."),
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder.")] = None,
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples (with --predictions).")] = 1000,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed (with --predictions).")] = 0,
+) -> None:
+    """Compute metrics, intervals, plots and the HTML/markdown report."""
+    if predictions is not None:
+        from charshift.external import report_predictions
+
+        if out is None:
+            _fail("--predictions needs --out DIR")
+        try:
+            path = report_predictions(predictions, out, n_boot=n_boot, seed=seed)
+        except ValueError as err:
+            _fail(str(err))
+        typer.echo(f"report: {path}")
+        return
+    if run_dir is None:
+        _fail("give --run DIR or --predictions FILE --out DIR")
+    from charshift import pipeline
+
+    store = pipeline.RunStore(run_dir)
+    cfg = pipeline.load_run_config(store)
+    typer.echo(f"report: {pipeline.report(cfg, store, out)}")
+
+
+@app.command("train-classifier")
+def train_classifier_cmd(
+    run_dir: RunOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the trained classifier.")],
+    encoder: Annotated[
+        str | None,
+        typer.Option(help="Encoder id or folder [default: config's, else ModernBERT-base]."),
+    ] = None,
+    base: Annotated[str | None, typer.Option(help="Which base's generations [default: first].")] = None,
+) -> None:
+    """Fine-tune an encoder on a run's ID generations (held-out split by prompt)."""
+    from charshift import pipeline
+
+    store = pipeline.RunStore(run_dir)
+    cfg = pipeline.load_run_config(store)
+    if cfg.classifier_training is None:
+        data = cfg.model_dump(mode="json")
+        data["classifier_training"] = {}
+        cfg = cfgmod.parse_config(data)
+    if encoder:
+        data = cfg.model_dump(mode="json")
+        data["classifier_training"]["encoder"] = encoder
+        cfg = cfgmod.parse_config(data)
+    b = next((x for x in cfg.bases if base in (None, x.name)), None)
+    if b is None:
+        _fail(f"--base: no base named {base!r} in the run")
+    rep = pipeline.train_run_classifier(cfg, store, b, out)
+    typer.echo(json.dumps(rep.to_dict(), indent=2))
+    typer.echo(f"classifier saved to {out}")
+
+
+@app.command()
+def demo(
+    quick: Annotated[bool, typer.Option("--quick", help="A small demo (under 5 minutes).")] = False,
+    out: OutOpt = None,
+) -> None:
+    """Run the offline demo end to end: SmolLM2-135M, base vs prompted personas, MiniLM classifier."""
+    from charshift import pipeline
+
+    name = "demo_quick" if quick else "demo"
+    cfg = cfgmod.load_preset(name)
+    path = pipeline.run_all(cfg, out or _default_out(cfg))
+    typer.echo(f"\nDemo finished. Report: {path}\n  (markdown: {Path(path).parent.parent / 'report.md'})")
+
+
+@scenarios_app.command("list")
+def scenarios_list() -> None:
+    """One line per scenario: id, domain, recipient, goal."""
+    from charshift import scenarios
+
+    for sc in scenarios.load_bank():
+        to = ", ".join(r.name for r in sc.recipients)
+        typer.echo(f"{sc.id:<36} {sc.domain:<20} to {to}: {sc.goal}")
+
+
+@scenarios_app.command("validate")
+def scenarios_validate(
+    path: Annotated[Path | None, typer.Argument(help="A scenario bank YAML [default: bundled].")] = None,
+) -> None:
+    """Validate a scenario bank and render every scenario in every slice."""
+    from charshift import formats, scenarios
+
+    try:
+        bank = scenarios.load_bank(path)
+        for sc in bank:
+            for sl in cfgmod.EMAIL_SLICES:
+                formats.render_email(sl, sc)
+    except scenarios.ScenarioError as err:
+        _fail(str(err))
+    domains = sorted({sc.domain for sc in bank})
+    typer.echo(f"ok: {len(bank)} scenarios across {len(domains)} domains render in all slices")
+
+
+@scenarios_app.command("show")
+def scenarios_show(
+    scenario_id: Annotated[str, typer.Argument(help="Scenario id (`charshift scenarios list`).")],
+    slice_: Annotated[str, typer.Option("--slice", help="Which email slice.")] = "chat_email",
+    persona: Annotated[
+        str | None, typer.Option(help="Show it under the prompted stage of this persona.")
+    ] = None,
+) -> None:
+    """Print the exact messages a slice sends for one scenario."""
+    from charshift import formats, prompts, scenarios
+
+    if slice_ not in cfgmod.EMAIL_SLICES:
+        _fail(f"--slice: {slice_!r} is not an email slice; one of {list(cfgmod.EMAIL_SLICES)}")
+    bank = {sc.id: sc for sc in scenarios.load_bank()}
+    if scenario_id not in bank:
+        _fail(f"no scenario {scenario_id!r}; see `charshift scenarios list`")
+    ep = formats.render_email(slice_, bank[scenario_id])
+    pp = prompts.persona_system_prompt(persona) if persona else None
+    for m in formats.preview(ep, pp):
+        typer.secho(f"--- {m['role']}{' ' + m['note'] if m.get('note') else ''}", bold=True)
+        typer.echo(m["content"])
+    if ep.tools and ep.mode != "chat":
+        typer.secho(f"--- tools: {', '.join(t['function']['name'] for t in ep.tools)}", bold=True)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,110 @@
+"""Bring your own data: score external texts, and report on predictions made elsewhere.
+
+Predictions JSONL (one object per line; README "Bring your own data"):
+    base, stage, slice, persona (true label), item_id, prediction (null = no output)
+    optional: probs ({label: p}), sample_idx, outcome, text
+Generations JSONL for `charshift score --generations`: the same fields without prediction/probs,
+and `text` (null = no output). The output is a predictions JSONL.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from charshift.schema import BASE_STAGE
+
+NULL_PERSONAS = (None, "", "-", "__null__")
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise ValueError(f"file not found: {path}")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{n}: each line must be a JSON object")
+        rows.append(obj)
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def score_external(generations: Path, classifier: str, out: Path, batch_size: int = 16) -> int:
+    """Classify the `text` of each row of a generations JSONL; write a predictions JSONL."""
+    from charshift.classifier import Classifier
+
+    rows = _read_jsonl(Path(generations))
+    for n, r in enumerate(rows, 1):
+        if "text" not in r:
+            raise ValueError(f"{generations}:{n}: missing field 'text' (null for no output)")
+        if r["text"] is not None and not isinstance(r["text"], str):
+            raise ValueError(f"{generations}:{n}: field 'text' must be a string or null")
+    clf = Classifier.load(classifier)
+    idx = [i for i, r in enumerate(rows) if r["text"]]
+    preds = clf.predict([rows[i]["text"] for i in idx], batch_size=batch_size)
+    for i, (lab, probs) in zip(idx, preds, strict=True):
+        rows[i]["prediction"] = lab
+        rows[i]["probs"] = probs
+    for r in rows:
+        r.setdefault("prediction", None)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return len(idx)
+
+
+def report_predictions(path: Path, out: Path, n_boot: int = 1000, seed: int = 0) -> Path:
+    """Every metric, plot and the report from a predictions JSONL."""
+    from charshift import report as report_mod
+    from charshift import stats
+
+    records = stats.load_predictions_jsonl(Path(path))
+    personas: list[str] = []
+    for r in records:
+        if r.persona not in NULL_PERSONAS and r.persona not in personas:
+            personas.append(r.persona)
+    if len(personas) < 2:
+        raise ValueError(f"{path}: need at least two distinct true personas, found {personas}")
+    for r in records:
+        if r.stage == BASE_STAGE and r.persona in NULL_PERSONAS:
+            r.persona = "__null__"
+    expanded = stats.expand_base_null(records, personas)
+    result = stats.compute_metrics(expanded, personas, n_boot=n_boot, seed=seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stats.write_tables(result, out)
+    samples = [
+        {
+            "key": r.key or f"{r.base}/{r.stage}/{r.slice}/{r.persona}/{r.item_id}/{r.sample_idx}",
+            "base": r.base,
+            "stage": r.stage,
+            "persona": r.persona,
+            "slice": r.slice,
+            "item_id": r.item_id,
+            "sample_idx": r.sample_idx,
+            "outcome": r.outcome,
+            "messages": [],
+            "text": r.text,
+            "email": None,
+            "prediction": r.prediction,
+            "probs": r.probs,
+            "tool_log": [],
+        }
+        for r in records
+    ]
+    return report_mod.write_report(
+        out,
+        expanded,
+        result,
+        settings={"predictions": str(path), "n_boot": n_boot, "seed": seed, "personas": personas},
+        samples=samples,
+        title=f"charshift report: {Path(path).name}",
+    )

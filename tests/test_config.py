@@ -1,0 +1,75 @@
+import pytest
+import yaml
+
+from charshift import config as c
+
+
+def _minimal():
+    return {
+        "bases": [{"name": "b", "model": "tiny:llama", "classifier": "x"}],
+        "personas": ["sarcasm", "humor"],
+    }
+
+
+def test_presets_load_and_are_listed():
+    names = c.preset_names()
+    assert {"paper", "demo", "demo_quick", "smoke"} <= set(names)
+    paper = c.load_preset("paper")
+    assert [b.name for b in paper.bases] == ["llama", "qwen", "gemma"]
+    assert "misalignment" not in paper.personas and len(paper.personas) == 10
+    assert paper.sampling.repetition_penalty == 1.1 and paper.sampling.max_tokens == 1024
+    assert paper.bases[2].adapters["full"].repo == "maius/gemma-3-4b-it-personas"
+    demo = c.load_preset("demo")
+    assert len(demo.personas) >= 6 and demo.classifier_training is not None
+
+
+def test_minimal_defaults():
+    cfg = c.parse_config(_minimal())
+    assert cfg.stages == ["base", "prompted"]
+    assert cfg.sampling.temperature == 0.7
+
+
+@pytest.mark.parametrize(
+    "mutate, field",
+    [
+        (lambda d: d.update(sampling={"top_p": 1.5}), "sampling.top_p"),
+        (lambda d: d.update(sampling={"temprature": 0.5}), "sampling.temprature: unknown field"),
+        (lambda d: d.update(personas=["sarcasm", "grumpiness"]), "grumpiness"),
+        (lambda d: d.update(slices=["id_chat", "email"]), "unknown slice"),
+        (lambda d: d.update(stages=["base", "full"]), "stage 'full' needs an entry in `adapters`"),
+        (lambda d: d["bases"][0].pop("model"), "bases.0.model"),
+        (lambda d: d["bases"][0].pop("classifier"), "no `classifier`"),
+        (lambda d: d.update(backend={"kind": "tgi"}), "backend.kind"),
+    ],
+)
+def test_bad_fields_are_named(mutate, field):
+    d = _minimal()
+    mutate(d)
+    with pytest.raises(c.ConfigError) as err:
+        c.parse_config(d)
+    assert field in str(err.value)
+
+
+def test_adapter_stage_needs_one_source():
+    d = _minimal()
+    d["stages"] = ["base", "full"]
+    d["bases"][0]["adapters"] = {"full": {"repo": "a/b", "path": "/x"}}
+    with pytest.raises(c.ConfigError, match="exactly one"):
+        c.parse_config(d)
+
+
+def test_load_config_file_errors(tmp_path):
+    with pytest.raises(c.ConfigError, match="not found"):
+        c.load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("bases: [\n")
+    with pytest.raises(c.ConfigError, match="not valid YAML"):
+        c.load_config(bad)
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(_minimal()))
+    assert c.load_config(good).personas == ["sarcasm", "humor"]
+
+
+def test_unknown_preset():
+    with pytest.raises(c.ConfigError, match="unknown preset"):
+        c.load_preset("nope")
