@@ -11,7 +11,9 @@ __version__ = "0.1.0"
 __all__ = ["ToolCall", "extract_email_body", "parse_tool_calls", "__version__"]
 
 
-def __getattr__(name: str) -> Any:  # imported on first use, so `import charshift.config` stays light
+def __getattr__(
+    name: str,
+) -> Any:  # imported on first use, so `import charshift.config` stays light
     if name in ("ToolCall", "parse_tool_calls"):
         from charshift import toolcalls
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -24,13 +26,28 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-scenarios_app = typer.Typer(help="Inspect and validate the email scenario bank.", no_args_is_help=True)
+scenarios_app = typer.Typer(
+    help="Inspect and validate the email scenario bank.", no_args_is_help=True
+)
 app.add_typer(scenarios_app, name="scenarios")
 
 
 def _fail(msg: str, code: int = 2) -> None:
     typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Known input problems end with one clear line (exit 2), not a traceback."""
+    from charshift.classifier import ClassifierError
+    from charshift.scenarios import ScenarioError
+    from charshift.store import StoreError
+
+    try:
+        yield
+    except (cfgmod.ConfigError, ClassifierError, ScenarioError, StoreError, ValueError) as err:
+        _fail(str(err))
 
 
 def _load(config: Path | None, preset: str | None, id_prompts: Path | None) -> cfgmod.RunConfig:
@@ -91,10 +108,11 @@ def run(
     from charshift import pipeline
 
     cfg = _load(config, preset, id_prompts)
-    if dry_run:
-        typer.echo(pipeline.build_plan(cfg).summary())
-        return
-    path = pipeline.run_all(cfg, out or _default_out(cfg))
+    with _user_errors():
+        if dry_run:
+            typer.echo(pipeline.build_plan(cfg, dry=True).summary())
+            return
+        path = pipeline.run_all(cfg, out or _default_out(cfg))
     typer.echo(f"report: {path}")
 
 
@@ -109,8 +127,9 @@ def generate(
     from charshift import pipeline
 
     cfg = _load(config, preset, id_prompts)
-    store = pipeline.prepare_run(cfg, out or _default_out(cfg))
-    summary = pipeline.generate(cfg, store)
+    with _user_errors():
+        store = pipeline.prepare_run(cfg, out or _default_out(cfg))
+        summary = pipeline.generate(cfg, store)
     typer.echo(json.dumps(summary))
 
 
@@ -124,7 +143,8 @@ def score(
         ),
     ] = None,
     classifier: Annotated[
-        str | None, typer.Option("--classifier", help="Classifier id or folder (with --generations).")
+        str | None,
+        typer.Option("--classifier", help="Classifier id or folder (with --generations)."),
     ] = None,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Predictions JSONL (with --generations).")
@@ -143,10 +163,12 @@ def score(
         return
     if run_dir is None:
         _fail("give --run DIR (or --generations FILE --classifier C --out FILE)")
-    store = pipeline.RunStore(run_dir)
-    cfg = pipeline.load_run_config(store)
-    pipeline.ensure_classifiers(cfg, store)
-    typer.echo(json.dumps(pipeline.score(cfg, store)))
+    with _user_errors():
+        store = pipeline.RunStore(run_dir, create=False)
+        cfg = pipeline.load_run_config(store)
+        pipeline.ensure_classifiers(cfg, store)
+        counts = pipeline.score(cfg, store)
+    typer.echo(json.dumps(counts))
 
 
 @app.command()
@@ -176,9 +198,11 @@ def report(
         _fail("give --run DIR or --predictions FILE --out DIR")
     from charshift import pipeline
 
-    store = pipeline.RunStore(run_dir)
-    cfg = pipeline.load_run_config(store)
-    typer.echo(f"report: {pipeline.report(cfg, store, out)}")
+    with _user_errors():
+        store = pipeline.RunStore(run_dir, create=False)
+        cfg = pipeline.load_run_config(store)
+        path = pipeline.report(cfg, store, out)
+    typer.echo(f"report: {path}")
 
 
 @app.command("train-classifier")
@@ -189,13 +213,16 @@ def train_classifier_cmd(
         str | None,
         typer.Option(help="Encoder id or folder [default: config's, else ModernBERT-base]."),
     ] = None,
-    base: Annotated[str | None, typer.Option(help="Which base's generations [default: first].")] = None,
+    base: Annotated[
+        str | None, typer.Option(help="Which base's generations [default: first].")
+    ] = None,
 ) -> None:
     """Fine-tune an encoder on a run's ID generations (held-out split by prompt)."""
     from charshift import pipeline
 
-    store = pipeline.RunStore(run_dir)
-    cfg = pipeline.load_run_config(store)
+    with _user_errors():
+        store = pipeline.RunStore(run_dir, create=False)
+        cfg = pipeline.load_run_config(store)
     if cfg.classifier_training is None:
         data = cfg.model_dump(mode="json")
         data["classifier_training"] = {}
@@ -207,7 +234,8 @@ def train_classifier_cmd(
     b = next((x for x in cfg.bases if base in (None, x.name)), None)
     if b is None:
         _fail(f"--base: no base named {base!r} in the run")
-    rep = pipeline.train_run_classifier(cfg, store, b, out)
+    with _user_errors():
+        rep = pipeline.train_run_classifier(cfg, store, b, out)
     typer.echo(json.dumps(rep.to_dict(), indent=2))
     typer.echo(f"classifier saved to {out}")
 
@@ -222,8 +250,11 @@ def demo(
 
     name = "demo_quick" if quick else "demo"
     cfg = cfgmod.load_preset(name)
-    path = pipeline.run_all(cfg, out or _default_out(cfg))
-    typer.echo(f"\nDemo finished. Report: {path}\n  (markdown: {Path(path).parent.parent / 'report.md'})")
+    with _user_errors():
+        path = pipeline.run_all(cfg, out or _default_out(cfg))
+    typer.echo(
+        f"\nDemo finished. Report: {path}\n  (markdown: {Path(path).parent.parent / 'report.md'})"
+    )
 
 
 @scenarios_app.command("list")
@@ -238,7 +269,9 @@ def scenarios_list() -> None:
 
 @scenarios_app.command("validate")
 def scenarios_validate(
-    path: Annotated[Path | None, typer.Argument(help="A scenario bank YAML [default: bundled].")] = None,
+    path: Annotated[
+        Path | None, typer.Argument(help="A scenario bank YAML [default: bundled].")
+    ] = None,
 ) -> None:
     """Validate a scenario bank and render every scenario in every slice."""
     from charshift import formats, scenarios

@@ -128,18 +128,31 @@ def build_conditions(
     return conds, adapters
 
 
-def build_episodes(cfg: RunConfig) -> tuple[list[EpisodeSpec], dict[str, Any]]:
+def _placeholder_prompts(cfg: RunConfig) -> tuple[list[Any], list[Any]]:
+    """For a dry run of a PURE-DOVE config: as many stand-in prompts as the run would draw."""
+    n_tr, n_ev = cfg.id_prompts.n_train, cfg.id_prompts.n_eval
+    train = [
+        prompts.IdPrompt(f"dove-train-{i}", "(PURE-DOVE prompt)", "train") for i in range(n_tr)
+    ]
+    evalp = [prompts.IdPrompt(f"dove-eval-{i}", "(PURE-DOVE prompt)", "eval") for i in range(n_ev)]
+    return train, evalp
+
+
+def build_episodes(cfg: RunConfig, dry: bool = False) -> tuple[list[EpisodeSpec], dict[str, Any]]:
     specs: list[EpisodeSpec] = []
     bank: dict[str, Any] = {}
     id_slices = [s for s in cfg.slices if s in ID_SLICES]
     if id_slices:
-        train, evalp = prompts.select_id_prompts(cfg.id_prompts)
+        if dry and cfg.id_prompts.source == "pure_dove":
+            train, evalp = _placeholder_prompts(cfg)
+        else:
+            train, evalp = prompts.select_id_prompts(cfg.id_prompts)
         if cfg.classifier_training is not None and "id_chat" in id_slices:
             for i, p in enumerate(train):
                 specs.append(formats.render_id("id_chat", p, i))
         for sl in id_slices:
             for i, p in enumerate(evalp):
-                specs.append(formats.render_id(sl, p, i))
+                specs.append(formats.render_id(sl, p, i, cfg.id_prompts.break_suffixes))
     email_slices = [s for s in cfg.slices if s in EMAIL_SLICES]
     if email_slices:
         chosen = scenarios.select_scenarios(
@@ -178,9 +191,12 @@ def row_key(
     return stable_hash(parts, 24)
 
 
-def build_plan(cfg: RunConfig) -> Plan:
-    """Everything the run will generate, without loading a model."""
-    specs, bank = build_episodes(cfg)
+def build_plan(cfg: RunConfig, dry: bool = False) -> Plan:
+    """Everything the run will generate, without loading a model.
+
+    `dry`: count PURE-DOVE prompts without downloading the data set (for `--dry-run`).
+    """
+    specs, bank = build_episodes(cfg, dry)
     rows: list[PlannedRow] = []
     conditions: dict[str, list[Condition]] = {}
     adapters: dict[str, dict[str, AdapterSource]] = {}
@@ -274,17 +290,13 @@ def generate(cfg: RunConfig, store: RunStore, wave_size: int | None = None) -> d
         store.log_event("generate_start", base=base.name, rows=len(todo))
         backend = make_backend(cfg, base)
         needed = sorted({r.adapter.name for r in todo if r.adapter}, key=str)
-        sources = _materialise_tiny_adapters(
-            base, [plan.adapters[base.name][n] for n in needed]
-        )
+        sources = _materialise_tiny_adapters(base, [plan.adapters[base.name][n] for n in needed])
         failed = backend.load_adapters(sources)
         for name, msg in failed.items():
             skipped[f"{base.name}/{name}"] = msg
             tqdm.write(f"[charshift] skipping adapter {base.name}/{name}: {msg}")
         info = backend.info()
-        store.update_manifest(
-            backends={base.name: info.__dict__}, skipped_adapters=skipped or {}
-        )
+        store.update_manifest(backends={base.name: info.__dict__}, skipped_adapters=skipped or {})
         todo = [r for r in todo if not (r.adapter and r.adapter.name in failed)]
         engine = RolloutEngine(backend, settings, formats.REQUIRED_ARGS)
         bar = tqdm(total=len(todo), desc=f"generate {base.name}", unit="row", dynamic_ncols=True)
@@ -420,7 +432,9 @@ def score(cfg: RunConfig, store: RunStore) -> dict[str, int]:
         clf = Classifier.load(src, cache_dir=cache_dir())
         clf.check_personas(list(cfg.personas))
         cid = classifier_id(clf)
-        store.update_manifest(classifiers={base.name: clf.identity})
+        store.update_manifest(
+            classifiers={base.name: clf.identity}, classifier_ids={base.name: cid}
+        )
         todo = [r for r in rows if (r["key"], cid) not in store.scores]
         counts["already"] += len(rows) - len(todo)
         if not todo:
@@ -450,13 +464,8 @@ def classifier_id(clf: Any) -> str:
 
 def prediction_records(cfg: RunConfig, store: RunStore) -> list[PredictionRecord]:
     """Join generations and scores into the records the statistics read (base rows as null)."""
-    from charshift.classifier import Classifier
-
     text_field = "text" if cfg.scoring.text == "extracted" else "final_reply"
-    cids: dict[str, str] = {}
-    for base in cfg.bases:
-        src = classifier_source(cfg, store, base)
-        cids[base.name] = classifier_id(Classifier.load(src, cache_dir=cache_dir()))
+    cids: dict[str, str] = store.manifest().get("classifier_ids", {})
     out: list[PredictionRecord] = []
     for r in store.generations:
         if r["split"] != "eval" or r["base"] not in cids:
@@ -544,8 +553,19 @@ def report(cfg: RunConfig, store: RunStore, out_dir: Path | None = None) -> Path
     return path
 
 
+def preflight(cfg: RunConfig) -> None:
+    """Cheap checks before any generation: every given classifier knows every persona."""
+    from charshift.classifier import Classifier
+
+    for base in cfg.bases:
+        if base.classifier:
+            Classifier.load(base.classifier, cache_dir=cache_dir()).check_personas(cfg.personas)
+
+
 def run_all(cfg: RunConfig, out: Path) -> Path:
     t0 = time.time()
+    build_plan(cfg)  # scenario, prompt and persona files are validated here
+    preflight(cfg)
     store = prepare_run(cfg, out)
     store.log_event("run_start")
     generate(cfg, store)

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from charshift.backends.base import Backend
-from charshift.extraction import extract_email_body
+from charshift.extraction import extract_email
+from charshift.formats import compose_system
 from charshift.schema import (
     Condition,
     EpisodeSpec,
@@ -70,12 +71,8 @@ class Episode:
 
     def system_prompt(self, base_turn: bool) -> str | None:
         """The persona prompt (prompted stage, not for base turns) followed by the slice's system."""
-        parts = []
-        if self.condition.system_prompt and not base_turn:
-            parts.append(self.condition.system_prompt)
-        if self.spec.system:
-            parts.append(self.spec.system)
-        return "\n\n".join(parts) if parts else None
+        persona = None if base_turn else self.condition.system_prompt
+        return compose_system(persona, self.spec.system)
 
     def full_messages(self) -> list[Message]:
         sys_prompt = self.system_prompt(base_turn=False)
@@ -133,9 +130,9 @@ class RolloutEngine:
         if ep.spec.output == "reply":
             ep.outcome = "reply" if text.strip() else "empty"
         else:
-            body = extract_email_body(text)
-            if body:
-                ep.email = {"to": None, "subject": None, "body": body}
+            found = extract_email(text)
+            if found and found.body:
+                ep.email = {"to": found.to, "subject": found.subject, "body": found.body}
                 ep.outcome = "email"
             else:
                 ep.outcome = "no_email"
@@ -145,13 +142,15 @@ class RolloutEngine:
         ep.messages.append({"role": "assistant", "content": text})
         ep.final_reply = text
         calls = parse_tool_calls(text)
-        known = [t["function"]["name"] if "function" in t else t["name"] for t in ep.spec.tools or []]
+        known = [
+            t["function"]["name"] if "function" in t else t["name"] for t in ep.spec.tools or []
+        ]
         if not calls:
             ep.malformed_run += 1
             problem = diagnose_tool_turn(text, known, self.required_args) or (
                 "No tool call found in your message."
             )
-            ep.meta.setdefault("malformed_turns", []).append(ep.steps)
+            ep.meta.setdefault("malformed_turns", []).append(ep.steps - 1)
             if ep.spec.mode == "tool_oneshot" or ep.malformed_run >= s.max_malformed:
                 ep.outcome = "email" if ep.email else "malformed"
                 return
@@ -170,7 +169,7 @@ class RolloutEngine:
                 if finished:
                     break
             if len(calls) > 1:
-                ep.meta.setdefault("multi_call_turns", []).append(ep.steps)
+                ep.meta.setdefault("multi_call_turns", []).append(ep.steps - 1)
             if finished:
                 ep.outcome = "email" if ep.email else "no_email"
                 return

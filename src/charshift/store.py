@@ -155,8 +155,10 @@ def git_commit() -> str | None:
 class RunStore:
     """One run directory."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, create: bool = True) -> None:
         self.root = Path(root)
+        if not create and not (self.root / "config.yaml").is_file():
+            raise StoreError(f"{self.root} is not a charshift run directory (no config.yaml)")
         self.root.mkdir(parents=True, exist_ok=True)
         self.generations = JsonlTable(self.root / "generations.jsonl", ("key",))
         self.scores = JsonlTable(self.root / "scores.jsonl", ("key", "classifier"))

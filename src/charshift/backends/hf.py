@@ -1,0 +1,732 @@
+"""transformers + PEFT backend: one base model, many LoRA adapters, mixed-adapter batches.
+
+Why a hand-written decode loop instead of `model.generate`: every row must sample from its own
+random stream (a torch.Generator seeded from `GenRequest.seed`) with its own temperature, top_p,
+repetition penalty and token budget, so that a row's text never depends on what it was batched
+with. `generate` shares one global generator and one set of settings per call.
+
+The loop: left-pad the batch, prefill once with explicit position ids taken from the attention
+mask, then feed one token per row per step through the KV cache. Rows that finish are dropped
+from the batch (and from the cache), and the batch ends when no row is left. Rows of different
+adapters share a batch through PEFT's `adapter_names` ("__base__" for the bare model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import inspect
+import logging
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from charshift.backends.base import AdapterSource, AdapterUnavailable, Backend, BackendInfo
+from charshift.models import ResolvedModel, file_hash, resolve_model
+from charshift.schema import GenRequest, GenResult
+
+log = logging.getLogger(__name__)
+
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" inside a mixed batch
+# End-of-turn tokens of common chat templates, used as extra stop tokens when present.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|endoftext|>")
+# A module path that belongs to an image encoder or its projector, not to the language model.
+_VISION_RE = re.compile(
+    r"(^|\.)(vision_tower|vision_model|visual|multi_modal_projector|vision)(\.|$)"
+)
+_LAYER_RE = re.compile(r"(^|\.)(layers?|h|blocks?)\.\d+\.")
+
+
+# --------------------------------------------------------------------------------------------
+# device, dtype, model loading
+# --------------------------------------------------------------------------------------------
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """ "auto" = cuda when available, else cpu; anything else is passed to torch.device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """ "auto" = bfloat16 on cuda (float16 where bf16 is unsupported), float32 on cpu."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, {', '.join(names)}")
+    return names[dtype]
+
+
+def load_causal_lm(
+    resolved: ResolvedModel, device: torch.device, dtype: torch.dtype
+) -> torch.nn.Module:
+    """Load a causal LM; multimodal chat checkpoints (Gemma3ForConditionalGeneration) included.
+
+    AutoModelForCausalLM maps gemma3 configs to the multimodal class in current transformers;
+    older releases or other multimodal families only register under AutoModelForImageTextToText,
+    which is tried second.
+    """
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = dict(resolved.load_kwargs, dtype=dtype)
+    if device.type == "cuda":
+        kwargs["device_map"] = str(device)  # load straight onto the GPU
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
+    except ValueError as err:
+        if "Unrecognized configuration class" not in str(err):
+            raise
+        from transformers import AutoModelForImageTextToText
+
+        model = AutoModelForImageTextToText.from_pretrained(resolved.path, **kwargs)
+    if device.type != "cuda":
+        model.to(device)
+    model.eval()
+    return model
+
+
+def _text_config(config: Any) -> Any:
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+# --------------------------------------------------------------------------------------------
+# adapters
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _AdapterPlan:
+    """A checked adapter, ready to inject: config and weights renamed to this model's modules."""
+
+    config: Any
+    weights: dict[str, torch.Tensor]
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def _hub_message(err: Exception, src: AdapterSource) -> str:
+    where = f"{src.repo}" + (f" (subfolder {src.subfolder!r})" if src.subfolder else "")
+    kind = type(err).__name__
+    if kind == "GatedRepoError":
+        return (
+            f"adapter repo {where} is gated: accept its terms on https://huggingface.co/{src.repo} "
+            f"and log in (HF_TOKEN) to use it"
+        )
+    if kind == "RepositoryNotFoundError":
+        return f"adapter repo {src.repo} not found (or private and no token given)"
+    if kind == "RevisionNotFoundError":
+        return f"adapter repo {src.repo} has no revision {src.revision!r}"
+    if kind in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") or isinstance(
+        err, (ConnectionError, OSError)
+    ):
+        return f"could not fetch adapter {where} from the hub (offline or unreachable): {err}"
+    return f"could not fetch adapter {where}: {kind}: {err}"
+
+
+def fetch_adapter(src: AdapterSource) -> tuple[Path, dict[str, Any]]:
+    """The local folder of an adapter (downloading only its subfolder from the hub if needed).
+
+    Raises AdapterUnavailable with a message a person can act on: missing folder, missing
+    subfolder in a repo (the -personas repos lack `misalignment`), gated or unknown repo, offline.
+    """
+    if src.path:
+        base = Path(src.path).expanduser()
+        candidates = [base / src.subfolder, base] if src.subfolder else [base]
+        for folder in candidates:
+            if (folder / "adapter_config.json").is_file():
+                return folder, {"source": "local", "path": str(folder.resolve())}
+        if not base.exists():
+            raise AdapterUnavailable(f"adapter folder {base} does not exist")
+        raise AdapterUnavailable(
+            f"no adapter_config.json in {' or '.join(str(c) for c in candidates)}"
+        )
+    if not src.repo:
+        raise AdapterUnavailable(f"adapter {src.name!r} has neither a path nor a repo")
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = [f"{src.subfolder.strip('/')}/*"] if src.subfolder else None
+        root = Path(snapshot_download(src.repo, revision=src.revision, allow_patterns=patterns))
+    except Exception as err:  # noqa: BLE001 - every hub failure becomes a skipped cell
+        raise AdapterUnavailable(_hub_message(err, src)) from err
+    folder = root / src.subfolder if src.subfolder else root
+    if not (folder / "adapter_config.json").is_file():
+        raise AdapterUnavailable(
+            f"adapter repo {src.repo} has no adapter at {src.subfolder or '(root)'!r}"
+            f" (revision {src.revision or 'main'})"
+        )
+    prov = {
+        "source": "hub",
+        "repo": src.repo,
+        "subfolder": src.subfolder,
+        "revision": src.revision,
+        "commit": root.name,  # snapshot folders are named by commit hash
+    }
+    return folder, prov
+
+
+def _module_key(name: str) -> tuple[bool, str]:
+    """A layout-independent key for a module path: (is vision, path from the layer index on).
+
+    `model.language_model.layers.3.self_attn.q_proj` (transformers >= 4.52 Gemma3),
+    `language_model.model.layers.3.self_attn.q_proj` (older) and `model.layers.3.self_attn.q_proj`
+    (text-only class) all become (False, "layers.3.self_attn.q_proj").
+    """
+    vision = bool(_VISION_RE.search(name))
+    m = _LAYER_RE.search(name)
+    tail = name[m.start() + len(m.group(1)) :] if m else ".".join(name.split(".")[-2:])
+    return vision, tail
+
+
+class _ModuleIndex:
+    """The base model's LoRA-targetable modules (Linear, Embedding), by path and by layout key."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.shapes: dict[str, tuple[int, int]] = {}
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                self.shapes[name] = (mod.in_features, mod.out_features)
+            elif isinstance(mod, torch.nn.Embedding):
+                self.shapes[name] = (mod.num_embeddings, mod.embedding_dim)
+        by_key: dict[tuple[bool, str], list[str]] = {}
+        for name in self.shapes:
+            by_key.setdefault(_module_key(name), []).append(name)
+        self.by_key = {k: v[0] for k, v in by_key.items() if len(v) == 1}
+
+    def locate(self, adapter_module: str) -> str | None:
+        if adapter_module in self.shapes:
+            return adapter_module
+        return self.by_key.get(_module_key(adapter_module))
+
+
+_LORA_PARAM_RE = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<param>lora_[A-Za-z_]+)(?P<rest>(\.weight|\.bias)?)$"
+)
+
+
+def plan_adapter(folder: Path, index: _ModuleIndex) -> _AdapterPlan:
+    """Read an adapter and fit it to the base model without touching the model.
+
+    Weight names are matched to this model's modules layout-independently (see `_module_key`),
+    so adapters saved from another transformers version's Gemma3 layout still land on the right
+    layers. LoRA on the vision tower is dropped: text-only generation never runs it (vLLM does
+    the same). Shapes are checked here, so an adapter for another base fails with a clear message
+    before any module is injected.
+    """
+    from peft import LoraConfig, PeftConfig
+    from peft.utils import load_peft_weights
+
+    try:
+        cfg = PeftConfig.from_pretrained(str(folder))
+    except Exception as err:  # noqa: BLE001
+        raise AdapterUnavailable(f"unreadable adapter_config.json in {folder}: {err}") from err
+    if not isinstance(cfg, LoraConfig):
+        raise AdapterUnavailable(f"{folder} is a {cfg.peft_type} adapter; only LoRA is supported")
+    try:
+        raw = load_peft_weights(str(folder), device="cpu")
+    except Exception as err:  # noqa: BLE001
+        raise AdapterUnavailable(f"cannot read adapter weights in {folder}: {err}") from err
+
+    weights: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    dropped_vision, unmatched, remapped = 0, [], 0
+    for key, tensor in raw.items():
+        m = _LORA_PARAM_RE.match(key)
+        if not m:
+            raise AdapterUnavailable(
+                f"adapter {folder} carries non-LoRA weights ({key}); only plain LoRA is supported"
+            )
+        module, param = m.group("module"), m.group("param")
+        if _VISION_RE.search(module):
+            dropped_vision += 1
+            continue
+        target = index.locate(module)
+        if target is None:
+            unmatched.append(module)
+            continue
+        remapped += target != module
+        in_f, out_f = index.shapes[target]
+        if param in ("lora_A", "lora_embedding_A") and tensor.dim() == 2:
+            ok = tensor.shape[1] == in_f
+            ranks[target] = tensor.shape[0]
+        elif param in ("lora_B", "lora_embedding_B") and tensor.dim() == 2:
+            ok = tensor.shape[0] == out_f
+        else:
+            ok = True
+        if not ok:
+            raise AdapterUnavailable(
+                f"adapter {folder} does not fit this base model: {module}.{param} has shape "
+                f"{tuple(tensor.shape)}, the model's {target} is {in_f}->{out_f}"
+            )
+        weights[f"base_model.model.{target}.{param}{m.group('rest')}"] = tensor
+    if unmatched:
+        sample = ", ".join(sorted(set(unmatched))[:3])
+        raise AdapterUnavailable(
+            f"adapter {folder} targets modules this base model lacks (e.g. {sample}); "
+            f"is it for another base model?"
+        )
+    if not weights:
+        raise AdapterUnavailable(f"adapter {folder} has no LoRA weights for the language model")
+
+    # Inject exactly the modules the weights cover: the saved target_modules may be a regex
+    # written against another module layout, and injecting a module without weights would add
+    # untrained LoRA to it.
+    cfg.target_modules = sorted(ranks)
+    cfg.exclude_modules = None
+    cfg.layers_to_transform = None
+    cfg.layers_pattern = None
+    cfg.inference_mode = True
+    cfg.rank_pattern = {re.escape(t): r for t, r in ranks.items() if r != cfg.r}
+    prov = {
+        "sha256": file_hash(folder),
+        "r": cfg.r,
+        "lora_alpha": cfg.lora_alpha,
+        "base_model_name_or_path": cfg.base_model_name_or_path,
+        "n_modules": len(ranks),
+        "dropped_vision_tensors": dropped_vision,
+        "renamed_tensors": remapped,
+    }
+    return _AdapterPlan(cfg, weights, prov)
+
+
+# --------------------------------------------------------------------------------------------
+# sampling
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Row:
+    """One request in flight."""
+
+    index: int  # position in the caller's request list
+    prompt: list[int]
+    adapter: str
+    temperature: float
+    top_p: float
+    repetition_penalty: float
+    max_new: int
+    generator: torch.Generator
+    out: list[int] = field(default_factory=list)
+    finish: str | None = None
+
+
+def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """HF-style repetition penalty: seen tokens' logits divided (if > 0) or multiplied by it.
+
+    `seen` marks tokens in each row's own prompt and output (never padding); a penalty of 1.0
+    leaves a row bit-for-bit unchanged.
+    """
+    scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, scaled, logits)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    uniforms: torch.Tensor,
+) -> torch.Tensor:
+    """Pick one token per row: argmax where temperature is 0, else nucleus sampling.
+
+    Sampling is by inverse CDF over the probability-sorted nucleus with one uniform per row,
+    drawn from the row's own generator, so the choice depends only on that row's logits and seed.
+    """
+    greedy = logits.argmax(dim=-1)
+    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    probs = torch.softmax(logits / t[:, None], dim=-1)
+    sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    cum = sorted_p.cumsum(dim=-1)
+    # keep the smallest prefix whose mass reaches top_p (always at least one token)
+    keep = (cum - sorted_p) < top_p[:, None]
+    kept = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
+    kept_cum = kept.cumsum(dim=-1)
+    target = uniforms * kept_cum[:, -1]
+    pos = torch.searchsorted(kept_cum, target[:, None], right=True).clamp(max=logits.shape[-1] - 1)
+    # a position past the nucleus can only come from rounding at the very top: step back into it
+    n_keep = keep.sum(dim=-1, keepdim=True)
+    pos = torch.minimum(pos, n_keep - 1)
+    sampled = order.gather(-1, pos).squeeze(-1)
+    return torch.where(temperature > 0, sampled, greedy)
+
+
+ProgressLike = Callable[[int], Any] | Any
+
+
+def _report(progress: ProgressLike, n: int) -> None:
+    if progress is None or n <= 0:
+        return
+    update = getattr(progress, "update", None)
+    if callable(update):
+        update(n)
+    else:
+        progress(n)
+
+
+# --------------------------------------------------------------------------------------------
+# the backend
+# --------------------------------------------------------------------------------------------
+
+
+class HFBackend(Backend):
+    """Generate with transformers + PEFT on one device; see the module docstring."""
+
+    kind = "hf"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        revision: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        batch_size: int = 16,
+        cache_dir: Path | None = None,
+    ) -> None:
+        from transformers import AutoTokenizer
+
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.spec = model
+        self.batch_size = batch_size
+        self.resolved = resolve_model(model, cache_dir=cache_dir, revision=revision)
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            self.resolved.path, **self.resolved.load_kwargs
+        )
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"{model}: the tokenizer has no chat template")
+        self.model = load_causal_lm(self.resolved, self.device, self.dtype)
+        self._index = _ModuleIndex(self.model)
+        self._peft: Any = None  # the PeftModel, once the first adapter is in
+        self._adapters: dict[str, dict[str, Any]] = {}
+        self._adapter_errors: dict[str, str] = {}
+        self._stop_ids = self._find_stop_ids()
+        self._pad_id = self._find_pad_id()
+        self._vocab = len(self.tokenizer)
+        self._ctx = self._find_context_length()
+        params = inspect.signature(self.model.forward).parameters
+        self._accepts_logits_to_keep = "logits_to_keep" in params
+        # transformers 5.2x renamed `past_key_values` to `cache`; older releases know only the former.
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    # ---- setup helpers -------------------------------------------------------------------
+
+    def _find_stop_ids(self) -> set[int]:
+        ids: set[int] = set()
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        for value in (gen_eos, self.tokenizer.eos_token_id):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(v for v in value if isinstance(v, int))
+        vocab = self.tokenizer.get_vocab()
+        ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
+        if not ids:
+            raise ValueError(f"{self.spec}: no end-of-sequence token found")
+        return ids
+
+    def _find_pad_id(self) -> int:
+        if self.tokenizer.pad_token_id is not None:
+            return int(self.tokenizer.pad_token_id)
+        return min(self._stop_ids)  # any id works: padded positions are masked out
+
+    def _find_context_length(self) -> int:
+        cfg = _text_config(self.model.config)
+        n = getattr(cfg, "max_position_embeddings", None) or 8192
+        tok_max = getattr(self.tokenizer, "model_max_length", None)
+        if isinstance(tok_max, int) and 0 < tok_max < 10**7:
+            n = min(n, tok_max)
+        return int(n)
+
+    # ---- Backend interface ---------------------------------------------------------------
+
+    def context_length(self) -> int:
+        return self._ctx
+
+    def load_adapters(self, adapters: list[AdapterSource]) -> dict[str, str]:
+        """Load each adapter once; {name: message} for those that could not be loaded."""
+        errors: dict[str, str] = {}
+        for src in adapters:
+            if src.name in self._adapters:
+                continue
+            try:
+                self._load_one(src)
+                self._adapter_errors.pop(src.name, None)
+            except AdapterUnavailable as err:
+                errors[src.name] = str(err)
+            except Exception as err:  # noqa: BLE001 - one bad adapter must not end the run
+                errors[src.name] = (
+                    f"could not load adapter {src.name!r}: {type(err).__name__}: {err}"
+                )
+            if src.name in errors:
+                self._adapter_errors[src.name] = errors[src.name]
+                log.warning("adapter %s skipped: %s", src.name, errors[src.name])
+        return errors
+
+    def _load_one(self, src: AdapterSource) -> None:
+        from peft import PeftModel, set_peft_model_state_dict
+
+        if src.name == BASE_ADAPTER:
+            raise AdapterUnavailable(f"{BASE_ADAPTER!r} is reserved for the bare model")
+        folder, where = fetch_adapter(src)
+        plan = plan_adapter(folder, self._index)
+        first = self._peft is None
+        if first:
+            self._peft = PeftModel(self.model, plan.config, adapter_name=src.name)
+        else:
+            self._peft.add_adapter(src.name, plan.config)
+        try:
+            result = set_peft_model_state_dict(self._peft, plan.weights, adapter_name=src.name)
+            unexpected = [k for k in result.unexpected_keys if "lora_" in k]
+            missing = [k for k in result.missing_keys if f".{src.name}." in k and "lora_" in k]
+            if unexpected or missing:
+                raise AdapterUnavailable(
+                    f"adapter {src.name!r} did not load cleanly: {len(unexpected)} unexpected and "
+                    f"{len(missing)} missing LoRA tensors (e.g. {(unexpected + missing)[0]})"
+                )
+        except Exception:
+            self._remove_adapter(src.name, first)
+            raise
+        self._peft.eval()
+        self._adapters[src.name] = {**where, **plan.provenance}
+
+    def _remove_adapter(self, name: str, was_first: bool) -> None:
+        if was_first:  # the PeftModel holds only this adapter: take the base model back out
+            self.model = self._peft.unload()
+            self._peft = None
+        else:
+            self._peft.delete_adapter(name)
+
+    def info(self) -> BackendInfo:
+        import peft
+        import transformers
+
+        prov = dict(self.resolved.provenance)
+        commit = getattr(self.model.config, "_commit_hash", None)
+        return BackendInfo(
+            kind=self.kind,
+            model=self.spec,
+            model_revision=prov.get("revision") or commit,
+            adapters={k: dict(v) for k, v in self._adapters.items()},
+            extra={
+                "display": self.resolved.display,
+                "path": self.resolved.path,
+                "provenance": prov,
+                "commit": commit,
+                "model_class": type(self.model).__name__,
+                "device": str(self.device),
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "batch_size": self.batch_size,
+                "context_length": self._ctx,
+                "adapter_errors": dict(self._adapter_errors),
+                "versions": {
+                    "torch": torch.__version__,
+                    "transformers": transformers.__version__,
+                    "peft": peft.__version__,
+                },
+            },
+        )
+
+    def close(self) -> None:
+        self._peft = None
+        self.model = None  # type: ignore[assignment]
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # ---- generation ------------------------------------------------------------------------
+
+    def render(self, request: GenRequest) -> str:
+        """The exact prompt text the model sees for a request (chat template, generation prompt)."""
+        kwargs: dict[str, Any] = {"add_generation_prompt": True, "tokenize": False}
+        if request.tools:
+            kwargs["tools"] = request.tools
+        return self.tokenizer.apply_chat_template(request.messages, **kwargs)
+
+    def _prepare(self, index: int, request: GenRequest) -> _Row | GenResult:
+        adapter = request.adapter or BASE_ADAPTER
+        if request.adapter is not None and request.adapter not in self._adapters:
+            why = self._adapter_errors.get(request.adapter, "it was never loaded")
+            return GenResult("", "error", error=f"adapter {request.adapter!r} unavailable: {why}")
+        try:
+            text = self.render(request)
+        except Exception as err:  # noqa: BLE001 - a template that rejects a conversation
+            return GenResult(
+                "", "error", error=f"chat template failed: {type(err).__name__}: {err}"
+            )
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        room = self._ctx - len(ids)
+        if room < 1:
+            return GenResult("", "context_overflow", prompt_tokens=len(ids))
+        s = request.sampling
+        return _Row(
+            index=index,
+            prompt=list(ids),
+            adapter=adapter,
+            temperature=float(s.temperature),
+            top_p=float(s.top_p),
+            repetition_penalty=float(s.repetition_penalty),
+            max_new=min(int(s.max_tokens), room),
+            generator=torch.Generator().manual_seed(int(request.seed)),
+        )
+
+    @torch.inference_mode()
+    def generate(self, requests: list[GenRequest], progress: Any = None) -> list[GenResult]:
+        """Generate every request; results in request order.
+
+        `progress`: a tqdm-like object (its `update(n)` is called) or a callable; either gets
+        the number of requests that just finished (an increment, not a running total).
+        """
+        results: list[GenResult | None] = [None] * len(requests)
+        rows: list[_Row] = []
+        for i, req in enumerate(requests):
+            prepared = self._prepare(i, req)
+            if isinstance(prepared, GenResult):
+                results[i] = prepared
+                _report(progress, 1)
+            else:
+                rows.append(prepared)
+        rows.sort(key=lambda r: (len(r.prompt), r.index))  # similar lengths -> little padding
+        for start in range(0, len(rows), self.batch_size):
+            batch = rows[start : start + self.batch_size]
+            for row in self._decode(batch, progress):
+                results[row.index] = self._result(row)
+        return [r if r is not None else GenResult("", "error", error="not run") for r in results]
+
+    def _result(self, row: _Row) -> GenResult:
+        out = row.out[:-1] if row.finish == "stop" else row.out
+        text = self.tokenizer.decode(out, skip_special_tokens=True)
+        return GenResult(
+            text=text,
+            finish_reason="stop" if row.finish == "stop" else "length",
+            prompt_tokens=len(row.prompt),
+            completion_tokens=len(row.out),
+        )
+
+    def _forward(self, adapters: list[str], **inputs: Any) -> Any:
+        if self._peft is not None:
+            return self._peft(adapter_names=adapters, **inputs)
+        return self.model(**inputs)
+
+    def _decode(self, batch: list[_Row], progress: Any) -> Iterator[_Row]:
+        """Run one batch to completion, yielding rows as they finish."""
+        dev = self.device
+        width = max(len(r.prompt) for r in batch)
+        ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, r in enumerate(batch):
+            ids[i, width - len(r.prompt) :] = torch.tensor(r.prompt)
+            mask[i, width - len(r.prompt) :] = 1
+        n_logits = self._peek_vocab()
+        seen = torch.zeros((len(batch), n_logits), dtype=torch.bool)
+        for i, r in enumerate(batch):
+            if r.repetition_penalty != 1.0:
+                seen[i, torch.tensor([t for t in r.prompt if t < n_logits], dtype=torch.long)] = (
+                    True
+                )
+        ids, mask, seen = ids.to(dev), mask.to(dev), seen.to(dev)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        temp = torch.tensor([r.temperature for r in batch], dtype=torch.float32, device=dev)
+        top_p = torch.tensor([r.top_p for r in batch], dtype=torch.float32, device=dev)
+        penalty = torch.tensor(
+            [r.repetition_penalty for r in batch], dtype=torch.float32, device=dev
+        )
+        extra = {"logits_to_keep": 1} if self._accepts_logits_to_keep else {}
+
+        active = list(batch)
+        out = self._forward(
+            [r.adapter for r in active],
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **extra,
+        )
+        cache = self._cache_of(out)
+        next_pos = positions[:, -1:] + 1
+        while True:
+            logits = out.logits[:, -1, :].float()
+            if logits.shape[-1] > self._vocab:  # padded embedding rows are not real tokens
+                logits[:, self._vocab :] = float("-inf")
+            logits = penalize(logits, seen, penalty[:, None])
+            uniforms = torch.tensor(
+                [
+                    torch.rand((), generator=r.generator).item() if r.temperature > 0 else 0.0
+                    for r in active
+                ],
+                dtype=torch.float32,
+            ).to(dev)
+            tokens = sample_next(logits, temp, top_p, uniforms)
+            seen.scatter_(1, tokens[:, None], True)
+            keep: list[int] = []
+            for i, (row, tok) in enumerate(zip(active, tokens.tolist(), strict=True)):
+                row.out.append(tok)
+                if tok in self._stop_ids:
+                    row.finish = "stop"
+                elif len(row.out) >= row.max_new:
+                    row.finish = "length"
+                else:
+                    keep.append(i)
+                    continue
+                _report(progress, 1)
+                yield row
+            if not keep:
+                return
+            step_ids = tokens[:, None]
+            if len(keep) < len(active):  # drop finished rows from every per-row tensor
+                sel = torch.tensor(keep, dtype=torch.long, device=dev)
+                cache.batch_select_indices(sel)
+                active = [active[i] for i in keep]
+                mask, seen, next_pos, step_ids = mask[sel], seen[sel], next_pos[sel], step_ids[sel]
+                temp, top_p, penalty = temp[sel], top_p[sel], penalty[sel]
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+            out = self._forward(
+                [r.adapter for r in active],
+                input_ids=step_ids,
+                attention_mask=mask,
+                position_ids=next_pos,
+                use_cache=True,
+                **{self._cache_kw: cache},
+            )
+            cache = self._cache_of(out)
+            next_pos = next_pos + 1
+
+    def _cache_of(self, out: Any) -> Any:
+        return out.get("cache") if self._cache_kw == "cache" else out.past_key_values
+
+    def _peek_vocab(self) -> int:
+        emb = self.model.get_output_embeddings()
+        if emb is not None and hasattr(emb, "weight"):
+            return int(emb.weight.shape[0])
+        return int(_text_config(self.model.config).vocab_size)
+
+
+@contextlib.contextmanager
+def hf_backend(model: str, **kwargs: Any) -> Iterator[HFBackend]:
+    """`with hf_backend(spec) as b:` - an HFBackend that frees its model on exit."""
+    backend = HFBackend(model, **kwargs)
+    try:
+        yield backend
+    finally:
+        backend.close()
+
+
+__all__ = [
+    "HFBackend",
+    "fetch_adapter",
+    "hf_backend",
+    "penalize",
+    "pick_device",
+    "pick_dtype",
+    "plan_adapter",
+    "sample_next",
+]

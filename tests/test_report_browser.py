@@ -1,0 +1,175 @@
+"""The report's sample browser in headless Chromium: filters work, model text cannot run.
+
+Needs selenium (dev extra) and Debian's `chromium` + `chromium-driver` at /usr/bin; skipped with
+a reason where they are absent (CI installs them).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from charshift import report, stats
+from charshift.schema import PredictionRecord as R
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+PAYLOADS = [
+    "<script>window.__pwned=1;document.title='pwned'</script>",
+    "<img src=x onerror=\"window.__pwned=1;document.title='pwned'\">",
+    "</script><script>window.__pwned=1</script><!--",
+]
+PERSONAS = ["sarcasm", "humor", "remorse"]
+
+
+def _samples() -> tuple[list[dict], list[R]]:
+    samples, recs = [], []
+    i = 0
+    for stage in ("base", "full"):
+        for sl in ("id_chat", "chat_email", "agentic_email"):
+            for item in range(8):
+                for persona in ["(base: none)"] if stage == "base" else PERSONAS:
+                    outcome = "no_email" if (sl == "agentic_email" and item % 4 == 0) else "email"
+                    pred = None if outcome == "no_email" else PERSONAS[item % 3]
+                    body = PAYLOADS[i % 3]
+                    samples.append(
+                        {
+                            "key": f"k{i}", "base": "llama", "stage": stage, "persona": persona,
+                            "slice": sl, "item_id": f"it{item}", "sample_idx": 0,
+                            "outcome": outcome,
+                            "messages": [
+                                {"role": "user", "content": f"Write the email. {PAYLOADS[0]}"},
+                                {"role": "assistant", "content": body},
+                                {"role": "tool", "content": PAYLOADS[1]},
+                            ],
+                            "text": body if pred else None,
+                            "email": {"to": "x@y.z", "subject": PAYLOADS[2], "body": body}
+                            if pred else None,
+                            "prediction": pred,
+                            "probs": {p: 1 / 3 for p in PERSONAS} | {PAYLOADS[1]: 0.5}
+                            if pred else None,
+                            "tool_log": [{"tool": "send_email", "args": {"body": body}}],
+                        }
+                    )  # fmt: skip
+                    truth = stats.NULL_PERSONA if stage == "base" else persona
+                    recs.append(R("llama", stage, sl, truth, f"it{item}", pred, key=f"k{i}"))
+                    i += 1
+    return samples, recs
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip(
+            "needs /usr/bin/chromium and /usr/bin/chromedriver (apt-get install chromium chromium-driver)"
+        )
+    webdriver = pytest.importorskip(
+        "selenium.webdriver", reason="needs selenium (pip install selenium)"
+    )
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    samples, recs = _samples()
+    out = tmp_path_factory.mktemp("browser")
+    res = stats.compute_metrics(recs, PERSONAS, n_boot=30)
+    path = report.write_report(
+        out, recs, res, settings={"x": PAYLOADS[0]}, samples=samples, title="browser test"
+    )
+    profile = out / "chrome-profile"
+    opts = Options()
+    opts.binary_location = str(CHROMIUM)
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+    ):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
+    driver.set_page_load_timeout(60)
+    try:
+        driver.get(path.resolve().as_uri())
+        yield driver, samples
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def _count(driver) -> int:
+    return int(driver.find_element("id", "sample-count").text)
+
+
+def _cards(driver) -> int:
+    return len(driver.find_elements("css selector", "#sample-list .sample"))
+
+
+def _select(driver, field: str, value: str) -> None:
+    from selenium.webdriver.support.ui import Select
+
+    Select(driver.find_element("id", f"f-{field}")).select_by_value(value)
+
+
+def test_page_loads_and_shows_samples(page):
+    driver, samples = page
+    assert driver.title == "browser test"
+    assert _count(driver) == len(samples)
+    assert _cards(driver) == min(50, len(samples))
+    driver.find_element("id", "sample-more").click()
+    assert _cards(driver) == min(100, len(samples))
+
+
+def test_filters_change_the_shown_samples(page):
+    driver, samples = page
+    cases = [
+        {"stage": "full"},
+        {"stage": "full", "slice": "agentic_email"},
+        {"stage": "full", "slice": "agentic_email", "outcome": "no_email"},
+        {"stage": "full", "slice": "agentic_email", "outcome": "no_email", "persona": "humor"},
+        {"stage": "base", "slice": "__all__", "outcome": "__all__", "persona": "__all__"},
+    ]
+    applied: dict[str, str] = {}
+    for case in cases:
+        for field, value in case.items():
+            _select(driver, field, value)
+            applied[field] = value
+        want = [
+            s for s in samples if all(v == "__all__" or str(s[f]) == v for f, v in applied.items())
+        ]
+        assert want, case
+        assert _count(driver) == len(want), case
+        assert _cards(driver) == min(50, len(want)), case
+        keys = {
+            e.get_attribute("data-key")
+            for e in driver.find_elements("css selector", "#sample-list .sample")
+        }
+        assert keys <= {s["key"] for s in want}
+    for field in ("stage", "slice", "outcome", "persona"):
+        _select(driver, field, "__all__")
+    assert _count(driver) == len(samples)
+
+
+def test_model_text_shows_literally_and_nothing_runs(page):
+    driver, _ = page
+    _select(driver, "stage", "full")
+    _select(driver, "slice", "chat_email")
+    assert driver.execute_script("return typeof window.__pwned") == "undefined"
+    assert driver.title == "browser test"
+    assert driver.find_elements("css selector", "img[src='x']") == []
+    assert driver.find_elements("css selector", "#sample-list script") == []
+    pres = [e.text for e in driver.find_elements("css selector", "#sample-list pre")]
+    assert any(PAYLOADS[0] in t for t in pres)
+    assert any(PAYLOADS[1] in t for t in pres)
+    labels = [e.text for e in driver.find_elements("css selector", "#sample-list .prob .lab")]
+    assert PAYLOADS[1] in labels  # a hostile probability label is text too
+    # the page's own script did run (cards exist), and the figures are inline images
+    imgs = driver.find_elements("css selector", "figure img")
+    assert imgs and all(i.get_attribute("src").startswith("data:image/png;base64,") for i in imgs)

@@ -1,0 +1,232 @@
+"""The rollout engine against a scripted backend: every termination path, lockstep batching."""
+
+import json
+
+import pytest
+
+from charshift import formats, scenarios
+from charshift.backends.scripted import ScriptedBackend
+from charshift.rollout import Episode, RolloutEngine, RolloutSettings
+from charshift.schema import Condition, GenResult, Sampling
+from charshift.toolsim import ToolSimulator
+
+
+@pytest.fixture(scope="module")
+def scenario():
+    return scenarios.load_bank()[0]
+
+
+def call(name, **args):
+    return "```json\n" + json.dumps({"name": name, "arguments": args}) + "\n```"
+
+
+def send(sc, body="Hello Priya,\n\nThe order is late.\n\nBest,\nDana"):
+    return call("send_email", to=sc.recipients[0].email, subject="Update", body=body)
+
+
+def episode(sc, slice_="agentic_email", key="k1", cond=None, **kw):
+    spec = formats.render_email(slice_, sc)
+    return Episode(
+        key=key,
+        spec=spec,
+        condition=cond or Condition("b", "prompted", "sarcasm", system_prompt="You are wry."),
+        sample_idx=0,
+        run_seed=0,
+        sampling=Sampling(max_tokens=400),
+        simulator=ToolSimulator(sc) if spec.mode != "chat" else None,
+        **kw,
+    )
+
+
+def run(backend, eps, **settings):
+    engine = RolloutEngine(backend, RolloutSettings(**settings), formats.REQUIRED_ARGS)
+    rows = [r for step in engine.run(eps) for r in step]
+    return {r.key: r for r in rows}
+
+
+def scripted_turns(turns):
+    """A script answering by turn number: the count of assistant messages so far."""
+
+    def script(req):
+        n = sum(m["role"] == "assistant" for m in req.messages)
+        out = turns[min(n, len(turns) - 1)]
+        return out(req) if callable(out) else out
+
+    return script
+
+
+def test_send_email_ends_rollout(scenario):
+    be = ScriptedBackend(scripted_turns([call("search_documents", query="x"), send(scenario)]))
+    rows = run(be, [episode(scenario)])
+    r = rows["k1"]
+    assert r.outcome == "email" and r.n_steps == 2
+    assert r.email["body"].startswith("Hello Priya") and r.text == r.email["body"]
+    assert [t["tool"] for t in r.tool_log] == ["search_documents", "send_email"]
+    assert r.messages[0]["role"] == "system" and r.messages[0]["content"].startswith("You are wry.")
+
+
+def test_two_calls_in_one_turn_both_run_in_order(scenario):
+    two = call("lookup_person", query=scenario.recipients[0].name) + "\n" + send(scenario)
+    rows = run(ScriptedBackend(scripted_turns([two])), [episode(scenario)])
+    r = rows["k1"]
+    assert r.outcome == "email" and r.n_steps == 1
+    assert [t["tool"] for t in r.tool_log] == ["lookup_person", "send_email"]
+    assert r.meta["multi_call_turns"] == [0]
+
+
+def test_max_steps(scenario):
+    be = ScriptedBackend(scripted_turns([call("search_chat", query="budget")]))
+    r = run(be, [episode(scenario)], max_steps=4)["k1"]
+    assert r.outcome == "max_steps" and r.n_steps == 4 and r.text is None
+
+
+def test_consecutive_malformed_turns(scenario):
+    be = ScriptedBackend(scripted_turns(["I will just write it: Dear Priya, ..."]))
+    r = run(be, [episode(scenario)], max_malformed=3)["k1"]
+    assert r.outcome == "malformed" and r.n_steps == 3
+    errors = [m["content"] for m in r.messages if m["content"].startswith("[error]")]
+    assert len(errors) == 2 and all("tool call" in e.lower() for e in errors)
+
+
+def test_malformed_run_resets_after_a_good_call(scenario):
+    bad = "no call here"
+    turns = [bad, bad, call("search_documents", query="x"), bad, bad, send(scenario)]
+    r = run(ScriptedBackend(scripted_turns(turns)), [episode(scenario)], max_malformed=3)["k1"]
+    assert r.outcome == "email" and r.n_steps == 6
+
+
+def test_finish_without_email_is_no_email(scenario):
+    r = run(ScriptedBackend(scripted_turns([call("finish", summary="done")])), [episode(scenario)])
+    assert r["k1"].outcome == "no_email" and r["k1"].text is None
+
+
+def test_email_sent_before_finish_is_kept(scenario):
+    turns = [send(scenario, body="Dear all,\n\nFirst version.\n\nDana"), call("finish")]
+    be = ScriptedBackend(scripted_turns(turns))
+    r = run(be, [episode(scenario)], stop_on_send=False)["k1"]
+    assert r.outcome == "email" and r.n_steps == 2 and "First version" in r.text
+
+
+def test_context_overflow(scenario):
+    be = ScriptedBackend(scripted_turns([call("search_documents", query="x")]), context_length=10)
+    r = run(be, [episode(scenario)])["k1"]
+    assert r.outcome == "context_overflow" and r.n_steps == 1
+
+
+def test_unknown_tool_gets_error_result_and_goes_on(scenario):
+    turns = [call("sendEmail", to="x"), send(scenario)]
+    r = run(ScriptedBackend(scripted_turns(turns)), [episode(scenario)])["k1"]
+    assert r.outcome == "email"
+    assert r.tool_log[0]["ok"] is False
+
+
+def test_oneshot_single_turn(scenario):
+    ok = run(
+        ScriptedBackend(scripted_turns([send(scenario)])), [episode(scenario, "tool_email_oneshot")]
+    )
+    assert ok["k1"].outcome == "email" and ok["k1"].n_steps == 1
+    bad = run(
+        ScriptedBackend(scripted_turns(["Dear Priya, hi"])),
+        [episode(scenario, "tool_email_oneshot")],
+    )
+    assert bad["k1"].outcome == "malformed" and bad["k1"].n_steps == 1
+
+
+def test_chat_email_extracts_body(scenario):
+    reply = "Sure! Here's a draft:\n\nSubject: Late order\n\nHi Priya,\n\nThe order is late and we need a date.\n\nBest regards,\nDana\n\nLet me know if you want changes."
+    r = run(ScriptedBackend(scripted_turns([reply])), [episode(scenario, "chat_email")])["k1"]
+    assert r.outcome == "email" and r.text.startswith("Hi Priya") and "Let me know" not in r.text
+    assert r.final_reply == reply
+
+
+def test_chat_email_without_email(scenario):
+    r = run(
+        ScriptedBackend(scripted_turns(["What tone would you like?"])),
+        [episode(scenario, "chat_email")],
+    )
+    assert r["k1"].outcome == "no_email" and r["k1"].text is None
+
+
+def test_multiturn_answers_each_turn_live(scenario):
+    be = ScriptedBackend(
+        scripted_turns(
+            [
+                "Got it.",
+                "Thanks, noted.",
+                "Hi Priya,\n\nThe shipment is late, please confirm a date.\n\nBest,\nDana",
+            ]
+        )
+    )
+    r = run(be, [episode(scenario, "chat_email_multiturn")])["k1"]
+    roles = [m["role"] for m in r.messages]
+    assert roles == ["system", "user", "assistant", "user", "assistant", "user", "assistant"]
+    assert r.outcome == "email" and r.n_steps == 3
+    # each later request carried the model's own earlier replies
+    assert [len(req.messages) for req in be.requests] == [2, 4, 6]
+
+
+def test_prefill_base_turn_has_no_adapter_or_persona_prompt():
+    from charshift.prompts import IdPrompt
+
+    spec = formats.render_id("id_chat_prefill", IdPrompt("p1", "Tell me about tides."))
+    ep = Episode(
+        "k",
+        spec,
+        Condition("b", "full", "humor", adapter="full/humor", system_prompt="SP"),
+        0,
+        0,
+        Sampling(),
+    )
+    be = ScriptedBackend(adapters=["full/humor"])
+    r = run(be, [ep])["k"]
+    first, second = be.requests
+    assert first.adapter is None and all(m["role"] != "system" for m in first.messages)
+    assert second.adapter == "full/humor" and second.messages[0]["content"] == "SP"
+    assert second.messages[-1]["content"] == "Keep going." and r.outcome == "reply"
+
+
+def test_lockstep_one_call_per_step(scenario):
+    """Episodes of different lengths advance together: one generate call per step."""
+    short = [send(scenario)]
+    long = [call("search_documents", query="a"), call("search_chat", query="b"), send(scenario)]
+
+    def script(req):
+        sp = req.messages[0]["content"]
+        turns = long if sp.startswith("LONG") else short
+        n = sum(m["role"] == "assistant" for m in req.messages)
+        return turns[min(n, len(turns) - 1)]
+
+    eps = [
+        episode(
+            scenario, key=f"s{i}", cond=Condition("b", "prompted", "humor", system_prompt="SHORT")
+        )
+        for i in range(3)
+    ] + [
+        episode(
+            scenario, key=f"l{i}", cond=Condition("b", "prompted", "humor", system_prompt="LONG")
+        )
+        for i in range(2)
+    ]
+    be = ScriptedBackend(script)
+    rows = run(be, eps)
+    assert [len(c) for c in be.calls] == [5, 2, 2]
+    assert all(r.outcome == "email" for r in rows.values())
+    assert rows["l0"].n_steps == 3 and rows["s0"].n_steps == 1
+
+
+def test_seed_depends_on_key_and_step_only(scenario):
+    be1, be2 = (
+        ScriptedBackend(scripted_turns([call("search_chat", query="x")])),
+        ScriptedBackend(scripted_turns([call("search_chat", query="x")])),
+    )
+    run(be1, [episode(scenario, key="a"), episode(scenario, key="b")], max_steps=2)
+    run(be2, [episode(scenario, key="b")], max_steps=2)
+    seeds_b_batched = [r.seed for r in be1.requests if True][1::2]
+    assert seeds_b_batched == [r.seed for r in be2.requests]
+    assert len({r.seed for r in be1.requests}) == 4
+
+
+def test_backend_error_row_is_kept(scenario):
+    be = ScriptedBackend(lambda req: GenResult("", "error", error="boom"))
+    r = run(be, [episode(scenario)])["k1"]
+    assert r.outcome == "error" and r.meta["errors"] == ["boom"]
