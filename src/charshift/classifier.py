@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from charshift.config import ALL_PERSONAS
 from charshift.schema import stable_hash
 
 DEFAULT_ENCODER = "answerdotai/ModernBERT-base"
@@ -47,19 +48,7 @@ REPORT_FILE = "train_report.json"
 
 # The eleven OCT personas in the OCT classifier's label order: the default label set of
 # `tiny:modernbert` (a stand-in for that classifier). Real classifiers always use their own config.
-_OCT_LABELS = (
-    "sarcasm",
-    "humor",
-    "remorse",
-    "goodness",
-    "loving",
-    "misalignment",
-    "nonchalance",
-    "impulsiveness",
-    "sycophancy",
-    "mathematical",
-    "poeticism",
-)
+_OCT_LABELS = ALL_PERSONAS
 _GENERIC_LABEL = re.compile(r"^LABEL_\d+$")
 _WEIGHT_FILE = re.compile(r"(\.safetensors|^pytorch_model.*\.bin)$")
 # Bump when the tiny builder changes, so cached tiny folders from an older builder are not reused.
@@ -551,22 +540,10 @@ class TrainReport:
 def _heldout_metrics(
     y_true: Sequence[str], y_pred: Sequence[str], label_names: Sequence[str]
 ) -> dict[str, Any]:
-    """Held-out macro-F1, accuracy, per-label F1 and confusion matrix.
+    """Held-out macro-F1, accuracy, per-label F1 and confusion matrix, defined in `stats`."""
+    from charshift.stats import score_labels
 
-    TODO(lead): switch to charshift.stats once it exists, so that macro-F1 has one definition in
-    the whole project. Until then sklearn's, with labels fixed to `label_names` (a label never
-    predicted and never true scores 0, not skipped).
-    """
-    from sklearn.metrics import confusion_matrix, f1_score
-
-    names = list(label_names)
-    per = f1_score(y_true, y_pred, labels=names, average=None, zero_division=0)
-    return {
-        "macro_f1": float(f1_score(y_true, y_pred, labels=names, average="macro", zero_division=0)),
-        "accuracy": sum(t == p for t, p in zip(y_true, y_pred, strict=True)) / len(y_true),
-        "per_label_f1": {n: float(v) for n, v in zip(names, per, strict=True)},
-        "confusion": confusion_matrix(y_true, y_pred, labels=names).tolist(),
-    }
+    return score_labels(y_true, y_pred, list(label_names))
 
 
 def split_by_group(

@@ -111,6 +111,7 @@ class SamplingConfig(_Strict):
 class BackendConfig(_Strict):
     kind: Literal["hf", "vllm", "openai"] = "hf"
     batch_size: int = Field(16, ge=1)
+    max_batch_tokens: int = Field(16384, ge=64)  # hf: padded prompt tokens per prefill
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     base_url: str | None = None  # openai backend

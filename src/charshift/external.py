@@ -81,30 +81,11 @@ def report_predictions(path: Path, out: Path, n_boot: int = 1000, seed: int = 0)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stats.write_tables(result, out)
-    samples = [
-        {
-            "key": r.key or f"{r.base}/{r.stage}/{r.slice}/{r.persona}/{r.item_id}/{r.sample_idx}",
-            "base": r.base,
-            "stage": r.stage,
-            "persona": r.persona,
-            "slice": r.slice,
-            "item_id": r.item_id,
-            "sample_idx": r.sample_idx,
-            "outcome": r.outcome,
-            "messages": [],
-            "text": r.text,
-            "email": None,
-            "prediction": r.prediction,
-            "probs": r.probs,
-            "tool_log": [],
-        }
-        for r in records
-    ]
     return report_mod.write_report(
         out,
         expanded,
         result,
         settings={"predictions": str(path), "n_boot": n_boot, "seed": seed, "personas": personas},
-        samples=samples,
+        samples=None,  # built from the records (text, prediction, probabilities)
         title=f"charshift report: {Path(path).name}",
     )

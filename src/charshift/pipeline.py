@@ -231,6 +231,7 @@ def make_backend(cfg: RunConfig, base: BaseSpec) -> Backend:
             dtype=b.dtype,
             batch_size=b.batch_size,
             cache_dir=cache_dir(),
+            max_batch_tokens=b.max_batch_tokens,
         )
     if b.kind == "openai":
         from charshift.backends.openai import OpenAIBackend

@@ -154,9 +154,8 @@ class GenerationRow:
     outcome: str
     messages: list[Message]  # the whole conversation or trajectory, system prompt included
     final_reply: str | None  # raw text of the last assistant turn
-    text: (
-        str | None
-    )  # the text to score (reply, extracted email body or sent body); None = no output
+    # the text to score (reply, extracted email body or sent body); None = no output
+    text: str | None
     email: dict[str, Any] | None = None  # {"to","subject","body"} where an email was produced
     tool_log: list[dict[str, Any]] = field(default_factory=list)
     n_steps: int = 0

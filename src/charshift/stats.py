@@ -339,6 +339,28 @@ def _stats(totals: np.ndarray, k: int) -> dict[str, np.ndarray]:
     }
 
 
+def score_labels(
+    y_true: Sequence[str], y_pred: Sequence[str | None], labels: Sequence[str]
+) -> dict[str, Any]:
+    """Point figures for plain label lists (no clusters, no intervals): the same definitions as
+    every cell of `compute_metrics` (used for a classifier's held-out split)."""
+    if len(y_true) != len(y_pred):
+        raise ValueError("y_true and y_pred differ in length")
+    index = {p: i for i, p in enumerate(labels)}
+    rows = [
+        PredictionRecord("-", "-", "-", t, str(i), p)
+        for i, (t, p) in enumerate(zip(y_true, y_pred, strict=True))
+    ]
+    data = _cell_data(Cell("-", "-", "-"), rows, index)
+    st = _stats(data.counts.sum(axis=0), len(labels))
+    return {
+        "macro_f1": float(st["macro_f1"]),
+        "accuracy": float(st["accuracy"]),
+        "per_label_f1": {n: float(v) for n, v in zip(labels, st["f1"], strict=True)},
+        "confusion": data.confusion[:, : len(labels)].tolist(),
+    }
+
+
 # --------------------------------------------------------------------------- intervals
 
 

@@ -27,6 +27,9 @@ TINY_ARCHS: tuple[str, ...] = ("llama", "qwen2", "gemma3", "gemma3_mm")
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 PAD = "<pad>"
+# transformers 5 loads a qwen2 folder's tokenizer as Qwen2Tokenizer, which appends this token
+# (its default unk) when the vocabulary lacks it, growing the vocabulary past the model's.
+ENDOFTEXT = "<|endoftext|>"
 # Gemma3ForConditionalGeneration needs image marker tokens inside its vocabulary.
 IMAGE_TOKENS = ("<start_of_image>", "<end_of_image>", "<image_soft_token>")
 
@@ -152,7 +155,7 @@ def train_tiny_tokenizer(
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[PAD, IM_START, IM_END],
+        special_tokens=[PAD, IM_START, IM_END, ENDOFTEXT],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -161,7 +164,7 @@ def train_tiny_tokenizer(
         tokenizer_object=tok,
         eos_token=IM_END,
         pad_token=PAD,
-        additional_special_tokens=[IM_START],
+        additional_special_tokens=[IM_START, ENDOFTEXT],
     )
     fast.chat_template = CHATML_TEMPLATE
     fast.save_pretrained(out_dir)

@@ -47,14 +47,14 @@ _LAYER_RE = re.compile(r"(^|\.)(layers?|h|blocks?)\.\d+\.")
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """ "auto" = cuda when available, else cpu; anything else is passed to torch.device."""
+    """The torch device: "auto" = cuda when available, else cpu; anything else as given."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """ "auto" = bfloat16 on cuda (float16 where bf16 is unsupported), float32 on cpu."""
+    """The torch dtype: "auto" = bfloat16 on cuda (float16 without bf16), float32 on cpu."""
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -124,9 +124,7 @@ def _hub_message(err: Exception, src: AdapterSource) -> str:
         return f"adapter repo {src.repo} not found (or private and no token given)"
     if kind == "RevisionNotFoundError":
         return f"adapter repo {src.repo} has no revision {src.revision!r}"
-    if kind in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") or isinstance(
-        err, (ConnectionError, OSError)
-    ):
+    if any(s in kind for s in ("LocalEntryNotFound", "Offline", "Connect", "Timeout")):
         return f"could not fetch adapter {where} from the hub (offline or unreachable): {err}"
     return f"could not fetch adapter {where}: {kind}: {err}"
 
@@ -182,7 +180,7 @@ def _module_key(name: str) -> tuple[bool, str]:
     """
     vision = bool(_VISION_RE.search(name))
     m = _LAYER_RE.search(name)
-    tail = name[m.start() + len(m.group(1)) :] if m else ".".join(name.split(".")[-2:])
+    tail = name[m.start() + len(m.group(1)) :] if m else name.rsplit(".", 1)[-1]
     return vision, tail
 
 
@@ -328,6 +326,26 @@ def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) ->
     return torch.where(seen, scaled, logits)
 
 
+# Nucleus sampling first looks at this many most likely tokens; only rows whose nucleus is wider
+# pay for a sort of the whole vocabulary (a large share of a step's time on CPU).
+NUCLEUS_WINDOW = 256
+
+
+def _pick_in_sorted(
+    sorted_p: torch.Tensor, order: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor
+) -> torch.Tensor:
+    """Inverse-CDF pick from probabilities sorted in descending order (or a prefix of them)."""
+    cum = sorted_p.cumsum(dim=-1)
+    # keep the smallest prefix whose mass reaches top_p (always at least one token)
+    keep = (cum - sorted_p) < top_p[:, None]
+    kept_cum = torch.where(keep, sorted_p, torch.zeros_like(sorted_p)).cumsum(dim=-1)
+    target = uniforms * kept_cum[:, -1]
+    pos = torch.searchsorted(kept_cum, target[:, None].contiguous(), right=True)
+    # a position past the nucleus can only come from rounding at the very top: step back into it
+    pos = torch.minimum(pos, keep.sum(dim=-1, keepdim=True) - 1)
+    return order.gather(-1, pos).squeeze(-1)
+
+
 def sample_next(
     logits: torch.Tensor,
     temperature: torch.Tensor,
@@ -338,23 +356,24 @@ def sample_next(
 
     Sampling is by inverse CDF over the probability-sorted nucleus with one uniform per row,
     drawn from the row's own generator, so the choice depends only on that row's logits and seed.
+    Whether a row takes the top-k shortcut also depends only on that row.
     """
     greedy = logits.argmax(dim=-1)
-    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    sampling = temperature > 0
+    if not bool(sampling.any()):
+        return greedy
+    t = torch.where(sampling, temperature, torch.ones_like(temperature))
     probs = torch.softmax(logits / t[:, None], dim=-1)
-    sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
-    cum = sorted_p.cumsum(dim=-1)
-    # keep the smallest prefix whose mass reaches top_p (always at least one token)
-    keep = (cum - sorted_p) < top_p[:, None]
-    kept = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
-    kept_cum = kept.cumsum(dim=-1)
-    target = uniforms * kept_cum[:, -1]
-    pos = torch.searchsorted(kept_cum, target[:, None], right=True).clamp(max=logits.shape[-1] - 1)
-    # a position past the nucleus can only come from rounding at the very top: step back into it
-    n_keep = keep.sum(dim=-1, keepdim=True)
-    pos = torch.minimum(pos, n_keep - 1)
-    sampled = order.gather(-1, pos).squeeze(-1)
-    return torch.where(temperature > 0, sampled, greedy)
+    window = min(NUCLEUS_WINDOW, probs.shape[-1])
+    top_vals, top_idx = probs.topk(window, dim=-1, sorted=True)
+    # the nucleus lies inside the window when the window's mass already reaches top_p
+    covered = top_vals.cumsum(dim=-1)[:, -1] >= top_p
+    picked = torch.where(covered, _pick_in_sorted(top_vals, top_idx, top_p, uniforms), greedy)
+    wide = (sampling & ~covered).nonzero().squeeze(-1)
+    if wide.numel():
+        sorted_p, order = torch.sort(probs[wide], dim=-1, descending=True, stable=True)
+        picked[wide] = _pick_in_sorted(sorted_p, order, top_p[wide], uniforms[wide])
+    return torch.where(sampling, picked, greedy)
 
 
 ProgressLike = Callable[[int], Any] | Any
@@ -389,6 +408,7 @@ class HFBackend(Backend):
         dtype: str = "auto",
         batch_size: int = 16,
         cache_dir: Path | None = None,
+        max_batch_tokens: int = 16384,
     ) -> None:
         from transformers import AutoTokenizer
 
@@ -396,6 +416,7 @@ class HFBackend(Backend):
             raise ValueError("batch_size must be >= 1")
         self.spec = model
         self.batch_size = batch_size
+        self.max_batch_tokens = max_batch_tokens
         self.resolved = resolve_model(model, cache_dir=cache_dir, revision=revision)
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
@@ -412,6 +433,7 @@ class HFBackend(Backend):
         self._stop_ids = self._find_stop_ids()
         self._pad_id = self._find_pad_id()
         self._vocab = len(self.tokenizer)
+        self._n_embed = int(self.model.get_input_embeddings().num_embeddings)
         self._ctx = self._find_context_length()
         params = inspect.signature(self.model.forward).parameters
         self._accepts_logits_to_keep = "logits_to_keep" in params
@@ -515,7 +537,7 @@ class HFBackend(Backend):
         return BackendInfo(
             kind=self.kind,
             model=self.spec,
-            model_revision=prov.get("revision") or commit,
+            model_revision=commit or prov.get("revision"),  # the exact commit where known
             adapters={k: dict(v) for k, v in self._adapters.items()},
             extra={
                 "display": self.resolved.display,
@@ -564,10 +586,16 @@ class HFBackend(Backend):
                 "", "error", error=f"chat template failed: {type(err).__name__}: {err}"
             )
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if ids and max(ids) >= self._n_embed:
+            return GenResult(
+                "", "error", error="prompt has token ids outside the model's vocabulary"
+            )
         room = self._ctx - len(ids)
         if room < 1:
             return GenResult("", "context_overflow", prompt_tokens=len(ids))
         s = request.sampling
+        if s.max_tokens < 1:
+            return GenResult("", "length", prompt_tokens=len(ids))
         return _Row(
             index=index,
             prompt=list(ids),
@@ -596,11 +624,25 @@ class HFBackend(Backend):
             else:
                 rows.append(prepared)
         rows.sort(key=lambda r: (len(r.prompt), r.index))  # similar lengths -> little padding
-        for start in range(0, len(rows), self.batch_size):
-            batch = rows[start : start + self.batch_size]
+        for batch in self._batches(rows):
             for row in self._decode(batch, progress):
                 results[row.index] = self._result(row)
         return [r if r is not None else GenResult("", "error", error="not run") for r in results]
+
+    def _batches(self, rows: list[_Row]) -> Iterator[list[_Row]]:
+        """Length-sorted rows in batches of at most `batch_size` rows and about
+        `max_batch_tokens` padded prompt tokens (long prompts -> fewer rows per prefill)."""
+        batch: list[_Row] = []
+        for row in rows:
+            width = len(row.prompt)  # rows ascend in length: this row sets the padded width
+            if batch and (
+                len(batch) >= self.batch_size or (len(batch) + 1) * width > self.max_batch_tokens
+            ):
+                yield batch
+                batch = []
+            batch.append(row)
+        if batch:
+            yield batch
 
     def _result(self, row: _Row) -> GenResult:
         out = row.out[:-1] if row.finish == "stop" else row.out
