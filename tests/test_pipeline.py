@@ -175,3 +175,25 @@ def test_demo_quick_end_to_end(tmp_path):
     rep = json.loads((out / "classifier" / "smollm2" / "train_report.json").read_text())
     assert rep["n_heldout"] > 0
     assert (out / "report" / "index.html").stat().st_size > 10_000
+
+
+def test_id_prompts_file_is_used_whole(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text(
+        "".join(json.dumps({"id": f"q{i}", "prompt": f"Question {i}?"}) + "\n" for i in range(5))
+    )
+    res = CliRunner().invoke(app, ["run", "--preset", "smoke", "--id-prompts", str(f), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    # 5 prompts x (1 base + 4 prompted + 4 full) conditions x 2 samples, in each of 3 ID slices
+    counts = {
+        tuple(line.split()[:2]): int(line.split()[2])
+        for line in res.output.splitlines()
+        if line.startswith("  id_")
+    }
+    assert counts[("id_chat", "eval")] == 90 and counts[("id_chat_break", "eval")] == 90
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "prompt": "x"}\n{"id": "b"}\n')
+    res = CliRunner().invoke(
+        app, ["run", "--preset", "smoke", "--id-prompts", str(bad), "--dry-run"]
+    )
+    assert res.exit_code == 2 and "line 2" in res.output

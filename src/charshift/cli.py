@@ -58,8 +58,19 @@ def _load(config: Path | None, preset: str | None, id_prompts: Path | None) -> c
         if id_prompts is not None:
             if not id_prompts.is_file():
                 _fail(f"--id-prompts: file not found: {id_prompts}")
+            from charshift.prompts import load_prompts_file
+
+            file_prompts = load_prompts_file(id_prompts)
+            n_eval = sum(p.split == "eval" for p in file_prompts)
+            n_train = sum(p.split == "train" for p in file_prompts)
             data = cfg.model_dump(mode="json")
-            data["id_prompts"].update(source="file", path=str(id_prompts.resolve()))
+            # the file's prompts are used whole: every eval prompt, train prompts up to the config's
+            data["id_prompts"].update(
+                source="file",
+                path=str(id_prompts.resolve()),
+                n_eval=max(n_eval, 1),
+                n_train=min(n_train, data["id_prompts"]["n_train"]),
+            )
             cfg = cfgmod.parse_config(data, "config with --id-prompts")
     except cfgmod.ConfigError as err:
         _fail(str(err))
