@@ -419,12 +419,12 @@ def test_load_predictions_bad_field(tmp_path, row, match):
     p = _write(tmp_path, [json.dumps(ok), json.dumps(row)])
     with pytest.raises(PredictionsError, match=match) as err:
         stats.load_predictions_jsonl(p)
-    assert ":2:" in str(err.value)
+    assert " line 2:" in str(err.value)
 
 
 def test_load_predictions_bad_json_and_empty(tmp_path):
     p = _write(tmp_path, ['{"base": "b",'])
-    with pytest.raises(PredictionsError, match=r":1: not valid JSON"):
+    with pytest.raises(PredictionsError, match=r" line 1: not valid JSON"):
         stats.load_predictions_jsonl(p)
     p = _write(tmp_path, ["[1, 2]"])
     with pytest.raises(PredictionsError, match="JSON object"):

@@ -88,7 +88,7 @@ PresetOpt = Annotated[
     str | None, typer.Option("--preset", "-p", help="Built-in preset (`charshift presets`).")
 ]
 OutOpt = Annotated[
-    Path | None, typer.Option("--out", "-o", help="Run directory [default: runs/<config name>].")
+    Path | None, typer.Option("--out", "-o", help="Run directory (default: runs/<config name>).")
 ]
 IdPromptsOpt = Annotated[
     Path | None,
@@ -222,10 +222,10 @@ def train_classifier_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the trained classifier.")],
     encoder: Annotated[
         str | None,
-        typer.Option(help="Encoder id or folder [default: config's, else ModernBERT-base]."),
+        typer.Option(help="Encoder id or folder (default: the config's, else ModernBERT-base)."),
     ] = None,
     base: Annotated[
-        str | None, typer.Option(help="Which base's generations [default: first].")
+        str | None, typer.Option(help="Which base's generations (default: the first).")
     ] = None,
 ) -> None:
     """Fine-tune an encoder on a run's ID generations (held-out split by prompt)."""
@@ -255,12 +255,23 @@ def train_classifier_cmd(
 def demo(
     quick: Annotated[bool, typer.Option("--quick", help="A small demo (under 5 minutes).")] = False,
     out: OutOpt = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Chat model instead of the packaged SmolLM2 GGUF, e.g. "
+            "HuggingFaceTB/SmolLM2-135M-Instruct from the hub when online."
+        ),
+    ] = None,
 ) -> None:
     """Run the offline demo end to end: SmolLM2-135M, base vs prompted personas, MiniLM classifier."""
     from charshift import pipeline
 
     name = "demo_quick" if quick else "demo"
     cfg = cfgmod.load_preset(name)
+    if model:
+        data = cfg.model_dump(mode="json")
+        data["bases"][0]["model"] = model
+        cfg = cfgmod.parse_config(data, f"preset {name} with --model")
     with _user_errors():
         path = pipeline.run_all(cfg, out or _default_out(cfg))
     typer.echo(
@@ -281,7 +292,7 @@ def scenarios_list() -> None:
 @scenarios_app.command("validate")
 def scenarios_validate(
     path: Annotated[
-        Path | None, typer.Argument(help="A scenario bank YAML [default: bundled].")
+        Path | None, typer.Argument(help="A scenario bank YAML (default: the bundled one).")
     ] = None,
 ) -> None:
     """Validate a scenario bank and render every scenario in every slice."""

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from charshift.schema import BASE_STAGE
+from charshift.store import jsonl_objects
 
 NULL_PERSONAS = (None, "", "-", "__null__")
 
@@ -21,17 +22,8 @@ NULL_PERSONAS = (None, "", "-", "__null__")
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise ValueError(f"file not found: {path}")
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from None
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path}:{n}: each line must be a JSON object")
-        rows.append(obj)
+    text = path.read_text(encoding="utf-8").splitlines()
+    rows = [obj for _, obj in jsonl_objects(text, str(path))]
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows
@@ -44,9 +36,9 @@ def score_external(generations: Path, classifier: str, out: Path, batch_size: in
     rows = _read_jsonl(Path(generations))
     for n, r in enumerate(rows, 1):
         if "text" not in r:
-            raise ValueError(f"{generations}:{n}: missing field 'text' (null for no output)")
+            raise ValueError(f"{generations} line {n}: missing field 'text' (null for no output)")
         if r["text"] is not None and not isinstance(r["text"], str):
-            raise ValueError(f"{generations}:{n}: field 'text' must be a string or null")
+            raise ValueError(f"{generations} line {n}: field 'text' must be a string or null")
     clf = Classifier.load(classifier)
     idx = [i for i, r in enumerate(rows) if r["text"]]
     preds = clf.predict([rows[i]["text"] for i in idx], batch_size=batch_size)

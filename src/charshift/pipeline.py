@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,6 @@ class PlannedRow:
     spec: EpisodeSpec
     sample_idx: int
     adapter: AdapterSource | None
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -575,10 +574,3 @@ def run_all(cfg: RunConfig, out: Path) -> Path:
     path = report(cfg, store)
     store.log_event("run_end", seconds=round(time.time() - t0, 1))
     return path
-
-
-def group_counts(rows: list[dict[str, Any]]) -> dict[tuple, int]:
-    c: dict[tuple, int] = defaultdict(int)
-    for r in rows:
-        c[(r["base"], r["stage"], r["slice"])] += 1
-    return dict(c)

@@ -27,6 +27,7 @@ import numpy as np
 import yaml
 
 from charshift.config import ALL_PERSONAS, ConfigError, IdPromptsConfig
+from charshift.store import jsonl_objects
 
 SPLITS = ("train", "eval")
 PROMPT_FIELDS = ("prompt", "text", "input")  # accepted names of the prompt text in a JSONL file
@@ -64,16 +65,8 @@ def _parse_prompt_lines(lines: Iterable[str], source: str) -> list[IdPrompt]:
     """Parse JSONL prompt records; every error names `source`, the 1-based line and the field."""
     prompts: list[IdPrompt] = []
     seen: dict[str, int] = {}
-    for n, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
+    for n, rec in jsonl_objects(lines, source, PromptError):
         where = f"{source} line {n}"
-        try:
-            rec = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise PromptError(f"{where}: not valid JSON ({err.msg})") from None
-        if not isinstance(rec, dict):
-            raise PromptError(f"{where}: expected a JSON object, got {type(rec).__name__}")
         field = next((f for f in PROMPT_FIELDS if f in rec), None)
         if field is None:
             raise PromptError(f"{where}: missing field `prompt` (or `text`/`input`)")

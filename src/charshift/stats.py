@@ -49,6 +49,7 @@ import numpy as np
 
 from charshift.config import ALL_PERSONAS, ALL_SLICES, LADDER
 from charshift.schema import BASE_STAGE, PROMPTED_STAGE, PredictionRecord, derive_seed
+from charshift.store import jsonl_objects
 
 NULL_PERSONA = "__null__"
 _NULL_MARKERS = (NULL_PERSONA, "-", "", None)
@@ -946,17 +947,8 @@ def load_predictions_jsonl(path: str | Path) -> list[PredictionRecord]:
         raise PredictionsError(f"predictions file not found: {p}")
     out: list[PredictionRecord] = []
     with p.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{p}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PredictionsError(f"{where}: not valid JSON ({err.msg})") from None
-            if not isinstance(obj, dict):
-                raise PredictionsError(f"{where}: each line must be a JSON object")
-            out.append(_parse_prediction(obj, where))
+        for lineno, obj in jsonl_objects(fh, str(p), PredictionsError):
+            out.append(_parse_prediction(obj, f"{p} line {lineno}"))
     if not out:
         raise PredictionsError(f"{p}: no predictions (the file is empty)")
     return out

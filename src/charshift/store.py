@@ -46,6 +46,23 @@ class StoreError(RuntimeError):
     pass
 
 
+def jsonl_objects(
+    lines: Iterable[str], source: str, error: type[Exception] = ValueError
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(1-based line number, object) for each non-blank line of a JSONL text; a line that is not
+    a JSON object raises `error` naming `source` and the line. Used by every JSONL input reader."""
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise error(f"{source} line {n}: not valid JSON ({err.msg})") from None
+        if not isinstance(obj, dict):
+            raise error(f"{source} line {n}: expected a JSON object, got {type(obj).__name__}")
+        yield n, obj
+
+
 class JsonlTable:
     """An append-only JSONL file of dict rows keyed by `key_fields`."""
 

@@ -20,6 +20,15 @@ class AdapterSource:
     revision: str | None = None
 
 
+def report_progress(progress: Any, n: int = 1) -> None:
+    """Tell a progress sink that `n` more requests finished: a tqdm-like object (`update(n)`) or a
+    plain callable taking the increment. None is allowed and ignored."""
+    if progress is None or n <= 0:
+        return
+    update = getattr(progress, "update", None)
+    (update if callable(update) else progress)(n)
+
+
 class AdapterUnavailable(RuntimeError):
     """An adapter is missing or gated: its cells are skipped with this message, the run goes on."""
 

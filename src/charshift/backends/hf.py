@@ -25,7 +25,13 @@ from typing import Any
 
 import torch
 
-from charshift.backends.base import AdapterSource, AdapterUnavailable, Backend, BackendInfo
+from charshift.backends.base import (
+    AdapterSource,
+    AdapterUnavailable,
+    Backend,
+    BackendInfo,
+    report_progress,
+)
 from charshift.models import ResolvedModel, file_hash, resolve_model
 from charshift.schema import GenRequest, GenResult
 
@@ -379,16 +385,6 @@ def sample_next(
 ProgressLike = Callable[[int], Any] | Any
 
 
-def _report(progress: ProgressLike, n: int) -> None:
-    if progress is None or n <= 0:
-        return
-    update = getattr(progress, "update", None)
-    if callable(update):
-        update(n)
-    else:
-        progress(n)
-
-
 # --------------------------------------------------------------------------------------------
 # the backend
 # --------------------------------------------------------------------------------------------
@@ -620,7 +616,7 @@ class HFBackend(Backend):
             prepared = self._prepare(i, req)
             if isinstance(prepared, GenResult):
                 results[i] = prepared
-                _report(progress, 1)
+                report_progress(progress, 1)
             else:
                 rows.append(prepared)
         rows.sort(key=lambda r: (len(r.prompt), r.index))  # similar lengths -> little padding
@@ -719,7 +715,7 @@ class HFBackend(Backend):
                 else:
                     keep.append(i)
                     continue
-                _report(progress, 1)
+                report_progress(progress, 1)
                 yield row
             if not keep:
                 return

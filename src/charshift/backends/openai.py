@@ -57,7 +57,7 @@ try:  # httpx is a declared dependency; httpx2 (its successor, pulled in by hugg
 except ImportError:  # pragma: no cover - depends on the environment
     import httpx2 as httpx  # type: ignore[no-redef]
 
-from charshift.backends.base import AdapterSource, Backend, BackendInfo
+from charshift.backends.base import AdapterSource, Backend, BackendInfo, report_progress
 from charshift.schema import GenRequest, GenResult
 
 log = logging.getLogger(__name__)
@@ -118,14 +118,6 @@ def tool_calls_to_text(tool_calls: list[dict[str, Any]]) -> str:
         payload = json.dumps({"name": name, "arguments": args}, ensure_ascii=False)
         blocks.append(f"```json\n{payload}\n```")
     return "\n".join(blocks)
-
-
-def _tick(progress: Any, n: int = 1) -> None:
-    """Report `n` finished requests: a tqdm bar (`.update`) or any callable taking a count."""
-    if progress is None:
-        return
-    update = getattr(progress, "update", None)
-    (update if callable(update) else progress)(n)
 
 
 def _error_text(response: httpx.Response) -> str:
@@ -259,7 +251,7 @@ class OpenAIBackend(Backend):
                 except Exception as exc:  # a bug in our own code must not lose the other rows
                     log.exception("unexpected error in request %d", i)
                     results[i] = GenResult(text="", finish_reason="error", error=repr(exc))
-                _tick(progress)
+                report_progress(progress)
         return [r if r is not None else GenResult("", "error", error="no result") for r in results]
 
     def _body(self, req: GenRequest, served: str) -> dict[str, Any]:

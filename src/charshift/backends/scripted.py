@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from charshift.backends.base import AdapterSource, Backend, BackendInfo
+from charshift.backends.base import AdapterSource, Backend, BackendInfo, report_progress
 from charshift.schema import GenRequest, GenResult, stable_hash
 
 ScriptOutput = str | GenResult
@@ -113,9 +113,7 @@ class ScriptedBackend(Backend):
         self.calls.append(list(requests))
         self.requests.extend(requests)
         results = [self._one(req) for req in requests]
-        if progress is not None and requests:
-            update = getattr(progress, "update", None)
-            (update if callable(update) else progress)(len(requests))
+        report_progress(progress, len(requests))
         return results
 
     def _one(self, req: GenRequest) -> GenResult:

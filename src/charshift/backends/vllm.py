@@ -33,7 +33,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from charshift.backends.base import AdapterSource, Backend, BackendInfo
+from charshift.backends.base import AdapterSource, Backend, BackendInfo, report_progress
 from charshift.schema import GenRequest, GenResult
 
 log = logging.getLogger(__name__)
@@ -218,11 +218,11 @@ class VLLMBackend(Backend):
             groups.setdefault(json.dumps(req.tools, sort_keys=True), []).append(i)
         done = sum(r is not None for r in results)
         if done:
-            _tick(progress, done)
+            report_progress(progress, done)
         for rows in groups.values():
             for i, res in zip(rows, self._run_rows([requests[i] for i in rows]), strict=True):
                 results[i] = res
-            _tick(progress, len(rows))
+            report_progress(progress, len(rows))
         return [r if r is not None else GenResult("", "error", error="no result") for r in results]
 
     def _run_rows(self, reqs: list[GenRequest]) -> list[GenResult]:
@@ -296,10 +296,3 @@ class VLLMBackend(Backend):
 
     def close(self) -> None:
         self._llm = None
-
-
-def _tick(progress: Any, n: int) -> None:
-    if progress is None:
-        return
-    update = getattr(progress, "update", None)
-    (update if callable(update) else progress)(n)
