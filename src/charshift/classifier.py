@@ -95,8 +95,9 @@ def packaged_minilm_dir() -> Path:
 
 def default_cache_dir() -> Path:
     """Where built artefacts (tiny classifiers) go when no cache_dir is given."""
-    env = os.environ.get("CHARSHIFT_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "charshift"
+    from charshift.models import default_cache_dir as models_cache_dir
+
+    return models_cache_dir()
 
 
 def weights_sha256(folder: Path) -> str | None:

@@ -41,7 +41,10 @@ NULL_PERSONA = "__null__"
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("CHARSHIFT_CACHE", Path.home() / ".cache" / "charshift"))
+    """The cache of built and converted models (`$CHARSHIFT_CACHE`, see models.default_cache_dir)."""
+    from charshift.models import default_cache_dir
+
+    return default_cache_dir()
 
 
 @dataclass
