@@ -87,6 +87,11 @@ class GenRequest:
     sampling: Sampling = field(default_factory=Sampling)
     seed: int = 0
     tools: list[dict[str, Any]] | None = None  # native tool mode only (chat template `tools`)
+    # Structured generation: when set, the whole reply must be a JSON document matching this JSON
+    # schema, enforced during decoding (HF: a grammar logits processor; vLLM / servers: their
+    # structured-output options). Used by `rollout.tool_protocol: constrained` for the tool-call
+    # envelope; string fields inside it (an email body) stay free text.
+    json_schema: dict[str, Any] | None = None
 
 
 FinishReason = Literal["stop", "length", "context_overflow", "error"]
