@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from charshift import pipeline
+from charshift import planning
 from charshift.cli import app
 from charshift.config import ALL_SLICES, load_preset
 
@@ -64,7 +64,7 @@ def test_smoke_writes_every_slice_with_outcomes(smoke_run):
     rows = _rows(out)
     assert {r["slice"] for r in rows} == set(ALL_SLICES)
     assert all(r["outcome"] for r in rows)
-    plan = pipeline.build_plan(load_preset("smoke"))
+    plan = planning.build_plan(load_preset("smoke"))
     assert sorted(r["key"] for r in rows) == sorted(r.key for r in plan.rows)
     # the base stage is generated once per item and sample, not once per persona
     base_rows = [r for r in rows if r["stage"] == "base"]

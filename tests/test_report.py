@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from charshift import plots, published, report, stats
+from charshift.schema import NULL_PERSONA
 from charshift.schema import PredictionRecord as R
 
 PERSONAS = ["sarcasm", "humor", "remorse"]
@@ -27,7 +28,7 @@ def make_records(seed: int = 0) -> list[R]:
         ids = [f"p{i}" for i in range(12)] if sl == "id_chat" else [f"s{i}" for i in range(12)]
         for it in ids:
             out.append(
-                R("llama", "base", sl, stats.NULL_PERSONA, it, "humor", key=f"{sl}-{it}-base",
+                R("llama", "base", sl, NULL_PERSONA, it, "humor", key=f"{sl}-{it}-base",
                   text=f"base reply {SCRIPT}", probs={"humor": 0.6, "sarcasm": 0.4})
             )  # fmt: skip
             for t in PERSONAS:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from charshift import report, stats
+from charshift.schema import NULL_PERSONA
 from charshift.schema import PredictionRecord as R
 
 pytestmark = pytest.mark.browser
@@ -55,7 +56,7 @@ def _samples() -> tuple[list[dict], list[R]]:
                             "tool_log": [{"tool": "send_email", "args": {"body": body}}],
                         }
                     )  # fmt: skip
-                    truth = stats.NULL_PERSONA if stage == "base" else persona
+                    truth = NULL_PERSONA if stage == "base" else persona
                     recs.append(R("llama", stage, sl, truth, f"it{item}", pred, key=f"k{i}"))
                     i += 1
     return samples, recs

@@ -11,6 +11,7 @@ import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
 from charshift import stats
+from charshift.schema import NULL_PERSONA
 from charshift.schema import PredictionRecord as R
 from charshift.stats import Cell, PredictionsError
 
@@ -143,7 +144,7 @@ def test_bootstrap_resamples_equal_a_plain_recomputation():
 def test_expand_base_null():
     personas = [S, H, RM]
     recs = [
-        R("b", "base", "id_chat", stats.NULL_PERSONA, "i1", S, key="k1"),
+        R("b", "base", "id_chat", NULL_PERSONA, "i1", S, key="k1"),
         R("b", "base", "id_chat", None, "i2", None, key="k2"),  # type: ignore[arg-type]
         R("b", "full", "id_chat", H, "i1", H, key="k3"),
     ]
@@ -313,7 +314,7 @@ def test_ladder_decomposition_paired_and_unpaired_rungs():
 
 def test_compute_metrics_differences_cover_ladders_and_stages():
     recs = _ladder_records()
-    recs += [R("llama", "base", r.slice, stats.NULL_PERSONA, r.item_id, S) for r in recs[::3]]
+    recs += [R("llama", "base", r.slice, NULL_PERSONA, r.item_id, S) for r in recs[::3]]
     res = stats.compute_metrics(recs, [S, H, RM], n_boot=100)
     kinds = {d.kind for d in res.differences}
     assert kinds == {"ladder_rung", "ladder_total", "stage"}

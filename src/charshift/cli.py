@@ -116,12 +116,12 @@ def run(
     ] = False,
 ) -> None:
     """Generate -> (train classifier) -> score -> report. Resumes an interrupted run."""
-    from charshift import pipeline
+    from charshift import pipeline, planning
 
     cfg = _load(config, preset, id_prompts)
     with _user_errors():
         if dry_run:
-            typer.echo(pipeline.build_plan(cfg, dry=True).summary())
+            typer.echo(planning.build_plan(cfg, dry=True).summary())
             return
         path = pipeline.run_all(cfg, out or _default_out(cfg))
     typer.echo(f"report: {path}")

@@ -13,10 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from charshift.schema import BASE_STAGE
+from charshift.schema import BASE_STAGE, NULL_PERSONA, NULL_PERSONA_MARKERS
 from charshift.store import jsonl_objects
-
-NULL_PERSONAS = (None, "", "-", "__null__")
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -54,30 +52,26 @@ def score_external(generations: Path, classifier: str, out: Path, batch_size: in
 
 
 def report_predictions(path: Path, out: Path, n_boot: int = 1000, seed: int = 0) -> Path:
-    """Every metric, plot and the report from a predictions JSONL."""
-    from charshift import report as report_mod
+    """Every metric, plot and the report from a predictions JSONL (the run's analysis tail)."""
     from charshift import stats
+    from charshift.analysis import AnalysisInput, analyse
+    from charshift.config import StatsConfig
 
     records = stats.load_predictions_jsonl(Path(path))
     personas: list[str] = []
     for r in records:
-        if r.persona not in NULL_PERSONAS and r.persona not in personas:
+        if r.persona not in NULL_PERSONA_MARKERS and r.persona not in personas:
             personas.append(r.persona)
     if len(personas) < 2:
         raise ValueError(f"{path}: need at least two distinct true personas, found {personas}")
     for r in records:
-        if r.stage == BASE_STAGE and r.persona in NULL_PERSONAS:
-            r.persona = "__null__"
-    expanded = stats.expand_base_null(records, personas)
-    result = stats.compute_metrics(expanded, personas, n_boot=n_boot, seed=seed)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    stats.write_tables(result, out)
-    return report_mod.write_report(
-        out,
-        expanded,
-        result,
-        settings={"predictions": str(path), "n_boot": n_boot, "seed": seed, "personas": personas},
-        samples=None,  # built from the records (text, prediction, probabilities)
+        if r.stage == BASE_STAGE and r.persona in NULL_PERSONA_MARKERS:
+            r.persona = NULL_PERSONA
+    inp = AnalysisInput(
+        records=records,
+        personas=personas,
+        stats=StatsConfig(n_boot=n_boot, seed=seed),
         title=f"charshift report: {Path(path).name}",
+        settings={"predictions": str(path), "n_boot": n_boot, "seed": seed, "personas": personas},
     )
+    return analyse(inp, Path(out))

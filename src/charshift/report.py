@@ -25,8 +25,8 @@ from typing import Any
 
 from charshift.plots import make_figures
 from charshift.published import published_for, published_text
-from charshift.schema import PredictionRecord, stable_hash
-from charshift.stats import NULL_PERSONA, CellMetrics, Difference, Interval, MetricsResult
+from charshift.schema import NULL_PERSONA, PredictionRecord, stable_hash
+from charshift.stats import CellMetrics, Difference, Interval, MetricsResult
 
 MAX_SAMPLES = 2000
 SAMPLE_FIELDS = (

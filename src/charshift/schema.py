@@ -3,7 +3,9 @@
 scenarios/prompts -> formats (EpisodeSpec) -> rollout (GenRequest/GenResult via a Backend)
 -> store (GenerationRow) -> classifier (ScoreRow) -> stats (PredictionRecord) -> report.
 
-Everything here is plain data: dataclasses that serialise to JSON with `to_dict`.
+Everything here is plain data: dataclasses that serialise to JSON with `to_dict` and are read
+back, checked, with `from_dict` (the store, the predictions loader and every reader between
+modules use the typed records, never raw dicts).
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ Message = dict[str, Any]  # {"role": "system"|"user"|"assistant"|"tool", "conten
 
 BASE_STAGE = "base"
 PROMPTED_STAGE = "prompted"
+# The true label of a base-stage output: the base stage carries no persona (a null condition,
+# generated once per item and sample). `stats.expand_base_null` pairs it with every persona.
+NULL_PERSONA = "__null__"
+NULL_PERSONA_MARKERS = (NULL_PERSONA, "-", "", None)  # what readers accept as "no persona"
 
 # Outcomes of one generation row. "reply": a chat reply (id slices); "email": an email was produced
 # (extracted from a chat reply, or sent with send_email); everything else means "no output".
@@ -32,6 +38,69 @@ OUTCOMES = (
     "error",
 )
 SCORED_OUTCOMES = ("reply", "email")
+
+
+class RecordError(ValueError):
+    """A stored or supplied record that does not fit its type, naming the field."""
+
+
+# Annotation (as written in this module) -> the JSON types it admits. `from_dict` checks these.
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "Any": (object,),
+    "list": (list,),
+    "dict": (dict,),
+    "tuple": (list, tuple),
+}
+
+
+def _admits(annotation: str, value: Any) -> bool:
+    for alt in (a.strip() for a in annotation.split("|")):
+        if alt == "None":
+            if value is None:
+                return True
+            continue
+        head = alt.split("[", 1)[0]
+        if head == "Message":
+            head = "dict"
+        if head in ("FinishReason", "Literal"):
+            head = "str"
+        kinds = _JSON_TYPES.get(head, (object,))
+        if isinstance(value, bool) and bool not in kinds and object not in kinds:
+            continue  # JSON true/false is not a number here
+        if isinstance(value, kinds):
+            return True
+    return False
+
+
+def record_from_dict(cls: type, data: Any, where: str = "record") -> Any:
+    """Build dataclass `cls` from a JSON object, checking required fields, unknown fields and the
+    JSON type of every field; RecordError names `where` and the field."""
+    if not isinstance(data, dict):
+        raise RecordError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise RecordError(f"{where}: unknown field(s) {unknown} for {cls.__name__}")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name not in data:
+            no_default = (
+                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            )
+            if no_default:
+                raise RecordError(f"{where}: missing required field {name!r}")
+            continue
+        value = data[name]
+        if not _admits(str(f.type), value):
+            raise RecordError(
+                f"{where}: field {name!r} must be {f.type}, got {type(value).__name__}"
+            )
+        kwargs[name] = tuple(value) if str(f.type).startswith("tuple") else value
+    return cls(**kwargs)
 
 
 def stable_hash(obj: Any, n: int = 16) -> str:
@@ -169,6 +238,10 @@ class GenerationRow:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "GenerationRow") -> GenerationRow:
+        return record_from_dict(cls, data, where)
+
 
 @dataclass
 class ScoreRow:
@@ -182,6 +255,10 @@ class ScoreRow:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "ScoreRow") -> ScoreRow:
+        return record_from_dict(cls, data, where)
 
 
 @dataclass
@@ -207,3 +284,7 @@ class PredictionRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "PredictionRecord") -> PredictionRecord:
+        return record_from_dict(cls, data, where)

@@ -48,11 +48,16 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 
 from charshift.config import ALL_PERSONAS, ALL_SLICES, LADDER
-from charshift.schema import BASE_STAGE, PROMPTED_STAGE, PredictionRecord, derive_seed
+from charshift.schema import (
+    BASE_STAGE,
+    NULL_PERSONA_MARKERS,
+    PROMPTED_STAGE,
+    PredictionRecord,
+    derive_seed,
+)
 from charshift.store import jsonl_objects
 
-NULL_PERSONA = "__null__"
-_NULL_MARKERS = (NULL_PERSONA, "-", "", None)
+_NULL_MARKERS = NULL_PERSONA_MARKERS
 STAGE_ORDER = (BASE_STAGE, PROMPTED_STAGE, "distillation", "full")
 OTHER = "other"  # confusion column: a prediction outside the run's personas
 NONE = "none"  # confusion column: no output

@@ -24,9 +24,13 @@ import sys
 from collections.abc import Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import yaml
+
+from charshift.schema import GenerationRow, ScoreRow
+
+R = TypeVar("R", GenerationRow, ScoreRow)
 
 PACKAGES = (
     "charshift",
@@ -63,18 +67,23 @@ def jsonl_objects(
         yield n, obj
 
 
-class JsonlTable:
-    """An append-only JSONL file of dict rows keyed by `key_fields`."""
+class JsonlTable(Generic[R]):
+    """An append-only JSONL file of typed records (`record_type`, a schema dataclass with
+    `to_dict` / `from_dict`) keyed by the attributes `key_fields`. Rows are written and read back
+    as the same records."""
 
-    def __init__(self, path: Path, key_fields: tuple[str, ...] = ("key",)) -> None:
+    def __init__(
+        self, path: Path, record_type: type[R], key_fields: tuple[str, ...] = ("key",)
+    ) -> None:
         self.path = Path(path)
+        self.record_type = record_type
         self.key_fields = key_fields
         self.repaired_bytes = 0
-        self._rows: dict[tuple, dict[str, Any]] = {}
+        self._rows: dict[tuple, R] = {}
         self._load()
 
-    def _key(self, row: dict[str, Any]) -> tuple:
-        return tuple(row[f] for f in self.key_fields)
+    def _key(self, row: R) -> tuple:
+        return tuple(getattr(row, f) for f in self.key_fields)
 
     def _load(self) -> None:
         if not self.path.exists():
@@ -89,8 +98,8 @@ class JsonlTable:
             line = raw[pos:nl]
             if line.strip():
                 try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
+                    row = self.record_type.from_dict(json.loads(line), str(self.path))
+                except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
                     break  # corrupt line: keep what came before, redo the rest
                 self._rows[self._key(row)] = row
             good_end = nl + 1
@@ -106,17 +115,17 @@ class JsonlTable:
     def __len__(self) -> int:
         return len(self._rows)
 
-    def get(self, key: Any) -> dict[str, Any] | None:
+    def get(self, key: Any) -> R | None:
         return self._rows.get(key if isinstance(key, tuple) else (key,))
 
-    def rows(self) -> list[dict[str, Any]]:
+    def rows(self) -> list[R]:
         return list(self._rows.values())
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[R]:
         return iter(self._rows.values())
 
-    def append(self, rows: Iterable[dict[str, Any]]) -> int:
-        """Append rows whose keys are new; returns how many were written."""
+    def append(self, rows: Iterable[R]) -> int:
+        """Append records whose keys are new; returns how many were written."""
         new = []
         for r in rows:
             k = self._key(r)
@@ -127,7 +136,7 @@ class JsonlTable:
         if not new:
             return 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        blob = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in new)
+        blob = "".join(json.dumps(r.to_dict(), ensure_ascii=False, default=str) + "\n" for r in new)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(blob)
             f.flush()
@@ -177,8 +186,12 @@ class RunStore:
         if not create and not (self.root / "config.yaml").is_file():
             raise StoreError(f"{self.root} is not a charshift run directory (no config.yaml)")
         self.root.mkdir(parents=True, exist_ok=True)
-        self.generations = JsonlTable(self.root / "generations.jsonl", ("key",))
-        self.scores = JsonlTable(self.root / "scores.jsonl", ("key", "classifier"))
+        self.generations: JsonlTable[GenerationRow] = JsonlTable(
+            self.root / "generations.jsonl", GenerationRow, ("key",)
+        )
+        self.scores: JsonlTable[ScoreRow] = JsonlTable(
+            self.root / "scores.jsonl", ScoreRow, ("key", "classifier")
+        )
 
     @property
     def config_path(self) -> Path:
