@@ -298,3 +298,13 @@ def test_a_plain_sent_body_of_enough_words_is_an_email(scenario):
         [episode(scenario, "tool_email_oneshot")],
     )["k1"]
     assert r.outcome == "email" and r.text == body
+
+
+def test_is_email_body_rule():
+    from charshift.extraction import MIN_BODY_WORDS, is_email_body
+
+    words = " ".join(["word"] * MIN_BODY_WORDS)
+    assert is_email_body(words) and not is_email_body(" ".join(["word"] * (MIN_BODY_WORDS - 1)))
+    assert not is_email_body(None) and not is_email_body("   ")
+    assert not is_email_body(PASTED_CALL) and not is_email_body("```json\n" + PASTED_CALL + "\n```")
+    assert is_email_body("[Draft] " + words)  # a bracket that opens no call is still prose

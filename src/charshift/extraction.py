@@ -357,11 +357,6 @@ def looks_like_email(text: str) -> bool:
     return extract_email(text) is not None
 
 
-# -- the one rule for "this is an email" --------------------------------------------------------
-
-_CALL_START = ("{", "[", "```", "<tool_call", "<function")
-
-
 def is_email_body(body: str | None) -> bool:
     """Whether a body counts as an email, whichever way it was produced: a body extracted from a
     chat reply and a body sent with send_email pass the same test. It must have at least
@@ -370,7 +365,7 @@ def is_email_body(body: str | None) -> bool:
     if not isinstance(body, str) or len(body.split()) < MIN_BODY_WORDS:
         return False
     head = body.lstrip()
-    if head.startswith(_CALL_START):
+    if head.startswith(("{", "[", "```", "<tool_call", "<function")):
         from charshift.toolcalls import parse_tool_calls
 
         if parse_tool_calls(head[:MAX_CHARS]):
