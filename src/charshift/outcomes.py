@@ -115,37 +115,18 @@ def censoring_test(
     o_idx = np.array([outcomes.index(label(r.outcome)) for r in rows])
     table = _tables(p_idx, o_idx, len(personas), len(outcomes))
     stat, dof = chi_square(table)
+    cell = {"base": base, "stage": stage, "unit": unit, "personas": personas}
+    cell.update(outcomes=outcomes, table=table.tolist(), n_rows=len(rows))
     if dof == 0:
         return CensoringTest(
-            base,
-            stage,
-            unit,
-            personas,
-            outcomes,
-            table.tolist(),
-            len(rows),
-            0.0,
-            0,
-            1.0,
-            1.0,
-            0,
-            "one outcome only: nothing to test",
-        )
+            **cell, statistic=0.0, dof=0, p_asymptotic=1.0, p_permutation=1.0, n_perm=0,
+            note="one outcome only: nothing to test",
+        )  # fmt: skip
     p_perm = _permutation_p(rows, p_idx, o_idx, stat, len(personas), len(outcomes), n_perm, seed)
     return CensoringTest(
-        base,
-        stage,
-        unit,
-        personas,
-        outcomes,
-        table.tolist(),
-        len(rows),
-        stat,
-        dof,
-        float(chi2.sf(stat, dof)),
-        p_perm,
-        n_perm,
-    )
+        **cell, statistic=stat, dof=dof, p_asymptotic=float(chi2.sf(stat, dof)),
+        p_permutation=p_perm, n_perm=n_perm,
+    )  # fmt: skip
 
 
 def _permutation_p(
