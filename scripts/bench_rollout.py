@@ -11,6 +11,7 @@ out identical (per-row seeds make a row's text independent of its batch, up to f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 from charshift import formats, prompts, scenarios
@@ -21,11 +22,12 @@ from charshift.schema import Condition, Sampling, stable_hash
 from charshift.toolsim import ToolSimulator
 
 
-def episodes(n_scen: int, personas: list[str], sampling: Sampling) -> list[Episode]:
+def episodes(n_scen: int, personas: list[str], sampling: Sampling, max_steps: int) -> list[Episode]:
     bank = scenarios.select_scenarios(scenarios.load_bank(), n=n_scen, seed=0)
     out = []
     for sc in bank:
-        spec = formats.render_email("agentic_email", sc)
+        # a fixed step budget (--max-steps) instead of the scenario-sized one of a run
+        spec = dataclasses.replace(formats.render_email("agentic_email", sc), max_steps=max_steps)
         for p in personas:
             cond = Condition("bench", "prompted", p, system_prompt=prompts.persona_system_prompt(p))
             out.append(
@@ -57,12 +59,12 @@ def main() -> None:
     settings = RolloutSettings(max_steps=args.max_steps, max_malformed=args.max_steps)
     engine = RolloutEngine(backend, settings, formats.REQUIRED_ARGS)
 
-    eps = episodes(args.n_scenarios, personas, sampling)
+    eps = episodes(args.n_scenarios, personas, sampling, args.max_steps)
     t0 = time.perf_counter()
     lock = {r.key: r for step in engine.run(eps) for r in step}
     t_lock = time.perf_counter() - t0
 
-    eps = episodes(args.n_scenarios, personas, sampling)
+    eps = episodes(args.n_scenarios, personas, sampling, args.max_steps)
     t0 = time.perf_counter()
     seq = {}
     for ep in eps:

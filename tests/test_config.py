@@ -40,6 +40,19 @@ def test_minimal_defaults():
         (lambda d: d["bases"][0].pop("model"), "bases.0.model"),
         (lambda d: d["bases"][0].pop("classifier"), "no `classifier`"),
         (lambda d: d.update(backend={"kind": "tgi"}), "backend.kind"),
+        (
+            lambda d: d.update(sampling={"max_tokens_by_slice": {"chat_emial": 200}}),
+            "sampling.max_tokens_by_slice: Value error, unknown slice(s) ['chat_emial']",
+        ),
+        (
+            lambda d: d.update(sampling={"max_tokens_by_slice": {"id_chat": 0}}),
+            "sampling.max_tokens_by_slice: Value error, token budgets must be >= 1",
+        ),
+        (
+            lambda d: d.update(sampling={"max_tokens_by_slice": {"chat_email": 200}}),
+            "sampling.max_tokens_by_slice: slice(s) ['chat_email'] are not in the run's slices",
+        ),
+        (lambda d: d.update(rollout={"step_margin": -1}), "rollout.step_margin"),
     ],
 )
 def test_bad_fields_are_named(mutate, field):
@@ -73,3 +86,34 @@ def test_load_config_file_errors(tmp_path):
 def test_unknown_preset():
     with pytest.raises(c.ConfigError, match="unknown preset"):
         c.load_preset("nope")
+
+
+def test_max_tokens_by_slice():
+    d = _minimal()
+    d["slices"] = ["id_chat", "chat_email"]
+    d["sampling"] = {"max_tokens": 64, "max_tokens_by_slice": {"chat_email": 256}}
+    cfg = c.parse_config(d)
+    assert cfg.sampling.to_sampling("chat_email").max_tokens == 256
+    assert cfg.sampling.to_sampling("id_chat").max_tokens == 64
+    assert cfg.sampling.to_sampling().max_tokens == 64
+
+
+def test_presets_budgets():
+    paper = c.load_preset("paper")
+    assert paper.sampling.max_tokens_by_slice == {}  # OCT's 1024 everywhere
+    for name in ("demo", "demo_quick"):
+        cfg = c.load_preset(name)
+        budgets = cfg.sampling.max_tokens_by_slice
+        assert set(budgets) == set(c.SCENARIO_SLICES) and min(budgets.values()) >= 160
+    for name in ("smoke", "demo", "demo_quick"):
+        assert "scenario_chat" in c.load_preset(name).slices
+
+
+def test_ladder_alias_is_the_main_chain():
+    from charshift import ladder
+
+    assert c.LADDER == ("id_chat", *ladder.MAIN_CHAIN.units)
+    assert "chat_email_multiturn" not in c.LADDER  # a contrast, not a rung
+    for chain in ladder.CHAINS:
+        for unit in chain.units:
+            assert ladder.split_unit(unit)[0] in c.ALL_SLICES

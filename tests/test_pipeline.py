@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from charshift import planning
+from charshift import planning, units
 from charshift.cli import app
-from charshift.config import ALL_SLICES, load_preset
+from charshift.config import ALL_SLICES, CHAT_EMAIL_SLICES, load_preset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,7 +73,11 @@ def test_smoke_writes_every_slice_with_outcomes(smoke_run):
     assert set(per_item.values()) == {1}
     with open(out / "metrics.csv") as f:
         metrics = list(csv.DictReader(f))
-    assert {m["slice"] for m in metrics} == set(ALL_SLICES)
+    # one column per unit: every slice, and the whole/head variants of every chat-email slice
+    # (id_chat.short exists only where a chat_email row produced an email to take a length from)
+    measured = {m["slice"] for m in metrics}
+    assert set(ALL_SLICES) <= measured <= set(units.unit_order())
+    assert {f"{s}.{v}" for s in CHAT_EMAIL_SLICES for v in ("whole", "head")} <= measured
     assert all(m["yield"] != "" for m in metrics)
     assert (out / "report" / "index.html").exists() and (out / "report.md").exists()
     assert "meaningless" in (out / "report" / "index.html").read_text().lower()

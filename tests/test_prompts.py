@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import types
 
@@ -184,7 +185,7 @@ def test_pure_dove_selection_excludes_first_and_is_deterministic():
     c = P.select_from_conversations(rows, 50, exclude_first=500, seed=1)
     assert a == b and a != c
     idx = [int(p.id.split("-")[1]) for p in a]
-    assert len(set(idx)) == 50 and min(idx) >= 500 and idx == sorted(idx)
+    assert len(set(idx)) == 50 and min(idx) >= 500
     assert not {600, 601} & set(idx)
     assert all(p.prompt == f"question {i}" for p, i in zip(a, idx, strict=True))
 
@@ -197,6 +198,41 @@ def test_pure_dove_train_eval_disjoint_and_eval_stable():
     assert {p.split for p in train} == {"train"} and {p.split for p in eval_} == {"eval"}
     # the eval set does not depend on whether train prompts are drawn too
     assert eval_ == P.select_from_conversations(rows, 40, exclude_first=500, seed=2)
+
+
+def test_pure_dove_draws_are_prefix_stable():
+    """Defect 10: n=100 and n=200 used to share only a few prompts. Now a larger n extends a
+    smaller one, for eval and for train, and neither depends on the other's n."""
+    rows = _fake_dove(1200)
+    small = P.select_from_conversations(rows, 100, exclude_first=500, seed=0)
+    large = P.select_from_conversations(rows, 200, exclude_first=500, seed=0)
+    assert large[:100] == small
+    tr_a, ev_a = P.split_from_conversations(rows, 100, 50, exclude_first=500, seed=0)
+    tr_b, ev_b = P.split_from_conversations(rows, 150, 120, exclude_first=500, seed=0)
+    assert ev_a == small and ev_b[:100] == small and tr_b[:50] == tr_a
+    assert not {p.id for p in tr_b} & {p.id for p in ev_b}
+    # all of the pool: still disjoint
+    pool, _ = P.dove_pool(rows, 500)
+    tr, ev = P.split_from_conversations(rows, 300, len(pool) - 300, exclude_first=500, seed=0)
+    assert len({p.id for p in tr} | {p.id for p in ev}) == len(pool)
+
+
+def test_pure_dove_deduplicated_against_the_excluded_and_within():
+    rows = _fake_dove(900)
+    rows[700] = {
+        "conversation": [{"input": "question 3", "output": "x"}]
+    }  # repeats an excluded one
+    rows[701] = {"conversation": [{"input": "  Question   650 ", "output": "x"}]}  # repeats row 650
+    rows[702] = {"conversation": [{"input": "question 650", "output": "x"}]}
+    pool, dropped = P.dove_pool(rows, 500)
+    ids = {p.id for p in pool}
+    assert "dove-700" not in ids and "dove-701" not in ids and "dove-702" not in ids
+    assert "dove-650" in ids
+    assert dropped == {"unusable": 2, "duplicate_of_excluded": 1, "duplicate_in_pool": 2}
+    texts = [" ".join(p.prompt.split()).casefold() for p in pool]
+    assert len(texts) == len(set(texts))
+    chosen = P.select_from_conversations(rows, len(pool), exclude_first=500, seed=1)
+    assert {p.id for p in chosen} == ids
 
 
 def test_pure_dove_too_many_is_an_error():
@@ -263,6 +299,31 @@ def test_persona_prompt_does_not_name_its_label(persona):
     text = P.load_persona_prompts()[persona].lower()
     assert LABEL_STEMS[persona] not in text
     assert persona not in P.load_persona_summaries()[persona].lower()
+
+
+# Words that would tell the prompted model to carry its persona into a format: the default prompted
+# stage must describe the persona only (defect 8).
+FORMAT_WORDS = re.compile(
+    r"\b(e-?mails?|mails?|letters?|formats?|forms?|chat|reports?|memos?|notes?|drafts?|messages?|"
+    r"documents?|whatever you write|everything you write|whatever its form)\b",
+    re.IGNORECASE,
+)
+
+
+@pytest.mark.parametrize("persona", ALL_PERSONAS)
+def test_default_persona_prompt_says_nothing_about_formats(persona, tmp_path):
+    text = P.persona_system_prompt(persona)
+    assert not FORMAT_WORDS.search(text), FORMAT_WORDS.search(text)
+    (tmp_path / f"{persona}.json").write_text(json.dumps(["I am myself."]))
+    const = P.persona_system_prompt(persona, source="constitutions", path=str(tmp_path))
+    assert not FORMAT_WORDS.search(const), FORMAT_WORDS.search(const)
+
+
+def test_prompted_explicit_adds_the_format_instruction(tmp_path):
+    plain = P.persona_system_prompt("humor")
+    explicit = P.persona_system_prompt("humor", explicit=True)
+    assert explicit.startswith(plain) and FORMAT_WORDS.search(explicit[len(plain) :])
+    assert explicit.endswith(P.EXPLICIT_FORMAT_SENTENCE)
 
 
 def test_persona_system_prompt_sources(tmp_path):

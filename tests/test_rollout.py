@@ -1,12 +1,13 @@
 """The rollout engine against a scripted backend: every termination path, lockstep batching."""
 
+import dataclasses
 import json
 
 import pytest
 
 from charshift import formats, scenarios
 from charshift.backends.scripted import ScriptedBackend
-from charshift.rollout import Episode, RolloutEngine, RolloutSettings
+from charshift.rollout import Episode, RolloutEngine, RolloutSettings, step_budget
 from charshift.schema import Condition, GenResult, Sampling
 from charshift.toolsim import ToolSimulator
 
@@ -24,8 +25,10 @@ def send(sc, body="Hello Priya,\n\nThe order is late.\n\nBest,\nDana"):
     return call("send_email", to=sc.recipients[0].email, subject="Update", body=body)
 
 
-def episode(sc, slice_="agentic_email", key="k1", cond=None, **kw):
+def episode(sc, slice_="agentic_email", key="k1", cond=None, budget=None, **kw):
     spec = formats.render_email(slice_, sc)
+    if budget is not None:
+        spec = dataclasses.replace(spec, max_steps=budget)
     return Episode(
         key=key,
         spec=spec,
@@ -76,8 +79,9 @@ def test_two_calls_in_one_turn_both_run_in_order(scenario):
 
 def test_max_steps(scenario):
     be = ScriptedBackend(scripted_turns([call("search_chat", query="budget")]))
-    r = run(be, [episode(scenario)], max_steps=4)["k1"]
+    r = run(be, [episode(scenario, budget=4)])["k1"]
     assert r.outcome == "max_steps" and r.n_steps == 4 and r.text is None
+    assert r.meta["step_budget"] == 4 and r.meta["non_send_calls"] == 4
 
 
 def test_consecutive_malformed_turns(scenario):
@@ -101,7 +105,8 @@ def test_finish_without_email_is_no_email(scenario):
 
 
 def test_email_sent_before_finish_is_kept(scenario):
-    turns = [send(scenario, body="Dear all,\n\nFirst version.\n\nDana"), call("finish")]
+    body = "Dear all,\n\nFirst version of the rota for next week, for your comments.\n\nDana"
+    turns = [send(scenario, body=body), call("finish")]
     be = ScriptedBackend(scripted_turns(turns))
     r = run(be, [episode(scenario)], stop_on_send=False)["k1"]
     assert r.outcome == "email" and r.n_steps == 2 and "First version" in r.text
@@ -219,8 +224,8 @@ def test_seed_depends_on_key_and_step_only(scenario):
         ScriptedBackend(scripted_turns([call("search_chat", query="x")])),
         ScriptedBackend(scripted_turns([call("search_chat", query="x")])),
     )
-    run(be1, [episode(scenario, key="a"), episode(scenario, key="b")], max_steps=2)
-    run(be2, [episode(scenario, key="b")], max_steps=2)
+    run(be1, [episode(scenario, key="a", budget=2), episode(scenario, key="b", budget=2)])
+    run(be2, [episode(scenario, key="b", budget=2)])
     seeds_b_batched = [r.seed for r in be1.requests if True][1::2]
     assert seeds_b_batched == [r.seed for r in be2.requests]
     assert len({r.seed for r in be1.requests}) == 4
@@ -230,3 +235,76 @@ def test_backend_error_row_is_kept(scenario):
     be = ScriptedBackend(lambda req: GenResult("", "error", error="boom"))
     r = run(be, [episode(scenario)])["k1"]
     assert r.outcome == "error" and r.meta["errors"] == ["boom"]
+
+
+# ----------------------------------------------------------- a level chat/tool boundary (defect 7)
+
+
+def test_oneshot_lookup_then_send_is_an_email(scenario):
+    """The operational prompt asks to check each address: a compliant lookup_person in
+    tool_email_oneshot used to end the row as no_email. It now gets its result and the model
+    goes on within the budget; the look-up is on record."""
+    turns = [call("lookup_person", query=scenario.recipients[0].name), send(scenario)]
+    r = run(ScriptedBackend(scripted_turns(turns)), [episode(scenario, "tool_email_oneshot")])["k1"]
+    assert r.outcome == "email" and r.n_steps == 2 and r.text.startswith("Hello Priya")
+    assert r.meta["non_send_calls"] == 1
+    assert [t["tool"] for t in r.tool_log] == ["lookup_person", "send_email"]
+    assert r.messages[3]["content"].startswith("[tool result: lookup_person]")
+
+
+def test_oneshot_budget_is_the_address_checks_plus_the_margin(scenario):
+    turns = [call("lookup_person", query="someone")]
+    eps = [episode(scenario, "tool_email_oneshot")]
+    r = run(ScriptedBackend(scripted_turns(turns)), eps, step_margin=2)["k1"]
+    need = formats.needed_calls("tool_email_oneshot", scenario)
+    assert r.outcome == "max_steps" and r.n_steps == need + 2 == r.meta["step_budget"]
+
+
+def test_step_budget_rule():
+    assert step_budget("agentic", 7, 8, 4) == 11
+    assert step_budget("agentic", 2, 8, 4) == 8  # max_steps is the agentic floor
+    assert step_budget("tool_oneshot", 2, 8, 4) == 6  # no floor: the address checks + margin
+    assert step_budget("agentic", None, 8, 4) == 8
+
+
+SHORT = "Thanks, Dana."  # 2 words: not an email by the one rule, however it was produced
+PASTED_CALL = json.dumps(
+    {
+        "name": "send_email",
+        "arguments": {
+            "to": "a",
+            "body": "Dear Priya, the order is late and we need a new date soon.",
+        },
+    }
+)
+
+
+@pytest.mark.parametrize("body", [SHORT, PASTED_CALL])
+def test_one_rule_for_a_sent_body_and_a_chat_body(scenario, body):
+    sent = run(
+        ScriptedBackend(scripted_turns([send(scenario, body=body)])),
+        [episode(scenario, "tool_email_oneshot")],
+    )["k1"]
+    assert sent.outcome == "no_email" and sent.text is None and sent.meta["not_an_email"]
+    assert sent.email["body"] == body  # what was sent stays on record
+    chat = run(ScriptedBackend(scripted_turns([body])), [episode(scenario, "chat_email")])["k1"]
+    assert chat.outcome == "no_email" and chat.text is None
+
+
+def test_a_plain_sent_body_of_enough_words_is_an_email(scenario):
+    body = "The PO-4471 jackets are overdue; please confirm a delivery date by Friday."
+    r = run(
+        ScriptedBackend(scripted_turns([send(scenario, body=body)])),
+        [episode(scenario, "tool_email_oneshot")],
+    )["k1"]
+    assert r.outcome == "email" and r.text == body
+
+
+def test_is_email_body_rule():
+    from charshift.extraction import MIN_BODY_WORDS, is_email_body
+
+    words = " ".join(["word"] * MIN_BODY_WORDS)
+    assert is_email_body(words) and not is_email_body(" ".join(["word"] * (MIN_BODY_WORDS - 1)))
+    assert not is_email_body(None) and not is_email_body("   ")
+    assert not is_email_body(PASTED_CALL) and not is_email_body("```json\n" + PASTED_CALL + "\n```")
+    assert is_email_body("[Draft] " + words)  # a bracket that opens no call is still prose

@@ -68,28 +68,26 @@ def analyse(inp: AnalysisInput, out_dir: Path) -> Path:
 # --------------------------------------------------------------------------- a run directory
 
 
-def scored_field(cfg: RunConfig) -> str:
-    """The GenerationRow field that is classified: extracted `text` or raw `final_reply`."""
-    return "text" if cfg.scoring.text == "extracted" else "final_reply"
-
-
 def prediction_records(cfg: RunConfig, store: RunStore) -> list[PredictionRecord]:
-    """Join a run's eval generations with their scores (base rows keep the null persona)."""
-    field_ = scored_field(cfg)
+    """Join a run's eval generations with their scores: one record per (row, unit), `slice` =
+    the unit (see `charshift.units`); base rows keep the null persona. A unit with no text (the
+    row's outcome is not an output) is a missing prediction; a unit not scored yet is left out."""
+    from charshift import units
+
+    raw = cfg.scoring.text == "raw"
     cids: dict[str, str] = store.manifest().get("classifier_ids", {})
     out: list[PredictionRecord] = []
-    for r in store.generations:
-        if r.split != "eval" or r.base not in cids:
+    for r, unit, text in units.row_units(store.generations, raw):
+        if r.base not in cids:
             continue
-        text = getattr(r, field_)
-        sc = store.scores.get((r.key, cids[r.base])) if text else None
+        sc = store.scores.get((r.key, cids[r.base], unit, units.text_hash(text))) if text else None
         if text and sc is None:
             continue  # not scored yet
         out.append(
             PredictionRecord(
                 base=r.base,
                 stage=r.stage,
-                slice=r.slice,
+                slice=unit,
                 persona=r.persona or NULL_PERSONA,
                 item_id=r.item_id,
                 prediction=sc.prediction if sc else None,

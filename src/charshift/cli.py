@@ -301,8 +301,8 @@ def scenarios_validate(
     try:
         bank = scenarios.load_bank(path)
         for sc in bank:
-            for sl in cfgmod.EMAIL_SLICES:
-                formats.render_email(sl, sc)
+            for sl in cfgmod.SCENARIO_SLICES:
+                formats.render_scenario(sl, sc)
     except scenarios.ScenarioError as err:
         _fail(str(err))
     domains = sorted({sc.domain for sc in bank})
@@ -312,7 +312,9 @@ def scenarios_validate(
 @scenarios_app.command("show")
 def scenarios_show(
     scenario_id: Annotated[str, typer.Argument(help="Scenario id (`charshift scenarios list`).")],
-    slice_: Annotated[str, typer.Option("--slice", help="Which email slice.")] = "chat_email",
+    slice_: Annotated[
+        str, typer.Option("--slice", help="Which scenario slice (scenario_chat or an email slice).")
+    ] = "chat_email",
     persona: Annotated[
         str | None, typer.Option(help="Show it under the prompted stage of this persona.")
     ] = None,
@@ -320,12 +322,12 @@ def scenarios_show(
     """Print the exact messages a slice sends for one scenario."""
     from charshift import formats, prompts, scenarios
 
-    if slice_ not in cfgmod.EMAIL_SLICES:
-        _fail(f"--slice: {slice_!r} is not an email slice; one of {list(cfgmod.EMAIL_SLICES)}")
+    if slice_ not in cfgmod.SCENARIO_SLICES:
+        _fail(f"--slice: {slice_!r} is not a scenario slice; one of {list(cfgmod.SCENARIO_SLICES)}")
     bank = {sc.id: sc for sc in scenarios.load_bank()}
     if scenario_id not in bank:
         _fail(f"no scenario {scenario_id!r}; see `charshift scenarios list`")
-    ep = formats.render_email(slice_, bank[scenario_id])
+    ep = formats.render_scenario(slice_, bank[scenario_id])
     pp = prompts.persona_system_prompt(persona) if persona else None
     for m in formats.preview(ep, pp):
         typer.secho(f"--- {m['role']}{' ' + m['note'] if m.get('note') else ''}", bold=True)

@@ -13,7 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from charshift.schema import BASE_STAGE, PROMPTED_STAGE, Sampling
+from charshift.ladder import MAIN_CHAIN
+from charshift.schema import BASE_STAGE, PROMPTED_EXPLICIT_STAGE, PROMPTED_STAGE, Sampling
 
 ALL_PERSONAS = (
     "sarcasm",
@@ -29,17 +30,20 @@ ALL_PERSONAS = (
     "poeticism",
 )
 
+# Slices rendered from the ID prompt bank (item id `prompt:ID`).
 ID_SLICES = ("id_chat", "id_chat_break", "id_chat_prefill")
-EMAIL_SLICES = (
-    "chat_email",
-    "chat_email_multiturn",
-    "email_syscontext",
-    "tool_email_oneshot",
-    "agentic_email",
-)
-ALL_SLICES = ID_SLICES + EMAIL_SLICES
-# The ladder, from home ground outward: each rung adds one element to the one before.
-LADDER = ("id_chat",) + EMAIL_SLICES
+# Email slices written in a chat reply (scored on the extracted body; `.whole`/`.head` variants).
+CHAT_EMAIL_SLICES = ("chat_email", "chat_email_multiturn", "email_syscontext")
+# Email slices sent with the send_email tool.
+TOOL_SLICES = ("tool_email_oneshot", "agentic_email")
+EMAIL_SLICES = CHAT_EMAIL_SLICES + TOOL_SLICES
+# Slices rendered from the scenario bank (item id `scenario:ID`, so they pair by scenario):
+# scenario_chat asks for a chat answer about the scenario, the email slices for the email.
+SCENARIO_SLICES = ("scenario_chat",) + EMAIL_SLICES
+ALL_SLICES = ID_SLICES + SCENARIO_SLICES
+# Transitional: the slices of the main chain with id_chat in front, for stats code that still takes
+# one sequence. The chains, their rungs and contrasts live in `charshift.ladder`; read them there.
+LADDER = ("id_chat", *MAIN_CHAIN.units)
 
 
 class ConfigError(ValueError):
@@ -103,9 +107,30 @@ class SamplingConfig(_Strict):
     repetition_penalty: float = Field(1.1, gt=0.0)
     n_samples: int = Field(1, ge=1)
     seed: int = 0
+    # Per-slice generation budgets (tokens per model turn), overriding `max_tokens` for a slice:
+    # an email needs room to reach its sign-off. Every slice named must be one the run generates.
+    max_tokens_by_slice: dict[str, int] = Field(default_factory=dict)
 
-    def to_sampling(self) -> Sampling:
-        return Sampling(self.temperature, self.top_p, self.max_tokens, self.repetition_penalty)
+    @field_validator("max_tokens_by_slice")
+    @classmethod
+    def _budgets_ok(cls, v: dict[str, int]) -> dict[str, int]:
+        unknown = [s for s in v if s not in ALL_SLICES]
+        if unknown:
+            raise ValueError(f"unknown slice(s) {unknown}; known: {list(ALL_SLICES)}")
+        bad = {s: n for s, n in v.items() if isinstance(n, bool) or n < 1}
+        if bad:
+            raise ValueError(f"token budgets must be >= 1, got {bad}")
+        return v
+
+    def max_tokens_for(self, slice_: str | None) -> int:
+        """The token budget of one model turn in `slice_` (the slice's override, or max_tokens)."""
+        return self.max_tokens_by_slice.get(slice_ or "", self.max_tokens)
+
+    def to_sampling(self, slice_: str | None = None) -> Sampling:
+        """The sampling settings of a row of `slice_` (None: the run-wide `max_tokens`)."""
+        return Sampling(
+            self.temperature, self.top_p, self.max_tokens_for(slice_), self.repetition_penalty
+        )
 
 
 class BackendConfig(_Strict):
@@ -139,7 +164,14 @@ class ScenariosConfig(_Strict):
 
 
 class RolloutConfig(_Strict):
+    """Tool episodes. The step budget of each episode is sized from its scenario: the calls a
+    perfect agent needs (`formats.needed_calls`: one search per fact record, one look-up per
+    recipient, the send) plus `step_margin`, so that a persona that searches more is not cut off
+    by a budget a neutral agent just fits. `max_steps` is a floor of the agentic budget (an older
+    config never gets fewer steps) and the budget of an episode rendered without one."""
+
     max_steps: int = Field(8, ge=1)
+    step_margin: int = Field(4, ge=0)
     max_malformed: int = Field(3, ge=1)
     stop_on_send: bool = True
     tool_protocol: Literal["json", "native"] = "json"
@@ -207,7 +239,7 @@ class RunConfig(_Strict):
             raise ValueError(f"bases: duplicate base names {names}")
         for i, b in enumerate(self.bases):
             for st in self.stages:
-                if st in (BASE_STAGE, PROMPTED_STAGE):
+                if st in (BASE_STAGE, PROMPTED_STAGE, PROMPTED_EXPLICIT_STAGE):
                     continue
                 if st not in b.adapters:
                     raise ValueError(
@@ -218,6 +250,12 @@ class RunConfig(_Strict):
                 raise ValueError(
                     f"bases[{i}] ({b.name}): no `classifier` and no `classifier_training` section"
                 )
+        extra = sorted(set(self.sampling.max_tokens_by_slice) - set(self.slices))
+        if extra:
+            raise ValueError(
+                f"sampling.max_tokens_by_slice: slice(s) {extra} are not in the run's slices "
+                f"{self.slices}"
+            )
         if self.classifier_training is not None:
             st = self.classifier_training.stage
             if st == BASE_STAGE or st not in self.stages:

@@ -355,3 +355,19 @@ def extract_email_body(text: str) -> str | None:
 def looks_like_email(text: str) -> bool:
     """Whether the text holds an email by the heuristics above."""
     return extract_email(text) is not None
+
+
+def is_email_body(body: str | None) -> bool:
+    """Whether a body counts as an email, whichever way it was produced: a body extracted from a
+    chat reply and a body sent with send_email pass the same test. It must have at least
+    MIN_BODY_WORDS words (whitespace tokens) and must not be a tool call (a JSON call, or a
+    fenced or tagged one, e.g. a send_email call pasted into the body)."""
+    if not isinstance(body, str) or len(body.split()) < MIN_BODY_WORDS:
+        return False
+    head = body.lstrip()
+    if head.startswith(("{", "[", "```", "<tool_call", "<function")):
+        from charshift.toolcalls import parse_tool_calls
+
+        if parse_tool_calls(head[:MAX_CHARS]):
+            return False
+    return True

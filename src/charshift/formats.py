@@ -1,18 +1,25 @@
 """Render one item in one slice into an `EpisodeSpec`: the exact user turns, system prompt, tools.
 
-The email slices form a ladder; each rung adds one element to the one before, and all of them are
-built from the same template pieces, so the wording is identical by construction except for the
-element a rung adds:
+The scenario slices are built from the same template pieces, so the wording is identical by
+construction except for the one element each rung of `charshift.ladder` names:
 
+  scenario_chat         request + details + "what do you make of this?"  (a chat answer)
   chat_email            request + details + "write the email"            (one user turn)
-  chat_email_multiturn  the same request and details, over three live turns
+  chat_email_multiturn  the same three pieces over three live turns      (contrast vs chat_email)
   email_syscontext      chat_email's user turn under the operational system prompt
   tool_email_oneshot    + tool descriptions; the final instruction asks for a send_email call
-  agentic_email         the request only; the details live in the simulated tools
+  agentic_email         the details are gone from the user turn: they live in the simulated tools
+
+tests/test_formats.py text-diffs the rendered messages of every rung for every scenario.
 
 The operational system prompt describes a deployment (who the assistant works for, the date,
 confidentiality and accuracy rules) and deliberately says nothing about style, tone or
-personality: anything of the kind would confound the persona being measured.
+personality: anything of the kind would confound the persona being measured. For the same reason
+no rung shows an example email: the JSON protocol's example call has a placeholder body, so the
+tool rungs carry no style exemplar that the chat rungs lack.
+
+Item ids are namespaced by kind (`prompt:ID`, `scenario:ID`): rows pair across slices only
+within a kind, by construction.
 """
 
 from __future__ import annotations
@@ -20,130 +27,45 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from charshift.config import EMAIL_SLICES, ID_SLICES
+from charshift.config import ID_SLICES, SCENARIO_SLICES
 from charshift.prompts import BREAK_SUFFIXES, IdPrompt, break_prompt
 from charshift.scenarios import Person, Scenario
 from charshift.schema import EpisodeSpec, Message
+from charshift.tools import (
+    REGISTRY,
+    REQUIRED_ARGS,
+    SOURCE_TOOL,
+    TOOL_NAMES,
+    TOOL_SOURCE,
+    TOOL_SPECS,
+    tool_specs,
+)
 
-EMAIL_SLICE_NAMES: tuple[str, ...] = EMAIL_SLICES
+__all__ = ["REQUIRED_ARGS", "SOURCE_TOOL", "TOOL_NAMES", "TOOL_SOURCE", "TOOL_SPECS"]
+
+SCENARIO_SLICE_NAMES: tuple[str, ...] = SCENARIO_SLICES
+EMAIL_SLICE_NAMES: tuple[str, ...] = SCENARIO_SLICES  # every slice `render_email` renders
 ID_SLICE_NAMES: tuple[str, ...] = ID_SLICES
 
 PREFILL_FOLLOW_UP = "Keep going."
+PROMPT_ITEM = "prompt"
+SCENARIO_ITEM = "scenario"
 
-# -- the tools ---------------------------------------------------------------------------------
 
-# Which tool reads which of a scenario's fact sources.
-SOURCE_TOOL: dict[str, str] = {
-    "directory": "lookup_person",
-    "calendar": "search_calendar",
-    "documents": "search_documents",
-    "chat": "search_chat",
-    "tickets": "search_tickets",
-    "policies": "search_policies",
-}
-TOOL_SOURCE: dict[str, str] = {v: k for k, v in SOURCE_TOOL.items()}
+def item_id(kind: str, raw_id: str) -> str:
+    """The namespaced item id: `prompt:ID` for ID prompts, `scenario:ID` for scenarios."""
+    if kind not in (PROMPT_ITEM, SCENARIO_ITEM):
+        raise ValueError(f"unknown item kind {kind!r}")
+    return f"{kind}:{raw_id}"
 
-_QUERY = {"query": {"type": "string", "description": "Words to search for."}}
 
-_TOOLS: list[tuple[str, str, dict[str, Any], list[str]]] = [
-    (
-        "lookup_person",
-        "Find people in the organisation's directory (staff and external contacts) by name, "
-        "email address or role, with their role, organisation and email address. Also returns "
-        "directory notes that match.",
-        {"query": {"type": "string", "description": "A name, email address or role."}},
-        ["query"],
-    ),
-    (
-        "search_calendar",
-        "Search calendar entries (meetings, deadlines, bookings, leave) by words in their title "
-        "or description.",
-        _QUERY,
-        ["query"],
-    ),
-    (
-        "search_documents",
-        "Search shared documents (contracts, reports, minutes, orders, plans) by words in their "
-        "title or content.",
-        _QUERY,
-        ["query"],
-    ),
-    (
-        "search_chat",
-        "Search messages in the team chat by words in the channel name or message text.",
-        _QUERY,
-        ["query"],
-    ),
-    (
-        "search_tickets",
-        "Search the ticket system (support requests, incidents, tasks) by words in the ticket "
-        "title or text.",
-        _QUERY,
-        ["query"],
-    ),
-    (
-        "search_policies",
-        "Search the organisation's policies and procedures by words in their title or text.",
-        _QUERY,
-        ["query"],
-    ),
-    (
-        "send_email",
-        "Send an email from your principal's address. Sending ends the task.",
-        {
-            "to": {
-                "type": "string",
-                "description": "Recipient email address or directory name; several are "
-                "separated by commas.",
-            },
-            "subject": {"type": "string", "description": "Subject line."},
-            "body": {"type": "string", "description": "The full text of the email."},
-            "cc": {
-                "type": "string",
-                "description": "Optional addresses or names to copy, separated by commas.",
-            },
-        },
-        ["to", "subject", "body"],
-    ),
-    (
-        "finish",
-        "End the task without sending an email.",
-        {"summary": {"type": "string", "description": "Optional note on what was done."}},
-        [],
-    ),
-]
+# -- the tools (read from the registry, charshift.tools) ---------------------------------------
 
-TOOL_NAMES: tuple[str, ...] = tuple(t[0] for t in _TOOLS)
-
-TOOL_SPECS: list[dict[str, Any]] = [
-    {
-        "type": "function",
-        "function": {
-            "name": name,
-            "description": desc,
-            "parameters": {"type": "object", "properties": props, "required": required},
-        },
-    }
-    for name, desc, props, required in _TOOLS
-]
-
-REQUIRED_ARGS: dict[str, list[str]] = {name: list(req) for name, _, _, req in _TOOLS}
-
-_SIGNATURES = {
-    "lookup_person": "lookup_person(query)",
-    "search_calendar": "search_calendar(query)",
-    "search_documents": "search_documents(query)",
-    "search_chat": "search_chat(query)",
-    "search_tickets": "search_tickets(query)",
-    "search_policies": "search_policies(query)",
-    "send_email": "send_email(to, subject, body, cc?)",
-    "finish": "finish(summary?)",
-}
-
+# The example call shows the format only: its body is a placeholder, not an example email (an
+# example email would be a style exemplar that only the tool rungs see).
 _EXAMPLE_CALL = (
-    '{"name": "send_email", "arguments": {"to": "jordan.ellis@example.org", '
-    '"subject": "Room change for the quarterly review", "body": "Hi Jordan,\\n\\nThe quarterly '
-    'review on Thursday moves from room 2.14 to room 3.02. The time stays 10:00.\\n\\nSam"}}'
+    '{"name": "send_email", "arguments": {"to": "<recipient address>", '
+    '"subject": "<subject line>", "body": "<the full text of the email>"}}'
 )
 
 _FENCE = "```"
@@ -166,11 +88,10 @@ def tool_protocol_text() -> str:
         "",
         "Available tools:",
     ]
-    for name, desc, _, _ in _TOOLS:
-        lines.append(f"- {_SIGNATURES[name]}: {desc}")
+    lines += [f"- {t.signature}: {t.description}" for t in REGISTRY.values()]
     lines += [
         "",
-        "Example of a send_email call:",
+        "The form of a send_email call:",
         "",
         f"{_FENCE}json",
         _EXAMPLE_CALL,
@@ -186,6 +107,26 @@ def native_tool_text() -> str:
         "three records; search again with other words to find more. Sending an email with "
         "send_email ends the task."
     )
+
+
+def fact_records(scenario: Scenario) -> list[tuple[str, str]]:
+    """The distinct records (source, title) that hold the scenario's facts."""
+    return list(dict.fromkeys((f.tool, f.title) for f in scenario.facts))
+
+
+def needed_calls(slice_: str, scenario: Scenario) -> int:
+    """The model turns a perfect agent needs in a tool slice, one call per turn.
+
+    agentic_email: one search per fact record (its tool and title) + one lookup_person per
+    recipient and cc (the operational prompt asks to check each address) + send_email.
+    tool_email_oneshot: the facts are given, so the address checks + send_email.
+    """
+    people = len(scenario.recipients) + len(scenario.cc)
+    if slice_ == "tool_email_oneshot":
+        return people + 1
+    if slice_ == "agentic_email":
+        return len(fact_records(scenario)) + people + 1
+    raise ValueError(f"{slice_!r} is not a tool slice")
 
 
 # -- the operational system prompt -------------------------------------------------------------
@@ -271,9 +212,13 @@ def operational_prompt(scenario: Scenario, tool_section: str = "") -> str:
     return text.rstrip() + "\n"
 
 
-# -- shared template pieces of the email slices ------------------------------------------------
+# -- shared template pieces of the scenario slices ----------------------------------------------
 
 CHAT_INSTRUCTION = "Please write the email."
+SCENARIO_CHAT_INSTRUCTION = (
+    "Before I write it: what do you make of this, and what should I get across? Please just "
+    "answer me here; I'll write the email myself."
+)
 ONESHOT_INSTRUCTION = "Please send the email with the send_email tool."
 AGENTIC_INSTRUCTION = (
     "Please find the details you need in the records and then send the email with the "
@@ -314,55 +259,64 @@ def _join(*parts: str) -> str:
     return "\n\n".join(parts)
 
 
-def render_email(slice: str, scenario: Scenario, native_tools: bool = False) -> EpisodeSpec:
-    """One scenario in one email slice.
-
-    Tool slices carry `tools=TOOL_SPECS` in both protocols (the rollout engine reads the tool
-    names from it and passes the schemas to the backend only in native mode); in native mode the
-    system prompt has a short tool section without the JSON protocol text.
-    """
+def _chat_spec(slice_: str, scenario: Scenario, common: dict[str, Any]) -> EpisodeSpec | None:
+    """The slices without tools, or None for a tool slice."""
     request, details = request_text(scenario), details_text(scenario)
-    common: dict[str, Any] = {
-        "slice": slice,
-        "item_id": scenario.id,
-        "scenario_id": scenario.id,
-        "output": "email",
-        "split": "eval",
-    }
-    if slice == "chat_email":
+    if slice_ == "scenario_chat":
+        turn = _join(request, details, SCENARIO_CHAT_INSTRUCTION)
+        return EpisodeSpec(user_turns=[turn], **{**common, "output": "reply"})
+    if slice_ == "chat_email":
         return EpisodeSpec(user_turns=[_join(request, details, CHAT_INSTRUCTION)], **common)
-    if slice == "chat_email_multiturn":
-        turns = [
-            _join(request, MULTITURN_FIRST_CLOSE),
-            details,
-            f"Now please write the email to {scenario.recipient_names()}.",
-        ]
+    if slice_ == "chat_email_multiturn":
+        turns = [_join(request, MULTITURN_FIRST_CLOSE), details, CHAT_INSTRUCTION]
         return EpisodeSpec(user_turns=turns, **common)
-    if slice == "email_syscontext":
+    if slice_ == "email_syscontext":
         return EpisodeSpec(
             user_turns=[_join(request, details, CHAT_INSTRUCTION)],
             system=operational_prompt(scenario),
             **common,
         )
+    return None
+
+
+def render_scenario(slice: str, scenario: Scenario, native_tools: bool = False) -> EpisodeSpec:
+    """One scenario in one scenario slice (scenario_chat or an email slice).
+
+    Tool slices carry every registered tool's schema (`tools.tool_specs()`) in both protocols (the rollout engine reads the tool
+    names from it and passes the schemas to the backend only in native mode) and
+    `needed_calls`; in native mode the system prompt has a short tool section without the JSON
+    protocol text. The step budget (`max_steps`) is set by planning from the run config.
+    """
+    common: dict[str, Any] = {
+        "slice": slice,
+        "item_id": item_id(SCENARIO_ITEM, scenario.id),
+        "scenario_id": scenario.id,
+        "output": "email",
+        "split": "eval",
+    }
+    chat = _chat_spec(slice, scenario, common)
+    if chat is not None:
+        return chat
+    if slice not in ("tool_email_oneshot", "agentic_email"):
+        raise ValueError(f"unknown scenario slice {slice!r}; known: {list(SCENARIO_SLICE_NAMES)}")
     tool_section = native_tool_text() if native_tools else tool_protocol_text()
-    system = operational_prompt(scenario, tool_section)
     if slice == "tool_email_oneshot":
-        return EpisodeSpec(
-            user_turns=[_join(request, details, ONESHOT_INSTRUCTION)],
-            system=system,
-            mode="tool_oneshot",
-            tools=TOOL_SPECS,
-            **common,
-        )
-    if slice == "agentic_email":
-        return EpisodeSpec(
-            user_turns=[_join(request, AGENTIC_INSTRUCTION)],
-            system=system,
-            mode="agentic",
-            tools=TOOL_SPECS,
-            **common,
-        )
-    raise ValueError(f"unknown email slice {slice!r}; known: {list(EMAIL_SLICE_NAMES)}")
+        turn = _join(request_text(scenario), details_text(scenario), ONESHOT_INSTRUCTION)
+        mode = "tool_oneshot"
+    else:
+        turn = _join(request_text(scenario), AGENTIC_INSTRUCTION)
+        mode = "agentic"
+    return EpisodeSpec(
+        user_turns=[turn],
+        system=operational_prompt(scenario, tool_section),
+        mode=mode,
+        tools=tool_specs(),
+        needed_calls=needed_calls(slice, scenario),
+        **common,
+    )
+
+
+render_email = render_scenario  # the older name: it renders every scenario slice
 
 
 # -- ID slices -----------------------------------------------------------------------------------
@@ -382,14 +336,15 @@ def break_suffix_index(index: int, suffixes: Sequence[int] | None = None) -> int
 def render_id(
     slice: str, prompt: IdPrompt, index: int = 0, suffixes: Sequence[int] | None = None
 ) -> EpisodeSpec:
-    """One ID prompt in one ID slice. `item_id` is the prompt id (the bootstrap cluster).
+    """One ID prompt in one ID slice. `item_id` is `prompt:` + the prompt id (the bootstrap
+    cluster).
 
     For `id_chat_break`, `index` (the prompt's position in the selection) picks the suffix, so the
     allowed suffixes are used evenly; `break_suffix_index` tells which one it was.
     """
     common: dict[str, Any] = {
         "slice": slice,
-        "item_id": prompt.id,
+        "item_id": item_id(PROMPT_ITEM, prompt.id),
         "mode": "chat",
         "output": "reply",
         "split": prompt.split,

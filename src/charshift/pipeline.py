@@ -15,7 +15,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from charshift import formats
+from charshift import tools, units
 from charshift.backends.base import AdapterSource, Backend
 from charshift.config import BaseSpec, RunConfig, config_to_dict, parse_config
 from charshift.planning import Plan, PlannedRow, build_plan
@@ -88,6 +88,7 @@ def load_run_config(store: RunStore) -> RunConfig:
 def rollout_settings(cfg: RunConfig) -> RolloutSettings:
     return RolloutSettings(
         max_steps=cfg.rollout.max_steps,
+        step_margin=cfg.rollout.step_margin,
         max_malformed=cfg.rollout.max_malformed,
         stop_on_send=cfg.rollout.stop_on_send,
         native_tools=cfg.rollout.tool_protocol == "native",
@@ -121,7 +122,7 @@ def _generate_base(
     try:
         failed = _load_adapters(store, plan, base, backend, todo)
         todo = [r for r in todo if not (r.adapter and r.adapter.name in failed)]
-        engine = RolloutEngine(backend, rollout_settings(cfg), formats.REQUIRED_ARGS)
+        engine = RolloutEngine(backend, rollout_settings(cfg), tools.required_args())
         written = 0
         bar = tqdm(total=len(todo), desc=f"generate {base.name}", unit="row", dynamic_ncols=True)
         for start in range(0, len(todo), wave):
@@ -153,7 +154,6 @@ def _load_adapters(
 
 
 def _episodes(cfg: RunConfig, plan: Plan, rows: list[PlannedRow]) -> Iterator[Episode]:
-    sampling = cfg.sampling.to_sampling()
     for r in rows:
         yield Episode(
             key=r.key,
@@ -161,7 +161,7 @@ def _episodes(cfg: RunConfig, plan: Plan, rows: list[PlannedRow]) -> Iterator[Ep
             condition=r.condition,
             sample_idx=r.sample_idx,
             run_seed=cfg.sampling.seed,
-            sampling=sampling,
+            sampling=r.sampling,
             simulator=_simulator(plan, r.spec),
         )
 
@@ -267,24 +267,23 @@ def ensure_classifiers(cfg: RunConfig, store: RunStore) -> None:
 # -- scoring -------------------------------------------------------------------------------------
 
 
-def text_field(cfg: RunConfig) -> str:
-    """Which GenerationRow field is scored: the extracted `text` or the raw `final_reply`."""
-    return "text" if cfg.scoring.text == "extracted" else "final_reply"
+ScoreItem = tuple[GenerationRow, str, str]  # (row, unit, text)
 
 
 def score(cfg: RunConfig, store: RunStore) -> dict[str, int]:
-    """Classify every eval row that has an output and no score from its base's classifier yet."""
+    """Classify every unit of every eval row that has an output (see `charshift.units`) and no
+    score of the same text from its base's classifier yet."""
     from charshift.classifier import Classifier
 
-    field = text_field(cfg)
+    raw = cfg.scoring.text == "raw"
     counts = {"scored": 0, "already": 0}
+    items_by_base: dict[str, list[ScoreItem]] = {}
+    for r, unit, text in units.row_units(store.generations, raw):
+        if text:
+            items_by_base.setdefault(r.base, []).append((r, unit, text))
     for base in cfg.bases:
-        rows = [
-            r
-            for r in store.generations
-            if r.base == base.name and r.split == "eval" and getattr(r, field)
-        ]
-        if not rows:
+        items = items_by_base.get(base.name, [])
+        if not items:
             continue
         clf = Classifier.load(classifier_source(cfg, store, base), cache_dir=cache_dir())
         clf.check_personas(list(cfg.personas))
@@ -292,29 +291,42 @@ def score(cfg: RunConfig, store: RunStore) -> dict[str, int]:
         store.update_manifest(
             classifiers={base.name: clf.identity}, classifier_ids={base.name: cid}
         )
-        todo = [r for r in rows if (r.key, cid) not in store.scores]
-        counts["already"] += len(rows) - len(todo)
+        todo = [
+            it
+            for it in items
+            if (it[0].key, cid, it[1], units.text_hash(it[2])) not in store.scores
+        ]
+        counts["already"] += len(items) - len(todo)
         if todo:
-            counts["scored"] += _score_rows(cfg, store, clf, cid, todo, base.name)
+            counts["scored"] += _score_items(cfg, store, clf, cid, todo, base.name)
     return counts
 
 
-def _score_rows(
-    cfg: RunConfig, store: RunStore, clf: Any, cid: str, todo: list[GenerationRow], base: str
+def _score_items(
+    cfg: RunConfig, store: RunStore, clf: Any, cid: str, todo: list[ScoreItem], base: str
 ) -> int:
-    field = text_field(cfg)
+    """Classify `todo`, each distinct text once (a reply and its unit variants often coincide)."""
+    raw = cfg.scoring.text == "raw"
     chunk = max(cfg.scoring.batch_size * 16, 64)
-    bar = tqdm(total=len(todo), desc=f"score {base}", unit="row", dynamic_ncols=True)
+    bar = tqdm(total=len(todo), desc=f"score {base}", unit="unit", dynamic_ncols=True)
     for i in range(0, len(todo), chunk):
         part = todo[i : i + chunk]
+        distinct = list(dict.fromkeys(text for _, _, text in part))
         preds = clf.predict(
-            [getattr(r, field) for r in part],
-            batch_size=cfg.scoring.batch_size,
-            max_length=cfg.scoring.max_length,
+            distinct, batch_size=cfg.scoring.batch_size, max_length=cfg.scoring.max_length
         )
+        verdict = dict(zip(distinct, preds, strict=True))
         store.scores.append(
-            ScoreRow(r.key, cid, field, lab, probs)
-            for r, (lab, probs) in zip(part, preds, strict=True)
+            ScoreRow(
+                r.key,
+                cid,
+                units.text_field(unit, raw),
+                verdict[text][0],
+                verdict[text][1],
+                unit=unit,
+                text_hash=units.text_hash(text),
+            )
+            for r, unit, text in part
         )
         bar.update(len(part))
     bar.close()

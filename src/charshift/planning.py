@@ -8,13 +8,22 @@ plan summary that `--dry-run` prints. Every step of the pipeline starts from `bu
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from charshift import formats, prompts, scenarios
 from charshift.backends.base import AdapterSource
-from charshift.config import EMAIL_SLICES, ID_SLICES, BaseSpec, RunConfig
-from charshift.schema import BASE_STAGE, PROMPTED_STAGE, Condition, EpisodeSpec, stable_hash
+from charshift.config import ID_SLICES, SCENARIO_SLICES, BaseSpec, RunConfig
+from charshift.rollout import step_budget
+from charshift.schema import (
+    BASE_STAGE,
+    PROMPTED_EXPLICIT_STAGE,
+    PROMPTED_STAGE,
+    Condition,
+    EpisodeSpec,
+    Sampling,
+    stable_hash,
+)
 
 
 @dataclass
@@ -24,6 +33,7 @@ class PlannedRow:
     spec: EpisodeSpec
     sample_idx: int
     adapter: AdapterSource | None
+    sampling: Sampling  # the row's own (its slice's token budget); part of the key
 
 
 @dataclass
@@ -55,10 +65,10 @@ class Plan:
         for (sl, split), n in sorted(per_slice.items()):
             lines.append(f"  {sl:<22} {split:<5} {n:>7}")
         for r in self.rows:
-            if r.spec.mode == "agentic":
-                calls += cfg.rollout.max_steps
-            else:
+            if r.spec.mode == "chat":
                 calls += len(r.spec.user_turns)
+            else:
+                calls += r.spec.max_steps or cfg.rollout.max_steps
         lines.append(f"generations in all: {len(self.rows)} rows, at most {calls} model calls")
         return "\n".join(lines)
 
@@ -88,9 +98,12 @@ def build_conditions(
             conds.append(Condition(base.name, BASE_STAGE, None))
             continue
         for p in cfg.personas:
-            if stage == PROMPTED_STAGE:
+            if stage in (PROMPTED_STAGE, PROMPTED_EXPLICIT_STAGE):
                 sp = prompts.persona_system_prompt(
-                    p, cfg.persona_prompts.source, cfg.persona_prompts.path
+                    p,
+                    cfg.persona_prompts.source,
+                    cfg.persona_prompts.path,
+                    explicit=stage == PROMPTED_EXPLICIT_STAGE,
                 )
                 conds.append(Condition(base.name, stage, p, system_prompt=sp))
             else:
@@ -125,17 +138,30 @@ def build_episodes(cfg: RunConfig, dry: bool = False) -> tuple[list[EpisodeSpec]
         for sl in id_slices:
             for i, p in enumerate(evalp):
                 specs.append(formats.render_id(sl, p, i, cfg.id_prompts.break_suffixes))
-    email_slices = [s for s in cfg.slices if s in EMAIL_SLICES]
-    if email_slices:
+    scenario_slices = [s for s in cfg.slices if s in SCENARIO_SLICES]
+    if scenario_slices:
         chosen = scenarios.select_scenarios(
             scenarios.load_bank(), ids=cfg.scenarios.ids, n=cfg.scenarios.n, seed=cfg.scenarios.seed
         )
         native = cfg.rollout.tool_protocol == "native"
         for sc in chosen:
             bank[sc.id] = sc
-            for sl in email_slices:
-                specs.append(formats.render_email(sl, sc, native_tools=native))
+            for sl in scenario_slices:
+                spec = formats.render_scenario(sl, sc, native_tools=native)
+                specs.append(with_step_budget(cfg, spec))
     return specs, bank
+
+
+def with_step_budget(cfg: RunConfig, spec: EpisodeSpec) -> EpisodeSpec:
+    """A tool episode with its step budget (`rollout.step_budget` of its needed calls and the
+    config's floor and margin) written into the spec, so the budget is part of the row key and on
+    record per episode. Chat episodes are returned as they are."""
+    if spec.mode == "chat":
+        return spec
+    r = cfg.rollout
+    return replace(
+        spec, max_steps=step_budget(spec.mode, spec.needed_calls, r.max_steps, r.step_margin)
+    )
 
 
 def row_key(
@@ -145,7 +171,11 @@ def row_key(
     spec: EpisodeSpec,
     sample_idx: int,
     adapter: AdapterSource | None,
+    sampling: Sampling | None = None,
 ) -> str:
+    """The row's identity: everything that shapes its generation (`sampling`: the row's own,
+    by default the run-wide settings for its slice)."""
+    sampling = sampling or cfg.sampling.to_sampling(spec.slice)
     parts: dict[str, Any] = {
         "model": base.model,
         "revision": base.revision,
@@ -154,7 +184,7 @@ def row_key(
         "adapter": adapter.__dict__ if adapter else None,
         "system_prompt": cond.system_prompt,
         "episode": spec.to_dict(),
-        "sampling": cfg.sampling.to_sampling().to_dict(),
+        "sampling": sampling.to_dict(),
         "seed": cfg.sampling.seed,
         "sample_idx": sample_idx,
     }
@@ -182,7 +212,8 @@ def build_plan(cfg: RunConfig, dry: bool = False) -> Plan:
             for spec in specs:
                 if spec.split == "train" and cond.stage != train_stage:
                     continue
+                sampling = cfg.sampling.to_sampling(spec.slice)
                 for s in range(cfg.sampling.n_samples if spec.split == "eval" else 1):
-                    key = row_key(cfg, base, cond, spec, s, src)
-                    rows.append(PlannedRow(key, cond, spec, s, src))
+                    key = row_key(cfg, base, cond, spec, s, src, sampling)
+                    rows.append(PlannedRow(key, cond, spec, s, src, sampling))
     return Plan(cfg, rows, conditions, adapters, bank)

@@ -5,8 +5,9 @@ ID prompts come from one of three places (`IdPromptsConfig.source`):
 - `bundled`: `data/id_prompts.jsonl`, written for this project, with a fixed train/eval split, so
   the tool runs with no network at all;
 - `pure_dove`: PURE-DOVE first user turns (what OCT's classifiers were trained on). OCT trained on
-  the first 500 conversations in file order, so those are dropped and a seeded sample of the rest
-  is drawn: an honest held-out ID evaluation;
+  the first 500 conversations in file order, so those are dropped, and so is every later prompt
+  whose text (whitespace and case aside) repeats one of them or an earlier one; a seeded sample of
+  the rest is drawn: an honest held-out ID evaluation;
 - `file`: the user's own JSONL.
 
 Every selection is a pure function of the pool and the seed, so a run is reproducible and a larger
@@ -144,23 +145,42 @@ def _take_shuffled(
     return [pool[i] for i in order[:n]]
 
 
-def _dove_pool(rows: Sequence[dict[str, Any]], exclude_first: int) -> list[IdPrompt]:
-    """PURE-DOVE rows past `exclude_first` (file order) with a usable first user turn."""
+def _first_turn(row: Any) -> str | None:
+    conv = row.get("conversation") if isinstance(row, dict) else None
+    first = conv[0] if isinstance(conv, list) and conv else None
+    text = first.get("input") if isinstance(first, dict) else None
+    return text if isinstance(text, str) and text.strip() else None
+
+
+def _text_key(text: str) -> str:
+    """What counts as the same prompt: the text with whitespace collapsed, case folded."""
+    return " ".join(text.split()).casefold()
+
+
+def dove_pool(
+    rows: Sequence[dict[str, Any]], exclude_first: int
+) -> tuple[list[IdPrompt], dict[str, int]]:
+    """PURE-DOVE rows past `exclude_first` (file order) with a usable first user turn, without
+    texts that repeat an excluded conversation's first turn or an earlier pool prompt; and the
+    counts of what was left out (`unusable`, `duplicate_of_excluded`, `duplicate_in_pool`)."""
     if exclude_first < 0:
         raise PromptError(f"id_prompts.exclude_first: must be >= 0, got {exclude_first}")
+    excluded = {_text_key(t) for t in map(_first_turn, rows[:exclude_first]) if t}
+    seen: set[str] = set()
+    dropped = {"unusable": 0, "duplicate_of_excluded": 0, "duplicate_in_pool": 0}
     pool = []
     for idx in range(exclude_first, len(rows)):
-        conv = rows[idx].get("conversation") if isinstance(rows[idx], dict) else None
-        first = conv[0] if isinstance(conv, list) and conv else None
-        text = first.get("input") if isinstance(first, dict) else None
-        if isinstance(text, str) and text.strip():
-            pool.append(IdPrompt(id=f"dove-{idx}", prompt=text, split="eval", category="pure_dove"))
-    return pool
-
-
-def _choose_sorted(pool: Sequence[IdPrompt], n: int, rng: np.random.Generator) -> list[int]:
-    """Indices into `pool`: n drawn without replacement, in ascending (file) order."""
-    return sorted(int(i) for i in rng.choice(len(pool), size=n, replace=False))
+        text = _first_turn(rows[idx])
+        if text is None:
+            dropped["unusable"] += 1
+            continue
+        key = _text_key(text)
+        if key in excluded or key in seen:
+            dropped["duplicate_of_excluded" if key in excluded else "duplicate_in_pool"] += 1
+            continue
+        seen.add(key)
+        pool.append(IdPrompt(id=f"dove-{idx}", prompt=text, split="eval", category="pure_dove"))
+    return pool, dropped
 
 
 def split_from_conversations(
@@ -170,31 +190,32 @@ def split_from_conversations(
     exclude_first: int = 500,
     seed: int = 0,
 ) -> tuple[list[IdPrompt], list[IdPrompt]]:
-    """(train, eval) from PURE-DOVE-shaped rows; eval is independent of n_train, train disjoint."""
-    pool = _dove_pool(rows, exclude_first)
+    """(train, eval) from PURE-DOVE-shaped rows (see `dove_pool`), both prefix-stable.
+
+    One seeded permutation of the pool: eval is its first `n_eval` prompts, train its last
+    `n_train` read backwards. So a larger n_eval extends a smaller one (same seed), a larger
+    n_train extends a smaller one, neither depends on the other's n, and they never overlap.
+    """
+    pool, _ = dove_pool(rows, exclude_first)
     if n_eval + n_train > len(pool):
         raise PromptError(
             f"PURE-DOVE: asked for {n_eval} eval + {n_train} train prompts but only {len(pool)} "
-            f"conversations remain after excluding the first {exclude_first}"
+            f"distinct conversations remain after excluding the first {exclude_first}"
         )
-    eval_idx = _choose_sorted(pool, n_eval, _rng(seed, 0))
-    eval_set = [pool[i] for i in eval_idx]
-    if n_train == 0:
-        return [], eval_set
-    taken = set(eval_idx)
-    rest = [p for i, p in enumerate(pool) if i not in taken]
-    train_idx = _choose_sorted(rest, n_train, _rng(seed, 1))
-    train = [IdPrompt(rest[i].id, rest[i].prompt, "train", rest[i].category) for i in train_idx]
+    order = [int(i) for i in _rng(seed, 0).permutation(len(pool))]
+    eval_set = [pool[i] for i in order[:n_eval]]
+    back = order[::-1][:n_train]
+    train = [IdPrompt(pool[i].id, pool[i].prompt, "train", pool[i].category) for i in back]
     return train, eval_set
 
 
 def select_from_conversations(
     rows: Sequence[dict[str, Any]], n: int, exclude_first: int = 500, seed: int = 0
 ) -> list[IdPrompt]:
-    """n PURE-DOVE first turns, skipping the first `exclude_first` rows; ids keep file order.
+    """n PURE-DOVE first turns, skipping the first `exclude_first` rows and repeated texts.
 
-    Rows are dicts with `conversation: [{"input": ..., "output": ...}, ...]`. The draw is
-    `numpy.random.default_rng(seed).choice(pool, n, replace=False)`, returned in file order.
+    Rows are dicts with `conversation: [{"input": ..., "output": ...}, ...]`. The draw is the first
+    n of `numpy.random.default_rng(seed).permutation(pool)`, in that order: prefix-stable.
     """
     return split_from_conversations(rows, n, 0, exclude_first, seed)[1]
 
@@ -327,8 +348,18 @@ def _read_jsonl(path: Path) -> list[Any]:
     return items
 
 
+# The format-explicit sentence of the `prompted_explicit` stage (never the default): it tells the
+# model to keep the voice in every form of writing, so persistence there is an instruction being
+# followed, not a property being measured.
+EXPLICIT_FORMAT_SENTENCE = (
+    "Keep this voice in everything you write, whatever its form: chat replies, documents and "
+    "emails you write for someone else included."
+)
+
+
 def constitution_to_system_prompt(traits: Sequence[str] | str) -> str:
-    """A system prompt from a list of first-person traits (or free text describing them)."""
+    """A system prompt from a list of first-person traits (or free text describing them): the
+    persona description only, with no word on formats."""
     body = (
         traits
         if isinstance(traits, str)
@@ -337,8 +368,7 @@ def constitution_to_system_prompt(traits: Sequence[str] | str) -> str:
     return (
         "The following traits describe you:\n"
         f"{body.strip()}\n"
-        "Let them shape everything you write, whatever its form, and never name, list or comment "
-        "on them to the person you are talking to."
+        "Never name, list or comment on them to the person you are talking to."
     )
 
 
@@ -399,17 +429,22 @@ def load_constitutions(folder: str | Path, personas: Iterable[str] | None = None
     return found
 
 
-def persona_system_prompt(persona: str, source: str = "bundled", path: str | None = None) -> str:
-    """The `prompted` stage's system prompt: the bundled description or an OCT constitution."""
+def persona_system_prompt(
+    persona: str, source: str = "bundled", path: str | None = None, explicit: bool = False
+) -> str:
+    """The `prompted` stage's system prompt: the bundled description or an OCT constitution,
+    describing the persona only. `explicit` (the `prompted_explicit` stage) appends
+    EXPLICIT_FORMAT_SENTENCE."""
     _check_persona(persona)
+    tail = f"\n{EXPLICIT_FORMAT_SENTENCE}" if explicit else ""
     if source == "bundled":
-        return load_persona_prompts()[persona]
+        return load_persona_prompts()[persona] + tail
     if source == "constitutions":
         if not path:
             raise PromptError(
                 "persona_prompts.path: required when persona_prompts.source is `constitutions`"
             )
-        return load_constitution(path, persona)
+        return load_constitution(path, persona) + tail
     raise PromptError(
         f"persona_prompts.source: must be `bundled` or `constitutions`, got {source!r}"
     )

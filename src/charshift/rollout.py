@@ -10,9 +10,19 @@ makes ONE `backend.generate` call for all of them.
 Termination of tool episodes (outcome in brackets):
   - the first successful send_email when `stop_on_send` ("email");
   - an explicit `finish` call ("email" if one was sent before, else "no_email");
-  - `max_steps` model turns ("max_steps", or "email" if one was sent and stop_on_send is off);
-  - `max_malformed` consecutive turns with no parseable tool call ("malformed");
+  - the episode's step budget ("max_steps", or "email" if one was sent and stop_on_send is off);
+  - `max_malformed` consecutive turns with no parseable tool call ("malformed"); in
+    tool_email_oneshot one such turn ends it, as a chat reply without an email ends a chat row;
   - a prompt that no longer fits the context ("context_overflow").
+
+The step budget of an episode is `spec.max_steps`, sized from its scenario (`step_budget`). In
+tool_email_oneshot a call other than send_email (the address check the operational prompt asks
+for) gets its result and the model goes on within the budget; `meta["non_send_calls"]` counts
+such calls in both tool modes, so "email after N look-ups" is on record.
+
+"Is there an email?" has one answer for every slice: `extraction.is_email_body`, applied to the
+body extracted from a chat reply and to the body sent with send_email alike. A sent body that
+fails it is kept in `email` but the outcome is "no_email" (`meta["not_an_email"]`).
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from charshift.backends.base import Backend
-from charshift.extraction import extract_email
+from charshift.extraction import extract_email, is_email_body
 from charshift.formats import compose_system
 from charshift.schema import (
     Condition,
@@ -35,14 +45,26 @@ from charshift.schema import (
     derive_seed,
 )
 from charshift.toolcalls import diagnose_tool_turn, parse_tool_calls
+from charshift.tools import FINISH_TOOL, SEND_TOOL
+from charshift.tools import required_args as tools_required
 
 
 @dataclass
 class RolloutSettings:
-    max_steps: int = 8
+    max_steps: int = 8  # the agentic floor, and the budget of an episode with no needed_calls
     max_malformed: int = 3
     stop_on_send: bool = True
     native_tools: bool = False
+    step_margin: int = 4
+
+
+def step_budget(mode: str, needed_calls: int | None, max_steps: int, step_margin: int) -> int:
+    """The model turns a tool episode may take: the calls a perfect agent needs plus the margin,
+    and for agentic_email at least `max_steps`. Without `needed_calls`: `max_steps`."""
+    if needed_calls is None:
+        return max_steps
+    budget = needed_calls + step_margin
+    return max(max_steps, budget) if mode == "agentic" else budget
 
 
 @dataclass
@@ -97,7 +119,7 @@ class RolloutEngine:
     ) -> None:
         self.backend = backend
         self.settings = settings or RolloutSettings()
-        self.required_args = dict(required_args or {})
+        self.required_args = dict(tools_required() if required_args is None else required_args)
 
     # -- requests ----------------------------------------------------------------------------
     def _request(self, ep: Episode) -> GenRequest:
@@ -131,61 +153,83 @@ class RolloutEngine:
             ep.outcome = "reply" if text.strip() else "empty"
         else:
             found = extract_email(text)
-            if found and found.body:
+            if found and is_email_body(found.body):
                 ep.email = {"to": found.to, "subject": found.subject, "body": found.body}
                 ep.outcome = "email"
             else:
                 ep.outcome = "no_email"
 
+    def _budget(self, ep: Episode) -> int:
+        s = self.settings
+        if ep.spec.max_steps is not None:
+            return ep.spec.max_steps
+        return step_budget(ep.spec.mode, ep.spec.needed_calls, s.max_steps, s.step_margin)
+
+    @staticmethod
+    def _ended(ep: Episode, otherwise: str) -> str:
+        """The outcome of a tool episode that stops now: "email" if what was sent is an email
+        by the one rule, "no_email" if something else was sent, else `otherwise`."""
+        if ep.email is None:
+            return otherwise
+        if is_email_body(ep.email.get("body")):
+            return "email"
+        ep.meta["not_an_email"] = True
+        return "no_email"
+
     def _advance_tools(self, ep: Episode, text: str) -> None:
         s = self.settings
         ep.messages.append({"role": "assistant", "content": text})
         ep.final_reply = text
+        ep.meta["step_budget"] = self._budget(ep)
         calls = parse_tool_calls(text)
+        if not calls:
+            ep.malformed_run += 1
+            ep.meta.setdefault("malformed_turns", []).append(ep.steps - 1)
+            if ep.spec.mode == "tool_oneshot" or ep.malformed_run >= s.max_malformed:
+                ep.outcome = self._ended(ep, "malformed")
+                return
+            ep.messages.append({"role": "user", "content": f"[error] {self._problem(ep, text)}"})
+        elif self._run_calls(ep, calls):
+            ep.outcome = self._ended(ep, "no_email")
+            return
+        if ep.steps >= ep.meta["step_budget"]:
+            ep.outcome = self._ended(ep, "max_steps")
+
+    def _problem(self, ep: Episode, text: str) -> str:
         known = [
             t["function"]["name"] if "function" in t else t["name"] for t in ep.spec.tools or []
         ]
-        if not calls:
-            ep.malformed_run += 1
-            problem = diagnose_tool_turn(text, known, self.required_args) or (
-                "No tool call found in your message."
-            )
-            ep.meta.setdefault("malformed_turns", []).append(ep.steps - 1)
-            if ep.spec.mode == "tool_oneshot" or ep.malformed_run >= s.max_malformed:
-                ep.outcome = "email" if ep.email else "malformed"
-                return
-            ep.messages.append({"role": "user", "content": f"[error] {problem}"})
-        else:
-            ep.malformed_run = 0
-            finished = False
-            for call in calls:
-                res = ep.simulator.call(call)
-                content = res.content
-                if call.name == "send_email" and res.ok and ep.email is None:
-                    ep.email = dict(res.email or {})
-                if res.terminal:
-                    finished = call.name == "finish" or s.stop_on_send
-                ep.messages.append(_tool_result_message(call.name, content, s.native_tools))
-                if finished:
-                    break
-            if len(calls) > 1:
-                ep.meta.setdefault("multi_call_turns", []).append(ep.steps - 1)
+        return diagnose_tool_turn(text, known, self.required_args) or (
+            "No tool call found in your message."
+        )
+
+    def _run_calls(self, ep: Episode, calls: list[Any]) -> bool:
+        """Run one turn's calls in order against the simulator; True when the episode ends."""
+        s = self.settings
+        ep.malformed_run = 0
+        finished = False
+        for call in calls:
+            res = ep.simulator.call(call)
+            if call.name != SEND_TOOL:
+                ep.meta["non_send_calls"] = ep.meta.get("non_send_calls", 0) + 1
+            if call.name == SEND_TOOL and res.ok and ep.email is None:
+                ep.email = dict(res.email or {})
+            if res.terminal:
+                finished = call.name == FINISH_TOOL or s.stop_on_send
+            ep.messages.append(_tool_result_message(call.name, res.content, s.native_tools))
             if finished:
-                ep.outcome = "email" if ep.email else "no_email"
-                return
-            if ep.spec.mode == "tool_oneshot":
-                ep.outcome = "email" if ep.email else "no_email"
-                return
-        if ep.steps >= s.max_steps:
-            ep.outcome = "email" if ep.email else "max_steps"
+                break
+        if len(calls) > 1:
+            ep.meta.setdefault("multi_call_turns", []).append(ep.steps - 1)
+        return finished
 
     def _advance(self, ep: Episode, text: str, finish_reason: str) -> None:
         ep.steps += 1
         if finish_reason == "context_overflow":
-            ep.outcome = "email" if ep.email else "context_overflow"
+            ep.outcome = self._ended(ep, "context_overflow")
             return
         if finish_reason == "error":
-            ep.outcome = "email" if ep.email else "error"
+            ep.outcome = self._ended(ep, "error")
             return
         if ep.spec.mode == "chat":
             self._advance_chat(ep, text)
@@ -218,7 +262,7 @@ class RolloutEngine:
 
 def to_row(ep: Episode) -> GenerationRow:
     spec = ep.spec
-    if ep.email is not None:
+    if ep.outcome == "email" and ep.email is not None:
         text = ep.email.get("body") or None
     elif spec.output == "reply" and ep.outcome == "reply":
         text = ep.final_reply

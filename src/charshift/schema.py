@@ -20,6 +20,9 @@ Message = dict[str, Any]  # {"role": "system"|"user"|"assistant"|"tool", "conten
 
 BASE_STAGE = "base"
 PROMPTED_STAGE = "prompted"
+# The persona prompt plus an explicit instruction to keep the voice in every form of writing: an
+# instruction being followed, not a property being measured; never a default stage.
+PROMPTED_EXPLICIT_STAGE = "prompted_explicit"
 # The true label of a base-stage output: the base stage carries no persona (a null condition,
 # generated once per item and sample). `stats.expand_base_null` pairs it with every persona.
 NULL_PERSONA = "__null__"
@@ -188,6 +191,9 @@ class EpisodeSpec:
     persona prompt) instead of the row's condition (the prefill attack generates turn 0 this way).
     `output`: what the row's scored text is: "reply" (the final reply as is) or "email" (an email
     extracted from the final reply, or the body sent with send_email).
+    `needed_calls`: tool slices: the model turns a perfect agent needs (see formats.needed_calls);
+    `max_steps`: the episode's step budget (set by planning from needed_calls and the config;
+    None: the engine's default).
     """
 
     slice: str
@@ -200,6 +206,8 @@ class EpisodeSpec:
     scenario_id: str | None = None
     tools: list[dict[str, Any]] | None = None  # tool schemas (name, description, parameters)
     split: str = "eval"  # "train" rows feed classifier training only; "eval" rows are measured
+    needed_calls: int | None = None
+    max_steps: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -245,13 +253,18 @@ class GenerationRow:
 
 @dataclass
 class ScoreRow:
-    """One classifier verdict in scores.jsonl, keyed by the generation key and the classifier."""
+    """One classifier verdict in scores.jsonl, keyed by (generation key, classifier, unit, hash of
+    the scored text): a unit whose text changes (the `id_chat.short` cut after more chat_email
+    rows arrive) is scored again, never reused. `unit` is the slice or `SLICE.VARIANT` scored (see
+    charshift.units); rows written before units existed have unit "" and are not reused."""
 
     key: str  # the GenerationRow.key
     classifier: str  # classifier identity (id or folder hash)
-    text_field: str  # "text" (extracted, default) or "final_reply" (raw)
+    text_field: str  # "text" (extracted, default) or "final_reply" (raw): the default unit's rule
     prediction: str
     probs: dict[str, float]
+    unit: str = ""
+    text_hash: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -4,7 +4,8 @@ Layout of a run directory:
     config.yaml          the resolved config (every default filled in)
     manifest.json        package versions, git commit, model/adapter provenance, seeds, times
     generations.jsonl    one GenerationRow per line, keyed
-    scores.jsonl         one ScoreRow per line, keyed by (generation key, classifier)
+    scores.jsonl         one ScoreRow per line, keyed by (generation key, classifier, unit,
+                         scored text hash)
     classifier/          a classifier trained in the run (demo), with train_report.json
     metrics.csv ...      statistics tables;  report/index.html, report.md
 
@@ -31,6 +32,10 @@ import yaml
 from charshift.schema import GenerationRow, ScoreRow
 
 R = TypeVar("R", GenerationRow, ScoreRow)
+
+# A score is looked up by the generation, the classifier, the unit scored and the scored text's
+# hash: a changed text (a length cut that moved) misses and is scored again.
+SCORE_KEY = ("key", "classifier", "unit", "text_hash")
 
 PACKAGES = (
     "charshift",
@@ -190,7 +195,7 @@ class RunStore:
             self.root / "generations.jsonl", GenerationRow, ("key",)
         )
         self.scores: JsonlTable[ScoreRow] = JsonlTable(
-            self.root / "scores.jsonl", ScoreRow, ("key", "classifier")
+            self.root / "scores.jsonl", ScoreRow, SCORE_KEY
         )
 
     @property

@@ -13,8 +13,10 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from charshift.formats import REQUIRED_ARGS, SOURCE_TOOL, TOOL_NAMES, TOOL_SOURCE
 from charshift.scenarios import Person, Scenario
+from charshift.tools import REGISTRY, ToolResult, run_tool, source_tool, tool_names
+
+__all__ = ["ToolResult", "ToolSimulator", "tokens"]
 
 if TYPE_CHECKING:
     from charshift.toolcalls import ToolCall
@@ -46,16 +48,6 @@ def _name_key(text: str) -> str:
     return " ".join(_TOKEN_RE.findall(text.lower()))
 
 
-@dataclass
-class ToolResult:
-    name: str
-    arguments: dict[str, Any]
-    ok: bool
-    content: str
-    terminal: bool = False  # a successful send_email, or finish
-    email: dict[str, Any] | None = None  # {"to", "subject", "body", "cc"} for a sent email
-
-
 @dataclass(frozen=True)
 class _Rec:
     title: str
@@ -69,7 +61,7 @@ class ToolSimulator:
     def __init__(self, scenario: Scenario) -> None:
         self.scenario = scenario
         self.people: list[Person] = scenario.directory
-        self.records: dict[str, list[_Rec]] = {src: [] for src in SOURCE_TOOL}
+        self.records: dict[str, list[_Rec]] = {src: [] for src in source_tool()}
         for f in scenario.facts:
             self.records[f.tool].append(_Rec(f.title, f.text))
         for src, recs in scenario.distractors.items():
@@ -88,42 +80,31 @@ class ToolSimulator:
         return res
 
     def _dispatch(self, name: str, args: dict[str, Any], raw_args: Any) -> ToolResult:
-        if name not in TOOL_NAMES:
-            return self._err(
+        tool = REGISTRY.get(name)
+        if tool is None:
+            return self.error(
                 name,
                 args,
-                f"Unknown tool '{name}'. Available tools: {', '.join(TOOL_NAMES)}.",
+                f"Unknown tool '{name}'. Available tools: {', '.join(tool_names())}.",
             )
         if raw_args is not None and not isinstance(raw_args, dict):
-            return self._err(
+            return self.error(
                 name, args, f"The arguments of {name} must be a JSON object of named arguments."
             )
-        missing = [a for a in REQUIRED_ARGS[name] if a not in args or args[a] is None]
+        missing = [a for a in tool.required if a not in args or args[a] is None]
         if missing:
-            example = ", ".join(f'"{a}": "..."' for a in REQUIRED_ARGS[name])
-            return self._err(
+            example = ", ".join(f'"{a}": "..."' for a in tool.required)
+            return self.error(
                 name,
                 args,
                 f"Missing required argument(s) {', '.join(repr(m) for m in missing)} for {name}. "
                 f'Call it as {{"name": "{name}", "arguments": {{{example}}}}}.',
             )
-        if name == "send_email":
-            return self._send_email(args)
-        if name == "finish":
-            summary = args.get("summary")
-            note = f" Summary noted: {summary}" if isinstance(summary, str) and summary else ""
-            return ToolResult(name, args, True, f"Task finished.{note}", terminal=True)
-        query = args["query"]
-        if isinstance(query, (int, float)) and not isinstance(query, bool):
-            query = str(query)
-        if not isinstance(query, str) or not query.strip():
-            return self._err(name, args, f"The 'query' argument of {name} must be non-empty text.")
-        if name == "lookup_person":
-            return self._lookup(args, query)
-        return self._search(name, args, query)
+        return run_tool(self, name, args)
 
     @staticmethod
-    def _err(name: str, args: dict[str, Any], msg: str) -> ToolResult:
+    def error(name: str, args: dict[str, Any], msg: str) -> ToolResult:
+        """An error result: the call did nothing, and the message says why."""
         return ToolResult(name, args, False, f"Error: {msg}")
 
     # -- people --------------------------------------------------------------------------------
@@ -156,11 +137,12 @@ class ToolSimulator:
                 hits.append(p)
         return hits
 
-    def _lookup(self, args: dict[str, Any], query: str) -> ToolResult:
+    def lookup(self, args: dict[str, Any], query: str) -> ToolResult:
+        """lookup_person: the people a query names, and the directory notes it matches."""
         people = self.match_people(query)
         notes = self._rank("directory", query)
         if not people and not notes:
-            return self._err(
+            return self.error(
                 "lookup_person",
                 args,
                 f"No directory entries match '{query}'. Try a full name, an email address or a "
@@ -197,11 +179,11 @@ class ToolSimulator:
         body = "\n".join(f"{i}. {r.title}\n   {r.text}" for i, r in enumerate(shown, 1))
         return f"{head}{more}:\n{body}"
 
-    def _search(self, name: str, args: dict[str, Any], query: str) -> ToolResult:
-        source = TOOL_SOURCE[name]
+    def search(self, name: str, source: str, args: dict[str, Any], query: str) -> ToolResult:
+        """Records of `source` that match `query`, best first (tool `name` made the call)."""
         recs = self._rank(source, query)
         if not recs:
-            return self._err(
+            return self.error(
                 name,
                 args,
                 f"No records in {source} match '{query}'. Try fewer or different words.",
@@ -246,22 +228,23 @@ class ToolSimulator:
                 )
         return out, None
 
-    def _send_email(self, args: dict[str, Any]) -> ToolResult:
+    def send_email(self, args: dict[str, Any]) -> ToolResult:
+        """send_email: resolve the recipients, check subject and body, and send (terminal)."""
         to, problem = self._resolve("to", args["to"])
         if problem:
-            return self._err("send_email", args, f"Email not sent: {problem}")
+            return self.error("send_email", args, f"Email not sent: {problem}")
         cc: list[str] = []
         if args.get("cc") not in (None, "", []):
             cc, problem = self._resolve("cc", args["cc"])
             if problem:
-                return self._err("send_email", args, f"Email not sent: {problem}")
+                return self.error("send_email", args, f"Email not sent: {problem}")
         subject, body = args["subject"], args["body"]
         if not isinstance(subject, str) or not isinstance(body, str):
-            return self._err(
+            return self.error(
                 "send_email", args, "Email not sent: 'subject' and 'body' must be text."
             )
         if not body.strip():
-            return self._err("send_email", args, "Email not sent: the body is empty.")
+            return self.error("send_email", args, "Email not sent: the body is empty.")
         email = {"to": ", ".join(to), "subject": subject, "body": body, "cc": cc}
         self.sent.append(email)
         cc_note = f", cc {', '.join(cc)}" if cc else ""
