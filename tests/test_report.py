@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from charshift import plots, published, report, stats
+from charshift.external import load_predictions_jsonl
 from charshift.schema import NULL_PERSONA
 from charshift.schema import PredictionRecord as R
 
@@ -145,6 +146,13 @@ def test_page_sections(built):
     assert empty.n_scored == 0 and empty.macro_f1_itt.estimate == 0.0
     assert "<td>0/18</td>" in page
     assert "cluster bootstrap" in page and "intention-to-treat" in page.lower()
+    # flags: 6 items behind the agentic ITT interval (< 10) -> a dagger; base accuracy is fixed
+    assert not empty.macro_f1_itt.reliable
+    assert f"{report._iv(empty.macro_f1_itt)}" in page and report.DAGGER in page
+    base = res.get("llama", "base", "chat_email")
+    assert base.accuracy.fixed_by_construction and base.n_rows == 12
+    assert "(fixed by construction)" in page
+    assert "personas scored" in page
     for sel in ("f-base", "f-stage", "f-persona", "f-slice", "f-outcome"):
         assert f'id="{sel}"' in page
 
@@ -199,7 +207,8 @@ def test_make_plots_png_and_svg(tmp_path):
     for stem in (
         "ladder_llama",
         "stages",
-        "waterfall_llama_full",
+        "waterfall_llama_full_agentic",
+        "waterfall_llama_full_email_step",
         "yield_llama",
         "pred_dist_llama",
     ):
@@ -233,7 +242,7 @@ def test_report_from_predictions_file(tmp_path):
     ]  # fmt: skip
     f = tmp_path / "p.jsonl"
     f.write_text("\n".join(lines))
-    recs = stats.load_predictions_jsonl(f)
+    recs = load_predictions_jsonl(f)
     res = stats.compute_metrics(recs, stats.infer_personas(recs), n_boot=30)
     path = report.write_report(tmp_path / "out", recs, res, settings={}, samples=None, title="ext")
     assert Path(path).is_file() and (tmp_path / "out" / "report.md").is_file()
