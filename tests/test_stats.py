@@ -271,7 +271,10 @@ def test_paired_difference_recovers_a_known_shift():
             b.append(R("b", "full", "agentic_email", t, f"s{item}", pb))
     recs = a + b
     d = stats.paired_difference(
-        recs, ("b", "full", "chat_email"), ("b", "full", "agentic_email"), metric="accuracy",
+        recs,
+        ("b", "full", "chat_email"),
+        ("b", "full", "agentic_email"),
+        metric="accuracy",
         n_boot=500,
     )
     want = accuracy_score([r.persona for r in a], [r.prediction for r in a]) - accuracy_score(
@@ -431,7 +434,7 @@ def test_write_tables(tmp_path):
 
 
 def test_csv_cells_cannot_be_formulas_but_numbers_stay_numbers(tmp_path):
-    evil = ["=HYPERLINK(\"http://x\")", "+1+1", "-2+3", "@SUM(A1)", "\tx", "\rx"]
+    evil = ['=HYPERLINK("http://x")', "+1+1", "-2+3", "@SUM(A1)", "\tx", "\rx"]
     recs = [
         R("b", "s", "chat_email", p, f"s{i}", evil[(i + j) % len(evil)] if i % 2 else p)
         for i in range(12)
@@ -598,7 +601,9 @@ def test_defect3_rungs_add_up_to_the_total_when_item_sets_differ(metric, itt):
     for u, iv in zip(dec.units, dec.estimates, strict=True):
         assert iv.estimate == pytest.approx(getattr(res.get("b", "full", u), name).estimate)
     for j, r in enumerate(dec.rungs):
-        assert r.estimate == pytest.approx(dec.estimates[j].estimate - dec.estimates[j + 1].estimate)
+        assert r.estimate == pytest.approx(
+            dec.estimates[j].estimate - dec.estimates[j + 1].estimate
+        )
 
 
 def test_defect3_every_resample_telescopes_with_one_draw_per_item_kind():

@@ -40,12 +40,14 @@ Definitions (the only ones in the code base):
 * An interval is flagged (`flag` non-empty, `reliable` False) when fewer than `MIN_CLUSTERS`
   clusters carry its estimate (for conditional figures: clusters with a scored output; for a
   difference: the fewer of its two sides), when its estimate is undefined, or when some
-  resamples had nothing scored. Why 10 (measured by `scripts/coverage_min_clusters.py`, 400
-  simulated cells per size, 10 rows per cluster, item effects, 1000 resamples): the nominal 95%
-  percentile cluster bootstrap of accuracy covered the truth in 71% of cells with 3 clusters,
-  83% with 5, 90% with 10 and 92-93% with 20 and 40. The percentile bootstrap shrinks the spread
-  by (G-1)/G and ignores the t-correction, which dominates with few clusters; from 10 clusters on
-  the shortfall is a few points, below that it is large.
+  resamples had nothing scored. Why 10: `scripts/coverage_min_clusters.py --sims 1000` simulates
+  cells with a known truth (K = 4, 2 rows per persona per item, item hit rates ~ Beta(7, 3)) and
+  counts how often the nominal 95% percentile cluster bootstrap covers it. Accuracy / macro-F1
+  coverage: 3 clusters 0.75 / 0.75, 5: 0.87 / 0.84, 7: 0.87 / 0.88, 10: 0.91 / 0.90,
+  15: 0.94 / 0.93, 20: 0.94 / 0.92, 40: 0.94 / 0.93 (1000 cells each, so +-0.01). With few
+  clusters the bootstrap's spread shrinks by (G-1)/G and lacks a t-correction; 10 is the smallest
+  size tried whose coverage is within about 5 points of nominal, and below it coverage falls
+  fast (a "95%" interval from 3 clusters misses one time in four).
 * Chains (`charshift.ladder.CHAINS`): for each (base, stage) every unit of a chain is estimated
   on the chain's common items (per item kind: the prompt items common to all its prompt units,
   the scenario items common to all its scenario units), so the rungs (differences of consecutive
@@ -342,14 +344,45 @@ def label_sets(
     records: Sequence[PredictionRecord], personas: Sequence[str]
 ) -> tuple[dict[str, list[str]], list[LabelNote]]:
     """Each base's label set and a note per persona that left it (see the module docstring)."""
+    return _label_sets(_group(records, personas), personas)
+
+
+def _group(
+    records: Iterable[PredictionRecord], personas: Sequence[str]
+) -> dict[Cell, list[PredictionRecord]]:
+    """Rows per cell, every true persona checked against the run's personas."""
+    groups: dict[tuple[str, str, str], list[PredictionRecord]] = {}
+    for r in records:
+        key = (r.base, r.stage, r.slice)
+        rows = groups.get(key)
+        if rows is None:
+            rows = groups[key] = []
+        rows.append(r)
+    allowed = {*personas, *_NULL_MARKERS}
+    for rows in groups.values():
+        if not {r.persona for r in rows} <= allowed:
+            bad = next(r for r in rows if r.persona not in allowed)
+            raise ValueError(
+                f"record {bad.key or bad.item_id} ({bad.base}/{bad.stage}/{bad.slice}) has true "
+                f"persona {bad.persona!r}, not one of the run's personas {list(personas)}"
+            )
+    return {Cell(*key): rows for key, rows in groups.items()}
+
+
+def _label_sets(
+    groups: dict[Cell, list[PredictionRecord]], personas: Sequence[str]
+) -> tuple[dict[str, list[str]], list[LabelNote]]:
     rows: Counter[tuple[str, str, str]] = Counter()
     stages: dict[str, set[str]] = {}
-    for r in records:
-        stages.setdefault(r.base, set())
-        if r.persona in _NULL_MARKERS or r.stage == BASE_STAGE:
+    for cell, recs in groups.items():
+        stages.setdefault(cell.base, set())
+        if cell.stage == BASE_STAGE:
             continue
-        stages[r.base].add(r.stage)
-        rows[(r.base, r.stage, r.persona)] += 1
+        counts = Counter(r.persona for r in recs if r.persona not in _NULL_MARKERS)
+        if counts:
+            stages[cell.base].add(cell.stage)
+        for p, n in counts.items():
+            rows[(cell.base, cell.stage, p)] += n
     labels: dict[str, list[str]] = {}
     notes: list[LabelNote] = []
     for base, present in stages.items():
@@ -410,25 +443,19 @@ def _k_of(counts: np.ndarray) -> int:
     return (counts.shape[-1] - 3) // 4
 
 
-def _check_persona(r: PredictionRecord, personas: Sequence[str]) -> None:
-    if r.persona not in _NULL_MARKERS and r.persona not in personas:
-        raise ValueError(
-            f"record {r.key or r.item_id} ({r.base}/{r.stage}/{r.slice}) has true persona "
-            f"{r.persona!r}, not one of the run's personas {list(personas)}"
-        )
-
-
 def _build_cells(
-    records: Sequence[PredictionRecord], labels: dict[str, list[str]]
+    groups: dict[Cell, list[PredictionRecord]], labels: dict[str, list[str]]
 ) -> dict[Cell, _CellData]:
-    groups: dict[Cell, list[PredictionRecord]] = {}
-    for r in records:
-        if r.persona in _NULL_MARKERS or r.persona in labels[r.base]:
-            groups.setdefault(Cell(r.base, r.stage, r.slice), []).append(r)
-    return {
-        cell: _cell_data(cell, rows, {p: i for i, p in enumerate(labels[cell.base])})
-        for cell, rows in groups.items()
-    }
+    """Every cell's counts; rows of a persona outside its base's label set are set aside."""
+    out = {}
+    for cell, rows in groups.items():
+        keep = {*labels[cell.base], *_NULL_MARKERS}
+        if not {r.persona for r in rows} <= keep:
+            rows = [r for r in rows if r.persona in keep]
+        if rows:
+            index = {p: i for i, p in enumerate(labels[cell.base])}
+            out[cell] = _cell_data(cell, rows, index)
+    return out
 
 
 def _cell_data(cell: Cell, rows: list[PredictionRecord], index: dict[str, int]) -> _CellData:
@@ -1063,10 +1090,9 @@ def _prepare(records: Sequence[PredictionRecord], personas: Sequence[str] | None
     ps = list(personas) if personas is not None else infer_personas(recs)
     if len(ps) < 2:
         raise ValueError(f"need at least two personas, got {ps}")
-    for r in recs:
-        _check_persona(r, ps)
-    labels, notes = label_sets(recs, ps)
-    return _Prepared(ps, labels, notes, _build_cells(recs, labels))
+    groups = _group(recs, ps)
+    labels, notes = _label_sets(groups, ps)
+    return _Prepared(ps, labels, notes, _build_cells(groups, labels))
 
 
 def _opts(n_boot: int, ci: float, method: str, seed: int, min_clusters: int) -> _Opts:
