@@ -606,6 +606,14 @@ def test_defect3_rungs_add_up_to_the_total_when_item_sets_differ(metric, itt):
         )
 
 
+def test_chain_with_bca_intervals_still_adds_up():
+    res = stats.compute_metrics(_uneven_items(), [S, H, RM], n_boot=200, method="bca")
+    (dec,) = [c for c in res.chains if c.metric == "macro_f1" and not c.itt]
+    assert sum(r.estimate for r in dec.rungs) == pytest.approx(dec.total.estimate, abs=1e-12)
+    for d in [*dec.rungs, dec.total]:
+        assert d.lo <= d.estimate <= d.hi and d.reliable
+
+
 def test_defect3_every_resample_telescopes_with_one_draw_per_item_kind():
     recs = _uneven_items()
     recs += [R("b", "full", "id_chat", p, f"prompt:p{i}", p if i % 3 else H)
@@ -697,7 +705,7 @@ def test_defect9_conditional_clusters_count_only_items_with_an_output():
     assert m.accuracy_itt.n_clusters == 30 and m.accuracy_itt.reliable
 
 
-def test_defect9_empty_resamples_are_counted():
+def test_defect9_empty_resamples_are_counted(tmp_path):
     # 12 items, one with an output: about (11/12)^12 = 35% of resamples have nothing scored
     recs = [R("b", "full", "agentic_email", p, f"s{i}", p if i == 0 else None)
             for i in range(12) for p in (S, H)]  # fmt: skip
@@ -708,6 +716,10 @@ def test_defect9_empty_resamples_are_counted():
     assert m.accuracy.n_empty_resamples == empty == m.macro_f1.n_empty_resamples
     assert f"{empty} of 400 resamples had nothing scored" in m.accuracy.flag
     assert m.accuracy_itt.n_empty_resamples == 0
+    tables.write_tables(stats.compute_metrics(recs, [S, H], n_boot=400), tmp_path)
+    with (tmp_path / "metrics.csv").open() as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["n_empty_resamples"] == str(empty) and "resamples had nothing" in row["flags"]
     d = stats.paired_difference(
         recs + [R("b", "full", "chat_email", r.persona, r.item_id, r.persona) for r in recs],
         ("b", "full", "chat_email"), ("b", "full", "agentic_email"), n_boot=400,

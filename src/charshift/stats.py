@@ -674,7 +674,7 @@ def _flag(estimate: float, n_clusters: int, n_empty: int, n_boot: int, min_clust
         parts.append("undefined: nothing scored")
     elif n_clusters < min_clusters:
         parts.append(f"{n_clusters} cluster(s) behind it, fewer than {min_clusters}")
-    if n_empty:
+    if n_empty and math.isfinite(estimate):  # (an undefined estimate has no defined resample)
         parts.append(f"{n_empty} of {n_boot} resamples had nothing scored and are left out")
     return "; ".join(parts)
 

@@ -77,7 +77,7 @@ METRICS_COLUMNS = (
     "base", "stage", "slice", "n_rows", "n_scored", "n_clusters", "yield",
     "n_personas_scored", "n_personas",
     *(f"{m}{s}" for m in ("macro_f1", "accuracy", "macro_f1_itt", "accuracy_itt") for s in _IV),
-    "mean_p_true", "flags",
+    "n_empty_resamples", "mean_p_true", "flags",
 )  # fmt: skip
 PER_PERSONA_COLUMNS = (
     "base", "stage", "slice", "persona", "precision", "recall", "f1", "f1_lo", "f1_hi",
@@ -111,7 +111,7 @@ def _metrics_rows(result: MetricsResult) -> Iterable[list[Any]]:
             [*m.cell, m.n_rows, m.n_scored, m.n_clusters, m.yield_.estimate]
             + [m.n_personas_scored, m.n_personas]
             + [v for iv in (m.macro_f1, m.accuracy, m.macro_f1_itt, m.accuracy_itt) for v in _iv(iv)]
-            + [m.mean_p_true, _flags(m)]
+            + [m.macro_f1.n_empty_resamples, m.mean_p_true, _flags(m)]
         )  # fmt: skip
 
 
