@@ -746,7 +746,12 @@ def test_load_predictions_ok(tmp_path):
             json.dumps({**good, "prediction": None, "outcome": "no_email", "text": None}),
         ],
     )
+    base = {**good, "stage": "base", "persona": None, "prediction": H}
+    with p.open("a") as fh:
+        fh.write(json.dumps(base) + "\n" + json.dumps({**base, "persona": ""}) + "\n")
     recs = load_predictions_jsonl(p)
+    assert [r.persona for r in recs[2:]] == [NULL_PERSONA, NULL_PERSONA]  # base: the null
+    recs = recs[:2]
     assert len(recs) == 2
     assert recs[0].item_id == "3" and recs[0].probs == {S: 0.9, H: 0.1} and recs[0].sample_idx == 1
     assert recs[1].prediction is None and recs[1].outcome == "no_email"

@@ -89,8 +89,9 @@ _REQUIRED = ("base", "stage", "slice", "persona", "item_id")
 def load_predictions_jsonl(path: str | Path) -> list[PredictionRecord]:
     """Read predictions made elsewhere (one JSON object per line) for `charshift report`.
 
-    Required: base, stage, slice, persona, item_id (strings; item_id may be an integer) and
-    prediction (a string, or null for a row with no output). Optional: probs (label -> number),
+    Required: base, stage, slice, persona, item_id (strings; item_id may be an integer; a
+    base-stage row's persona may be null or "", the null condition) and prediction (a string, or
+    null for a row with no output). Optional: probs (label -> number),
     sample_idx (int), outcome, text, key. A bad row raises PredictionsError naming the line and
     field; blank lines are skipped.
     """
@@ -114,6 +115,8 @@ def _parse_prediction(obj: dict[str, Any], where: str) -> PredictionRecord:
         v = obj[name]
         if name == "item_id" and isinstance(v, int) and not isinstance(v, bool):
             v = str(v)
+        if name == "persona" and v in NULL_PERSONA_MARKERS and vals["stage"] == BASE_STAGE:
+            v = NULL_PERSONA  # README: base rows are the null condition, persona may be null
         if not isinstance(v, str) or not v:
             raise PredictionsError(f"{where}: field {name!r} must be a non-empty string, got {v!r}")
         vals[name] = v
