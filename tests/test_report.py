@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import csv
 import hashlib
 import json
 import re
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from charshift import plots, published, report, stats
+from charshift.external import load_predictions_jsonl
 from charshift.schema import NULL_PERSONA
 from charshift.schema import PredictionRecord as R
 
@@ -145,6 +147,13 @@ def test_page_sections(built):
     assert empty.n_scored == 0 and empty.macro_f1_itt.estimate == 0.0
     assert "<td>0/18</td>" in page
     assert "cluster bootstrap" in page and "intention-to-treat" in page.lower()
+    # flags: 6 items behind the agentic ITT interval (< 10) -> a dagger; base accuracy is fixed
+    assert not empty.macro_f1_itt.reliable
+    assert f"{report._iv(empty.macro_f1_itt)}" in page and report.DAGGER in page
+    base = res.get("llama", "base", "chat_email")
+    assert base.accuracy.fixed_by_construction and base.n_rows == 12
+    assert "(fixed by construction)" in page
+    assert "personas scored" in page
     for sel in ("f-base", "f-stage", "f-persona", "f-slice", "f-outcome"):
         assert f'id="{sel}"' in page
 
@@ -199,7 +208,8 @@ def test_make_plots_png_and_svg(tmp_path):
     for stem in (
         "ladder_llama",
         "stages",
-        "waterfall_llama_full",
+        "waterfall_llama_full_agentic",
+        "waterfall_llama_full_email_step",
         "yield_llama",
         "pred_dist_llama",
     ):
@@ -233,8 +243,67 @@ def test_report_from_predictions_file(tmp_path):
     ]  # fmt: skip
     f = tmp_path / "p.jsonl"
     f.write_text("\n".join(lines))
-    recs = stats.load_predictions_jsonl(f)
+    recs = load_predictions_jsonl(f)
     res = stats.compute_metrics(recs, stats.infer_personas(recs), n_boot=30)
     path = report.write_report(tmp_path / "out", recs, res, settings={}, samples=None, title="ext")
     assert Path(path).is_file() and (tmp_path / "out" / "report.md").is_file()
     assert len(json.loads(_json_block(path.read_text()))) == 27
+
+
+def test_skipped_adapter_note_reaches_report_tables_and_manifest(tmp_path):
+    """A persona with no rows at one stage (its adapter skipped) leaves its base's label set,
+    and the run's report, stats.json and manifest say so (issue 7, defect 5)."""
+    from charshift.analysis import report_run
+    from charshift.config import load_preset
+    from charshift.schema import GenerationRow, ScoreRow
+    from charshift.store import RunStore
+
+    cfg = load_preset("smoke")
+    base = cfg.bases[0].name
+    store = RunStore(tmp_path / "run")
+    gens, scores = [], []
+    for i in range(12):
+        for stage, persona in [("base", None)] + [
+            (st, p) for st in ("prompted", "full") for p in cfg.personas
+        ]:
+            if stage == "full" and persona == "goodness":
+                continue  # the adapter was skipped
+            key = f"{stage}-{persona}-{i}"
+            gens.append(
+                GenerationRow(
+                    key=key,
+                    base=base,
+                    stage=stage,
+                    persona=persona,
+                    slice="id_chat",
+                    item_id=f"prompt:{i}",
+                    sample_idx=0,
+                    split="eval",
+                    seed=0,
+                    outcome="reply",
+                    messages=[],
+                    final_reply="hi",
+                    text="hi",
+                )  # fmt: skip
+            )
+            pred = persona if persona and i % 4 else "humor"
+            scores.append(ScoreRow(key, "clf", "text", pred, {pred: 1.0}))
+    store.generations.append(gens)
+    store.scores.append(scores)
+    store.update_manifest(
+        classifier_ids={base: "clf"}, skipped_adapters={f"{base}/full/goodness": "gated"}
+    )
+    report_run(cfg, store)
+    md = (store.root / "report.md").read_text()
+    assert "goodness has no rows at all in stage(s) full" in md
+    assert "Skipped adapter" in md
+    settings = json.loads((store.root / "stats.json").read_text())
+    assert settings["label_sets"] == {base: ["sarcasm", "humor", "remorse"]}
+    assert len(settings["label_notes"]) == 1
+    manifest = json.loads(store.manifest_path.read_text())
+    assert manifest["label_sets"]["labels"] == {base: ["sarcasm", "humor", "remorse"]}
+    assert "goodness" in manifest["label_sets"]["notes"][0]
+    with (store.root / "metrics.csv").open() as fh:
+        rows = {r["stage"]: r for r in csv.DictReader(fh)}
+    assert rows["base"]["n_rows"] == "12" and rows["prompted"]["n_rows"] == "36"
+    assert rows["base"]["accuracy"] != "" and rows["base"]["accuracy_lo"] == ""

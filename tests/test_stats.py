@@ -1,4 +1,5 @@
-"""Tests for charshift.stats: metric definitions, intervals, differences, writers, loader."""
+"""Tests for charshift.stats (metric definitions, intervals, chains, differences), the table
+writers (charshift.tables) and the predictions reader (charshift.external)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
-from charshift import stats
+from charshift import ladder, stats, tables
+from charshift.external import PredictionsError, load_predictions_jsonl
 from charshift.schema import NULL_PERSONA
 from charshift.schema import PredictionRecord as R
-from charshift.stats import Cell, PredictionsError
+from charshift.stats import Cell
 
 S, H, RM, L = "sarcasm", "humor", "remorse", "loving"
 
@@ -29,15 +31,19 @@ def _hand_records() -> list[R]:
         (H, None),
         (RM, L),  # loving has no support but is predicted
     ]
-    return [R("b", "full", "id_chat", t, f"i{i}", p) for i, (t, p) in enumerate(rows)]
+    recs = [R("b", "full", "id_chat", t, f"i{i}", p) for i, (t, p) in enumerate(rows)]
+    # loving has rows in the stage (another slice), so it stays in the base's label set
+    return recs + [R("b", "full", "chat_email", L, "s0", L)]
 
 
 def test_hand_computed_small_case():
     res = stats.compute_metrics(_hand_records(), [S, H, RM, L], n_boot=50, differences=False)
     m = res.get("b", "full", "id_chat")
     # conditional: 6 scored rows. sarcasm tp1 fp1 fn1 -> F1 0.5; humor tp1 fp1 fn1 -> 0.5;
-    # remorse tp0 fn2 -> 0; loving tp0 fp1 -> 0. Macro = 1.0 / 4 = 0.25. Accuracy 2/6.
-    assert m.macro_f1.estimate == pytest.approx(0.25)
+    # remorse tp0 fn2 -> 0; loving has no scored output of its own (only a false positive):
+    # left out of the conditional average. Macro = 1.0 / 3. Accuracy 2/6.
+    assert m.macro_f1.estimate == pytest.approx(1 / 3)
+    assert (m.n_personas_scored, m.n_personas) == (3, 4)
     assert m.accuracy.estimate == pytest.approx(2 / 6)
     # ITT: 8 rows. sarcasm tp1 fp1 fn2 -> 2/5 = 0.4; humor tp1 fp1 fn2 -> 0.4; others 0.
     assert m.macro_f1_itt.estimate == pytest.approx(0.2)
@@ -51,7 +57,8 @@ def test_hand_computed_small_case():
     assert per[S].yield_ == pytest.approx(2 / 3)
     assert per[RM].yield_ == pytest.approx(1.0)
     assert per[L].n == 0 and math.isnan(per[L].yield_)
-    assert per[L].f1.estimate == 0.0 and per[L].precision == 0.0
+    assert math.isnan(per[L].f1.estimate) and per[L].precision == 0.0
+    assert per[L].f1_itt.estimate == 0.0
     # confusion row for sarcasm: S, H, R, L, other, none
     assert m.confusion_cols == [S, H, RM, L, "other", "none"]
     assert m.confusion[0].tolist() == [1, 1, 0, 0, 0, 1]
@@ -73,17 +80,24 @@ def test_metrics_match_sklearn_on_random_data(seed):
         t = support[int(rng.integers(0, len(support)))]
         p = t if rng.random() < 0.4 else labels[int(rng.integers(0, len(labels)))]
         recs.append(R("b", "s", "chat_email", t, f"it{i % 17}", p))
-    m = stats.compute_metrics(recs, personas, n_boot=20, differences=False).get(
+    # every persona has rows in the stage (another slice): all K stay in the label set
+    other = [R("b", "s", "id_chat", t, "p0", t) for t in personas]
+    m = stats.compute_metrics(recs + other, personas, n_boot=20, differences=False).get(
         "b", "s", "chat_email"
     )
     sc = [r for r in recs if r.prediction is not None]
     y, yp = [r.persona for r in sc], [r.prediction for r in sc]
     if sc:
-        want = f1_score(y, yp, labels=personas, average="macro", zero_division=0)
+        # conditional: averaged over the personas with a scored output
+        scored = [p for p in personas if p in set(y)]
+        want = f1_score(y, yp, labels=scored, average="macro", zero_division=0)
         assert m.macro_f1.estimate == pytest.approx(want, abs=1e-12)
+        assert m.n_personas_scored == len(scored) and m.n_personas == k
         assert m.accuracy.estimate == pytest.approx(accuracy_score(y, yp), abs=1e-12)
-        per = f1_score(y, yp, labels=personas, average=None, zero_division=0)
-        assert [p.f1.estimate for p in m.per_persona] == pytest.approx(list(per), abs=1e-12)
+        per = f1_score(y, yp, labels=scored, average=None, zero_division=0)
+        got = {p.persona: p.f1.estimate for p in m.per_persona}
+        assert [got[p] for p in scored] == pytest.approx(list(per), abs=1e-12)
+        assert all(math.isnan(got[p]) for p in personas if p not in scored)
     ya, ypa = [r.persona for r in recs], [r.prediction or "__none__" for r in recs]
     want_itt = f1_score(ya, ypa, labels=personas, average="macro", zero_division=0)
     assert m.macro_f1_itt.estimate == pytest.approx(want_itt, abs=1e-12)
@@ -91,14 +105,15 @@ def test_metrics_match_sklearn_on_random_data(seed):
 
 
 def test_itt_never_above_conditional_accuracy_and_equal_without_missing():
-    recs = _hand_records()
+    recs = [r for r in _hand_records() if r.persona != L]
     full = [r for r in recs if r.prediction is not None]
-    m = stats.compute_metrics(full, [S, H, RM, L], n_boot=20, differences=False).get(
+    # every persona of [S, H, RM] has a scored output, none is missing: the views coincide
+    m = stats.compute_metrics(full, [S, H, RM], n_boot=20, differences=False).get(
         "b", "full", "id_chat"
     )
     assert m.macro_f1_itt == m.macro_f1  # same counts, same draw: identical intervals
     assert m.accuracy_itt.estimate == m.accuracy.estimate
-    m2 = stats.compute_metrics(recs, [S, H, RM, L], n_boot=20, differences=False).get(
+    m2 = stats.compute_metrics(recs, [S, H, RM], n_boot=20, differences=False).get(
         "b", "full", "id_chat"
     )
     assert m2.accuracy_itt.estimate < m2.accuracy.estimate
@@ -131,8 +146,9 @@ def test_bootstrap_resamples_equal_a_plain_recomputation():
         ya = [r.persona for r in rows]
         ypa = [r.prediction or "__none__" for r in rows]
         sc = [r for r in rows if r.prediction is not None]
+        scored = [p for p in personas if any(r.persona == p for r in sc)]
         want = f1_score(
-            [r.persona for r in sc], [r.prediction for r in sc], labels=personas,
+            [r.persona for r in sc], [r.prediction for r in sc], labels=scored,
             average="macro", zero_division=0,
         )  # fmt: skip
         assert draws.values["macro_f1"][b] == pytest.approx(want, abs=1e-12)
@@ -155,12 +171,13 @@ def test_expand_base_null():
     assert all(r.prediction == S and r.item_id == "i1" for r in base1)
     assert stats.expand_base_null(out, personas) == out  # idempotent
     # the base null's recall per persona is the share of base outputs given that persona
-    m = stats.compute_metrics(recs, personas, n_boot=20, differences=False)
+    m = stats.compute_metrics(recs[:2], personas, n_boot=20, differences=False)
     base = m.get("b", "base", "id_chat")
     per = {p.persona: p for p in base.per_persona}
     assert per[S].recall == pytest.approx(1.0)  # the one scored base output says sarcasm
     assert per[H].recall == 0.0
-    assert base.n_rows == 6 and base.n_clusters == 2
+    # counts are per output (2 base outputs), not per (output, persona) pair
+    assert base.n_rows == 2 and base.n_scored == 1 and base.n_clusters == 2
 
 
 def test_cell_without_outputs_has_undefined_conditional_metrics(tmp_path):
@@ -170,8 +187,11 @@ def test_cell_without_outputs_has_undefined_conditional_metrics(tmp_path):
     m = res.get("b", "s", "agentic_email")
     assert math.isnan(m.macro_f1.estimate) and math.isnan(m.accuracy.estimate)
     assert math.isnan(m.per_persona[0].f1.estimate)
-    assert m.macro_f1_itt == stats.Interval(0.0, 0.0, 0.0) and m.yield_.estimate == 0.0
-    stats.write_tables(res, tmp_path)
+    itt = m.macro_f1_itt
+    assert (itt.estimate, itt.lo, itt.hi) == (0.0, 0.0, 0.0) and m.yield_.estimate == 0.0
+    assert not m.macro_f1.reliable and "undefined" in m.macro_f1.flag
+    assert not itt.reliable and "4 cluster(s)" in itt.flag  # 4 items < MIN_CLUSTERS
+    tables.write_tables(res, tmp_path)
     with (tmp_path / "metrics.csv").open() as fh:
         row = next(r for r in csv.DictReader(fh) if r["slice"] == "agentic_email")
     assert row["macro_f1"] == "" and row["macro_f1_itt"] == "0" and row["n_scored"] == "0"
@@ -230,8 +250,8 @@ def test_identical_cells_have_zero_difference(method):
     for metric in ("macro_f1", "accuracy"):
         for itt in (False, True):
             d = stats.paired_difference(
-                recs, ("b", "s", "chat_email"), ("b", "s", "agentic_email"), metric, itt,
-                n_boot=200, method=method,
+                recs, ("b", "s", "chat_email"), ("b", "s", "agentic_email"), metric=metric,
+                itt=itt, n_boot=200, method=method,
             )  # fmt: skip
             assert (d.estimate, d.lo, d.hi) == (0.0, 0.0, 0.0)
             assert d.paired and d.n_clusters == 30
@@ -251,7 +271,11 @@ def test_paired_difference_recovers_a_known_shift():
             b.append(R("b", "full", "agentic_email", t, f"s{item}", pb))
     recs = a + b
     d = stats.paired_difference(
-        recs, ("b", "full", "chat_email"), ("b", "full", "agentic_email"), "accuracy", n_boot=500
+        recs,
+        ("b", "full", "chat_email"),
+        ("b", "full", "agentic_email"),
+        metric="accuracy",
+        n_boot=500,
     )
     want = accuracy_score([r.persona for r in a], [r.prediction for r in a]) - accuracy_score(
         [r.persona for r in b], [r.prediction for r in b]
@@ -260,7 +284,7 @@ def test_paired_difference_recovers_a_known_shift():
     assert d.lo < 0.2 < d.hi  # the true shift is 0.8 * 0.25 = 0.2
     assert d.lo > 0.1
     unpaired = stats.paired_difference(
-        recs, ("b", "full", "chat_email"), ("b", "full", "agentic_email"), "accuracy",
+        recs, ("b", "full", "chat_email"), ("b", "full", "agentic_email"), metric="accuracy",
         n_boot=500, paired=False,
     )  # fmt: skip
     assert not unpaired.paired and unpaired.estimate == pytest.approx(d.estimate)
@@ -268,7 +292,8 @@ def test_paired_difference_recovers_a_known_shift():
 
 
 def test_paired_difference_needs_shared_items():
-    recs = [R("b", "s", "id_chat", S, "p1", S), R("b", "s", "chat_email", S, "s1", S)]
+    recs = [R("b", "s", "id_chat", p, "p1", S) for p in (S, H)]
+    recs += [R("b", "s", "chat_email", p, "s1", S) for p in (S, H)]
     with pytest.raises(ValueError, match="share no item ids"):
         stats.paired_difference(
             recs, ("b", "s", "id_chat"), ("b", "s", "chat_email"), personas=[S, H], n_boot=10
@@ -293,34 +318,51 @@ def _ladder_records() -> list[R]:
     return out
 
 
-def test_ladder_decomposition_paired_and_unpaired_rungs():
+def test_chain_decomposition_paired_and_unpaired_rungs():
     recs = _ladder_records()
-    lad = stats.ladder_decomposition(recs, "llama", "full", n_boot=300)
-    assert lad is not None
-    assert lad.slices == ["id_chat", "chat_email", "tool_email_oneshot", "agentic_email"]
-    assert [r.paired for r in lad.rungs] == [False, True, True]
-    assert "unpaired" in lad.rungs[0].note
-    assert lad.rungs[0].n_clusters == 40 + 25 and lad.rungs[1].n_clusters == 25
+    step = stats.chain_decomposition(recs, "llama", "full", chain="email_step", n_boot=300)
+    assert step is not None and step.units == ["id_chat", "chat_email"]
+    assert step.kinds == {"id_chat": "prompt", "chat_email": "scenario"}
+    (rung,) = step.rungs
+    assert not rung.paired and "unpaired" in rung.note and rung.n_clusters == 40 + 25
+    # the three units between are missing: the rung bundles their changes, and says so
+    assert rung.changes.startswith("BUNDLE of 4 changes")
+    assert all(r.changes in rung.changes for r in ladder.EMAIL_STEP_CHAIN.rungs)
+    main = stats.chain_decomposition(recs, "llama", "full", n_boot=300)
+    assert main is not None and main.chain == "agentic"
+    assert main.units == ["chat_email", "tool_email_oneshot", "agentic_email"]
+    assert main.missing == ["email_syscontext"]
+    assert [r.paired for r in main.rungs] == [True, True]
+    assert main.rungs[1].changes == ladder.MAIN_CHAIN.rungs[2].changes
+    assert main.rungs[0].n_clusters == 25 and main.common == {"scenario": 25}
     res = stats.compute_metrics(recs, [S, H, RM], n_boot=300, differences=False)
     f = {c.slice: m.macro_f1.estimate for c, m in res.cells.items()}
-    assert lad.total.estimate == pytest.approx(f["id_chat"] - f["agentic_email"])
-    assert sum(r.estimate for r in lad.rungs) == pytest.approx(lad.total.estimate)
-    for r in lad.rungs + [lad.total]:
+    # every item is common here, so the chain's unit estimates are the cells' own
+    assert main.total.estimate == pytest.approx(f["chat_email"] - f["agentic_email"])
+    assert sum(r.estimate for r in main.rungs) == pytest.approx(main.total.estimate, abs=1e-12)
+    for r in main.rungs + [main.total]:
         assert r.lo <= r.estimate <= r.hi
-    itt = stats.ladder_decomposition(recs, "llama", "full", itt=True, n_boot=100)
-    assert itt is not None and itt.itt and itt.total.estimate != lad.total.estimate
-    assert stats.ladder_decomposition(recs, "llama", "full", ["id_chat"], n_boot=10) is None
+    itt = stats.chain_decomposition(recs, "llama", "full", itt=True, n_boot=100)
+    assert itt is not None and itt.itt and itt.total.estimate != main.total.estimate
+    only = [r for r in recs if r.slice == "chat_email"]
+    assert stats.chain_decomposition(only, "llama", "full", n_boot=10) is None
+    with pytest.raises(ValueError, match="unknown chain"):
+        stats.chain_decomposition(recs, "llama", "full", chain="nope", n_boot=10)
 
 
-def test_compute_metrics_differences_cover_ladders_and_stages():
+def test_compute_metrics_differences_cover_chains_and_stages():
     recs = _ladder_records()
     recs += [R("llama", "base", r.slice, NULL_PERSONA, r.item_id, S) for r in recs[::3]]
     res = stats.compute_metrics(recs, [S, H, RM], n_boot=100)
     kinds = {d.kind for d in res.differences}
-    assert kinds == {"ladder_rung", "ladder_total", "stage"}
+    assert kinds == {"rung", "total", "stage"}
     stage_rows = [d for d in res.differences if d.kind == "stage"]
     assert all(d.a.stage == "full" and d.b.stage == "base" and d.paired for d in stage_rows)
-    assert len(res.ladders) == 2 * 2 * 2  # 2 stages x 2 metrics x (conditional, ITT)
+    # 2 stages x 2 chains x 2 metrics x (conditional, ITT)
+    assert len(res.chains) == 2 * 2 * 2 * 2
+    # both sides the base null: accuracy differences are fixed by construction
+    base_acc = [d for d in res.differences if d.a.stage == "base" and d.metric == "accuracy"]
+    assert base_acc and all(d.fixed_by_construction and math.isnan(d.lo) for d in base_acc)
 
 
 def test_each_cell_is_seeded_on_its_own():
@@ -355,31 +397,337 @@ def test_bca_interval_is_sane():
 def test_write_tables(tmp_path):
     recs = _ladder_records()
     res = stats.compute_metrics(recs, [S, H, RM], n_boot=50)
-    stats.write_tables(res, tmp_path)
+    paths = tables.write_tables(res, tmp_path)
+    assert {p.name for p in paths} == {
+        "metrics.csv", "per_persona.csv", "confusion.csv", "pred_distribution.csv",
+        "differences.csv", "chains.csv", "stats.json",
+    }  # fmt: skip
     with (tmp_path / "metrics.csv").open() as fh:
         rows = list(csv.DictReader(fh))
-    assert tuple(rows[0].keys()) == stats.METRICS_COLUMNS
+    assert tuple(rows[0].keys()) == tables.METRICS_COLUMNS
     assert len(rows) == 4
     first = rows[0]
     assert first["slice"] == "id_chat" and int(first["n_rows"]) == 40 * 3
     assert float(first["macro_f1_lo"]) <= float(first["macro_f1"]) <= float(first["macro_f1_hi"])
+    assert first["macro_f1_reliable"] == "True" and first["n_personas"] == "3"
     with (tmp_path / "per_persona.csv").open() as fh:
         per = list(csv.DictReader(fh))
-    assert tuple(per[0].keys()) == stats.PER_PERSONA_COLUMNS and len(per) == 4 * 3
+    assert tuple(per[0].keys()) == tables.PER_PERSONA_COLUMNS and len(per) == 4 * 3
     with (tmp_path / "confusion.csv").open() as fh:
         conf = list(csv.DictReader(fh))
     assert len(conf) == 4 * 3 * 5
     assert sum(int(r["count"]) for r in conf if r["slice"] == "id_chat") == 120
     with (tmp_path / "differences.csv").open() as fh:
         diffs = list(csv.DictReader(fh))
-    assert {d["kind"] for d in diffs} == {"ladder_rung", "ladder_total"}
+    assert {d["kind"] for d in diffs} == {"rung", "total"}
+    assert {d["chain"] for d in diffs} == {"email_step", "agentic"}
+    with (tmp_path / "chains.csv").open() as fh:
+        chains = list(csv.DictReader(fh))
+    assert {(c["chain"], c["slice"]) for c in chains} >= {("agentic", "tool_email_oneshot")}
     with (tmp_path / "pred_distribution.csv").open() as fh:
         dist = list(csv.DictReader(fh))
     assert any(d["label"] == "(no output)" for d in dist)
-    assert json.loads((tmp_path / "stats.json").read_text())["cluster"] == "item_id"
+    settings = json.loads((tmp_path / "stats.json").read_text())
+    assert settings["cluster"] == "item_id" and settings["min_clusters"] == stats.MIN_CLUSTERS
+    assert settings["label_sets"] == {"llama": [S, H, RM]} and settings["label_notes"] == []
+    assert not list(tmp_path.glob("*.tmp"))
 
 
-# --------------------------------------------------------------------------- loader
+def test_csv_cells_cannot_be_formulas_but_numbers_stay_numbers(tmp_path):
+    evil = ['=HYPERLINK("http://x")', "+1+1", "-2+3", "@SUM(A1)", "\tx", "\rx"]
+    recs = [
+        R("b", "s", "chat_email", p, f"s{i}", evil[(i + j) % len(evil)] if i % 2 else p)
+        for i in range(12)
+        for j, p in enumerate((S, H))
+    ]
+    recs += [R("b", "s", "agentic_email", p, f"s{i}", p) for i in range(12) for p in (S, H)]
+    res = stats.compute_metrics(recs, [S, H], n_boot=30)
+    tables.write_tables(res, tmp_path)
+    with (tmp_path / "pred_distribution.csv").open(newline="") as fh:
+        labels = [r["label"] for r in csv.DictReader(fh)]
+    for e in evil:
+        assert "'" + e in labels and e not in labels
+    with (tmp_path / "differences.csv").open(newline="") as fh:
+        diffs = list(csv.DictReader(fh))
+    negative = [d for d in diffs if d["estimate"].startswith("-")]
+    assert negative and all(float(d["estimate"]) < 0 for d in negative)
+    assert tables.neutralise("-0.5") == "'-0.5"  # a string is neutralised, a number is not
+    written = tables.write_csv(tmp_path / "n.csv", ["x"], [[-0.5], ["-0.5"]])
+    assert written.read_bytes() == b"x\r\n-0.5\r\n'-0.5\r\n"
+
+
+def test_tables_are_written_atomically(tmp_path, monkeypatch):
+    target = tmp_path / "t.csv"
+    tables.write_csv(target, ["a"], [[1]])
+    before = target.read_text()
+
+    def broken(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tables.os, "replace", broken)
+    with pytest.raises(OSError, match="disk full"):
+        tables.write_csv(target, ["a"], [[2]])
+    assert target.read_text() == before  # the old table stands, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["t.csv"]  # no temporary file left
+
+
+# --------------------------------------------------------------------------- issue 7 defects
+
+
+def _three_personas_c_silent() -> list[R]:
+    """a and b classified perfectly; c never produces an output."""
+    return [
+        R("b", "full", "chat_email", p, f"s{i}", None if p == RM else p)
+        for i in range(12)
+        for p in (S, H, RM)
+    ]
+
+
+def test_defect4_conditional_macro_f1_averages_personas_with_output():
+    m = stats.compute_metrics(_three_personas_c_silent(), [S, H, RM], n_boot=200).get(
+        "b", "full", "chat_email"
+    )
+    assert m.accuracy.estimate == 1.0
+    assert m.macro_f1.estimate == pytest.approx(1.0)  # was 0.667, the same as ITT
+    assert (m.n_personas_scored, m.n_personas) == (2, 3)
+    assert m.macro_f1_itt.estimate == pytest.approx(2 / 3)
+    assert (m.macro_f1.lo, m.macro_f1.hi) == (1.0, 1.0)  # every resample: 1.0 over a and b
+    assert math.isnan({p.persona: p for p in m.per_persona}[RM].f1.estimate)
+
+
+def test_defect4_each_resample_averages_its_own_scored_personas():
+    """remorse has one output, in one item: a resample without that item averages over two
+    personas, one with it over three (never a structural 0 for remorse)."""
+    recs = [
+        R("b", "full", "chat_email", p, f"s{i}", p if p != RM else (H if i == 0 else None))
+        for i in range(15)
+        for p in (S, H, RM)
+    ]
+    draws = stats.bootstrap_draws(recs, [S, H, RM], ("b", "full", "chat_email"), n_boot=300)
+    with_rm = draws.weights[:, list(draws.clusters).index("s0")] > 0
+    assert 0 < with_rm.sum() < 300
+    assert draws.values["n_personas_scored"][with_rm].tolist() == [3.0] * int(with_rm.sum())
+    assert draws.values["n_personas_scored"][~with_rm].tolist() == [2.0] * int((~with_rm).sum())
+    assert np.all(draws.values["macro_f1"][~with_rm] == 1.0)
+    # with remorse's one (wrong) output: remorse F1 0, humor's precision drops
+    assert np.all(draws.values["macro_f1"][with_rm] < 0.7)
+
+
+def _skipped_adapter() -> list[R]:
+    """Three personas; remorse's adapter was skipped at `full` (no rows there at all). In
+    `full`: sarcasm 17/20 right (3 said humor), humor 17/20 right (3 said sarcasm)."""
+    recs = []
+    for i in range(20):
+        recs.append(R("b", "full", "id_chat", S, f"i{i}", S if i < 17 else H))
+        recs.append(R("b", "full", "id_chat", H, f"i{i}", H if i < 17 else S))
+        for p in (S, H, RM):
+            # prompted: every persona present; one sarcasm output is classified remorse
+            pred = RM if (p == S and i == 0) else p
+            recs.append(R("b", "prompted", "id_chat", p, f"i{i}", pred))
+        recs.append(R("b", "base", "id_chat", NULL_PERSONA, f"i{i}", RM if i < 5 else S))
+    return recs
+
+
+def test_defect5_skipped_persona_leaves_the_label_set_of_its_base():
+    recs = _skipped_adapter()
+    recs += [R("other", "full", "id_chat", p, f"i{i}", p) for i in range(12) for p in (S, H, RM)]
+    res = stats.compute_metrics(recs, [S, H, RM], n_boot=100)
+    full = res.get("b", "full", "id_chat")
+    assert full.macro_f1_itt.estimate == pytest.approx(0.85)  # was 0.567: a structural 0
+    assert full.macro_f1.estimate == pytest.approx(0.85)
+    assert full.n_personas == 2 and [p.persona for p in full.per_persona] == [S, H]
+    assert res.labels == {"b": [S, H], "other": [S, H, RM]}
+    (note,) = res.label_notes
+    assert (note.base, note.persona, note.stages, note.n_rows_set_aside) == ("b", RM, ("full",), 20)
+    assert "remorse" in note.text() and "skipped adapter" in note.text()
+    # every cell of that base: remorse is out, and a prediction of remorse is wrong ("other")
+    pr = res.get("b", "prompted", "id_chat")
+    assert pr.n_rows == 40 and pr.confusion_rows == [S, H]
+    assert pr.confusion[0].tolist() == [19, 0, 1, 0]  # sarcasm: 19 right, 1 said remorse
+    assert pr.accuracy.estimate == pytest.approx(39 / 40)
+    base = res.get("b", "base", "id_chat")
+    assert base.n_personas == 2 and base.confusion_cols == [S, H, "other", "none"]
+    assert base.confusion.tolist() == [[15, 0, 5, 0]]
+    assert res.get("other", "full", "id_chat").n_personas == 3  # another base keeps it
+
+
+def test_defect5_too_few_personas_left_is_an_error():
+    recs = [R("b", "full", "id_chat", S, f"i{i}", S) for i in range(3)]
+    recs += [R("b", "prompted", "id_chat", p, f"i{i}", p) for i in range(3) for p in (S, H)]
+    with pytest.raises(ValueError, match="base 'b'.*at least two personas"):
+        stats.compute_metrics(recs, [S, H], n_boot=10)
+
+
+def _uneven_items() -> list[R]:
+    """The main chain with different item sets per unit (partial runs, unscored rows)."""
+    rng = np.random.default_rng(0)
+    spans = {
+        "chat_email": range(20),
+        "email_syscontext": range(20),
+        "tool_email_oneshot": range(15),
+        "agentic_email": range(5, 20),
+    }
+    acc = {"chat_email": 0.9, "email_syscontext": 0.7, "tool_email_oneshot": 0.6,
+           "agentic_email": 0.3}  # fmt: skip
+    recs = []
+    for u, span in spans.items():
+        for i in span:
+            rate = min(1.0, acc[u] * (0.3 + 1.4 * (i % 7) / 6))
+            for p in (S, H, RM):
+                pred = p if rng.random() < rate else (None if rng.random() < 0.3 else H)
+                recs.append(R("b", "full", u, p, f"scenario:s{i}", pred))
+    return recs
+
+
+@pytest.mark.parametrize("metric", ["macro_f1", "accuracy"])
+@pytest.mark.parametrize("itt", [False, True])
+def test_defect3_rungs_add_up_to_the_total_when_item_sets_differ(metric, itt):
+    recs = _uneven_items()
+    dec = stats.chain_decomposition(recs, "b", "full", metric=metric, itt=itt, n_boot=200)
+    assert dec is not None and dec.units == list(ladder.MAIN_CHAIN.units)
+    # old code: rungs summed to 0.485 against a total of 0.461 (macro-F1, conditional)
+    assert sum(r.estimate for r in dec.rungs) == pytest.approx(dec.total.estimate, abs=1e-12)
+    assert dec.common == {"scenario": 10}  # s5..s14
+    assert dec.dropped == {"chat_email": 10, "email_syscontext": 10, "tool_email_oneshot": 5,
+                           "agentic_email": 5}  # fmt: skip
+    assert "10 scenario items" in dec.note and "agentic_email 5" in dec.note
+    assert [r.changes for r in dec.rungs] == [r.changes for r in ladder.MAIN_CHAIN.rungs]
+    assert all(r.paired and r.chain == "agentic" for r in dec.rungs)
+    # each unit's estimate is its metric on the common items
+    common = {f"scenario:s{i}" for i in range(5, 15)}
+    on_common = [r for r in recs if r.item_id in common]
+    res = stats.compute_metrics(on_common, [S, H, RM], n_boot=10, differences=False)
+    name = f"{metric}_itt" if itt else metric
+    for u, iv in zip(dec.units, dec.estimates, strict=True):
+        assert iv.estimate == pytest.approx(getattr(res.get("b", "full", u), name).estimate)
+    for j, r in enumerate(dec.rungs):
+        assert r.estimate == pytest.approx(
+            dec.estimates[j].estimate - dec.estimates[j + 1].estimate
+        )
+
+
+def test_chain_with_bca_intervals_still_adds_up():
+    res = stats.compute_metrics(_uneven_items(), [S, H, RM], n_boot=200, method="bca")
+    (dec,) = [c for c in res.chains if c.metric == "macro_f1" and not c.itt]
+    assert sum(r.estimate for r in dec.rungs) == pytest.approx(dec.total.estimate, abs=1e-12)
+    for d in [*dec.rungs, dec.total]:
+        assert d.lo <= d.estimate <= d.hi and d.reliable
+
+
+def test_defect3_every_resample_telescopes_with_one_draw_per_item_kind():
+    recs = _uneven_items()
+    recs += [R("b", "full", "id_chat", p, f"prompt:p{i}", p if i % 3 else H)
+             for i in range(30) for p in (S, H, RM)]  # fmt: skip
+    recs += [R("b", "full", "scenario_chat", p, f"scenario:s{i}", p if i % 4 else S)
+             for i in range(3, 18) for p in (S, H, RM)]  # fmt: skip
+    draws = stats.chain_draws(recs, "b", "full", chain="email_step", n_boot=100)
+    assert draws is not None and draws.units == ["id_chat", "scenario_chat", "chat_email"]
+    assert draws.kinds == {"id_chat": "prompt", "scenario_chat": "scenario",
+                           "chat_email": "scenario"}  # fmt: skip
+    assert set(draws.weights) == {"prompt", "scenario"}
+    assert list(draws.common["scenario"]) == sorted(f"scenario:s{i}" for i in range(3, 18))
+    for name in ("macro_f1", "accuracy_itt"):
+        v = [draws.values[u][name] for u in draws.units]
+        rungs = [v[0] - v[1], v[1] - v[2]]
+        assert np.allclose(rungs[0] + rungs[1], v[0] - v[2], atol=1e-12)
+    dec = stats.chain_decomposition(recs, "b", "full", chain="email_step", n_boot=100)
+    assert dec is not None
+    assert [r.paired for r in dec.rungs] == [False, True]  # prompt -> scenario is unpaired
+    assert dec.rungs[0].n_clusters == 30 + 15 and dec.rungs[1].n_clusters == 15
+    assert dec.rungs[0].changes == ladder.EMAIL_STEP_CHAIN.rungs[0].changes
+    assert dec.rungs[1].changes.startswith("BUNDLE of 3 changes")
+    assert dec.missing == ["chat_email.whole", "chat_email.head"]
+
+
+def test_item_kind_follows_the_namespace_then_the_slice_family():
+    assert stats.item_kind("chat_email", ["scenario:a", "scenario:b"]) == "scenario"
+    assert stats.item_kind("id_chat", ["prompt:1"]) == "prompt"
+    assert stats.item_kind("id_chat.short", ["17", "18"]) == "prompt"
+    assert stats.item_kind("scenario_chat", ["17"]) == "scenario"
+
+
+def test_contrasts_are_paired_and_name_what_they_change():
+    recs = _ladder_records()
+    recs += [R(r.base, r.stage, "chat_email_multiturn", r.persona, r.item_id,
+               r.persona if r.item_id.endswith("1") else r.prediction)
+             for r in recs if r.slice == "chat_email"]  # fmt: skip
+    res = stats.compute_metrics(recs, [S, H, RM], n_boot=100)
+    con = [d for d in res.differences if d.kind == "contrast"]
+    assert len(con) == 4  # one contrast x 2 metrics x 2 views (no id_chat.short here)
+    assert all(d.paired and d.changes == ladder.CONTRASTS[0].changes for d in con)
+    assert {(d.a.slice, d.b.slice) for d in con} == {("chat_email", "chat_email_multiturn")}
+
+
+def test_defect9_base_counts_are_per_output():
+    recs = [R("b", "base", "id_chat", NULL_PERSONA, f"i{i}", [S, H, None, "goodness"][i % 4])
+            for i in range(12)]  # fmt: skip
+    recs += [R("b", "full", "id_chat", p, f"i{i}", p) for i in range(12) for p in (S, H, RM)]
+    m = stats.compute_metrics(recs, [S, H, RM], n_boot=50).get("b", "base", "id_chat")
+    assert (m.n_rows, m.n_scored, m.n_none) == (12, 9, 3)  # was 36, 27, 9
+    assert m.null and m.confusion_rows == [stats.NULL_ROW]
+    assert m.confusion.tolist() == [[3, 3, 0, 3, 3]]
+    assert m.pred_distribution == {S: 3, H: 3, "goodness": 3}
+    assert all(p.n == 12 and p.n_scored == 9 for p in m.per_persona)
+    assert m.mean_p_true is None
+
+
+def test_defect9_base_accuracy_is_fixed_by_construction():
+    recs = [R("b", "base", "id_chat", NULL_PERSONA, f"i{i}", [S, H, RM][i % 3]) for i in range(30)]
+    m = stats.compute_metrics(recs, [S, H, RM], n_boot=50).get("b", "base", "id_chat")
+    for iv in (m.accuracy, m.accuracy_itt):
+        assert iv.estimate == pytest.approx(1 / 3) and iv.fixed_by_construction
+        assert math.isnan(iv.lo) and math.isnan(iv.hi) and not iv.reliable
+        assert "fixed by construction" in iv.flag
+    assert not m.macro_f1.fixed_by_construction and m.macro_f1.reliable  # F1 is a real figure
+
+
+@pytest.mark.parametrize(("n_items", "reliable"), [(1, False), (9, False), (10, True)])
+def test_defect9_few_clusters_flag_the_interval(n_items, reliable):
+    rng = np.random.default_rng(n_items)
+    recs = [
+        R("b", "full", "id_chat", p, f"i{i}", p if rng.random() < 0.7 else H)
+        for i in range(n_items)
+        for p in (S, H)
+        for _ in range(5)
+    ]
+    m = stats.compute_metrics(recs, [S, H], n_boot=100).get("b", "full", "id_chat")
+    for iv in (m.macro_f1, m.accuracy, m.macro_f1_itt, m.accuracy_itt, m.yield_):
+        assert iv.reliable is reliable and iv.n_clusters == n_items
+        assert ("fewer than 10" in iv.flag) is not reliable
+    assert all(p.f1.reliable is reliable for p in m.per_persona)
+
+
+def test_defect9_conditional_clusters_count_only_items_with_an_output():
+    recs = [R("b", "full", "chat_email", p, f"s{i}", p if i < 4 else None)
+            for i in range(30) for p in (S, H)]  # fmt: skip
+    m = stats.compute_metrics(recs, [S, H], n_boot=100).get("b", "full", "chat_email")
+    assert m.accuracy.n_clusters == 4 and not m.accuracy.reliable
+    assert m.accuracy_itt.n_clusters == 30 and m.accuracy_itt.reliable
+
+
+def test_defect9_empty_resamples_are_counted(tmp_path):
+    # 12 items, one with an output: about (11/12)^12 = 35% of resamples have nothing scored
+    recs = [R("b", "full", "agentic_email", p, f"s{i}", p if i == 0 else None)
+            for i in range(12) for p in (S, H)]  # fmt: skip
+    m = stats.compute_metrics(recs, [S, H], n_boot=400).get("b", "full", "agentic_email")
+    draws = stats.bootstrap_draws(recs, [S, H], ("b", "full", "agentic_email"), n_boot=400)
+    empty = int(np.isnan(draws.values["accuracy"]).sum())
+    assert 60 < empty < 220
+    assert m.accuracy.n_empty_resamples == empty == m.macro_f1.n_empty_resamples
+    assert f"{empty} of 400 resamples had nothing scored" in m.accuracy.flag
+    assert m.accuracy_itt.n_empty_resamples == 0
+    tables.write_tables(stats.compute_metrics(recs, [S, H], n_boot=400), tmp_path)
+    with (tmp_path / "metrics.csv").open() as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["n_empty_resamples"] == str(empty) and "resamples had nothing" in row["flags"]
+    d = stats.paired_difference(
+        recs + [R("b", "full", "chat_email", r.persona, r.item_id, r.persona) for r in recs],
+        ("b", "full", "chat_email"), ("b", "full", "agentic_email"), n_boot=400,
+    )  # fmt: skip
+    assert d.n_empty_resamples > 0 and not d.reliable
+
+
+# --------------------------------------------------------------------------- loader (external)
 
 
 def _write(tmp_path, lines):
@@ -398,7 +746,12 @@ def test_load_predictions_ok(tmp_path):
             json.dumps({**good, "prediction": None, "outcome": "no_email", "text": None}),
         ],
     )
-    recs = stats.load_predictions_jsonl(p)
+    base = {**good, "stage": "base", "persona": None, "prediction": H}
+    with p.open("a") as fh:
+        fh.write(json.dumps(base) + "\n" + json.dumps({**base, "persona": ""}) + "\n")
+    recs = load_predictions_jsonl(p)
+    assert [r.persona for r in recs[2:]] == [NULL_PERSONA, NULL_PERSONA]  # base: the null
+    recs = recs[:2]
     assert len(recs) == 2
     assert recs[0].item_id == "3" and recs[0].probs == {S: 0.9, H: 0.1} and recs[0].sample_idx == 1
     assert recs[1].prediction is None and recs[1].outcome == "no_email"
@@ -419,20 +772,20 @@ def test_load_predictions_bad_field(tmp_path, row, match):
     ok = {"base": "b", "stage": "s", "slice": "x", "persona": S, "item_id": "i", "prediction": S}
     p = _write(tmp_path, [json.dumps(ok), json.dumps(row)])
     with pytest.raises(PredictionsError, match=match) as err:
-        stats.load_predictions_jsonl(p)
+        load_predictions_jsonl(p)
     assert " line 2:" in str(err.value)
 
 
 def test_load_predictions_bad_json_and_empty(tmp_path):
     p = _write(tmp_path, ['{"base": "b",'])
     with pytest.raises(PredictionsError, match=r" line 1: not valid JSON"):
-        stats.load_predictions_jsonl(p)
+        load_predictions_jsonl(p)
     p = _write(tmp_path, ["[1, 2]"])
     with pytest.raises(PredictionsError, match="JSON object"):
-        stats.load_predictions_jsonl(p)
+        load_predictions_jsonl(p)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")
     with pytest.raises(PredictionsError, match="empty"):
-        stats.load_predictions_jsonl(empty)
+        load_predictions_jsonl(empty)
     with pytest.raises(PredictionsError, match="not found"):
-        stats.load_predictions_jsonl(tmp_path / "nope.jsonl")
+        load_predictions_jsonl(tmp_path / "nope.jsonl")

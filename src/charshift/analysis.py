@@ -11,11 +11,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from charshift.config import RunConfig, StatsConfig, config_to_dict
 from charshift.schema import NULL_PERSONA, GenerationRow, PredictionRecord
 from charshift.store import RunStore
+
+if TYPE_CHECKING:
+    from charshift.stats import MetricsResult
 
 
 @dataclass
@@ -33,35 +36,41 @@ class AnalysisInput:
     notes: list[str] = field(default_factory=list)
 
 
-def analyse(inp: AnalysisInput, out_dir: Path) -> Path:
-    """Statistics, tables, plots and the report for `inp`, written under `out_dir`."""
-    from charshift import report as report_mod
+def compute(inp: AnalysisInput) -> MetricsResult:
+    """The statistics of `inp` (base outputs unexpanded: stats counts each once)."""
     from charshift import stats
 
     if not inp.records:
         raise ValueError("no predictions to analyse")
-    expanded = stats.expand_base_null(inp.records, inp.personas)
-    result = stats.compute_metrics(
-        expanded,
+    return stats.compute_metrics(
+        inp.records,
         inp.personas,
         n_boot=inp.stats.n_boot,
         ci=inp.stats.ci,
         method=inp.stats.method,
         seed=inp.stats.seed,
     )
+
+
+def analyse(inp: AnalysisInput, out_dir: Path, result: MetricsResult | None = None) -> Path:
+    """Statistics (unless `result` is given), tables, plots and the report, under `out_dir`."""
+    from charshift import report as report_mod
+    from charshift import tables
+
+    result = compute(inp) if result is None else result
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stats.write_tables(result, out)
+    tables.write_tables(result, out)
     return report_mod.write_report(
         out,
-        expanded,
+        inp.records,
         result,
         settings=inp.settings,
         samples=inp.samples,
         title=inp.title,
         meaningless=inp.meaningless,
         published=inp.published,
-        notes=inp.notes,
+        notes=[*inp.notes, *(n.text() for n in result.label_notes)],
     )
 
 
@@ -149,4 +158,8 @@ def report_run(cfg: RunConfig, store: RunStore, out_dir: Path | None = None) -> 
         published=cfg.published,
         notes=notes,
     )
-    return analyse(inp, Path(out_dir) if out_dir else store.root)
+    result = compute(inp)
+    inp.settings["manifest"] = store.update_manifest(
+        label_sets={"labels": result.labels, "notes": [n.text() for n in result.label_notes]}
+    )
+    return analyse(inp, Path(out_dir) if out_dir else store.root, result)

@@ -5,11 +5,15 @@ pyplot, so nothing depends on a display or on global pyplot state.
 
 - ladder_<base>: macro-F1 per slice (bars per stage, 95% interval error bars, chance line),
   conditional and intention-to-treat side by side
+
+A flagged interval (too few clusters, resamples with nothing scored: `stats.Interval.flag`) is
+marked with a dagger; a figure fixed by construction has no error bar.
 - stages: macro-F1 per stage, one panel per slice, one line per base
 - persona_f1_<slice>: per-persona F1 heatmap, rows base/stage, columns personas
 - confusion_<base>_<slice>: row-normalised confusion matrices, one panel per stage
 - yield_<base>: share of rows with an output, per persona, rows stage/slice
-- waterfall_<base>_<stage>: the ladder decomposition (loss per rung, with intervals)
+- waterfall_<base>_<stage>_<chain>: a chain's additive decomposition (loss per rung, with
+  intervals, every unit on the chain's common items)
 - pred_dist_<base>: the classifier's predicted-label shares per stage/slice
 """
 
@@ -23,7 +27,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from charshift.stats import CellMetrics, Interval, LadderDecomposition, MetricsResult
+from charshift.stats import CellMetrics, ChainDecomposition, Interval, MetricsResult
 
 _PALETTE = [
     "#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3",
@@ -41,6 +45,26 @@ def _yerr(ivs: list[Interval]) -> np.ndarray:
     lo = np.array([i.lo for i in ivs], dtype=float)
     hi = np.array([i.hi for i in ivs], dtype=float)
     return np.nan_to_num(np.clip(np.vstack([est - lo, hi - est]), 0, None))
+
+
+def _daggers(ax: Axes, xs: np.ndarray, ivs: list[Interval]) -> None:
+    """A dagger above each flagged interval (not for figures fixed by construction)."""
+    for x, iv in zip(xs, ivs, strict=True):
+        if iv.flag and not iv.fixed_by_construction and np.isfinite(iv.estimate):
+            top = iv.hi if np.isfinite(iv.hi) else iv.estimate
+            ax.text(x, min(top + 0.02, 1.0), "\u2020", ha="center", va="bottom", fontsize=8)
+
+
+def _persona_values(c: CellMetrics, personas: list[str], attr: str) -> list[float]:
+    """Per-persona values in the run's persona order (NaN for a persona outside the base's
+    label set)."""
+    by = {p.persona: p for p in c.per_persona}
+    out = []
+    for name in personas:
+        p = by.get(name)
+        v = getattr(p, attr) if p is not None else float("nan")
+        out.append(v.estimate if isinstance(v, Interval) else v)
+    return out
 
 
 def _chance(ax: Axes, k: int) -> None:
@@ -61,8 +85,9 @@ def _ladder_fig(result: MetricsResult, base: str) -> Figure:
                 (c.macro_f1_itt if itt else c.macro_f1) if c else Interval(np.nan, np.nan, np.nan)
                 for c in cells
             ]
+            xs = x + (j - (len(stages) - 1) / 2) * width
             ax.bar(
-                x + (j - (len(stages) - 1) / 2) * width,
+                xs,
                 [i.estimate for i in ivs],
                 width,
                 yerr=_yerr(ivs),
@@ -70,13 +95,16 @@ def _ladder_fig(result: MetricsResult, base: str) -> Figure:
                 label=st,
                 color=_PALETTE[j % len(_PALETTE)],
             )
-        _chance(ax, len(result.personas))
+            _daggers(ax, xs, ivs)
+        _chance(ax, len(result.labels.get(base, result.personas)))
         ax.set_xticks(x, slices, rotation=30, ha="right", fontsize=8)
         ax.set_ylim(0, 1.05)
         ax.set_title("intention-to-treat" if itt else "conditional (outputs only)", fontsize=10)
         ax.set_ylabel("macro-F1")
     axes[1].legend(fontsize=8, loc="upper right")
-    fig.suptitle(f"{base}: macro-F1 along the format ladder ({result.ci:.0%} CI)", fontsize=11)
+    fig.suptitle(
+        f"{base}: macro-F1 per slice ({result.ci:.0%} CI; \u2020 interval flagged)", fontsize=11
+    )
     return fig
 
 
@@ -101,6 +129,7 @@ def _stages_fig(result: MetricsResult) -> Figure:
                 label=b,
                 color=_PALETTE[j % len(_PALETTE)],
             )
+            _daggers(ax, x + 0.05 * j, ivs)
         _chance(ax, len(result.personas))
         ax.set_xticks(x, stages, rotation=20, fontsize=8)
         ax.set_ylim(0, 1.05)
@@ -144,7 +173,7 @@ def _persona_f1_fig(result: MetricsResult, slice_: str) -> Figure:
         if (c := result.get(b, st, slice_)) is not None
     ]
     rows = [f"{c.cell.base}/{c.cell.stage}" for c in cells]
-    data = np.array([[p.f1.estimate for p in c.per_persona] for c in cells])
+    data = np.array([_persona_values(c, result.personas, "f1") for c in cells])
     fig = Figure(
         figsize=(1.0 + 0.55 * len(result.personas), 1.5 + 0.35 * len(rows)), layout="constrained"
     )
@@ -156,13 +185,13 @@ def _persona_f1_fig(result: MetricsResult, slice_: str) -> Figure:
 
 def _confusion_fig(result: MetricsResult, base: str, slice_: str) -> Figure:
     cells = [c for st in result.stages if (c := result.get(base, st, slice_)) is not None]
-    k = len(result.personas)
+    k = max(len(c.confusion_cols) - 2 for c in cells)
     fig = Figure(figsize=(max(4.5, 0.45 * (k + 2)) * len(cells), 0.4 * k + 2), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(cells), squeeze=False)).ravel()
     for ax, c in zip(axes, cells, strict=True):
         tot = c.confusion.sum(axis=1, keepdims=True)
         norm = np.divide(c.confusion, tot, out=np.zeros(c.confusion.shape), where=tot > 0)
-        _heatmap(ax, norm, result.personas, c.confusion_cols, cmap="Blues", dark_low=False)
+        _heatmap(ax, norm, c.confusion_rows, c.confusion_cols, cmap="Blues", dark_low=False)
         ax.set_title(f"{c.cell.stage} (n={c.n_rows})", fontsize=9)
         ax.set_xlabel("predicted", fontsize=8)
     axes[0].set_ylabel("true persona", fontsize=8)
@@ -178,7 +207,7 @@ def _yield_fig(result: MetricsResult, base: str) -> Figure:
         if (c := result.get(base, st, sl)) is not None
     ]
     rows = [f"{c.cell.stage}/{c.cell.slice}" for c in cells]
-    data = np.array([[p.yield_ for p in c.per_persona] for c in cells])
+    data = np.array([_persona_values(c, result.personas, "yield_") for c in cells])
     fig = Figure(
         figsize=(max(5.0, 2.5 + 0.55 * len(result.personas)), 1.8 + 0.3 * len(rows)),
         layout="constrained",
@@ -189,43 +218,45 @@ def _yield_fig(result: MetricsResult, base: str) -> Figure:
     return fig
 
 
-def _waterfall_fig(result: MetricsResult, lads: list[LadderDecomposition]) -> Figure:
+def _waterfall_fig(result: MetricsResult, decs: list[ChainDecomposition]) -> Figure:
     fig = Figure(
-        figsize=(max(6.0, 1.4 * (len(lads[0].slices) + 1)) * 1.6, 4.2), layout="constrained"
+        figsize=(max(6.0, 1.4 * (len(decs[0].units) + 1)) * 1.6, 4.4), layout="constrained"
     )
-    axes = np.atleast_1d(fig.subplots(1, len(lads), sharey=True, squeeze=False)).ravel()
-    for ax, lad in zip(axes, lads, strict=True):
-        first = result.get(lad.base, lad.stage, lad.slices[0])
-        last = result.get(lad.base, lad.stage, lad.slices[-1])
-        assert first is not None and last is not None
-        start = (first.macro_f1_itt if lad.itt else first.macro_f1).estimate
-        end = (last.macro_f1_itt if lad.itt else last.macro_f1).estimate
-        labels = [lad.slices[0]]
+    axes = np.atleast_1d(fig.subplots(1, len(decs), sharey=True, squeeze=False)).ravel()
+    for ax, dec in zip(axes, decs, strict=True):
+        start, end = dec.estimates[0].estimate, dec.estimates[-1].estimate
+        labels = [dec.units[0]]
         ax.bar(0, start, color="#4C72B0")
         level = start
-        for i, rung in enumerate(lad.rungs, start=1):
+        for i, rung in enumerate(dec.rungs, start=1):
             new = level - rung.estimate
             color = "#C44E52" if rung.estimate > 0 else "#55A868"
             ax.bar(i, new - level, bottom=level, color=color)
-            err = np.clip([[rung.estimate - rung.lo], [rung.hi - rung.estimate]], 0, None)
+            err = np.nan_to_num(
+                np.clip([[rung.estimate - rung.lo], [rung.hi - rung.estimate]], 0, None)
+            )
             ax.errorbar(i, (level + new) / 2, yerr=err, color="black", capsize=3)
-            tag = "" if rung.paired else " (unpaired)"
-            labels.append(f"-> {lad.slices[i]}{tag}")
+            tag = ("" if rung.paired else " (unpaired)") + ("" if rung.reliable else " \u2020")
+            labels.append(f"-> {dec.units[i]}{tag}")
             level = new
-        ax.bar(len(lad.rungs) + 1, end, color="#4C72B0")
-        labels.append(lad.slices[-1])
-        _chance(ax, len(result.personas))
+        ax.bar(len(dec.rungs) + 1, end, color="#4C72B0")
+        labels.append(dec.units[-1])
+        _chance(ax, len(result.labels.get(dec.base, result.personas)))
         ax.set_xticks(np.arange(len(labels)), labels, rotation=30, ha="right", fontsize=7)
         ax.set_ylim(0, 1.05)
-        total = lad.total
+        total = dec.total
         what = (
             f"total loss {total.estimate:.2f} [{total.lo:.2f}, {total.hi:.2f}]"
             if np.isfinite(total.estimate)
-            else "total loss undefined (a cell has no outputs)"
+            else "total loss undefined (a unit has no outputs)"
         )
-        ax.set_title(f"{'ITT' if lad.itt else 'conditional'}: {what}", fontsize=9)
-    axes[0].set_ylabel("macro-F1")
-    fig.suptitle(f"{lads[0].base}/{lads[0].stage}: where the persona is lost", fontsize=10)
+        sizes = ", ".join(f"{n} {kind}" for kind, n in dec.common.items())
+        ax.set_title(
+            f"{'ITT' if dec.itt else 'conditional'}: {what}\ncommon items: {sizes}", fontsize=8
+        )
+    axes[0].set_ylabel("macro-F1 (on the common items)")
+    d0 = decs[0]
+    fig.suptitle(f"{d0.base}/{d0.stage}: {d0.title}", fontsize=10)
     return fig
 
 
@@ -294,16 +325,16 @@ def _figures(result: MetricsResult) -> Iterator[tuple[str, str, Callable[[], Fig
                 )
     for b in result.bases:
         yield f"yield_{_safe(b)}", f"{b}: yield per persona", lambda b=b: _yield_fig(result, b)
-    groups: dict[tuple[str, str], list[LadderDecomposition]] = {}
-    for lad in result.ladders:
-        if lad.metric == "macro_f1":
-            groups.setdefault((lad.base, lad.stage), []).append(lad)
-    for (b, st), lads in groups.items():
-        lads = sorted(lads, key=lambda d: d.itt)
+    groups: dict[tuple[str, str, str], list[ChainDecomposition]] = {}
+    for dec in result.chains:
+        if dec.metric == "macro_f1":
+            groups.setdefault((dec.base, dec.stage, dec.chain), []).append(dec)
+    for (b, st, ch), decs in groups.items():
+        decs = sorted(decs, key=lambda d: d.itt)
         yield (
-            f"waterfall_{_safe(b)}_{_safe(st)}",
-            f"{b}/{st}: ladder decomposition of macro-F1",
-            lambda lads=lads: _waterfall_fig(result, lads),
+            f"waterfall_{_safe(b)}_{_safe(st)}_{_safe(ch)}",
+            f"{b}/{st}: {decs[0].title} (additive decomposition of macro-F1)",
+            lambda decs=decs: _waterfall_fig(result, decs),
         )
     for b in result.bases:
         yield (

@@ -26,7 +26,7 @@ from typing import Any
 from charshift.plots import make_figures
 from charshift.published import published_for, published_text
 from charshift.schema import NULL_PERSONA, PredictionRecord, stable_hash
-from charshift.stats import CellMetrics, Difference, Interval, MetricsResult
+from charshift.stats import CellMetrics, ChainDecomposition, Difference, Interval, MetricsResult
 
 MAX_SAMPLES = 2000
 SAMPLE_FIELDS = (
@@ -44,16 +44,26 @@ def _num(x: float | None, digits: int = 3) -> str:
     return f"{x:.{digits}f}"
 
 
+DAGGER = "\u2020"  # marks an interval flagged as not to be trusted (see the method notes)
+FIXED = "(fixed by construction)"
+
+
 def _iv(i: Interval, digits: int = 3) -> str:
     if i.estimate != i.estimate:
         return "–"
-    return f"{_num(i.estimate, digits)} [{_num(i.lo, digits)}, {_num(i.hi, digits)}]"
+    if i.fixed_by_construction:
+        return f"{_num(i.estimate, digits)} {FIXED}"
+    dagger = "" if i.reliable else DAGGER
+    return f"{_num(i.estimate, digits)} [{_num(i.lo, digits)}, {_num(i.hi, digits)}]{dagger}"
 
 
 def _diff_text(d: Difference) -> str:
     if d.estimate != d.estimate:
         return "–"
-    return f"{d.estimate:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}]"
+    if d.fixed_by_construction:
+        return f"{d.estimate:+.3f} {FIXED}"
+    dagger = "" if d.reliable else DAGGER
+    return f"{d.estimate:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}]{dagger}"
 
 
 def _e(x: Any) -> str:
@@ -64,15 +74,18 @@ def method_notes(result: MetricsResult) -> list[str]:
     """How every figure in the report is formed (shown in both the HTML and the markdown)."""
     k = len(result.personas)
     return [
-        f"Label set: the run's {k} personas ({', '.join(result.personas)}). A classifier "
-        "prediction outside it counts as wrong. Macro-F1 is the unweighted mean of per-persona F1 "
-        "over the label set (scikit-learn `f1_score(..., labels=personas, average='macro', "
-        "zero_division=0)`): a persona absent from a cell still counts, with F1 = 0 if it was "
-        f"predicted. Chance level is about 1/{k} = {1 / k:.3f}.",
-        "Conditional metrics use only rows with an output (a reply, an extracted or sent email). "
-        "Intention-to-treat (ITT) metrics use every attempted row and count a missing output as a "
-        "wrong prediction. Yield = rows with an output / rows attempted, also given per persona: "
-        "missing outputs are not random, so read the two views together.",
+        f"Label set: the run's {k} personas ({', '.join(result.personas)}), less, per base, any "
+        "persona with no rows at all in one of its stages (a skipped adapter; listed in the notes "
+        "above). A classifier prediction outside the label set counts as wrong. Chance level is "
+        f"about 1/K = {1 / k:.3f} for K = {k}.",
+        "Conditional metrics use only rows with an output (a reply, an extracted or sent email); "
+        "conditional macro-F1 averages per-persona F1 over the personas with at least one scored "
+        "output in the cell (how many of K is shown), in the estimate and in every resample. "
+        "Intention-to-treat (ITT) metrics use every attempted row, count a missing output as a "
+        "wrong prediction and average over all K personas (scikit-learn `f1_score(..., "
+        "labels=personas, average='macro', zero_division=0)`). Yield = rows with an output / rows "
+        "attempted, also given per persona: missing outputs are not random, so read the two views "
+        "together.",
         f"Intervals: {result.ci:.0%} {result.method} cluster bootstrap with {result.n_boot} "
         "resamples. The cluster is the item (an ID prompt or an email scenario): all rows of an "
         "item (every persona and sample) are resampled together. Each cell has its own random "
@@ -83,16 +96,25 @@ def method_notes(result: MetricsResult) -> list[str]:
             if result.method == "bca"
             else ""
         ),
-        "Differences between slices and stages resample the shared item ids with one draw for "
-        "both cells (paired), since email slices share scenario ids and stages share items. The "
-        "ID-chat rung compares prompts with scenarios, which share no ids: it is an independent "
-        "(unpaired) bootstrap of the difference, marked as such. Ladder rungs are earlier minus "
-        "later slice (positive = persona lost); stage differences are later minus earlier stage "
-        "(positive = persona gained).",
+        f"{DAGGER} marks an interval not to be trusted: fewer than {result.min_clusters} clusters "
+        "carry it (for conditional figures, items with a scored output; for a difference, the "
+        "fewer of its two sides), or some resamples had nothing scored (counted, and left out of "
+        "the interval); the tables (CSV) give the reason in their `flag` column.",
+        "Chains: every unit of a chain is estimated on the items common to all the chain's units "
+        "of the same kind (prompts or scenarios), so the rungs add up exactly to the total; the "
+        "size of that set and the items left out are stated with each chain. One bootstrap draw "
+        "per item kind serves every unit, so the rungs are paired, except a rung from prompt "
+        "items to scenario items, which is an independent (unpaired) bootstrap, marked as such. "
+        "Rungs and contrasts are closer-to-home minus further unit (positive = persona lost); "
+        "stage differences are later minus earlier stage (positive = persona gained), paired on "
+        "the shared items.",
         "The base stage (no adapter, no persona prompt) is an explicit null: it is generated once "
-        "per item and sample, and each output is paired with every persona of the run as its "
-        "true label. Its per-persona recall is the share of base outputs the classifier gives that "
-        "persona; its macro-F1 is what the classifier scores when nothing carries a persona.",
+        "per item and sample, and each output is paired with every persona of the label set as "
+        "its true label for F1. Its per-persona recall is the share of base outputs the "
+        "classifier gives that persona; its macro-F1 is what the classifier scores when nothing "
+        "carries a persona. Its counts (n, confusion, label shares) count each output once. Its "
+        f"accuracy is {FIXED}: 1/K times the share of outputs predicted inside the label set, "
+        "shown without an interval.",
         "The predicted-label distribution shows what the classifier says per format, including "
         "labels outside the run's personas: a label that dominates a format in every stage "
         "(e.g. 'goodness' for neutral business prose) is a format prior, not persona expression.",
@@ -107,7 +129,7 @@ Table = tuple[list[str], list[list[str]]]
 
 def _headline(result: MetricsResult, paper: bool) -> Table:
     head = [
-        "base", "stage", "slice", "n", "yield", "macro-F1", "macro-F1 ITT",
+        "base", "stage", "slice", "n", "yield", "macro-F1", "personas scored", "macro-F1 ITT",
         "accuracy", "accuracy ITT", "mean p(true)",
     ]  # fmt: skip
     if paper:
@@ -119,6 +141,7 @@ def _headline(result: MetricsResult, paper: bool) -> Table:
             f"{m.n_scored}/{m.n_rows}",
             _iv(m.yield_, 2),
             _iv(m.macro_f1),
+            f"{m.n_personas_scored}/{m.n_personas}",
             _iv(m.macro_f1_itt),
             _iv(m.accuracy),
             _iv(m.accuracy_itt),
@@ -142,41 +165,82 @@ def _published_table(result: MetricsResult) -> Table:
     return head, rows
 
 
+def _rung_row(
+    label: str, ref: Difference, cond: Difference | None, itt: Difference | None
+) -> list[str]:
+    flags = [
+        f"{view}: {d.flag}" for view, d in (("conditional", cond), ("ITT", itt)) if d and d.flag
+    ]
+    return [
+        label,
+        ref.changes,
+        _diff_text(cond) if cond else "",
+        _diff_text(itt) if itt else "",
+        "yes" if ref.paired else "no",
+        str(ref.n_clusters),
+        "; ".join([ref.note, *flags]),
+    ]
+
+
 def _ladder_tables(result: MetricsResult) -> list[tuple[str, Table]]:
+    """One table per chain and (base, stage): macro-F1 lost per rung, and the total."""
     out = []
-    groups: dict[tuple[str, str], dict[bool, Any]] = {}
-    for lad in result.ladders:
-        if lad.metric == "macro_f1":
-            groups.setdefault((lad.base, lad.stage), {})[lad.itt] = lad
-    for (base, stage), by_itt in groups.items():
+    groups: dict[tuple[str, str, str], dict[bool, ChainDecomposition]] = {}
+    for dec in result.chains:
+        if dec.metric == "macro_f1":
+            groups.setdefault((dec.base, dec.stage, dec.chain), {})[dec.itt] = dec
+    head = [
+        "rung",
+        "what it changes",
+        "loss, conditional",
+        "loss, ITT",
+        "paired",
+        "clusters",
+        "note",
+    ]
+    for (base, stage, _), by_itt in groups.items():
         cond, itt = by_itt.get(False), by_itt.get(True)
         ref = cond or itt
-        head = ["rung", "loss, conditional", "loss, ITT", "paired", "clusters", "note"]
-        rows = []
-        for j, rung in enumerate(ref.rungs):
-            rows.append(
-                [
-                    f"{rung.a.slice} -> {rung.b.slice}",
-                    _diff_text(cond.rungs[j]) if cond else "",
-                    _diff_text(itt.rungs[j]) if itt else "",
-                    "yes" if rung.paired else "no",
-                    str(rung.n_clusters),
-                    rung.note,
-                ]
+        assert ref is not None
+        rows = [
+            _rung_row(
+                f"{r.a.slice} -> {r.b.slice}",
+                r,
+                cond.rungs[j] if cond else None,
+                itt.rungs[j] if itt else None,
             )
+            for j, r in enumerate(ref.rungs)
+        ]
         t = ref.total
         rows.append(
-            [
+            _rung_row(
                 f"total: {t.a.slice} -> {t.b.slice}",
-                _diff_text(cond.total) if cond else "",
-                _diff_text(itt.total) if itt else "",
-                "yes" if t.paired else "no",
-                str(t.n_clusters),
-                t.note,
-            ]
+                t,
+                cond.total if cond else None,
+                itt.total if itt else None,
+            )
         )
-        out.append((f"{base} / {stage}: macro-F1 lost along the ladder", (head, rows)))
+        cap = f"{base} / {stage}: {ref.title} (macro-F1 lost; {ref.note})"
+        out.append((cap, (head, rows)))
+    contrasts = _contrast_table(result)
+    if contrasts[1]:
+        out.append(("Contrasts (macro-F1 lost, paired on shared items)", contrasts))
     return out
+
+
+def _contrast_table(result: MetricsResult) -> Table:
+    head = ["base", "stage", "contrast", "what it changes", "conditional", "ITT", "paired",
+            "clusters"]  # fmt: skip
+    rows: dict[tuple, list[str]] = {}
+    for d in result.differences:
+        if d.kind != "contrast" or d.metric != "macro_f1":
+            continue
+        key = (d.a.base, d.a.stage, f"{d.a.slice} -> {d.b.slice}")
+        row = rows.setdefault(
+            key, [*key, d.changes, "", "", "yes" if d.paired else "no", str(d.n_clusters)]
+        )
+        row[5 if d.itt else 4] = _diff_text(d)
+    return head, list(rows.values())
 
 
 def _stage_table(result: MetricsResult) -> Table:
@@ -198,7 +262,9 @@ def _per_persona_pivot(result: MetricsResult, slice_: str) -> Table:
         for st in result.stages:
             m = result.get(b, st, slice_)
             if m is not None:
-                rows.append([f"{b}/{st}", *(_num(p.f1.estimate, 2) for p in m.per_persona)])
+                by = {p.persona: p for p in m.per_persona}
+                vals = [_num(by[p].f1.estimate, 2) if p in by else "n/a" for p in result.personas]
+                rows.append([f"{b}/{st}", *vals])
     return head, rows
 
 
@@ -235,9 +301,9 @@ def _pred_dist_table(result: MetricsResult) -> Table:
     return head, rows
 
 
-def _confusion_table(m: CellMetrics, personas: Sequence[str]) -> Table:
+def _confusion_table(m: CellMetrics) -> Table:
     head = ["true \\ predicted", *m.confusion_cols]
-    rows = [[p, *(str(int(v)) for v in m.confusion[i])] for i, p in enumerate(personas)]
+    rows = [[p, *(str(int(v)) for v in m.confusion[i])] for i, p in enumerate(m.confusion_rows)]
     return head, rows
 
 
@@ -600,7 +666,7 @@ def write_report(
     add('<h2 id="ladder">Ladder decomposition</h2>')
     lad = _ladder_tables(result)
     if not lad:
-        add("<p>Fewer than two ladder slices in this run: no decomposition.</p>")
+        add("<p>Fewer than two units of any chain in this run: no decomposition.</p>")
     for cap, t in lad:
         add(f"<h3>{_e(cap)}</h3>{_html_table(t)}")
     add('<h2 id="stages">Stage differences</h2>')
@@ -620,7 +686,7 @@ def write_report(
     for m in result.cells.values():
         add(
             f"<details><summary>{_e(m.cell.label())}</summary>"
-            f"{_html_table(_confusion_table(m, result.personas))}</details>"
+            f"{_html_table(_confusion_table(m))}</details>"
         )
     add('<h2 id="figures">Figures</h2>')
     for cap, png, _svg in figures:

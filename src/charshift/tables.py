@@ -1,0 +1,202 @@
+"""The CSV tables (and stats.json) of a `stats.MetricsResult`: the I/O half of the statistics.
+
+Every file is written atomically (a temporary file in the same folder, then `os.replace`), so a
+reader never sees half a table. Model output and classifier labels are data: a string cell that
+a spreadsheet would read as a formula (starting with `=`, `+`, `-`, `@`, a tab or a carriage
+return) gets a leading `'`. Numbers are formatted here, never neutralised, so a negative
+difference stays a number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from charshift.stats import CellMetrics, ChainDecomposition, Interval, MetricsResult
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralise(text: str) -> str:
+    """A string cell as a spreadsheet will show it, never as a formula."""
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
+def _cell(x: Any) -> str:
+    if x is None:
+        return ""
+    if isinstance(x, bool | np.bool_):
+        return "True" if x else "False"
+    if isinstance(x, float | np.floating):
+        return "" if math.isnan(x) else f"{float(x):.6g}"
+    if isinstance(x, int | np.integer):
+        return str(int(x))
+    return neutralise(str(x))
+
+
+def write_atomic(path: Path, text: str) -> Path:
+    """Write `text` to `path` through a temporary file in the same folder and `os.replace`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow([_cell(h) for h in header])
+    for row in rows:
+        w.writerow([_cell(v) for v in row])
+    return write_atomic(path, buf.getvalue())
+
+
+def _iv(i: Interval) -> list[Any]:
+    return [i.estimate, i.lo, i.hi, i.reliable]
+
+
+_IV = ("", "_lo", "_hi", "_reliable")
+METRICS_COLUMNS = (
+    "base", "stage", "slice", "n_rows", "n_scored", "n_clusters", "yield",
+    "n_personas_scored", "n_personas",
+    *(f"{m}{s}" for m in ("macro_f1", "accuracy", "macro_f1_itt", "accuracy_itt") for s in _IV),
+    "n_empty_resamples", "mean_p_true", "flags",
+)  # fmt: skip
+PER_PERSONA_COLUMNS = (
+    "base", "stage", "slice", "persona", "precision", "recall", "f1", "f1_lo", "f1_hi",
+    "f1_reliable", "f1_itt", "n", "n_scored", "yield",
+)  # fmt: skip
+DIFFERENCE_COLUMNS = (
+    "kind", "chain", "base", "metric", "itt", "stage_a", "slice_a", "stage_b", "slice_b",
+    "estimate", "lo", "hi", "reliable", "n_clusters", "paired", "n_empty_resamples",
+    "changes", "flag", "note",
+)  # fmt: skip
+CHAIN_COLUMNS = (
+    "base", "stage", "chain", "metric", "itt", "position", "slice", "item_kind", "estimate",
+    "lo", "hi", "reliable", "common_items", "dropped_items", "flag",
+)  # fmt: skip
+
+
+def _flags(m: CellMetrics) -> str:
+    named = (
+        ("yield", m.yield_),
+        ("macro_f1", m.macro_f1),
+        ("accuracy", m.accuracy),
+        ("macro_f1_itt", m.macro_f1_itt),
+        ("accuracy_itt", m.accuracy_itt),
+    )
+    return "; ".join(f"{n}: {iv.flag}" for n, iv in named if iv.flag)
+
+
+def _metrics_rows(result: MetricsResult) -> Iterable[list[Any]]:
+    for m in result.cells.values():
+        yield (
+            [*m.cell, m.n_rows, m.n_scored, m.n_clusters, m.yield_.estimate]
+            + [m.n_personas_scored, m.n_personas]
+            + [v for iv in (m.macro_f1, m.accuracy, m.macro_f1_itt, m.accuracy_itt) for v in _iv(iv)]
+            + [m.macro_f1.n_empty_resamples, m.mean_p_true, _flags(m)]
+        )  # fmt: skip
+
+
+def _per_persona_rows(result: MetricsResult) -> Iterable[list[Any]]:
+    for m in result.cells.values():
+        for p in m.per_persona:
+            yield [
+                *m.cell, p.persona, p.precision, p.recall, *_iv(p.f1), p.f1_itt.estimate,
+                p.n, p.n_scored, p.yield_,
+            ]  # fmt: skip
+
+
+def _confusion_rows(result: MetricsResult) -> Iterable[list[Any]]:
+    for m in result.cells.values():
+        for i, row in enumerate(m.confusion_rows):
+            for j, col in enumerate(m.confusion_cols):
+                yield [*m.cell, row, col, int(m.confusion[i, j])]
+
+
+def _distribution_rows(result: MetricsResult) -> Iterable[list[Any]]:
+    nan = float("nan")
+    for m in result.cells.values():
+        for lab, n in m.pred_distribution.items():
+            yield [*m.cell, lab, n, n / m.n_scored, n / m.n_rows]
+        yield [*m.cell, "(no output)", m.n_none, nan, m.n_none / m.n_rows if m.n_rows else nan]
+
+
+def _difference_rows(result: MetricsResult) -> Iterable[list[Any]]:
+    for d in result.differences:
+        yield [
+            d.kind, d.chain, d.a.base, d.metric, d.itt, d.a.stage, d.a.slice, d.b.stage,
+            d.b.slice, d.estimate, d.lo, d.hi, d.reliable, d.n_clusters, d.paired,
+            d.n_empty_resamples, d.changes, d.flag, d.note,
+        ]  # fmt: skip
+
+
+def _chain_rows(chains: Sequence[ChainDecomposition]) -> Iterable[list[Any]]:
+    for c in chains:
+        for pos, (u, iv) in enumerate(zip(c.units, c.estimates, strict=True)):
+            kind = c.kinds[u]
+            yield [
+                c.base, c.stage, c.chain, c.metric, c.itt, pos, u, kind, iv.estimate, iv.lo,
+                iv.hi, iv.reliable, c.common[kind], c.dropped[u], iv.flag,
+            ]  # fmt: skip
+
+
+def settings_json(result: MetricsResult) -> dict[str, Any]:
+    """The interval settings and the label sets, as written to stats.json."""
+    return {
+        "n_boot": result.n_boot,
+        "ci": result.ci,
+        "method": result.method,
+        "seed": result.seed,
+        "min_clusters": result.min_clusters,
+        "personas": result.personas,
+        "label_sets": result.labels,
+        "label_notes": [n.text() for n in result.label_notes],
+        "cluster": "item_id",
+    }
+
+
+def write_tables(result: MetricsResult, out_dir: str | Path) -> list[Path]:
+    """Write metrics.csv, per_persona.csv, confusion.csv, pred_distribution.csv,
+    differences.csv, chains.csv and stats.json (settings, label sets) into `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dist_head = (
+        "base",
+        "stage",
+        "slice",
+        "label",
+        "count",
+        "share_of_scored",
+        "share_of_attempted",
+    )
+    return [
+        write_csv(out / "metrics.csv", METRICS_COLUMNS, _metrics_rows(result)),
+        write_csv(out / "per_persona.csv", PER_PERSONA_COLUMNS, _per_persona_rows(result)),
+        write_csv(
+            out / "confusion.csv",
+            ("base", "stage", "slice", "true", "predicted", "count"),
+            _confusion_rows(result),
+        ),
+        write_csv(out / "pred_distribution.csv", dist_head, _distribution_rows(result)),
+        write_csv(out / "differences.csv", DIFFERENCE_COLUMNS, _difference_rows(result)),
+        write_csv(out / "chains.csv", CHAIN_COLUMNS, _chain_rows(result.chains)),
+        write_atomic(out / "stats.json", json.dumps(settings_json(result), indent=2) + "\n"),
+    ]
