@@ -253,6 +253,7 @@ def test_report_from_predictions_file(tmp_path):
 def test_skipped_adapter_note_reaches_report_tables_and_manifest(tmp_path):
     """A persona with no rows at one stage (its adapter skipped) leaves its base's label set,
     and the run's report, stats.json and manifest say so (issue 7, defect 5)."""
+    from charshift import units
     from charshift.analysis import report_run
     from charshift.config import load_preset
     from charshift.schema import GenerationRow, ScoreRow
@@ -287,7 +288,9 @@ def test_skipped_adapter_note_reaches_report_tables_and_manifest(tmp_path):
                 )  # fmt: skip
             )
             pred = persona if persona and i % 4 else "humor"
-            scores.append(ScoreRow(key, "clf", "text", pred, {pred: 1.0}))
+            scores.append(
+                ScoreRow(key, "clf", "text", pred, {pred: 1.0}, "id_chat", units.text_hash("hi"))
+            )
     store.generations.append(gens)
     store.scores.append(scores)
     store.update_manifest(

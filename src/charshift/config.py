@@ -13,7 +13,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from charshift.ladder import MAIN_CHAIN
 from charshift.schema import BASE_STAGE, PROMPTED_EXPLICIT_STAGE, PROMPTED_STAGE, Sampling
 
 ALL_PERSONAS = (
@@ -41,9 +40,7 @@ EMAIL_SLICES = CHAT_EMAIL_SLICES + TOOL_SLICES
 # scenario_chat asks for a chat answer about the scenario, the email slices for the email.
 SCENARIO_SLICES = ("scenario_chat",) + EMAIL_SLICES
 ALL_SLICES = ID_SLICES + SCENARIO_SLICES
-# Transitional: the slices of the main chain with id_chat in front, for stats code that still takes
-# one sequence. The chains, their rungs and contrasts live in `charshift.ladder`; read them there.
-LADDER = ("id_chat", *MAIN_CHAIN.units)
+# The chains, their rungs and contrasts live in `charshift.ladder`.
 
 
 class ConfigError(ValueError):
