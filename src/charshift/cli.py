@@ -37,6 +37,10 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _warn(msg: str) -> None:
+    typer.secho(f"warning: {msg}", fg=typer.colors.YELLOW, err=True)
+
+
 @contextmanager
 def _user_errors() -> Iterator[None]:
     """Known input problems end with one clear line (exit 2), not a traceback."""
@@ -72,6 +76,7 @@ def _load(config: Path | None, preset: str | None, id_prompts: Path | None) -> c
                 n_train=min(n_train, data["id_prompts"]["n_train"]),
             )
             cfg = cfgmod.parse_config(data, "config with --id-prompts")
+        cfgmod.check_local_paths(cfg)
     except cfgmod.ConfigError as err:
         _fail(str(err))
     return cfg
@@ -169,7 +174,8 @@ def score(
 
         if not classifier or not out:
             _fail("--generations needs --classifier and --out")
-        n = score_external(generations, classifier, out)
+        with _user_errors():
+            n = score_external(generations, classifier or "", out or Path())
         typer.echo(f"scored {n} rows -> {out}")
         return
     if run_dir is None:
@@ -190,8 +196,20 @@ def report(
         typer.Option("--predictions", help="JSONL of predictions made elsewhere (README schema)."),
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder.")] = None,
-    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples (with --predictions).")] = 1000,
-    seed: Annotated[int, typer.Option(help="Bootstrap seed (with --predictions).")] = 0,
+    n_boot: Annotated[
+        int, typer.Option(min=10, help="Bootstrap resamples (with --predictions).")
+    ] = 1000,
+    seed: Annotated[
+        int, typer.Option(min=0, max=cfgmod.SEED_MAX, help="Bootstrap seed (with --predictions).")
+    ] = 0,
+    allow_duplicates: Annotated[
+        bool,
+        typer.Option(
+            "--allow-duplicates",
+            help="With --predictions: keep the first of rows that repeat a key (base, stage, "
+            "slice, persona, item_id, sample_idx) and warn, instead of refusing the file.",
+        ),
+    ] = False,
 ) -> None:
     """Compute metrics, intervals, plots and the HTML/markdown report."""
     if predictions is not None:
@@ -199,10 +217,15 @@ def report(
 
         if out is None:
             _fail("--predictions needs --out DIR")
-        try:
-            path = report_predictions(predictions, out, n_boot=n_boot, seed=seed)
-        except ValueError as err:
-            _fail(str(err))
+        with _user_errors():
+            path = report_predictions(
+                predictions,
+                out or Path(),
+                n_boot=n_boot,
+                seed=seed,
+                allow_duplicates=allow_duplicates,
+                warn=_warn,
+            )
         typer.echo(f"report: {path}")
         return
     if run_dir is None:

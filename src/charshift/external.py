@@ -4,69 +4,81 @@ Predictions JSONL (one object per line; README "Bring your own data"):
     base, stage, slice, persona (true label), item_id, prediction (null = no output)
     optional: probs ({label: p}), sample_idx, outcome, text
 Generations JSONL for `charshift score --generations`: the same fields without prediction/probs,
-and `text` (null = no output). The output is a predictions JSONL.
+and `text` (null or "" = no output). The output is a predictions JSONL: each input row with
+`prediction` (null where there is no text) and, for scored rows, `probs`.
+Reading and checking both files is `charshift.inputs`.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from charshift.schema import BASE_STAGE, NULL_PERSONA, NULL_PERSONA_MARKERS
-from charshift.store import jsonl_objects
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise ValueError(f"file not found: {path}")
-    text = path.read_text(encoding="utf-8").splitlines()
-    rows = [obj for _, obj in jsonl_objects(text, str(path))]
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    return rows
+from charshift import inputs
+from charshift.schema import NULL_PERSONA_MARKERS
 
 
 def score_external(generations: Path, classifier: str, out: Path, batch_size: int = 16) -> int:
-    """Classify the `text` of each row of a generations JSONL; write a predictions JSONL."""
-    from charshift.classifier import Classifier
+    """Classify the `text` of each row of a generations JSONL; write a predictions JSONL.
 
-    rows = _read_jsonl(Path(generations))
-    for n, r in enumerate(rows, 1):
-        if "text" not in r:
-            raise ValueError(f"{generations} line {n}: missing field 'text' (null for no output)")
-        if r["text"] is not None and not isinstance(r["text"], str):
-            raise ValueError(f"{generations} line {n}: field 'text' must be a string or null")
+    Everything the user gave is checked before the classifier loads: `--out` (a writable file
+    path, not the input itself), every row (`inputs.check_generation`) and the classifier folder.
+    The output is strict JSON, written atomically; a non-finite probability from the classifier
+    is refused (nothing is written), never written as NaN. Returns the number of texts scored.
+    """
+    from charshift.classifier import Classifier, ClassifierError
+
+    gen, out = Path(generations), inputs.check_output_file(out, "--out")
+    if out.exists() and gen.exists() and out.resolve() == gen.resolve():
+        raise inputs.InputError(f"--out {out} is the generations file itself; give another file")
+    rows = inputs.read_jsonl_objects(gen, "generations file")
+    texts = [inputs.check_generation(obj, f"{gen} line {n}") for n, obj in rows]
+    inputs.check_model_source(classifier, "--classifier", classifier=True)
     clf = Classifier.load(classifier)
-    idx = [i for i, r in enumerate(rows) if r["text"]]
-    preds = clf.predict([rows[i]["text"] for i in idx], batch_size=batch_size)
+    clf.check_personas(sorted({r["persona"] for _, r in rows} - set(NULL_PERSONA_MARKERS)))
+    idx = [i for i, t in enumerate(texts) if t]
+    preds = clf.predict([texts[i] for i in idx], batch_size=batch_size)  # type: ignore[misc]
+    result = [dict(obj, prediction=None) for _, obj in rows]
     for i, (lab, probs) in zip(idx, preds, strict=True):
-        rows[i]["prediction"] = lab
-        rows[i]["probs"] = probs
-    for r in rows:
-        r.setdefault("prediction", None)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        if not all(math.isfinite(p) for p in probs.values()):
+            raise ClassifierError(
+                f"classifier {classifier!r} gave a non-finite probability for {gen} line "
+                f"{rows[i][0]}; nothing was written"
+            )
+        result[i].update(prediction=lab, probs=probs)
+    text = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in result)
+    inputs.write_text_atomic(out, text)
     return len(idx)
 
 
-def report_predictions(path: Path, out: Path, n_boot: int = 1000, seed: int = 0) -> Path:
-    """Every metric, plot and the report from a predictions JSONL (the run's analysis tail)."""
-    from charshift import stats
+def report_predictions(
+    path: Path,
+    out: Path,
+    n_boot: int = 1000,
+    seed: int = 0,
+    *,
+    allow_duplicates: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> Path:
+    """Every metric, plot and the report from a predictions JSONL (the run's analysis tail).
+
+    `out` and every row are checked before anything is computed or written (`charshift.inputs`),
+    so a bad file leaves an earlier report in `out` as it was."""
     from charshift.analysis import AnalysisInput, analyse
     from charshift.config import StatsConfig
 
-    records = stats.load_predictions_jsonl(Path(path))
+    inputs.check_output_dir(out, "--out")
+    records = inputs.load_predictions(Path(path), allow_duplicates=allow_duplicates, warn=warn)
     personas: list[str] = []
     for r in records:
         if r.persona not in NULL_PERSONA_MARKERS and r.persona not in personas:
             personas.append(r.persona)
     if len(personas) < 2:
-        raise ValueError(f"{path}: need at least two distinct true personas, found {personas}")
-    for r in records:
-        if r.stage == BASE_STAGE and r.persona in NULL_PERSONA_MARKERS:
-            r.persona = NULL_PERSONA
+        raise inputs.InputError(
+            f"{path}: need at least two distinct true personas, found {personas}"
+        )
     inp = AnalysisInput(
         records=records,
         personas=personas,

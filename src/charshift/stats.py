@@ -55,7 +55,6 @@ from charshift.schema import (
     PredictionRecord,
     derive_seed,
 )
-from charshift.store import jsonl_objects
 
 _NULL_MARKERS = NULL_PERSONA_MARKERS
 STAGE_ORDER = (BASE_STAGE, PROMPTED_STAGE, "distillation", "full")
@@ -936,77 +935,18 @@ def write_tables(result: MetricsResult, out_dir: str | Path) -> list[Path]:
 
 # --------------------------------------------------------------------------- predictions file
 
-_REQUIRED = ("base", "stage", "slice", "persona", "item_id")
 
-
-def load_predictions_jsonl(path: str | Path) -> list[PredictionRecord]:
+def load_predictions_jsonl(
+    path: str | Path, *, allow_duplicates: bool = False
+) -> list[PredictionRecord]:
     """Read predictions made elsewhere (one JSON object per line) for `charshift report`.
 
-    Required: base, stage, slice, persona, item_id (strings; item_id may be an integer) and
-    prediction (a string, or null for a row with no output). Optional: probs (label -> number),
-    sample_idx (int), outcome, text, key. A bad row raises PredictionsError naming the line and
-    field; blank lines are skipped.
+    Required: base, stage, slice, persona, item_id (strings; item_id may be an integer; a base
+    row's persona may be null) and prediction (a string, or null for a row with no output).
+    Optional: probs (label -> probability), sample_idx (int), outcome, text, key. The reading and
+    the checks are `charshift.inputs.load_predictions`: a bad row or a duplicate raises
+    PredictionsError naming the line and field; blank lines are skipped.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise PredictionsError(f"predictions file not found: {p}")
-    out: list[PredictionRecord] = []
-    with p.open(encoding="utf-8") as fh:
-        for lineno, obj in jsonl_objects(fh, str(p), PredictionsError):
-            out.append(_parse_prediction(obj, f"{p} line {lineno}"))
-    if not out:
-        raise PredictionsError(f"{p}: no predictions (the file is empty)")
-    return out
+    from charshift.inputs import load_predictions
 
-
-def _parse_prediction(obj: dict[str, Any], where: str) -> PredictionRecord:
-    vals: dict[str, Any] = {}
-    for name in _REQUIRED:
-        if name not in obj:
-            raise PredictionsError(f"{where}: missing required field {name!r}")
-        v = obj[name]
-        if name == "item_id" and isinstance(v, int) and not isinstance(v, bool):
-            v = str(v)
-        if not isinstance(v, str) or not v:
-            raise PredictionsError(f"{where}: field {name!r} must be a non-empty string, got {v!r}")
-        vals[name] = v
-    if "prediction" not in obj:
-        raise PredictionsError(f"{where}: missing required field 'prediction' (null = no output)")
-    pred = obj["prediction"]
-    if pred is not None and (not isinstance(pred, str) or not pred):
-        raise PredictionsError(
-            f"{where}: field 'prediction' must be a string or null, got {pred!r}"
-        )
-    probs = obj.get("probs")
-    if probs is not None:
-        ok = isinstance(probs, dict) and all(
-            isinstance(kk, str)
-            and isinstance(vv, int | float)
-            and not isinstance(vv, bool)
-            and math.isfinite(vv)
-            for kk, vv in probs.items()
-        )
-        if not ok:
-            raise PredictionsError(f"{where}: field 'probs' must map labels to numbers")
-        probs = {kk: float(vv) for kk, vv in probs.items()}
-    sample_idx = obj.get("sample_idx", 0)
-    if not isinstance(sample_idx, int) or isinstance(sample_idx, bool) or sample_idx < 0:
-        raise PredictionsError(f"{where}: field 'sample_idx' must be a non-negative integer")
-    outcome = obj.get("outcome", "reply" if pred is not None else "empty")
-    if not isinstance(outcome, str):
-        raise PredictionsError(f"{where}: field 'outcome' must be a string")
-    text = obj.get("text")
-    if text is not None and not isinstance(text, str):
-        raise PredictionsError(f"{where}: field 'text' must be a string or null")
-    key = obj.get("key")
-    if key is not None and not isinstance(key, str):
-        raise PredictionsError(f"{where}: field 'key' must be a string")
-    return PredictionRecord(
-        **vals,
-        prediction=pred,
-        sample_idx=sample_idx,
-        probs=probs,
-        outcome=outcome,
-        text=text,
-        key=key,
-    )
+    return load_predictions(path, allow_duplicates=allow_duplicates, error=PredictionsError)
