@@ -291,11 +291,12 @@ def demo(
 
     name = "demo_quick" if quick else "demo"
     cfg = cfgmod.load_preset(name)
-    if model:
-        data = cfg.model_dump(mode="json")
-        data["bases"][0]["model"] = model
-        cfg = cfgmod.parse_config(data, f"preset {name} with --model")
     with _user_errors():
+        if model:
+            data = cfg.model_dump(mode="json")
+            data["bases"][0]["model"] = model
+            cfg = cfgmod.parse_config(data, f"preset {name} with --model")
+        cfgmod.check_local_paths(cfg)
         path = pipeline.run_all(cfg, out or _default_out(cfg))
     typer.echo(
         f"\nDemo finished. Report: {path}\n  (markdown: {Path(path).parent.parent / 'report.md'})"

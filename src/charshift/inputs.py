@@ -21,6 +21,7 @@ model's output would change what is scored and shown.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -91,6 +92,12 @@ def _depth(obj: Any) -> int:
     return depth
 
 
+# One strict decoder for every line (json.loads with hooks would build a decoder per call).
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant, parse_float=_finite_float
+)
+
+
 def parse_json_line(raw: bytes, where: str, error: Error = InputError) -> Any:
     """One line of a JSONL file (bytes, without the newline) -> the JSON value; errors name `where`."""
     try:
@@ -100,12 +107,7 @@ def parse_json_line(raw: bytes, where: str, error: Error = InputError) -> Any:
             f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
         ) from None
     try:
-        obj = json.loads(
-            text,
-            object_pairs_hook=_no_duplicate_keys,
-            parse_constant=_no_constant,
-            parse_float=_finite_float,
-        )
+        obj = _DECODER.decode(text)
     except json.JSONDecodeError as err:
         raise error(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
     except _Refused as err:
@@ -114,7 +116,8 @@ def parse_json_line(raw: bytes, where: str, error: Error = InputError) -> Any:
         raise error(f"{where}: JSON nested too deeply (more than {MAX_DEPTH} levels)") from None
     except ValueError as err:  # e.g. an integer of more digits than Python converts
         raise error(f"{where}: unreadable number ({err})") from None
-    if _depth(obj) > MAX_DEPTH:
+    # fewer brackets than the limit cannot nest past it (a C-speed count spares the walk)
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth(obj) > MAX_DEPTH:
         raise error(f"{where}: JSON nested too deeply (more than {MAX_DEPTH} levels)")
     return obj
 
@@ -187,21 +190,34 @@ def check_text(v: Any, field: str, where: str, error: Error = InputError) -> str
     return v
 
 
-def check_label(v: Any, field: str, where: str, error: Error = InputError) -> str:
-    """A label (a table cell, a file name part): a non-empty, short, printable string."""
-    if not isinstance(v, str) or not v:
-        raise error(f"{where}: field {field!r} must be a non-empty string, got {v!r:.60}")
+@functools.lru_cache(maxsize=4096)
+def _label_problem(v: str) -> str | None:
+    """What is wrong with a string as a label, or None (cached: labels repeat on every row)."""
+    if not v:
+        return "must be a non-empty string, got ''"
     if len(v) > MAX_LABEL_CHARS:
-        raise error(f"{where}: field {field!r} is longer than {MAX_LABEL_CHARS} characters")
-    check_text(v, field, where, error)
+        return f"is longer than {MAX_LABEL_CHARS} characters"
+    m = _SURROGATE.search(v)
+    if m:
+        return f"holds a lone surrogate (\\u{ord(m.group()):04x} at character {m.start() + 1})"
     m = _BAD_LABEL_CHARS.search(v)
     if m:
-        raise error(
-            f"{where}: field {field!r} holds a control character (U+{ord(m.group()):04X} at "
-            f"character {m.start() + 1}), which would break the tables and the report"
+        return (
+            f"holds a control character (U+{ord(m.group()):04X} at character {m.start() + 1}), "
+            "which would break the tables and the report"
         )
     if v != v.strip():
-        raise error(f"{where}: field {field!r} has leading or trailing whitespace: {v!r}")
+        return f"has leading or trailing whitespace: {v!r}"
+    return None
+
+
+def check_label(v: Any, field: str, where: str, error: Error = InputError) -> str:
+    """A label (a table cell, a file name part): a non-empty, short, printable string."""
+    if not isinstance(v, str):
+        raise error(f"{where}: field {field!r} must be a non-empty string, got {_json_type(v)}")
+    problem = _label_problem(v)
+    if problem:
+        raise error(f"{where}: field {field!r} {problem}")
     return v
 
 
