@@ -227,6 +227,9 @@ CONFIG_CASES = [
     Case("sampling_not_a_mapping", cfg(_set("sampling", 5)), ("sampling",)),
     Case("classifier_training_base", cfg(_set("classifier_training", {"stage": "base"})), ("classifier_training.stage",)),
     Case("persona_prompts_no_path", cfg(_set("persona_prompts.source", "constitutions")), ("persona_prompts.path",)),
+    Case("id_prompts_option_not_utf8", lambda d: [*cfg(lambda c, _: None)(d), "--id-prompts", str(pred_file(d, [b'{"id": "a", "prompt": "caf\xe9"}'], "p.jsonl"))], ("--id-prompts", "line 1", "UTF-8")),
+    Case("id_prompts_option_empty", lambda d: [*cfg(lambda c, _: None)(d), "--id-prompts", str(pred_file(d, [], "p.jsonl"))], ("--id-prompts", "empty")),
+    Case("id_prompts_path_not_utf8", cfg(lambda c, d: c.update(id_prompts={"source": "file", "n_eval": 1, "path": str(pred_file(d, [b'{"id": "a", "prompt": "\xff"}'], "p.jsonl"))})), ("id_prompts.path", "line 1", "UTF-8")),
     Case("id_prompts_option_missing", lambda d: [*cfg(lambda c, _: None)(d), "--id-prompts", str(d / "nope.jsonl")], ("--id-prompts",)),
 ]  # fmt: skip
 

@@ -62,8 +62,10 @@ def _load(config: Path | None, preset: str | None, id_prompts: Path | None) -> c
         if id_prompts is not None:
             if not id_prompts.is_file():
                 _fail(f"--id-prompts: file not found: {id_prompts}")
+            from charshift.inputs import read_jsonl_objects
             from charshift.prompts import load_prompts_file
 
+            read_jsonl_objects(id_prompts, "--id-prompts file", cfgmod.ConfigError)
             file_prompts = load_prompts_file(id_prompts)
             n_eval = sum(p.split == "eval" for p in file_prompts)
             n_train = sum(p.split == "train" for p in file_prompts)

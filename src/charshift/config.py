@@ -443,13 +443,16 @@ def load_config(path: str | Path) -> RunConfig:
 
 def check_local_paths(cfg: RunConfig) -> None:
     """Before a run starts: every model or classifier given as a local path is a model folder of
-    the right kind (reads config.json only; nothing is hashed). A ConfigError names the field.
+    the right kind (reads config.json only; nothing is hashed), and an ID prompts file is JSONL
+    that can be read. A ConfigError names the field.
 
     Not part of validation, because a finished run's stored config is read again (`report --run`)
     after its model folders may be gone."""
-    from charshift.inputs import InputError, check_model_source
+    from charshift.inputs import InputError, check_model_source, read_jsonl_objects
 
     try:
+        if cfg.id_prompts.source == "file" and cfg.id_prompts.path:
+            read_jsonl_objects(cfg.id_prompts.path, "id_prompts.path: file")
         for i, b in enumerate(cfg.bases):
             check_model_source(b.model, f"bases.{i}.model", classifier=False)
             if b.classifier is not None:

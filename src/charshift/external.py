@@ -34,7 +34,7 @@ def score_external(generations: Path, classifier: str, out: Path, batch_size: in
     if out.exists() and gen.exists() and out.resolve() == gen.resolve():
         raise inputs.InputError(f"--out {out} is the generations file itself; give another file")
     rows = inputs.read_jsonl_objects(gen, "generations file")
-    texts = [inputs.check_generation(obj, f"{gen} line {n}") for n, obj in rows]
+    texts = [inputs.check_generation(obj, f"generations file {gen} line {n}") for n, obj in rows]
     inputs.check_model_source(classifier, "--classifier", classifier=True)
     clf = Classifier.load(classifier)
     clf.check_personas(sorted({r["persona"] for _, r in rows} - set(NULL_PERSONA_MARKERS)))

@@ -148,7 +148,7 @@ def read_jsonl_objects(
         n = 0
         while raw := fh.readline(MAX_LINE_BYTES + 1):
             n += 1
-            where = f"{p} line {n}"
+            where = f"{what} {p} line {n}"
             if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
                 raise error(f"{where}: longer than {MAX_LINE_BYTES} bytes")
             raw = raw.rstrip(b"\r\n")
@@ -339,7 +339,7 @@ def load_predictions(
     p = Path(path)
     rows = read_jsonl_objects(p, "predictions file", error)
     lines = [n for n, _ in rows]
-    records = [check_prediction(obj, f"{p} line {n}", error) for n, obj in rows]
+    records = [check_prediction(obj, f"predictions file {p} line {n}", error) for n, obj in rows]
     dups = find_duplicates(records)
     if not dups:
         return records
