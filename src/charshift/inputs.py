@@ -59,10 +59,12 @@ class _Refused(ValueError):
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj = dict(pairs)
-    if len(obj) != len(pairs):
+    if len(obj) != len(pairs):  # JSON allows it, Python keeps the last: refuse, naming the key
         seen: set[str] = set()
-        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        raise _Refused(f"key {dup!r} is given twice in one object")
+        for k, _ in pairs:
+            if k in seen:
+                raise _Refused(f"key {k!r} is given twice in one object")
+            seen.add(k)
     return obj
 
 
@@ -109,7 +111,7 @@ def parse_json_line(raw: bytes, where: str, error: Error = InputError) -> Any:
     try:
         obj = _DECODER.decode(text)
     except json.JSONDecodeError as err:
-        raise error(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+        raise error(f"{where}: not valid JSON ({err.msg}, column {err.colno})") from None
     except _Refused as err:
         raise error(f"{where}: {err}") from None
     except RecursionError:
@@ -127,9 +129,7 @@ def _open_input(path: Path, what: str, error: Error) -> Any:
         raise error(f"{what} {path} is a folder, not a JSONL file")
     if not path.exists():
         raise error(f"{what} not found: {path}")
-    if not path.is_file():
-        raise error(f"{what} {path} is not a regular file")
-    try:
+    try:  # a pipe (`<(...)`, /dev/stdin) reads like a file
         return path.open("rb")
     except OSError as err:
         raise error(f"{what} {path} cannot be read: {err.strerror or err}") from None
@@ -151,12 +151,20 @@ def read_jsonl_objects(
             where = f"{what} {p} line {n}"
             if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
                 raise error(f"{where}: longer than {MAX_LINE_BYTES} bytes")
+            cut = not raw.endswith(b"\n")  # only the last line can lack its newline
             raw = raw.rstrip(b"\r\n")
             if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]  # a UTF-8 byte order mark
             if not raw.strip():
                 continue
-            obj = parse_json_line(raw, where, error)
+            try:
+                obj = parse_json_line(raw, where, error)
+            except error as err:
+                if cut:
+                    raise error(
+                        f"{err}; it is the last line and has no newline: cut off?"
+                    ) from None
+                raise
             if not isinstance(obj, dict):
                 raise error(f"{where}: expected a JSON object, got {_json_type(obj)}")
             out.append((n, obj))
