@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import yaml
 
@@ -116,3 +118,125 @@ def test_every_chain_unit_is_a_known_slice():
     for chain in ladder.CHAINS:
         for unit in chain.units:
             assert ladder.split_unit(unit)[0] in c.ALL_SLICES
+
+
+@pytest.mark.parametrize("name", ["llama", "Qwen2.5-7B", "llama_3.1+lora", "_x", "été"])
+def test_safe_names_accepted(name):
+    d = _minimal()
+    d["name"] = name
+    d["bases"][0]["name"] = name
+    cfg = c.parse_config(d)
+    assert cfg.name == cfg.bases[0].name == name
+
+
+@pytest.mark.parametrize(
+    "name", ["", ".", "..", "../x", "a/b", "/abs", "a\\b", "a..b", ".hidden", "-x", "a b", "a\tb",
+             "a\x00b", "x" * 65]
+)  # fmt: skip
+def test_unsafe_names_refused(name):
+    for where, path in (("name", ("name",)), ("bases.0.name", ("bases", 0, "name"))):
+        d = _minimal()
+        node = d
+        for k in path[:-1]:
+            node = node[k]
+        node[path[-1]] = name
+        with pytest.raises(c.ConfigError, match=rf"{re.escape(where)}: .*not a safe name"):
+            c.parse_config(d)
+
+
+@pytest.mark.parametrize(
+    "section, field, value",
+    [
+        ("sampling", "temperature", float("inf")),
+        ("sampling", "temperature", float("nan")),
+        ("sampling", "temperature", 1e300),
+        ("sampling", "top_p", float("nan")),
+        ("sampling", "repetition_penalty", float("inf")),
+        ("sampling", "repetition_penalty", 11.0),
+        ("sampling", "max_tokens", 10**30),
+        ("sampling", "seed", -1),
+        ("scoring", "max_length", 0),
+        ("scoring", "max_length", 1),
+        ("stats", "seed", 2**40),
+        ("backend", "device", "quantum"),
+        ("backend", "device", "cuda:"),
+        ("backend", "dtype", "int8"),
+    ],
+)
+def test_out_of_range_settings_named(section, field, value):
+    d = _minimal()
+    d[section] = {field: value}
+    with pytest.raises(c.ConfigError, match=rf"{section}\.{field}:"):
+        c.parse_config(d)
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12", "mps"])
+def test_known_devices_accepted(device):
+    d = _minimal()
+    d["backend"] = {"device": device, "dtype": "bfloat16"}
+    assert c.parse_config(d).backend.device == device
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("bases", [], "bases:"),
+        ("stages", [], "stages:"),
+        ("slices", [], "slices:"),
+        ("slices", ["id_chat", "chat_email", "id_chat"], "duplicate slice"),
+        ("stages", ["base", "prompted", "prompted"], "duplicate stage"),
+        ("published", "nonsense", "unknown published set"),
+    ],
+)
+def test_empty_duplicate_and_unknown_lists(key, value, match):
+    d = _minimal()
+    d[key] = value
+    with pytest.raises(c.ConfigError, match=match):
+        c.parse_config(d)
+
+
+def test_config_file_reading_errors(tmp_path):
+    p = tmp_path / "c.yaml"
+    good = yaml.safe_dump(_minimal())
+    cases = [
+        (good.encode() + b"description: caf\xe9\n", "not UTF-8"),
+        (good.encode() + b"personas: [humor, loving]\n", "'personas' is given twice"),
+        (b"", "is empty"),
+        (b"- 1\n", "top level must be a mapping, got list"),
+        (b"x: " + b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+    ]
+    for content, match in cases:
+        p.write_bytes(content)
+        with pytest.raises(c.ConfigError, match=match):
+            c.load_config(p)
+    with pytest.raises(c.ConfigError, match="is a folder"):
+        c.load_config(tmp_path)
+    p.write_bytes(b"\xef\xbb\xbf" + good.encode())  # a byte order mark is fine
+    assert c.load_config(p).personas == ["sarcasm", "humor"]
+
+
+def test_whole_config_errors_name_their_field():
+    d = _minimal()
+    d["bases"][0].pop("classifier")
+    with pytest.raises(c.ConfigError) as err:
+        c.parse_config(d)
+    assert "\n  bases[0] (b): no `classifier`" in str(err.value)  # no "(top level): Value error"
+
+
+def test_local_model_folders_checked_without_hashing(tmp_path, tiny_llama):
+    d = _minimal()
+    d["bases"][0]["model"] = str(tiny_llama)
+    c.check_local_paths(c.parse_config(d))  # a real model folder passes
+    for model, match in [
+        ("/", "bases.0.model: / is not a model folder"),
+        (str(tmp_path / "missing"), "bases.0.model: folder not found"),
+    ]:
+        d["bases"][0]["model"] = model
+        with pytest.raises(c.ConfigError, match=re.escape(match)):
+            c.check_local_paths(c.parse_config(d))
+    d["bases"][0]["model"] = "tiny:llama"
+    d["bases"][0]["classifier"] = str(tiny_llama)  # a causal LM is not a classifier
+    with pytest.raises(c.ConfigError, match="bases.0.classifier: .* not a sequence classifier"):
+        c.check_local_paths(c.parse_config(d))
+    for name in c.preset_names():  # hub ids, tiny: and packaged: specs are the loaders' business
+        c.check_local_paths(c.load_preset(name))

@@ -748,7 +748,7 @@ def test_load_predictions_ok(tmp_path):
     )
     base = {**good, "stage": "base", "persona": None, "prediction": H}
     with p.open("a") as fh:
-        fh.write(json.dumps(base) + "\n" + json.dumps({**base, "persona": ""}) + "\n")
+        fh.write(json.dumps(base) + "\n" + json.dumps({**base, "persona": "", "item_id": 4}) + "\n")
     recs = load_predictions_jsonl(p)
     assert [r.persona for r in recs[2:]] == [NULL_PERSONA, NULL_PERSONA]  # base: the null
     recs = recs[:2]

@@ -37,6 +37,10 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _warn(msg: str) -> None:
+    typer.secho(f"warning: {msg}", fg=typer.colors.YELLOW, err=True)
+
+
 @contextmanager
 def _user_errors() -> Iterator[None]:
     """Known input problems end with one clear line (exit 2), not a traceback."""
@@ -58,8 +62,10 @@ def _load(config: Path | None, preset: str | None, id_prompts: Path | None) -> c
         if id_prompts is not None:
             if not id_prompts.is_file():
                 _fail(f"--id-prompts: file not found: {id_prompts}")
+            from charshift.inputs import read_jsonl_objects
             from charshift.prompts import load_prompts_file
 
+            read_jsonl_objects(id_prompts, "--id-prompts file", cfgmod.ConfigError)
             file_prompts = load_prompts_file(id_prompts)
             n_eval = sum(p.split == "eval" for p in file_prompts)
             n_train = sum(p.split == "train" for p in file_prompts)
@@ -72,6 +78,7 @@ def _load(config: Path | None, preset: str | None, id_prompts: Path | None) -> c
                 n_train=min(n_train, data["id_prompts"]["n_train"]),
             )
             cfg = cfgmod.parse_config(data, "config with --id-prompts")
+        cfgmod.check_local_paths(cfg)
     except cfgmod.ConfigError as err:
         _fail(str(err))
     return cfg
@@ -169,7 +176,8 @@ def score(
 
         if not classifier or not out:
             _fail("--generations needs --classifier and --out")
-        n = score_external(generations, classifier, out)
+        with _user_errors():
+            n = score_external(generations, classifier or "", out or Path())
         typer.echo(f"scored {n} rows -> {out}")
         return
     if run_dir is None:
@@ -190,8 +198,20 @@ def report(
         typer.Option("--predictions", help="JSONL of predictions made elsewhere (README schema)."),
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder.")] = None,
-    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples (with --predictions).")] = 1000,
-    seed: Annotated[int, typer.Option(help="Bootstrap seed (with --predictions).")] = 0,
+    n_boot: Annotated[
+        int, typer.Option(min=10, help="Bootstrap resamples (with --predictions).")
+    ] = 1000,
+    seed: Annotated[
+        int, typer.Option(min=0, max=cfgmod.SEED_MAX, help="Bootstrap seed (with --predictions).")
+    ] = 0,
+    allow_duplicates: Annotated[
+        bool,
+        typer.Option(
+            "--allow-duplicates",
+            help="With --predictions: keep the first of rows that repeat a key (base, stage, "
+            "slice, persona, item_id, sample_idx) and warn, instead of refusing the file.",
+        ),
+    ] = False,
 ) -> None:
     """Compute metrics, intervals, plots and the HTML/markdown report."""
     if predictions is not None:
@@ -199,10 +219,15 @@ def report(
 
         if out is None:
             _fail("--predictions needs --out DIR")
-        try:
-            path = report_predictions(predictions, out, n_boot=n_boot, seed=seed)
-        except ValueError as err:
-            _fail(str(err))
+        with _user_errors():
+            path = report_predictions(
+                predictions,
+                out or Path(),
+                n_boot=n_boot,
+                seed=seed,
+                allow_duplicates=allow_duplicates,
+                warn=_warn,
+            )
         typer.echo(f"report: {path}")
         return
     if run_dir is None:
@@ -268,11 +293,12 @@ def demo(
 
     name = "demo_quick" if quick else "demo"
     cfg = cfgmod.load_preset(name)
-    if model:
-        data = cfg.model_dump(mode="json")
-        data["bases"][0]["model"] = model
-        cfg = cfgmod.parse_config(data, f"preset {name} with --model")
     with _user_errors():
+        if model:
+            data = cfg.model_dump(mode="json")
+            data["bases"][0]["model"] = model
+            cfg = cfgmod.parse_config(data, f"preset {name} with --model")
+        cfgmod.check_local_paths(cfg)
         path = pipeline.run_all(cfg, out or _default_out(cfg))
     typer.echo(
         f"\nDemo finished. Report: {path}\n  (markdown: {Path(path).parent.parent / 'report.md'})"

@@ -6,12 +6,21 @@ than or equal to 1`). Presets are YAML files shipped in charshift/data/presets/.
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from charshift.schema import BASE_STAGE, PROMPTED_EXPLICIT_STAGE, PROMPTED_STAGE, Sampling
 
@@ -45,6 +54,61 @@ ALL_SLICES = ID_SLICES + SCENARIO_SLICES
 
 class ConfigError(ValueError):
     """A config problem, with the offending field named."""
+
+
+# A name that becomes a folder or file name (the run's, a base's, a stage's): letters, digits, '_',
+# '-', '.', '+', starting with a letter, digit or '_', no '..'. So no absolute path, no separator,
+# no control character, no '.' or '..' can reach the file system through a name.
+_SAFE_NAME = re.compile(r"\w[\w.+-]*\Z")
+SAFE_NAME_MAX = 64
+# The published figure sets a run can be set beside (`published:`).
+PUBLISHED_SETS = ("paper",)
+# A run config is a few KB; a file larger than this is refused before it is parsed.
+_MAX_YAML_BYTES = 1 << 20
+SEED_MAX = 2**32 - 1
+
+
+def check_safe_name(value: str, what: str = "name") -> str:
+    """`value` if it is a safe file name component (see `_SAFE_NAME`); a ValueError naming `what`."""
+    if not _SAFE_NAME.match(value) or ".." in value or len(value) > SAFE_NAME_MAX:
+        raise ValueError(
+            f"{what} {value!r} is not a safe name (it becomes a folder name): use letters, "
+            f"digits, '_', '-', '.', '+', start with a letter, digit or '_', no '..', "
+            f"at most {SAFE_NAME_MAX} characters"
+        )
+    return value
+
+
+def _no_duplicates(values: list[str], what: str) -> list[str]:
+    dup = sorted({v for v in values if values.count(v) > 1})
+    if dup:
+        raise ValueError(f"duplicate {what} {dup}: each may appear once")
+    return values
+
+
+_DEVICE = re.compile(r"(auto|cpu|mps|cuda(:\d+)?)\Z")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _check_device(v: str) -> str:
+    if not _DEVICE.match(v):
+        raise ValueError(f"unknown device {v!r}; use auto, cpu, cuda, cuda:N or mps")
+    return v
+
+
+def _check_dtype(v: str) -> str:
+    if v not in DTYPES:
+        raise ValueError(f"unknown dtype {v!r}; use one of {list(DTYPES)}")
+    return v
+
+
+def _check_model_spec(v: str) -> str:
+    if not v.strip() or re.search(r"[\x00-\x1f\x7f]", v):
+        raise ValueError(f"{v!r} is not a model spec (empty, or holds control characters)")
+    return v
+
+
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
 
 
 class _Strict(BaseModel):
@@ -84,7 +148,8 @@ class ClassifierTraining(_Strict):
 
 class BaseSpec(_Strict):
     name: str
-    model: str  # HF id, local folder, "packaged:smollm2", or "tiny:llama|qwen2|gemma3"
+    # HF id, local folder, "packaged:smollm2", or "tiny:llama|qwen2|gemma3"
+    model: Annotated[str, AfterValidator(_check_model_spec)]
     revision: str | None = None
     classifier: str | None = None  # HF id, local folder, "tiny:modernbert"; None = train in run
     adapters: dict[str, AdapterStage] = Field(default_factory=dict)  # stage -> source
@@ -92,18 +157,23 @@ class BaseSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
-        if not v or "/" in v:
-            raise ValueError("base name must be non-empty and contain no '/'")
+        return check_safe_name(v, "base name")
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_stages_ok(cls, v: dict[str, AdapterStage]) -> dict[str, AdapterStage]:
+        for stage in v:
+            check_safe_name(stage, "adapter stage")
         return v
 
 
 class SamplingConfig(_Strict):
-    temperature: float = Field(0.7, ge=0.0)
-    top_p: float = Field(0.95, gt=0.0, le=1.0)
-    max_tokens: int = Field(1024, ge=1)
-    repetition_penalty: float = Field(1.1, gt=0.0)
-    n_samples: int = Field(1, ge=1)
-    seed: int = 0
+    temperature: float = Field(0.7, ge=0.0, le=10.0, allow_inf_nan=False)
+    top_p: float = Field(0.95, gt=0.0, le=1.0, allow_inf_nan=False)
+    max_tokens: int = Field(1024, ge=1, le=1 << 20)
+    repetition_penalty: float = Field(1.1, gt=0.0, le=10.0, allow_inf_nan=False)
+    n_samples: int = Field(1, ge=1, le=10_000)
+    seed: Seed = 0
     # Per-slice generation budgets (tokens per model turn), overriding `max_tokens` for a slice:
     # an email needs room to reach its sign-off. Every slice named must be one the run generates.
     max_tokens_by_slice: dict[str, int] = Field(default_factory=dict)
@@ -114,9 +184,9 @@ class SamplingConfig(_Strict):
         unknown = [s for s in v if s not in ALL_SLICES]
         if unknown:
             raise ValueError(f"unknown slice(s) {unknown}; known: {list(ALL_SLICES)}")
-        bad = {s: n for s, n in v.items() if isinstance(n, bool) or n < 1}
+        bad = {s: n for s, n in v.items() if isinstance(n, bool) or n < 1 or n > 1 << 20}
         if bad:
-            raise ValueError(f"token budgets must be >= 1, got {bad}")
+            raise ValueError(f"token budgets must be >= 1 and <= {1 << 20}, got {bad}")
         return v
 
     def max_tokens_for(self, slice_: str | None) -> int:
@@ -134,8 +204,8 @@ class BackendConfig(_Strict):
     kind: Literal["hf", "vllm", "openai"] = "hf"
     batch_size: int = Field(16, ge=1)
     max_batch_tokens: int = Field(16384, ge=64)  # hf: padded prompt tokens per prefill
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: Annotated[str, AfterValidator(_check_device)] = "auto"  # auto|cpu|cuda|cuda:N|mps
+    dtype: Annotated[str, AfterValidator(_check_dtype)] = "auto"  # auto|float32|bfloat16|float16
     base_url: str | None = None  # openai backend
     api_key_env: str = "OPENAI_API_KEY"
     max_concurrency: int = Field(8, ge=1)  # openai backend
@@ -149,15 +219,15 @@ class IdPromptsConfig(_Strict):
     path: str | None = None  # JSONL for source=file ({"id","prompt"[,"split"]})
     n_eval: int = Field(100, ge=1)
     n_train: int = Field(0, ge=0)  # prompts for classifier training (generated for one stage)
-    exclude_first: int = 500  # PURE-DOVE conversations OCT's classifiers trained on
-    seed: int = 0
+    exclude_first: int = Field(500, ge=0)  # PURE-DOVE conversations OCT's classifiers trained on
+    seed: Seed = 0
     break_suffixes: list[int] = Field(default_factory=lambda: list(range(8)))
 
 
 class ScenariosConfig(_Strict):
     ids: list[str] | None = None  # explicit scenario ids; None = all (or the first n)
     n: int | None = Field(None, ge=1)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class RolloutConfig(_Strict):
@@ -177,14 +247,15 @@ class RolloutConfig(_Strict):
 class ScoringConfig(_Strict):
     text: Literal["extracted", "raw"] = "extracted"
     batch_size: int = Field(16, ge=1)
-    max_length: int = 8192
+    # tokens per scored text; a classifier needs 2 for its special tokens, so fewer is refused
+    max_length: int = Field(8192, ge=2, le=1 << 20)
 
 
 class StatsConfig(_Strict):
     n_boot: int = Field(1000, ge=10)
     ci: float = Field(0.95, gt=0, lt=1)
     method: Literal["percentile", "bca"] = "percentile"
-    seed: int = 0
+    seed: Seed = 0
 
 
 class PersonaPromptsConfig(_Strict):
@@ -193,13 +264,13 @@ class PersonaPromptsConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    name: str = "run"
+    name: str = "run"  # the default output folder is runs/<name>: a safe name
     description: str = ""
     meaningless: bool = False  # smoke preset: the report says its numbers mean nothing
-    bases: list[BaseSpec]
-    stages: list[str] = Field(default_factory=lambda: [BASE_STAGE, PROMPTED_STAGE])
+    bases: list[BaseSpec] = Field(min_length=1)
+    stages: list[str] = Field(default_factory=lambda: [BASE_STAGE, PROMPTED_STAGE], min_length=1)
     personas: list[str]
-    slices: list[str] = Field(default_factory=lambda: ["id_chat"])
+    slices: list[str] = Field(default_factory=lambda: ["id_chat"], min_length=1)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     backend: BackendConfig = Field(default_factory=BackendConfig)
     id_prompts: IdPromptsConfig = Field(default_factory=IdPromptsConfig)
@@ -210,6 +281,25 @@ class RunConfig(_Strict):
     stats: StatsConfig = Field(default_factory=StatsConfig)
     persona_prompts: PersonaPromptsConfig = Field(default_factory=PersonaPromptsConfig)
     published: str | None = None  # "paper": set figures beside the published ones
+
+    @field_validator("name")
+    @classmethod
+    def _run_name_ok(cls, v: str) -> str:
+        return check_safe_name(v, "run name")
+
+    @field_validator("stages")
+    @classmethod
+    def _stages_ok(cls, v: list[str]) -> list[str]:
+        for st in v:
+            check_safe_name(st, "stage")
+        return _no_duplicates(v, "stage(s)")
+
+    @field_validator("published")
+    @classmethod
+    def _published_known(cls, v: str | None) -> str | None:
+        if v is not None and v not in PUBLISHED_SETS:
+            raise ValueError(f"unknown published set {v!r}; known: {list(PUBLISHED_SETS)}")
+        return v
 
     @field_validator("personas")
     @classmethod
@@ -227,7 +317,7 @@ class RunConfig(_Strict):
         unknown = [s for s in v if s not in ALL_SLICES]
         if unknown:
             raise ValueError(f"unknown slice(s) {unknown}; known: {list(ALL_SLICES)}")
-        return v
+        return _no_duplicates(v, "slice(s)")
 
     @model_validator(mode="after")
     def _stages_resolvable(self) -> RunConfig:
@@ -265,32 +355,107 @@ class RunConfig(_Strict):
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid run config ({source}):"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
+        if not loc:  # a whole-config check: its message names the field itself
+            lines.append(f"  {msg.removeprefix('Value error, ')}")
+            continue
         lines.append(f"  {loc}: {msg}")
     return "\n".join(lines)
 
 
 def parse_config(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
     if not isinstance(data, dict):
-        raise ConfigError(f"invalid run config ({source}): top level must be a mapping")
+        raise ConfigError(
+            f"invalid run config ({source}): top level must be a mapping, got {type(data).__name__}"
+        )
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
 
 
-def load_config(path: str | Path) -> RunConfig:
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                dup = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: SafeLoader's own error follows
+                continue
+            if dup:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep)
+
+
+def read_config_text(path: str | Path) -> str:
+    """The text of a config file, or a ConfigError saying why it cannot be read."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a folder, not a YAML file")
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        if p.stat().st_size > _MAX_YAML_BYTES:
+            raise ConfigError(f"config file {p} is larger than {_MAX_YAML_BYTES} bytes")
+        raw = p.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"config file {p} cannot be read: {err.strerror or err}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"config file {p} is not UTF-8 text (byte 0x{raw[err.start]:02x} on line {line})"
+        ) from None
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text -> data, with a ConfigError for invalid, duplicate-key or absurdly nested YAML."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
+        raise ConfigError(f"config file {source} is not valid YAML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {source}: YAML nested too deeply") from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    p = Path(path)
+    data = parse_yaml(read_config_text(p), str(p))
+    if data is None:
+        raise ConfigError(f"config file {p} is empty")
     return parse_config(data, str(p))
+
+
+def check_local_paths(cfg: RunConfig) -> None:
+    """Before a run starts: every model or classifier given as a local path is a model folder of
+    the right kind (reads config.json only; nothing is hashed), and an ID prompts file is JSONL
+    that can be read. A ConfigError names the field.
+
+    Not part of validation, because a finished run's stored config is read again (`report --run`)
+    after its model folders may be gone."""
+    from charshift.inputs import InputError, check_model_source, read_jsonl_objects
+
+    try:
+        if cfg.id_prompts.source == "file" and cfg.id_prompts.path:
+            read_jsonl_objects(cfg.id_prompts.path, "id_prompts.path: file")
+        for i, b in enumerate(cfg.bases):
+            check_model_source(b.model, f"bases.{i}.model", classifier=False)
+            if b.classifier is not None:
+                check_model_source(b.classifier, f"bases.{i}.classifier", classifier=True)
+    except InputError as err:
+        raise ConfigError(f"invalid run config: {err}") from None
 
 
 def preset_names() -> list[str]:

@@ -4,73 +4,81 @@ Predictions JSONL (one object per line; README "Bring your own data"):
     base, stage, slice, persona (true label), item_id, prediction (null = no output)
     optional: probs ({label: p}), sample_idx, outcome, text
 Generations JSONL for `charshift score --generations`: the same fields without prediction/probs,
-and `text` (null = no output). The output is a predictions JSONL.
+and `text` (null or "" = no output). The output is a predictions JSONL: each input row with
+`prediction` (null where there is no text) and, for scored rows, `probs`.
+Reading and checking both files is `charshift.inputs`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from charshift.schema import BASE_STAGE, NULL_PERSONA, NULL_PERSONA_MARKERS, PredictionRecord
-from charshift.store import jsonl_objects
-
-
-class PredictionsError(ValueError):
-    """A predictions file that cannot be read, naming the line and field."""
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise ValueError(f"file not found: {path}")
-    text = path.read_text(encoding="utf-8").splitlines()
-    rows = [obj for _, obj in jsonl_objects(text, str(path))]
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    return rows
+from charshift import inputs
+from charshift.schema import NULL_PERSONA_MARKERS, PredictionRecord
 
 
 def score_external(generations: Path, classifier: str, out: Path, batch_size: int = 16) -> int:
-    """Classify the `text` of each row of a generations JSONL; write a predictions JSONL."""
-    from charshift.classifier import Classifier
+    """Classify the `text` of each row of a generations JSONL; write a predictions JSONL.
 
-    rows = _read_jsonl(Path(generations))
-    for n, r in enumerate(rows, 1):
-        if "text" not in r:
-            raise ValueError(f"{generations} line {n}: missing field 'text' (null for no output)")
-        if r["text"] is not None and not isinstance(r["text"], str):
-            raise ValueError(f"{generations} line {n}: field 'text' must be a string or null")
+    Everything the user gave is checked before the classifier loads: `--out` (a writable file
+    path, not the input itself), every row (`inputs.check_generation`) and the classifier folder.
+    The output is strict JSON, written atomically; a non-finite probability from the classifier
+    is refused (nothing is written), never written as NaN. Returns the number of texts scored.
+    """
+    from charshift.classifier import Classifier, ClassifierError
+
+    gen, out = Path(generations), inputs.check_output_file(out, "--out")
+    if out.exists() and gen.exists() and out.resolve() == gen.resolve():
+        raise inputs.InputError(f"--out {out} is the generations file itself; give another file")
+    rows = inputs.read_jsonl_objects(gen, "generations file")
+    texts = [inputs.check_generation(obj, f"generations file {gen} line {n}") for n, obj in rows]
+    inputs.check_model_source(classifier, "--classifier", classifier=True)
     clf = Classifier.load(classifier)
-    idx = [i for i, r in enumerate(rows) if r["text"]]
-    preds = clf.predict([rows[i]["text"] for i in idx], batch_size=batch_size)
+    clf.check_personas(sorted({r["persona"] for _, r in rows} - set(NULL_PERSONA_MARKERS)))
+    idx = [i for i, t in enumerate(texts) if t]
+    preds = clf.predict([texts[i] for i in idx], batch_size=batch_size)  # type: ignore[misc]
+    result = [dict(obj, prediction=None) for _, obj in rows]
     for i, (lab, probs) in zip(idx, preds, strict=True):
-        rows[i]["prediction"] = lab
-        rows[i]["probs"] = probs
-    for r in rows:
-        r.setdefault("prediction", None)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        if not all(math.isfinite(p) for p in probs.values()):
+            raise ClassifierError(
+                f"classifier {classifier!r} gave a non-finite probability for {gen} line "
+                f"{rows[i][0]}; nothing was written"
+            )
+        result[i].update(prediction=lab, probs=probs)
+    text = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in result)
+    inputs.write_text_atomic(out, text)
     return len(idx)
 
 
-def report_predictions(path: Path, out: Path, n_boot: int = 1000, seed: int = 0) -> Path:
-    """Every metric, plot and the report from a predictions JSONL (the run's analysis tail)."""
+def report_predictions(
+    path: Path,
+    out: Path,
+    n_boot: int = 1000,
+    seed: int = 0,
+    *,
+    allow_duplicates: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> Path:
+    """Every metric, plot and the report from a predictions JSONL (the run's analysis tail).
+
+    `out` and every row are checked before anything is computed or written (`charshift.inputs`),
+    so a bad file leaves an earlier report in `out` as it was."""
     from charshift.analysis import AnalysisInput, analyse
     from charshift.config import StatsConfig
 
-    records = load_predictions_jsonl(Path(path))
+    inputs.check_output_dir(out, "--out")
+    records = inputs.load_predictions(Path(path), allow_duplicates=allow_duplicates, warn=warn)
     personas: list[str] = []
     for r in records:
         if r.persona not in NULL_PERSONA_MARKERS and r.persona not in personas:
             personas.append(r.persona)
     if len(personas) < 2:
-        raise ValueError(f"{path}: need at least two distinct true personas, found {personas}")
-    for r in records:
-        if r.stage == BASE_STAGE and r.persona in NULL_PERSONA_MARKERS:
-            r.persona = NULL_PERSONA
+        raise inputs.InputError(
+            f"{path}: need at least two distinct true personas, found {personas}"
+        )
     inp = AnalysisInput(
         records=records,
         personas=personas,
@@ -83,80 +91,20 @@ def report_predictions(path: Path, out: Path, n_boot: int = 1000, seed: int = 0)
 
 # --------------------------------------------------------------------------- predictions file
 
-_REQUIRED = ("base", "stage", "slice", "persona", "item_id")
+
+class PredictionsError(ValueError):
+    """A predictions file that cannot be read, naming the line and field."""
 
 
-def load_predictions_jsonl(path: str | Path) -> list[PredictionRecord]:
-    """Read predictions made elsewhere (one JSON object per line) for `charshift report`.
+def load_predictions_jsonl(
+    path: str | Path, *, allow_duplicates: bool = False
+) -> list[PredictionRecord]:
+    """Read predictions made elsewhere (one JSON object per line; README "Bring your own data").
 
-    Required: base, stage, slice, persona, item_id (strings; item_id may be an integer; a
-    base-stage row's persona may be null or "", the null condition) and prediction (a string, or
-    null for a row with no output). Optional: probs (label -> number),
-    sample_idx (int), outcome, text, key. A bad row raises PredictionsError naming the line and
-    field; blank lines are skipped.
+    The checks are `charshift.inputs.load_predictions`: a bad row or a duplicate raises
+    PredictionsError naming the line and field; blank lines are skipped; a base-stage row's
+    persona may be null, the null condition.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise PredictionsError(f"predictions file not found: {p}")
-    out: list[PredictionRecord] = []
-    with p.open(encoding="utf-8") as fh:
-        for lineno, obj in jsonl_objects(fh, str(p), PredictionsError):
-            out.append(_parse_prediction(obj, f"{p} line {lineno}"))
-    if not out:
-        raise PredictionsError(f"{p}: no predictions (the file is empty)")
-    return out
-
-
-def _parse_prediction(obj: dict[str, Any], where: str) -> PredictionRecord:
-    vals: dict[str, Any] = {}
-    for name in _REQUIRED:
-        if name not in obj:
-            raise PredictionsError(f"{where}: missing required field {name!r}")
-        v = obj[name]
-        if name == "item_id" and isinstance(v, int) and not isinstance(v, bool):
-            v = str(v)
-        if name == "persona" and v in NULL_PERSONA_MARKERS and vals["stage"] == BASE_STAGE:
-            v = NULL_PERSONA  # README: base rows are the null condition, persona may be null
-        if not isinstance(v, str) or not v:
-            raise PredictionsError(f"{where}: field {name!r} must be a non-empty string, got {v!r}")
-        vals[name] = v
-    if "prediction" not in obj:
-        raise PredictionsError(f"{where}: missing required field 'prediction' (null = no output)")
-    pred = obj["prediction"]
-    if pred is not None and (not isinstance(pred, str) or not pred):
-        raise PredictionsError(
-            f"{where}: field 'prediction' must be a string or null, got {pred!r}"
-        )
-    probs = obj.get("probs")
-    if probs is not None:
-        ok = isinstance(probs, dict) and all(
-            isinstance(kk, str)
-            and isinstance(vv, int | float)
-            and not isinstance(vv, bool)
-            and math.isfinite(vv)
-            for kk, vv in probs.items()
-        )
-        if not ok:
-            raise PredictionsError(f"{where}: field 'probs' must map labels to numbers")
-        probs = {kk: float(vv) for kk, vv in probs.items()}
-    sample_idx = obj.get("sample_idx", 0)
-    if not isinstance(sample_idx, int) or isinstance(sample_idx, bool) or sample_idx < 0:
-        raise PredictionsError(f"{where}: field 'sample_idx' must be a non-negative integer")
-    outcome = obj.get("outcome", "reply" if pred is not None else "empty")
-    if not isinstance(outcome, str):
-        raise PredictionsError(f"{where}: field 'outcome' must be a string")
-    text = obj.get("text")
-    if text is not None and not isinstance(text, str):
-        raise PredictionsError(f"{where}: field 'text' must be a string or null")
-    key = obj.get("key")
-    if key is not None and not isinstance(key, str):
-        raise PredictionsError(f"{where}: field 'key' must be a string")
-    return PredictionRecord(
-        **vals,
-        prediction=pred,
-        sample_idx=sample_idx,
-        probs=probs,
-        outcome=outcome,
-        text=text,
-        key=key,
+    return inputs.load_predictions(
+        Path(path), allow_duplicates=allow_duplicates, error=PredictionsError
     )

@@ -87,6 +87,7 @@ def file_hash(path: str | Path) -> str:
         return _sha256_file(p)
     if not p.is_dir():
         raise FileNotFoundError(f"no such file or folder: {p}")
+    check_model_folder(p)  # never walk a folder that is not a model's (`model: /`)
     files = sorted(
         f
         for f in p.rglob("*")
@@ -99,6 +100,17 @@ def file_hash(path: str | Path) -> str:
         h.update(_sha256_file(f).encode())
         h.update(b"\n")
     return h.hexdigest()
+
+
+def check_model_folder(folder: Path) -> None:
+    """A ModelSpecError unless `folder` holds a config.json or adapter_config.json at its top.
+
+    Checked before anything under a folder is read or hashed, so that a wrong path (`/`, a home
+    folder) fails at once with a clear message instead of walking the file system."""
+    if not any((folder / name).is_file() for name in _CONFIG_NAMES):
+        raise ModelSpecError(
+            f"{folder} is not a model folder (it has no {' or '.join(_CONFIG_NAMES)})"
+        )
 
 
 def package_dir(package: str, dist: str) -> Path:
@@ -240,6 +252,8 @@ def resolve_model(
         return _resolve_hub(arg, revision)
     local = Path(spec).expanduser()
     if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelSpecError(f"{spec}: not a model folder (it has no config.json)")
         prov = {"source": "local", "path": str(local.resolve()), "sha256": file_hash(local)}
         return ResolvedModel(str(local), {}, prov, local.name or str(local))
     return _resolve_hub(spec, revision)

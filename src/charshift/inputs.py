@@ -1,0 +1,493 @@
+"""What a user hands in, read and checked before any work: JSONL files, model folders, output paths.
+
+Every problem is an `InputError` (a ValueError) that names the file, the line and the field, raised
+before a classifier loads or a metric is computed, and before any output is written:
+
+- `read_jsonl_objects(path, what)`: the objects of a JSONL file, one per non-blank line. Refused:
+  a missing file, a folder, an empty file, bytes that are not UTF-8, a line that is not one JSON
+  object (a truncated last line included), a key given twice in one object, NaN/Infinity or a
+  number too large for a float, nesting deeper than `MAX_DEPTH`, a line over `MAX_LINE_BYTES`.
+- `check_prediction(obj, where)`: one row of a predictions file (README "Bring your own data") ->
+  a `PredictionRecord`; `check_generation(obj, where)`: one row of a generations file -> its text.
+- `load_predictions(path)`: a whole predictions file, duplicates refused (or kept once, on request).
+- `check_output_file` / `check_output_dir`: an output path that can be written, checked up front;
+  `write_text_atomic`: the output itself, complete or not at all.
+- `check_model_source(spec, what)`: a local model or classifier folder is a model folder.
+
+Texts holding a lone surrogate (`"\\ud800"` is legal JSON but no UTF-8 text can hold it) are
+refused with their line and field, not escaped: every output is UTF-8, and silently rewriting a
+model's output would change what is scored and shown.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from charshift.schema import BASE_STAGE, NULL_PERSONA, NULL_PERSONA_MARKERS, PredictionRecord
+
+MAX_LINE_BYTES = 64 << 20  # one JSONL row; a text of tens of MB is not a model output
+MAX_DEPTH = 32  # JSON nesting of one row (the schema needs 2)
+MAX_LABEL_CHARS = 200  # base, stage, slice, persona, item_id, prediction, outcome, probs labels
+PROBS_SUM_TOLERANCE = 0.01  # |sum(probs) - 1|: rounding to 3 decimals over 11 labels stays inside
+_LABEL_FIELDS = ("base", "stage", "slice", "persona", "item_id")
+# In a label (a table cell, a file name, a heading): C0/C1 controls, DEL, line/paragraph separators
+# and bidirectional overrides, any of which breaks or disguises what a table shows.
+_BAD_LABEL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+Error = type[Exception]
+
+
+class InputError(ValueError):
+    """An input file, row or path that cannot be used, naming the file, line and field."""
+
+
+class _Refused(ValueError):
+    """Raised inside the JSON decoder's hooks; turned into an InputError naming the line."""
+
+
+# --------------------------------------------------------------------------------------- reading
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):  # JSON allows it, Python keeps the last: refuse, naming the key
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _Refused(f"key {k!r} is given twice in one object")
+            seen.add(k)
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    raise _Refused(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise _Refused(f"number {text[:40]} is too large for a float")
+    return v
+
+
+def _depth(obj: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion (only containers are visited)."""
+    depth, level = 0, [obj]
+    while level:
+        depth += 1
+        nxt: list[Any] = []
+        for o in level:
+            if isinstance(o, dict):
+                nxt.extend(v for v in o.values() if isinstance(v, dict | list))
+            elif isinstance(o, list):
+                nxt.extend(v for v in o if isinstance(v, dict | list))
+        level = nxt
+    return depth
+
+
+# One strict decoder for every line (json.loads with hooks would build a decoder per call).
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant, parse_float=_finite_float
+)
+
+
+def parse_json_line(raw: bytes, where: str, error: Error = InputError) -> Any:
+    """One line of a JSONL file (bytes, without the newline) -> the JSON value; errors name `where`."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise error(
+            f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
+        ) from None
+    try:
+        obj = _DECODER.decode(text)
+    except json.JSONDecodeError as err:
+        raise error(f"{where}: not valid JSON ({err.msg}, column {err.colno})") from None
+    except _Refused as err:
+        raise error(f"{where}: {err}") from None
+    except RecursionError:
+        raise error(f"{where}: JSON nested too deeply (more than {MAX_DEPTH} levels)") from None
+    except ValueError as err:  # e.g. an integer of more digits than Python converts
+        raise error(f"{where}: unreadable number ({err})") from None
+    # fewer brackets than the limit cannot nest past it (a C-speed count spares the walk)
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth(obj) > MAX_DEPTH:
+        raise error(f"{where}: JSON nested too deeply (more than {MAX_DEPTH} levels)")
+    return obj
+
+
+def _open_input(path: Path, what: str, error: Error) -> Any:
+    if path.is_dir():
+        raise error(f"{what} {path} is a folder, not a JSONL file")
+    if not path.exists():
+        raise error(f"{what} not found: {path}")
+    try:  # a pipe (`<(...)`, /dev/stdin) reads like a file
+        return path.open("rb")
+    except OSError as err:
+        raise error(f"{what} {path} cannot be read: {err.strerror or err}") from None
+
+
+def read_jsonl_objects(
+    path: str | Path, what: str = "input file", error: Error = InputError
+) -> list[tuple[int, dict[str, Any]]]:
+    """(1-based line number, object) for every non-blank line of a JSONL file; see the module doc.
+
+    `what` names the file in messages ("predictions file", "generations file").
+    """
+    p = Path(path)
+    out: list[tuple[int, dict[str, Any]]] = []
+    with _open_input(p, what, error) as fh:
+        n = 0
+        while raw := fh.readline(MAX_LINE_BYTES + 1):
+            n += 1
+            where = f"{what} {p} line {n}"
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                raise error(f"{where}: longer than {MAX_LINE_BYTES} bytes")
+            cut = not raw.endswith(b"\n")  # only the last line can lack its newline
+            raw = raw.rstrip(b"\r\n")
+            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte order mark
+            if not raw.strip():
+                continue
+            try:
+                obj = parse_json_line(raw, where, error)
+            except error as err:
+                if cut:
+                    raise error(
+                        f"{err}; it is the last line and has no newline: cut off?"
+                    ) from None
+                raise
+            if not isinstance(obj, dict):
+                raise error(f"{where}: expected a JSON object, got {_json_type(obj)}")
+            out.append((n, obj))
+    if not out:
+        raise error(f"{what} {p} holds no rows (the file is empty)")
+    return out
+
+
+def _json_type(v: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "true/false"}
+    if v is None:
+        return "null"
+    return names.get(type(v), "a number")
+
+
+# ------------------------------------------------------------------------------------ row checks
+
+
+def check_text(v: Any, field: str, where: str, error: Error = InputError) -> str | None:
+    """A free text (a model output): a string or null, with no lone surrogate."""
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        raise error(f"{where}: field {field!r} must be a string or null, got {_json_type(v)}")
+    m = _SURROGATE.search(v)
+    if m:
+        raise error(
+            f"{where}: field {field!r} holds a lone surrogate (\\u{ord(m.group()):04x} at "
+            f"character {m.start() + 1}), which no UTF-8 output can carry"
+        )
+    return v
+
+
+@functools.lru_cache(maxsize=4096)
+def _label_problem(v: str) -> str | None:
+    """What is wrong with a string as a label, or None (cached: labels repeat on every row)."""
+    if not v:
+        return "must be a non-empty string, got ''"
+    if len(v) > MAX_LABEL_CHARS:
+        return f"is longer than {MAX_LABEL_CHARS} characters"
+    m = _SURROGATE.search(v)
+    if m:
+        return f"holds a lone surrogate (\\u{ord(m.group()):04x} at character {m.start() + 1})"
+    m = _BAD_LABEL_CHARS.search(v)
+    if m:
+        return (
+            f"holds a control character (U+{ord(m.group()):04X} at character {m.start() + 1}), "
+            "which would break the tables and the report"
+        )
+    if v != v.strip():
+        return f"has leading or trailing whitespace: {v!r}"
+    return None
+
+
+def check_label(v: Any, field: str, where: str, error: Error = InputError) -> str:
+    """A label (a table cell, a file name part): a non-empty, short, printable string."""
+    if not isinstance(v, str):
+        raise error(f"{where}: field {field!r} must be a non-empty string, got {_json_type(v)}")
+    problem = _label_problem(v)
+    if problem:
+        raise error(f"{where}: field {field!r} {problem}")
+    return v
+
+
+def _labels(obj: dict[str, Any], where: str, error: Error) -> dict[str, str]:
+    vals: dict[str, str] = {}
+    for name in _LABEL_FIELDS:
+        if name not in obj:
+            raise error(f"{where}: missing required field {name!r}")
+        v = obj[name]
+        if name == "item_id" and isinstance(v, int) and not isinstance(v, bool):
+            v = str(v)
+        if name == "persona" and v in NULL_PERSONA_MARKERS:
+            if obj.get("stage") != BASE_STAGE:
+                raise error(
+                    f"{where}: field 'persona' is {v!r} (no persona), allowed only on "
+                    f"stage {BASE_STAGE!r} rows"
+                )
+            vals[name] = NULL_PERSONA
+            continue
+        vals[name] = check_label(v, name, where, error)
+    return vals
+
+
+def _row_extras(obj: dict[str, Any], where: str, error: Error) -> dict[str, Any]:
+    """sample_idx, outcome, text and key: the optional fields of both row kinds."""
+    sample_idx = obj.get("sample_idx", 0)
+    if not isinstance(sample_idx, int) or isinstance(sample_idx, bool) or sample_idx < 0:
+        raise error(f"{where}: field 'sample_idx' must be a non-negative integer")
+    out: dict[str, Any] = {"sample_idx": sample_idx}
+    for name in ("outcome", "key"):
+        if obj.get(name) is not None:
+            out[name] = check_label(obj[name], name, where, error)
+    out["text"] = check_text(obj.get("text"), "text", where, error)
+    return out
+
+
+def check_probs(v: Any, where: str, error: Error = InputError) -> dict[str, float] | None:
+    """`probs`: null, or label -> probability in [0, 1], summing to 1 within the tolerance."""
+    if v is None:
+        return None
+    if not isinstance(v, dict) or not v:
+        raise error(f"{where}: field 'probs' must map labels to numbers, got {_json_type(v)}")
+    out: dict[str, float] = {}
+    for k, p in v.items():
+        check_label(k, "probs", where, error)
+        if isinstance(p, bool) or not isinstance(p, int | float) or not math.isfinite(p):
+            raise error(f"{where}: field 'probs' must map labels to numbers; {k!r} -> {p!r:.40}")
+        if not 0.0 <= p <= 1.0:
+            raise error(f"{where}: field 'probs': {k!r} -> {p} is not a probability in [0, 1]")
+        out[k] = float(p)
+    total = math.fsum(out.values())
+    if abs(total - 1.0) > PROBS_SUM_TOLERANCE:
+        raise error(
+            f"{where}: field 'probs' sums to {total:.4g}, not 1 (within {PROBS_SUM_TOLERANCE}); "
+            "give every label's probability"
+        )
+    return out
+
+
+def check_prediction(
+    obj: dict[str, Any], where: str, error: Error = InputError
+) -> PredictionRecord:
+    """One predictions row -> its record. A base-stage row's null persona becomes NULL_PERSONA."""
+    vals = _labels(obj, where, error)
+    if "prediction" not in obj:
+        raise error(f"{where}: missing required field 'prediction' (null = no output)")
+    pred = obj["prediction"]
+    if pred is not None:
+        pred = check_label(pred, "prediction", where, error)
+    extras = _row_extras(obj, where, error)
+    extras.setdefault("outcome", "reply" if pred is not None else "empty")
+    probs = check_probs(obj.get("probs"), where, error)
+    return PredictionRecord(**vals, prediction=pred, probs=probs, **extras)
+
+
+def check_generation(obj: dict[str, Any], where: str, error: Error = InputError) -> str | None:
+    """One generations row (`score --generations`): the predictions fields with `text` instead of
+    `prediction`. Returns the text to classify (None: no output; an empty text is no output)."""
+    _labels(obj, where, error)
+    if "text" not in obj:
+        raise error(f"{where}: missing required field 'text' (null = no output)")
+    for name in ("prediction", "probs"):
+        if name in obj:
+            raise error(
+                f"{where}: field {name!r} is set; a generations file carries texts to score, "
+                "not predictions (is this a predictions file?)"
+            )
+    return _row_extras(obj, where, error)["text"] or None
+
+
+def _row_key(r: PredictionRecord) -> tuple[str, str, str, str, str, int]:
+    return (r.base, r.stage, r.slice, r.persona, r.item_id, r.sample_idx)
+
+
+def find_duplicates(records: Sequence[PredictionRecord]) -> list[tuple[int, int, bool]]:
+    """(index of the first row, index of a later row with its key, whether they differ) for every
+    row whose key (base, stage, slice, persona, item_id, sample_idx) an earlier row holds."""
+    first: dict[tuple[str, str, str, str, str, int], int] = {}
+    out = []
+    for i, r in enumerate(records):
+        j = first.setdefault(_row_key(r), i)
+        if j != i:
+            out.append((j, i, records[j] != r))
+    return out
+
+
+def load_predictions(
+    path: str | Path,
+    *,
+    allow_duplicates: bool = False,
+    error: Error = InputError,
+    warn: Callable[[str], None] | None = None,
+) -> list[PredictionRecord]:
+    """Every row of a predictions file, checked. Rows that repeat a key (base, stage, slice,
+    persona, item_id, sample_idx) are an error naming both lines, identical or not: counted twice
+    they would weigh twice. With `allow_duplicates`, the first row of each key is kept (as the run
+    store keeps the first write of a key) and `warn` says how many were dropped and how many of
+    them disagreed with the row kept."""
+    p = Path(path)
+    rows = read_jsonl_objects(p, "predictions file", error)
+    lines = [n for n, _ in rows]
+    records = [check_prediction(obj, f"predictions file {p} line {n}", error) for n, obj in rows]
+    dups = find_duplicates(records)
+    if not dups:
+        return records
+    n_conf = sum(c for _, _, c in dups)
+    i, j, conflict = dups[0]
+    names = ("base", "stage", "slice", "persona", "item_id", "sample_idx")
+    key = ", ".join(f"{k}={v!r}" for k, v in zip(names, _row_key(records[i]), strict=True))
+    summary = f"{len(dups)} row(s) repeat an earlier row's key, {n_conf} of them with other values"
+    if not allow_duplicates:
+        what = "conflicting duplicate" if conflict else "duplicate"
+        raise error(
+            f"{p} lines {lines[i]} and {lines[j]}: {what} rows for ({key}); {summary}. Every "
+            "row must be unique, or pass --allow-duplicates to keep the first of each"
+        )
+    if warn is not None:
+        warn(f"{p}: {summary}; kept the first of each (e.g. line {lines[i]}, not {lines[j]})")
+    drop = {j2 for _, j2, _ in dups}
+    return [r for k, r in enumerate(records) if k not in drop]
+
+
+# ------------------------------------------------------------------------------------ model folders
+
+
+def _path_like(spec: str) -> bool:
+    return spec.startswith(("/", "./", "../", "~")) or spec in (".", "..")
+
+
+def read_model_config(folder: Path, what: str, error: Error = InputError) -> dict[str, Any]:
+    """The config.json of a model folder; an error if the folder is not a model folder."""
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        raise error(f"{what}: {folder} is not a model folder (it has no config.json)")
+    try:
+        if cfg.stat().st_size > 16 << 20:
+            raise error(f"{what}: {cfg} is too large to be a model config")
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise error(f"{what}: {cfg} cannot be read as JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise error(f"{what}: {cfg} is not a JSON object")
+    return data
+
+
+def check_model_source(
+    spec: str, what: str, *, classifier: bool, error: Error = InputError
+) -> None:
+    """A model or classifier given as a local path must be a model folder of the right kind.
+
+    Scheme specs (`tiny:`, `packaged:`, `hub:`) and hub ids (ORG/NAME that is no local folder) are
+    left to the loaders. Nothing is hashed or walked: only the folder's config.json is read.
+    """
+    scheme = spec.partition(":")[0]
+    if scheme in ("tiny", "packaged", "hub") and ":" in spec:
+        return
+    p = Path(spec).expanduser()
+    if p.is_file():
+        raise error(f"{what}: {spec} is a file, not a model folder")
+    if not p.is_dir():
+        if _path_like(spec):
+            raise error(f"{what}: folder not found: {spec}")
+        return
+    cfg = read_model_config(p, what, error)
+    archs = [a for a in cfg.get("architectures") or [] if isinstance(a, str)]
+    is_clf = any(a.endswith("ForSequenceClassification") for a in archs)
+    if classifier and archs and not is_clf:
+        raise error(f"{what}: {spec} is not a sequence classifier (architectures: {archs})")
+    if (
+        not classifier
+        and archs
+        and all(a.endswith(("ForSequenceClassification", "ForTokenClassification")) for a in archs)
+    ):
+        raise error(f"{what}: {spec} is a classifier, not a chat model (architectures: {archs})")
+
+
+# ------------------------------------------------------------------------------------ output paths
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _probe_writable(folder: Path, what: str, error: Error) -> None:
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".charshift-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        raise error(f"{what}: cannot write in {folder}: {err.strerror or err}") from None
+
+
+def _check_creatable(path: Path, what: str, error: Error) -> None:
+    """The folders up to `path` can be created: the nearest existing one is a writable folder."""
+    anc = _nearest_existing(path.parent if path.parent != path else path)
+    if not anc.is_dir():
+        raise error(f"{what}: {anc} is a file, so {path} cannot be created under it")
+    _probe_writable(anc, what, error)
+
+
+def check_output_file(path: str | Path, what: str = "--out", error: Error = InputError) -> Path:
+    """An output file that can be written (replacing a regular file is fine); errors up front."""
+    p = Path(path)
+    if p.is_dir():
+        raise error(f"{what}: {p} is a folder; give a file name")
+    if p.exists() and not p.is_file():
+        raise error(f"{what}: {p} exists and is not a regular file")
+    _check_creatable(p, what, error)
+    return p
+
+
+def check_output_dir(path: str | Path, what: str = "--out", error: Error = InputError) -> Path:
+    """An output folder that exists and is writable, or can be created; errors up front."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise error(f"{what}: {p} exists and is not a folder")
+    if p.is_dir():
+        _probe_writable(p, what, error)
+    else:
+        _check_creatable(p, what, error)
+    return p
+
+
+def write_text_atomic(path: str | Path, text: str, error: Error = InputError) -> None:
+    """Write `text` (UTF-8) to `path` through a temporary file beside it and a rename: the file
+    is either the old one or the complete new one, never a partial write."""
+    p = Path(path)
+    tmp: str | None = None
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, p)
+        tmp = None
+    except OSError as err:
+        raise error(f"cannot write {p}: {err.strerror or err}") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
