@@ -283,6 +283,12 @@ def report_run(cfg: RunConfig, store: RunStore, out_dir: Path | None = None) -> 
 
 
 def _nothing_to_report(store: RunStore, cids: dict[str, str]) -> str:
+    if not len(store.generations) and len(store.scores):
+        return (
+            f"{store.root}/generations.jsonl is missing or empty, but the run holds "
+            f"{len(store.scores)} scores: its generations are gone. Run `charshift run CONFIG "
+            f"--out {store.root}` with the run's config to generate them again"
+        )
     if not len(store.generations):
         return f"{store.root}: no generations yet; run `charshift run` (or `charshift generate`)"
     if not cids and not len(store.scores):
