@@ -292,7 +292,7 @@ class JsonlTable(Generic[R]):
         self.set_aside: list[DamagedLine] = []
         self.lines: dict[Path, int] = {}  # non-blank lines per file, as found
         self._rows: dict[tuple, R] = {}
-        self._where: dict[tuple, tuple[Path, int, bytes]] = {}
+        self._where: dict[tuple, tuple[Path, int, int]] = {}  # file, line, hash of the line
         own_good: list[bytes] = []
         own_raw = b""
         for f in self.files:
@@ -327,15 +327,15 @@ class JsonlTable(Generic[R]):
                 self.found.append(DamagedLine(f, n, self._duplicate_reason(k, f, line), line))
                 continue
             self._rows[k] = parsed
-            self._where[k] = (f, n, line)
+            self._where[k] = (f, n, hash(line))
             good.append(line)
         self.lines[f] = n_lines
         return good
 
     def _duplicate_reason(self, k: tuple, f: Path, line: bytes) -> str:
-        first_file, first_line, first_raw = self._where[k]
+        first_file, first_line, first_hash = self._where[k]
         where = f"line {first_line}" if first_file == f else f"{first_file.name} line {first_line}"
-        how = "an identical copy" if first_raw == line else "different content"
+        how = "an identical copy" if first_hash == hash(line) else "different content"
         return f"a second row with key {'/'.join(map(str, k))} ({how}); {where} is kept"
 
     def _repair(self, raw: bytes, good: list[bytes]) -> None:
@@ -411,7 +411,7 @@ class JsonlTable(Generic[R]):
         _append_bytes(self.path, blob)
         for k, r in new.items():
             self._rows[k] = r
-            self._where[k] = (self.path, -1, b"")
+            self._where[k] = (self.path, -1, 0)
         return len(new)
 
 
@@ -670,14 +670,15 @@ class RunStore:
             self.scores: JsonlTable[ScoreRow] = self._table(
                 "scores", ScoreRow, ("key", "classifier")
             )
+            for t in (self.generations, self.scores):
+                for msg in t.describe():
+                    self._say(msg)
+                if t.set_aside:
+                    lines = [d.line for d in t.set_aside]
+                    self.log_event("set_aside", file=t.path.name, lines=lines)
         except BaseException:
             self.close()
             raise
-        for t in (self.generations, self.scores):
-            for msg in t.describe():
-                self._say(msg)
-            if t.set_aside:
-                self.log_event("set_aside", file=t.path.name, lines=[d.line for d in t.set_aside])
 
     def _say(self, msg: str) -> None:
         self.notes.append(msg)
