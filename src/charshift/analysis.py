@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from charshift.config import RunConfig, StatsConfig, config_to_dict
 from charshift.schema import NULL_PERSONA, GenerationRow, PredictionRecord
-from charshift.store import RunStore
+from charshift.store import RunStore, StoreError
+from charshift.store import warn as store_warn
 
 if TYPE_CHECKING:
     from charshift.stats import MetricsResult
@@ -77,14 +78,52 @@ def analyse(inp: AnalysisInput, out_dir: Path, result: MetricsResult | None = No
 # --------------------------------------------------------------------------- a run directory
 
 
-def prediction_records(cfg: RunConfig, store: RunStore) -> list[PredictionRecord]:
+def run_classifier_ids(cfg: RunConfig, store: RunStore) -> tuple[dict[str, str], list[str]]:
+    """(base -> the classifier id whose scores the report uses, warnings). The manifest records
+    the ids; where it does not (deleted or damaged manifest), a base whose rows were scored by
+    exactly one classifier uses that one, with a warning."""
+    recorded = store.manifest().get("classifier_ids")
+    recorded = recorded if isinstance(recorded, dict) else {}
+    base_of = {g.key: g.base for g in store.generations}
+    found: dict[str, set[str]] = {}
+    for sc in store.scores:
+        if sc.key in base_of:
+            found.setdefault(base_of[sc.key], set()).add(sc.classifier)
+    ids: dict[str, str] = {}
+    notes: list[str] = []
+    for base in cfg.bases:
+        if isinstance(recorded.get(base.name), str):
+            ids[base.name] = recorded[base.name]
+            continue
+        cands = sorted(found.get(base.name, ()))
+        if len(cands) == 1:
+            ids[base.name] = cands[0]
+            notes.append(
+                f"{store.manifest_path} records no classifier for base {base.name}; using "
+                f"{cands[0]}, the one classifier in the run's scores for its rows "
+                f"(`charshift score --run {store.root}` records it again)"
+            )
+        elif cands:
+            raise StoreError(
+                f"{store.manifest_path} records no classifier for base {base.name}, and its rows "
+                f"were scored by several ({', '.join(cands)}); run `charshift score --run "
+                f"{store.root}` to score with the config's classifier and record which it is"
+            )
+    return ids, notes
+
+
+def prediction_records(
+    cfg: RunConfig, store: RunStore, cids: dict[str, str] | None = None
+) -> list[PredictionRecord]:
     """Join a run's eval generations with their scores: one record per (row, unit), `slice` =
     the unit (see `charshift.units`); base rows keep the null persona. A unit with no text (the
-    row's outcome is not an output) is a missing prediction; a unit not scored yet is left out."""
+    row's outcome is not an output) is a missing prediction; a unit not scored yet is left out.
+    `cids`: base -> classifier id (default: `run_classifier_ids`)."""
     from charshift import units
 
     raw = cfg.scoring.text == "raw"
-    cids: dict[str, str] = store.manifest().get("classifier_ids", {})
+    if cids is None:
+        cids = run_classifier_ids(cfg, store)[0]
     out: list[PredictionRecord] = []
     for r, unit, text in units.row_units(store.generations, raw):
         if r.base not in cids:
@@ -138,12 +177,111 @@ def browser_samples(records: Sequence[PredictionRecord], store: RunStore) -> lis
     return samples
 
 
+@dataclass(frozen=True)
+class CellCompleteness:
+    """How far one (base, stage, slice) cell of a run got: eval rows planned, generated, with an
+    output to score, and scored by the base's classifier."""
+
+    base: str
+    stage: str
+    slice: str
+    planned: int
+    generated: int
+    with_output: int
+    scored: int
+
+    @property
+    def not_generated(self) -> int:
+        return max(self.planned - self.generated, 0)
+
+    @property
+    def not_scored(self) -> int:
+        return max(self.with_output - self.scored, 0)
+
+    @property
+    def complete(self) -> bool:
+        return self.not_generated == 0 and self.not_scored == 0
+
+
+def completeness(
+    plan: Any, store: RunStore, cfg: RunConfig, classifier_ids: dict[str, str] | None = None
+) -> list[CellCompleteness]:
+    """Per cell of `plan` (a `planning.Plan`), in plan order: eval rows planned, generated, with
+    output, scored. Pure: reads the store, loads no model."""
+    from charshift import units
+
+    cids = classifier_ids if classifier_ids is not None else run_classifier_ids(cfg, store)[0]
+    counts: dict[tuple[str, str, str], list[int]] = {}
+    for r in plan.rows:
+        if r.spec.split == "eval":
+            cell = (r.condition.base, r.condition.stage, r.spec.slice)
+            counts.setdefault(cell, [0, 0, 0, 0])[0] += 1
+    generated: dict[str, tuple[str, str, str]] = {}
+    with_output: set[str] = set()
+    unscored: set[str] = set()  # rows with at least one unit that has text and no score
+    for g, unit, text in units.row_units(store.generations, cfg.scoring.text == "raw"):
+        cell = (g.base, g.stage, g.slice)
+        if cell not in counts:
+            continue
+        generated[g.key] = cell
+        if text:
+            with_output.add(g.key)
+            cid = cids.get(g.base)
+            if cid is None or (g.key, cid, unit, units.text_hash(text)) not in store.scores:
+                unscored.add(g.key)
+    for key, cell in generated.items():
+        c = counts[cell]
+        c[1] += 1
+        c[2] += key in with_output
+        c[3] += key in with_output and key not in unscored
+    return [CellCompleteness(*cell, *c) for cell, c in counts.items()]
+
+
+def completeness_warnings(cells: Sequence[CellCompleteness], run: str | Path) -> list[str]:
+    """A summary line and one line per incomplete cell (empty when the run is complete)."""
+    gaps = [c for c in cells if not c.complete]
+    if not gaps:
+        return []
+    planned = sum(c.planned for c in cells)
+    missing = sum(c.not_generated for c in cells)
+    unscored = sum(c.not_scored for c in cells)
+    out = [
+        f"This run is incomplete: {missing} of {planned} planned rows are not generated and "
+        f"{unscored} of {sum(c.with_output for c in cells)} outputs are not scored, in "
+        f"{len(gaps)} of {len(cells)} cells; the figures cover only what exists. Resume with "
+        f"`charshift run CONFIG --out {run}` (or `charshift score --run {run}`)."
+    ]
+    for c in gaps:
+        out.append(
+            f"{c.base} / {c.stage} / {c.slice}: {c.planned} planned, {c.generated} generated, "
+            f"{c.scored} of {c.with_output} outputs scored"
+        )
+    return out
+
+
+def _completeness_notes(cfg: RunConfig, store: RunStore, cids: dict[str, str]) -> list[str]:
+    from charshift.planning import build_plan
+
+    try:
+        plan = build_plan(cfg, dry=True)
+    except (ValueError, OSError) as err:  # e.g. an id_prompts file that has since moved
+        return [f"Could not rebuild the run's plan to check it is complete: {err}"]
+    return completeness_warnings(completeness(plan, store, cfg, cids), store.root)
+
+
 def report_run(cfg: RunConfig, store: RunStore, out_dir: Path | None = None) -> Path:
-    """The analysis tail over a run directory; the report goes to `out_dir` or the run's root."""
-    records = prediction_records(cfg, store)
+    """The analysis tail over a run directory; the report goes to `out_dir` or the run's root.
+    Warnings (an incomplete run, damage found in the store, a recovered classifier id) are
+    printed to stderr and come first among the report's notes."""
+    cids, cid_notes = run_classifier_ids(cfg, store)
+    records = prediction_records(cfg, store, cids)
     if not records:
-        raise ValueError(f"{store.root}: nothing scored yet; run `charshift score` first")
-    notes = [
+        raise ValueError(_nothing_to_report(store, cids))
+    warnings = cid_notes + _completeness_notes(cfg, store, cids)
+    for w in warnings:
+        store_warn(w)
+    notes = warnings + store.notes
+    notes += [
         f"Skipped adapter {name}: {msg}"
         for name, msg in (store.manifest().get("skipped_adapters") or {}).items()
     ]
@@ -163,3 +301,20 @@ def report_run(cfg: RunConfig, store: RunStore, out_dir: Path | None = None) -> 
         label_sets={"labels": result.labels, "notes": [n.text() for n in result.label_notes]}
     )
     return analyse(inp, Path(out_dir) if out_dir else store.root, result)
+
+
+def _nothing_to_report(store: RunStore, cids: dict[str, str]) -> str:
+    if not len(store.generations) and len(store.scores):
+        return (
+            f"{store.root}/generations.jsonl is missing or empty, but the run holds "
+            f"{len(store.scores)} scores: its generations are gone. Run `charshift run CONFIG "
+            f"--out {store.root}` with the run's config to generate them again"
+        )
+    if not len(store.generations):
+        return f"{store.root}: no generations yet; run `charshift run` (or `charshift generate`)"
+    if not cids and not len(store.scores):
+        return f"{store.root}: nothing scored yet; run `charshift score --run {store.root}` first"
+    return (
+        f"{store.root}: none of the {len(store.generations)} generations has an evaluated score "
+        f"yet; run `charshift score --run {store.root}` first"
+    )

@@ -52,6 +52,8 @@ def _user_errors() -> Iterator[None]:
         yield
     except (cfgmod.ConfigError, ClassifierError, ScenarioError, StoreError, ValueError) as err:
         _fail(str(err))
+    except OSError as err:  # a read-only file, a full disk, a missing folder: named, no traceback
+        _fail(f"{err.filename}: {err.strerror}" if err.filename else str(err))
 
 
 def _load(config: Path | None, preset: str | None, id_prompts: Path | None) -> cfgmod.RunConfig:
@@ -145,8 +147,7 @@ def generate(
     from charshift import pipeline
 
     cfg = _load(config, preset, id_prompts)
-    with _user_errors():
-        store = pipeline.prepare_run(cfg, out or _default_out(cfg))
+    with _user_errors(), pipeline.prepare_run(cfg, out or _default_out(cfg)) as store:
         summary = pipeline.generate(cfg, store)
     typer.echo(json.dumps(summary))
 
@@ -182,8 +183,7 @@ def score(
         return
     if run_dir is None:
         _fail("give --run DIR (or --generations FILE --classifier C --out FILE)")
-    with _user_errors():
-        store = pipeline.RunStore(run_dir, create=False)
+    with _user_errors(), pipeline.RunStore(run_dir, create=False) as store:
         cfg = pipeline.load_run_config(store)
         pipeline.ensure_classifiers(cfg, store)
         counts = pipeline.score(cfg, store)
@@ -234,8 +234,8 @@ def report(
         _fail("give --run DIR or --predictions FILE --out DIR")
     from charshift import pipeline
 
-    with _user_errors():
-        store = pipeline.RunStore(run_dir, create=False)
+    with _user_errors():  # a reader: takes no lock and changes nothing in the tables
+        store = pipeline.RunStore(run_dir, create=False, writable=False)
         cfg = pipeline.load_run_config(store)
         path = pipeline.report(cfg, store, out)
     typer.echo(f"report: {path}")
@@ -256,8 +256,9 @@ def train_classifier_cmd(
     """Fine-tune an encoder on a run's ID generations (held-out split by prompt)."""
     from charshift import pipeline
 
+    into_run = out.resolve().is_relative_to(run_dir.resolve())  # then it writes the run: locks
     with _user_errors():
-        store = pipeline.RunStore(run_dir, create=False)
+        store = pipeline.RunStore(run_dir, create=False, writable=into_run)
         cfg = pipeline.load_run_config(store)
     if cfg.classifier_training is None:
         data = cfg.model_dump(mode="json")
@@ -270,7 +271,7 @@ def train_classifier_cmd(
     b = next((x for x in cfg.bases if base in (None, x.name)), None)
     if b is None:
         _fail(f"--base: no base named {base!r} in the run")
-    with _user_errors():
+    with _user_errors(), store:
         rep = pipeline.train_run_classifier(cfg, store, b, out)
     typer.echo(json.dumps(rep.to_dict(), indent=2))
     typer.echo(f"classifier saved to {out}")

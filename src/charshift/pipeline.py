@@ -75,9 +75,17 @@ def make_backend(cfg: RunConfig, base: BaseSpec) -> Backend:
 
 
 def prepare_run(cfg: RunConfig, out: Path) -> RunStore:
+    """Open `out` for writing (takes the run's writer lock; close the store, or use it as a
+    context manager, to release it) and record the config."""
     store = RunStore(out)
-    store.write_config(config_to_dict(cfg))
-    store.update_manifest(seeds={"sampling": cfg.sampling.seed, "stats": cfg.stats.seed})
+    try:
+        store.write_config(
+            config_to_dict(cfg), planned_keys=lambda: {r.key for r in build_plan(cfg).rows}
+        )
+        store.update_manifest(seeds={"sampling": cfg.sampling.seed, "stats": cfg.stats.seed})
+    except BaseException:
+        store.close()
+        raise
     return store
 
 
@@ -345,7 +353,8 @@ def report(cfg: RunConfig, store: RunStore, out_dir: Path | None = None) -> Path
     from charshift import analysis
 
     path = analysis.report_run(cfg, store, out_dir)
-    store.log_event("report", path=str(path))
+    if store.writable:  # a report of a run opened read-only changes nothing in it
+        store.log_event("report", path=str(path))
     return path
 
 
@@ -362,11 +371,11 @@ def run_all(cfg: RunConfig, out: Path) -> Path:
     t0 = time.time()
     build_plan(cfg)  # scenario, prompt and persona files are validated here
     preflight(cfg)
-    store = prepare_run(cfg, out)
-    store.log_event("run_start")
-    generate(cfg, store)
-    ensure_classifiers(cfg, store)
-    score(cfg, store)
-    path = report(cfg, store)
-    store.log_event("run_end", seconds=round(time.time() - t0, 1))
+    with prepare_run(cfg, out) as store:
+        store.log_event("run_start")
+        generate(cfg, store)
+        ensure_classifiers(cfg, store)
+        score(cfg, store)
+        path = report(cfg, store)
+        store.log_event("run_end", seconds=round(time.time() - t0, 1))
     return path
