@@ -32,6 +32,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import inspect
+import itertools
 import json
 import logging
 import math
@@ -39,6 +40,7 @@ import os
 import random
 import re
 import shutil
+import statistics
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -65,8 +67,8 @@ _TINY_BUILDER_VERSION = 1
 # The C values tried by prompt-grouped cross-validation (probe and lexical baseline); the run
 # config's `classifier_training.probe_c_grid` default is the same list.
 DEFAULT_C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
-# The no-learning check: the mean loss of the last fifth of the steps must be at least 5% below
-# that of the first fifth, and not within 2% of ln K (the loss of a uniform guess).
+# The no-learning check (`loss_warning`): the mean loss of the last fifth of the steps must be
+# at least 5% below that of the first fifth (and beyond the noise), not within 2% of ln K.
 _LOSS_WINDOW = 0.2
 _MIN_LOSS_DROP = 0.05
 _LN_K_BAND = 0.02
@@ -658,8 +660,11 @@ def heldout_evaluation(
 def loss_warning(losses: Sequence[float], n_labels: int) -> str | None:
     """A warning when the training loss did not fall, else None.
 
-    Compares the mean loss of the first and the last fifth of the steps: it must fall by at least
-    5%, and the last fifth must not sit within 2% of ln K (the loss of a uniform guess).
+    Compares the mean loss of the first and the last fifth of the steps. The fall must exceed
+    both 5% of the first mean and twice the standard error of the difference of the two means,
+    with the per-step noise estimated robustly from successive differences (1.4826 x their
+    median absolute value / sqrt 2, which a steady trend barely moves); and the last fifth must
+    not sit within 2% of ln K (the loss of a uniform guess).
     """
     if len(losses) < 2:
         return (
@@ -669,12 +674,16 @@ def loss_warning(losses: Sequence[float], n_labels: int) -> str | None:
     k = max(1, round(_LOSS_WINDOW * len(losses)))
     first = sum(losses[:k]) / k
     last = sum(losses[-k:]) / k
+    sigma = 1.4826 * statistics.median(abs(b - a) for a, b in itertools.pairwise(losses))
+    sigma /= math.sqrt(2.0)
+    needed = max(_MIN_LOSS_DROP * first, 2.0 * sigma * math.sqrt(2.0 / k))
     ln_k = math.log(n_labels)
-    if last > first * (1.0 - _MIN_LOSS_DROP) or abs(last - ln_k) <= _LN_K_BAND * ln_k:
+    if first - last < needed or abs(last - ln_k) <= _LN_K_BAND * ln_k:
         return (
             f"the training loss did not fall: mean {first:.3f} over the first {k} steps, "
-            f"{last:.3f} over the last {k} (ln K = {ln_k:.3f} is a uniform guess); the classifier "
-            "probably learned nothing. Try mode: probe, or more data or epochs."
+            f"{last:.3f} over the last {k} (a fall of at least {needed:.3f} was needed to stand "
+            f"out of the step-to-step noise; ln K = {ln_k:.3f} is a uniform guess). The "
+            "classifier probably learned nothing: try mode: probe, or more data or epochs."
         )
     return None
 
