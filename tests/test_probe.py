@@ -94,6 +94,7 @@ def minilm_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
             out_dir=root / name,
             encoder="packaged:minilm",
             max_length=128,
+            heldout_fraction=0.35,  # 10 of 30 prompts: enough clusters for a bootstrap interval
             progress=False,
             device="cpu",
         )
@@ -321,6 +322,8 @@ def test_probe_on_a_local_encoder_and_reload(tiny_encoder, tmp_path):
         device="cpu",
     )
     assert report.encoder["kind"] == "local" and report.probe["cv_folds_used"] == 3
+    assert len(report.heldout_groups) == 2
+    assert any("only 2 held-out prompts" in w for w in report.warnings)
     clf = Classifier.load(str(tmp_path / "p"), device="cpu")
     assert clf.model.config.model_type == "modernbert"
     scored = clf.predict(texts[:5], max_length=64)

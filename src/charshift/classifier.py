@@ -75,6 +75,7 @@ _LN_K_BAND = 0.02
 # The (base, stage, slice) cell name of every held-out evaluation: a fixed name makes a classifier
 # and its lexical baseline resample the same prompts (stats seeds each cell by its name).
 _HELDOUT_CELL = ("classifier", "heldout", "heldout")
+_FEW_CLUSTERS = 10  # fewer held-out prompts than this: the report warns about its interval
 _RESERVED_LABELS = ("-", "__null__")  # stats reads these as the base stage's null persona
 _NO_HELDOUT_NOTE = (
     "no held-out split (heldout_fraction=0, OCT's own setting): the classifier's accuracy on "
@@ -724,11 +725,74 @@ def _label_counts(
     return {n: sum(1 for i in idx if labels[i] == n) for n in names}
 
 
+def new_report(
+    mode: str,
+    out_dir: Path,
+    names: list[str],
+    labels: Sequence[str],
+    split: RowSplit,
+    *,
+    hyperparameters: dict[str, Any],
+    encoder: dict[str, Any],
+    losses: list[float],
+    warnings: list[str],
+    **extra: Any,
+) -> TrainReport:
+    """A TrainReport with the training side filled in; `finish_report` adds the held-out side."""
+    return TrainReport(
+        out_dir=str(out_dir),
+        label_names=names,
+        n_train=len(split.train_idx),
+        n_heldout=len(split.heldout_idx),
+        train_groups=split.train_groups,
+        heldout_groups=split.heldout_groups,
+        macro_f1=None,
+        accuracy=None,
+        per_label_f1=None,
+        confusion=None,
+        confusion_labels=names,
+        heldout_note=None if split.heldout_idx else _NO_HELDOUT_NOTE,
+        hyperparameters=hyperparameters,
+        encoder=encoder,
+        n_steps=len(losses),
+        train_losses=losses,
+        label_counts_train=_label_counts(labels, split.train_idx, names),
+        label_counts_heldout=_label_counts(labels, split.heldout_idx, names),
+        mode=mode,
+        chance=1.0 / len(names),
+        warnings=warnings,
+        **extra,
+    )
+
+
+def _set_heldout(
+    report: TrainReport, ev: dict[str, Any], n_boot: int, ci: float, seed: int
+) -> None:
+    for key in ("macro_f1", "macro_f1_interval", "accuracy", "accuracy_interval"):
+        setattr(report, key, ev[key])
+    report.per_label_f1, report.confusion = ev["per_label_f1"], ev["confusion"]
+    report.above_chance = ev["above_chance"]
+    report.interval = {
+        "method": "percentile cluster bootstrap (stats.compute_metrics)",
+        "clusters": "prompt id",
+        "n_clusters": ev["n_clusters"],
+        "n_boot": n_boot,
+        "ci": ci,
+        "seed": seed,
+    }
+    if ev["n_clusters"] < _FEW_CLUSTERS:
+        report.warnings.append(
+            f"only {ev['n_clusters']} held-out prompts: a cluster bootstrap over so few clusters "
+            "gives intervals that are too narrow and coarse; hold out more prompts (more "
+            "training prompts or a larger heldout_fraction) before trusting the chance verdict"
+        )
+
+
 def finish_report(
     report: TrainReport,
     predict: Callable[[list[str]], list[str]],
     data: tuple[Sequence[str], Sequence[str], Sequence[str]],
-    split: tuple[list[int], list[int]],
+    split: RowSplit,
     *,
     n_boot: int,
     ci: float,
@@ -741,44 +805,23 @@ def finish_report(
     from charshift.probe import lexical_baseline
 
     texts, labels, groups = data
-    train_idx, held_idx = split
-    names = report.label_names
-    report.chance = 1.0 / len(names)
-    if held_idx:
-        preds = predict([texts[i] for i in held_idx])
-        ev = heldout_evaluation(
-            [labels[i] for i in held_idx],
-            preds,
-            [groups[i] for i in held_idx],
-            names,
-            n_boot=n_boot,
-            ci=ci,
-            seed=seed,
-        )
-        for key in ("macro_f1", "macro_f1_interval", "accuracy", "accuracy_interval"):
-            setattr(report, key, ev[key])
-        report.per_label_f1, report.confusion = ev["per_label_f1"], ev["confusion"]
-        report.above_chance = ev["above_chance"]
-        report.interval = {
-            "method": "percentile cluster bootstrap (stats.compute_metrics)",
-            "clusters": "prompt id",
-            "n_clusters": ev["n_clusters"],
-            "n_boot": n_boot,
-            "ci": ci,
-            "seed": seed,
-        }
+    held = split.heldout_idx
+    if held:
+        preds = predict([texts[i] for i in held])
+        truth, clusters = [labels[i] for i in held], [groups[i] for i in held]
+        kw = {"n_boot": n_boot, "ci": ci, "seed": seed}
+        ev = heldout_evaluation(truth, preds, clusters, report.label_names, **kw)
+        _set_heldout(report, ev, n_boot, ci, seed)
         try:
             report.baseline = lexical_baseline(
                 texts,
                 labels,
                 groups,
-                split,
-                names,
+                (split.train_idx, held),
+                report.label_names,
                 c_grid=baseline_c_grid,
                 cv_folds=baseline_cv_folds,
-                n_boot=n_boot,
-                ci=ci,
-                seed=seed,
+                **kw,
             )
         except ValueError as err:
             report.warnings.append(f"lexical baseline not computed: {err}")
@@ -819,15 +862,23 @@ def split_by_group(
     return sorted(shuffled[n_held:]), sorted(shuffled[:n_held])
 
 
-def split_rows(
-    groups: Sequence[str], heldout_fraction: float, seed: int
-) -> tuple[list[str], list[str], list[int], list[int]]:
-    """(train groups, held-out groups, train row indices, held-out row indices)."""
+@dataclass(frozen=True)
+class RowSplit:
+    """A held-out split by group: the groups on each side and the row indices of each side."""
+
+    train_groups: list[str]
+    heldout_groups: list[str]
+    train_idx: list[int]
+    heldout_idx: list[int]
+
+
+def split_rows(groups: Sequence[str], heldout_fraction: float, seed: int) -> RowSplit:
+    """`split_by_group`, with the row indices of each side."""
     train_groups, held_groups = split_by_group(groups, heldout_fraction, seed)
     held = set(held_groups)
     train_idx = [i for i, g in enumerate(groups) if g not in held]
     held_idx = [i for i, g in enumerate(groups) if g in held]
-    return train_groups, held_groups, train_idx, held_idx
+    return RowSplit(train_groups, held_groups, train_idx, held_idx)
 
 
 def _resolve_encoder(
@@ -1058,77 +1109,15 @@ def train_classifier(
     The saved folder has config.id2label in `label_names` order and loads with Classifier.load.
     """
     names = check_training_inputs(texts, labels, groups, label_names)
-    if epochs <= 0 or batch_size < 1 or grad_accum < 1:
-        raise ValueError("epochs must be > 0, batch_size and grad_accum >= 1")
-    if lr < 0:
-        raise ValueError("lr must be >= 0")
+    if epochs <= 0 or batch_size < 1 or grad_accum < 1 or lr < 0:
+        raise ValueError("epochs must be > 0, lr >= 0, batch_size and grad_accum >= 1")
     if not 0.0 <= early_stopping_fraction < 1.0:
         raise ValueError("early_stopping_fraction must be in [0, 1)")
-    train_groups, held_groups, train_idx, held_idx = split_rows(groups, heldout_fraction, seed)
+    split = split_rows(groups, heldout_fraction, seed)
     fit_idx, val_idx, val_groups, es_note = _inner_split(
-        groups, train_idx, early_stopping_fraction, seed
+        groups, split.train_idx, early_stopping_fraction, seed
     )
-
-    ref, ref_kw, enc_folder, enc_identity = _resolve_encoder(encoder, cache_dir)
-    dev = resolve_device(device)
-    label2id = {n: i for i, n in enumerate(names)}
-    with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
-        torch.manual_seed(seed)  # seeds the new head's initialisation and dropout
-        tokenizer, model = _load_for_finetune(ref, ref_kw, names)
-        enc_identity["weights_sha256"] = weights_sha256(enc_folder)
-        model.to(dev)
-        cap = _effective_max_length(model, tokenizer, max_length)
-        ids = _encode(tokenizer, [texts[i] for i in fit_idx], cap)
-        y = [label2id[labels[i]] for i in fit_idx]
-        n_micro = max(1, round(epochs * math.ceil(len(ids) / batch_size)))
-        n_steps = math.ceil(n_micro / grad_accum)
-        clf = Classifier(model, tokenizer, names, str(out_dir), dev, "memory")
-        stopper = None
-        if val_idx:
-
-            def inner_f1() -> float:
-                val_preds = clf.predict(
-                    [texts[i] for i in val_idx], batch_size=max(batch_size, 16), max_length=cap
-                )
-                model.train()
-                return _macro_f1([labels[i] for i in val_idx], [p for p, _ in val_preds], names)
-
-            every = eval_every or max(1, n_steps // 10)
-            stopper = _EarlyStopping(model, inner_f1, every, early_stopping_patience, n_steps)
-        losses = _run_steps(
-            model,
-            tokenizer,
-            ids,
-            y,
-            n_micro,
-            n_steps,
-            dev,
-            lr=lr,
-            weight_decay=weight_decay,
-            warmup_ratio=warmup_ratio,
-            batch_size=batch_size,
-            grad_accum=grad_accum,
-            max_grad_norm=max_grad_norm,
-            seed=seed,
-            progress=progress,
-            stop=stopper,
-        )
-        if stopper is not None:
-            stopper.restore()
-        model.eval()
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / REPORT_FILE).unlink(missing_ok=True)  # written last, when the folder is complete
-    from charshift.probe import remove_probe_files
-
-    remove_probe_files(out_dir)  # a former probe's files would shadow this model on load
-    model.config.id2label = dict(enumerate(names))
-    model.config.label2id = label2id
-    model.save_pretrained(str(out_dir))
-    tokenizer.save_pretrained(str(out_dir))
-
-    hyper = {
+    hyper: dict[str, Any] = {
         "mode": "finetune",
         "epochs": epochs,
         "lr": lr,
@@ -1137,61 +1126,112 @@ def train_classifier(
         "warmup_ratio": warmup_ratio,
         "weight_decay": weight_decay,
         "max_length": max_length,
-        "effective_max_length": cap,
         "heldout_fraction": heldout_fraction,
         "early_stopping_fraction": early_stopping_fraction,
+        "eval_every": eval_every,
         "early_stopping_patience": early_stopping_patience,
         "seed": seed,
         "max_grad_norm": max_grad_norm,
         "scheduler": "cosine_with_warmup",
-        "device": str(dev),
-        "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
     }
-    warnings = [w for w in (es_note, loss_warning(losses, len(names))) if w]
+    clf, losses, stopper, enc_identity = _finetune(
+        texts, labels, names, fit_idx, val_idx, hyper,
+        encoder=encoder, cache_dir=cache_dir, device=device, progress=progress,
+    )  # fmt: skip
+    out_dir = Path(out_dir)
+    _save_finetuned(clf, out_dir)
     early = None
     if stopper is not None:
         early = {**stopper.info(), "n_fit": len(fit_idx), "n_val": len(val_idx)}
         early["val_groups"] = val_groups
-    report = TrainReport(
-        out_dir=str(out_dir),
-        label_names=names,
-        n_train=len(train_idx),
-        n_heldout=len(held_idx),
-        train_groups=train_groups,
-        heldout_groups=held_groups,
-        macro_f1=None,
-        accuracy=None,
-        per_label_f1=None,
-        confusion=None,
-        confusion_labels=names,
-        heldout_note=None if held_idx else _NO_HELDOUT_NOTE,
-        hyperparameters=hyper,
-        encoder=enc_identity,
-        n_steps=len(losses),
-        train_losses=losses,
-        label_counts_train=_label_counts(labels, train_idx, names),
-        label_counts_heldout=_label_counts(labels, held_idx, names),
-        mode="finetune",
-        warnings=warnings,
-        early_stopping=early,
-    )
+    warnings = [w for w in (es_note, loss_warning(losses, len(names))) if w]
+    report = new_report(
+        "finetune", out_dir, names, labels, split, hyperparameters=hyper,
+        encoder=enc_identity, losses=losses, warnings=warnings, early_stopping=early,
+    )  # fmt: skip
+    cap, eval_batch = hyper["effective_max_length"], max(batch_size, 16)
 
     def predict(batch: list[str]) -> list[str]:
-        preds = clf.predict(batch, batch_size=max(batch_size, 16), max_length=cap)
-        return [p for p, _ in preds]
+        return [p for p, _ in clf.predict(batch, batch_size=eval_batch, max_length=cap)]
 
     return finish_report(
         report,
         predict,
         (texts, labels, groups),
-        (train_idx, held_idx),
+        split,
         n_boot=n_boot,
         ci=ci,
         seed=seed,
         baseline_c_grid=baseline_c_grid,
         baseline_cv_folds=baseline_cv_folds,
     )
+
+
+def _finetune(
+    texts: Sequence[str],
+    labels: Sequence[str],
+    names: list[str],
+    fit_idx: list[int],
+    val_idx: list[int],
+    hyper: dict[str, Any],
+    *,
+    encoder: str,
+    cache_dir: Path | None,
+    device: str,
+    progress: bool,
+) -> tuple[Classifier, list[float], _EarlyStopping | None, dict[str, Any]]:
+    """Load the encoder with a new head and train it on `fit_idx` as `hyper` says (in which it
+    records the effective max length, device and library versions)."""
+    ref, ref_kw, enc_folder, enc_identity = _resolve_encoder(encoder, cache_dir)
+    dev = resolve_device(device)
+    label2id = {n: i for i, n in enumerate(names)}
+    with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
+        torch.manual_seed(hyper["seed"])  # seeds the new head's initialisation and dropout
+        tokenizer, model = _load_for_finetune(ref, ref_kw, names)
+        enc_identity["weights_sha256"] = weights_sha256(enc_folder)
+        model.to(dev)
+        cap = _effective_max_length(model, tokenizer, hyper["max_length"])
+        hyper.update(effective_max_length=cap, device=str(dev), torch=torch.__version__)
+        hyper["transformers"] = __import__("transformers").__version__
+        ids = _encode(tokenizer, [texts[i] for i in fit_idx], cap)
+        y = [label2id[labels[i]] for i in fit_idx]
+        clf = Classifier(model, tokenizer, names, "memory", dev, "memory")
+        n_micro = max(1, round(hyper["epochs"] * math.ceil(len(ids) / hyper["batch_size"])))
+        n_steps = math.ceil(n_micro / hyper["grad_accum"])
+        stopper = None
+        if val_idx:
+            val_texts, val_labels = [texts[i] for i in val_idx], [labels[i] for i in val_idx]
+            eval_batch = max(hyper["batch_size"], 16)
+
+            def inner_f1() -> float:
+                preds = clf.predict(val_texts, batch_size=eval_batch, max_length=cap)
+                model.train()
+                return _macro_f1(val_labels, [p for p, _ in preds], names)
+
+            every = hyper["eval_every"] or max(1, n_steps // 10)
+            hyper["eval_every"] = every
+            patience = hyper["early_stopping_patience"]
+            stopper = _EarlyStopping(model, inner_f1, every, patience, n_steps)
+        losses = _run_steps(
+            model, tokenizer, ids, y, n_micro, n_steps, dev, hyper, progress, stopper
+        )
+        if stopper is not None:
+            stopper.restore()
+        model.eval()
+    return clf, losses, stopper, enc_identity
+
+
+def _save_finetuned(clf: Classifier, out_dir: Path) -> None:
+    """Save model and tokenizer with id2label in label order; clear what would shadow them."""
+    from charshift.probe import remove_probe_files
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / REPORT_FILE).unlink(missing_ok=True)  # written last, when the folder is complete
+    remove_probe_files(out_dir)  # a former probe's files would shadow this model on load
+    clf.model.config.id2label = dict(enumerate(clf.labels))
+    clf.model.config.label2id = {n: i for i, n in enumerate(clf.labels)}
+    clf.model.save_pretrained(str(out_dir))
+    clf.tokenizer.save_pretrained(str(out_dir))
 
 
 def _macro_f1(y_true: Sequence[str], y_pred: Sequence[str], names: Sequence[str]) -> float:
@@ -1208,33 +1248,29 @@ def _run_steps(
     n_micro: int,
     n_steps: int,
     dev: torch.device,
-    *,
-    lr: float,
-    weight_decay: float,
-    warmup_ratio: float,
-    batch_size: int,
-    grad_accum: int,
-    max_grad_norm: float,
-    seed: int,
+    hyper: dict[str, Any],
     progress: bool,
     stop: Callable[[int], bool] | None,
 ) -> list[float]:
     """The optimisation loop: AdamW, cosine schedule with warmup, clipping; the loss per step."""
     from transformers import get_cosine_schedule_with_warmup
 
-    optim = _optimizer(model, lr, weight_decay)
-    sched = get_cosine_schedule_with_warmup(optim, math.ceil(warmup_ratio * n_steps), n_steps)
+    optim = _optimizer(model, hyper["lr"], hyper["weight_decay"])
+    warmup = math.ceil(hyper["warmup_ratio"] * n_steps)
+    sched = get_cosine_schedule_with_warmup(optim, warmup, n_steps)
     keys, pad = _forward_keys(model), _pad_id(tokenizer)
+    accum, clip = hyper["grad_accum"], hyper["max_grad_norm"]
+    micro = list(_micro_batches([len(x) for x in ids], hyper["batch_size"], n_micro, hyper["seed"]))
     model.train()
     losses: list[float] = []
     bar = _Bar(progress, n_steps, "train classifier")
-    micro = list(_micro_batches([len(x) for x in ids], batch_size, n_micro, seed))
     try:
         for step in range(n_steps):
-            group = micro[step * grad_accum : (step + 1) * grad_accum]
-            losses.append(_step(model, group, ids, y, dev, keys, pad))
-            if max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            losses.append(
+                _step(model, micro[step * accum : (step + 1) * accum], ids, y, dev, keys, pad)
+            )
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             optim.step()
             sched.step()
             optim.zero_grad(set_to_none=True)

@@ -45,11 +45,11 @@ from charshift.classifier import (
     _forward_keys,
     _hub_kwargs,
     _hub_snapshot,
-    _label_counts,
     _pad_id,
     _resolve_encoder,
     check_training_inputs,
     finish_report,
+    new_report,
     packaged_minilm_dir,
     resolve_device,
     split_rows,
@@ -540,13 +540,46 @@ def _load_training_encoder(
     return tokenizer, model, identity
 
 
-def _probe_warnings(cv: dict[float, float] | None, chance: float) -> list[str]:
+def _probe_warnings(cv: dict[float, float] | None, chance: float, n_iter: int) -> list[str]:
+    out = []
     if cv is not None and max(cv.values()) <= chance:
-        return [
+        out.append(
             f"the probe's cross-validated macro-F1 never exceeded chance ({chance:.3f}) for any C "
             f"(best {max(cv.values()):.3f}): the embeddings may carry no label signal"
-        ]
-    return []
+        )
+    if n_iter >= _MAX_ITER:
+        out.append(f"the logistic regression did not converge in {_MAX_ITER} iterations")
+    return out
+
+
+def _probe_hyper(
+    c_grid: Sequence[float],
+    cv_folds: int,
+    max_length: int,
+    cap: int,
+    heldout_fraction: float,
+    seed: int,
+    batch_size: int,
+) -> dict[str, Any]:
+    from sklearn import __version__ as sklearn_version
+
+    return {
+        "mode": "probe",
+        "c_grid": sorted(c_grid),
+        "cv_folds": cv_folds,
+        "max_length": max_length,
+        "effective_max_length": cap,
+        "heldout_fraction": heldout_fraction,
+        "seed": seed,
+        "batch_size": batch_size,
+        "pooling": "mean, L2-normalised",
+        "standardize": True,
+        "solver": "lbfgs (multinomial, L2)",
+        "max_iter": _MAX_ITER,
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "sklearn": sklearn_version,
+    }
 
 
 def train_probe(
@@ -574,12 +607,11 @@ def train_probe(
     The held-out split is `classifier.split_by_group`'s (as for the fine-tune); C is chosen on
     the training rows only. Every label must have training rows.
     """
-    from sklearn import __version__ as sklearn_version
-
     names = check_training_inputs(texts, labels, groups, label_names)
     if cv_folds < 2:
         raise ValueError("cv_folds must be >= 2")
-    train_groups, held_groups, train_idx, held_idx = split_rows(groups, heldout_fraction, seed)
+    split = split_rows(groups, heldout_fraction, seed)
+    train_idx = split.train_idx
     absent = [n for n in names if not any(labels[i] == n for i in train_idx)]
     if absent:
         raise ValueError(f"labels {absent} have no training rows; a probe cannot learn them")
@@ -596,36 +628,13 @@ def train_probe(
     fp = _embedding_fit_predict(X, y, len(names))
     c, cv, folds = select_c(fp, y, [groups[i] for i in train_idx], c_grid, cv_folds, names)
     coef, intercept, n_iter = fit_head(X, y, len(names), c)
-    meta = {
-        "encoder": identity,
-        "pooling": "mean",
-        "normalize": True,
-        "max_length": cap,
-        "C": c,
-        "embedding_dim": int(X.shape[1]),
-    }
-    config = save_probe(out_dir, names, coef, intercept, meta)
+    meta = {"encoder": identity, "pooling": "mean", "normalize": True, "max_length": cap, "C": c}
+    config = save_probe(out_dir, names, coef, intercept, {**meta, "embedding_dim": X.shape[1]})
     clf = _probe_classifier(
         ProbeModel(model, coef, intercept), tokenizer, config, str(out_dir), out_dir, dev
     )
-    hyper = {
-        "mode": "probe",
-        "c_grid": sorted(c_grid),
-        "cv_folds": cv_folds,
-        "max_length": max_length,
-        "effective_max_length": cap,
-        "heldout_fraction": heldout_fraction,
-        "seed": seed,
-        "batch_size": batch_size,
-        "pooling": "mean, L2-normalised",
-        "standardize": True,
-        "solver": "lbfgs (multinomial, L2)",
-        "max_iter": _MAX_ITER,
-        "device": str(dev),
-        "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
-        "sklearn": sklearn_version,
-    }
+    hyper = _probe_hyper(c_grid, cv_folds, max_length, cap, heldout_fraction, seed, batch_size)
+    hyper["device"] = str(dev)
     probe_info = {
         "C": c,
         "cv_macro_f1": None if cv is None else {str(k): v for k, v in cv.items()},
@@ -635,32 +644,13 @@ def train_probe(
         "lbfgs_iterations": n_iter,
         "converged": n_iter < _MAX_ITER,
     }
-    warnings = _probe_warnings(cv, 1.0 / len(names))
-    if n_iter >= _MAX_ITER:
-        warnings.append(f"the logistic regression did not converge in {_MAX_ITER} iterations")
-    report = TrainReport(
-        out_dir=str(out_dir),
-        label_names=names,
-        n_train=len(train_idx),
-        n_heldout=len(held_idx),
-        train_groups=train_groups,
-        heldout_groups=held_groups,
-        macro_f1=None,
-        accuracy=None,
-        per_label_f1=None,
-        confusion=None,
-        confusion_labels=names,
-        heldout_note=None if held_idx else "no held-out split (heldout_fraction=0)",
-        hyperparameters=hyper,
-        encoder=identity,
-        n_steps=0,
-        train_losses=[],
-        label_counts_train=_label_counts(labels, train_idx, names),
-        label_counts_heldout=_label_counts(labels, held_idx, names),
-        mode="probe",
-        warnings=warnings,
-        probe=probe_info,
-    )
+    warnings = _probe_warnings(cv, 1.0 / len(names), n_iter)
+    report = new_report(
+        "probe", out_dir, names, labels, split, hyperparameters=hyper, encoder=identity,
+        losses=[], warnings=warnings, probe=probe_info,
+    )  # fmt: skip
+    if not split.heldout_idx:
+        report.heldout_note = "no held-out split (heldout_fraction=0)"
 
     def predict(batch: list[str]) -> list[str]:
         return [p for p, _ in clf.predict(batch, batch_size=batch_size, max_length=cap)]
@@ -669,7 +659,7 @@ def train_probe(
         report,
         predict,
         (texts, labels, groups),
-        (train_idx, held_idx),
+        split,
         n_boot=n_boot,
         ci=ci,
         seed=seed,
