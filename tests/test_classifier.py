@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from charshift.classifier import (
     ClassifierError,
     ClassifierLabelError,
     build_tiny_modernbert,
+    heldout_evaluation,
+    loss_warning,
     packaged_minilm_dir,
     split_by_group,
     train_classifier,
@@ -311,6 +314,24 @@ def test_training_learns_a_separable_task(trained):
     assert report.train_losses[-1] < report.train_losses[0]
 
 
+def test_training_reports_interval_chance_and_baseline(trained):
+    report, root, *_ = trained
+    lo, hi = report.macro_f1_interval
+    assert lo <= report.macro_f1 <= hi
+    assert report.chance == pytest.approx(1 / 3)
+    assert report.above_chance is (lo > 1 / 3) and report.above_chance
+    assert report.interval["n_clusters"] == len(report.heldout_groups)
+    assert report.interval["clusters"] == "prompt id"
+    base = report.baseline
+    assert base["heldout_groups"] == report.heldout_groups
+    assert base["n_heldout"] == report.n_heldout
+    assert base["macro_f1_interval"][0] <= base["macro_f1"] <= base["macro_f1_interval"][1]
+    assert not any("loss did not fall" in w for w in report.warnings)  # it learned
+    assert report.summary.startswith("Above chance")
+    saved = json.loads((root / "out" / "train_report.json").read_text())
+    assert saved["baseline"] == base and saved["mode"] == "finetune"
+
+
 def test_training_heldout_groups_disjoint(trained):
     report, _, _, _, groups = trained
     assert report.heldout_groups and report.train_groups
@@ -404,3 +425,103 @@ def test_packaged_minilm_trains_and_scores(tmp_path, monkeypatch):
     scored = clf.predict(texts, batch_size=16)
     assert len(scored) == len(texts)
     assert all(lab in LABELS and sum(p.values()) == pytest.approx(1, abs=1e-5) for lab, p in scored)
+
+
+# ---------------------------------------------------------------------------- held-out figures
+
+
+def test_heldout_evaluation_against_known_truths():
+    names = ["a", "b", "c"]
+    groups = [f"p{i // 3}" for i in range(60)]
+    truth = [names[i % 3] for i in range(60)]
+    perfect = heldout_evaluation(truth, truth, groups, names, n_boot=200)
+    assert perfect["macro_f1"] == 1.0 and perfect["macro_f1_interval"] == [1.0, 1.0]
+    assert perfect["above_chance"] and perfect["n_clusters"] == 20
+    assert perfect["confusion"] == [[20, 0, 0], [0, 20, 0], [0, 0, 20]]
+    rng = random.Random(0)
+    guess = [rng.choice(names) for _ in truth]
+    null = heldout_evaluation(truth, guess, groups, names, n_boot=500)
+    lo, hi = null["macro_f1_interval"]
+    assert lo <= 1 / 3 <= hi and not null["above_chance"]
+    # the same rows give the same resamples (a classifier and its baseline are compared fairly)
+    assert heldout_evaluation(truth, guess, groups, names, n_boot=500) == null
+
+
+def test_loss_warning_both_directions():
+    falling = [1.1 - 0.01 * i for i in range(100)]
+    assert loss_warning(falling, 3) is None
+    flat = [1.0 + 0.01 * ((-1) ** i) for i in range(100)]
+    assert "did not fall" in loss_warning(flat, 3)
+    at_chance = [math.log(6) + 0.1 - 0.0015 * i for i in range(100)]  # falls 8%, ends at ln 6
+    assert "did not fall" in loss_warning(at_chance, 6)
+    assert "cannot be judged" in loss_warning([1.0], 3)
+    # lr = 0 on a tiny model: batch-to-batch noise makes the last steps 12% lower by chance
+    lr_zero = [1.4, 1.332, 1.125, 1.222, 1.397, 1.315, 1.343, 1.125, 1.315, 1.61, 1.332, 1.066]
+    assert "did not fall" in loss_warning(lr_zero, 3)
+    rng = random.Random(0)
+    noisy_but_learning = [1.3 - 0.05 * i + rng.gauss(0, 0.05) for i in range(12)]
+    assert loss_warning(noisy_but_learning, 3) is None
+
+
+def test_no_learning_warning_fires_for_lr_zero(tmp_path, caplog):
+    enc = _tiny_encoder(tmp_path / "encoder")
+    texts, labels, groups = _synthetic(20, seed=4)
+    with caplog.at_level("WARNING", logger="charshift.classifier"):
+        report = train_classifier(
+            texts,
+            labels,
+            groups,
+            label_names=LABELS,
+            encoder=str(enc),
+            out_dir=tmp_path / "out",
+            epochs=2,
+            lr=0.0,
+            batch_size=8,
+            grad_accum=1,
+            progress=False,
+            device="cpu",
+        )
+    assert any("loss did not fall" in w for w in report.warnings)
+    assert "loss did not fall" in caplog.text
+    assert "loss did not fall" in report.summary
+    saved = json.loads((tmp_path / "out" / "train_report.json").read_text())
+    assert saved["warnings"] == report.warnings
+
+
+def test_early_stopping_keeps_the_best_state(tmp_path):
+    enc = _tiny_encoder(tmp_path / "encoder")
+    texts, labels, groups = _synthetic(30, seed=5)
+    report = train_classifier(
+        texts,
+        labels,
+        groups,
+        label_names=LABELS,
+        encoder=str(enc),
+        out_dir=tmp_path / "out",
+        epochs=6,
+        lr=5e-3,
+        batch_size=8,
+        grad_accum=1,
+        early_stopping_fraction=0.25,
+        eval_every=3,
+        early_stopping_patience=2,
+        progress=False,
+        device="cpu",
+    )
+    es = report.early_stopping
+    val = set(es["val_groups"])
+    assert val and not val & set(report.heldout_groups) and val <= set(report.train_groups)
+    assert es["n_fit"] + es["n_val"] == report.n_train
+    steps = [s for s, _ in es["evals"]]
+    assert steps == sorted(steps) and all(s % 3 == 0 or s == report.n_steps for s in steps)
+    assert es["best_inner_macro_f1"] == max(f for _, f in es["evals"])
+    # the saved model is the best state: it scores the best figure on the inner split again
+    clf = Classifier.load(str(tmp_path / "out"), device="cpu")
+    idx = [i for i, g in enumerate(groups) if g in val]
+    preds = [p for p, _ in clf.predict([texts[i] for i in idx], batch_size=16)]
+    from charshift.stats import score_labels
+
+    again = score_labels([labels[i] for i in idx], preds, LABELS)["macro_f1"]
+    assert again == pytest.approx(es["best_inner_macro_f1"], abs=1e-9)
+    if es["stopped_early_at"] is not None:
+        assert report.n_steps == es["stopped_early_at"] < 6 * math.ceil(es["n_fit"] / 8)

@@ -1,0 +1,691 @@
+"""The probe recipe: a frozen encoder's mean-pooled embeddings + multinomial logistic regression.
+
+Why a probe: fine-tuning a 20M-150M parameter encoder on a hundred replies mostly fails to move
+(the demo's MiniLM fine-tune ended at the loss of a uniform guess). A linear model on frozen
+sentence embeddings has a few thousand parameters, trains in seconds and cannot silently fail to
+move; its one knob, the L2 regularisation C, is chosen by cross-validation in which a prompt's
+rows always stay together (GroupKFold over prompt ids), with macro-F1 as the criterion.
+
+Embedding: the encoder's last hidden states averaged over the attention mask, then L2-normalised
+(the all-MiniLM-L6-v2 sentence-embedding recipe). The logistic regression sees standardised
+embeddings; the standardisation is folded into the saved weights, so the stored head is exactly
+`logits = e @ coef.T + intercept` on the normalised embedding `e`.
+
+A probe folder holds no executable or pickled state:
+  - `charshift_probe.json`: format, label order, pooling, max length, chosen C, the encoder
+    (source, kind, path or hub revision, weights sha256) and the head file's sha256;
+  - `probe_head.json`: `labels`, `coef` (K x D) and `intercept` (K) as plain numbers;
+  - `train_report.json`: as for every trained classifier.
+`Classifier.load(folder)` loads it: it finds the encoder again, checks its weights against the
+recorded sha256 and returns a `Classifier` whose `predict` runs encoder + head.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from charshift.classifier import (
+    DEFAULT_C_GRID,
+    PACKAGED_MINILM,
+    REPORT_FILE,
+    Classifier,
+    ClassifierError,
+    TrainReport,
+    _Bar,
+    _collate,
+    _effective_max_length,
+    _encode,
+    _forward_keys,
+    _hub_kwargs,
+    _hub_snapshot,
+    _pad_id,
+    _resolve_encoder,
+    check_training_inputs,
+    finish_report,
+    new_report,
+    packaged_minilm_dir,
+    resolve_device,
+    split_rows,
+    weights_sha256,
+    write_json_atomic,
+)
+
+PROBE_CONFIG = "charshift_probe.json"
+PROBE_HEAD = "probe_head.json"
+PROBE_FORMAT = "charshift-probe"
+PROBE_VERSION = 1
+_MAX_ITER = 5000  # lbfgs iterations; the fit records when it hit this limit
+# The lexical baseline's features: word unigrams and bigrams (one-letter words kept), sublinear tf.
+TFIDF_PARAMS: dict[str, Any] = {
+    "lowercase": True,
+    "ngram_range": (1, 2),
+    "sublinear_tf": True,
+    "min_df": 1,
+    "token_pattern": r"(?u)\b\w+\b",
+}
+
+FitPredict = Callable[[np.ndarray, np.ndarray, float], np.ndarray]
+
+
+# --------------------------------------------------------------------------------------------
+# embeddings
+
+
+def mean_pool(encoder: Any, keys: tuple[str, ...], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """L2-normalised mean of the last hidden states over the attention mask, in float32."""
+    hidden = encoder(**{k: v for k, v in batch.items() if k in keys}).last_hidden_state.float()
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    mean = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+    return torch.nn.functional.normalize(mean, dim=-1)
+
+
+class ProbeModel(torch.nn.Module):
+    """Frozen encoder + linear head, with the forward signature `Classifier.predict` expects.
+
+    The head runs in float64 on the float32 embedding, so a reloaded head (read back from JSON,
+    where floats round-trip exactly) gives the same probabilities as the one just fitted.
+    """
+
+    def __init__(self, encoder: Any, coef: np.ndarray, intercept: np.ndarray) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.config = encoder.config  # max_position_embeddings, model_type
+        self.register_buffer("coef", torch.as_tensor(np.asarray(coef, dtype=np.float64)))
+        self.register_buffer("intercept", torch.as_tensor(np.asarray(intercept, dtype=np.float64)))
+        self._keys = _forward_keys(encoder)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> Any:
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            batch["token_type_ids"] = token_type_ids
+        emb = mean_pool(self.encoder, self._keys, batch).double()
+        return SequenceClassifierOutput(logits=emb @ self.coef.T + self.intercept)
+
+
+@torch.inference_mode()
+def embed_texts(
+    encoder: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    max_length: int,
+    batch_size: int = 32,
+    device: torch.device | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """(N, D) float64 array of normalised mean-pooled embeddings, in input order."""
+    if not texts:
+        raise ValueError("no texts to embed")
+    dev = device or next(encoder.parameters()).device
+    keys, pad = _forward_keys(encoder), _pad_id(tokenizer)
+    ids = _encode(tokenizer, texts, max_length)
+    order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))
+    out: list[np.ndarray | None] = [None] * len(ids)
+    bar = _Bar(progress, len(ids), "embed")
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = {k: v.to(dev) for k, v in _collate([ids[i] for i in idx], pad, keys).items()}
+            emb = mean_pool(encoder, keys, batch).cpu().numpy()
+            for i, row in zip(idx, emb, strict=True):
+                out[i] = row
+            bar.update(len(idx))
+    finally:
+        bar.close()
+    return np.stack([x for x in out if x is not None]).astype(np.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# logistic regression and the grouped choice of C
+
+
+def _one_blas_thread() -> Any:
+    """Single-threaded BLAS for the small logistic-regression fits: on a few shared cores a
+    multi-threaded BLAS spends most of their time synchronising (10x slower measured here)."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def fit_head(X: np.ndarray, y: np.ndarray, k: int, c: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """Multinomial logistic regression on standardised X, folded back onto X.
+
+    Returns (coef (k, D), intercept (k), lbfgs iterations). A class absent from `y` gets
+    intercept -inf (never predicted); with one class present the head always predicts it.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    coef = np.zeros((k, X.shape[1]))
+    intercept = np.full(k, -np.inf)
+    present = np.unique(y)
+    if len(present) == 1:
+        intercept[present[0]] = 0.0
+        return coef, intercept, 0
+    scaler = StandardScaler().fit(X)
+    with _one_blas_thread():
+        lr = LogisticRegression(C=c, max_iter=_MAX_ITER).fit(scaler.transform(X), y)
+    w = lr.coef_ / scaler.scale_
+    b = lr.intercept_ - w @ scaler.mean_
+    if len(present) == 2:  # sklearn's binary form: one row for classes_[1] against classes_[0]
+        w = np.vstack([np.zeros_like(w[0]), w[0]])
+        b = np.array([0.0, b[0]])
+    coef[lr.classes_] = w
+    intercept[lr.classes_] = b
+    return coef, intercept, int(np.max(lr.n_iter_))
+
+
+def grouped_cv_scores(
+    fit_predict: FitPredict,
+    y: np.ndarray,
+    groups: Sequence[str],
+    c_grid: Sequence[float],
+    n_folds: int,
+    label_names: Sequence[str],
+) -> tuple[dict[float, float], int]:
+    """Out-of-fold macro-F1 per C, folds by group (GroupKFold), predictions pooled over folds.
+
+    `fit_predict(train_rows, test_rows, C)` returns label indices for the test rows. Returns
+    ({C: macro-F1}, folds used); macro-F1 is `stats.score_labels`'s.
+    """
+    from sklearn.model_selection import GroupKFold
+
+    from charshift.stats import score_labels
+
+    n_groups = len(set(groups))
+    if n_groups < 2:
+        raise ValueError(
+            f"choosing C by grouped cross-validation needs at least 2 training prompts; got "
+            f"{n_groups}. Give one value of C, or more prompts."
+        )
+    folds = min(n_folds, n_groups)
+    splits = list(GroupKFold(n_splits=folds).split(np.zeros(len(y)), y, list(groups)))
+    names = list(label_names)
+    truth = [names[i] for i in y]
+    scores: dict[float, float] = {}
+    for c in c_grid:
+        pred = np.empty(len(y), dtype=np.int64)
+        for tr, te in splits:
+            pred[te] = fit_predict(tr, te, c)
+        scores[c] = float(score_labels(truth, [names[i] for i in pred], names)["macro_f1"])
+    return scores, folds
+
+
+def select_c(
+    fit_predict: FitPredict,
+    y: np.ndarray,
+    groups: Sequence[str],
+    c_grid: Sequence[float],
+    n_folds: int,
+    label_names: Sequence[str],
+) -> tuple[float, dict[float, float] | None, int]:
+    """(chosen C, CV scores or None, folds): the best out-of-fold macro-F1; ties go to the
+    smallest C (the strongest regularisation). A one-value grid is used as given, without CV."""
+    grid = sorted(c_grid)
+    if not grid or any(not (0 < c < float("inf")) for c in grid):
+        raise ValueError(f"c_grid must hold finite values > 0; got {list(c_grid)}")
+    if len(grid) == 1:
+        return grid[0], None, 0
+    scores, folds = grouped_cv_scores(fit_predict, y, groups, grid, n_folds, label_names)
+    best = grid[0]
+    for c in grid[1:]:
+        if scores[c] > scores[best]:
+            best = c
+    return best, scores, folds
+
+
+def _embedding_fit_predict(X: np.ndarray, y: np.ndarray, k: int) -> FitPredict:
+    def fit_predict(tr: np.ndarray, te: np.ndarray, c: float) -> np.ndarray:
+        coef, intercept, _ = fit_head(X[tr], y[tr], k, c)
+        return np.argmax(X[te] @ coef.T + intercept, axis=1)
+
+    return fit_predict
+
+
+# --------------------------------------------------------------------------------------------
+# the lexical baseline
+
+
+def _tfidf_fit_predict(texts: Sequence[str], y: np.ndarray, k: int) -> FitPredict:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    arr = np.asarray(list(texts), dtype=object)
+
+    def fit_predict(tr: np.ndarray, te: np.ndarray, c: float) -> np.ndarray:
+        present = np.unique(y[tr])
+        vec = TfidfVectorizer(**TFIDF_PARAMS)
+        try:
+            x_tr = vec.fit_transform(arr[tr])
+        except ValueError:  # empty vocabulary: no word in any training text
+            x_tr = None
+        if len(present) == 1 or x_tr is None:
+            return np.full(len(te), np.bincount(y[tr], minlength=k).argmax())
+        with _one_blas_thread():
+            lr = LogisticRegression(C=c, max_iter=_MAX_ITER).fit(x_tr, y[tr])
+        return lr.predict(vec.transform(arr[te]))
+
+    return fit_predict
+
+
+def lexical_baseline(
+    texts: Sequence[str],
+    labels: Sequence[str],
+    groups: Sequence[str],
+    split: tuple[list[int], list[int]],
+    label_names: Sequence[str],
+    *,
+    c_grid: Sequence[float] = DEFAULT_C_GRID,
+    cv_folds: int = 5,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """TF-IDF + logistic regression on the training rows of `split`, scored on its held-out rows.
+
+    C is chosen as for the probe (grouped CV on the training rows, macro-F1); the held-out
+    figures come from `classifier.heldout_evaluation` with the same seed, so the interval
+    resamples the same prompts as the classifier's.
+    """
+    from sklearn import __version__ as sklearn_version
+
+    from charshift.classifier import heldout_evaluation
+
+    names = list(label_names)
+    train_idx, held_idx = split
+    if not train_idx or not held_idx:
+        raise ValueError("the lexical baseline needs training and held-out rows")
+    index = {n: i for i, n in enumerate(names)}
+    y_all = np.array([index[lab] for lab in labels], dtype=np.int64)
+    fit_predict = _tfidf_fit_predict(texts, y_all, len(names))
+    tr = np.array(train_idx)
+    c, scores, folds = select_c(
+        lambda a, b, cc: fit_predict(tr[a], tr[b], cc),
+        y_all[tr],
+        [groups[i] for i in train_idx],
+        c_grid,
+        cv_folds,
+        names,
+    )
+    pred = fit_predict(tr, np.array(held_idx), c)
+    ev = heldout_evaluation(
+        [labels[i] for i in held_idx],
+        [names[i] for i in pred],
+        [groups[i] for i in held_idx],
+        names,
+        n_boot=n_boot,
+        ci=ci,
+        seed=seed,
+    )
+    return {
+        "name": "tfidf_logreg",
+        "features": {k: list(v) if isinstance(v, tuple) else v for k, v in TFIDF_PARAMS.items()},
+        "C": c,
+        "cv_macro_f1": None if scores is None else {str(k): v for k, v in scores.items()},
+        "cv_folds": folds,
+        "n_train": len(train_idx),
+        "n_heldout": len(held_idx),
+        "heldout_groups": sorted({groups[i] for i in held_idx}),
+        "sklearn": sklearn_version,
+        **ev,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# saving and loading
+
+
+def is_probe_folder(folder: Path) -> bool:
+    return (Path(folder) / PROBE_CONFIG).is_file()
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _combined_sha(head_sha: str, encoder_sha: str) -> str:
+    """The probe's weight hash: changes when the head or the encoder's weights change."""
+    return hashlib.sha256(f"{PROBE_HEAD}:{head_sha}\nencoder:{encoder_sha}\n".encode()).hexdigest()
+
+
+def save_probe(
+    out_dir: Path,
+    labels: Sequence[str],
+    coef: np.ndarray,
+    intercept: np.ndarray,
+    meta: dict[str, Any],
+) -> dict[str, Any]:
+    """Write the head and the config (each atomically); return the config as written."""
+    if not (np.all(np.isfinite(coef)) and np.all(np.isfinite(intercept))):
+        raise ValueError("probe head has non-finite weights (a label without training rows?)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    head = {"labels": list(labels), "coef": coef.tolist(), "intercept": intercept.tolist()}
+    write_json_atomic(out_dir / PROBE_HEAD, head)
+    config = {
+        "format": PROBE_FORMAT,
+        "version": PROBE_VERSION,
+        "labels": list(labels),
+        "head_file": PROBE_HEAD,
+        "head_sha256": _file_sha256(out_dir / PROBE_HEAD),
+        **meta,
+    }
+    write_json_atomic(out_dir / PROBE_CONFIG, config)
+    return config
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ClassifierError(f"cannot read probe file {path}: {err}") from None
+
+
+def _read_head(folder: Path, config: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    path = folder / PROBE_HEAD
+    if not path.is_file():
+        raise ClassifierError(f"probe folder {folder} has no {PROBE_HEAD}")
+    if _file_sha256(path) != config.get("head_sha256"):
+        raise ClassifierError(f"{path}: sha256 differs from the one recorded in {PROBE_CONFIG}")
+    head = _read_json(path)
+    labels = config["labels"]
+    try:
+        coef = np.asarray(head["coef"], dtype=np.float64)
+        intercept = np.asarray(head["intercept"], dtype=np.float64)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ClassifierError(f"{path}: malformed head ({err})") from None
+    if head.get("labels") != labels:
+        raise ClassifierError(f"{path}: labels {head.get('labels')} differ from {labels}")
+    if coef.ndim != 2 or coef.shape[0] != len(labels) or intercept.shape != (len(labels),):
+        raise ClassifierError(
+            f"{path}: coef must be {len(labels)} x D and intercept {len(labels)}; got "
+            f"{coef.shape} and {intercept.shape}"
+        )
+    if not (np.all(np.isfinite(coef)) and np.all(np.isfinite(intercept))):
+        raise ClassifierError(f"{path}: non-finite weights")
+    return coef, intercept
+
+
+def _check_config(folder: Path) -> dict[str, Any]:
+    config = _read_json(folder / PROBE_CONFIG)
+    if not isinstance(config, dict) or config.get("format") != PROBE_FORMAT:
+        raise ClassifierError(f"{folder / PROBE_CONFIG}: not a {PROBE_FORMAT} config")
+    if config.get("version") != PROBE_VERSION:
+        raise ClassifierError(
+            f"{folder / PROBE_CONFIG}: version {config.get('version')!r}; this charshift reads "
+            f"version {PROBE_VERSION}"
+        )
+    labels = config.get("labels")
+    ok = isinstance(labels, list) and len(labels) >= 2 and len(set(labels)) == len(labels)
+    if not ok or not all(isinstance(x, str) for x in labels):
+        raise ClassifierError(f"{folder / PROBE_CONFIG}: labels must be >= 2 distinct names")
+    enc = config.get("encoder")
+    if not isinstance(enc, dict) or enc.get("kind") not in ("packaged", "local", "hub"):
+        raise ClassifierError(f"{folder / PROBE_CONFIG}: missing or unknown encoder")
+    if not isinstance(config.get("max_length"), int):
+        raise ClassifierError(f"{folder / PROBE_CONFIG}: max_length must be an integer")
+    return config
+
+
+def _find_encoder(enc: dict[str, Any], cache_dir: Path | None) -> tuple[str, dict[str, Any], Path]:
+    """(from_pretrained reference, kwargs, folder to hash) for a recorded encoder."""
+    if enc["kind"] == "packaged":
+        if enc.get("source") != PACKAGED_MINILM:
+            raise ClassifierError(f"unknown packaged encoder {enc.get('source')!r}")
+        folder = packaged_minilm_dir()
+        return str(folder), {}, folder
+    if enc["kind"] == "local":
+        folder = Path(str(enc.get("path")))
+        if not folder.is_dir():
+            raise ClassifierError(f"the probe's encoder folder {folder} does not exist")
+        return str(folder), {}, folder
+    folder, rev = _hub_snapshot(str(enc.get("source")), enc.get("revision"), cache_dir)
+    return str(enc["source"]), _hub_kwargs(rev, cache_dir), folder
+
+
+def _load_encoder(ref: str, kw: dict[str, Any]) -> tuple[Any, Any]:
+    from transformers import AutoModel, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref, **kw)
+        encoder = AutoModel.from_pretrained(ref, dtype=torch.float32, **kw)
+    except Exception as err:
+        raise ClassifierError(f"cannot load the encoder {ref!r}: {err}") from None
+    return tokenizer, encoder
+
+
+def _probe_classifier(
+    model: ProbeModel,
+    tokenizer: Any,
+    config: dict[str, Any],
+    source: str,
+    folder: Path,
+    dev: torch.device,
+) -> Classifier:
+    enc = config["encoder"]
+    extra = {
+        "mode": "probe",
+        "encoder": {k: enc.get(k) for k in ("source", "kind", "revision", "weights_sha256")},
+        "head_sha256": config["head_sha256"],
+        "max_length": config["max_length"],
+    }
+    sha = _combined_sha(config["head_sha256"], enc["weights_sha256"])
+    model.to(dev).eval()
+    labels = list(config["labels"])
+    return Classifier(model, tokenizer, labels, source, dev, "local", None, folder, extra, sha)
+
+
+def load_probe(
+    folder: Path, *, source: str | None = None, device: str = "auto", cache_dir: Path | None = None
+) -> Classifier:
+    """Load a probe folder (see the module doc): the encoder must still have the recorded hash."""
+    folder = Path(folder).expanduser().resolve()
+    config = _check_config(folder)
+    coef, intercept = _read_head(folder, config)
+    enc = config["encoder"]
+    ref, kw, enc_folder = _find_encoder(enc, cache_dir)
+    tokenizer, encoder = _load_encoder(ref, kw)
+    sha = weights_sha256(enc_folder)
+    if sha != enc.get("weights_sha256"):
+        raise ClassifierError(
+            f"probe {folder}: the encoder {enc.get('source')!r} at {enc_folder} has weights "
+            f"sha256 {sha}, not the {enc.get('weights_sha256')} it was trained on"
+        )
+    if coef.shape[1] != encoder.config.hidden_size:
+        raise ClassifierError(
+            f"probe {folder}: head width {coef.shape[1]} != encoder hidden size "
+            f"{encoder.config.hidden_size}"
+        )
+    model = ProbeModel(encoder, coef, intercept)
+    return _probe_classifier(
+        model, tokenizer, config, source or str(folder), folder, resolve_device(device)
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# training
+
+
+def _prepare_out_dir(out_dir: Path) -> None:
+    """Remove what would make an unfinished or older folder look finished or load wrongly."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in (REPORT_FILE, PROBE_CONFIG, PROBE_HEAD):
+        (out_dir / name).unlink(missing_ok=True)
+
+
+def _load_training_encoder(
+    encoder: str, cache_dir: Path | None, dev: torch.device
+) -> tuple[Any, Any, dict[str, Any]]:
+    ref, kw, enc_folder, identity = _resolve_encoder(encoder, cache_dir)
+    tokenizer, model = _load_encoder(ref, kw)
+    identity["weights_sha256"] = weights_sha256(enc_folder)
+    if identity["weights_sha256"] is None:
+        raise ClassifierError(f"encoder {encoder!r}: no weight files to hash in {enc_folder}")
+    if identity["kind"] == "local":
+        identity["path"] = str(enc_folder)
+    model.to(dev).eval()
+    return tokenizer, model, identity
+
+
+def _probe_warnings(cv: dict[float, float] | None, chance: float, n_iter: int) -> list[str]:
+    out = []
+    if cv is not None and max(cv.values()) <= chance:
+        out.append(
+            f"the probe's cross-validated macro-F1 never exceeded chance ({chance:.3f}) for any C "
+            f"(best {max(cv.values()):.3f}): the embeddings may carry no label signal"
+        )
+    if n_iter >= _MAX_ITER:
+        out.append(f"the logistic regression did not converge in {_MAX_ITER} iterations")
+    return out
+
+
+def _probe_hyper(
+    c_grid: Sequence[float],
+    cv_folds: int,
+    max_length: int,
+    cap: int,
+    heldout_fraction: float,
+    seed: int,
+    batch_size: int,
+) -> dict[str, Any]:
+    from sklearn import __version__ as sklearn_version
+
+    return {
+        "mode": "probe",
+        "c_grid": sorted(c_grid),
+        "cv_folds": cv_folds,
+        "max_length": max_length,
+        "effective_max_length": cap,
+        "heldout_fraction": heldout_fraction,
+        "seed": seed,
+        "batch_size": batch_size,
+        "pooling": "mean, L2-normalised",
+        "standardize": True,
+        "solver": "lbfgs (multinomial, L2)",
+        "max_iter": _MAX_ITER,
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "sklearn": sklearn_version,
+    }
+
+
+def train_probe(
+    texts: Sequence[str],
+    labels: Sequence[str],
+    groups: Sequence[str],
+    *,
+    label_names: Sequence[str],
+    out_dir: Path,
+    encoder: str = PACKAGED_MINILM,
+    c_grid: Sequence[float] = DEFAULT_C_GRID,
+    cv_folds: int = 5,
+    max_length: int = 512,
+    heldout_fraction: float = 0.2,
+    seed: int = 0,
+    batch_size: int = 32,
+    progress: bool = True,
+    device: str = "auto",
+    cache_dir: Path | None = None,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+) -> TrainReport:
+    """Fit a probe on the training groups, save it to `out_dir`, report on the held-out groups.
+
+    The held-out split is `classifier.split_by_group`'s (as for the fine-tune); C is chosen on
+    the training rows only. Every label must have training rows.
+    """
+    names = check_training_inputs(texts, labels, groups, label_names)
+    if cv_folds < 2:
+        raise ValueError("cv_folds must be >= 2")
+    split = split_rows(groups, heldout_fraction, seed)
+    train_idx = split.train_idx
+    absent = [n for n in names if not any(labels[i] == n for i in train_idx)]
+    if absent:
+        raise ValueError(f"labels {absent} have no training rows; a probe cannot learn them")
+    out_dir = Path(out_dir)
+    _prepare_out_dir(out_dir)
+    dev = resolve_device(device)
+    tokenizer, model, identity = _load_training_encoder(encoder, cache_dir, dev)
+    cap = _effective_max_length(model, tokenizer, max_length)
+    X = embed_texts(
+        model, tokenizer, [texts[i] for i in train_idx], max_length=cap,
+        batch_size=batch_size, device=dev, progress=progress,
+    )  # fmt: skip
+    y = np.array([names.index(labels[i]) for i in train_idx], dtype=np.int64)
+    fp = _embedding_fit_predict(X, y, len(names))
+    c, cv, folds = select_c(fp, y, [groups[i] for i in train_idx], c_grid, cv_folds, names)
+    coef, intercept, n_iter = fit_head(X, y, len(names), c)
+    meta = {"encoder": identity, "pooling": "mean", "normalize": True, "max_length": cap, "C": c}
+    config = save_probe(out_dir, names, coef, intercept, {**meta, "embedding_dim": X.shape[1]})
+    clf = _probe_classifier(
+        ProbeModel(model, coef, intercept), tokenizer, config, str(out_dir), out_dir, dev
+    )
+    hyper = _probe_hyper(c_grid, cv_folds, max_length, cap, heldout_fraction, seed, batch_size)
+    hyper["device"] = str(dev)
+    probe_info = {
+        "C": c,
+        "cv_macro_f1": None if cv is None else {str(k): v for k, v in cv.items()},
+        "cv_folds_used": folds,
+        "c_at_grid_edge": len(c_grid) > 1 and c in (min(c_grid), max(c_grid)),
+        "embedding_dim": int(X.shape[1]),
+        "lbfgs_iterations": n_iter,
+        "converged": n_iter < _MAX_ITER,
+    }
+    warnings = _probe_warnings(cv, 1.0 / len(names), n_iter)
+    report = new_report(
+        "probe", out_dir, names, labels, split, hyperparameters=hyper, encoder=identity,
+        losses=[], warnings=warnings, probe=probe_info,
+    )  # fmt: skip
+    if not split.heldout_idx:
+        report.heldout_note = "no held-out split (heldout_fraction=0)"
+
+    def predict(batch: list[str]) -> list[str]:
+        return [p for p, _ in clf.predict(batch, batch_size=batch_size, max_length=cap)]
+
+    return finish_report(
+        report,
+        predict,
+        (texts, labels, groups),
+        split,
+        n_boot=n_boot,
+        ci=ci,
+        seed=seed,
+        baseline_c_grid=c_grid,
+        baseline_cv_folds=cv_folds,
+    )
+
+
+def remove_probe_files(out_dir: Path) -> None:
+    """Delete a probe's marker files (a fine-tune writing into a former probe folder)."""
+    for name in (PROBE_CONFIG, PROBE_HEAD):
+        (Path(out_dir) / name).unlink(missing_ok=True)
+
+
+__all__ = [
+    "PROBE_CONFIG",
+    "PROBE_HEAD",
+    "ProbeModel",
+    "embed_texts",
+    "fit_head",
+    "grouped_cv_scores",
+    "is_probe_folder",
+    "lexical_baseline",
+    "load_probe",
+    "mean_pool",
+    "save_probe",
+    "select_c",
+    "train_probe",
+]
