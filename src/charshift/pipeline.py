@@ -228,28 +228,21 @@ def training_rows(cfg: RunConfig, store: RunStore, base: BaseSpec) -> list[Gener
 
 
 def train_run_classifier(cfg: RunConfig, store: RunStore, base: BaseSpec, out: Path) -> Any:
-    """Train the configured classifier on this run's ID training generations for `base`."""
-    from charshift.classifier import train_classifier
+    """Train the configured classifier (probe or fine-tune, `classifier_training.mode`) on this
+    run's ID training generations for `base`."""
+    from charshift.classifier import train_from_texts
 
     tc = cfg.classifier_training
     assert tc is not None  # training_rows checked it
     rows = training_rows(cfg, store, base)
-    return train_classifier(
+    return train_from_texts(
         [r.text or "" for r in rows],
         [r.persona or "" for r in rows],
         [r.item_id for r in rows],
         label_names=list(cfg.personas),
-        encoder=tc.encoder,
+        settings=tc,
         out_dir=out,
-        epochs=tc.epochs,
-        lr=tc.lr,
-        batch_size=tc.batch_size,
-        grad_accum=tc.grad_accum,
-        warmup_ratio=tc.warmup_ratio,
-        weight_decay=tc.weight_decay,
-        max_length=tc.max_length,
-        heldout_fraction=tc.heldout_fraction,
-        seed=tc.seed,
+        cache_dir=cache_dir(),
     )
 
 
