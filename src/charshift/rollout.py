@@ -5,20 +5,31 @@ one sample. Chat episodes send their scripted user turns one by one and the mode
 tool episodes parse the model's tool calls, run them against the scenario's simulated tools and feed
 the results back, until the email is sent or a limit is reached. At each step the engine gathers the
 next request of every episode still running, across personas, stages, scenarios and samples, and
-makes ONE `backend.generate` call for all of them.
+makes ONE `backend.generate` call for all of them (`RolloutEngine.run`).
+
+Against a server (`Backend.async_capable`), `RolloutEngine.run_streaming` drops the step barrier:
+each episode sends its next request as soon as its own reply arrives, with a bounded number of
+requests in flight, so short episodes never wait for the slowest reply of a step. Both drivers
+build each request with the same `_request`/`_advance` and per-episode-and-step seeds, so they
+give the same rows.
 
 Termination of tool episodes (outcome in brackets):
   - the first successful send_email when `stop_on_send` ("email");
   - an explicit `finish` call ("email" if one was sent before, else "no_email");
   - `max_steps` model turns ("max_steps", or "email" if one was sent and stop_on_send is off);
   - `max_malformed` consecutive turns with no parseable tool call ("malformed");
-  - a prompt that no longer fits the context ("context_overflow").
+  - a prompt that no longer fits the context ("context_overflow");
+  - a reply that the backend failed or the engine aborted ("error", unless an email was sent).
+A reply the engine cut short for repetition is used like one cut at max_tokens; its turn index is
+recorded in the row's `meta["repetition_turns"]`.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +41,7 @@ from charshift.schema import (
     EpisodeSpec,
     GenerationRow,
     GenRequest,
+    GenResult,
     Message,
     Sampling,
     derive_seed,
@@ -184,9 +196,11 @@ class RolloutEngine:
         if finish_reason == "context_overflow":
             ep.outcome = "email" if ep.email else "context_overflow"
             return
-        if finish_reason == "error":
+        if finish_reason in ("error", "abort"):  # no usable reply came back
             ep.outcome = "email" if ep.email else "error"
             return
+        if finish_reason == "repetition":  # cut short like "length"; the text is still the reply
+            ep.meta.setdefault("repetition_turns", []).append(ep.steps - 1)
         if ep.spec.mode == "chat":
             self._advance_chat(ep, text)
         else:
@@ -214,6 +228,62 @@ class RolloutEngine:
             if on_step:
                 on_step(len(finished), len(active))
             yield finished
+
+    def run_streaming(
+        self,
+        episodes: Iterable[Episode],
+        max_in_flight: int = 256,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> Iterator[list[GenerationRow]]:
+        """Advance each episode as soon as its own reply arrives: no step barrier.
+
+        At most `max_in_flight` requests are outstanding at once (`backend.submit`); an episode
+        whose reply arrives sends its next request at once, and a new episode starts whenever a
+        slot frees up (episodes are drawn lazily from `episodes`). Each request carries the seed
+        of its episode and step, so a row's text does not depend on the interleaving: the rows
+        equal those of `run`, in another order. Yields the rows finished at each wake-up.
+        """
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be >= 1")
+        waiting = (e for e in episodes if not e.done)
+        in_flight: dict[Future[GenResult], Episode] = {}
+
+        def send(ep: Episode) -> None:
+            in_flight[self.backend.submit(self._request(ep))] = ep
+
+        try:
+            for ep in itertools.islice(waiting, max_in_flight):
+                send(ep)
+            while in_flight:
+                done, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
+                finished: list[GenerationRow] = []
+                for fut in done:
+                    ep = in_flight.pop(fut)
+                    res = _future_result(fut)
+                    if res.error:
+                        ep.meta.setdefault("errors", []).append(res.error)
+                    self._advance(ep, res.text, res.finish_reason)
+                    if ep.done:
+                        finished.append(to_row(ep))
+                    else:
+                        send(ep)  # the episode goes on at once, in its own slot
+                for ep in itertools.islice(waiting, max_in_flight - len(in_flight)):
+                    send(ep)
+                if on_step:
+                    on_step(len(finished), len(in_flight))
+                if finished:
+                    yield finished
+        finally:  # an error, Ctrl-C or an abandoned generator: drop what is still queued
+            for fut in in_flight:
+                fut.cancel()
+
+
+def _future_result(fut: Future[GenResult]) -> GenResult:
+    """A submitted request's result; an exception in the backend becomes an error result."""
+    try:
+        return fut.result()
+    except Exception as exc:  # noqa: BLE001 - one failed request must not end the other rows
+        return GenResult("", "error", error=f"{type(exc).__name__}: {exc}")
 
 
 def to_row(ep: Episode) -> GenerationRow:
