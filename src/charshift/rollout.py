@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import queue
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from charshift.backends.base import Backend
+from charshift.backends.base import Backend, BackendDead
 from charshift.extraction import extract_email
 from charshift.formats import compose_system
 from charshift.schema import (
@@ -247,15 +248,20 @@ class RolloutEngine:
             raise ValueError("max_in_flight must be >= 1")
         waiting = (e for e in episodes if not e.done)
         in_flight: dict[Future[GenResult], Episode] = {}
+        replies: queue.SimpleQueue[Future[GenResult]] = queue.SimpleQueue()
 
         def send(ep: Episode) -> None:
-            in_flight[self.backend.submit(self._request(ep))] = ep
+            fut = self.backend.submit(self._request(ep))
+            in_flight[fut] = ep
+            fut.add_done_callback(replies.put)
 
         try:
             for ep in itertools.islice(waiting, max_in_flight):
                 send(ep)
             while in_flight:
-                done, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
+                done = [replies.get()]  # wait for one reply, then take all that are in
+                while not replies.empty():
+                    done.append(replies.get())
                 finished: list[GenerationRow] = []
                 for fut in done:
                     ep = in_flight.pop(fut)
@@ -279,9 +285,12 @@ class RolloutEngine:
 
 
 def _future_result(fut: Future[GenResult]) -> GenResult:
-    """A submitted request's result; an exception in the backend becomes an error result."""
+    """A submitted request's result; an exception in the backend becomes an error result, except
+    BackendDead (the engine is gone), which stops the run."""
     try:
         return fut.result()
+    except BackendDead:
+        raise
     except Exception as exc:  # noqa: BLE001 - one failed request must not end the other rows
         return GenResult("", "error", error=f"{type(exc).__name__}: {exc}")
 

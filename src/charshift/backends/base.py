@@ -30,6 +30,12 @@ def report_progress(progress: Any, n: int = 1) -> None:
     (update if callable(update) else progress)(n)
 
 
+class BackendDead(RuntimeError):
+    """The engine behind a backend is gone (a dead vLLM engine core, a server process that
+    exited). Raised instead of returning error results, so the run stops: the rows written so
+    far are kept and a rerun resumes, rather than every remaining row being stored as an error."""
+
+
 class AdapterUnavailable(RuntimeError):
     """An adapter is missing or gated: its cells are skipped with this message, the run goes on."""
 

@@ -51,14 +51,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import httpx
 
-from charshift.backends.base import AdapterSource, BackendInfo
+from charshift.backends.base import AdapterSource, BackendDead, BackendInfo
 from charshift.backends.openai import OpenAIBackend
 from charshift.backends.vllm import folder_digest, read_adapter_rank, resolve_adapter_folder
 from charshift.schema import GenRequest, GenResult
@@ -72,6 +72,10 @@ _LOG_TAIL = 4000
 
 class ServerStartError(RuntimeError):
     """The serving engine exited during startup or did not come up in time (the log tail says why)."""
+
+
+class ServerDied(BackendDead):
+    """The serving engine exited while the run was using it (the log tail says why)."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -444,11 +448,45 @@ class ServerBackend(OpenAIBackend):
 
     def generate(self, requests: list[GenRequest], progress: Any = None) -> list[GenResult]:
         self.start()
-        return super().generate(requests, progress)
+        self._raise_if_dead()
+        results = super().generate(requests, progress)
+        if any(r.finish_reason == "error" for r in results):
+            self._raise_if_dead()  # failed because the server is gone: stop, do not store errors
+        return results
 
     def submit(self, request: GenRequest) -> Future[GenResult]:
+        """Like OpenAIBackend.submit; a reply that failed because the server exited resolves to
+        ServerDied (the streaming rollout then stops) instead of an error result."""
         self.start()
-        return super().submit(request)
+        self._raise_if_dead()
+        inner = super().submit(request)
+        outer: Future[GenResult] = Future()
+
+        def relay(fut: Future[GenResult]) -> None:
+            try:
+                res = fut.result()
+                if res.finish_reason == "error":
+                    self._raise_if_dead()
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
+                with contextlib.suppress(InvalidStateError):  # the caller cancelled it
+                    outer.set_exception(exc)
+                return
+            with contextlib.suppress(InvalidStateError):
+                outer.set_result(res)
+
+        inner.add_done_callback(relay)
+        outer.add_done_callback(lambda f: inner.cancel() if f.cancelled() else None)
+        return outer
+
+    def _raise_if_dead(self) -> None:
+        server = self.server
+        code = server.proc.poll() if server is not None and server.proc is not None else None
+        if code is not None:
+            raise ServerDied(
+                f"the {self.engine} server exited with code {code} during the run; rows written "
+                f"so far are kept, rerun to resume. Last lines of {self.log_path}:\n"
+                f"{server.log_tail()}"
+            )
 
     def context_length(self) -> int:
         self.start()

@@ -7,8 +7,9 @@ VERIFIED ONLY AGAINST A FAKE: this machine has no GPU and vLLM cannot be install
 project's torch, so this module is tested (tests/test_backend_vllm.py) against a fake `vllm`
 module that records calls and checks their arguments: one LoRARequest and one SamplingParams per
 row, order preserved, context-overflow rows never sent. The calls follow the vLLM offline API as
-documented for recent releases (`LLM.chat(conversations, sampling_params=[...],
-lora_request=[...], use_tqdm=..., tools=...)`). Run the paper preset once on a GPU box before
+read from the vLLM 0.33.0 wheel (`LLM.chat(conversations, sampling_params=[...],
+lora_request=[...], use_tqdm=..., tools=...)`; the extra pins `vllm>=0.33,<0.34`), and the fake
+reproduces the engine behaviour listed below. Run the paper preset once on a GPU box before
 trusting numbers from this path.
 
 Adapters: each adapter is a `LoRARequest(name, int_id, local_path)`. A hub adapter
@@ -48,7 +49,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from charshift.backends.base import AdapterSource, Backend, BackendInfo, report_progress
+from charshift.backends.base import (
+    AdapterSource,
+    Backend,
+    BackendDead,
+    BackendInfo,
+    report_progress,
+)
 from charshift.schema import GenRequest, GenResult
 
 log = logging.getLogger(__name__)
@@ -58,7 +65,7 @@ VLLM_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _FINISH = {"stop", "length", "abort", "error", "repetition"}
 
 
-class VLLMEngineDead(RuntimeError):
+class VLLMEngineDead(BackendDead):
     """The vLLM engine died (an exception inside an engine step is fatal to it)."""
 
 
