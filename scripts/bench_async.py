@@ -10,7 +10,12 @@ lockstep/streaming, and whether the two drivers gave identical rows (greedy deco
     PYTHONPATH=src python scripts/bench_async.py --model packaged:smollm2 --episodes 32
 
 The server runs with `--continuous-batching` unless --no-continuous-batching is given: without
-it `transformers serve` runs one `generate` at a time, so no driver can overlap anything.
+it `transformers serve` runs one `generate` at a time, so no driver can overlap anything. On CPU
+a decode step costs about in proportion to the rows in it, so the server's throughput hardly
+depends on how many requests wait, and the drivers come out close. `--simulated-latency S`
+replaces the server by a SIMULATED latency-bound backend (S seconds per generated word however
+many requests run at once: the regime of a GPU engine) to show the step barrier's cost there;
+its figures are a model, not a measurement of an engine.
 """
 
 from __future__ import annotations
@@ -21,15 +26,17 @@ import shutil
 import statistics
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from charshift import formats, scenarios
+from charshift.backends.scripted import ScriptedBackend
 from charshift.backends.server import ServerBackend
 from charshift.models import resolve_model
 from charshift.prompts import load_bundled_prompts
 from charshift.rollout import Episode, RolloutEngine, RolloutSettings
-from charshift.schema import Condition, Sampling
+from charshift.schema import Condition, Sampling, stable_hash
 from charshift.toolsim import ToolSimulator
 
 SLICES = ("agentic_email", "tool_email_oneshot", "chat_email_multiturn")
@@ -66,17 +73,36 @@ def timed(engine: RolloutEngine, mode: str, args: argparse.Namespace) -> tuple[f
     return time.perf_counter() - t0, rows
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default="tiny:llama")
-    p.add_argument("--episodes", type=int, default=48)
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--max-steps", type=int, default=4)
-    p.add_argument("--max-in-flight", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--continuous-batching", action=argparse.BooleanOptionalAction, default=True)
-    args = p.parse_args()
+class LatencyBoundBackend(ScriptedBackend):
+    """SIMULATED, not an engine: each reply takes `latency` seconds per generated word however
+    many requests run at once (the regime of a bandwidth-bound GPU server, where a decode step
+    costs about the same for 1 or 64 rows). Reply lengths vary with the request's seed."""
 
+    async_capable = True
+
+    def __init__(self, latency: float, workers: int, max_tokens: int) -> None:
+        super().__init__(self._script)
+        self.latency, self.max_tokens = latency, max_tokens
+        self.pool = ThreadPoolExecutor(max_workers=workers)
+
+    def _script(self, req: Any) -> str:
+        n = 1 + int(stable_hash([req.seed, len(req.messages)]), 16) % self.max_tokens
+        return " ".join(["word"] * n)
+
+    def submit(self, request: Any) -> Future:
+        return self.pool.submit(self._slow, request)
+
+    def generate(self, requests: list, progress: Any = None) -> list:
+        return [f.result() for f in [self.submit(r) for r in requests]]
+
+    def _slow(self, request: Any) -> Any:
+        [res] = ScriptedBackend.generate(self, [request])
+        time.sleep(self.latency * max(1, res.completion_tokens))
+        return res
+
+
+def real_backend(args: argparse.Namespace) -> ServerBackend:
+    """A `transformers serve` of `args.model` on CPU, started and stopped by charshift."""
     cli = Path(sys.executable).parent / "transformers"
     cli = cli if cli.exists() else Path(shutil.which("transformers") or "transformers")
     model = resolve_model(args.model).path
@@ -95,27 +121,62 @@ def main() -> None:
         max_in_flight=args.max_in_flight,
         timeout=600,
     )
+    t0 = time.perf_counter()
+    backend.start()
+    print(f"server up in {time.perf_counter() - t0:.1f}s: {args.model} ({model})")
+    return backend
+
+
+def compare(backend: Any, args: argparse.Namespace) -> tuple[dict, dict]:
+    """Both drivers, interleaved `args.repeats` times: (wall times, last rows) per driver."""
     settings = RolloutSettings(max_steps=args.max_steps, max_malformed=args.max_steps)
+    engine = RolloutEngine(backend, settings, formats.REQUIRED_ARGS)
+    backend.generate([engine._request(episodes(1, 4)[0])])  # warm-up
     times: dict[str, list[float]] = {"lockstep": [], "streaming": []}
     rows: dict[str, Any] = {}
+    for rep in range(args.repeats):
+        for mode in ("lockstep", "streaming") if rep % 2 == 0 else ("streaming", "lockstep"):
+            seconds, rows[mode] = timed(engine, mode, args)
+            times[mode].append(seconds)
+            print(f"  {mode:9s} run {rep + 1}: {seconds:7.2f}s  ({len(rows[mode])} rows)")
+    return times, rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="tiny:llama")
+    p.add_argument("--episodes", type=int, default=48)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-steps", type=int, default=4)
+    p.add_argument("--max-in-flight", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--continuous-batching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--simulated-latency",
+        type=float,
+        default=None,
+        metavar="S",
+        help="no server: a SIMULATED latency-bound backend, S seconds per generated word",
+    )
+    args = p.parse_args()
+
+    if args.simulated_latency is not None:
+        print(f"SIMULATED latency-bound backend ({args.simulated_latency}s per word), no engine")
+        backend: Any = LatencyBoundBackend(
+            args.simulated_latency, args.max_in_flight, args.max_tokens
+        )
+    else:
+        backend = real_backend(args)
     try:
-        t0 = time.perf_counter()
-        backend.start()
-        print(f"server up in {time.perf_counter() - t0:.1f}s: {args.model} ({model})")
-        engine = RolloutEngine(backend, settings, formats.REQUIRED_ARGS)
-        backend.generate([engine._request(episodes(1, 4)[0])])  # warm-up
-        for rep in range(args.repeats):
-            for mode in ("lockstep", "streaming") if rep % 2 == 0 else ("streaming", "lockstep"):
-                seconds, rows[mode] = timed(engine, mode, args)
-                times[mode].append(seconds)
-                print(f"  {mode:9s} run {rep + 1}: {seconds:7.2f}s  ({len(rows[mode])} rows)")
+        times, rows = compare(backend, args)
     finally:
         backend.close()
     n_requests = sum(r["n_steps"] for r in rows["lockstep"].values())
     lock, stream = statistics.median(times["lockstep"]), statistics.median(times["streaming"])
+    cb = "simulated" if args.simulated_latency is not None else args.continuous_batching
     print(
         f"\n{args.episodes} episodes, {n_requests} requests, max_tokens={args.max_tokens}, "
-        f"max_in_flight={args.max_in_flight}, continuous batching: {args.continuous_batching}"
+        f"max_in_flight={args.max_in_flight}, continuous batching: {cb}"
     )
     print(f"lockstep median  {lock:7.2f}s")
     print(f"streaming median {stream:7.2f}s")

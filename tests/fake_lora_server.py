@@ -21,7 +21,8 @@ Behaviour reproduced, read from the engines' sources:
 The "model" is a hash: the reply names the adapter that really ran (`[NAME] ...` or `[base] ...`)
 followed by words derived from the prompt, the effective sampling fields and (when sampling) the
 seed, so tests can see which adapter ran and which sampling the server applied. Each request's
-effective sampling and the startup argv are appended as JSON lines to $FAKE_LORA_SERVER_RECORD.
+effective sampling and the startup argv are appended as JSON lines to $FAKE_LORA_SERVER_RECORD;
+$FAKE_LORA_SERVER_LATENCY (seconds per generated word) slows replies down.
 """
 
 from __future__ import annotations
@@ -287,13 +288,16 @@ def sglang_main(argv: list[str]) -> FakeLoraServer:
 
 def main(argv: list[str]) -> None:
     flavor, rest = argv[0], argv[1:]
-    record({"event": "start", "flavor": flavor, "argv": rest, "env": _engine_env()})
+    record(
+        {"event": "start", "flavor": flavor, "argv": rest, "env": _engine_env(), "pid": os.getpid()}
+    )
     if os.environ.get("FAKE_LORA_SERVER_CHILD"):  # a worker process, as the real engines start
         import subprocess
 
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         record({"event": "child", "pid": child.pid})
     server = vllm_main(rest) if flavor == "vllm" else sglang_main(rest)
+    server.latency_per_word = float(os.environ.get("FAKE_LORA_SERVER_LATENCY") or 0)
     print(f"fake {flavor} server listening on {server.url}", flush=True)
     server.serve_forever()
 

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -237,6 +238,65 @@ def test_a_server_that_dies_mid_run_stops_the_run_instead_of_storing_error_rows(
             list(engine_for(b).run_streaming(make_episodes(1)))
     finally:
         b.close()
+
+
+def test_ctrl_c_during_a_cli_run_stops_the_server(fake_engines, tmp_path):
+    """`charshift generate` with kind: server, interrupted by SIGINT mid-generation (what Ctrl-C
+    in a terminal sends): the CLI exits and the server it started is gone."""
+    adapters = tmp_path / "adapters"
+    for persona in ("sarcasm", "humor"):
+        make_adapter(adapters / persona)
+    model = tmp_path / "model"
+    model.mkdir()
+    config = {
+        "name": "ctrlc",
+        "bases": [
+            {
+                "name": "fb",
+                "model": str(model),
+                "classifier": "tiny:modernbert:sarcasm,humor",
+                "adapters": {"full": {"path": f"{adapters}/{{persona}}"}},
+            }
+        ],
+        "stages": ["full"],
+        "personas": ["sarcasm", "humor"],
+        "slices": ["id_chat"],
+        "id_prompts": {"n_eval": 6},
+        "backend": {"kind": "server", "engine": "vllm", "max_in_flight": 2},
+    }
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(json.dumps(config))
+    env = dict(
+        os.environ,
+        PYTHONPATH=f"{TESTS.parent / 'src'}{os.pathsep}{os.environ['PYTHONPATH']}",
+        CHARSHIFT_CACHE=str(tmp_path / "cache"),
+        FAKE_LORA_SERVER_LATENCY="0.3",
+    )
+    cmd = [sys.executable, "-m", "charshift.cli", "generate", str(cfg_path)]
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(tmp_path / "run")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        probe_requests = 3 * 4  # base + 2 adapters, 4 probe prompts each
+        while len(events(fake_engines, "request")) <= probe_requests + 1:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "generation never started"
+            time.sleep(0.1)
+        [start] = events(fake_engines, "start")
+        assert pid_alive(start["pid"])
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out  # interrupted (typer exits 130 on KeyboardInterrupt)
+    assert not pid_alive(start["pid"])
+    assert (tmp_path / "run" / "server-fb.log").read_text().startswith("=== charshift")
 
 
 def test_a_server_that_exits_at_once_fails_fast_with_its_log_tail(tmp_path):
