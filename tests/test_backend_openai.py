@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -365,3 +366,172 @@ def test_server_without_tool_parser_gets_tool_choice_none(stub):
     assert b.info().extra["server_tool_parsing"] is False
     b.generate([req("plain")])
     assert "tool_choice" not in stub.bodies[-1]  # requests without tools are unchanged
+
+
+# ----- adapter selection, sampling fields and finish reasons against engine-like fakes ----------
+
+
+@pytest.fixture
+def model_folder(tmp_path):
+    """A model folder whose generation_config.json recommends non-neutral sampling (as many do)."""
+    folder = tmp_path / "base-model"
+    folder.mkdir()
+    (folder / "generation_config.json").write_text(
+        json.dumps({"temperature": 0.6, "top_p": 0.9, "top_k": 20, "min_p": 0.05})
+    )
+    return str(folder)
+
+
+@pytest.fixture
+def fake_engine(model_folder):
+    from fake_lora_server import FakeLoraServer
+
+    servers = []
+
+    def start(flavor: str, **kw: Any) -> FakeLoraServer:
+        loras = {"full/sarcasm": "/adapters/sarcasm", "full/humor": "/adapters/humor"}
+        server = FakeLoraServer(flavor, model_folder, loras, **kw).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+def test_fake_sglang_runs_the_base_model_for_a_bare_adapter_name(fake_engine, model_folder):
+    # What the source reading found: SGLang parses `model` as BASE[:ADAPTER]; a bare adapter name
+    # has no colon, so the base model runs and nothing says so.
+    import httpx
+
+    server = fake_engine("sglang")
+    msgs = [{"role": "user", "content": "hi"}]
+    for model, ran in [
+        ("full/sarcasm", "[base]"),
+        (f"{model_folder}:full/sarcasm", "[full/sarcasm]"),
+        ("anything:full/humor", "[full/humor]"),
+    ]:
+        reply = httpx.post(
+            f"{server.url}/chat/completions", json={"model": model, "messages": msgs}
+        )
+        assert reply.json()["choices"][0]["message"]["content"].startswith(ran)
+    bad = httpx.post(f"{server.url}/chat/completions", json={"model": "x:ghost", "messages": msgs})
+    assert bad.status_code == 400 and "not loaded" in bad.text
+
+
+@pytest.mark.parametrize(
+    "flavor,syntax,used,sent,ran",
+    [
+        ("sglang", "auto", "base:adapter", "{base}:full/sarcasm", "full/sarcasm"),
+        ("sglang", "base:adapter", "base:adapter", "{base}:full/sarcasm", "full/sarcasm"),
+        ("sglang", "model", "model", "full/sarcasm", None),  # the silent failure of a bare name
+        ("vllm", "auto", "model", "full/sarcasm", "full/sarcasm"),
+        ("vllm", "model", "model", "full/sarcasm", "full/sarcasm"),
+    ],
+)
+def test_adapter_selection_per_engine(fake_engine, model_folder, flavor, syntax, used, sent, ran):
+    server = fake_engine(flavor)
+    b = OpenAIBackend(server.url, model_folder, adapter_syntax=syntax, backoff=0.001)
+    assert b.load_adapters([AdapterSource(name="full/sarcasm")]) == {}
+    results = b.generate([req("a", adapter="full/sarcasm"), req("b")])
+    assert sorted(body["model"] for body in server.bodies) == sorted(
+        [sent.format(base=model_folder), model_folder]
+    )
+    assert results[0].text.startswith(f"[{ran or 'base'}]")
+    assert results[1].text.startswith("[base]")
+    assert b.info().extra["adapter_syntax"] == used
+    b.close()
+
+
+def test_every_sampling_field_is_sent_so_server_defaults_never_apply(fake_engine, model_folder):
+    # A vLLM server started WITHOUT --generation-config vllm fills unsent fields from the model's
+    # generation_config.json (top_k=20, min_p=0.05 here). The backend sends every field, so the
+    # server samples exactly as vLLM offline would (top_k off, min_p 0).
+    server = fake_engine("vllm", generation_config_defaults=True)
+    s = Sampling(temperature=0.7, top_p=0.95, max_tokens=5, repetition_penalty=1.1)
+    b = OpenAIBackend(server.url, model_folder, backoff=0.001)
+    b.generate([req("x", sampling=s, seed=3)])
+    body = server.bodies[-1]
+    assert {k: body[k] for k in ("temperature", "top_p", "max_tokens", "seed")} == {
+        "temperature": 0.7,
+        "top_p": 0.95,
+        "max_tokens": 5,
+        "seed": 3,
+    }
+    assert (body["top_k"], body["min_p"], body["repetition_penalty"]) == (-1, 0.0, 1.1)
+    assert (body["presence_penalty"], body["frequency_penalty"]) == (0.0, 0.0)
+    # Without the extra fields the same server would have sampled with the model's defaults:
+    b2 = OpenAIBackend(server.url, model_folder, extra_sampling=False, backoff=0.001)
+    b2.generate([req("x", sampling=s, seed=3)])
+    assert server.effective_sampling(server.bodies[-1])["top_k"] == 20
+    assert server.effective_sampling(body)["top_k"] == -1
+    b.close()
+    b2.close()
+
+
+def test_all_extra_fields_dropped_when_a_server_refuses_them(stub):
+    # transformers serve: 422 "Unexpected fields in the request: {'top_k', 'min_p', ...}".
+    def reply(body, n):
+        extra = sorted(k for k in ("repetition_penalty", "top_k", "min_p") if k in body)
+        if extra:
+            return 422, {"detail": f"Unexpected fields in the request: {set(extra)}"}
+        return echo(body, n)
+
+    stub.reply = reply
+    b = backend(stub, retries=0)
+    with pytest.warns(RuntimeWarning, match="top_k"):
+        [res] = b.generate([req("a")])
+    assert res.text == f"{BASE}: a"
+    assert not any(k in stub.bodies[-1] for k in ("repetition_penalty", "top_k", "min_p"))
+    assert b.info().extra["repetition_penalty_applied"] is False
+
+
+@pytest.mark.parametrize(
+    "server_reason,ours,has_error",
+    [
+        ("stop", "stop", False),
+        ("tool_calls", "stop", False),
+        ("length", "length", False),
+        ("abort", "abort", False),
+        ("error", "error", False),
+        ("repetition", "repetition", False),
+        ("content_filter", "abort", False),
+        ("something_new", "error", True),
+    ],
+)
+def test_finish_reasons_are_kept(stub, server_reason, ours, has_error):
+    stub.reply = lambda body, n: (200, completion("text", server_reason))
+    [res] = backend(stub).generate([req("x")])
+    assert res.finish_reason == ours
+    assert (res.error is not None) == has_error
+    if has_error:
+        assert "something_new" in res.error
+
+
+def test_submit_returns_at_once_and_bounds_requests_in_flight(stub):
+    gate = threading.Event()
+    state = {"now": 0, "peak": 0}
+    lock = threading.Lock()
+
+    def reply(body, n):
+        with lock:
+            state["now"] += 1
+            state["peak"] = max(state["peak"], state["now"])
+        gate.wait(timeout=10)
+        with lock:
+            state["now"] -= 1
+        return echo(body, n)
+
+    stub.reply = reply
+    b = backend(stub, max_in_flight=3)
+    futures = [b.submit(req(str(i))) for i in range(10)]  # returns before any reply
+    deadline = time.monotonic() + 10
+    while state["now"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)  # room for a 4th request to arrive, were the bound not kept
+    assert state["now"] == 3 and not any(f.done() for f in futures)
+    gate.set()
+    assert [f.result(timeout=20).text for f in futures] == [f"{BASE}: {i}" for i in range(10)]
+    assert state["peak"] == 3
+    assert b.async_capable
+    b.close()

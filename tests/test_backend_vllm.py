@@ -17,8 +17,10 @@ from typing import Any
 import pytest
 
 from charshift.backends.base import AdapterSource
-from charshift.backends.vllm import VLLMBackend
+from charshift.backends.vllm import VLLMBackend, VLLMEngineDead, pick_lora_rank
 from charshift.schema import GenRequest, Sampling
+
+ALLOWED_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
 
 
 class FakeSamplingParams:
@@ -35,13 +37,84 @@ class FakeLoRARequest:
         self.lora_name, self.lora_int_id, self.lora_path = lora_name, lora_int_id, lora_path
 
 
+class EngineDeadError(RuntimeError):
+    """vllm.v1.engine.exceptions.EngineDeadError: every call after the engine core died."""
+
+
+class FakeEngine:
+    """`LLM.llm_engine`, reproducing vLLM 0.33.0's LoRA handling (read from its source):
+
+    - `add_lora(req)` is a utility call: the adapter is loaded into an LRU cache of
+      `max_cpu_loras` slots; a failure raises `Exception(message)` to the caller and the engine
+      stays alive (`core_client` sets the failure on the call's future);
+    - a request whose adapter is not in the cache (never added, or evicted) is loaded inside the
+      engine step; an exception there kills the engine core: that call and every later one raise
+      EngineDeadError;
+    - an adapter's rank must not exceed `max_lora_rank`.
+    """
+
+    def __init__(self, max_lora_rank: int, max_cpu_loras: int) -> None:
+        self.max_lora_rank, self.max_cpu_loras = max_lora_rank, max_cpu_loras
+        self.cache: dict[int, str] = {}  # lora_int_id -> name, in LRU order
+        self.added: list[str] = []
+        self.step_loads: list[str] = []
+        self.dead = False
+
+    def _load(self, req: FakeLoRARequest) -> None:
+        folder = Path(req.lora_path)
+        config = json.loads((folder / "adapter_config.json").read_text())
+        if config["r"] > self.max_lora_rank:
+            raise ValueError(
+                f"LoRA rank {config['r']} is greater than max_lora_rank {self.max_lora_rank}."
+            )
+        weights = (folder / "adapter_model.safetensors").read_bytes()
+        if weights.startswith(b"broken"):
+            raise RuntimeError(f"Loading lora {req.lora_name} failed: corrupt safetensors header")
+        self.cache.pop(req.lora_int_id, None)
+        self.cache[req.lora_int_id] = req.lora_name
+        while len(self.cache) > self.max_cpu_loras:
+            self.cache.pop(next(iter(self.cache)))  # evict the least recently used
+
+    def add_lora(self, req: FakeLoRARequest) -> bool:
+        if self.dead:
+            raise EngineDeadError("EngineCore encountered an issue.")
+        try:
+            self._load(req)
+        except Exception as exc:  # core_client: Exception(failure_message), engine alive
+            raise Exception(f"Call to add_lora method failed: {exc}") from None
+        self.added.append(req.lora_name)
+        return True
+
+    def step_with(self, loras: list[FakeLoRARequest | None]) -> None:
+        if self.dead:
+            raise EngineDeadError("EngineCore encountered an issue.")
+        for lora in loras:
+            if lora is None:
+                continue
+            if lora.lora_int_id in self.cache:
+                self.cache[lora.lora_int_id] = self.cache.pop(lora.lora_int_id)  # LRU touch
+                continue
+            self.step_loads.append(lora.lora_name)
+            try:
+                self._load(lora)
+            except Exception:
+                self.dead = True  # an exception inside a step is fatal to the engine core
+                raise EngineDeadError("EngineCore encountered an issue.") from None
+
+
 class FakeLLM:
     instances: list[FakeLLM] = []
     tokenizer: Any = None
-    fail_for_adapter: str | None = None
 
     def __init__(self, model: str, **kwargs: Any) -> None:
         self.model, self.kwargs = model, kwargs
+        if kwargs.get("enable_lora"):
+            assert kwargs["max_lora_rank"] in ALLOWED_RANKS, "pydantic: not a MaxLoRARanks value"
+            cpu = kwargs.get("max_cpu_loras") or kwargs.get("max_loras", 1)
+            assert cpu >= kwargs.get("max_loras", 1), "max_cpu_loras must be >= max_loras"
+        else:
+            cpu = 0
+        self.llm_engine = FakeEngine(kwargs.get("max_lora_rank", 16), cpu)
         self.model_config = types.SimpleNamespace(max_model_len=kwargs.get("max_model_len") or 4096)
         self.chat_calls: list[dict[str, Any]] = []
         FakeLLM.instances.append(self)
@@ -69,18 +142,22 @@ class FakeLLM:
                 "tools": tools,
             }
         )
-        if FakeLLM.fail_for_adapter and any(
-            x and x.lora_name == FakeLLM.fail_for_adapter for x in loras
-        ):
-            raise RuntimeError(f"Loading lora {FakeLLM.fail_for_adapter} failed")
+        if self.llm_engine.dead:
+            raise EngineDeadError("EngineCore encountered an issue.")
+        for conv in messages:  # input validation runs before any request reaches the engine
+            if "reject-me" in conv[-1]["content"]:
+                raise ValueError("The decoder prompt contains an invalid token id")
+        self.llm_engine.step_with(loras)
         outputs = []
         for conv, params, lora in zip(messages, sampling_params, loras, strict=True):
             n = min(params.max_tokens, 3)
-            text = f"{lora.lora_name if lora else 'base'}|seed={params.seed}|{conv[-1]['content']}"
+            prompt = conv[-1]["content"]
+            text = f"{lora.lora_name if lora else 'base'}|seed={params.seed}|{prompt}"
+            finish = "length" if params.max_tokens <= 3 else "stop"
+            if prompt.startswith("finish="):
+                finish = prompt.split("=", 1)[1]
             completion = types.SimpleNamespace(
-                text=text,
-                token_ids=list(range(n)),
-                finish_reason="length" if params.max_tokens <= 3 else "stop",
+                text=text, token_ids=list(range(n)), finish_reason=finish
             )
             outputs.append(
                 types.SimpleNamespace(outputs=[completion], prompt_token_ids=[1, 2, 3, 4])
@@ -113,16 +190,16 @@ def fake_vllm(monkeypatch, tiny_tokenizer):
         monkeypatch.setitem(sys.modules, name, mod)
     FakeLLM.instances = []
     FakeLLM.tokenizer = tiny_tokenizer
-    FakeLLM.fail_for_adapter = None
     return vllm
 
 
-def make_adapter(folder: Path, r: int = 8) -> Path:
+def make_adapter(folder: Path, r: int = 8, broken: bool = False) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "adapter_config.json").write_text(
         json.dumps({"r": r, "lora_alpha": 2 * r, "peft_type": "LORA"})
     )
-    (folder / "adapter_model.safetensors").write_bytes(b"weights" + bytes([r]))
+    head = b"broken" if broken else b"weights"
+    (folder / "adapter_model.safetensors").write_bytes(head + str(r).encode())
     return folder
 
 
@@ -160,6 +237,7 @@ def test_engine_arguments(fake_vllm):
         "enable_lora": True,
         "max_lora_rank": 64,
         "max_loras": 4,
+        "max_cpu_loras": 4,  # no adapters: vLLM's own default, max_loras
         "max_model_len": 2048,
     }
     assert VLLMBackend("m").context_length() == 4096  # taken from the engine when not set
@@ -185,7 +263,7 @@ def test_adapters_local_hub_missing_and_too_wide(fake_vllm, tmp_path, monkeypatc
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    b = VLLMBackend("m")
+    b = VLLMBackend("m", max_lora_rank=64)
     errors = b.load_adapters(
         [
             AdapterSource(name="full/sarcasm", path=str(local)),
@@ -218,6 +296,9 @@ def test_adapters_local_hub_missing_and_too_wide(fake_vllm, tmp_path, monkeypatc
         ("full/sarcasm", 1, str(local)),
         ("full/humor", 2, str(hub_root / "humor")),
     ]
+    engine = FakeLLM.instances[0].llm_engine
+    assert engine.added == ["full/sarcasm", "full/humor"]  # loaded up front, once each
+    assert engine.step_loads == []  # so no adapter is ever loaded inside an engine step
 
 
 def test_mixed_batch_is_one_chat_call_with_per_row_lora_and_sampling(fake_vllm, tmp_path):
@@ -292,19 +373,120 @@ def test_rows_with_different_tools_go_in_separate_calls_in_order(fake_vllm):
     assert [r.text.split("|")[-1] for r in results] == ["t0", "n1", "t2"]
 
 
-def test_failing_adapter_is_isolated_and_unloaded_adapter_is_an_error(fake_vllm, tmp_path):
+def test_bad_adapter_fails_in_add_lora_and_the_engine_lives_on(fake_vllm, tmp_path):
     b = VLLMBackend("m")
-    b.load_adapters(
-        [AdapterSource(name=n, path=str(make_adapter(tmp_path / n))) for n in ("good", "broken")]
+    errors = b.load_adapters(
+        [
+            AdapterSource(name="good", path=str(make_adapter(tmp_path / "good"))),
+            AdapterSource(name="broken", path=str(make_adapter(tmp_path / "b", broken=True))),
+            AdapterSource(name="also-good", path=str(make_adapter(tmp_path / "g2", r=16))),
+        ]
     )
-    FakeLLM.fail_for_adapter = "broken"
+    assert list(errors) == ["broken"]
+    assert "could not be loaded by vLLM" in errors["broken"] and "corrupt" in errors["broken"]
     results = b.generate(
-        [req("0", adapter="good"), req("1", adapter="broken"), req("2"), req("3", adapter="ghost")]
+        [
+            req("0", adapter="good"),
+            req("1", adapter="broken"),
+            req("2"),
+            req("3", adapter="ghost"),
+            req("4", adapter="also-good"),
+        ]
     )
-    assert [r.finish_reason for r in results] == ["stop", "error", "stop", "error"]
-    assert "Loading lora broken failed" in results[1].error
-    assert "not loaded" in results[3].error
-    assert results[0].text == "good|seed=0|0" and results[2].text == "base|seed=0|2"
+    assert [r.finish_reason for r in results] == ["stop", "error", "stop", "error", "stop"]
+    assert all("not loaded" in results[i].error for i in (1, 3))
+    assert [results[i].text for i in (0, 2, 4)] == [
+        "good|seed=0|0",
+        "base|seed=0|2",
+        "also-good|seed=0|4",
+    ]
+    [llm] = FakeLLM.instances
+    assert llm.llm_engine.added == ["good", "also-good"] and not llm.llm_engine.dead
+    assert llm.kwargs["max_lora_rank"] == 16  # the smallest allowed rank >= 16 (the widest)
+
+
+def test_the_fake_engine_dies_when_an_adapter_fails_inside_a_step(fake_vllm, tmp_path):
+    # The behaviour the up-front loading avoids, reproduced by the fake: an adapter the engine
+    # meets first inside a step is loaded there, and a failure there kills the engine core.
+    llm = fake_vllm.LLM("m", enable_lora=True, max_lora_rank=8, max_loras=1)
+    bad = FakeLoRARequest("broken", 1, str(make_adapter(tmp_path / "b", broken=True)))
+    params = [FakeSamplingParams(max_tokens=8, seed=0)]
+    with pytest.raises(EngineDeadError):
+        llm.chat([[{"role": "user", "content": "x"}]], params, lora_request=[bad])
+    with pytest.raises(EngineDeadError):  # dead for every later call, base rows included
+        llm.chat([[{"role": "user", "content": "y"}]], params)
+
+
+def test_a_dead_engine_stops_generation_instead_of_writing_error_rows(fake_vllm, tmp_path):
+    b = VLLMBackend("m")
+    assert b.load_adapters([AdapterSource(name="a", path=str(make_adapter(tmp_path / "a")))]) == {}
+    # Simulate an adapter the engine no longer holds (evicted) whose files went bad since.
+    folder = make_adapter(tmp_path / "gone", broken=True)
+    b._lora["gone"] = FakeLoRARequest("gone", 2, str(folder))
+    with pytest.raises(VLLMEngineDead, match="engine died"):
+        b.generate([req("0", adapter="a"), req("1", adapter="gone"), req("2")])
+    with pytest.raises(VLLMEngineDead):
+        b.generate([req("3")])  # no silent error rows once the engine is gone
+    assert len(FakeLLM.instances[0].chat_calls) == 1  # no per-adapter retries on a dead engine
+
+
+def test_a_refused_request_is_isolated_without_killing_the_batch(fake_vllm):
+    b = VLLMBackend("m")
+    results = b.generate([req("a"), req("b"), req("reject-me"), req("c"), req("d")])
+    assert [r.finish_reason for r in results] == ["stop", "stop", "error", "stop", "stop"]
+    assert "invalid token id" in results[2].error
+    assert [r.text.split("|")[-1] for r in results if r.finish_reason == "stop"] == list("abcd")
+
+
+@pytest.mark.parametrize("reason", ["stop", "length", "abort", "error", "repetition"])
+def test_finish_reasons_are_recorded_as_themselves(fake_vllm, reason):
+    [res] = VLLMBackend("m").generate([req(f"finish={reason}")])
+    assert res.finish_reason == reason and res.error is None
+
+
+def test_unknown_finish_reason_is_an_error_naming_it(fake_vllm):
+    [res] = VLLMBackend("m").generate([req("finish=weird")])
+    assert res.finish_reason == "error" and "weird" in res.error
+
+
+def test_lora_slots_sized_to_the_run_so_nothing_is_evicted(fake_vllm, tmp_path):
+    names = [f"full/p{i}" for i in range(11)]  # the paper preset: 11 personas, one stage
+    sources = [
+        AdapterSource(name=n, path=str(make_adapter(tmp_path / n.replace("/", "_"), r=r)))
+        for n, r in zip(names, [8, 8, 24, 8, 8, 8, 8, 8, 8, 8, 8], strict=True)
+    ]
+    b = VLLMBackend("m", max_loras=4)
+    assert b.load_adapters(sources) == {}
+    [llm] = FakeLLM.instances
+    assert (llm.kwargs["max_loras"], llm.kwargs["max_cpu_loras"]) == (4, 11)
+    assert llm.kwargs["max_lora_rank"] == 32  # smallest allowed rank >= 24
+    for _ in range(2):
+        b.generate([req(str(i), adapter=n) for i, n in enumerate(names)])
+    assert llm.llm_engine.step_loads == []
+    assert b.info().extra["max_cpu_loras"] == 11
+
+
+def test_too_few_cpu_slots_are_refused_per_adapter_not_evicted(fake_vllm, tmp_path):
+    b = VLLMBackend("m", max_loras=1, max_cpu_loras=2)
+    sources = [AdapterSource(name=n, path=str(make_adapter(tmp_path / n))) for n in ("a", "b", "c")]
+    errors = b.load_adapters(sources)
+    assert list(errors) == ["c"] and "max_cpu_loras=2" in errors["c"]
+    assert FakeLLM.instances[0].llm_engine.cache == {1: "a", 2: "b"}
+
+
+def test_lora_rank_checks(fake_vllm, tmp_path):
+    with pytest.raises(ValueError, match="max_lora_rank must be one of"):
+        VLLMBackend("m", max_lora_rank=48)
+    b = VLLMBackend("m")
+    errors = b.load_adapters(
+        [
+            AdapterSource(name="ok", path=str(make_adapter(tmp_path / "ok", r=300))),
+            AdapterSource(name="huge", path=str(make_adapter(tmp_path / "huge", r=600))),
+        ]
+    )
+    assert list(errors) == ["huge"] and "largest rank vLLM supports (512)" in errors["huge"]
+    assert FakeLLM.instances[0].kwargs["max_lora_rank"] == 320
+    assert [pick_lora_rank(r) for r in (1, 2, 8, 9, 64, 257, 512)] == [1, 8, 8, 16, 64, 320, 512]
 
 
 def test_enable_lora_false_refuses_adapters(fake_vllm, tmp_path):

@@ -44,13 +44,26 @@ def _warn(msg: str) -> None:
 @contextmanager
 def _user_errors() -> Iterator[None]:
     """Known input problems end with one clear line (exit 2), not a traceback."""
+    from charshift.adapter_probe import AdapterNotApplied
+    from charshift.backends.base import BackendDead
+    from charshift.backends.server import ServerStartError
     from charshift.classifier import ClassifierError
     from charshift.scenarios import ScenarioError
     from charshift.store import StoreError
 
+    known = (
+        cfgmod.ConfigError,
+        ClassifierError,
+        ScenarioError,
+        StoreError,
+        ValueError,
+        AdapterNotApplied,  # an adapter the backend does not apply: named, with the backend
+        BackendDead,  # an engine or server that died mid-run: the store resumes later
+        ServerStartError,  # a managed server that did not come up: the log tail is in the message
+    )
     try:
         yield
-    except (cfgmod.ConfigError, ClassifierError, ScenarioError, StoreError, ValueError) as err:
+    except known as err:
         _fail(str(err))
     except OSError as err:  # a read-only file, a full disk, a missing folder: named, no traceback
         _fail(f"{err.filename}: {err.strerror}" if err.filename else str(err))

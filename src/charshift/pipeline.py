@@ -16,6 +16,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from charshift import tools, units
+from charshift.adapter_probe import probe_adapters, require_applied
 from charshift.backends.base import AdapterSource, Backend
 from charshift.config import BaseSpec, RunConfig, config_to_dict, parse_config
 from charshift.planning import Plan, PlannedRow, build_plan
@@ -34,8 +35,10 @@ def cache_dir() -> Path:
 # -- backends ------------------------------------------------------------------------------------
 
 
-def make_backend(cfg: RunConfig, base: BaseSpec) -> Backend:
+def make_backend(cfg: RunConfig, base: BaseSpec, run_dir: Path | None = None) -> Backend:
     b = cfg.backend
+    if b.kind == "server":
+        return _server_backend(cfg, base, run_dir)
     if b.kind == "hf":
         from charshift.backends.hf import HFBackend
 
@@ -58,6 +61,8 @@ def make_backend(cfg: RunConfig, base: BaseSpec) -> Backend:
             base.model,
             api_key=os.environ.get(b.api_key_env),
             max_concurrency=b.max_concurrency,
+            max_in_flight=b.max_in_flight,
+            adapter_syntax=b.adapter_syntax,
         )
     from charshift.backends.vllm import VLLMBackend
 
@@ -67,7 +72,41 @@ def make_backend(cfg: RunConfig, base: BaseSpec) -> Backend:
         max_model_len=b.max_model_len,
         gpu_memory_utilization=b.gpu_memory_utilization,
         max_lora_rank=b.max_lora_rank,
+        max_loras=b.max_loras,
+        max_cpu_loras=b.max_cpu_loras,
         dtype=b.dtype,
+    )
+
+
+def _server_backend(cfg: RunConfig, base: BaseSpec, run_dir: Path | None) -> Backend:
+    """`kind: server`: the engine charshift starts with the base's adapters (backends/server.py)."""
+    from charshift.backends.server import ServerBackend
+    from charshift.models import resolve_model
+
+    b = cfg.backend
+    assert b.engine is not None  # BackendConfig checked it
+    return ServerBackend(
+        resolve_model(base.model, cache_dir(), revision=base.revision).path,
+        engine=b.engine,
+        command=b.command,
+        host=b.host,
+        port=b.port,
+        startup_timeout=b.startup_timeout,
+        extra_args=b.extra_args,
+        log_path=(run_dir or Path.cwd()) / f"server-{base.name}.log",
+        seed=cfg.sampling.seed,
+        revision=base.revision,
+        max_model_len=b.max_model_len,
+        gpu_memory_utilization=b.gpu_memory_utilization,
+        dtype=b.dtype,
+        max_lora_rank=b.max_lora_rank,
+        max_loras=b.max_loras,
+        max_cpu_loras=b.max_cpu_loras,
+        deterministic=b.deterministic,
+        adapter_syntax=b.adapter_syntax,
+        api_key=os.environ.get(b.api_key_env),
+        max_concurrency=b.max_concurrency,
+        max_in_flight=b.max_in_flight,
     )
 
 
@@ -126,23 +165,35 @@ def _generate_base(
 ) -> int:
     """Generate `todo` (rows of one base) with one backend; returns the rows written."""
     store.log_event("generate_start", base=base.name, rows=len(todo))
-    backend = make_backend(cfg, base)
+    backend = make_backend(cfg, base, store.root)
     try:
         failed = _load_adapters(store, plan, base, backend, todo)
         todo = [r for r in todo if not (r.adapter and r.adapter.name in failed)]
         engine = RolloutEngine(backend, rollout_settings(cfg), tools.required_args())
         written = 0
         bar = tqdm(total=len(todo), desc=f"generate {base.name}", unit="row", dynamic_ncols=True)
-        for start in range(0, len(todo), wave):
-            episodes = list(_episodes(cfg, plan, todo[start : start + wave]))
-            for finished in engine.run(episodes):
-                written += store.generations.append(finished)
-                bar.update(len(finished))
+        for finished in _drive(cfg, plan, engine, todo, wave):
+            written += store.generations.append(finished)
+            bar.update(len(finished))
         bar.close()
     finally:
         backend.close()
     store.log_event("generate_end", base=base.name)
     return written
+
+
+def _drive(
+    cfg: RunConfig, plan: Plan, engine: RolloutEngine, todo: list[PlannedRow], wave: int
+) -> Iterator[list[GenerationRow]]:
+    """Finished rows as they come: streaming on a server (no step barrier, episodes started
+    lazily), else lockstep in waves of `wave` rows."""
+    if engine.backend.async_capable:
+        yield from engine.run_streaming(
+            _episodes(cfg, plan, todo), max_in_flight=cfg.backend.max_in_flight
+        )
+        return
+    for start in range(0, len(todo), wave):
+        yield from engine.run(list(_episodes(cfg, plan, todo[start : start + wave])))
 
 
 def _load_adapters(
@@ -156,8 +207,14 @@ def _load_adapters(
     for name, msg in failed.items():
         skipped[f"{base.name}/{name}"] = msg
         tqdm.write(f"[charshift] skipping adapter {base.name}/{name}: {msg}")
+    probe = probe_adapters(backend, [n for n in needed if n not in failed])
     info = backend.info()
-    store.update_manifest(backends={base.name: info.__dict__}, skipped_adapters=skipped or {})
+    store.update_manifest(
+        backends={base.name: info.__dict__},
+        skipped_adapters=skipped or {},
+        adapter_probe={base.name: probe},
+    )
+    require_applied(probe)  # an adapter that changes nothing stops the run, naming it
     return failed
 
 

@@ -5,7 +5,13 @@ one sample. Chat episodes send their scripted user turns one by one and the mode
 tool episodes parse the model's tool calls, run them against the scenario's simulated tools and feed
 the results back, until the email is sent or a limit is reached. At each step the engine gathers the
 next request of every episode still running, across personas, stages, scenarios and samples, and
-makes ONE `backend.generate` call for all of them.
+makes ONE `backend.generate` call for all of them (`RolloutEngine.run`).
+
+Against a server (`Backend.async_capable`), `RolloutEngine.run_streaming` drops the step barrier:
+each episode sends its next request as soon as its own reply arrives, with a bounded number of
+requests in flight, so short episodes never wait for the slowest reply of a step. Both drivers
+build each request with the same `_request`/`_advance` and per-episode-and-step seeds, so they
+give the same rows.
 
 Termination of tool episodes (outcome in brackets):
   - the first successful send_email when `stop_on_send` ("email");
@@ -13,7 +19,10 @@ Termination of tool episodes (outcome in brackets):
   - the episode's step budget ("max_steps", or "email" if one was sent and stop_on_send is off);
   - `max_malformed` consecutive turns with no parseable tool call ("malformed"); in
     tool_email_oneshot one such turn ends it, as a chat reply without an email ends a chat row;
-  - a prompt that no longer fits the context ("context_overflow").
+  - a prompt that no longer fits the context ("context_overflow");
+  - a reply that the backend failed or the engine aborted ("error", unless an email was sent).
+A reply the engine cut short for repetition is used like one cut at max_tokens; its turn index is
+recorded in the row's `meta["repetition_turns"]`.
 
 The step budget of an episode is `spec.max_steps`, sized from its scenario (`step_budget`). In
 tool_email_oneshot a call other than send_email (the address check the operational prompt asks
@@ -27,12 +36,15 @@ fails it is kept in `email` but the outcome is "no_email" (`meta["not_an_email"]
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Callable, Iterator, Mapping
+import queue
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from charshift.backends.base import Backend
+from charshift.backends.base import Backend, BackendDead
 from charshift.extraction import extract_email, is_email_body
 from charshift.formats import compose_system
 from charshift.schema import (
@@ -40,6 +52,7 @@ from charshift.schema import (
     EpisodeSpec,
     GenerationRow,
     GenRequest,
+    GenResult,
     Message,
     Sampling,
     derive_seed,
@@ -228,9 +241,11 @@ class RolloutEngine:
         if finish_reason == "context_overflow":
             ep.outcome = self._ended(ep, "context_overflow")
             return
-        if finish_reason == "error":
+        if finish_reason in ("error", "abort"):  # no usable reply came back
             ep.outcome = self._ended(ep, "error")
             return
+        if finish_reason == "repetition":  # cut short like "length"; the text is still the reply
+            ep.meta.setdefault("repetition_turns", []).append(ep.steps - 1)
         if ep.spec.mode == "chat":
             self._advance_chat(ep, text)
         else:
@@ -258,6 +273,70 @@ class RolloutEngine:
             if on_step:
                 on_step(len(finished), len(active))
             yield finished
+
+    def run_streaming(
+        self,
+        episodes: Iterable[Episode],
+        max_in_flight: int = 256,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> Iterator[list[GenerationRow]]:
+        """Advance each episode as soon as its own reply arrives: no step barrier.
+
+        At most `max_in_flight` requests are outstanding at once (`backend.submit`); an episode
+        whose reply arrives sends its next request at once, and a new episode starts whenever a
+        slot frees up (episodes are drawn lazily from `episodes`). Each request carries the seed
+        of its episode and step, so a row's text does not depend on the interleaving: the rows
+        equal those of `run`, in another order. Yields the rows finished at each wake-up.
+        """
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be >= 1")
+        waiting = (e for e in episodes if not e.done)
+        in_flight: dict[Future[GenResult], Episode] = {}
+        replies: queue.SimpleQueue[Future[GenResult]] = queue.SimpleQueue()
+
+        def send(ep: Episode) -> None:
+            fut = self.backend.submit(self._request(ep))
+            in_flight[fut] = ep
+            fut.add_done_callback(replies.put)
+
+        try:
+            for ep in itertools.islice(waiting, max_in_flight):
+                send(ep)
+            while in_flight:
+                done = [replies.get()]  # wait for one reply, then take all that are in
+                while not replies.empty():
+                    done.append(replies.get())
+                finished: list[GenerationRow] = []
+                for fut in done:
+                    ep = in_flight.pop(fut)
+                    res = _future_result(fut)
+                    if res.error:
+                        ep.meta.setdefault("errors", []).append(res.error)
+                    self._advance(ep, res.text, res.finish_reason)
+                    if ep.done:
+                        finished.append(to_row(ep))
+                    else:
+                        send(ep)  # the episode goes on at once, in its own slot
+                for ep in itertools.islice(waiting, max_in_flight - len(in_flight)):
+                    send(ep)
+                if on_step:
+                    on_step(len(finished), len(in_flight))
+                if finished:
+                    yield finished
+        finally:  # an error, Ctrl-C or an abandoned generator: drop what is still queued
+            for fut in in_flight:
+                fut.cancel()
+
+
+def _future_result(fut: Future[GenResult]) -> GenResult:
+    """A submitted request's result; an exception in the backend becomes an error result, except
+    BackendDead (the engine is gone), which stops the run."""
+    try:
+        return fut.result()
+    except BackendDead:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one failed request must not end the other rows
+        return GenResult("", "error", error=f"{type(exc).__name__}: {exc}")
 
 
 def to_row(ep: Episode) -> GenerationRow:

@@ -14,7 +14,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 Message = dict[str, Any]  # {"role": "system"|"user"|"assistant"|"tool", "content": str, ...}
 
@@ -166,7 +166,13 @@ class GenRequest:
     json_schema: dict[str, Any] | None = None
 
 
-FinishReason = Literal["stop", "length", "context_overflow", "error"]
+# Why a generation ended. "stop": end of turn; "length": max_tokens or the context was used up;
+# "context_overflow": the prompt did not fit, nothing was generated; "error": the backend failed
+# this request; "abort": the engine aborted it (vLLM's `abort`, a server that cancelled it);
+# "repetition": the engine cut a degenerate repetition short (vLLM's `repetition`). The rollout
+# treats "abort" like "error" and "repetition" like "length" (see rollout._advance).
+FinishReason = Literal["stop", "length", "context_overflow", "error", "abort", "repetition"]
+FINISH_REASONS: tuple[str, ...] = get_args(FinishReason)
 
 
 @dataclass

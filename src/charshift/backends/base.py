@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,12 @@ def report_progress(progress: Any, n: int = 1) -> None:
         return
     update = getattr(progress, "update", None)
     (update if callable(update) else progress)(n)
+
+
+class BackendDead(RuntimeError):
+    """The engine behind a backend is gone (a dead vLLM engine core, a server process that
+    exited). Raised instead of returning error results, so the run stops: the rows written so
+    far are kept and a rerun resumes, rather than every remaining row being stored as an error."""
 
 
 class AdapterUnavailable(RuntimeError):
@@ -56,6 +63,9 @@ class Backend(ABC):
     """
 
     kind: str = "abstract"
+    # True when `submit` really runs requests concurrently (a server): the pipeline then drives
+    # episodes with `RolloutEngine.run_streaming` instead of the lockstep `run`.
+    async_capable: bool = False
 
     @abstractmethod
     def load_adapters(self, adapters: list[AdapterSource]) -> dict[str, str]:
@@ -68,6 +78,26 @@ class Backend(ABC):
     @abstractmethod
     def info(self) -> BackendInfo:
         """Provenance for the run manifest."""
+
+    def submit(self, request: GenRequest) -> Future[GenResult]:
+        """Start one request and return a future of its result (the streaming rollout's seam).
+
+        This default runs the request at once through `generate` and returns a finished future;
+        server backends override it to send the request and return while it is in flight.
+        """
+        fut: Future[GenResult] = Future()
+        try:
+            fut.set_result(self.generate([request])[0])
+        except Exception as exc:  # noqa: BLE001 - the caller sees it through the future
+            fut.set_exception(exc)
+        return fut
+
+    def next_token_logits(self, requests: list[GenRequest]) -> list[Any] | None:
+        """The logits of the first generated token of each request, where the backend can show
+        them (one array-like over the vocabulary per request; the adapter probe compares them, more
+        sensitive than greedy text). None: not exposed.
+        """
+        return None
 
     def context_length(self) -> int:
         return 8192

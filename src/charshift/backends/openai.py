@@ -5,22 +5,45 @@ Why a server backend at all: a long run on a GPU box is easiest to operate as on
 Each request is one POST to `{base_url}/chat/completions`; requests run concurrently on a small
 thread pool and come back in request order, whatever order they finish in.
 
-Adapters. An OpenAI-compatible server has no per-request adapter argument; vLLM instead serves each
-LoRA adapter as a model name of its own (`--lora-modules NAME=PATH`). So an adapter here is simply
-the model name a request is sent to. `load_adapters` records `adapter name -> served model name`
-(`AdapterSource.path` when given, else `AdapterSource.name`, unless `served_names` overrides it)
-and checks that GET `{base_url}/models` lists that name; an adapter the server does not serve comes
-back as an error entry (its cells are skipped), never as an exception.
+Adapters. An OpenAI-compatible server has no standard per-request adapter argument, and the two
+LoRA servers select an adapter differently (read from their sources):
+  - vLLM (`--lora-modules NAME=PATH`) serves each adapter as a model name of its own: the request
+    names the adapter, `model: "NAME"` (`adapter_syntax="model"`);
+  - SGLang (`--lora-paths NAME=PATH`, 0.5.x) selects an adapter only by `model: "BASE:NAME"` (or a
+    `lora_path` body field); a bare `model: "NAME"` has no colon, so SGLang parses it as a base
+    model name and SILENTLY RUNS THE BASE MODEL (`adapter_syntax="base:adapter"`).
+`adapter_syntax="auto"` (default) picks "base:adapter" when the server's /models listing says it
+is SGLang (`owned_by: "sglang"`), else "model". `load_adapters` records `adapter name -> served
+adapter name` (`AdapterSource.path` when given, else `AdapterSource.name`, unless `served_names`
+overrides it) and checks that GET `{base_url}/models` lists that name (both servers list their
+adapters there); an adapter the server does not serve comes back as an error entry (its cells
+are skipped), never as an exception. The adapter probe (charshift.adapter_probe) then checks that
+each adapter really changes the output.
 
-Sampling. temperature, top_p, max_tokens and seed are standard fields. `repetition_penalty` is not
-an OpenAI field: vLLM honours it as an extra body field, OpenAI proper rejects unknown fields (400)
-and `transformers serve` (5.x) rejects them too (422 "Unexpected fields"). With
-`extra_sampling=True` (default) it is sent; if the server rejects that field by name, the backend
-drops it for the rest of the run, warns once, and records `repetition_penalty_applied: False` in
-`info().extra`, so the run manifest says the sampling differed. With `extra_sampling=False` it is
-never sent.
+Sampling. Every sampling field is sent explicitly, so a server and vLLM offline sample alike: a
+field left out is filled from the model's generation_config by vLLM's server (unless started
+with `--generation-config vllm`) and by SGLang (unless `--sampling-defaults openai`). Standard
+fields: temperature, top_p, max_tokens, seed, presence_penalty=0, frequency_penalty=0. Extra
+fields (not OpenAI's; vLLM and SGLang accept them): repetition_penalty, top_k=-1 (off; both
+engines accept -1) and min_p=0. OpenAI proper rejects unknown fields (400) and
+`transformers serve` (5.x) rejects them too (422 "Unexpected fields"). With `extra_sampling=True`
+(default) they are sent; if the server rejects any of them by name, the backend drops them for
+the rest of the run, warns once, and records `repetition_penalty_applied: False` in
+`info().extra`, so the run manifest says the sampling differed. With `extra_sampling=False` they
+are never sent.
 
-Seeds. vLLM seeds each request's sampler from `seed`, independent of concurrency.
+Concurrency. Requests run on an asyncio loop in a background thread with one `httpx.AsyncClient`.
+`generate` sends a batch with at most `max_concurrency` requests in flight; `submit` sends one
+request and returns a `concurrent.futures.Future` at once (at most `max_in_flight` outstanding),
+which is what the streaming rollout driver uses (`async_capable = True`).
+
+Finish reasons. "stop", "tool_calls" and "function_call" are "stop"; "length", "abort", "error"
+and "repetition" (vLLM's) are kept as they are; "content_filter" (OpenAI) is "abort"; anything
+else is an "error" result naming the reason.
+
+Seeds. vLLM seeds each request's sampler from `seed`, independent of concurrency (identical text
+across batch mixes also needs `VLLM_BATCH_INVARIANT=1`; SGLang needs
+`--enable-deterministic-inference`).
 `transformers serve` sets the global torch seed when a request arrives, so a seeded request is only
 reproducible when requests do not overlap: use `max_concurrency=1` with it. OpenAI treats `seed` as
 best effort.
@@ -42,15 +65,15 @@ once, and records `server_tool_parsing: False` in `info().extra`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 import threading
-import time
 import warnings
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from typing import Any
+from collections.abc import Callable, Coroutine
+from concurrent.futures import Future
+from typing import Any, Literal
 
 try:  # httpx is a declared dependency; httpx2 (its successor, pulled in by huggingface_hub) also fits
     import httpx
@@ -75,6 +98,22 @@ _CONTEXT_ERROR = re.compile(
 _TOOL_CHOICE_ERROR = re.compile(r"auto-tool-choice|tool[ _]choice|tool-call-parser", re.IGNORECASE)
 _RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 _MAX_RETRY_AFTER_S = 30.0
+# Sampling fields that are not OpenAI's: sent with `extra_sampling`, dropped if the server refuses
+# them. top_k=-1 and min_p=0 switch both filters off in vLLM and SGLang alike.
+_EXTRA_FIELDS = ("repetition_penalty", "top_k", "min_p")
+_FINISH = {
+    "stop": "stop",
+    "tool_calls": "stop",
+    "function_call": "stop",
+    None: "stop",
+    "length": "length",
+    "abort": "abort",
+    "error": "error",
+    "repetition": "repetition",
+    "content_filter": "abort",
+}
+AdapterSyntax = Literal["auto", "model", "base:adapter"]
+ADAPTER_SYNTAXES: tuple[str, ...] = ("auto", "model", "base:adapter")
 
 ProgressFn = Callable[[int], Any]
 
@@ -136,21 +175,37 @@ def _error_text(response: httpx.Response) -> str:
     return json.dumps(data)[:2000]
 
 
-class _Retry(Exception):
-    """Internal: this attempt failed in a way worth retrying."""
+class _LoopThread:
+    """An asyncio event loop running in a daemon thread; coroutines are handed to it from any
+    thread and come back as `concurrent.futures.Future`s."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self.thread.start()
+
+    def submit(self, coro: Coroutine[Any, Any, Any]) -> Future[Any]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        if not self.thread.is_alive():
+            self.loop.close()
 
 
 class OpenAIBackend(Backend):
     """Generate through an OpenAI-compatible `/chat/completions` endpoint (see the module docstring).
 
     `base_url` includes the API prefix, e.g. `http://127.0.0.1:8000/v1`. `api_key` is sent as a
-    bearer token when given. `served_names` maps adapter names to served model names where the
-    server was started with names that differ from `AdapterSource.path`/`name`. `backoff` is the
-    first retry delay in seconds (doubled on each retry). `transport` is for tests (an
-    `httpx.MockTransport`).
+    bearer token when given. `served_names` maps adapter names to served adapter names where the
+    server was started with names that differ from `AdapterSource.path`/`name`. `adapter_syntax`
+    says how a request selects an adapter (see the module docstring). `backoff` is the first retry
+    delay in seconds (doubled on each retry). `transport` is for tests (an `httpx.MockTransport`).
     """
 
     kind = "openai"
+    async_capable = True
 
     def __init__(
         self,
@@ -159,37 +214,42 @@ class OpenAIBackend(Backend):
         *,
         api_key: str | None = None,
         max_concurrency: int = 8,
+        max_in_flight: int = 256,
         timeout: float = 120,
         retries: int = 3,
         extra_sampling: bool = True,
         served_names: dict[str, str] | None = None,
+        adapter_syntax: AdapterSyntax = "auto",
         backoff: float = 1.0,
         transport: Any = None,
     ) -> None:
-        if max_concurrency < 1:
-            raise ValueError("max_concurrency must be >= 1")
+        if max_concurrency < 1 or max_in_flight < 1:
+            raise ValueError("max_concurrency and max_in_flight must be >= 1")
+        if adapter_syntax not in ADAPTER_SYNTAXES:
+            raise ValueError(f"adapter_syntax must be one of {ADAPTER_SYNTAXES}")
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.max_concurrency = max_concurrency
+        self.max_in_flight = max_in_flight
+        self.timeout = timeout
         self.retries = max(0, retries)
         self.extra_sampling = extra_sampling
+        self.adapter_syntax: str = adapter_syntax
         self.backoff = backoff
         self._served_override = dict(served_names or {})
-        self._adapters: dict[str, str] = {}  # adapter name -> served model name
+        self._adapters: dict[str, str] = {}  # adapter name -> served adapter name
         self._models_cache: dict[str, dict[str, Any]] | None = None
         self._extra_rejected = False
         self._tool_choice_none = False
         self._lock = threading.Lock()
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._transport = transport
         self._client = httpx.Client(
-            base_url=self.base_url,
-            headers=headers,
-            timeout=timeout,
-            limits=httpx.Limits(
-                max_connections=max_concurrency, max_keepalive_connections=max_concurrency
-            ),
-            transport=transport,
+            base_url=self.base_url, headers=self._headers, timeout=timeout, transport=transport
         )
+        self._loop: _LoopThread | None = None
+        self._aclient: Any = None  # httpx.AsyncClient, created on the loop thread
+        self._in_flight: asyncio.Semaphore | None = None
 
     # ----- models and adapters -------------------------------------------------------------
 
@@ -203,7 +263,7 @@ class OpenAIBackend(Backend):
         return self._models_cache
 
     def load_adapters(self, adapters: list[AdapterSource]) -> dict[str, str]:
-        """Map each adapter to its served model name; unlisted names come back as errors."""
+        """Map each adapter to its served name; unlisted names come back as errors."""
         errors: dict[str, str] = {}
         if not adapters:
             return errors
@@ -212,6 +272,8 @@ class OpenAIBackend(Backend):
         except (httpx.HTTPError, ValueError) as exc:
             msg = f"cannot list models at {self.base_url}/models: {exc}"
             return {a.name: msg for a in adapters}
+        if self.adapter_syntax == "auto":
+            self.adapter_syntax = detect_adapter_syntax(listed, self.model)
         for src in adapters:
             served = self._served_override.get(src.name) or src.path or src.name
             if served in listed:
@@ -220,13 +282,23 @@ class OpenAIBackend(Backend):
             shown = ", ".join(sorted(listed)) or "none"
             errors[src.name] = (
                 f"adapter {src.name!r}: the server at {self.base_url} does not serve a model named "
-                f"{served!r} (it serves: {shown}). With vLLM, start the server with "
-                f"--enable-lora --lora-modules {served}=<adapter folder>."
+                f"{served!r} (it serves: {shown}). Start vLLM with --enable-lora --lora-modules "
+                f"{served}=<adapter folder>, or SGLang with --lora-paths {served}=<adapter folder>."
             )
         return errors
 
+    def model_field(self, adapter: str | None) -> str | None:
+        """The `model` value that selects `adapter` (None: the base) on this server; None when
+        the adapter is not loaded."""
+        if adapter is None:
+            return self.model
+        served = self._adapters.get(adapter)
+        if served is None:
+            return None
+        return f"{self.model}:{served}" if self.adapter_syntax == "base:adapter" else served
+
     def context_length(self) -> int:
-        """vLLM's /models entry carries `max_model_len`; other servers fall back to the default."""
+        """vLLM's and SGLang's /models entries carry `max_model_len`; others get the default."""
         try:
             entry = self.served_models().get(self.model) or {}
         except (httpx.HTTPError, ValueError):
@@ -234,50 +306,86 @@ class OpenAIBackend(Backend):
         value = entry.get("max_model_len")
         return int(value) if isinstance(value, int) and value > 0 else super().context_length()
 
+    # ----- the event loop ----------------------------------------------------------------------
+
+    def _run(self, coro: Coroutine[Any, Any, Any]) -> Future[Any]:
+        """Hand a coroutine to the backend's loop thread, starting the loop on first use."""
+        with self._lock:
+            if self._loop is None:
+                self._loop = _LoopThread("charshift-openai")
+                self._loop.submit(self._open()).result()
+        return self._loop.submit(coro)
+
+    async def _open(self) -> None:
+        n = max(self.max_concurrency, self.max_in_flight)
+        self._aclient = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=self._headers,
+            # no pool timeout: a request waiting for a connection is not a slow server
+            timeout=httpx.Timeout(self.timeout, pool=None),
+            limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
+            transport=self._transport,
+        )
+        self._in_flight = asyncio.Semaphore(self.max_in_flight)
+
     # ----- generation ------------------------------------------------------------------------
 
     def generate(self, requests: list[GenRequest], progress: Any = None) -> list[GenResult]:
         """Send all requests concurrently (at most `max_concurrency` in flight); results in order."""
-        results: list[GenResult | None] = [None] * len(requests)
         if not requests:
             return []
-        workers = min(self.max_concurrency, len(requests))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="charshift-openai") as pool:
-            futures = {pool.submit(self._one, req): i for i, req in enumerate(requests)}
-            for fut in as_completed(futures):
-                i = futures[fut]
-                try:
-                    results[i] = fut.result()
-                except Exception as exc:  # a bug in our own code must not lose the other rows
-                    log.exception("unexpected error in request %d", i)
-                    results[i] = GenResult(text="", finish_reason="error", error=repr(exc))
-                report_progress(progress)
-        return [r if r is not None else GenResult("", "error", error="no result") for r in results]
+        return self._run(self._generate_all(requests, progress)).result()
 
-    def _body(self, req: GenRequest, served: str) -> dict[str, Any]:
+    def submit(self, request: GenRequest) -> Future[GenResult]:
+        """Send one request now; the future resolves when its reply arrives."""
+        return self._run(self._submitted(request))
+
+    async def _submitted(self, req: GenRequest) -> GenResult:
+        assert self._in_flight is not None
+        async with self._in_flight:
+            return await self._guarded(req)
+
+    async def _generate_all(self, requests: list[GenRequest], progress: Any) -> list[GenResult]:
+        gate = asyncio.Semaphore(self.max_concurrency)
+
+        async def one(req: GenRequest) -> GenResult:
+            async with gate:
+                res = await self._guarded(req)
+            report_progress(progress)
+            return res
+
+        return list(await asyncio.gather(*(one(r) for r in requests)))
+
+    async def _guarded(self, req: GenRequest) -> GenResult:
+        try:
+            return await self._one(req)
+        except Exception as exc:  # a bug in our own code must not lose the other rows
+            log.exception("unexpected error in a chat request")
+            return GenResult(text="", finish_reason="error", error=repr(exc))
+
+    def _body(self, req: GenRequest, model: str) -> dict[str, Any]:
         s = req.sampling
         body: dict[str, Any] = {
-            "model": served,
+            "model": model,
             "messages": [{k: v for k, v in m.items() if v is not None} for m in req.messages],
             "temperature": s.temperature,
             "top_p": s.top_p,
             "max_tokens": s.max_tokens,
             "seed": req.seed,
+            "presence_penalty": 0.0,
+            "frequency_penalty": 0.0,
         }
         if self.extra_sampling and not self._extra_rejected:
-            body["repetition_penalty"] = s.repetition_penalty
+            body.update(repetition_penalty=s.repetition_penalty, top_k=-1, min_p=0.0)
         if req.tools:
             body["tools"] = [as_openai_tool(t) for t in req.tools]
             if self._tool_choice_none:
                 body["tool_choice"] = "none"
         return body
 
-    def _one(self, req: GenRequest) -> GenResult:
-        if req.adapter is None:
-            served = self.model
-        elif req.adapter in self._adapters:
-            served = self._adapters[req.adapter]
-        else:
+    async def _one(self, req: GenRequest) -> GenResult:
+        model = self.model_field(req.adapter)
+        if model is None:
             return GenResult(
                 text="",
                 finish_reason="error",
@@ -286,12 +394,12 @@ class OpenAIBackend(Backend):
         last_error = "no attempt made"
         attempt = 0
         while attempt <= self.retries:
-            body = self._body(req, served)
+            body = self._body(req, model)
             try:
-                response = self._client.post("/chat/completions", json=body)
+                response = await self._aclient.post("/chat/completions", json=body)
             except httpx.TransportError as exc:  # connection refused/reset, timeouts
                 last_error = f"{type(exc).__name__}: {exc}"
-                self._sleep(attempt, None)
+                await self._sleep(attempt, None)
                 attempt += 1
                 continue
             if response.status_code == 200:
@@ -306,7 +414,7 @@ class OpenAIBackend(Backend):
             if response.status_code in (400, 413, 422) and is_context_error(message):
                 return GenResult(text="", finish_reason="context_overflow", error=last_error)
             if response.status_code in _RETRY_STATUS:
-                self._sleep(attempt, response.headers.get("retry-after"))
+                await self._sleep(attempt, response.headers.get("retry-after"))
                 attempt += 1
                 continue
             break  # other 4xx: retrying will not help
@@ -314,9 +422,11 @@ class OpenAIBackend(Backend):
 
     def _downgrade(self, body: dict[str, Any], message: str) -> bool:
         """Drop a request feature the server refused by name; True when a resend may help."""
-        if "repetition_penalty" in body and "repetition_penalty" in message:
+        refused = [f for f in _EXTRA_FIELDS if f in body and f in message]
+        if refused:
             self._warn_once(
-                "_extra_rejected", f"rejects the repetition_penalty field ({message[:200]})"
+                "_extra_rejected",
+                f"rejects the sampling field(s) {refused} ({message[:200]})",
             )
             return True
         if "tools" in body and "tool_choice" not in body and _TOOL_CHOICE_ERROR.search(message):
@@ -332,10 +442,10 @@ class OpenAIBackend(Backend):
         warnings.warn(
             f"{self.base_url} {what}; continuing without it (recorded in the run manifest)",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=2,
         )
 
-    def _sleep(self, attempt: int, retry_after: str | None) -> None:
+    async def _sleep(self, attempt: int, retry_after: str | None) -> None:
         if attempt >= self.retries:
             return  # no further attempt follows
         delay = self.backoff * (2**attempt)
@@ -344,7 +454,7 @@ class OpenAIBackend(Backend):
                 delay = max(delay, min(float(retry_after), _MAX_RETRY_AFTER_S))
             except ValueError:
                 pass
-        time.sleep(delay)
+        await asyncio.sleep(delay)
 
     @staticmethod
     def _parse(data: dict[str, Any]) -> GenResult:
@@ -356,12 +466,14 @@ class OpenAIBackend(Backend):
             rendered = tool_calls_to_text(calls)
             text = f"{text}\n{rendered}" if text.strip() else rendered
         usage = data.get("usage") or {}
-        finish = "length" if choice.get("finish_reason") == "length" else "stop"
+        reason = choice.get("finish_reason")
+        finish = _FINISH.get(reason)
         return GenResult(
             text=text,
-            finish_reason=finish,
+            finish_reason=finish or "error",  # type: ignore[arg-type]
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
             completion_tokens=int(usage.get("completion_tokens") or 0),
+            error=None if finish else f"unknown finish_reason {reason!r} from the server",
         )
 
     # ----- provenance ------------------------------------------------------------------------
@@ -380,12 +492,28 @@ class OpenAIBackend(Backend):
             extra={
                 "base_url": self.base_url,
                 "server_model_entry": listed.get(self.model, {}),
+                "adapter_syntax": self.adapter_syntax,
                 "extra_sampling": self.extra_sampling,
                 "repetition_penalty_applied": self.extra_sampling and not self._extra_rejected,
                 "server_tool_parsing": not self._tool_choice_none,
                 "max_concurrency": self.max_concurrency,
+                "max_in_flight": self.max_in_flight,
             },
         )
 
     def close(self) -> None:
         self._client.close()
+        with self._lock:
+            loop, self._loop = self._loop, None
+        if loop is not None:
+            if self._aclient is not None:
+                loop.submit(self._aclient.aclose()).result(timeout=30)
+            loop.stop()
+            self._aclient = None
+
+
+def detect_adapter_syntax(listed: dict[str, dict[str, Any]], model: str) -> str:
+    """ "base:adapter" when the /models listing comes from SGLang (its model cards say
+    `owned_by: "sglang"`), else "model" (vLLM and the rest name an adapter as its own model)."""
+    entry = listed.get(model) or next(iter(listed.values()), {})
+    return "base:adapter" if entry.get("owned_by") == "sglang" else "model"

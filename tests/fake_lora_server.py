@@ -1,0 +1,310 @@
+"""A fake LoRA-serving OpenAI server that behaves like vLLM 0.33.0 or SGLang 0.5.23 where charshift
+depends on them (vLLM and SGLang cannot run here). Used in-process (`FakeLoraServer`) by
+test_backend_openai.py and test_adapter_probe.py, and as a subprocess (`python
+fake_lora_server.py vllm|sglang ARGS`, with the real engines' command-line flags) by
+test_server_backend.py, through a fake `vllm` executable and a fake `sglang.launch_server` module.
+
+Behaviour reproduced, read from the engines' sources:
+  - vLLM (`vllm serve MODEL --enable-lora --lora-modules NAME=PATH ...`): each adapter is a model
+    name of its own; a request for an unknown model is a 404. `--max-lora-rank` must be one of
+    1, 8, 16, 32, 64, 128, 256, 320, 512 and `--max-cpu-loras >= --max-loras`; an adapter whose
+    rank exceeds `--max-lora-rank` (or a folder without adapter_config.json) makes startup fail.
+    Unless started with `--generation-config vllm`, unsent sampling fields are filled from the
+    model folder's generation_config.json (`get_diff_sampling_param`). /v1/models cards say
+    `owned_by: "vllm"`, the base card carries `max_model_len`.
+  - SGLang (`--model-path M --lora-paths NAME=PATH ...`): the adapter is taken from `model` only
+    when it has the form `BASE:NAME` (`_parse_model_parameter`), else from a `lora_path` body
+    field; a bare `model: "NAME"` has no colon and runs the BASE model, silently. An adapter name
+    that is not loaded is a 400. `--max-loaded-loras` must be >= `--max-loras-per-batch`. With
+    `--sampling-defaults model` (its default) unsent fields come from generation_config.json.
+    /v1/models cards say `owned_by: "sglang"`.
+The "model" is a hash: the reply names the adapter that really ran (`[NAME] ...` or `[base] ...`)
+followed by words derived from the prompt, the effective sampling fields and (when sampling) the
+seed, so tests can see which adapter ran and which sampling the server applied. Each request's
+effective sampling and the startup argv are appended as JSON lines to $FAKE_LORA_SERVER_RECORD;
+$FAKE_LORA_SERVER_LATENCY (seconds per generated word) slows replies down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+NEUTRAL = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}
+
+
+def record(event: dict[str, Any]) -> None:
+    path = os.environ.get("FAKE_LORA_SERVER_RECORD")
+    if path:
+        with open(path, "a") as fh:
+            fh.write(json.dumps(event) + "\n")
+
+
+def fake_reply(adapter: str | None, prompt: str, params: dict[str, Any], seed: Any) -> list[str]:
+    """The words the fake model says: a function of what ran and how it was sampled."""
+    key = {k: params.get(k) for k in SAMPLING_FIELDS}
+    if float(params.get("temperature") or 0) > 0:
+        key["seed"] = seed
+    digest = hashlib.sha256(json.dumps([adapter, prompt, key], sort_keys=True).encode()).hexdigest()
+    n = 2 + int(digest[:2], 16) % 10
+    return [f"[{adapter or 'base'}]"] + [digest[2 + 4 * i : 6 + 4 * i] for i in range(n)]
+
+
+class FakeLoraServer:
+    """The fake server in a thread of this process (`start`, `url`, `close`)."""
+
+    def __init__(
+        self,
+        flavor: str,
+        model: str,
+        loras: dict[str, str],
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        generation_config_defaults: bool = True,
+        max_model_len: int = 4096,
+        latency_per_word: float = 0.0,
+    ) -> None:
+        assert flavor in ("vllm", "sglang")
+        self.flavor, self.model, self.loras = flavor, model, dict(loras)
+        self.use_model_defaults = generation_config_defaults
+        self.max_model_len = max_model_len
+        self.latency_per_word = latency_per_word
+        self.bodies: list[dict[str, Any]] = []
+        self.ran: list[str | None] = []  # the adapter each request really ran with
+        self.lock = threading.Lock()
+        self.httpd = ThreadingHTTPServer((host, port), self._handler())
+        self.url = f"http://{host}:{self.httpd.server_address[1]}/v1"
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> FakeLoraServer:
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
+        self.thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self.httpd.serve_forever(poll_interval=0.05)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    # ----- the engines' behaviour ------------------------------------------------------------
+
+    def models(self) -> list[dict[str, Any]]:
+        cards = [
+            {
+                "id": self.model,
+                "object": "model",
+                "owned_by": self.flavor,
+                "root": self.model,
+                "max_model_len": self.max_model_len,
+            }
+        ]
+        for name, path in self.loras.items():
+            cards.append(
+                {"id": name, "object": "model", "owned_by": self.flavor, "root": path}
+                | {"parent": self.model}
+            )
+        return cards
+
+    def select_adapter(self, body: dict[str, Any]) -> tuple[int, str | None, str]:
+        """(status, adapter or None for the base, error message)."""
+        model = str(body.get("model", ""))
+        if self.flavor == "vllm":
+            if model == self.model:
+                return 200, None, ""
+            if model in self.loras:
+                return 200, model, ""
+            return 404, None, f"The model `{model}` does not exist."
+        adapter = None
+        if ":" in model and model != self.model:  # SGLang's _parse_model_parameter
+            if model.startswith(f"{self.model}:"):
+                adapter = model[len(self.model) + 1 :].strip() or None
+            else:
+                adapter = model.split(":", 1)[1].strip() or None
+        if adapter is None:
+            adapter = body.get("lora_path")
+        if adapter is not None and adapter not in self.loras:
+            loaded = list(self.loras)
+            msg = f"The following requested LoRA adapters are not loaded: {adapter}\n"
+            return 400, None, msg + f"Loaded adapters: {loaded}."
+        return 200, adapter, ""
+
+    def effective_sampling(self, body: dict[str, Any]) -> dict[str, Any]:
+        params = dict(NEUTRAL)
+        if self.use_model_defaults:
+            gen_path = Path(self.model) / "generation_config.json"
+            if gen_path.is_file():
+                gen = json.loads(gen_path.read_text())
+                params.update({k: gen[k] for k in SAMPLING_FIELDS if k in gen})
+        params.update({k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None})
+        return params
+
+    def complete(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        status, adapter, error = self.select_adapter(body)
+        if status != 200:
+            return status, {"error": {"message": error, "type": "BadRequestError", "code": status}}
+        params = self.effective_sampling(body)
+        prompt = str(body["messages"][-1].get("content"))
+        words = fake_reply(adapter, prompt, params, body.get("seed"))
+        max_tokens = int(body.get("max_tokens") or 16)
+        finish = "length" if len(words) > max_tokens else "stop"
+        words = words[:max_tokens]
+        if self.latency_per_word:
+            time.sleep(self.latency_per_word * len(words))
+        with self.lock:
+            self.bodies.append(body)
+            self.ran.append(adapter)
+        record({"event": "request", "model": body.get("model"), "ran": adapter, "params": params})
+        message = {"role": "assistant", "content": " ".join(words)}
+        usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(words)}
+        choice = {"index": 0, "message": message, "finish_reason": finish}
+        return 200, {"object": "chat.completion", "choices": [choice], "usage": usage}
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _send(self, status: int, payload: dict[str, Any]) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                if self.path == "/health":
+                    self._send(200, {})
+                elif self.path == "/v1/models":
+                    self._send(200, {"object": "list", "data": server.models()})
+                else:
+                    self._send(404, {"detail": "not found"})
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length))
+                if self.path != "/v1/chat/completions":
+                    self._send(404, {"detail": "not found"})
+                    return
+                self._send(*server.complete(body))
+
+        return Handler
+
+
+# ----- the command lines of the real engines ---------------------------------------------------
+
+
+def _check_adapter(path: str, max_rank: int | None) -> None:
+    config = Path(path) / "adapter_config.json"
+    if not config.is_file():
+        sys.exit(f"ValueError: no adapter_config.json found in {path}")
+    rank = json.loads(config.read_text()).get("r")
+    if max_rank is not None and isinstance(rank, int) and rank > max_rank:
+        sys.exit(f"ValueError: LoRA rank {rank} is greater than max_lora_rank {max_rank}.")
+
+
+def vllm_main(argv: list[str]) -> FakeLoraServer:
+    p = argparse.ArgumentParser(prog="vllm")
+    p.add_argument("subcommand", choices=["serve"])
+    p.add_argument("model")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--generation-config", default="auto")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction)
+    p.add_argument("--enable-lora", action="store_true")
+    p.add_argument("--lora-modules", nargs="+", default=[])
+    p.add_argument("--max-lora-rank", type=int, default=16, choices=VLLM_RANKS)
+    p.add_argument("--max-loras", type=int, default=1)
+    p.add_argument("--max-cpu-loras", type=int, default=None)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--gpu-memory-utilization", type=float)
+    p.add_argument("--dtype")
+    p.add_argument("--revision")
+    a = p.parse_args(argv)
+    if a.max_cpu_loras is not None and a.max_cpu_loras < a.max_loras:
+        sys.exit(f"max_cpu_loras ({a.max_cpu_loras}) must be >= max_loras ({a.max_loras}).")
+    if a.lora_modules and not a.enable_lora:
+        sys.exit("LoRA modules given without --enable-lora")
+    loras = dict(item.split("=", 1) for item in a.lora_modules)
+    for path in loras.values():
+        _check_adapter(path, a.max_lora_rank)
+    use_defaults = a.generation_config != "vllm"
+    return FakeLoraServer(
+        "vllm", a.model, loras, host=a.host, port=a.port, generation_config_defaults=use_defaults
+    )
+
+
+def sglang_main(argv: list[str]) -> FakeLoraServer:
+    p = argparse.ArgumentParser(prog="sglang.launch_server")
+    p.add_argument("--model-path", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--random-seed", type=int)
+    p.add_argument("--sampling-defaults", choices=["openai", "model"], default="model")
+    p.add_argument("--lora-paths", nargs="*", default=[])
+    p.add_argument("--max-lora-rank", type=int)
+    p.add_argument("--max-loras-per-batch", type=int, default=8)
+    p.add_argument("--max-loaded-loras", type=int)
+    p.add_argument("--enable-deterministic-inference", action="store_true")
+    p.add_argument("--context-length", type=int, default=4096)
+    p.add_argument("--mem-fraction-static", type=float)
+    p.add_argument("--dtype")
+    p.add_argument("--revision")
+    a = p.parse_args(argv)
+    if a.max_loaded_loras is not None and a.max_loaded_loras < a.max_loras_per_batch:
+        sys.exit("max_loaded_loras must be >= max_loras_per_batch")
+    loras = dict(item.split("=", 1) for item in a.lora_paths)
+    for path in loras.values():
+        _check_adapter(path, a.max_lora_rank)
+    use_defaults = a.sampling_defaults == "model"
+    return FakeLoraServer(
+        "sglang",
+        a.model_path,
+        loras,
+        host=a.host,
+        port=a.port,
+        generation_config_defaults=use_defaults,
+        max_model_len=a.context_length,
+    )
+
+
+def main(argv: list[str]) -> None:
+    flavor, rest = argv[0], argv[1:]
+    record(
+        {"event": "start", "flavor": flavor, "argv": rest, "env": _engine_env(), "pid": os.getpid()}
+    )
+    if os.environ.get("FAKE_LORA_SERVER_CHILD"):  # a worker process, as the real engines start
+        import subprocess
+
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        record({"event": "child", "pid": child.pid})
+    server = vllm_main(rest) if flavor == "vllm" else sglang_main(rest)
+    server.latency_per_word = float(os.environ.get("FAKE_LORA_SERVER_LATENCY") or 0)
+    print(f"fake {flavor} server listening on {server.url}", flush=True)
+    server.serve_forever()
+
+
+def _engine_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith("VLLM_")}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
