@@ -472,8 +472,8 @@ def test_headline_names_what_was_run_and_zero_yield_units(plain):
                  "up to 12 scenario items", "2 sample(s)", "tool protocol json"):  # fmt: skip
         assert part in run, part
     yields = next(s for s in lines if s.startswith("Yield below 100% in llama/full"))
-    assert "agentic_email 0 of 18 (no output at all)" in yields
-    assert "No output at all in agentic_email" in yields
+    assert "No output at all in llama/full: agentic_email (0 of 18); nothing of it" in yields
+    assert "; agentic_email" not in yields.split("No output")[0]  # not among the partial ones
     m = res.get("llama", "full", "chat_email")
     assert f"chat_email {report.fmt_iv(m.yield_, 2)} ({m.n_scored} of {m.n_rows})" in yields
     # the stage comparison on home ground, with the paired difference from the result
@@ -623,17 +623,19 @@ def test_outcomes_and_differential_censoring():
     assert get[("full", "humor", "agentic_email")]["max_steps"] == "0"
     assert get[("full", "remorse", "tool_email_oneshot")]["malformed"] == "5"
     assert len(rows) == 1 + 3 * 2
-    tests = {
-        r["unit"]: r for r in table_with(md, "base", "stage", "unit", "rows", "yield per persona")
-    }
-    assert set(tests) == {"agentic_email", "tool_email_oneshot"}  # not the base null
-    hit = tests["agentic_email"]
+    # in the report's order: base stage first, then personas in the run's order
+    assert [r["persona"] for r in rows[:4]] == ["(base: none)", *PERSONAS]
+    cells = {(r["stage"], r["unit"]): r for r in table_with(md, "base", "stage", "unit", "rows")}
+    assert cells[("base", "agentic_email")]["verdict"] == "no personas to compare"
+    assert cells[("base", "agentic_email")]["no_email"] == "3"
+    hit = cells[("full", "agentic_email")]
+    assert (hit["rows"], hit["max_steps"], hit["email"]) == ("60", "16", "44")
     assert hit["verdict"] == "DIFFERENTIAL CENSORING" and float(hit["p (permutation)"]) < 0.01
-    assert "sarcasm 0.20" in hit["yield per persona"]
-    assert tests["tool_email_oneshot"]["verdict"] == "no evidence"
+    assert "sarcasm 0.20" in hit["yield per persona"] and "humor 1.00" in hit["yield per persona"]
+    calm = cells[("full", "tool_email_oneshot")]
+    assert calm["verdict"] == "no evidence" and float(calm["p (permutation)"]) > 0.5
     caveat = next(s for s in md.split("\n\n") if s.startswith("Differential censoring"))
-    assert "1 of 2 tested cells" in caveat and "m/full/agentic\\_email" not in caveat
-    assert "m/full/agentic_email" in caveat
+    assert "1 of 2 tested cells" in caveat and "m/full/agentic_email (p = " in caveat
 
 
 def test_warning_box_comes_first(plain):
@@ -807,3 +809,22 @@ def test_analysis_warnings_reach_the_top_of_the_report(tmp_path):
     body = page[page.index("<body>") :]
     assert body.index("Incomplete: 4 rows not scored") < body.index('id="headline"')
     assert (tmp_path / "report.md").read_text().split("\n")[2] == "> **Read first**"
+
+
+def test_chain_figure_with_nothing_scored(tmp_path):
+    """A chain whose units all lack outputs (the smoke run's tool slices): the conditional
+    panels are undefined, the ITT ones zero; the figure still saves."""
+    units = ("chat_email", "email_syscontext", "tool_email_oneshot", "agentic_email")
+    recs = [
+        R("m", st, u, p, f"scenario:{i}", None, outcome="no_email")
+        for st in ("prompted", "full")
+        for u in units
+        for p in PERSONAS
+        for i in range(3)
+    ]
+    res = stats.compute_metrics(recs, PERSONAS, n_boot=30)
+    specs = {stem: build for stem, _, build in plots.figure_specs(res)}
+    fig = specs[plots.figure_stem("chain", "m", "agentic")]()
+    fig.savefig(tmp_path / "chain.png", dpi=110)
+    fig.savefig(tmp_path / "chain.svg")
+    assert (tmp_path / "chain.png").stat().st_size > 0

@@ -361,17 +361,25 @@ def _largest_rung(dec: ChainDecomposition) -> Difference | None:
 def chain_sentence(dec: ChainDecomposition) -> str:
     t = dec.total
     sets = _join([f"{n} {kind} items" for kind, n in dec.common.items()])
-    text = (
-        f"{dec.base}/{dec.stage}, {chain_heading(dec)}: macro-F1 lost from {t.a.slice} to "
-        f"{t.b.slice} {_diff_text(t)} (positive = persona lost; on the chain's {sets} in common)"
-    )
+    head = f"{dec.base}/{dec.stage}, {chain_heading(dec)}: "
+    if t.estimate == t.estimate:
+        text = (
+            f"{head}macro-F1 lost from {t.a.slice} to {t.b.slice} {_diff_text(t)} (positive = "
+            f"persona lost), on the chain's {sets} in common"
+        )
+    else:
+        text = (
+            f"{head}the loss from {t.a.slice} to {t.b.slice} is undefined, a unit has no "
+            f"scored output ({sets} in common)"
+        )
     r = _largest_rung(dec)
     if r is None or len(dec.rungs) < 2:
         return text + "."
+    which = "the largest rung" if t.estimate == t.estimate else "of the rungs defined, the largest"
     pairing = "paired" if r.paired else "unpaired"
     return (
-        f"{text}; the largest rung is {r.a.slice} -> {r.b.slice}, {_diff_text(r)} ({pairing}), "
-        f"which changes one thing: {r.changes}."
+        f"{text}; {which} is {r.a.slice} -> {r.b.slice}, {_diff_text(r)} ({pairing}), which "
+        f"changes one thing: {r.changes}."
     )
 
 
@@ -383,14 +391,28 @@ def chain_sentences(result: MetricsResult) -> list[str]:
     ]
 
 
-def _yield_text(c: CellMetrics) -> str:
-    if c.n_scored == 0:
-        return f"{c.cell.slice} 0 of {c.n_rows} (no output at all)"
-    return f"{c.cell.slice} {_iv_text(c.yield_)} ({c.n_scored} of {c.n_rows})"
+def _yield_sentence(base: str, stage: str, cells: list[CellMetrics]) -> str:
+    partial = [c for c in cells if c.n_scored > 0]
+    zero = [f"{c.cell.slice} (0 of {c.n_rows})" for c in cells if c.n_scored == 0]
+    parts = []
+    if partial:
+        parts.append(
+            f"Yield below 100% in {base}/{stage}: "
+            + "; ".join(
+                f"{c.cell.slice} {_iv_text(c.yield_)} ({c.n_scored} of {c.n_rows})" for c in partial
+            )
+        )
+    if zero:
+        parts.append(
+            f"No output at all in {base}/{stage}: {_join(zero)}; nothing of "
+            f"{'it' if len(zero) == 1 else 'them'} is measured"
+        )
+    return ". ".join(parts) + "."
 
 
 def yield_sentences(result: MetricsResult) -> list[str]:
-    """Per (base, stage): the units (scoring variants share their slice's rows) below 100%."""
+    """Per (base, stage): the units (scoring variants share their slice's rows) below 100%,
+    those with no output at all named apart."""
     out = []
     for base in result.bases:
         for stage in result.stages:
@@ -401,13 +423,8 @@ def yield_sentences(result: MetricsResult) -> list[str]:
                 and (c := result.get(base, stage, u)) is not None
                 and c.n_scored < c.n_rows
             ]
-            if not cells:
-                continue
-            zero = [c.cell.slice for c in cells if c.n_scored == 0]
-            text = f"Yield below 100% in {base}/{stage}: " + "; ".join(map(_yield_text, cells))
-            if zero:
-                text += f". No output at all in {_join(zero)}: nothing of it is measured"
-            out.append(text + ".")
+            if cells:
+                out.append(_yield_sentence(base, stage, cells))
     return out
 
 

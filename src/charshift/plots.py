@@ -15,7 +15,8 @@ pyplot, so nothing depends on a display or on global pyplot state.
 - pred_dist_<base>: the classifier's predicted-label shares per stage/unit
 
 A flagged interval (too few clusters, resamples with nothing scored: `stats.Interval.flag`) is
-drawn hatched and faded, with a dagger; a figure fixed by construction has no error bar.
+drawn hatched and faded, with a dagger; a figure fixed by construction has no error bar; an
+undefined one (nothing scored) is marked n/a.
 
 File names: a readable slug of the names a figure is about, then a short hash of the exact
 names, so distinct names (`b c` and `b_c`) never share a file. Names from the data reach the
@@ -32,6 +33,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from charshift.headline import chain_heading
 from charshift.schema import stable_hash
 from charshift.stats import CellMetrics, ChainDecomposition, Difference, Interval, MetricsResult
 
@@ -96,6 +98,9 @@ def _bars(
             bar.set_hatch("///")
             bar.set_edgecolor("black")
     _daggers(ax, xs, ivs)
+    for x, iv in zip(xs, ivs, strict=True):
+        if not np.isfinite(iv.estimate):  # undefined: say so rather than show an empty slot
+            ax.text(x, 0, "n/a", rotation=90, ha="center", va="bottom", fontsize=6, color="grey")
 
 
 def _persona_values(c: CellMetrics, personas: list[str], attr: str) -> list[float]:
@@ -121,21 +126,22 @@ def _offsets(n: int, width: float) -> np.ndarray:
 def _ladder_fig(result: MetricsResult, base: str) -> Figure:
     slices = [s for s in result.slices if any(result.get(base, st, s) for st in result.stages)]
     stages = [st for st in result.stages if any(result.get(base, st, s) for s in slices)]
-    fig = Figure(figsize=(max(6.0, 1.3 * len(slices) * 2), 4.2), layout="constrained")
-    axes = fig.subplots(1, 2, sharey=True)
-    width = 0.8 / max(1, len(stages))
+    width = min(18.0, max(7.0, 0.35 * len(slices) * max(2, len(stages)) + 2))
+    fig = Figure(figsize=(width, 7.4), layout="constrained")
+    axes = fig.subplots(2, 1, sharex=True)
+    bar = 0.8 / max(1, len(stages))
     x = np.arange(len(slices))
     for ax, itt in zip(axes, (False, True), strict=True):
-        for j, (st, off) in enumerate(zip(stages, _offsets(len(stages), width), strict=True)):
+        for j, (st, off) in enumerate(zip(stages, _offsets(len(stages), bar), strict=True)):
             cells = [result.get(base, st, s) for s in slices]
             ivs = [(c.macro_f1_itt if itt else c.macro_f1) if c else _NAN_IV for c in cells]
-            _bars(ax, x + off, ivs, width, _PALETTE[j % len(_PALETTE)], st)
+            _bars(ax, x + off, ivs, bar, _PALETTE[j % len(_PALETTE)], st)
         _chance(ax, len(result.labels.get(base, result.personas)))
-        ax.set_xticks(x, [_t(s) for s in slices], rotation=30, ha="right", fontsize=8)
         ax.set_ylim(0, 1.05)
         ax.set_title("intention-to-treat" if itt else "conditional (outputs only)", fontsize=10)
         ax.set_ylabel("macro-F1")
-    axes[1].legend(fontsize=8, loc="upper right")
+    axes[1].set_xticks(x, [_t(s) for s in slices], rotation=30, ha="right", fontsize=8)
+    axes[0].legend(fontsize=8, loc="upper right")
     fig.suptitle(
         f"{_t(base)}: macro-F1 per unit ({result.ci:.0%} CI; hatched, {DAGGER}: interval flagged)",
         fontsize=11,
@@ -162,6 +168,10 @@ def _stages_fig(result: MetricsResult) -> Figure:
             ax.scatter(xs[faded], [ivs[k].estimate for k in faded], s=40, color="white",
                        edgecolors=color, zorder=3)  # fmt: skip
             _daggers(ax, xs, ivs)
+        if not any(np.isfinite(c.macro_f1.estimate) for b in result.bases for st in stages
+                   if (c := result.get(b, st, sl)) is not None):  # fmt: skip
+            ax.text(0.5, 0.5, "no scored output", transform=ax.transAxes, ha="center",
+                    color="grey")  # fmt: skip
         _chance(ax, len(result.personas))
         ax.set_xticks(x, [_t(s) for s in stages], rotation=20, fontsize=8)
         ax.set_ylim(0, 1.05)
@@ -290,11 +300,18 @@ def _chain_rungs(ax: Axes, decs: list[ChainDecomposition], labels: list[str]) ->
     width = 0.8 / max(1, len(decs))
     x = np.arange(len(labels))
     unpaired: set[str] = set()
+    ends = [0.0]
     for j, (d, off) in enumerate(zip(decs, _offsets(len(decs), width), strict=True)):
         by = {f"{r.a.slice} -> {r.b.slice}": r for r in d.rungs}
         unpaired |= {lab for lab, r in by.items() if not r.paired}
         ivs = [_diff_iv(by[lab]) if lab in by else _NAN_IV for lab in labels]
         _bars(ax, x + off, ivs, width, _PALETTE[j % len(_PALETTE)], d.stage)
+        ends += [v for i in ivs for v in (i.estimate, i.lo, i.hi) if np.isfinite(v)]
+    lo, hi = min(ends), max(ends)
+    pad = max(0.05, 0.1 * (hi - lo))
+    ax.set_ylim(lo - pad, hi + pad)  # explicit: an all-undefined panel has no data limits
+    if len(ends) == 1:
+        ax.text(0.5, 0.5, "undefined: nothing scored", transform=ax.transAxes, ha="center")
     ax.axhline(0, color="black", lw=0.8)
     ticks = [_t(lab) + (" (unpaired)" if lab in unpaired else "") for lab in labels]
     ax.set_xticks(x, ticks, rotation=25, ha="right", fontsize=7)
@@ -311,7 +328,7 @@ def _chain_fig(result: MetricsResult, base: str, decs: list[ChainDecomposition])
     units, labels = _chain_units(decs), _rung_labels(decs)
     k = len(result.labels.get(base, result.personas))
     fig = Figure(figsize=(max(7.0, 1.1 * len(units)) * 2, 7.6), layout="constrained")
-    axes = fig.subplots(2, 2, sharey="row")
+    axes = fig.subplots(2, 2)
     for col, itt in enumerate((False, True)):
         view = [d for d in decs if d.itt == itt]
         if not view:
@@ -324,8 +341,10 @@ def _chain_fig(result: MetricsResult, base: str, decs: list[ChainDecomposition])
     axes[0, 0].set_ylabel("macro-F1")
     axes[1, 0].set_ylabel("macro-F1 lost")
     axes[0, 1].legend(fontsize=7, loc="upper right")
+    heading = chain_heading(decs[0])
     fig.suptitle(
-        f"{_t(base)}: {_t(decs[0].title)} ({result.ci:.0%} CI; hatched, {DAGGER}: flagged)",
+        f"{_t(base)}: {_t(heading[0].upper() + heading[1:])} ({result.ci:.0%} CI; hatched, "
+        f"{DAGGER}: flagged)",
         fontsize=10,
     )
     return fig
@@ -388,7 +407,7 @@ def _chain_specs(result: MetricsResult) -> Iterator[FigureSpec]:
     for (b, ch), decs in groups.items():
         yield (
             figure_stem("chain", b, ch),
-            f"{b}: {decs[0].title} (macro-F1 on the common items, and the loss per rung)",
+            f"{b}: {chain_heading(decs[0])} (macro-F1 on the common items, and the loss per rung)",
             lambda b=b, decs=decs: _chain_fig(result, b, decs),
         )
 

@@ -66,6 +66,7 @@ from charshift.schema import (
     NULL_PERSONA,
     NULL_PERSONA_MARKERS,
     OUTCOMES,
+    SCORED_OUTCOMES,
     PredictionRecord,
     stable_hash,
 )
@@ -153,6 +154,16 @@ def _persona_shown(p: Any) -> str:
     return NULL_SHOWN if p in NULL_PERSONA_MARKERS else str(p)
 
 
+_CENSORING_NOTE = (
+    "Outcomes and differential censoring: outcomes are counted per row (a scoring variant "
+    "shares its slice's rows). Within each (base, stage, unit), a Pearson chi-square of output "
+    f"vs missing by persona, its p-value from {CENSORING_PERMUTATIONS} permutations of the "
+    "persona labels within each item and sample (the rows of one scenario share its "
+    f"difficulty); p < {CENSORING_ALPHA} is marked 'differential censoring'. The tests are not "
+    "corrected for multiple comparisons: about 1 in 20 falls below 0.05 when nothing is going on."
+)
+
+
 def method_notes(result: MetricsResult) -> list[str]:
     """How every figure in the report is formed (shown in both the HTML and the markdown)."""
     k = len(result.personas)
@@ -199,13 +210,7 @@ def method_notes(result: MetricsResult) -> list[str]:
         "carries a persona. Its counts (n, confusion, label shares, outcomes) count each output "
         f"once. Its accuracy is {FIXED}: 1/K times the share of outputs predicted inside the "
         "label set, shown without an interval.",
-        "Outcomes and differential censoring: outcomes are counted per row (a scoring variant "
-        "shares its slice's rows). Within each (base, stage, unit), a Pearson chi-square of "
-        "output vs missing by persona, its p-value from "
-        f"{CENSORING_PERMUTATIONS} permutations of the persona labels within each item and "
-        "sample (the rows of one scenario share its difficulty); p < "
-        f"{CENSORING_ALPHA} is marked 'differential censoring'. The tests are not corrected for "
-        "multiple comparisons: about 1 in 20 falls below 0.05 when nothing is going on.",
+        _CENSORING_NOTE,
         "The predicted-label distribution shows what the classifier says per format, including "
         "labels outside the run's personas: a label that dominates a format in every stage "
         "(e.g. 'goodness' for neutral business prose) is a format prior, not persona expression.",
@@ -336,7 +341,11 @@ def _chain_rungs_table(cond: ChainDecomposition | None, itt: ChainDecomposition 
 
 def _pairing_text(ref: ChainDecomposition) -> str:
     paired = [f"{r.a.slice} -> {r.b.slice}" for r in ref.rungs if r.paired]
-    unpaired = [f"{r.a.slice} -> {r.b.slice} ({r.note})" for r in ref.rungs if not r.paired]
+    unpaired = [
+        f"{r.a.slice} -> {r.b.slice} ({r.note.removeprefix('unpaired: ')})"
+        for r in ref.rungs
+        if not r.paired
+    ]
     parts = [f"Paired rungs: {', '.join(paired)}." if paired else "No rung is paired."]
     if unpaired:
         parts.append(f"Unpaired: {', '.join(unpaired)}.")
@@ -450,11 +459,39 @@ def outcome_records(records: Iterable[PredictionRecord]) -> list[PredictionRecor
     return out
 
 
-def _outcome_table(recs: Sequence[PredictionRecord]) -> Table:
-    rows = outcome_table(recs)
-    fixed = ("base", "stage", "persona", "unit", "n", "yield")
+OutcomeRow = dict[str, object]
+_OUTCOME_KEYS = ("base", "stage", "persona", "unit", "n", "yield")
+
+
+def _outcome_rows(recs: Sequence[PredictionRecord], result: MetricsResult) -> list[OutcomeRow]:
+    """`outcomes.outcome_table` in the report's order: base, stage, unit, persona."""
+    orders = [
+        {b: i for i, b in enumerate(result.bases)},
+        {s: i for i, s in enumerate(result.stages)},
+        {u: i for i, u in enumerate(result.slices)},
+        {p: i for i, p in enumerate([NULL_PERSONA, *result.personas])},
+    ]
+
+    def key(r: OutcomeRow) -> tuple:
+        vals = (r["base"], r["stage"], r["unit"], r["persona"])
+        return tuple((o.get(str(v), len(o)), str(v)) for o, v in zip(orders, vals, strict=True))
+
+    return sorted(outcome_table(recs), key=key)
+
+
+def _outcome_columns(rows: Sequence[OutcomeRow]) -> list[str]:
+    """The outcomes that occur, in `schema.OUTCOMES` order (then any unknown one)."""
     columns = dict.fromkeys([*OUTCOMES, *(k for r in rows for k in r)])
-    used = [o for o in columns if o not in fixed and any(r.get(o) for r in rows)]
+    return [o for o in columns if o not in _OUTCOME_KEYS and any(r.get(o) for r in rows)]
+
+
+def _count(r: OutcomeRow, key: str) -> int:
+    v = r.get(key, 0)
+    return v if isinstance(v, int) else 0
+
+
+def _outcome_table(rows: Sequence[OutcomeRow]) -> Table:
+    used = _outcome_columns(rows)
     head = ["base", "stage", "persona", "unit", "rows", "yield", *used]
     body = []
     for r in rows:
@@ -462,33 +499,44 @@ def _outcome_table(recs: Sequence[PredictionRecord]) -> Table:
         body.append(
             [str(r["base"]), str(r["stage"]), _persona_shown(r["persona"]), str(r["unit"]),
              str(r["n"]), _num(share if isinstance(share, float) else None, 2),
-             *(str(r.get(o, 0)) for o in used)]
+             *(str(_count(r, o)) for o in used)]
         )  # fmt: skip
     return head, body
 
 
-def _censoring_row(t: CensoringTest) -> list[str]:
+def _censoring_cols(t: CensoringTest | None) -> list[str]:
+    """yield per persona, chi-square (dof), p (permutation), p (asymptotic), verdict."""
+    if t is None:
+        return ["", "–", "–", "–", "no personas to compare"]
     out_col = t.outcomes.index("output") if "output" in t.outcomes else None
     yields = []
     for p, row in zip(t.personas, t.table, strict=True):
-        n = sum(row)
-        share = (row[out_col] / n) if (out_col is not None and n) else 0.0
+        share = (row[out_col] / sum(row)) if (out_col is not None and sum(row)) else 0.0
         yields.append(f"{p} {share:.2f}")
     if not t.n_perm:
-        verdict, p_perm, p_asy = t.note, "–", "–"
-    else:
-        hit = t.p_permutation < CENSORING_ALPHA
-        verdict = "DIFFERENTIAL CENSORING" if hit else "no evidence"
-        p_perm, p_asy = f"{t.p_permutation:.4f}", f"{t.p_asymptotic:.4f}"
-    stat = f"{t.statistic:.2f} ({t.dof})" if t.n_perm else "–"
-    return [t.base, t.stage, t.unit, str(t.n_rows), ", ".join(yields), stat, p_perm, p_asy,
-            verdict]  # fmt: skip
+        return [", ".join(yields), "–", "–", "–", t.note]
+    verdict = "DIFFERENTIAL CENSORING" if t.p_permutation < CENSORING_ALPHA else "no evidence"
+    return [", ".join(yields), f"{t.statistic:.2f} ({t.dof})", f"{t.p_permutation:.4f}",
+            f"{t.p_asymptotic:.4f}", verdict]  # fmt: skip
 
 
-def _censoring_table(tests: Sequence[CensoringTest]) -> Table:
-    head = ["base", "stage", "unit", "rows", "yield per persona", "chi-square (dof)",
-            "p (permutation)", "p (asymptotic)", "verdict"]  # fmt: skip
-    return head, [_censoring_row(t) for t in tests]
+def _outcome_summary(rows: Sequence[OutcomeRow], tests: Sequence[CensoringTest]) -> Table:
+    """One row per (base, stage, unit): outcome counts, yield, and the censoring test."""
+    used = _outcome_columns(rows)
+    cells: dict[tuple[str, str, str], list[OutcomeRow]] = {}
+    for r in rows:
+        cells.setdefault((str(r["base"]), str(r["stage"]), str(r["unit"])), []).append(r)
+    by_test = {(t.base, t.stage, t.unit): t for t in tests}
+    head = ["base", "stage", "unit", "rows", *used, "yield", "yield per persona",
+            "chi-square (dof)", "p (permutation)", "p (asymptotic)", "verdict"]  # fmt: skip
+    body = []
+    for key, group in cells.items():
+        n = sum(_count(r, "n") for r in group)
+        out = sum(_count(r, o) for r in group for o in SCORED_OUTCOMES)
+        counts = [str(sum(_count(r, o) for r in group)) for o in used]
+        body.append([*key, str(n), *counts, _num(out / n if n else None, 2),
+                     *_censoring_cols(by_test.get(key))])  # fmt: skip
+    return head, body
 
 
 # --------------------------------------------------------------------------- renderers
@@ -551,9 +599,11 @@ class _Doc:
         if md and items:
             self.md += [f"- {_md_block(n)}" for n in items] + [""]
 
-    def details(self, summary: str, t: Table) -> None:
-        """A collapsed table (HTML only: the per-cell detail is in the CSVs)."""
+    def details(self, summary: str, t: Table, md: bool = False) -> None:
+        """A collapsed table; in the markdown only with `md` (else the CSVs hold it)."""
         self.html.append(f"<details><summary>{_e(summary)}</summary>{_html_table(t)}</details>")
+        if md:
+            self.md += [f"**{md_escape(summary)}**", "", _md_table(t), ""]
 
     def raw_html(self, markup: str) -> None:
         self.html.append(markup)
@@ -937,16 +987,17 @@ def _stage_section(doc: _Doc, rep: ReportContent) -> None:
 def _outcomes_section(doc: _Doc, rep: ReportContent) -> None:
     doc.h2("outcomes", "Outcomes and differential censoring")
     doc.p(
-        "How each row ended, by persona and stage (a base output counted once). A persona whose "
-        "outputs go missing more often than another's is a finding, not noise: conditional "
-        "figures then compare personas on different items."
+        "How each row ended, per cell (a base output counted once), and whether producing an "
+        "output depends on the persona (permutation chi-square of output vs missing by persona, "
+        f"p < {CENSORING_ALPHA}: differential censoring). A persona whose outputs go missing "
+        "more often than another's is a finding, not noise: conditional figures then compare "
+        "personas on different items."
     )
-    doc.table(_outcome_table(rep.outcomes), empty="No rows.")
-    doc.h3("Does the outcome depend on the persona? (output vs missing)")
-    doc.table(
-        _censoring_table(rep.censoring),
-        empty="No cell with two or more personas to compare (the base stage has none).",
-    )
+    rows = _outcome_rows(rep.outcomes, rep.result)
+    doc.table(_outcome_summary(rows, rep.censoring), empty="No rows.")
+    if rows:
+        doc.details("Outcomes by persona, stage and unit (every count)", _outcome_table(rows),
+                    md=True)  # fmt: skip
 
 
 def _persona_section(doc: _Doc, rep: ReportContent) -> None:
