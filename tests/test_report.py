@@ -163,7 +163,8 @@ def test_markdown_written(built):
     md = (out / "report.md").read_text()
     assert md.startswith("# Report")
     assert "Smoke run" in md
-    assert "## Headline metrics" in md and "## Ladder decomposition" in md
+    assert "## Metrics per cell" in md and "## Ladder decomposition" in md
+    assert md.index("## Headline") < md.index("## Metrics per cell")
     assert "| llama | full | chat_email |" in md
     assert "0.94 (DCT ID chat)" in md
     assert "## Method notes" in md and "cluster bootstrap" in md
@@ -206,12 +207,12 @@ def test_make_plots_png_and_svg(tmp_path):
     assert len(paths) % 2 == 0
     names = {p.name for p in paths}
     for stem in (
-        "ladder_llama",
+        plots.figure_stem("ladder", "llama"),
         "stages",
-        "waterfall_llama_full_agentic",
-        "waterfall_llama_full_email_step",
-        "yield_llama",
-        "pred_dist_llama",
+        plots.figure_stem("chain", "llama", "agentic"),
+        plots.figure_stem("chain", "llama", "email_step"),
+        plots.figure_stem("yield", "llama"),
+        plots.figure_stem("pred_dist", "llama"),
     ):
         assert f"{stem}.png" in names and f"{stem}.svg" in names
     for p in paths:
@@ -310,3 +311,520 @@ def test_skipped_adapter_note_reaches_report_tables_and_manifest(tmp_path):
         rows = {r["stage"]: r for r in csv.DictReader(fh)}
     assert rows["base"]["n_rows"] == "12" and rows["prompted"]["n_rows"] == "36"
     assert rows["base"]["accuracy"] != "" and rows["base"]["accuracy_lo"] == ""
+
+
+# --------------------------------------------------------------------------- helpers (new)
+
+
+def md_tables(md: str) -> list[tuple[list[str], list[list[str]]]]:
+    """Every markdown table of `md` as (header, rows), cells split on unescaped pipes; asserts
+    that every row has as many cells as its header (no pipe or newline from the data broke it)."""
+    out: list[tuple[list[str], list[list[str]]]] = []
+    lines = md.split("\n")
+    i = 0
+    while i < len(lines):
+        if lines[i].startswith("| ") and i + 1 < len(lines) and lines[i + 1].startswith("|---"):
+            head = _cells(lines[i])
+            rows = []
+            i += 2
+            while i < len(lines) and lines[i].startswith("|"):
+                row = _cells(lines[i])
+                assert len(row) == len(head), (head, lines[i])
+                rows.append(row)
+                i += 1
+            out.append((head, rows))
+        else:
+            i += 1
+    return out
+
+
+def _cells(line: str) -> list[str]:
+    assert line.startswith("|") and line.endswith("|"), line
+    return [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+
+
+def table_with(md: str, *columns: str, one: bool = True) -> list[dict[str, str]]:
+    """The rows (as dicts) of the table whose header starts with `columns` (`one`: there is
+    exactly one such table; else the rows of all of them)."""
+    found = [(h, r) for h, r in md_tables(md) if h[: len(columns)] == list(columns)]
+    assert len(found) == 1 if one else found, [h for h, _ in md_tables(md)]
+    return [dict(zip(head, r, strict=True)) for head, rows in found for r in rows]
+
+
+def render(recs: list[R], res: stats.MetricsResult, **kw) -> tuple[str, str]:
+    kw.setdefault("settings", {})
+    kw.setdefault("samples", None)
+    kw.setdefault("title", "t")
+    return report.render_report(report.prepare_report(recs, res, **kw))
+
+
+LADDER_HITS = {
+    # planted hit rates per unit (full stage): the genre rung of the email step and the agentic
+    # rung of the main chain are the largest
+    "id_chat": 0.9,
+    "id_chat.short": 0.85,
+    "scenario_chat": 0.9,
+    "chat_email.whole": 0.45,
+    "chat_email.head": 0.45,
+    "chat_email": 0.45,
+    "chat_email_multiturn": 0.4,
+    "email_syscontext": 0.4,
+    "tool_email_oneshot": 0.4,
+    "agentic_email": 0.05,
+}
+
+
+def ladder_records(seed: int = 0, n_items: int = 12) -> list[R]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for unit, hit in LADDER_HITS.items():
+        kind = "prompt" if unit.startswith("id_chat") else "scenario"
+        outcome = "reply" if kind == "prompt" or unit == "scenario_chat" else "email"
+        for i in range(n_items):
+            item = f"{kind}:{i}"
+            out.append(R("llama", "base", unit, NULL_PERSONA, item, PERSONAS[i % 3],
+                         key=f"{unit}-{i}-base", outcome=outcome))  # fmt: skip
+            for j, t in enumerate(PERSONAS):
+                pred = t if rng.random() < hit else PERSONAS[(j + 1) % 3]
+                out.append(R("llama", "full", unit, t, item, pred, key=f"{unit}-{i}-{t}",
+                             outcome=outcome))  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def ladder():
+    recs = ladder_records()
+    res = stats.compute_metrics(recs, PERSONAS, n_boot=200)
+    return recs, res
+
+
+@pytest.fixture(scope="module")
+def plain():
+    recs = make_records()
+    return recs, stats.compute_metrics(recs, PERSONAS, n_boot=100)
+
+
+def trained(f1: float, iv: list[float] | None, **extra) -> dict:
+    rep = {"mode": "probe", "macro_f1": f1, "macro_f1_interval": iv, "chance": 1 / 3,
+           "n_train": 60, "n_heldout": 30,
+           "baseline": {"macro_f1": 0.41, "macro_f1_interval": [0.3, 0.52]}}  # fmt: skip
+    rep.update(extra)
+    return rep
+
+
+# --------------------------------------------------------------------------- headline
+
+
+def test_headline_leads_with_a_classifier_at_chance(plain):
+    _, res = plain
+    ctx = report.HeadlineContext(
+        classifiers={"llama": trained(0.30, [0.21, 0.40], above_chance=False)}
+    )
+    lines = report.headline_text(res, ctx)
+    first = lines[0]
+    assert "not above chance" in first and "cannot be read as persona retention" in first
+    assert "0.30 [0.21, 0.40]" in first and "1/3 = 0.333" in first
+    assert "0.41 [0.30, 0.52]" in first  # the lexical baseline beside it
+    assert lines[1].startswith("This run measured")
+    assert sum("not above chance" in s for s in lines) == 1
+
+
+def test_headline_above_chance_does_not_warn(plain):
+    _, res = plain
+    ctx = report.HeadlineContext(
+        classifiers={"llama": trained(0.62, [0.51, 0.72], above_chance=True)}
+    )
+    lines = report.headline_text(res, ctx)
+    assert lines[0].startswith("This run measured")
+    assert not any("not above chance" in s or "Read this first" in s for s in lines)
+    quality = next(s for s in lines if s.startswith("The classifier trained for llama"))
+    assert "0.62 [0.51, 0.72]" in quality and "0.41 [0.30, 0.52]" in quality
+    assert "probe" in quality and "chance 1/3" in quality
+
+
+def test_headline_reads_older_train_reports_defensively(plain):
+    _, res = plain
+    # no interval, no chance, no verdict, no baseline (an older run): judged on the estimate
+    low = report.headline_text(
+        res, report.HeadlineContext(classifiers={"llama": {"macro_f1": 0.2}})
+    )
+    assert "not above chance" in low[0] and "no interval recorded" in low[0]
+    high = report.headline_text(
+        res, report.HeadlineContext(classifiers={"llama": {"macro_f1": 0.7}})
+    )
+    assert high[0].startswith("This run measured")
+    assert any("0.70 (no interval recorded)" in s for s in high)
+    # an interval that reaches chance, no verdict recorded: computed from the interval
+    reach = report.headline_text(
+        res, report.HeadlineContext(classifiers={"llama": {"macro_f1": 0.5,
+                                                            "macro_f1_interval": [0.3, 0.7]}})
+    )  # fmt: skip
+    assert "not above chance" in reach[0]
+
+
+def test_headline_names_what_was_run_and_zero_yield_units(plain):
+    _, res = plain
+    ctx = report.HeadlineContext(tool_protocol="json", n_samples=2)
+    lines = report.headline_text(res, ctx)
+    run = lines[0]
+    for part in ("3 personas (sarcasm, humor, remorse)", "(llama)", "(base, full)",
+                 "(id_chat, chat_email, agentic_email)", "up to 12 prompt items",
+                 "up to 12 scenario items", "2 sample(s)", "tool protocol json"):  # fmt: skip
+        assert part in run, part
+    yields = next(s for s in lines if s.startswith("Yield below 100% in llama/full"))
+    assert "No output at all in llama/full: agentic_email (0 of 18); nothing of it" in yields
+    assert "; agentic_email" not in yields.split("No output")[0]  # not among the partial ones
+    m = res.get("llama", "full", "chat_email")
+    assert f"chat_email {report.fmt_iv(m.yield_, 2)} ({m.n_scored} of {m.n_rows})" in yields
+    # the stage comparison on home ground, with the paired difference from the result
+    d = next(d for d in res.differences if d.kind == "stage" and not d.itt
+             and d.metric == "macro_f1" and d.a.slice == "id_chat" and d.b.stage == "base")  # fmt: skip
+    stage = next(s for s in lines if s.startswith("llama/full: id_chat macro-F1"))
+    assert report.fmt_diff(d, 2) in stage and "paired difference" in stage
+
+
+def test_headline_caveats(plain):
+    _, res = plain
+    plain_lines = report.headline_text(res, report.HeadlineContext())
+    flagged = next(s for s in plain_lines if "flagged" in s)
+    assert report.DAGGER in flagged and f"fewer than {res.min_clusters} clusters" in flagged
+    assert "the smallest cell has 6" in flagged
+    assert not any("smoke run" in s.lower() for s in plain_lines)
+    assert not any("constrained" in s for s in plain_lines)
+    lines = report.headline_text(
+        res, report.HeadlineContext(tool_protocol="constrained", meaningless=True)
+    )
+    assert any("smoke run" in s for s in lines)
+    assert any("constrained protocol" in s and "enforced" in s for s in lines)
+    assert "tool protocol constrained (" in lines[0]
+
+
+def test_headline_low_yield_shows_conditional_and_itt():
+    recs = []
+    for i in range(12):
+        for t in PERSONAS:
+            out = i % 4 == 0  # yield 25%
+            recs.append(R("m", "full", "agentic_email", t, f"s{i}", t if out else None,
+                          outcome="email" if out else "max_steps"))  # fmt: skip
+    res = stats.compute_metrics(recs, PERSONAS, n_boot=50)
+    lines = report.headline_text(res)
+    low = next(s for s in lines if s.startswith("Where yield is below 50%"))
+    c = res.get("m", "full", "agentic_email")
+    assert f"conditional {c.macro_f1.estimate:.2f}, ITT {c.macro_f1_itt.estimate:.2f}" in low
+
+
+def test_headline_largest_rung_and_what_it_changes(ladder):
+    from charshift.ladder import EMAIL_STEP_CHAIN, MAIN_CHAIN
+
+    _, res = ladder
+    lines = report.headline_text(res)
+    main = next(s for s in lines if s.startswith("llama/full, from a chat email to an agentic"))
+    assert "largest rung is tool_email_oneshot -> agentic_email" in main
+    assert MAIN_CHAIN.rungs[2].changes in main
+    step = next(s for s in lines if "split into topic, genre, length and scored unit" in s)
+    assert step.startswith("llama/full, the id_chat -> chat_email loss")
+    assert "largest rung is scenario_chat -> chat_email.whole" in step
+    assert EMAIL_STEP_CHAIN.rungs[1].changes in step
+    dec = next(d for d in res.chains if d.chain == "agentic" and d.stage == "full"
+               and d.metric == "macro_f1" and not d.itt)  # fmt: skip
+    assert report.fmt_diff(dec.total, 2) in main
+    assert not any(s.startswith("llama/base,") for s in lines)  # no chain sentence for the null
+
+
+def test_context_from_settings_is_defensive():
+    ctx = report.context_from_settings(
+        {"config": "nonsense", "manifest": {"trained_classifiers": 3}}
+    )
+    assert ctx.tool_protocol is None and ctx.n_samples is None and not ctx.classifiers
+    ctx = report.context_from_settings(
+        {
+            "config": {"rollout": {"tool_protocol": "native"}, "sampling": {"n_samples": 4},
+                       "bases": [{"name": "a", "classifier": "x/y"}, {"name": "b"}, "junk"],
+                       "meaningless": True},
+            "manifest": {"trained_classifiers": {"b": {"macro_f1": 0.5}, "c": "junk"}},
+        }
+    )  # fmt: skip
+    assert (ctx.tool_protocol, ctx.n_samples, ctx.meaningless) == ("native", 4, True)
+    assert dict(ctx.classifier_sources) == {"a": "x/y"} and list(ctx.classifiers) == ["b"]
+
+
+# --------------------------------------------------------------------------- report sections
+
+
+def test_ladder_tables_carry_changes_and_pairing(ladder):
+    from charshift.ladder import CHAINS, CONTRASTS
+
+    recs, res = ladder
+    page, md = render(recs, res)
+    for chain in CHAINS:
+        for rung in chain.rungs:
+            assert html_escaped(rung.changes) in page, rung
+    for c in CONTRASTS:
+        assert html_escaped(c.changes) in page
+    assert "the id_chat -&gt; chat_email loss split into topic, genre, length and scored unit" in md
+    rungs = table_with(md, "rung", "what it changes", one=False)
+    full_step = [r for r in rungs if r["rung"].startswith(("id_chat -&gt;", "scenario_chat -&gt;",
+                                                            "chat_email.whole", "chat_email.head"))]  # fmt: skip
+    by = {}
+    for r in full_step:
+        by.setdefault(r["rung"], set()).add(r["paired"])
+    assert by["id_chat -&gt; scenario_chat"] == {"UNPAIRED"}
+    assert by["scenario_chat -&gt; chat_email.whole"] == {"paired"}
+    assert by["chat_email.head -&gt; chat_email"] == {"paired"}
+    # the unit tables: every unit with its estimate on the common items, and the set's size
+    units = table_with(md, "unit", "item kind", "common items", one=False)
+    assert {"id_chat", "scenario_chat", "agentic_email"} <= {u["unit"] for u in units}
+    dec = next(d for d in res.chains if d.chain == "agentic" and d.stage == "full"
+               and d.metric == "macro_f1" and not d.itt)  # fmt: skip
+    shown = {u["macro-F1 on common items"] for u in units if u["unit"] == "agentic_email"}
+    assert md_escape_iv(dec.estimates[-1]) in shown
+    contrasts = table_with(md, "base", "stage", "contrast")
+    assert any(r["contrast"] == "chat_email -&gt; chat_email_multiturn" for r in contrasts)
+
+
+def md_escape_iv(i: stats.Interval) -> str:
+    return report.md_escape(report.fmt_iv(i))
+
+
+def _censoring_records() -> list[R]:
+    """Two units: in `agentic_email` sarcasm loses its email on 16 of 20 items while the others
+    never do (planted differential censoring); in `tool_email_oneshot` every persona loses it on
+    the same 5 items (no dependence on the persona)."""
+    out = []
+    for i in range(20):
+        for t in PERSONAS:
+            lost = t == "sarcasm" and i < 16
+            out.append(R("m", "full", "agentic_email", t, f"s{i}", None if lost else t,
+                         outcome="max_steps" if lost else "email", key=f"a{i}{t}"))  # fmt: skip
+            lost = i < 5
+            out.append(R("m", "full", "tool_email_oneshot", t, f"s{i}", None if lost else t,
+                         outcome="malformed" if lost else "email", key=f"o{i}{t}"))  # fmt: skip
+        out.append(R("m", "base", "agentic_email", NULL_PERSONA, f"s{i}", "humor",
+                     outcome="no_email" if i < 3 else "email", key=f"b{i}"))  # fmt: skip
+    return out
+
+
+def test_outcomes_and_differential_censoring():
+    recs = _censoring_records()
+    res = stats.compute_metrics(recs, PERSONAS, n_boot=50)
+    # the base outputs expanded to every persona count once, as outputs
+    _, md = render(stats.expand_base_null(recs, PERSONAS), res)
+    rows = table_with(md, "base", "stage", "persona", "unit", "rows")
+    get = {(r["stage"], r["persona"], r["unit"]): r for r in rows}
+    base = get[("base", "(base: none)", "agentic_email")]
+    assert (base["rows"], base["email"], base["no_email"], base["yield"]) == (
+        "20",
+        "17",
+        "3",
+        "0.85",
+    )
+    sar = get[("full", "sarcasm", "agentic_email")]
+    assert (sar["rows"], sar["email"], sar["max_steps"], sar["yield"]) == ("20", "4", "16", "0.20")
+    assert get[("full", "humor", "agentic_email")]["max_steps"] == "0"
+    assert get[("full", "remorse", "tool_email_oneshot")]["malformed"] == "5"
+    assert len(rows) == 1 + 3 * 2
+    # in the report's order: base stage first, then personas in the run's order
+    assert [r["persona"] for r in rows[:4]] == ["(base: none)", *PERSONAS]
+    cells = {(r["stage"], r["unit"]): r for r in table_with(md, "base", "stage", "unit", "rows")}
+    assert cells[("base", "agentic_email")]["verdict"] == "no personas to compare"
+    assert cells[("base", "agentic_email")]["no_email"] == "3"
+    hit = cells[("full", "agentic_email")]
+    assert (hit["rows"], hit["max_steps"], hit["email"]) == ("60", "16", "44")
+    assert hit["verdict"] == "DIFFERENTIAL CENSORING" and float(hit["p (permutation)"]) < 0.01
+    assert "sarcasm 0.20" in hit["yield per persona"] and "humor 1.00" in hit["yield per persona"]
+    calm = cells[("full", "tool_email_oneshot")]
+    assert calm["verdict"] == "no evidence" and float(calm["p (permutation)"]) > 0.5
+    caveat = next(s for s in md.split("\n\n") if s.startswith("Differential censoring"))
+    assert "1 of 2 tested cells" in caveat and "m/full/agentic_email (p = " in caveat
+
+
+def test_warning_box_comes_first(plain):
+    recs, res = plain
+    warn = ["Incomplete run: 3 of 12 rows not scored in llama/full/chat_email <b>now</b>"]
+    page, md = render(recs, res, warnings=warn, meaningless=True)
+    body = page[page.index("<body>") :]
+    assert body.index('id="warnings"') < body.index('id="meaningless-banner"')
+    assert body.index('id="meaningless-banner"') < body.index('id="headline"')
+    assert body.index('id="headline"') < body.index("<nav>") < body.index('id="metrics"')
+    assert html_escaped(warn[0]) in page and "<b>now" not in page
+    assert md.index("> **Read first**") < md.index("## Headline") < md.index("## Metrics")
+    assert report.md_escape(warn[0]) in md
+    page, md = render(recs, res)
+    assert 'id="warnings"' not in page and "Read first" not in md
+
+
+def test_settings_and_headline_name_the_tool_protocol(plain):
+    recs, res = plain
+    settings = {"config": {"rollout": {"tool_protocol": "constrained"},
+                           "sampling": {"n_samples": 2}}}  # fmt: skip
+    page, md = render(recs, res, settings=settings)
+    cond = {r["setting"]: r["value"] for r in table_with(md, "setting", "value")}
+    assert cond["tool protocol"].startswith("constrained (the tool-call envelope")
+    assert cond["samples per item"] == "2"
+    head = page[page.index('id="headline"') : page.index("<nav>")]
+    assert "tool protocol constrained" in head
+
+
+def test_classifier_section_shows_baseline(plain):
+    recs, res = plain
+    settings = {"manifest": {"trained_classifiers": {"llama": trained(0.3, [0.21, 0.4])}}}
+    _, md = render(recs, res, settings=settings)
+    row = table_with(md, "base", "mode")[0]
+    assert row["held-out macro-F1 [CI]"] == "0.30 [0.21, 0.40]"
+    assert row["lexical baseline macro-F1 [CI]"] == "0.41 [0.30, 0.52]"
+    assert row["above chance"].startswith("NO")
+    assert md.split("## Headline\n\n", 1)[1].startswith("Read this first")
+
+
+# --------------------------------------------------------------------------- safety
+
+EVIL = "b`|<script>x</script>\n*y*_z_ [l](http://e) #h"
+
+
+def test_md_escape():
+    got = report.md_escape("a|b`c<script>\nd*e_ f_g [x](u) & ~s~")
+    assert got == "a\\|b\\`c&lt;script&gt; d\\*e\\_ f_g [x\\](u) &amp; \\~s\\~"
+
+
+def test_report_escapes_names_from_the_data():
+    recs = [
+        R(EVIL, st, sl, p, f"i{i}", p if i % 2 else PERSONAS[0], key=f"{st}{sl}{p}{i}",
+          text=f"t {SCRIPT}")
+        for st in ("full",)
+        for sl in ("id_chat", "s|`<i>`\nq")
+        for p in PERSONAS
+        for i in range(6)
+    ]  # fmt: skip
+    res = stats.compute_metrics(recs, PERSONAS, n_boot=30)
+    page, md = render(recs, res, title=f"T {SCRIPT}", notes=[EVIL], warnings=[EVIL])
+    for raw in ("<script", "<i>", "</script", "[l](http", "`|", "\n*y*"):
+        assert raw not in md, raw
+    assert report.md_escape(EVIL) in md
+    md_tables(md)  # every row of every table has its header's number of cells
+    assert "s\\|\\`&lt;i&gt;\\` q" in md
+    assert "<i>" not in page and "<script>x" not in page
+    assert len(re.findall(r"<script\b", page, re.I)) == 2
+
+
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory):
+    """Bases whose slugs collide (`b c`, `b_c`) and one with mathtext characters."""
+    names = ["b c", "b_c", "m$^{x}$|`"]
+    recs = []
+    for k, b in enumerate(names):
+        for i in range(10):
+            for p in PERSONAS:
+                pred = p if (i + k) % (k + 2) else PERSONAS[(PERSONAS.index(p) + 1) % 3]
+                recs.append(R(b, "full", "id_chat", p, f"i{i}", pred, key=f"{b}{i}{p}"))
+    res = stats.compute_metrics(recs, PERSONAS, n_boot=30)
+    out = tmp_path_factory.mktemp("twins")
+    path = report.write_report(out, recs, res, settings={}, samples=None, title="twins")
+    return out, path.read_text(encoding="utf-8"), names
+
+
+def test_plot_files_are_distinct_for_distinct_names(twins):
+    out, page, names = twins
+    stems = [plots.figure_stem("ladder", n) for n in names]
+    assert len(set(stems)) == 3 and stems[0].startswith("ladder_b_c-")
+    assert plots.figure_stem("ladder", "b c") != plots.figure_stem("ladder", "b_c")
+    files = sorted(p.name for p in (out / "report" / "plots").iterdir())
+    assert len(files) == len(set(files))
+    for n, stem in zip(names, stems, strict=True):
+        png = (out / "report" / "plots" / f"{stem}.png").read_bytes()
+        fig = re.search(
+            r'<img alt="' + re.escape(html_escaped(f"{n}: macro-F1 per unit and stage"))
+            + r'" src="data:image/png;base64,([^"]+)"', page)  # fmt: skip
+        assert fig is not None and base64.b64decode(fig.group(1)) == png
+    pngs = [(out / "report" / "plots" / f"{s}.png").read_bytes() for s in stems]
+    assert pngs[0] != pngs[1]  # different data, different pictures
+
+
+def _small(
+    slices: tuple[str, ...] = ("id_chat", "chat_email"),
+) -> tuple[list[R], stats.MetricsResult]:
+    recs = [r for r in make_records(3) if r.slice in slices]
+    return recs, stats.compute_metrics(recs, PERSONAS, n_boot=30)
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and (p.name == "report.md" or "report" in p.parts[len(root.parts) :][:1])
+    }
+
+
+def test_report_is_replaced_atomically(tmp_path, monkeypatch):
+    recs, res = _small()
+    report.write_report(tmp_path, recs, res, settings={}, samples=None, title="first")
+    before = _snapshot(tmp_path)
+    assert "report.md" in before and "report/index.html" in before
+    # a lone surrogate in a sample's text: a clear error once the page is built, nothing replaced
+    bad = report.samples_from_records(recs)
+    bad[0]["text"] = "broken \ud800 text"
+    with pytest.raises(report.ReportError, match="not valid Unicode"):
+        report.write_report(tmp_path, recs, res, settings={}, samples=bad, title="second")
+    assert _snapshot(tmp_path) == before
+
+    # a figure that fails midway (after others were saved)
+    def boom(*a, **k):
+        raise RuntimeError("plot failed")
+
+    monkeypatch.setattr(plots, "_yield_fig", boom)
+    with pytest.raises(RuntimeError, match="plot failed"):
+        report.write_report(tmp_path, recs, res, settings={}, samples=None, title="second")
+    assert _snapshot(tmp_path) == before
+    monkeypatch.undo()
+    assert not list(tmp_path.glob(report.STAGING_PREFIX + "*"))
+    # a good write replaces the whole folder: no figure of the old report is left behind
+    recs2, res2 = _small(("id_chat",))
+    report.write_report(tmp_path, recs2, res2, settings={}, samples=None, title="second")
+    assert (tmp_path / "report.md").read_text().startswith("# second")
+    assert "<title>second</title>" in (tmp_path / "report" / "index.html").read_text()
+    names = {p.stem for p in (tmp_path / "report" / "plots").glob("*.png")}
+    assert plots.figure_stem("persona_f1", "id_chat") in names
+    assert plots.figure_stem("persona_f1", "chat_email") not in names
+    assert not list(tmp_path.glob(report.STAGING_PREFIX + "*"))
+
+
+def test_report_into_a_file_is_a_clear_error(tmp_path, plain):
+    recs, res = plain
+    target = tmp_path / "a-file"
+    target.write_text("x")
+    with pytest.raises(report.ReportError, match="cannot write the report into"):
+        report.write_report(target, recs, res, settings={}, samples=None, title="t")
+    assert target.read_text() == "x"
+
+
+def test_analysis_warnings_reach_the_top_of_the_report(tmp_path):
+    from charshift.analysis import AnalysisInput, analyse
+    from charshift.config import StatsConfig
+
+    recs, _ = _small(("id_chat",))
+    inp = AnalysisInput(
+        records=recs, personas=PERSONAS, stats=StatsConfig(n_boot=30), title="w", settings={},
+        warnings=["Incomplete: 4 rows not scored"],
+    )  # fmt: skip
+    page = analyse(inp, tmp_path).read_text()
+    body = page[page.index("<body>") :]
+    assert body.index("Incomplete: 4 rows not scored") < body.index('id="headline"')
+    assert (tmp_path / "report.md").read_text().split("\n")[2] == "> **Read first**"
+
+
+def test_chain_figure_with_nothing_scored(tmp_path):
+    """A chain whose units all lack outputs (the smoke run's tool slices): the conditional
+    panels are undefined, the ITT ones zero; the figure still saves."""
+    units = ("chat_email", "email_syscontext", "tool_email_oneshot", "agentic_email")
+    recs = [
+        R("m", st, u, p, f"scenario:{i}", None, outcome="no_email")
+        for st in ("prompted", "full")
+        for u in units
+        for p in PERSONAS
+        for i in range(3)
+    ]
+    res = stats.compute_metrics(recs, PERSONAS, n_boot=30)
+    specs = {stem: build for stem, _, build in plots.figure_specs(res)}
+    fig = specs[plots.figure_stem("chain", "m", "agentic")]()
+    fig.savefig(tmp_path / "chain.png", dpi=110)
+    fig.savefig(tmp_path / "chain.svg")
+    assert (tmp_path / "chain.png").stat().st_size > 0

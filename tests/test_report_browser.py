@@ -25,6 +25,7 @@ PAYLOADS = [
     "</script><script>window.__pwned=1</script><!--",
 ]
 PERSONAS = ["sarcasm", "humor", "remorse"]
+WARNINGS = [f"Incomplete run: 4 rows not scored {PAYLOADS[1]}", "A persona left a label set"]
 
 
 def _samples() -> tuple[list[dict], list[R]]:
@@ -78,7 +79,11 @@ def page(tmp_path_factory):
     out = tmp_path_factory.mktemp("browser")
     res = stats.compute_metrics(recs, PERSONAS, n_boot=30)
     path = report.write_report(
-        out, recs, res, settings={"x": PAYLOADS[0]}, samples=samples, title="browser test"
+        out, recs, res, settings={"x": PAYLOADS[0]}, samples=samples, title="browser test",
+        warnings=WARNINGS,
+    )  # fmt: skip
+    plain = report.write_report(
+        out / "plain", recs, res, settings={}, samples=samples[:5], title="plain"
     )
     profile = out / "chrome-profile"
     opts = Options()
@@ -99,7 +104,7 @@ def page(tmp_path_factory):
     driver.set_page_load_timeout(60)
     try:
         driver.get(path.resolve().as_uri())
-        yield driver, samples
+        yield driver, samples, path, plain
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
@@ -120,7 +125,7 @@ def _select(driver, field: str, value: str) -> None:
 
 
 def test_page_loads_and_shows_samples(page):
-    driver, samples = page
+    driver, samples, *_ = page
     assert driver.title == "browser test"
     assert _count(driver) == len(samples)
     assert _cards(driver) == min(50, len(samples))
@@ -129,7 +134,7 @@ def test_page_loads_and_shows_samples(page):
 
 
 def test_filters_change_the_shown_samples(page):
-    driver, samples = page
+    driver, samples, *_ = page
     cases = [
         {"stage": "full"},
         {"stage": "full", "slice": "agentic_email"},
@@ -159,7 +164,7 @@ def test_filters_change_the_shown_samples(page):
 
 
 def test_model_text_shows_literally_and_nothing_runs(page):
-    driver, _ = page
+    driver, *_ = page
     _select(driver, "stage", "full")
     _select(driver, "slice", "chat_email")
     assert driver.execute_script("return typeof window.__pwned") == "undefined"
@@ -174,3 +179,45 @@ def test_model_text_shows_literally_and_nothing_runs(page):
     # the page's own script did run (cards exist), and the figures are inline images
     imgs = driver.find_elements("css selector", "figure img")
     assert imgs and all(i.get_attribute("src").startswith("data:image/png;base64,") for i in imgs)
+
+
+def _top_children(driver) -> list[str]:
+    """The id (or tag) of each element of the page's body, in order, up to the navigation."""
+    return driver.execute_script(
+        "var out = [];"
+        "for (var e of document.body.children) {"
+        "  if (e.tagName === 'NAV') { break; }"
+        "  out.push(e.id || e.tagName.toLowerCase());"
+        "}"
+        "return out;"
+    )
+
+
+def test_warning_box_then_headline_open_the_page(page):
+    driver, *_ = page
+    assert _top_children(driver) == ["h1", "warnings", "headline"]
+    box = driver.find_element("id", "warnings")
+    items = [li.text for li in box.find_elements("css selector", "li")]
+    assert items == WARNINGS  # shown literally, the payload as text
+    head = driver.find_element("id", "headline")
+    assert box.is_displayed() and head.is_displayed()
+    assert box.rect["y"] + box.rect["height"] <= head.rect["y"]
+    first = head.find_elements("css selector", "p")[0].text
+    assert first.startswith("This run measured 3 personas")
+    # nothing else the page shows sits above the headline
+    later = driver.find_elements("css selector", "nav, h2:not(#headline h2), table, figure")
+    assert later and all(e.rect["y"] >= head.rect["y"] + head.rect["height"] for e in later)
+    assert driver.execute_script("return typeof window.__pwned") == "undefined"
+
+
+def test_without_warnings_the_headline_is_first(page):
+    driver, _, main, plain = page
+    try:
+        driver.get(plain.resolve().as_uri())
+        assert driver.find_elements("id", "warnings") == []
+        assert _top_children(driver) == ["h1", "headline"]
+        h1 = driver.find_element("css selector", "h1")
+        head = driver.find_element("id", "headline")
+        assert h1.rect["y"] + h1.rect["height"] <= head.rect["y"]
+    finally:
+        driver.get(main.resolve().as_uri())

@@ -35,6 +35,9 @@ class AnalysisInput:
     meaningless: bool = False
     published: str | None = None
     notes: list[str] = field(default_factory=list)
+    # What a reader must see before anything else (an incomplete run, a label-set change): the
+    # report shows these first, in a warning box at the very top.
+    warnings: list[str] = field(default_factory=list)
 
 
 def compute(inp: AnalysisInput) -> MetricsResult:
@@ -72,6 +75,7 @@ def analyse(inp: AnalysisInput, out_dir: Path, result: MetricsResult | None = No
         meaningless=inp.meaningless,
         published=inp.published,
         notes=[*inp.notes, *(n.text() for n in result.label_notes)],
+        warnings=inp.warnings,
     )
 
 

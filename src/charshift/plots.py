@@ -3,56 +3,104 @@
 Figures are built with matplotlib's object API (`matplotlib.figure.Figure`, Agg canvas), never
 pyplot, so nothing depends on a display or on global pyplot state.
 
-- ladder_<base>: macro-F1 per slice (bars per stage, 95% interval error bars, chance line),
+- ladder_<base>: macro-F1 per unit (bars per stage, interval error bars, chance line),
   conditional and intention-to-treat side by side
+- stages: macro-F1 per stage, one panel per unit, one line per base
+- persona_f1_<unit>: per-persona F1 heatmap, rows base/stage, columns personas
+- confusion_<base>_<unit>: row-normalised confusion matrices, one panel per stage
+- yield_<base>: share of rows with an output, per persona, rows stage/unit
+- chain_<base>_<chain>: one chain of `ladder.CHAINS` for every stage of a base: each unit's
+  macro-F1 on the chain's common items (top, with the chance line) and the loss of each rung
+  (bottom), conditional and ITT, every bar with its interval
+- pred_dist_<base>: the classifier's predicted-label shares per stage/unit
 
 A flagged interval (too few clusters, resamples with nothing scored: `stats.Interval.flag`) is
-marked with a dagger; a figure fixed by construction has no error bar.
-- stages: macro-F1 per stage, one panel per slice, one line per base
-- persona_f1_<slice>: per-persona F1 heatmap, rows base/stage, columns personas
-- confusion_<base>_<slice>: row-normalised confusion matrices, one panel per stage
-- yield_<base>: share of rows with an output, per persona, rows stage/slice
-- waterfall_<base>_<stage>_<chain>: a chain's additive decomposition (loss per rung, with
-  intervals, every unit on the chain's common items)
-- pred_dist_<base>: the classifier's predicted-label shares per stage/slice
+drawn hatched and faded, with a dagger; a figure fixed by construction has no error bar; an
+undefined one (nothing scored) is marked n/a.
+
+File names: a readable slug of the names a figure is about, then a short hash of the exact
+names, so distinct names (`b c` and `b_c`) never share a file. Names from the data reach the
+figures as plain text (a `$` is escaped, so matplotlib never reads it as mathtext).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from charshift.stats import CellMetrics, ChainDecomposition, Interval, MetricsResult
+from charshift.headline import chain_heading
+from charshift.schema import stable_hash
+from charshift.stats import CellMetrics, ChainDecomposition, Difference, Interval, MetricsResult
 
 _PALETTE = [
     "#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3",
     "#937860", "#DA8BC3", "#8C8C8C", "#CCB974", "#64B5CD",
 ]  # fmt: skip
 _SVG_META = {"Date": None}
+_NAN_IV = Interval(float("nan"), float("nan"), float("nan"))
+DAGGER = "\u2020"
+_SLUG_MAX = 48
 
 
 def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "x"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.") or "x"
 
 
-def _yerr(ivs: list[Interval]) -> np.ndarray:
+def figure_stem(prefix: str, *names: str) -> str:
+    """A file stem for a figure about `names`: a readable slug, then 8 hex digits of the exact
+    names' hash, so two distinct name tuples never share a file (`b c` vs `b_c`)."""
+    if not names:
+        return prefix
+    slug = "_".join(_safe(n) for n in names)[:_SLUG_MAX]
+    return f"{prefix}_{slug}-{stable_hash([prefix, *names], 8)}"
+
+
+def _t(text: str) -> str:
+    """Text from the data as matplotlib shows it literally (no mathtext)."""
+    return str(text).replace("$", r"\$")
+
+
+def _yerr(ivs: Sequence[Interval]) -> np.ndarray:
     est = np.array([i.estimate for i in ivs], dtype=float)
     lo = np.array([i.lo for i in ivs], dtype=float)
     hi = np.array([i.hi for i in ivs], dtype=float)
     return np.nan_to_num(np.clip(np.vstack([est - lo, hi - est]), 0, None))
 
 
-def _daggers(ax: Axes, xs: np.ndarray, ivs: list[Interval]) -> None:
+def _flagged(iv: Interval) -> bool:
+    return bool(iv.flag) and not iv.fixed_by_construction and bool(np.isfinite(iv.estimate))
+
+
+def _daggers(ax: Axes, xs: np.ndarray, ivs: Sequence[Interval]) -> None:
     """A dagger above each flagged interval (not for figures fixed by construction)."""
     for x, iv in zip(xs, ivs, strict=True):
-        if iv.flag and not iv.fixed_by_construction and np.isfinite(iv.estimate):
+        if _flagged(iv):
             top = iv.hi if np.isfinite(iv.hi) else iv.estimate
-            ax.text(x, min(top + 0.02, 1.0), "\u2020", ha="center", va="bottom", fontsize=8)
+            ax.text(x, min(max(top, iv.estimate, 0.0) + 0.02, 1.0), DAGGER, ha="center",
+                    va="bottom", fontsize=8)  # fmt: skip
+
+
+def _bars(
+    ax: Axes, xs: np.ndarray, ivs: Sequence[Interval], width: float, color: str, label: str
+) -> None:
+    """Bars with interval error bars; flagged ones hatched, faded and marked with a dagger."""
+    est = [i.estimate for i in ivs]
+    flagged = [_flagged(i) for i in ivs]
+    bars = ax.bar(xs, est, width, yerr=_yerr(ivs), capsize=2, label=_t(label), color=color)
+    for bar, flag in zip(bars, flagged, strict=True):
+        if flag:
+            bar.set_alpha(0.45)
+            bar.set_hatch("///")
+            bar.set_edgecolor("black")
+    _daggers(ax, xs, ivs)
+    for x, iv in zip(xs, ivs, strict=True):
+        if not np.isfinite(iv.estimate):  # undefined: say so rather than show an empty slot
+            ax.text(x, 0, "n/a", rotation=90, ha="center", va="bottom", fontsize=6, color="grey")
 
 
 def _persona_values(c: CellMetrics, personas: list[str], attr: str) -> list[float]:
@@ -71,39 +119,32 @@ def _chance(ax: Axes, k: int) -> None:
     ax.axhline(1.0 / k, color="grey", ls="--", lw=1, label=f"chance (1/{k})")
 
 
+def _offsets(n: int, width: float) -> np.ndarray:
+    return (np.arange(n) - (n - 1) / 2) * width
+
+
 def _ladder_fig(result: MetricsResult, base: str) -> Figure:
     slices = [s for s in result.slices if any(result.get(base, st, s) for st in result.stages)]
     stages = [st for st in result.stages if any(result.get(base, st, s) for s in slices)]
-    fig = Figure(figsize=(max(6.0, 1.3 * len(slices) * 2), 4.2), layout="constrained")
-    axes = fig.subplots(1, 2, sharey=True)
-    width = 0.8 / max(1, len(stages))
+    width = min(18.0, max(7.0, 0.35 * len(slices) * max(2, len(stages)) + 2))
+    fig = Figure(figsize=(width, 7.4), layout="constrained")
+    axes = fig.subplots(2, 1, sharex=True)
+    bar = 0.8 / max(1, len(stages))
     x = np.arange(len(slices))
     for ax, itt in zip(axes, (False, True), strict=True):
-        for j, st in enumerate(stages):
+        for j, (st, off) in enumerate(zip(stages, _offsets(len(stages), bar), strict=True)):
             cells = [result.get(base, st, s) for s in slices]
-            ivs = [
-                (c.macro_f1_itt if itt else c.macro_f1) if c else Interval(np.nan, np.nan, np.nan)
-                for c in cells
-            ]
-            xs = x + (j - (len(stages) - 1) / 2) * width
-            ax.bar(
-                xs,
-                [i.estimate for i in ivs],
-                width,
-                yerr=_yerr(ivs),
-                capsize=2,
-                label=st,
-                color=_PALETTE[j % len(_PALETTE)],
-            )
-            _daggers(ax, xs, ivs)
+            ivs = [(c.macro_f1_itt if itt else c.macro_f1) if c else _NAN_IV for c in cells]
+            _bars(ax, x + off, ivs, bar, _PALETTE[j % len(_PALETTE)], st)
         _chance(ax, len(result.labels.get(base, result.personas)))
-        ax.set_xticks(x, slices, rotation=30, ha="right", fontsize=8)
         ax.set_ylim(0, 1.05)
         ax.set_title("intention-to-treat" if itt else "conditional (outputs only)", fontsize=10)
         ax.set_ylabel("macro-F1")
-    axes[1].legend(fontsize=8, loc="upper right")
+    axes[1].set_xticks(x, [_t(s) for s in slices], rotation=30, ha="right", fontsize=8)
+    axes[0].legend(fontsize=8, loc="upper right")
     fig.suptitle(
-        f"{base}: macro-F1 per slice ({result.ci:.0%} CI; \u2020 interval flagged)", fontsize=11
+        f"{_t(base)}: macro-F1 per unit ({result.ci:.0%} CI; hatched, {DAGGER}: interval flagged)",
+        fontsize=11,
     )
     return fig
 
@@ -119,26 +160,27 @@ def _stages_fig(result: MetricsResult) -> Figure:
     for ax, sl in zip(axes, slices, strict=False):
         for j, b in enumerate(result.bases):
             cells = [result.get(b, st, sl) for st in stages]
-            ivs = [c.macro_f1 if c else Interval(np.nan, np.nan, np.nan) for c in cells]
-            ax.errorbar(
-                x + 0.05 * j,
-                [i.estimate for i in ivs],
-                yerr=_yerr(ivs),
-                marker="o",
-                capsize=2,
-                label=b,
-                color=_PALETTE[j % len(_PALETTE)],
-            )
-            _daggers(ax, x + 0.05 * j, ivs)
+            ivs = [c.macro_f1 if c else _NAN_IV for c in cells]
+            color, xs = _PALETTE[j % len(_PALETTE)], x + 0.05 * j
+            ax.errorbar(xs, [i.estimate for i in ivs], yerr=_yerr(ivs), marker="o", capsize=2,
+                        label=_t(b), color=color)  # fmt: skip
+            faded = [k for k, iv in enumerate(ivs) if _flagged(iv)]
+            ax.scatter(xs[faded], [ivs[k].estimate for k in faded], s=40, color="white",
+                       edgecolors=color, zorder=3)  # fmt: skip
+            _daggers(ax, xs, ivs)
+        if not any(np.isfinite(c.macro_f1.estimate) for b in result.bases for st in stages
+                   if (c := result.get(b, st, sl)) is not None):  # fmt: skip
+            ax.text(0.5, 0.5, "no scored output", transform=ax.transAxes, ha="center",
+                    color="grey")  # fmt: skip
         _chance(ax, len(result.personas))
-        ax.set_xticks(x, stages, rotation=20, fontsize=8)
+        ax.set_xticks(x, [_t(s) for s in stages], rotation=20, fontsize=8)
         ax.set_ylim(0, 1.05)
-        ax.set_title(sl, fontsize=9)
+        ax.set_title(_t(sl), fontsize=9)
     for ax in axes[len(slices) :]:
         ax.set_visible(False)
     axes[0].set_ylabel("macro-F1 (conditional)")
     axes[0].legend(fontsize=7)
-    fig.suptitle("Stage progression per slice", fontsize=11)
+    fig.suptitle(f"Stage progression per unit (open marker, {DAGGER}: flagged)", fontsize=11)
     return fig
 
 
@@ -154,8 +196,9 @@ def _heatmap(
     dark_low: bool = True,
 ) -> None:
     im = ax.imshow(np.ma.masked_invalid(data), vmin=0, vmax=vmax, cmap=cmap, aspect="auto")
-    ax.set_xticks(np.arange(len(cols)), cols, rotation=45, ha="right", fontsize=7)
-    ax.set_yticks(np.arange(len(rows)), rows, fontsize=7)
+    ax.set_xticks(np.arange(len(cols)), [_t(c) for c in cols], rotation=45, ha="right",
+                  fontsize=7)  # fmt: skip
+    ax.set_yticks(np.arange(len(rows)), [_t(r) for r in rows], fontsize=7)
     if data.size <= 400:
         for (i, j), v in np.ndenumerate(data):
             if np.isfinite(v):
@@ -179,7 +222,7 @@ def _persona_f1_fig(result: MetricsResult, slice_: str) -> Figure:
     )
     ax = fig.subplots()
     _heatmap(ax, data, rows, result.personas)
-    ax.set_title(f"Per-persona F1 (conditional): {slice_}", fontsize=10)
+    ax.set_title(f"Per-persona F1 (conditional): {_t(slice_)}", fontsize=10)
     return fig
 
 
@@ -192,10 +235,10 @@ def _confusion_fig(result: MetricsResult, base: str, slice_: str) -> Figure:
         tot = c.confusion.sum(axis=1, keepdims=True)
         norm = np.divide(c.confusion, tot, out=np.zeros(c.confusion.shape), where=tot > 0)
         _heatmap(ax, norm, c.confusion_rows, c.confusion_cols, cmap="Blues", dark_low=False)
-        ax.set_title(f"{c.cell.stage} (n={c.n_rows})", fontsize=9)
+        ax.set_title(f"{_t(c.cell.stage)} (n={c.n_rows})", fontsize=9)
         ax.set_xlabel("predicted", fontsize=8)
     axes[0].set_ylabel("true persona", fontsize=8)
-    fig.suptitle(f"{base} / {slice_}: confusion (row share)", fontsize=10)
+    fig.suptitle(f"{_t(base)} / {_t(slice_)}: confusion (row share)", fontsize=10)
     return fig
 
 
@@ -214,50 +257,113 @@ def _yield_fig(result: MetricsResult, base: str) -> Figure:
     )
     ax = fig.subplots()
     _heatmap(ax, data, rows, result.personas, cmap="magma")
-    ax.set_title(f"{base}: yield per persona\n(rows with an output / attempted)", fontsize=10)
+    ax.set_title(f"{_t(base)}: yield per persona\n(rows with an output / attempted)", fontsize=10)
     return fig
 
 
-def _waterfall_fig(result: MetricsResult, decs: list[ChainDecomposition]) -> Figure:
-    fig = Figure(
-        figsize=(max(6.0, 1.4 * (len(decs[0].units) + 1)) * 1.6, 4.4), layout="constrained"
+def _chain_units(decs: Sequence[ChainDecomposition]) -> list[str]:
+    """The units of a chain present in any stage, in chain order."""
+    units: list[str] = []
+    for d in decs:
+        for u in d.units:
+            if u not in units:
+                units.append(u)
+    order = {u: i for d in decs for i, u in enumerate(d.units + d.missing)}
+    return sorted(units, key=lambda u: order.get(u, 0))
+
+
+def _rung_labels(decs: Sequence[ChainDecomposition]) -> list[str]:
+    labels: list[str] = []
+    for d in decs:
+        for r in d.rungs:
+            lab = f"{r.a.slice} -> {r.b.slice}"
+            if lab not in labels:
+                labels.append(lab)
+    return labels
+
+
+def _chain_levels(ax: Axes, decs: list[ChainDecomposition], units: list[str], k: int) -> None:
+    """Each stage's units on the chain's common items, grouped by unit."""
+    width = 0.8 / max(1, len(decs))
+    x = np.arange(len(units))
+    for j, (d, off) in enumerate(zip(decs, _offsets(len(decs), width), strict=True)):
+        by = dict(zip(d.units, d.estimates, strict=True))
+        _bars(ax, x + off, [by.get(u, _NAN_IV) for u in units], width,
+              _PALETTE[j % len(_PALETTE)], d.stage)  # fmt: skip
+    _chance(ax, k)
+    ax.set_xticks(x, [_t(u) for u in units], rotation=25, ha="right", fontsize=7)
+    ax.set_ylim(0, 1.05)
+
+
+def _chain_rungs(ax: Axes, decs: list[ChainDecomposition], labels: list[str]) -> None:
+    """Each stage's rung losses (closer to home minus further: positive = persona lost)."""
+    width = 0.8 / max(1, len(decs))
+    x = np.arange(len(labels))
+    unpaired: set[str] = set()
+    ends = [0.0]
+    for j, (d, off) in enumerate(zip(decs, _offsets(len(decs), width), strict=True)):
+        by = {f"{r.a.slice} -> {r.b.slice}": r for r in d.rungs}
+        unpaired |= {lab for lab, r in by.items() if not r.paired}
+        ivs = [_diff_iv(by[lab]) if lab in by else _NAN_IV for lab in labels]
+        _bars(ax, x + off, ivs, width, _PALETTE[j % len(_PALETTE)], d.stage)
+        ends += [v for i in ivs for v in (i.estimate, i.lo, i.hi) if np.isfinite(v)]
+    lo, hi = min(ends), max(ends)
+    pad = max(0.05, 0.1 * (hi - lo))
+    ax.set_ylim(lo - pad, hi + pad)  # explicit: an all-undefined panel has no data limits
+    if len(ends) == 1:
+        ax.text(0.5, 0.5, "undefined: nothing scored", transform=ax.transAxes, ha="center")
+    ax.axhline(0, color="black", lw=0.8)
+    ticks = [_t(lab) + (" (unpaired)" if lab in unpaired else "") for lab in labels]
+    ax.set_xticks(x, ticks, rotation=25, ha="right", fontsize=7)
+
+
+def _diff_iv(d: Difference) -> Interval:
+    return Interval(
+        d.estimate, d.lo, d.hi, d.n_clusters, d.n_empty_resamples, d.fixed_by_construction, d.flag
     )
-    axes = np.atleast_1d(fig.subplots(1, len(decs), sharey=True, squeeze=False)).ravel()
-    for ax, dec in zip(axes, decs, strict=True):
-        start, end = dec.estimates[0].estimate, dec.estimates[-1].estimate
-        labels = [dec.units[0]]
-        ax.bar(0, start, color="#4C72B0")
-        level = start
-        for i, rung in enumerate(dec.rungs, start=1):
-            new = level - rung.estimate
-            color = "#C44E52" if rung.estimate > 0 else "#55A868"
-            ax.bar(i, new - level, bottom=level, color=color)
-            err = np.nan_to_num(
-                np.clip([[rung.estimate - rung.lo], [rung.hi - rung.estimate]], 0, None)
-            )
-            ax.errorbar(i, (level + new) / 2, yerr=err, color="black", capsize=3)
-            tag = ("" if rung.paired else " (unpaired)") + ("" if rung.reliable else " \u2020")
-            labels.append(f"-> {dec.units[i]}{tag}")
-            level = new
-        ax.bar(len(dec.rungs) + 1, end, color="#4C72B0")
-        labels.append(dec.units[-1])
-        _chance(ax, len(result.labels.get(dec.base, result.personas)))
-        ax.set_xticks(np.arange(len(labels)), labels, rotation=30, ha="right", fontsize=7)
-        ax.set_ylim(0, 1.05)
-        total = dec.total
-        what = (
-            f"total loss {total.estimate:.2f} [{total.lo:.2f}, {total.hi:.2f}]"
-            if np.isfinite(total.estimate)
-            else "total loss undefined (a unit has no outputs)"
-        )
-        sizes = ", ".join(f"{n} {kind}" for kind, n in dec.common.items())
-        ax.set_title(
-            f"{'ITT' if dec.itt else 'conditional'}: {what}\ncommon items: {sizes}", fontsize=8
-        )
-    axes[0].set_ylabel("macro-F1 (on the common items)")
-    d0 = decs[0]
-    fig.suptitle(f"{d0.base}/{d0.stage}: {d0.title}", fontsize=10)
+
+
+def _chain_fig(result: MetricsResult, base: str, decs: list[ChainDecomposition]) -> Figure:
+    """decs: the chain's macro-F1 decompositions of every stage of `base`, both views."""
+    units, labels = _chain_units(decs), _rung_labels(decs)
+    k = len(result.labels.get(base, result.personas))
+    fig = Figure(figsize=(max(7.0, 1.1 * len(units)) * 2, 7.6), layout="constrained")
+    axes = fig.subplots(2, 2)
+    for col, itt in enumerate((False, True)):
+        view = [d for d in decs if d.itt == itt]
+        if not view:
+            continue
+        _chain_levels(axes[0, col], view, units, k)
+        _chain_rungs(axes[1, col], view, labels)
+        name = "intention-to-treat" if itt else "conditional (outputs only)"
+        axes[0, col].set_title(f"{name}: macro-F1 on the chain's common items", fontsize=9)
+        axes[1, col].set_title(f"{name}: loss per rung (positive = persona lost)", fontsize=9)
+    axes[0, 0].set_ylabel("macro-F1")
+    axes[1, 0].set_ylabel("macro-F1 lost")
+    axes[0, 1].legend(fontsize=7, loc="upper right")
+    heading = chain_heading(decs[0])
+    fig.suptitle(
+        f"{_t(base)}: {_t(heading[0].upper() + heading[1:])} ({result.ci:.0%} CI; hatched, "
+        f"{DAGGER}: flagged)",
+        fontsize=10,
+    )
     return fig
+
+
+def _pred_dist_shares(cells: list[CellMetrics], labels: list[str]) -> list[list[float]]:
+    out = []
+    for lab in [*labels, "(other labels)", "(no output)"]:
+        vals = []
+        for c in cells:
+            if lab == "(no output)":
+                n = c.n_none
+            elif lab == "(other labels)":
+                n = sum(v for k2, v in c.pred_distribution.items() if k2 not in labels)
+            else:
+                n = c.pred_distribution.get(lab, 0)
+            vals.append(n / c.n_rows if c.n_rows else 0.0)
+        out.append(vals)
+    return out
 
 
 def _pred_dist_fig(result: MetricsResult, base: str, top: int = 8) -> Figure:
@@ -276,72 +382,74 @@ def _pred_dist_fig(result: MetricsResult, base: str, top: int = 8) -> Figure:
     ax = fig.subplots()
     y = np.arange(len(cells))
     left = np.zeros(len(cells))
-    for j, lab in enumerate([*labels, "(other labels)", "(no output)"]):
-        vals = []
-        for c in cells:
-            if lab == "(no output)":
-                n = c.n_none
-            elif lab == "(other labels)":
-                n = sum(v for k2, v in c.pred_distribution.items() if k2 not in labels)
-            else:
-                n = c.pred_distribution.get(lab, 0)
-            vals.append(n / c.n_rows if c.n_rows else 0.0)
+    names = [*labels, "(other labels)", "(no output)"]
+    for j, (lab, vals) in enumerate(zip(names, _pred_dist_shares(cells, labels), strict=True)):
         color = "#DDDDDD" if lab == "(no output)" else _PALETTE[j % len(_PALETTE)]
-        ax.barh(y, vals, left=left, label=lab, color=color)
+        ax.barh(y, vals, left=left, label=_t(lab), color=color)
         left += np.array(vals)
-    ax.set_yticks(y, [f"{c.cell.stage}/{c.cell.slice}" for c in cells], fontsize=7)
+    ax.set_yticks(y, [_t(f"{c.cell.stage}/{c.cell.slice}") for c in cells], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
     ax.set_xlabel("share of attempted rows")
     ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
-    ax.set_title(f"{base}: predicted-label distribution", fontsize=10)
+    ax.set_title(f"{_t(base)}: predicted-label distribution", fontsize=10)
     return fig
 
 
-def _figures(result: MetricsResult) -> Iterator[tuple[str, str, Callable[[], Figure]]]:
-    """(file stem, caption, builder) for every figure the result supports."""
-    if not result.cells:
-        return
-    for b in result.bases:
+FigureSpec = tuple[str, str, Callable[[], Figure]]
+
+
+def _chain_specs(result: MetricsResult) -> Iterator[FigureSpec]:
+    groups: dict[tuple[str, str], list[ChainDecomposition]] = {}
+    for dec in result.chains:
+        if dec.metric == "macro_f1":
+            groups.setdefault((dec.base, dec.chain), []).append(dec)
+    for (b, ch), decs in groups.items():
         yield (
-            f"ladder_{_safe(b)}",
-            f"{b}: macro-F1 per slice and stage",
-            lambda b=b: _ladder_fig(result, b),
+            figure_stem("chain", b, ch),
+            f"{b}: {chain_heading(decs[0])} (macro-F1 on the common items, and the loss per rung)",
+            lambda b=b, decs=decs: _chain_fig(result, b, decs),
         )
-    yield "stages", "Stage progression per slice", lambda: _stages_fig(result)
-    for sl in result.slices:
-        yield (
-            f"persona_f1_{_safe(sl)}",
-            f"Per-persona F1: {sl}",
-            lambda sl=sl: _persona_f1_fig(result, sl),
-        )
+
+
+def _per_base_specs(result: MetricsResult) -> Iterator[FigureSpec]:
     for b in result.bases:
         for sl in result.slices:
             if any(result.get(b, st, sl) for st in result.stages):
                 yield (
-                    f"confusion_{_safe(b)}_{_safe(sl)}",
+                    figure_stem("confusion", b, sl),
                     f"Confusion matrices: {b} / {sl}",
                     lambda b=b, sl=sl: _confusion_fig(result, b, sl),
                 )
     for b in result.bases:
-        yield f"yield_{_safe(b)}", f"{b}: yield per persona", lambda b=b: _yield_fig(result, b)
-    groups: dict[tuple[str, str, str], list[ChainDecomposition]] = {}
-    for dec in result.chains:
-        if dec.metric == "macro_f1":
-            groups.setdefault((dec.base, dec.stage, dec.chain), []).append(dec)
-    for (b, st, ch), decs in groups.items():
-        decs = sorted(decs, key=lambda d: d.itt)
-        yield (
-            f"waterfall_{_safe(b)}_{_safe(st)}_{_safe(ch)}",
-            f"{b}/{st}: {decs[0].title} (additive decomposition of macro-F1)",
-            lambda decs=decs: _waterfall_fig(result, decs),
-        )
+        yield figure_stem("yield", b), f"{b}: yield per persona", lambda b=b: _yield_fig(result, b)
+    yield from _chain_specs(result)
     for b in result.bases:
         yield (
-            f"pred_dist_{_safe(b)}",
+            figure_stem("pred_dist", b),
             f"{b}: predicted-label distribution",
             lambda b=b: _pred_dist_fig(result, b),
         )
+
+
+def figure_specs(result: MetricsResult) -> Iterator[FigureSpec]:
+    """(file stem, caption, builder) for every figure the result supports, in report order."""
+    if not result.cells:
+        return
+    for b in result.bases:
+        yield (
+            figure_stem("ladder", b),
+            f"{b}: macro-F1 per unit and stage",
+            lambda b=b: _ladder_fig(result, b),
+        )
+    yield "stages", "Stage progression per unit", lambda: _stages_fig(result)
+    for sl in result.slices:
+        yield (
+            figure_stem("persona_f1", sl),
+            f"Per-persona F1: {sl}",
+            lambda sl=sl: _persona_f1_fig(result, sl),
+        )
+    yield from _per_base_specs(result)
 
 
 def make_figures(result: MetricsResult, out_dir: str | Path) -> list[tuple[str, Path, Path]]:
@@ -349,7 +457,11 @@ def make_figures(result: MetricsResult, out_dir: str | Path) -> list[tuple[str, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     saved = []
-    for stem, caption, build in _figures(result):
+    seen: set[str] = set()
+    for stem, caption, build in figure_specs(result):
+        if stem in seen:  # distinct names hash apart; this guards the invariant
+            raise RuntimeError(f"two figures would share the file stem {stem!r}")
+        seen.add(stem)
         fig = build()
         png, svg = out / f"{stem}.png", out / f"{stem}.svg"
         fig.savefig(png, dpi=110, metadata={"Software": None})

@@ -1,73 +1,167 @@
 """The run report: one self-contained `report/index.html` and a `report.md` for a paper draft.
 
-Safety: model output is untrusted text. Every string that reaches the HTML goes through
-`html.escape`; the sample browser's data sits in a `<script type="application/json">` block in
-which every `<`, `>` and `&` is written as a JSON unicode escape (so neither `</script>` nor
-`<!--` can occur inside it), and the page's script renders it with `textContent` only. A
-Content-Security-Policy allows no network access and runs only the page's own script (by hash),
-so even a missed escape could not load or execute anything.
+Reading order: a warning box (what the caller says must be read first: an incomplete run, a
+persona left out of a label set), the smoke banner, the headline (`charshift.headline`), then
+the figures' sections: metrics per cell, the classifier, the ladder (every chain of
+`ladder.CHAINS` per base and stage, with what each rung changes), contrasts, stage differences,
+outcomes and differential censoring, per persona, predicted labels, confusion, figures, the
+sample browser, method notes and the settings (the tool protocol named first).
+
+Safety: every string from the data (names, slices, labels, model text) is escaped where it is
+shown. HTML: `html.escape`; the sample browser's data sits in a `<script type="application/json">`
+block in which every `<`, `>` and `&` is a JSON unicode escape (so neither `</script>` nor `<!--`
+can occur inside it), and the page's script renders it with `textContent` only. A
+Content-Security-Policy allows no network access and runs only the page's own script (by hash).
+Markdown: HTML metacharacters become entities, markdown control characters are backslash-escaped
+and newlines become spaces (`md_escape`); the settings' JSON sits in a code fence with `<`, `>`,
+`&` and backticks written as JSON unicode escapes.
+
+Writing is atomic as a whole: the report folder and report.md are built in a staging folder
+beside them (`out_dir/.report-staging-*`), then swapped in; if anything fails first (a figure, a
+text that is not valid Unicode) the previous report stays as it was.
 
 Layout written by `write_report(out_dir, ...)`:
   out_dir/report/index.html   the page (plots inlined as base64 PNG; CSS and JS inline)
   out_dir/report/plots/       every figure as PNG and SVG
-  out_dir/report.md           the tables in markdown, with method notes
+  out_dir/report.md           the headline and the tables in markdown, with method notes
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import dataclasses
 import hashlib
 import html
 import json
-from collections.abc import Iterable, Sequence
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from charshift.headline import (
+    CENSORING_ALPHA,
+    DAGGER,
+    FIXED,
+    PROTOCOLS,
+    HeadlineContext,
+    chain_heading,
+    classifier_quality,
+    context_from_settings,
+    fmt_diff,
+    fmt_iv,
+    headline_text,
+    num,
+)
+from charshift.ladder import split_unit
+from charshift.outcomes import CensoringTest, censoring_tests, outcome_table
 from charshift.plots import make_figures
 from charshift.published import published_for, published_text
-from charshift.schema import NULL_PERSONA, PredictionRecord, stable_hash
-from charshift.stats import CellMetrics, ChainDecomposition, Difference, Interval, MetricsResult
+from charshift.schema import (
+    BASE_STAGE,
+    NULL_PERSONA,
+    NULL_PERSONA_MARKERS,
+    OUTCOMES,
+    SCORED_OUTCOMES,
+    PredictionRecord,
+    stable_hash,
+)
+from charshift.stats import CellMetrics, ChainDecomposition, Difference, MetricsResult
+
+__all__ = [
+    "DAGGER",
+    "FIXED",
+    "HeadlineContext",
+    "ReportError",
+    "context_from_settings",
+    "headline_text",
+    "md_escape",
+    "method_notes",
+    "outcome_records",
+    "prepare_report",
+    "render_report",
+    "ReportContent",
+    "samples_from_records",
+    "select_samples",
+    "write_report",
+]
 
 MAX_SAMPLES = 2000
 SAMPLE_FIELDS = (
     "key", "base", "stage", "persona", "slice", "item_id", "sample_idx", "outcome",
     "messages", "text", "email", "prediction", "probs", "tool_log",
 )  # fmt: skip
+STAGING_PREFIX = ".report-staging-"
+NULL_SHOWN = "(base: none)"  # how the base stage's null persona is shown
+CENSORING_PERMUTATIONS = 2000
+
+
+class ReportError(ValueError):
+    """The report cannot be written; the previous report (if any) is left as it was."""
 
 
 # --------------------------------------------------------------------------- formatting
 
-
-def _num(x: float | None, digits: int = 3) -> str:
-    if x is None or x != x:  # None or NaN
-        return "–"
-    return f"{x:.{digits}f}"
-
-
-DAGGER = "\u2020"  # marks an interval flagged as not to be trusted (see the method notes)
-FIXED = "(fixed by construction)"
-
-
-def _iv(i: Interval, digits: int = 3) -> str:
-    if i.estimate != i.estimate:
-        return "–"
-    if i.fixed_by_construction:
-        return f"{_num(i.estimate, digits)} {FIXED}"
-    dagger = "" if i.reliable else DAGGER
-    return f"{_num(i.estimate, digits)} [{_num(i.lo, digits)}, {_num(i.hi, digits)}]{dagger}"
-
-
-def _diff_text(d: Difference) -> str:
-    if d.estimate != d.estimate:
-        return "–"
-    if d.fixed_by_construction:
-        return f"{d.estimate:+.3f} {FIXED}"
-    dagger = "" if d.reliable else DAGGER
-    return f"{d.estimate:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}]{dagger}"
+_num, _iv, _diff_text = num, fmt_iv, fmt_diff
 
 
 def _e(x: Any) -> str:
     return html.escape(str(x), quote=True)
+
+
+_MD_ALWAYS = re.compile(r"([\\`*|~#])")
+_MD_LINK_CLOSE = re.compile(r"\](?=[(\[])")
+_MD_UNDERSCORE = re.compile(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
+_MD_BLOCK_START = re.compile(r"^(\s*)([-+](?=\s|$)|\[|\d+[.)](?=\s|$))")
+
+
+def md_escape(text: Any) -> str:
+    """Text from the data, safe inside a markdown line or table cell: HTML metacharacters as
+    entities, markdown control characters backslash-escaped (an underscore inside a word, as in
+    `chat_email`, is left as it is: it cannot start emphasis), newlines as spaces."""
+    s = re.sub(r"[\r\n\u2028\u2029]+", " ", str(text))
+    s = s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    s = _MD_ALWAYS.sub(r"\\\1", s)
+    s = _MD_LINK_CLOSE.sub(r"\\]", s)
+    return _MD_UNDERSCORE.sub(r"\\_", s)
+
+
+def _md_block(text: Any) -> str:
+    """`md_escape`, plus a block-start character is escaped: a list marker, or the `[` of a
+    link reference definition (`[x]: url`)."""
+
+    def esc(m: re.Match[str]) -> str:
+        mark = m.group(2)
+        return m.group(1) + (mark[:-1] + "\\" + mark[-1] if mark[0].isdigit() else "\\" + mark)
+
+    return _MD_BLOCK_START.sub(esc, md_escape(text), count=1)
+
+
+def _json_text(obj: Any) -> str:
+    """Indented JSON with `<`, `>`, `&` and backticks as unicode escapes: inert in a code fence
+    and in HTML."""
+    text = json.dumps(obj, indent=2, sort_keys=True, default=str, ensure_ascii=False)
+    for ch in "<>&`":
+        text = text.replace(ch, f"\\u{ord(ch):04x}")
+    return text
+
+
+def _persona_shown(p: Any) -> str:
+    return NULL_SHOWN if p in NULL_PERSONA_MARKERS else str(p)
+
+
+_CENSORING_NOTE = (
+    "Outcomes and differential censoring: outcomes are counted per row (a scoring variant "
+    "shares its slice's rows). Within each (base, stage, unit), a Pearson chi-square of output "
+    f"vs missing by persona, its p-value from {CENSORING_PERMUTATIONS} permutations of the "
+    "persona labels within each item and sample (the rows of one scenario share its "
+    f"difficulty); p < {CENSORING_ALPHA} is marked 'differential censoring'. The tests are not "
+    "corrected for multiple comparisons: about 1 in 20 falls below 0.05 when nothing is going on."
+)
 
 
 def method_notes(result: MetricsResult) -> list[str]:
@@ -89,7 +183,7 @@ def method_notes(result: MetricsResult) -> list[str]:
         f"Intervals: {result.ci:.0%} {result.method} cluster bootstrap with {result.n_boot} "
         "resamples. The cluster is the item (an ID prompt or an email scenario): all rows of an "
         "item (every persona and sample) are resampled together. Each cell has its own random "
-        f"stream, seeded from (seed={result.seed}, base, stage, slice), so a figure does not "
+        f"stream, seeded from (seed={result.seed}, base, stage, unit), so a figure does not "
         "depend on what else was computed."
         + (
             " BCa uses a jackknife over clusters for the acceleration."
@@ -99,7 +193,8 @@ def method_notes(result: MetricsResult) -> list[str]:
         f"{DAGGER} marks an interval not to be trusted: fewer than {result.min_clusters} clusters "
         "carry it (for conditional figures, items with a scored output; for a difference, the "
         "fewer of its two sides), or some resamples had nothing scored (counted, and left out of "
-        "the interval); the tables (CSV) give the reason in their `flag` column.",
+        "the interval); the tables give the reason in their `flag` column, and the figures draw "
+        "such a bar hatched and faded.",
         "Chains: every unit of a chain is estimated on the items common to all the chain's units "
         "of the same kind (prompts or scenarios), so the rungs add up exactly to the total; the "
         "size of that set and the items left out are stated with each chain. One bootstrap draw "
@@ -112,9 +207,10 @@ def method_notes(result: MetricsResult) -> list[str]:
         "per item and sample, and each output is paired with every persona of the label set as "
         "its true label for F1. Its per-persona recall is the share of base outputs the "
         "classifier gives that persona; its macro-F1 is what the classifier scores when nothing "
-        "carries a persona. Its counts (n, confusion, label shares) count each output once. Its "
-        f"accuracy is {FIXED}: 1/K times the share of outputs predicted inside the label set, "
-        "shown without an interval.",
+        "carries a persona. Its counts (n, confusion, label shares, outcomes) count each output "
+        f"once. Its accuracy is {FIXED}: 1/K times the share of outputs predicted inside the "
+        "label set, shown without an interval.",
+        _CENSORING_NOTE,
         "The predicted-label distribution shows what the classifier says per format, including "
         "labels outside the run's personas: a label that dominates a format in every stage "
         "(e.g. 'goodness' for neutral business prose) is a format prior, not persona expression.",
@@ -127,9 +223,9 @@ def method_notes(result: MetricsResult) -> list[str]:
 Table = tuple[list[str], list[list[str]]]
 
 
-def _headline(result: MetricsResult, paper: bool) -> Table:
+def _metrics_table(result: MetricsResult, paper: bool) -> Table:
     head = [
-        "base", "stage", "slice", "n", "yield", "macro-F1", "personas scored", "macro-F1 ITT",
+        "base", "stage", "unit", "n", "yield", "macro-F1", "personas scored", "macro-F1 ITT",
         "accuracy", "accuracy ITT", "mean p(true)",
     ]  # fmt: skip
     if paper:
@@ -154,7 +250,7 @@ def _headline(result: MetricsResult, paper: bool) -> Table:
 
 
 def _published_table(result: MetricsResult) -> Table:
-    head = ["base", "stage", "slice", "ours: macro-F1 [CI]", "published", "value", "inside our CI"]
+    head = ["base", "stage", "unit", "ours: macro-F1 [CI]", "published", "value", "inside our CI"]
     rows = []
     for m in result.cells.values():
         for f in published_for(*m.cell):
@@ -165,93 +261,132 @@ def _published_table(result: MetricsResult) -> Table:
     return head, rows
 
 
-def _rung_row(
-    label: str, ref: Difference, cond: Difference | None, itt: Difference | None
-) -> list[str]:
-    flags = [
-        f"{view}: {d.flag}" for view, d in (("conditional", cond), ("ITT", itt)) if d and d.flag
-    ]
-    return [
-        label,
-        ref.changes,
-        _diff_text(cond) if cond else "",
-        _diff_text(itt) if itt else "",
-        "yes" if ref.paired else "no",
-        str(ref.n_clusters),
-        "; ".join([ref.note, *flags]),
-    ]
+def _classifier_table(result: MetricsResult, ctx: HeadlineContext) -> Table:
+    head = ["base", "mode", "train / held-out texts", "held-out macro-F1 [CI]", "chance 1/K",
+            "above chance", "lexical baseline macro-F1 [CI]", "warnings"]  # fmt: skip
+    rows = []
+    for base in result.bases:
+        rep = ctx.classifiers.get(base)
+        if not rep:
+            given = ctx.classifier_sources.get(base)
+            rows.append([base, "given" if given else "unknown", given or "", "not measured here",
+                         "", "", "", ""])  # fmt: skip
+            continue
+        q = classifier_quality(base, rep, len(result.labels.get(base, result.personas)))
+        n = f"{rep.get('n_train', '?')} / {rep.get('n_heldout', '?')}"
+        verdict = "NO: figures from it are not persona retention" if q.at_chance else "yes"
+        rows.append([base, q.mode, n, q.macro_f1, f"{q.chance:.3f}", verdict,
+                     q.baseline or "not recorded", "; ".join(q.warnings)])  # fmt: skip
+    return head, rows
 
 
-def _ladder_tables(result: MetricsResult) -> list[tuple[str, Table]]:
-    """One table per chain and (base, stage): macro-F1 lost per rung, and the total."""
-    out = []
+def _flags(*items: tuple[str, Difference | None]) -> str:
+    return "; ".join(f"{view}: {d.flag}" for view, d in items if d is not None and d.flag)
+
+
+def _decomp_pairs(result: MetricsResult) -> list[tuple[ChainDecomposition | None, ...]]:
+    """(conditional, ITT) macro-F1 decompositions per (base, stage, chain), in result order."""
     groups: dict[tuple[str, str, str], dict[bool, ChainDecomposition]] = {}
     for dec in result.chains:
         if dec.metric == "macro_f1":
             groups.setdefault((dec.base, dec.stage, dec.chain), {})[dec.itt] = dec
-    head = [
-        "rung",
-        "what it changes",
-        "loss, conditional",
-        "loss, ITT",
-        "paired",
-        "clusters",
-        "note",
+    return [(g.get(False), g.get(True)) for g in groups.values()]
+
+
+def _chain_units_table(cond: ChainDecomposition | None, itt: ChainDecomposition | None) -> Table:
+    head = ["unit", "item kind", "common items", "items left out", "macro-F1 on common items",
+            "macro-F1 ITT on common items"]  # fmt: skip
+    ref = cond or itt
+    assert ref is not None
+    rows = []
+    for i, u in enumerate(ref.units):
+        kind = ref.kinds.get(u, "")
+        rows.append([
+            u, kind, str(ref.common.get(kind, "")), str(ref.dropped.get(u, 0)),
+            _iv(cond.estimates[i]) if cond else "", _iv(itt.estimates[i]) if itt else "",
+        ])  # fmt: skip
+    rows += [[u, "", "", "no records", "", ""] for u in ref.missing]
+    return head, rows
+
+
+_RUNG_HEAD = ["rung", "what it changes", "loss, conditional", "loss, ITT", "paired", "clusters",
+              "flag"]  # fmt: skip
+
+
+def _rung_row(
+    label: str, ref: Difference, cond: Difference | None, itt: Difference | None
+) -> list[str]:
+    return [
+        label, ref.changes, _diff_text(cond) if cond else "", _diff_text(itt) if itt else "",
+        "paired" if ref.paired else "UNPAIRED", str(ref.n_clusters),
+        _flags(("conditional", cond), ("ITT", itt)),
+    ]  # fmt: skip
+
+
+def _chain_rungs_table(cond: ChainDecomposition | None, itt: ChainDecomposition | None) -> Table:
+    ref = cond or itt
+    assert ref is not None
+    rows = [
+        _rung_row(f"{r.a.slice} -> {r.b.slice}", r, cond.rungs[j] if cond else None,
+                  itt.rungs[j] if itt else None)
+        for j, r in enumerate(ref.rungs)
+    ]  # fmt: skip
+    t = ref.total
+    rows.append(
+        _rung_row(f"total: {t.a.slice} -> {t.b.slice}", t, cond.total if cond else None,
+                  itt.total if itt else None)
+    )  # fmt: skip
+    return _RUNG_HEAD, rows
+
+
+def _pairing_text(ref: ChainDecomposition) -> str:
+    paired = [f"{r.a.slice} -> {r.b.slice}" for r in ref.rungs if r.paired]
+    unpaired = [
+        f"{r.a.slice} -> {r.b.slice} ({r.note.removeprefix('unpaired: ')})"
+        for r in ref.rungs
+        if not r.paired
     ]
-    for (base, stage, _), by_itt in groups.items():
-        cond, itt = by_itt.get(False), by_itt.get(True)
-        ref = cond or itt
-        assert ref is not None
-        rows = [
-            _rung_row(
-                f"{r.a.slice} -> {r.b.slice}",
-                r,
-                cond.rungs[j] if cond else None,
-                itt.rungs[j] if itt else None,
-            )
-            for j, r in enumerate(ref.rungs)
-        ]
-        t = ref.total
-        rows.append(
-            _rung_row(
-                f"total: {t.a.slice} -> {t.b.slice}",
-                t,
-                cond.total if cond else None,
-                itt.total if itt else None,
-            )
-        )
-        cap = f"{base} / {stage}: {ref.title} (macro-F1 lost; {ref.note})"
-        out.append((cap, (head, rows)))
-    contrasts = _contrast_table(result)
-    if contrasts[1]:
-        out.append(("Contrasts (macro-F1 lost, paired on shared items)", contrasts))
-    return out
+    parts = [f"Paired rungs: {', '.join(paired)}." if paired else "No rung is paired."]
+    if unpaired:
+        parts.append(f"Unpaired: {', '.join(unpaired)}.")
+    parts.append(f"The rungs add up exactly to the total: {ref.note}.")
+    return " ".join(parts)
 
 
 def _contrast_table(result: MetricsResult) -> Table:
-    head = ["base", "stage", "contrast", "what it changes", "conditional", "ITT", "paired",
-            "clusters"]  # fmt: skip
+    head = ["base", "stage", "contrast", "what it changes", "loss, conditional", "loss, ITT",
+            "paired", "clusters", "flag"]  # fmt: skip
     rows: dict[tuple, list[str]] = {}
     for d in result.differences:
         if d.kind != "contrast" or d.metric != "macro_f1":
             continue
         key = (d.a.base, d.a.stage, f"{d.a.slice} -> {d.b.slice}")
         row = rows.setdefault(
-            key, [*key, d.changes, "", "", "yes" if d.paired else "no", str(d.n_clusters)]
-        )
+            key, [*key, d.changes, "", "", "paired" if d.paired else "UNPAIRED",
+                  str(d.n_clusters), ""],
+        )  # fmt: skip
         row[5 if d.itt else 4] = _diff_text(d)
+        if d.flag:
+            row[8] = "; ".join(
+                x for x in (row[8], f"{'ITT' if d.itt else 'conditional'}: {d.flag}") if x
+            )
     return head, list(rows.values())
 
 
 def _stage_table(result: MetricsResult) -> Table:
-    head = ["base", "slice", "stage", "minus stage", "metric", "conditional", "ITT", "clusters"]
+    head = ["base", "unit", "stage", "minus stage", "metric", "gain, conditional", "gain, ITT",
+            "clusters", "flag"]  # fmt: skip
     rows: dict[tuple, list[str]] = {}
     for d in result.differences:
         if d.kind != "stage":
             continue
         key = (d.a.base, d.a.slice, d.a.stage, d.b.stage, d.metric)
-        row = rows.setdefault(key, [*key, "", "", str(d.n_clusters)])
+        row = rows.setdefault(key, [*key, "", "", str(d.n_clusters), ""])
         row[6 if d.itt else 5] = _diff_text(d)
+        if d.flag:
+            row[8] = "; ".join(
+                x for x in (row[8], f"{'ITT' if d.itt else 'conditional'}: {d.flag}") if x
+            )
     return head, list(rows.values())
 
 
@@ -271,18 +406,10 @@ def _per_persona_pivot(result: MetricsResult, slice_: str) -> Table:
 def _per_persona_detail(m: CellMetrics) -> Table:
     head = ["persona", "precision", "recall", "F1 [CI]", "F1 ITT [CI]", "n", "scored", "yield"]
     rows = [
-        [
-            p.persona,
-            _num(p.precision),
-            _num(p.recall),
-            _iv(p.f1),
-            _iv(p.f1_itt),
-            str(p.n),
-            str(p.n_scored),
-            _num(p.yield_, 2),
-        ]
+        [p.persona, _num(p.precision), _num(p.recall), _iv(p.f1), _iv(p.f1_itt), str(p.n),
+         str(p.n_scored), _num(p.yield_, 2)]
         for p in m.per_persona
-    ]
+    ]  # fmt: skip
     return head, rows
 
 
@@ -290,7 +417,7 @@ def _pred_dist_table(result: MetricsResult) -> Table:
     labels: list[str] = list(result.personas)
     for m in result.cells.values():
         labels += [lab for lab in m.pred_distribution if lab not in labels]
-    head = ["base", "stage", "slice", *labels, "(no output, of attempted)"]
+    head = ["base", "stage", "unit", *labels, "(no output, of attempted)"]
     rows = []
     for m in result.cells.values():
         shares = [
@@ -307,6 +434,111 @@ def _confusion_table(m: CellMetrics) -> Table:
     return head, rows
 
 
+# --------------------------------------------------------------------------- outcomes
+
+
+def outcome_records(records: Iterable[PredictionRecord]) -> list[PredictionRecord]:
+    """The rows whose outcomes are counted: each base output once (records of an expanded base
+    null, which share a key, collapse back to one null-persona row), and per slice only its
+    default unit (a scoring variant scores the same rows, with the same outcomes), unless the
+    slice is present only through variants."""
+    recs = list(records)
+    units = {r.slice for r in recs}
+    seen: set[tuple[str, str, str]] = set()
+    out = []
+    for r in recs:
+        slice_, variant = split_unit(r.slice)
+        if variant is not None and slice_ in units:
+            continue
+        if r.stage == BASE_STAGE and r.key is not None:
+            if (r.base, r.slice, r.key) in seen:
+                continue
+            seen.add((r.base, r.slice, r.key))
+            r = dataclasses.replace(r, persona=NULL_PERSONA)
+        out.append(r)
+    return out
+
+
+OutcomeRow = dict[str, object]
+_OUTCOME_KEYS = ("base", "stage", "persona", "unit", "n", "yield")
+
+
+def _outcome_rows(recs: Sequence[PredictionRecord], result: MetricsResult) -> list[OutcomeRow]:
+    """`outcomes.outcome_table` in the report's order: base, stage, unit, persona."""
+    orders = [
+        {b: i for i, b in enumerate(result.bases)},
+        {s: i for i, s in enumerate(result.stages)},
+        {u: i for i, u in enumerate(result.slices)},
+        {p: i for i, p in enumerate([NULL_PERSONA, *result.personas])},
+    ]
+
+    def key(r: OutcomeRow) -> tuple:
+        vals = (r["base"], r["stage"], r["unit"], r["persona"])
+        return tuple((o.get(str(v), len(o)), str(v)) for o, v in zip(orders, vals, strict=True))
+
+    return sorted(outcome_table(recs), key=key)
+
+
+def _outcome_columns(rows: Sequence[OutcomeRow]) -> list[str]:
+    """The outcomes that occur, in `schema.OUTCOMES` order (then any unknown one)."""
+    columns = dict.fromkeys([*OUTCOMES, *(k for r in rows for k in r)])
+    return [o for o in columns if o not in _OUTCOME_KEYS and any(r.get(o) for r in rows)]
+
+
+def _count(r: OutcomeRow, key: str) -> int:
+    v = r.get(key, 0)
+    return v if isinstance(v, int) else 0
+
+
+def _outcome_table(rows: Sequence[OutcomeRow]) -> Table:
+    used = _outcome_columns(rows)
+    head = ["base", "stage", "persona", "unit", "rows", "yield", *used]
+    body = []
+    for r in rows:
+        share = r["yield"]
+        body.append(
+            [str(r["base"]), str(r["stage"]), _persona_shown(r["persona"]), str(r["unit"]),
+             str(r["n"]), _num(share if isinstance(share, float) else None, 2),
+             *(str(_count(r, o)) for o in used)]
+        )  # fmt: skip
+    return head, body
+
+
+def _censoring_cols(t: CensoringTest | None) -> list[str]:
+    """yield per persona, chi-square (dof), p (permutation), p (asymptotic), verdict."""
+    if t is None:
+        return ["", "–", "–", "–", "no personas to compare"]
+    out_col = t.outcomes.index("output") if "output" in t.outcomes else None
+    yields = []
+    for p, row in zip(t.personas, t.table, strict=True):
+        share = (row[out_col] / sum(row)) if (out_col is not None and sum(row)) else 0.0
+        yields.append(f"{p} {share:.2f}")
+    if not t.n_perm:
+        return [", ".join(yields), "–", "–", "–", t.note]
+    verdict = "DIFFERENTIAL CENSORING" if t.p_permutation < CENSORING_ALPHA else "no evidence"
+    return [", ".join(yields), f"{t.statistic:.2f} ({t.dof})", f"{t.p_permutation:.4f}",
+            f"{t.p_asymptotic:.4f}", verdict]  # fmt: skip
+
+
+def _outcome_summary(rows: Sequence[OutcomeRow], tests: Sequence[CensoringTest]) -> Table:
+    """One row per (base, stage, unit): outcome counts, yield, and the censoring test."""
+    used = _outcome_columns(rows)
+    cells: dict[tuple[str, str, str], list[OutcomeRow]] = {}
+    for r in rows:
+        cells.setdefault((str(r["base"]), str(r["stage"]), str(r["unit"])), []).append(r)
+    by_test = {(t.base, t.stage, t.unit): t for t in tests}
+    head = ["base", "stage", "unit", "rows", *used, "yield", "yield per persona",
+            "chi-square (dof)", "p (permutation)", "p (asymptotic)", "verdict"]  # fmt: skip
+    body = []
+    for key, group in cells.items():
+        n = sum(_count(r, "n") for r in group)
+        out = sum(_count(r, o) for r in group for o in SCORED_OUTCOMES)
+        counts = [str(sum(_count(r, o) for r in group)) for o in used]
+        body.append([*key, str(n), *counts, _num(out / n if n else None, 2),
+                     *_censoring_cols(by_test.get(key))])  # fmt: skip
+    return head, body
+
+
 # --------------------------------------------------------------------------- renderers
 
 
@@ -318,18 +550,66 @@ def _html_table(t: Table, cls: str = "") -> str:
     return f"<table{c}><thead><tr>{ths}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _md_cell(x: str) -> str:
-    return str(x).replace("|", "\\|").replace("\n", " ")
-
-
 def _md_table(t: Table) -> str:
     head, rows = t
     lines = [
-        "| " + " | ".join(_md_cell(h) for h in head) + " |",
+        "| " + " | ".join(md_escape(h) for h in head) + " |",
         "|" + "---|" * len(head),
     ]
-    lines += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows]
+    lines += ["| " + " | ".join(md_escape(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+class _Doc:
+    """The report, built once and rendered to HTML and markdown side by side. Every text
+    argument is plain text (escaped here); `raw_html` takes markup built by this module."""
+
+    def __init__(self) -> None:
+        self.html: list[str] = []
+        self.md: list[str] = []
+
+    def h1(self, text: str) -> None:
+        self.html.append(f"<h1>{_e(text)}</h1>")
+        self.md += [f"# {md_escape(text)}", ""]
+
+    def h2(self, anchor: str, text: str) -> None:
+        self.html.append(f'<h2 id="{_e(anchor)}">{_e(text)}</h2>')
+        self.md += [f"## {md_escape(text)}", ""]
+
+    def h3(self, text: str) -> None:
+        self.html.append(f"<h3>{_e(text)}</h3>")
+        self.md += [f"### {md_escape(text)}", ""]
+
+    def p(self, text: str, md: bool = True) -> None:
+        self.html.append(f"<p>{_e(text)}</p>")
+        if md:
+            self.md += [_md_block(text), ""]
+
+    def table(self, t: Table, md: bool = True, empty: str = "") -> None:
+        if not t[1] and empty:
+            self.p(empty, md)
+            return
+        self.html.append(_html_table(t))
+        if md:
+            self.md += [_md_table(t), ""]
+
+    def ul(self, items: Sequence[str], cls: str = "", md: bool = True) -> None:
+        c = f' class="{_e(cls)}"' if cls else ""
+        self.html.append(f"<ul{c}>" + "".join(f"<li>{_e(n)}</li>" for n in items) + "</ul>")
+        if md and items:
+            self.md += [f"- {_md_block(n)}" for n in items] + [""]
+
+    def details(self, summary: str, t: Table, md: bool = False) -> None:
+        """A collapsed table; in the markdown only with `md` (else the CSVs hold it)."""
+        self.html.append(f"<details><summary>{_e(summary)}</summary>{_html_table(t)}</details>")
+        if md:
+            self.md += [f"**{md_escape(summary)}**", "", _md_table(t), ""]
+
+    def raw_html(self, markup: str) -> None:
+        self.html.append(markup)
+
+    def md_lines(self, lines: Sequence[str]) -> None:
+        self.md += [*lines, ""]
 
 
 # --------------------------------------------------------------------------- samples
@@ -422,6 +702,9 @@ table{border-collapse:collapse;margin:.6em 0;font-size:.85em}
 th,td{border:1px solid #ddd;padding:.25em .5em;text-align:left;vertical-align:top}
 th{background:#f3f3f3}tbody tr:nth-child(even){background:#fafafa}
 .banner{background:#b00020;color:#fff;padding:.8em 1em;font-weight:bold;margin:1em 0}
+.warnings{background:#fff4e5;border:2px solid #b35c00;padding:.6em 1em;margin:1em 0}
+.warnings ul{margin:.3em 0}.headline{background:#f4f8fc;border-left:5px solid #4C72B0;
+padding:.2em 1em;margin:1em 0}.headline h2{border:none;margin-top:.4em}.headline p{margin:.45em 0}
 .notes li{margin:.2em 0}.fig{margin:1em 0}.fig img{max-width:100%;border:1px solid #eee}
 .fig figcaption{font-size:.85em;color:#555}
 pre{white-space:pre-wrap;word-break:break-word;background:#f7f7f7;padding:.4em;margin:.2em 0;
@@ -583,6 +866,156 @@ def _sample_browser(samples: list[dict[str, Any]], note: str) -> str:
     )
 
 
+# --------------------------------------------------------------------------- page sections
+
+
+@dataclass
+class ReportContent:
+    """What the report shows besides the figures (built by `prepare_report`)."""
+
+    result: MetricsResult
+    title: str
+    settings: Mapping[str, Any]
+    meaningless: bool
+    paper: bool
+    notes: list[str]
+    warnings: list[str]
+    context: HeadlineContext
+    outcomes: list[PredictionRecord]
+    censoring: list[CensoringTest]
+    samples: list[dict[str, Any]]
+    sample_note: str
+
+
+_NAV = (
+    ("headline", "Headline"), ("metrics", "Metrics"), ("classifier", "Classifier"),
+    ("ladder", "Ladder"), ("contrasts", "Contrasts"), ("stages", "Stages"),
+    ("outcomes", "Outcomes"), ("personas", "Per persona"), ("labels", "Predicted labels"),
+    ("confusion", "Confusion"), ("figures", "Figures"), ("samples", "Samples"),
+    ("method", "Method"), ("settings", "Settings"),
+)  # fmt: skip
+
+
+def _top(doc: _Doc, rep: ReportContent) -> None:
+    """Title, the warning box, the smoke banner and the headline: what a person reads first."""
+    doc.h1(rep.title)
+    if rep.warnings:
+        items = "".join(f"<li>{_e(w)}</li>" for w in rep.warnings)
+        doc.raw_html(
+            '<div class="warnings" id="warnings" role="alert"><strong>Read first</strong>'
+            f"<ul>{items}</ul></div>"
+        )
+        doc.md_lines(["> **Read first**", ">", *(f"> - {md_escape(w)}" for w in rep.warnings)])
+    if rep.meaningless:
+        doc.raw_html(
+            '<div class="banner" id="meaningless-banner">Smoke run: these numbers mean nothing. '
+            "The models and classifier are tiny or untrained; this report only shows that the "
+            "pipeline works.</div>"
+        )
+        doc.md_lines(["> **Smoke run: these numbers mean nothing.**"])
+    sentences = headline_text(rep.result, rep.context)
+    doc.raw_html(
+        '<section id="headline" class="headline"><h2>Headline</h2>'
+        + "".join(f"<p>{_e(s)}</p>" for s in sentences)
+        + "</section>"
+    )
+    doc.md += ["## Headline", ""] + [x for s in sentences for x in (_md_block(s), "")]
+    nav = "".join(f'<a href="#{a}">{_e(t)}</a>' for a, t in _NAV)
+    doc.raw_html(f"<nav>{nav}</nav>")
+    if rep.notes:
+        doc.ul(rep.notes, cls="notes")
+
+
+def _metrics_section(doc: _Doc, rep: ReportContent) -> None:
+    res = rep.result
+    doc.h2("metrics", "Metrics per cell")
+    doc.p(
+        f"{len(res.personas)} personas; {res.ci:.0%} cluster-bootstrap intervals in brackets "
+        f"({DAGGER}: flagged). n = rows with an output / rows attempted; a unit is a slice or "
+        "a scoring variant SLICE.VARIANT."
+    )
+    doc.table(_metrics_table(res, rep.paper))
+    if rep.paper:
+        doc.h3("Against the published figures")
+        doc.table(_published_table(res))
+
+
+def _classifier_section(doc: _Doc, rep: ReportContent) -> None:
+    doc.h2("classifier", "The classifier")
+    doc.p(
+        "Held-out quality of each classifier trained in this run, against chance 1/K and beside "
+        "a lexical baseline (TF-IDF + logistic regression fitted and scored on the same split). "
+        "A classifier whose interval reaches chance cannot support any persona figure below."
+    )
+    doc.table(_classifier_table(rep.result, rep.context))
+
+
+def _chain_block(
+    doc: _Doc, cond: ChainDecomposition | None, itt: ChainDecomposition | None
+) -> None:
+    ref = cond or itt
+    assert ref is not None
+    doc.h3(f"{ref.base} / {ref.stage}: {chain_heading(ref)}")
+    doc.p(_pairing_text(ref))
+    doc.table(_chain_units_table(cond, itt))
+    doc.table(_chain_rungs_table(cond, itt))
+
+
+def _ladder_section(doc: _Doc, rep: ReportContent) -> None:
+    doc.h2("ladder", "Ladder decomposition")
+    doc.p(
+        "Every chain, per base and stage: each unit's macro-F1 on the chain's common items, then "
+        "each rung (what it changes, the macro-F1 lost with its interval, paired or not) and the "
+        "total. Positive = persona lost. Conditional and intention-to-treat (ITT) side by side."
+    )
+    pairs = _decomp_pairs(rep.result)
+    if not pairs:
+        doc.p("Fewer than two units of any chain in this run: no decomposition.")
+    for cond, itt in pairs:
+        _chain_block(doc, cond, itt)
+    doc.h2("contrasts", "Contrasts")
+    doc.p("Single comparisons outside a chain, paired on the items the two units share.")
+    doc.table(_contrast_table(rep.result), empty="No contrast has both of its units in this run.")
+
+
+def _stage_section(doc: _Doc, rep: ReportContent) -> None:
+    doc.h2("stages", "Stage differences")
+    doc.p("Later minus earlier stage (positive = persona gained), paired on the shared items.")
+    doc.table(_stage_table(rep.result), empty="Only one stage per unit: no stage difference.")
+
+
+def _outcomes_section(doc: _Doc, rep: ReportContent) -> None:
+    doc.h2("outcomes", "Outcomes and differential censoring")
+    doc.p(
+        "How each row ended, per cell (a base output counted once), and whether producing an "
+        "output depends on the persona (permutation chi-square of output vs missing by persona, "
+        f"p < {CENSORING_ALPHA}: differential censoring). A persona whose outputs go missing "
+        "more often than another's is a finding, not noise: conditional figures then compare "
+        "personas on different items."
+    )
+    rows = _outcome_rows(rep.outcomes, rep.result)
+    doc.table(_outcome_summary(rows, rep.censoring), empty="No rows.")
+    if rows:
+        doc.details("Outcomes by persona, stage and unit (every count)", _outcome_table(rows),
+                    md=True)  # fmt: skip
+
+
+def _persona_section(doc: _Doc, rep: ReportContent) -> None:
+    res = rep.result
+    doc.h2("personas", "Per-persona F1 (conditional)")
+    for sl in res.slices:
+        doc.h3(sl)
+        doc.table(_per_persona_pivot(res, sl))
+    for m in res.cells.values():
+        doc.details(f"{m.cell.label()}: per-persona details", _per_persona_detail(m))
+    doc.h2("labels", "Predicted-label distribution")
+    doc.p("Share of scored rows per predicted label (labels outside the run included).")
+    doc.table(_pred_dist_table(res))
+    doc.raw_html('<h2 id="confusion">Confusion matrices</h2>')
+    for m in res.cells.values():
+        doc.details(m.cell.label(), _confusion_table(m))
+
+
 def _figure_html(caption: str, png: Path) -> str:
     b64 = base64.b64encode(png.read_bytes()).decode("ascii")
     return (
@@ -592,168 +1025,181 @@ def _figure_html(caption: str, png: Path) -> str:
     )
 
 
-def write_report(
-    out_dir: str | Path,
+def _figures_section(doc: _Doc, figures: Sequence[tuple[str, Path, Path]]) -> None:
+    doc.h2("figures", "Figures")
+    for cap, png, svg in figures:
+        doc.raw_html(_figure_html(cap, png))
+        doc.md.append(f"- {_md_block(cap)}: `report/plots/{png.name}`, `report/plots/{svg.name}`")
+    doc.md.append("")
+
+
+def _condition_table(settings: Mapping[str, Any], ctx: HeadlineContext) -> Table:
+    cfg = settings.get("config") if isinstance(settings.get("config"), dict) else {}
+    man = settings.get("manifest") if isinstance(settings.get("manifest"), dict) else {}
+    p = ctx.tool_protocol
+    rows = [["tool protocol", PROTOCOLS.get(p, p) if p else "not recorded"]]
+    rows.append(["samples per item", str(ctx.n_samples) if ctx.n_samples else "not recorded"])
+    for key in ("sampling", "scoring", "backend"):
+        if isinstance(cfg.get(key), dict):
+            rows.append([key, json.dumps(cfg[key], sort_keys=True, default=str)])
+    for base, info in (
+        (man.get("backends") or {}).items() if isinstance(man.get("backends"), dict) else []
+    ):
+        rows.append([f"backend of {base}", json.dumps(info, sort_keys=True, default=str)])
+    return ["setting", "value"], rows
+
+
+def _closing_sections(
+    doc: _Doc, rep: ReportContent, figures: Sequence[tuple[str, Path, Path]]
+) -> None:
+    _figures_section(doc, figures)
+    doc.raw_html('<h2 id="samples">Sample browser</h2>')
+    doc.raw_html(_sample_browser(rep.samples, rep.sample_note))
+    doc.md_lines(["The sample browser is in `report/index.html`."])
+    doc.h2("method", "Method notes")
+    doc.ul(method_notes(rep.result))
+    doc.h2("settings", "Settings")
+    doc.p("The condition: what shapes the outputs besides the model and the persona.")
+    doc.table(_condition_table(rep.settings, rep.context))
+    text = _json_text(dict(rep.settings))
+    doc.raw_html(f"<pre>{_e(text)}</pre>")
+    doc.md_lines(["```json", text, "```"])
+
+
+def render_report(
+    rep: ReportContent, figures: Sequence[tuple[str, Path, Path]] = ()
+) -> tuple[str, str]:
+    """(the HTML page, the markdown) of the report; `figures`: (caption, png, svg) to show."""
+    doc = _Doc()
+    _top(doc, rep)
+    for section in (_metrics_section, _classifier_section, _ladder_section, _stage_section,
+                    _outcomes_section, _persona_section):  # fmt: skip
+        section(doc, rep)
+    _closing_sections(doc, rep, figures)
+    page = (
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+        f'<meta http-equiv="Content-Security-Policy" content="{_csp()}">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_e(rep.title)}</title><style>{_CSS}</style></head><body>"
+        + "\n".join(doc.html)
+        + f"<script>{_JS}</script></body></html>\n"
+    )
+    return page, "\n".join(doc.md) + "\n"
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _write_utf8(path: Path, text: str) -> None:
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        near = err.object[max(0, err.start - 30) : err.end + 30]
+        raise ReportError(
+            f"cannot write {path.name}: the data holds text that is not valid Unicode "
+            f"({err.reason}, near {near!r}); the previous report is left as it was"
+        ) from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+@contextlib.contextmanager
+def _staging(root: Path) -> Iterator[Path]:
+    """A fresh folder beside the report, removed afterwards whatever happens."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        staged = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=root))
+    except OSError as err:
+        raise ReportError(f"cannot write the report into {root}: {err.strerror or err}") from None
+    try:
+        yield staged
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def _swap_in(staged: Path, root: Path) -> None:
+    """Move the staged report folder and report.md into place; the old folder goes into the
+    staging folder (removed with it). If the folder move fails, the old one is put back."""
+    new, cur, old = staged / "report", root / "report", staged / "previous-report"
+    had_old = cur.exists() or cur.is_symlink()
+    if had_old:
+        os.replace(cur, old)
+    try:
+        os.replace(new, cur)
+    except OSError:
+        if had_old:
+            os.replace(old, cur)
+        raise
+    os.replace(staged / "report.md", root / "report.md")
+
+
+def prepare_report(
     records: Sequence[PredictionRecord],
     result: MetricsResult,
     *,
-    settings: dict[str, Any],
+    settings: Mapping[str, Any],
     samples: list[dict[str, Any]] | None,
     title: str,
     meaningless: bool = False,
     published: str | None = None,
     notes: Sequence[str] = (),
+    warnings: Sequence[str] = (),
+    context: HeadlineContext | None = None,
+    max_samples: int = MAX_SAMPLES,
+) -> ReportContent:
+    """Everything the report shows besides the figures (see `write_report` for the arguments);
+    computes the outcome counts and the differential-censoring tests."""
+    notes = list(notes)
+    if published and published != "paper":
+        notes.append(f"Unknown published set {published!r}: only 'paper' is known.")
+    ctx = context or context_from_settings(settings, meaningless)
+    outcomes = outcome_records(records)
+    tests = censoring_tests(
+        outcomes, collapse=True, n_perm=CENSORING_PERMUTATIONS, seed=result.seed
+    )
+    ctx = dataclasses.replace(ctx, censoring=tests, meaningless=ctx.meaningless or meaningless)
+    pool = samples_from_records(records) if samples is None else samples
+    shown, note = select_samples(pool, max_samples)
+    return ReportContent(result, title, settings, meaningless, published == "paper", notes,
+                         list(warnings), ctx, outcomes, tests, shown, note)  # fmt: skip
+
+
+def write_report(
+    out_dir: str | Path,
+    records: Sequence[PredictionRecord],
+    result: MetricsResult,
+    *,
+    settings: Mapping[str, Any],
+    samples: list[dict[str, Any]] | None,
+    title: str,
+    meaningless: bool = False,
+    published: str | None = None,
+    notes: Sequence[str] = (),
+    warnings: Sequence[str] = (),
+    context: HeadlineContext | None = None,
     max_samples: int = MAX_SAMPLES,
 ) -> Path:
     """Write report/index.html (self-contained), report/plots/* and report.md; return the HTML path.
 
-    `samples`: dicts with the SAMPLE_FIELDS keys for the sample browser; None builds minimal ones
-    from `records` (text, prediction, probabilities). `published="paper"` sets the published
-    OCT/DCT figures beside the run's own.
+    `records`: the predictions behind `result` (base outputs unexpanded or expanded: outcomes
+    count each base output once). `samples`: dicts with the SAMPLE_FIELDS keys for the sample
+    browser; None builds minimal ones from `records`. `warnings` are shown first, in a box at
+    the top. `context`: facts for the headline (tool protocol, trained classifiers, ...); None
+    reads them from `settings` ({"config": ..., "manifest": ...}). `published="paper"` sets the
+    published OCT/DCT figures beside the run's own. The whole report is replaced atomically;
+    on any failure the previous one is left as it was (ReportError for bad text or a folder
+    that cannot be written).
     """
     root = Path(out_dir)
-    rep = root / "report"
-    rep.mkdir(parents=True, exist_ok=True)
-    figures = make_figures(result, rep / "plots")
-    paper = published == "paper"
-    notes = list(notes)
-    if published and not paper:
-        notes.append(f"Unknown published set {published!r}: only 'paper' is known.")
-    if samples is None:
-        samples = samples_from_records(records)
-    shown, sample_note = select_samples(samples, max_samples)
-    mnotes = method_notes(result)
-
-    parts: list[str] = []
-    add = parts.append
-    add(f"<h1>{_e(title)}</h1>")
-    if meaningless:
-        add(
-            '<div class="banner" id="meaningless-banner">Smoke run: these numbers mean nothing. '
-            "The models and classifier are tiny or untrained; this report only shows that the "
-            "pipeline works.</div>"
-        )
-    add(
-        "<nav>"
-        + "".join(
-            f'<a href="#{a}">{t}</a>'
-            for a, t in (
-                ("headline", "Headline"),
-                ("ladder", "Ladder"),
-                ("stages", "Stages"),
-                ("personas", "Per persona"),
-                ("labels", "Predicted labels"),
-                ("confusion", "Confusion"),
-                ("figures", "Figures"),
-                ("samples", "Samples"),
-                ("method", "Method"),
-                ("settings", "Settings"),
-            )
-        )
-        + "</nav>"
-    )
-    if notes:
-        add('<ul class="notes">' + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>")
-    add('<h2 id="headline">Headline metrics</h2>')
-    add(
-        f"<p>{len(result.personas)} personas; {result.ci:.0%} cluster-bootstrap intervals in "
-        "brackets. n = rows with an output / rows attempted.</p>"
-    )
-    add(_html_table(_headline(result, paper)))
-    if paper:
-        add("<h3>Against the published figures</h3>")
-        add(_html_table(_published_table(result)))
-    add('<h2 id="ladder">Ladder decomposition</h2>')
-    lad = _ladder_tables(result)
-    if not lad:
-        add("<p>Fewer than two units of any chain in this run: no decomposition.</p>")
-    for cap, t in lad:
-        add(f"<h3>{_e(cap)}</h3>{_html_table(t)}")
-    add('<h2 id="stages">Stage differences</h2>')
-    add(_html_table(_stage_table(result)))
-    add('<h2 id="personas">Per persona</h2><p>F1 (conditional) per persona; details below.</p>')
-    for sl in result.slices:
-        add(f"<h3>{_e(sl)}</h3>{_html_table(_per_persona_pivot(result, sl))}")
-    for m in result.cells.values():
-        add(
-            f"<details><summary>{_e(m.cell.label())}: per-persona details</summary>"
-            f"{_html_table(_per_persona_detail(m))}</details>"
-        )
-    add('<h2 id="labels">Predicted-label distribution</h2>')
-    add("<p>Share of scored rows per predicted label (labels outside the run included).</p>")
-    add(_html_table(_pred_dist_table(result)))
-    add('<h2 id="confusion">Confusion matrices</h2>')
-    for m in result.cells.values():
-        add(
-            f"<details><summary>{_e(m.cell.label())}</summary>"
-            f"{_html_table(_confusion_table(m))}</details>"
-        )
-    add('<h2 id="figures">Figures</h2>')
-    for cap, png, _svg in figures:
-        add(_figure_html(cap, png))
-    add('<h2 id="samples">Sample browser</h2>')
-    add(_sample_browser(shown, sample_note))
-    add('<h2 id="method">Method notes</h2>')
-    add("<ul>" + "".join(f"<li>{_e(n)}</li>" for n in mnotes) + "</ul>")
-    add('<h2 id="settings">Settings</h2>')
-    add(f"<pre>{_e(json.dumps(settings, indent=2, sort_keys=True, default=str))}</pre>")
-
-    page = (
-        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-        f'<meta http-equiv="Content-Security-Policy" content="{_csp()}">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
-        + "\n".join(parts)
-        + f"<script>{_JS}</script></body></html>\n"
-    )
-    index = rep / "index.html"
-    index.write_text(page, encoding="utf-8")
-    (root / "report.md").write_text(
-        _markdown(result, title, meaningless, paper, notes, mnotes, settings, figures),
-        encoding="utf-8",
-    )
-    return index
-
-
-def _markdown(
-    result: MetricsResult,
-    title: str,
-    meaningless: bool,
-    paper: bool,
-    notes: list[str],
-    mnotes: list[str],
-    settings: dict[str, Any],
-    figures: list[tuple[str, Path, Path]],
-) -> str:
-    out = [f"# {title}", ""]
-    if meaningless:
-        out += ["> **Smoke run: these numbers mean nothing.**", ""]
-    out += [f"- {n}" for n in notes] + ([""] if notes else [])
-    out += ["## Headline metrics", "", _md_table(_headline(result, paper)), ""]
-    if paper:
-        out += ["### Against the published figures", "", _md_table(_published_table(result)), ""]
-    out += ["## Ladder decomposition", ""]
-    for cap, t in _ladder_tables(result):
-        out += [f"### {cap}", "", _md_table(t), ""]
-    out += ["## Stage differences", "", _md_table(_stage_table(result)), ""]
-    out += ["## Per-persona F1 (conditional)", ""]
-    for sl in result.slices:
-        out += [f"### {sl}", "", _md_table(_per_persona_pivot(result, sl)), ""]
-    out += ["## Predicted-label distribution (share of scored rows)", ""]
-    out += [_md_table(_pred_dist_table(result)), ""]
-    out += ["## Figures", ""]
-    out += [
-        f"- {cap}: `report/plots/{png.name}`, `report/plots/{svg.name}`"
-        for cap, png, svg in figures
-    ]
-    out += ["", "## Method notes", ""] + [f"- {n}" for n in mnotes]
-    out += [
-        "",
-        "## Settings",
-        "",
-        "```json",
-        json.dumps(settings, indent=2, sort_keys=True, default=str),
-        "```",
-        "",
-    ]
-    return "\n".join(out)
+    content = prepare_report(
+        records, result, settings=settings, samples=samples, title=title,
+        meaningless=meaningless, published=published, notes=notes, warnings=warnings,
+        context=context, max_samples=max_samples,
+    )  # fmt: skip
+    with _staging(root) as staged:
+        figures = make_figures(result, staged / "report" / "plots")
+        page, md = render_report(content, figures)
+        _write_utf8(staged / "report" / "index.html", page)
+        _write_utf8(staged / "report.md", md)
+        _swap_in(staged, root)
+    return root / "report" / "index.html"
