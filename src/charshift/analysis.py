@@ -276,7 +276,9 @@ def _completeness_notes(cfg: RunConfig, store: RunStore, cids: dict[str, str]) -
 def report_run(cfg: RunConfig, store: RunStore, out_dir: Path | None = None) -> Path:
     """The analysis tail over a run directory; the report goes to `out_dir` or the run's root.
     Warnings (an incomplete run, damage found in the store, a recovered classifier id) are
-    printed to stderr and come first among the report's notes."""
+    printed to stderr and shown first in the report, in its warning box. The label sets go into
+    the manifest when the store is open for writing (`run`); a read-only `report --run` leaves
+    the manifest as it is (stats.json and the report carry them)."""
     cids, cid_notes = run_classifier_ids(cfg, store)
     records = prediction_records(cfg, store, cids)
     if not records:
@@ -284,8 +286,8 @@ def report_run(cfg: RunConfig, store: RunStore, out_dir: Path | None = None) -> 
     warnings = cid_notes + _completeness_notes(cfg, store, cids)
     for w in warnings:
         store_warn(w)
-    notes = warnings + store.notes
-    notes += [
+    warnings += store.notes  # damage found when the store was opened (already printed)
+    notes = [
         f"Skipped adapter {name}: {msg}"
         for name, msg in (store.manifest().get("skipped_adapters") or {}).items()
     ]
@@ -299,11 +301,13 @@ def report_run(cfg: RunConfig, store: RunStore, out_dir: Path | None = None) -> 
         meaningless=cfg.meaningless,
         published=cfg.published,
         notes=notes,
+        warnings=warnings,
     )
     result = compute(inp)
-    inp.settings["manifest"] = store.update_manifest(
-        label_sets={"labels": result.labels, "notes": [n.text() for n in result.label_notes]}
-    )
+    if store.writable:
+        inp.settings["manifest"] = store.update_manifest(
+            label_sets={"labels": result.labels, "notes": [n.text() for n in result.label_notes]}
+        )
     return analyse(inp, Path(out_dir) if out_dir else store.root, result)
 
 
