@@ -555,3 +555,19 @@ def test_lock_info_names_pid_host_and_start(tmp_path):
     with RunStore(tmp_path / "run"):
         info = json.loads((tmp_path / "run" / "writer.lock.info").read_text())
         assert info["pid"] == os.getpid() and info["host"] and info["started"]
+
+
+def test_resume_accepts_a_config_resolved_by_an_older_version(tmp_path):
+    """A field added since the run started takes its default: the same run, not a different one."""
+    from charshift.config import parse_config
+
+    cfg = config_to_dict(load_preset("smoke"))
+    older = {k: v for k, v in cfg.items() if k != "description"}  # as if `description` were new
+    norm = lambda d: config_to_dict(parse_config({**d, "description": cfg["description"]}))  # noqa: E731
+    with RunStore(tmp_path / "run", warn=_quiet) as s:
+        s.write_config(older)
+    with RunStore(tmp_path / "run", warn=_quiet) as s:
+        s.write_config(cfg, normalise=norm)
+        assert s.read_config() == cfg
+        with pytest.raises(StoreError, match="different config"):
+            s.write_config({**cfg, "name": "other"}, normalise=norm)

@@ -119,7 +119,9 @@ def prepare_run(cfg: RunConfig, out: Path) -> RunStore:
     store = RunStore(out)
     try:
         store.write_config(
-            config_to_dict(cfg), planned_keys=lambda: {r.key for r in build_plan(cfg).rows}
+            config_to_dict(cfg),
+            planned_keys=lambda: {r.key for r in build_plan(cfg).rows},
+            normalise=lambda d: config_to_dict(parse_config(d)),
         )
         store.update_manifest(seeds={"sampling": cfg.sampling.seed, "stats": cfg.stats.seed})
     except BaseException:

@@ -768,17 +768,32 @@ class RunStore:
         self,
         cfg_dict: dict[str, Any],
         planned_keys: Callable[[], Iterable[str]] | None = None,
+        normalise: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     ) -> None:
         """Write the resolved config; a resumed run must have the same config. If config.yaml is
         missing from a folder that holds rows, the config is accepted only when it matches the
-        manifest's copy, or (no manifest) when every stored row is one of `planned_keys()`."""
+        manifest's copy, or (no manifest) when every stored row is one of `planned_keys()`.
+        `normalise` re-resolves a stored config under this version (fields added since it was
+        written take their defaults), so a resume is not refused for a field it never set."""
         self._require_writable()
         if self.config_path.exists():
-            if self.read_config() != cfg_dict:
+            stored = self.read_config()
+            if normalise is not None:
+                try:
+                    stored = normalise(stored)
+                except ValueError:
+                    pass  # not valid under this version: it differs, said below
+            if stored != cfg_dict:
                 raise StoreError(
                     f"{self.root} holds a run with a different config; use another --out or "
                     f"delete it (diff the resolved config in {self.config_path})"
                 )
+            if self.read_config() != cfg_dict:  # same run, resolved by an older version
+                with self._shared_files_lock():
+                    atomic_write_text(
+                        self.config_path,
+                        yaml.safe_dump(cfg_dict, sort_keys=False, allow_unicode=True),
+                    )
         else:
             if len(self.generations) or len(self.scores):
                 self._check_same_run(cfg_dict, planned_keys)
