@@ -31,6 +31,12 @@ Heuristics (line based, each a plain regex over one line, so no catastrophic bac
    greeting/sign-off structure and so also gives None.
 
 Everything inside the body is kept verbatim (markdown included): persona lives in the wording.
+
+Cost: linear in the length of the reply. Only the first `MAX_CHARS` characters are read (an
+email in a chat reply is a few thousand); each pass visits each line a bounded number of times
+(a look-ahead over blank lines is done once per run of them), and every pattern is anchored to
+one line. `WorkStats` (pass `stats=`) reports the lines visited and characters read, in the
+units of the tool-call parser's budget.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from __future__ import annotations
 import re
 
 from charshift.schema import EmailOut
+from charshift.toolcalls import SCAN_CHARS_PER_UNIT, WorkStats
 
 MIN_BODY_WORDS = 8
 MIN_HEADLESS_WORDS = 15  # a body without greeting or sign-off needs a Subject and this many words
@@ -112,6 +119,25 @@ _CLARIFY = re.compile(
 )
 
 
+class _Work:
+    """Work of one extraction: a unit per line visit, plus its characters in scan units."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+
+    def line(self, line: str, visits: int = 1) -> None:
+        self.ticks += visits * (SCAN_CHARS_PER_UNIT + len(line))
+
+    def chars(self, n: int) -> None:
+        self.ticks += SCAN_CHARS_PER_UNIT + n
+
+    def report(self, stats: WorkStats | None) -> None:
+        if stats is not None:
+            stats.units = -(-self.ticks // SCAN_CHARS_PER_UNIT)
+            stats.limit = 0  # no budget: the input is cut at MAX_CHARS
+            stats.exhausted = False
+
+
 def _plain(line: str) -> str:
     """A line without surrounding whitespace and markdown emphasis/heading/quote marks."""
     return line.strip().strip("*_#> \t").strip()
@@ -149,14 +175,15 @@ def _is_signature_line(line: str) -> bool:
     return p[-1] not in "?:" and not re.search(r"[.!?]\s+[A-Z]", p)
 
 
-def _closing_kind(lines: list[str], i: int) -> int:
+def _closing_kind(lines: list[str], i: int, work: _Work) -> int:
     """0: not a sign-off; 1: a closing phrase; 2: a sign-off followed by a name (or a '- Name')."""
+    work.line(lines[i])
     p = _plain(lines[i])
     if not p or len(p) > 50 or len(p.split()) > 7:
         return 0
     if _DASH_NAME.match(p):
         return 2
-    nxt = _next_nonblank(lines, i + 1, max_gap=1)
+    nxt = _next_nonblank(lines, i + 1, max_gap=1, work=work)
     followed_by_name = nxt is not None and _is_name_like(lines[nxt])
     if _CLOSING.match(p):
         if p[-1] == "." and len(p.split()) > 2:
@@ -169,9 +196,10 @@ def _closing_kind(lines: list[str], i: int) -> int:
     return 0
 
 
-def _next_nonblank(lines: list[str], i: int, max_gap: int) -> int | None:
+def _next_nonblank(lines: list[str], i: int, max_gap: int, work: _Work) -> int | None:
     gap = 0
     while i < len(lines):
+        work.line(lines[i])
         if lines[i].strip():
             return i
         gap += 1
@@ -181,7 +209,9 @@ def _next_nonblank(lines: list[str], i: int, max_gap: int) -> int | None:
     return None
 
 
-def _unquote(lines: list[str]) -> list[str]:
+def _unquote(lines: list[str], work: _Work) -> list[str]:
+    for ln in lines:
+        work.line(ln, visits=4)  # rstrip, two filters, perhaps the unquoting
     nonblank = [ln for ln in lines if ln.strip()]
     quoted = [ln for ln in nonblank if ln.lstrip().startswith(">")]
     if nonblank and len(quoted) >= 0.6 * len(nonblank):
@@ -189,12 +219,13 @@ def _unquote(lines: list[str]) -> list[str]:
     return lines
 
 
-def _fenced_blocks(lines: list[str]) -> tuple[list[list[str]], list[str]]:
+def _fenced_blocks(lines: list[str], work: _Work) -> tuple[list[list[str]], list[str]]:
     """The contents of ``` fences (an unclosed one runs to the end), and the lines outside."""
     blocks: list[list[str]] = []
     outside: list[str] = []
     current: list[str] | None = None
     for ln in lines:
+        work.line(ln)
         if _FENCE.match(ln):
             if current is None:
                 current = []
@@ -208,17 +239,18 @@ def _fenced_blocks(lines: list[str]) -> tuple[list[list[str]], list[str]]:
     return blocks, outside
 
 
-def _find_email(lines: list[str]) -> EmailOut | None:
-    lines = _unquote([ln.rstrip() for ln in lines])
+def _find_email(lines: list[str], work: _Work) -> EmailOut | None:
+    lines = _unquote([ln.rstrip() for ln in lines], work)
     n = len(lines)
     subject: str | None = None
     to: str | None = None
 
-    greeting = next((i for i, ln in enumerate(lines) if _is_greeting(ln)), None)
+    greeting = next((i for i, ln in enumerate(lines) if _greeting_at(ln, work)), None)
     # The head: headers, labels, rules, blank lines and preamble before the body.
     i, seen = 0, 0
     while i < n and (greeting is None or i < greeting):
         raw = lines[i]
+        work.line(raw)
         p = _plain(raw)
         h = _HEADER.match(p)
         if h:
@@ -240,27 +272,33 @@ def _find_email(lines: list[str]) -> EmailOut | None:
     if start >= n:
         return None
 
-    end, signed = _body_end(lines, start)
+    end, signed = _body_end(lines, start, work)
     if end < start:
         return None
     body = "\n".join(lines[start : end + 1]).strip()
+    work.chars(4 * len(body))  # join, strip, split, search
     if not _valid(body, greeting is not None, signed, subject):
         return None
     return EmailOut(to=to, subject=subject, body=body)
 
 
-def _body_end(lines: list[str], start: int) -> tuple[int, bool]:
+def _greeting_at(line: str, work: _Work) -> bool:
+    work.line(line)
+    return _is_greeting(line)
+
+
+def _body_end(lines: list[str], start: int, work: _Work) -> tuple[int, bool]:
     """Index of the body's last line, and whether it ends with a sign-off."""
     n = len(lines)
     weak: int | None = None
     signoff: int | None = None
     for i in range(start + 1, n):
-        kind = _closing_kind(lines, i)
+        kind = _closing_kind(lines, i, work)
         if kind == 2:
             signoff = i
             break
-        if kind == 1:
-            after = _next_nonblank(lines, i + 1, max_gap=n)
+        if kind == 1:  # looks ahead over the blank lines after it, once per run of them
+            after = _next_nonblank(lines, i + 1, max_gap=n, work=work)
             if after is None or _COMMENTARY.match(_plain(lines[after])) or _is_rule(lines[after]):
                 signoff = i
                 break
@@ -268,12 +306,13 @@ def _body_end(lines: list[str], start: int) -> tuple[int, bool]:
     if signoff is None and weak is not None:
         signoff = weak
     if signoff is not None:
-        return _signature_end(lines, signoff), True
+        return _signature_end(lines, signoff, work), True
     # No sign-off: paragraphs until a rule line or a commentary paragraph.
     end = start
     i = start + 1
     while i < n:
         line = lines[i]
+        work.line(line)
         if _is_rule(line):
             break
         if line.strip():
@@ -285,7 +324,7 @@ def _body_end(lines: list[str], start: int) -> tuple[int, bool]:
     return end, False
 
 
-def _signature_end(lines: list[str], signoff: int) -> int:
+def _signature_end(lines: list[str], signoff: int, work: _Work) -> int:
     n = len(lines)
     end = signoff
     j = signoff + 1
@@ -293,14 +332,16 @@ def _signature_end(lines: list[str], signoff: int) -> int:
         j += 1  # "Best,\n\nDana"
     count = 0
     while j < n and lines[j].strip() and count < 5 and _is_signature_line(lines[j]):
+        work.line(lines[j])
         end = j
         j += 1
         count += 1
     # A P.S. paragraph belongs to the email.
-    k = _next_nonblank(lines, end + 1, max_gap=2)
+    k = _next_nonblank(lines, end + 1, max_gap=2, work=work)
     if k is not None and _PS.match(_plain(lines[k])):
         end = k
         while end + 1 < n and lines[end + 1].strip() and not _is_rule(lines[end + 1]):
+            work.line(lines[end + 1])
             end += 1
     return end
 
@@ -320,38 +361,49 @@ def _prepare(text: str) -> list[str]:
     return text[:MAX_CHARS].replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
-def extract_email(text: str) -> EmailOut | None:
-    """The email in a chat reply (body, plus Subject/To where given), or None. Never raises."""
-    if not isinstance(text, str) or not text.strip():
-        return None
+def extract_email(text: str, *, stats: WorkStats | None = None) -> EmailOut | None:
+    """The email in a chat reply (body, plus Subject/To where given), or None. Never raises.
+
+    Time is linear in len(text); `stats`, when given, receives the work spent."""
+    work = _Work()
     try:
-        lines = _prepare(text)
-        blocks, outside = _fenced_blocks(lines)
-        for block in blocks:
-            found = _find_email(block)
-            if found is not None:
-                if found.subject is None:  # a Subject line given outside the fence
-                    found.subject = _subject_only(outside)
-                return found
-        return _find_email(outside)
+        return _extract(text, work)
     except Exception:  # extraction must never crash a rollout
         return None
+    finally:
+        work.report(stats)
 
 
-def _subject_only(lines: list[str]) -> str | None:
+def _extract(text: str, work: _Work) -> EmailOut | None:
+    if not isinstance(text, str) or not text or text.isspace():
+        return None
+    work.chars(4 * min(len(text), MAX_CHARS))  # cut, two replaces, split
+    lines = _prepare(text)
+    blocks, outside = _fenced_blocks(lines, work)
+    for block in blocks:
+        found = _find_email(block, work)
+        if found is not None:
+            if found.subject is None:  # a Subject line given outside the fence
+                found.subject = _subject_only(outside, work)
+            return found
+    return _find_email(outside, work)
+
+
+def _subject_only(lines: list[str], work: _Work) -> str | None:
     for ln in lines:
+        work.line(ln)
         h = _HEADER.match(_plain(ln))
         if h and h.group(1).lower() == "subject":
             return h.group(2).strip().strip("*_ ").strip() or None
     return None
 
 
-def extract_email_body(text: str) -> str | None:
+def extract_email_body(text: str, *, stats: WorkStats | None = None) -> str | None:
     """The email body (greeting ... sign-off and signature) in a chat reply, or None."""
-    found = extract_email(text)
+    found = extract_email(text, stats=stats)
     return found.body if found is not None else None
 
 
-def looks_like_email(text: str) -> bool:
+def looks_like_email(text: str, *, stats: WorkStats | None = None) -> bool:
     """Whether the text holds an email by the heuristics above."""
-    return extract_email(text) is not None
+    return extract_email(text, stats=stats) is not None
