@@ -1104,6 +1104,51 @@ def _diagnose(
         scanner.budget.report(stats)
 
 
+class _Nearby:
+    """Whether a name-like key or a known tool's name lies within 400 characters after an
+    attempt's start (inside its region). Each pattern's first match after a position is
+    remembered per region, so the attempts together cost about one pass over the text per
+    pattern instead of 400 characters each."""
+
+    def __init__(self, scanner: _Scanner, known: list[str]) -> None:
+        self.s = scanner.s
+        self.budget = scanner.budget
+        self.targets: list[re.Pattern[str] | str] = [_NAMEISH, *known]
+        # (target index, region end) -> (searched from, match start or -1, match end)
+        self.hits: dict[tuple[int, int], tuple[int, int, int]] = {}
+        # region end -> (valid from, valid until, soonest end of a match or -1)
+        self.soonest: dict[int, tuple[int, int, int]] = {}
+
+    def _first(self, k: int, i: int, stop: int) -> tuple[int, int]:
+        hit = self.hits.get((k, stop))
+        if hit is not None and hit[0] <= i and (hit[1] < 0 or i <= hit[1]):
+            return hit[1], hit[2]
+        target = self.targets[k]
+        if isinstance(target, str):
+            start = self.s.find(target, i, stop)
+            end = start + len(target)
+        else:
+            m = target.search(self.s, i, stop)
+            start, end = (m.start(), m.end()) if m else (-1, -1)
+        self.budget.tally(0, chars=(stop if start < 0 else start) - i + _CALL_TICKS)
+        self.hits[(k, stop)] = (i, start, end)
+        return start, end
+
+    def __call__(self, att: _Attempt) -> bool:
+        # The first match after the start is inside the window exactly when some match is:
+        # a later one cannot end sooner (a match holds no quote, nor a name, inside it). The
+        # soonest end over all targets holds until the start passes one of their matches.
+        i, stop = att.start, att.stop
+        hit = self.soonest.get(stop)
+        if hit is None or not hit[0] <= i <= hit[1]:
+            found = [self._first(k, i, stop) for k in range(len(self.targets))]
+            starts = [start for start, _ in found if start >= 0]
+            ends = [end for start, end in found if start >= 0]
+            hit = (i, min(starts, default=stop), min(ends, default=-1))
+            self.soonest[stop] = hit
+        return 0 <= hit[2] <= min(i + 400, stop)
+
+
 def _explain(
     scanner: _Scanner,
     text: str,
@@ -1111,22 +1156,17 @@ def _explain(
     required: Mapping[str, Collection[str]] | None,
     tools_note: str,
 ) -> str | None:
-    """The diagnosis from what the scan found. Its work (bounded by the attempts the budget
-    allowed, and one search of the text per known tool) is tallied, never cut short."""
+    """The diagnosis from what the scan found. Its work (a look near each attempt the budget
+    allowed, one search of the text per known tool) is tallied, never cut short."""
     tally = scanner.budget.tally
     if scanner.calls:
         problems = [check_call(c, known, required) for c in scanner.calls]
         found = [p for p in problems if p]
         return "\n".join(dict.fromkeys(found)) or None
+    nearby = _Nearby(scanner, known)
     for att in scanner.attempts:
-        tally(1 + len(known), chars=400 * (1 + len(known)))
-        relevant = (
-            att.container is not None
-            or att.ok
-            or _NAMEISH.search(att.source, att.start, min(att.start + 400, att.stop))
-            or any(k in att.region(att.start, 400) for k in known)
-        )
-        if not relevant:
+        tally(1)
+        if not (att.container is not None or att.ok or nearby(att)):
             continue
         msg = _attempt_message(att, tools_note)
         if msg:
