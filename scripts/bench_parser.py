@@ -110,8 +110,8 @@ def _cells(times: dict[int, float | None], sizes: list[int], timeout: float) -> 
 def _old_over_new(old: float | None, new: float | None, timeout: float) -> str:
     if new is None:
         return "-"
-    if old is None:
-        return f">{timeout / max(new, 1e-4):.0f}"
+    if old is None:  # the timeout is wall time: no ratio of CPU times to give
+        return f"old >{timeout:g}s wall"
     return f"{old / max(new, 1e-4):.1f}"
 
 
