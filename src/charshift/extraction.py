@@ -120,13 +120,14 @@ _CLARIFY = re.compile(
 
 
 class _Work:
-    """Work of one extraction: a unit per line visit, plus its characters in scan units."""
+    """Work of one extraction: a unit per line visit, plus its characters in scan units.
+    Counted per pass over a run of lines (a per-line call would cost more than the work)."""
 
     def __init__(self) -> None:
         self.ticks = 0
 
-    def line(self, line: str, visits: int = 1) -> None:
-        self.ticks += visits * (SCAN_CHARS_PER_UNIT + len(line))
+    def lines(self, lines: list[str], visits: int = 1) -> None:
+        self.ticks += visits * (SCAN_CHARS_PER_UNIT * len(lines) + sum(map(len, lines)))
 
     def chars(self, n: int) -> None:
         self.ticks += SCAN_CHARS_PER_UNIT + n
@@ -175,15 +176,14 @@ def _is_signature_line(line: str) -> bool:
     return p[-1] not in "?:" and not re.search(r"[.!?]\s+[A-Z]", p)
 
 
-def _closing_kind(lines: list[str], i: int, work: _Work) -> int:
+def _closing_kind(lines: list[str], i: int) -> int:
     """0: not a sign-off; 1: a closing phrase; 2: a sign-off followed by a name (or a '- Name')."""
-    work.line(lines[i])
     p = _plain(lines[i])
     if not p or len(p) > 50 or len(p.split()) > 7:
         return 0
     if _DASH_NAME.match(p):
         return 2
-    nxt = _next_nonblank(lines, i + 1, max_gap=1, work=work)
+    nxt = _next_nonblank(lines, i + 1, max_gap=1)
     followed_by_name = nxt is not None and _is_name_like(lines[nxt])
     if _CLOSING.match(p):
         if p[-1] == "." and len(p.split()) > 2:
@@ -196,10 +196,9 @@ def _closing_kind(lines: list[str], i: int, work: _Work) -> int:
     return 0
 
 
-def _next_nonblank(lines: list[str], i: int, max_gap: int, work: _Work) -> int | None:
+def _next_nonblank(lines: list[str], i: int, max_gap: int) -> int | None:
     gap = 0
     while i < len(lines):
-        work.line(lines[i])
         if lines[i].strip():
             return i
         gap += 1
@@ -210,8 +209,7 @@ def _next_nonblank(lines: list[str], i: int, max_gap: int, work: _Work) -> int |
 
 
 def _unquote(lines: list[str], work: _Work) -> list[str]:
-    for ln in lines:
-        work.line(ln, visits=4)  # rstrip, two filters, perhaps the unquoting
+    work.lines(lines, visits=4)  # rstrip, two filters, perhaps the unquoting
     nonblank = [ln for ln in lines if ln.strip()]
     quoted = [ln for ln in nonblank if ln.lstrip().startswith(">")]
     if nonblank and len(quoted) >= 0.6 * len(nonblank):
@@ -224,8 +222,8 @@ def _fenced_blocks(lines: list[str], work: _Work) -> tuple[list[list[str]], list
     blocks: list[list[str]] = []
     outside: list[str] = []
     current: list[str] | None = None
+    work.lines(lines)
     for ln in lines:
-        work.line(ln)
         if _FENCE.match(ln):
             if current is None:
                 current = []
@@ -245,12 +243,12 @@ def _find_email(lines: list[str], work: _Work) -> EmailOut | None:
     subject: str | None = None
     to: str | None = None
 
-    greeting = next((i for i, ln in enumerate(lines) if _greeting_at(ln, work)), None)
+    greeting = next((i for i, ln in enumerate(lines) if _is_greeting(ln)), None)
+    work.lines(lines if greeting is None else lines[: greeting + 1])
     # The head: headers, labels, rules, blank lines and preamble before the body.
     i, seen = 0, 0
     while i < n and (greeting is None or i < greeting):
         raw = lines[i]
-        work.line(raw)
         p = _plain(raw)
         h = _HEADER.match(p)
         if h:
@@ -268,6 +266,7 @@ def _find_email(lines: list[str], work: _Work) -> EmailOut | None:
                 break
             seen += 1
         i += 1
+    work.lines(lines[:i])
     start = greeting if greeting is not None else i
     if start >= n:
         return None
@@ -282,27 +281,26 @@ def _find_email(lines: list[str], work: _Work) -> EmailOut | None:
     return EmailOut(to=to, subject=subject, body=body)
 
 
-def _greeting_at(line: str, work: _Work) -> bool:
-    work.line(line)
-    return _is_greeting(line)
-
-
 def _body_end(lines: list[str], start: int, work: _Work) -> tuple[int, bool]:
     """Index of the body's last line, and whether it ends with a sign-off."""
     n = len(lines)
     weak: int | None = None
     signoff: int | None = None
+    last = start
     for i in range(start + 1, n):
-        kind = _closing_kind(lines, i, work)
+        last = i
+        kind = _closing_kind(lines, i)
         if kind == 2:
             signoff = i
             break
         if kind == 1:  # looks ahead over the blank lines after it, once per run of them
-            after = _next_nonblank(lines, i + 1, max_gap=n, work=work)
+            after = _next_nonblank(lines, i + 1, max_gap=n)
+            work.lines(lines[i + 1 : n if after is None else after + 1])
             if after is None or _COMMENTARY.match(_plain(lines[after])) or _is_rule(lines[after]):
                 signoff = i
                 break
             weak = i
+    work.lines(lines[start + 1 : last + 1], visits=3)  # each line, and `_closing_kind`'s look-ahead
     if signoff is None and weak is not None:
         signoff = weak
     if signoff is not None:
@@ -312,7 +310,6 @@ def _body_end(lines: list[str], start: int, work: _Work) -> tuple[int, bool]:
     i = start + 1
     while i < n:
         line = lines[i]
-        work.line(line)
         if _is_rule(line):
             break
         if line.strip():
@@ -321,6 +318,7 @@ def _body_end(lines: list[str], start: int, work: _Work) -> tuple[int, bool]:
                 break
             end = i
         i += 1
+    work.lines(lines[start + 1 : i + 1])
     return end, False
 
 
@@ -332,17 +330,16 @@ def _signature_end(lines: list[str], signoff: int, work: _Work) -> int:
         j += 1  # "Best,\n\nDana"
     count = 0
     while j < n and lines[j].strip() and count < 5 and _is_signature_line(lines[j]):
-        work.line(lines[j])
         end = j
         j += 1
         count += 1
     # A P.S. paragraph belongs to the email.
-    k = _next_nonblank(lines, end + 1, max_gap=2, work=work)
+    k = _next_nonblank(lines, end + 1, max_gap=2)
     if k is not None and _PS.match(_plain(lines[k])):
         end = k
         while end + 1 < n and lines[end + 1].strip() and not _is_rule(lines[end + 1]):
-            work.line(lines[end + 1])
             end += 1
+    work.lines(lines[signoff : end + 4])
     return end
 
 
@@ -390,8 +387,8 @@ def _extract(text: str, work: _Work) -> EmailOut | None:
 
 
 def _subject_only(lines: list[str], work: _Work) -> str | None:
+    work.lines(lines)
     for ln in lines:
-        work.line(ln)
         h = _HEADER.match(_plain(ln))
         if h and h.group(1).lower() == "subject":
             return h.group(2).strip().strip("*_ ").strip() or None
