@@ -487,12 +487,13 @@ def _read_value(s: str, i: int, budget: _Budget, hi: int | None = None) -> tuple
     try:
         return _json_at(s, i, hi, budget)
     except ValueError:
-        pass
+        budget.spend()  # a raised error costs about a step
     except RecursionError as exc:  # deeper than MAX_DEPTH, so the lenient reader fails too
         raise _ParseError("the JSON is nested too deeply", i) from exc
     try:
         return _Reader(s, budget, end=hi).value(i)
     except _ParseError:
+        budget.spend()
         # Plain quoting: recovers the rare case the stray-quote rule misreads, and its error
         # (where normal quoting first breaks) is the one worth showing to the model.
         return _Reader(s, budget, stray_quotes=False, end=hi).value(i)
@@ -994,8 +995,8 @@ def check_call(
     return None
 
 
-_NAMEISH = re.compile(
-    r"""["']\s*(?:name|tool|tool_name|function|arguments|args|parameters)\s*["']""", re.IGNORECASE
+_NAMEISH = re.compile(  # case-insensitive only in the names: the search keeps its fast scan
+    r"""["']\s*(?i:name|tool|tool_name|function|arguments|args|parameters)\s*["']"""
 )
 
 
@@ -1114,6 +1115,9 @@ class _Nearby:
         self.s = scanner.s
         self.budget = scanner.budget
         self.targets: list[re.Pattern[str] | str] = [_NAMEISH, *known]
+        # No window reaches past the last attempt's: searching further would be wasted (the
+        # scan may have stopped long before the end of the text).
+        self.reach = max((a.start for a in scanner.attempts), default=0) + 400
         # (target index, region end) -> (searched from, match start or -1, match end)
         self.hits: dict[tuple[int, int], tuple[int, int, int]] = {}
         # region end -> (valid from, valid until, soonest end of a match or -1)
@@ -1123,14 +1127,14 @@ class _Nearby:
         hit = self.hits.get((k, stop))
         if hit is not None and hit[0] <= i and (hit[1] < 0 or i <= hit[1]):
             return hit[1], hit[2]
-        target = self.targets[k]
+        target, upto = self.targets[k], min(stop, self.reach)
         if isinstance(target, str):
-            start = self.s.find(target, i, stop)
+            start = self.s.find(target, i, upto)
             end = start + len(target)
         else:
-            m = target.search(self.s, i, stop)
+            m = target.search(self.s, i, upto)
             start, end = (m.start(), m.end()) if m else (-1, -1)
-        self.budget.tally(0, chars=(stop if start < 0 else start) - i + _CALL_TICKS)
+        self.budget.tally(0, chars=(upto if start < 0 else start) - i + _CALL_TICKS)
         self.hits[(k, stop)] = (i, start, end)
         return start, end
 
