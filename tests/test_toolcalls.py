@@ -263,6 +263,15 @@ def test_pathological_inputs_finish() -> None:
         assert isinstance(diagnose_tool_turn(text, TOOLS), str)
 
 
+def test_tag_name_in_letters_that_ignorecase_accepts() -> None:
+    # re.IGNORECASE matches the long s and the Kelvin sign to s and k; such a tag used to raise
+    # a KeyError that dropped every call of the turn.
+    text = '{"name": "finish", "arguments": {}} <tool_u\u017fe>x</tool_use>'
+    assert calls(text) == [("finish", {})]
+    assert diagnose_tool_turn(text, TOOLS) is None
+    assert calls('<tool_u\u017fe>{"name": "finish"}</tool_use>') == [("finish", {})]
+
+
 def test_call_after_long_prose_is_found() -> None:
     text = "words and {braces} " * 2000 + '{"name": "finish", "arguments": {}}'
     assert calls(text) == [("finish", {})]

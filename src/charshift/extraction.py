@@ -31,6 +31,12 @@ Heuristics (line based, each a plain regex over one line, so no catastrophic bac
    greeting/sign-off structure and so also gives None.
 
 Everything inside the body is kept verbatim (markdown included): persona lives in the wording.
+
+Cost: linear in the length of the reply. Only the first `MAX_CHARS` characters are read (an
+email in a chat reply is a few thousand); each pass visits each line a bounded number of times
+(a look-ahead over blank lines is done once per run of them), and every pattern is anchored to
+one line. `WorkStats` (pass `stats=`) reports the lines visited and characters read, in the
+units of the tool-call parser's budget.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from __future__ import annotations
 import re
 
 from charshift.schema import EmailOut
+from charshift.toolcalls import SCAN_CHARS_PER_UNIT, WorkStats
 
 MIN_BODY_WORDS = 8
 MIN_HEADLESS_WORDS = 15  # a body without greeting or sign-off needs a Subject and this many words
@@ -112,6 +119,26 @@ _CLARIFY = re.compile(
 )
 
 
+class _Work:
+    """Work of one extraction: a unit per line visit, plus its characters in scan units.
+    Counted per pass over a run of lines (a per-line call would cost more than the work)."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+
+    def lines(self, lines: list[str], visits: int = 1) -> None:
+        self.ticks += visits * (SCAN_CHARS_PER_UNIT * len(lines) + sum(map(len, lines)))
+
+    def chars(self, n: int) -> None:
+        self.ticks += SCAN_CHARS_PER_UNIT + n
+
+    def report(self, stats: WorkStats | None) -> None:
+        if stats is not None:
+            stats.units = -(-self.ticks // SCAN_CHARS_PER_UNIT)
+            stats.limit = 0  # no budget: the input is cut at MAX_CHARS
+            stats.exhausted = False
+
+
 def _plain(line: str) -> str:
     """A line without surrounding whitespace and markdown emphasis/heading/quote marks."""
     return line.strip().strip("*_#> \t").strip()
@@ -181,7 +208,8 @@ def _next_nonblank(lines: list[str], i: int, max_gap: int) -> int | None:
     return None
 
 
-def _unquote(lines: list[str]) -> list[str]:
+def _unquote(lines: list[str], work: _Work) -> list[str]:
+    work.lines(lines, visits=4)  # rstrip, two filters, perhaps the unquoting
     nonblank = [ln for ln in lines if ln.strip()]
     quoted = [ln for ln in nonblank if ln.lstrip().startswith(">")]
     if nonblank and len(quoted) >= 0.6 * len(nonblank):
@@ -189,11 +217,12 @@ def _unquote(lines: list[str]) -> list[str]:
     return lines
 
 
-def _fenced_blocks(lines: list[str]) -> tuple[list[list[str]], list[str]]:
+def _fenced_blocks(lines: list[str], work: _Work) -> tuple[list[list[str]], list[str]]:
     """The contents of ``` fences (an unclosed one runs to the end), and the lines outside."""
     blocks: list[list[str]] = []
     outside: list[str] = []
     current: list[str] | None = None
+    work.lines(lines)
     for ln in lines:
         if _FENCE.match(ln):
             if current is None:
@@ -208,13 +237,14 @@ def _fenced_blocks(lines: list[str]) -> tuple[list[list[str]], list[str]]:
     return blocks, outside
 
 
-def _find_email(lines: list[str]) -> EmailOut | None:
-    lines = _unquote([ln.rstrip() for ln in lines])
+def _find_email(lines: list[str], work: _Work) -> EmailOut | None:
+    lines = _unquote([ln.rstrip() for ln in lines], work)
     n = len(lines)
     subject: str | None = None
     to: str | None = None
 
     greeting = next((i for i, ln in enumerate(lines) if _is_greeting(ln)), None)
+    work.lines(lines if greeting is None else lines[: greeting + 1])
     # The head: headers, labels, rules, blank lines and preamble before the body.
     i, seen = 0, 0
     while i < n and (greeting is None or i < greeting):
@@ -236,39 +266,45 @@ def _find_email(lines: list[str]) -> EmailOut | None:
                 break
             seen += 1
         i += 1
+    work.lines(lines[:i])
     start = greeting if greeting is not None else i
     if start >= n:
         return None
 
-    end, signed = _body_end(lines, start)
+    end, signed = _body_end(lines, start, work)
     if end < start:
         return None
     body = "\n".join(lines[start : end + 1]).strip()
+    work.chars(4 * len(body))  # join, strip, split, search
     if not _valid(body, greeting is not None, signed, subject):
         return None
     return EmailOut(to=to, subject=subject, body=body)
 
 
-def _body_end(lines: list[str], start: int) -> tuple[int, bool]:
+def _body_end(lines: list[str], start: int, work: _Work) -> tuple[int, bool]:
     """Index of the body's last line, and whether it ends with a sign-off."""
     n = len(lines)
     weak: int | None = None
     signoff: int | None = None
+    last = start
     for i in range(start + 1, n):
+        last = i
         kind = _closing_kind(lines, i)
         if kind == 2:
             signoff = i
             break
-        if kind == 1:
+        if kind == 1:  # looks ahead over the blank lines after it, once per run of them
             after = _next_nonblank(lines, i + 1, max_gap=n)
+            work.lines(lines[i + 1 : n if after is None else after + 1])
             if after is None or _COMMENTARY.match(_plain(lines[after])) or _is_rule(lines[after]):
                 signoff = i
                 break
             weak = i
+    work.lines(lines[start + 1 : last + 1], visits=3)  # each line, and `_closing_kind`'s look-ahead
     if signoff is None and weak is not None:
         signoff = weak
     if signoff is not None:
-        return _signature_end(lines, signoff), True
+        return _signature_end(lines, signoff, work), True
     # No sign-off: paragraphs until a rule line or a commentary paragraph.
     end = start
     i = start + 1
@@ -282,10 +318,11 @@ def _body_end(lines: list[str], start: int) -> tuple[int, bool]:
                 break
             end = i
         i += 1
+    work.lines(lines[start + 1 : i + 1])
     return end, False
 
 
-def _signature_end(lines: list[str], signoff: int) -> int:
+def _signature_end(lines: list[str], signoff: int, work: _Work) -> int:
     n = len(lines)
     end = signoff
     j = signoff + 1
@@ -302,6 +339,7 @@ def _signature_end(lines: list[str], signoff: int) -> int:
         end = k
         while end + 1 < n and lines[end + 1].strip() and not _is_rule(lines[end + 1]):
             end += 1
+    work.lines(lines[signoff : end + 4])
     return end
 
 
@@ -320,25 +358,36 @@ def _prepare(text: str) -> list[str]:
     return text[:MAX_CHARS].replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
-def extract_email(text: str) -> EmailOut | None:
-    """The email in a chat reply (body, plus Subject/To where given), or None. Never raises."""
-    if not isinstance(text, str) or not text.strip():
-        return None
+def extract_email(text: str, *, stats: WorkStats | None = None) -> EmailOut | None:
+    """The email in a chat reply (body, plus Subject/To where given), or None. Never raises.
+
+    Time is linear in len(text); `stats`, when given, receives the work spent."""
+    work = _Work()
     try:
-        lines = _prepare(text)
-        blocks, outside = _fenced_blocks(lines)
-        for block in blocks:
-            found = _find_email(block)
-            if found is not None:
-                if found.subject is None:  # a Subject line given outside the fence
-                    found.subject = _subject_only(outside)
-                return found
-        return _find_email(outside)
+        return _extract(text, work)
     except Exception:  # extraction must never crash a rollout
         return None
+    finally:
+        work.report(stats)
 
 
-def _subject_only(lines: list[str]) -> str | None:
+def _extract(text: str, work: _Work) -> EmailOut | None:
+    if not isinstance(text, str) or not text or text.isspace():
+        return None
+    work.chars(4 * min(len(text), MAX_CHARS))  # cut, two replaces, split
+    lines = _prepare(text)
+    blocks, outside = _fenced_blocks(lines, work)
+    for block in blocks:
+        found = _find_email(block, work)
+        if found is not None:
+            if found.subject is None:  # a Subject line given outside the fence
+                found.subject = _subject_only(outside, work)
+            return found
+    return _find_email(outside, work)
+
+
+def _subject_only(lines: list[str], work: _Work) -> str | None:
+    work.lines(lines)
     for ln in lines:
         h = _HEADER.match(_plain(ln))
         if h and h.group(1).lower() == "subject":
@@ -346,15 +395,15 @@ def _subject_only(lines: list[str]) -> str | None:
     return None
 
 
-def extract_email_body(text: str) -> str | None:
+def extract_email_body(text: str, *, stats: WorkStats | None = None) -> str | None:
     """The email body (greeting ... sign-off and signature) in a chat reply, or None."""
-    found = extract_email(text)
+    found = extract_email(text, stats=stats)
     return found.body if found is not None else None
 
 
-def looks_like_email(text: str) -> bool:
+def looks_like_email(text: str, *, stats: WorkStats | None = None) -> bool:
     """Whether the text holds an email by the heuristics above."""
-    return extract_email(text) is not None
+    return extract_email(text, stats=stats) is not None
 
 
 def is_email_body(body: str | None) -> bool:
