@@ -365,3 +365,26 @@ def test_server_without_tool_parser_gets_tool_choice_none(stub):
     assert b.info().extra["server_tool_parsing"] is False
     b.generate([req("plain")])
     assert "tool_choice" not in stub.bodies[-1]  # requests without tools are unchanged
+
+
+def test_json_schema_is_sent_as_response_format(stub):
+    from charshift.constrain import tool_call_schema
+    from charshift.formats import TOOL_SPECS
+
+    schema = tool_call_schema(TOOL_SPECS)
+    call = '{"name": "finish", "arguments": {}}'
+    stub.reply = lambda body, n: (200, completion(call if "response_format" in body else "prose"))
+    b = backend(stub, max_concurrency=1)
+    free, tool = b.generate([req("hi"), req("call a tool", json_schema=schema)])
+    assert "response_format" not in stub.bodies[0]
+    assert stub.bodies[1]["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "tool_call", "schema": schema},
+    }
+    assert (free.text, tool.text, tool.finish_reason) == ("prose", call, "stop")
+
+
+def test_server_that_ignores_response_format_gives_an_error_not_free_text(stub):
+    stub.reply = lambda body, n: (200, completion("Sure! Here is the email: ..."))
+    [res] = backend(stub).generate([req("x", json_schema={"type": "object"})])
+    assert res.finish_reason == "error" and "response_format" in res.error
