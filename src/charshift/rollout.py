@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from charshift.backends.base import Backend
+from charshift.constrain import tool_call_schema
 from charshift.extraction import extract_email
 from charshift.formats import compose_system
 from charshift.schema import (
@@ -43,6 +44,9 @@ class RolloutSettings:
     max_malformed: int = 3
     stop_on_send: bool = True
     native_tools: bool = False
+    # tool turns decode under the grammar of `tool_call_schema(spec.tools)` (tool_protocol
+    # "constrained"); chat turns are never constrained
+    constrained: bool = False
 
 
 @dataclass
@@ -112,12 +116,14 @@ class RolloutEngine:
         msgs = ([{"role": "system", "content": sys_prompt}] if sys_prompt else []) + list(
             ep.messages
         )
+        constrained = self.settings.constrained and ep.spec.mode != "chat" and bool(ep.spec.tools)
         return GenRequest(
             messages=msgs,
             adapter=None if base_turn else ep.condition.adapter,
             sampling=ep.sampling,
             seed=derive_seed(ep.run_seed, ep.key, ep.steps),
             tools=ep.spec.tools if self.settings.native_tools else None,
+            json_schema=tool_call_schema(ep.spec.tools) if constrained else None,
         )
 
     # -- advancing ---------------------------------------------------------------------------
