@@ -156,6 +156,19 @@ def test_grammar_accepts_calls_with_free_text_and_rejects_broken_ones(backend):
     assert rc.error is not None
 
 
+def test_grammar_cache_tells_property_orders_apart(backend):
+    """Properties come in the schema's order, so two schemas that differ only in key order are two
+    grammars, and a rejected token's error is one line, not the parser's state dump."""
+    ab = {"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "string"}}}
+    ba = {"type": "object", "properties": {"b": {"type": "string"}, "a": {"type": "string"}}}
+    for schema in (ab, ba):
+        schema.update(required=["a", "b"], additionalProperties=False)
+    assert teacher_force(backend, '{"a": "1", "b": "2"}', ab).accepting
+    assert teacher_force(backend, '{"b": "2", "a": "1"}', ba).accepting
+    wrong = teacher_force(backend, '{"b": "2", "a": "1"}', ab)
+    assert wrong.error is not None and "\n" not in wrong.error
+
+
 def test_inside_a_string_every_plain_token_is_allowed(backend):
     """Free text: at a position inside the email body, each token whose text has no quote,
     backslash or control character is allowed (JSON string escaping is the only constraint);

@@ -21,7 +21,9 @@ apache-tvm-ffi (hundreds of MB on Linux), too heavy for a core dependency of a C
 
 Layout: the HF grammar fixes the whitespace between JSON tokens to the separators of the prompt's
 example call (``", "`` and ``": "``, nothing else), so a model cannot spend its budget on
-whitespace; servers use their own JSON layout defaults.
+whitespace; servers use their own JSON layout defaults. Object properties come in the schema's
+order (llguidance's JSON compiler does so): `name` before `arguments`, and a tool's arguments in
+the order its spec lists them (send_email: to, subject, body, cc), as the prompt's example shows.
 """
 
 from __future__ import annotations
@@ -133,6 +135,11 @@ def response_format(schema: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+def _first_line(matcher: Any) -> str:
+    """The matcher's error without the parser state and grammar it appends."""
+    return str(matcher.get_error()).strip().split("\n", 1)[0]
+
+
 class RowConstraint:
     """One row's grammar state: mask its logits, advance with its token, say when it is complete.
 
@@ -174,7 +181,7 @@ class RowConstraint:
             mask[:n] = torch.frombuffer(bytearray(bias[:n]), dtype=torch.uint8) > 0
         if not bool(mask.any()):
             self._error = self._error or (
-                f"grammar error: {self._matcher.get_error()}"
+                f"grammar error: {_first_line(self._matcher)}"
                 if self._matcher.is_error()
                 else "the grammar allows no token of the model's vocabulary"
             )
@@ -193,7 +200,7 @@ class RowConstraint:
     def accept(self, token_id: int) -> None:
         """Advance the grammar with the sampled token."""
         if self._error is None and not self._matcher.consume_token(int(token_id)):
-            self._error = f"grammar rejected token {token_id}: {self._matcher.get_error()}"
+            self._error = f"grammar rejected token {token_id}: {_first_line(self._matcher)}"
 
 
 class _Compiled:
@@ -215,7 +222,9 @@ class _Compiled:
     def matcher(self, schema: dict[str, Any]) -> Any:
         from llguidance import LLMatcher
 
-        key = json.dumps(schema, sort_keys=True, separators=(",", ":"))
+        key = json.dumps(
+            schema, separators=(",", ":")
+        )  # key order matters: properties come in order
         if key in self.matchers:
             self.matchers.move_to_end(key)
             return self.matchers[key]
@@ -230,7 +239,7 @@ class _Compiled:
             log.warning("json_schema: %s", message)
         matcher = LLMatcher(self.lltok, grammar, log_level=0)
         if matcher.is_error():
-            raise ConstraintError(f"json_schema cannot be compiled: {matcher.get_error()}")
+            raise ConstraintError(f"json_schema cannot be compiled: {_first_line(matcher)}")
         self.matchers[key] = matcher
         while len(self.matchers) > _MAX_CACHED_GRAMMARS:
             self.matchers.popitem(last=False)
