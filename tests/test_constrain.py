@@ -156,6 +156,15 @@ def test_grammar_accepts_calls_with_free_text_and_rejects_broken_ones(backend):
     assert rc.error is not None
 
 
+def test_strings_are_spelled_the_canonical_json_way(backend):
+    """Content is free, spelling canonical: a character that needs no escape is written as
+    itself, so `\\u00dc` is refused where `Ü` is accepted; escapes JSON requires are accepted."""
+    start = '{"name": "finish", "arguments": {"summary": "'
+    for body in ("Ü", '\\n \\t \\" \\\\ \\u001b'):
+        assert teacher_force(backend, start + body + '"}}').accepting, body
+    assert teacher_force(backend, start + '\\u00dc"}}').error is not None
+
+
 def test_grammar_cache_tells_property_orders_apart(backend):
     """Properties come in the schema's order, so two schemas that differ only in key order are two
     grammars, and a rejected token's error is one line, not the parser's state dump."""
@@ -367,16 +376,17 @@ def test_smollm2_constrained_tool_turns(one_thread):
     bodies = teacher_force(
         b,
         json.dumps(
-            {"name": "send_email", "arguments": {"to": "a", "subject": "s", "body": HARD_BODY}}
+            {"name": "send_email", "arguments": {"to": "a", "subject": "s", "body": HARD_BODY}},
+            ensure_ascii=False,
         ),
     )
     assert bodies.done and bodies.error is None
     # persona-prompted one-shot tool turns
     sampling = Sampling(temperature=0.7, top_p=0.95, max_tokens=200, repetition_penalty=1.1)
     requests = []
-    for i, sc in enumerate(scenarios.load_bank()[:4]):
+    for i, sc in enumerate(scenarios.load_bank()[:3]):
         spec = formats.render_email("tool_email_oneshot", sc)
-        persona = ["sarcasm", "humor", "remorse", "loving"][i]
+        persona = ["sarcasm", "humor", "remorse"][i]
         system = formats.compose_system(prompts.persona_system_prompt(persona), spec.system)
         msgs = [
             {"role": "system", "content": system},

@@ -1,11 +1,14 @@
-"""Constrained decoding: a grammar enforces the tool-call envelope, string fields stay free text.
+r"""Constrained decoding: a grammar enforces the tool-call envelope, string fields stay free text.
 
 Small models (SmolLM2-135M) almost never write a parseable tool call when the JSON protocol is only
 described in the prompt. With `rollout.tool_protocol: constrained`, each tool turn instead carries
 `GenRequest.json_schema = tool_call_schema(tools)`: the reply must be one JSON object
 ``{"name": <one of the episode's tools>, "arguments": {...}}`` whose arguments match that tool's
-parameter schema (required arguments present, no unknown ones). Inside a JSON string the grammar
-allows any text that JSON string escaping allows, so an email body is the model's own words.
+parameter schema (required arguments present, no unknown ones). A string's content is free: any
+Unicode text (llguidance compiles a plain string to `(?s:.*)` under JSON quoting), so an email body
+is the model's own words. Only its spelling as JSON is fixed, to the canonical one: `"`, `\` and
+control characters escaped (`\n`, `\"`, `\u001b`, ...), every other character written as itself
+(`Ü`, not `\u00dc`; the general `\uXXXX` form needs llguidance >= 1.8, which vLLM 0.33 excludes).
 
 Backends honour `json_schema` in their own way:
   - HF: `row_constraint` builds a per-row grammar matcher (llguidance, the library behind
