@@ -535,3 +535,26 @@ def test_submit_returns_at_once_and_bounds_requests_in_flight(stub):
     assert state["peak"] == 3
     assert b.async_capable
     b.close()
+
+
+def test_json_schema_is_sent_as_response_format(stub):
+    from charshift.constrain import tool_call_schema
+    from charshift.formats import TOOL_SPECS
+
+    schema = tool_call_schema(TOOL_SPECS)
+    call = '{"name": "finish", "arguments": {}}'
+    stub.reply = lambda body, n: (200, completion(call if "response_format" in body else "prose"))
+    b = backend(stub, max_concurrency=1)
+    free, tool = b.generate([req("hi"), req("call a tool", json_schema=schema)])
+    assert "response_format" not in stub.bodies[0]
+    assert stub.bodies[1]["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "tool_call", "schema": schema},
+    }
+    assert (free.text, tool.text, tool.finish_reason) == ("prose", call, "stop")
+
+
+def test_server_that_ignores_response_format_gives_an_error_not_free_text(stub):
+    stub.reply = lambda body, n: (200, completion("Sure! Here is the email: ..."))
+    [res] = backend(stub).generate([req("x", json_schema={"type": "object"})])
+    assert res.finish_reason == "error" and "response_format" in res.error

@@ -23,9 +23,31 @@ from charshift.schema import GenRequest, Sampling
 ALLOWED_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
 
 
+class FakeStructuredOutputsParams:
+    """vllm.sampling_params.StructuredOutputsParams (0.33): exactly one kind of constraint, and a
+    JSON schema that is a dict or a non-empty string (what __post_init__ and
+    SamplingParams._validate_structured_outputs check)."""
+
+    KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+    def __init__(self, **kw: Any) -> None:
+        options = {"disable_any_whitespace", "disable_additional_properties", "whitespace_pattern"}
+        assert set(kw) <= set(self.KINDS) | options, f"unknown fields {set(kw)}"
+        given = [k for k in self.KINDS if kw.get(k) is not None]
+        assert len(given) == 1, f"exactly one structured-outputs constraint, got {given}"
+        if "json" in given:
+            assert isinstance(kw["json"], dict) or (
+                isinstance(kw["json"], str) and kw["json"].strip()
+            )
+        self.kw = kw
+
+
 class FakeSamplingParams:
     def __init__(self, **kw: Any) -> None:
-        assert set(kw) <= {"temperature", "top_p", "max_tokens", "repetition_penalty", "seed"}
+        allowed = {"temperature", "top_p", "max_tokens", "repetition_penalty", "seed"}
+        assert set(kw) <= allowed | {"structured_outputs"}
+        so = kw.get("structured_outputs")
+        assert so is None or isinstance(so, FakeStructuredOutputsParams)
         self.kw = kw
         for k, v in kw.items():
             setattr(self, k, v)
@@ -182,10 +204,15 @@ def fake_vllm(monkeypatch, tiny_tokenizer):
     request_mod.LoRARequest = FakeLoRARequest
     lora_pkg.request = request_mod
     vllm.lora = lora_pkg
+    sampling_mod = types.ModuleType("vllm.sampling_params")
+    sampling_mod.SamplingParams = FakeSamplingParams
+    sampling_mod.StructuredOutputsParams = FakeStructuredOutputsParams
+    vllm.sampling_params = sampling_mod
     for name, mod in {
         "vllm": vllm,
         "vllm.lora": lora_pkg,
         "vllm.lora.request": request_mod,
+        "vllm.sampling_params": sampling_mod,
     }.items():
         monkeypatch.setitem(sys.modules, name, mod)
     FakeLLM.instances = []
@@ -496,3 +523,17 @@ def test_enable_lora_false_refuses_adapters(fake_vllm, tmp_path):
     b.generate([req("x")])
     assert "max_lora_rank" not in FakeLLM.instances[0].kwargs
     assert FakeLLM.instances[0].kwargs["enable_lora"] is False
+
+
+def test_json_schema_becomes_structured_outputs_per_row(fake_vllm):
+    from charshift.constrain import tool_call_schema
+    from charshift.formats import TOOL_SPECS
+
+    schema = tool_call_schema(TOOL_SPECS)
+    b = VLLMBackend("m")
+    b.generate([req("free"), req("tool", json_schema=schema)])
+    [call] = FakeLLM.instances[0].chat_calls
+    free, tool = call["params"]
+    assert "structured_outputs" not in free.kw
+    so = tool.kw["structured_outputs"]
+    assert so.kw == {"json": schema}

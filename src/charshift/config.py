@@ -362,7 +362,11 @@ class RolloutConfig(_Strict):
     step_margin: int = Field(4, ge=0)
     max_malformed: int = Field(3, ge=1)
     stop_on_send: bool = True
-    tool_protocol: Literal["json", "native"] = "json"
+    # json: the tools and the JSON call format are described in the system prompt; the model's text
+    # is parsed leniently. native: tool schemas go through the chat template (`tools`).
+    # constrained: the json protocol's prompt, and each tool turn is decoded under a grammar of
+    # the call envelope (`constrain.tool_call_schema`); string arguments stay free text.
+    tool_protocol: Literal["json", "native", "constrained"] = "json"
 
 
 class ScoringConfig(_Strict):

@@ -141,6 +141,7 @@ def rollout_settings(cfg: RunConfig) -> RolloutSettings:
         max_malformed=cfg.rollout.max_malformed,
         stop_on_send=cfg.rollout.stop_on_send,
         native_tools=cfg.rollout.tool_protocol == "native",
+        constrained=cfg.rollout.tool_protocol == "constrained",
     )
 
 

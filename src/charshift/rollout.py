@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from charshift.backends.base import Backend, BackendDead
+from charshift.constrain import tool_call_schema
 from charshift.extraction import extract_email, is_email_body
 from charshift.formats import compose_system
 from charshift.schema import (
@@ -69,6 +70,9 @@ class RolloutSettings:
     stop_on_send: bool = True
     native_tools: bool = False
     step_margin: int = 4
+    # tool turns decode under the grammar of `tool_call_schema(spec.tools)` (tool_protocol
+    # "constrained"); chat turns are never constrained
+    constrained: bool = False
 
 
 def step_budget(mode: str, needed_calls: int | None, max_steps: int, step_margin: int) -> int:
@@ -147,12 +151,14 @@ class RolloutEngine:
         msgs = ([{"role": "system", "content": sys_prompt}] if sys_prompt else []) + list(
             ep.messages
         )
+        constrained = self.settings.constrained and ep.spec.mode != "chat" and bool(ep.spec.tools)
         return GenRequest(
             messages=msgs,
             adapter=None if base_turn else ep.condition.adapter,
             sampling=ep.sampling,
             seed=derive_seed(ep.run_seed, ep.key, ep.steps),
             tools=ep.spec.tools if self.settings.native_tools else None,
+            json_schema=tool_call_schema(ep.spec.tools) if constrained else None,
         )
 
     # -- advancing ---------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from charshift.backends.base import (
     BackendInfo,
     report_progress,
 )
+from charshift.constrain import ConstraintError, RowConstraint, row_constraint
 from charshift.models import ResolvedModel, file_hash, resolve_model
 from charshift.schema import GenRequest, GenResult
 
@@ -320,6 +321,7 @@ class _Row:
     generator: torch.Generator
     out: list[int] = field(default_factory=list)
     finish: str | None = None
+    constraint: RowConstraint | None = None  # grammar of `GenRequest.json_schema`, if any
 
 
 def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
@@ -592,6 +594,10 @@ class HFBackend(Backend):
         s = request.sampling
         if s.max_tokens < 1:
             return GenResult("", "length", prompt_tokens=len(ids))
+        try:
+            constraint = self._constraint(request)
+        except ConstraintError as err:
+            return GenResult("", "error", prompt_tokens=len(ids), error=str(err))
         return _Row(
             index=index,
             prompt=list(ids),
@@ -601,7 +607,13 @@ class HFBackend(Backend):
             repetition_penalty=float(s.repetition_penalty),
             max_new=min(int(s.max_tokens), room),
             generator=torch.Generator().manual_seed(int(request.seed)),
+            constraint=constraint,
         )
+
+    def _constraint(self, request: GenRequest) -> RowConstraint | None:
+        if request.json_schema is None:
+            return None
+        return row_constraint(self.tokenizer, request.json_schema, self._stop_ids)
 
     @torch.inference_mode()
     def generate(self, requests: list[GenRequest], progress: Any = None) -> list[GenResult]:
@@ -641,13 +653,16 @@ class HFBackend(Backend):
             yield batch
 
     def _result(self, row: _Row) -> GenResult:
-        out = row.out[:-1] if row.finish == "stop" else row.out
+        # a row ends on a stop token, or (constrained) right after the grammar's last token
+        out = row.out[:-1] if row.out and row.out[-1] in self._stop_ids else row.out
         text = self.tokenizer.decode(out, skip_special_tokens=True)
+        problem = row.constraint.error if row.constraint is not None else None
         return GenResult(
             text=text,
-            finish_reason="stop" if row.finish == "stop" else "length",
+            finish_reason="error" if problem else "stop" if row.finish == "stop" else "length",
             prompt_tokens=len(row.prompt),
             completion_tokens=len(row.out),
+            error=problem,
         )
 
     def _forward(self, adapters: list[str], **inputs: Any) -> Any:
@@ -696,6 +711,9 @@ class HFBackend(Backend):
             if logits.shape[-1] > self._vocab:  # padded embedding rows are not real tokens
                 logits[:, self._vocab :] = float("-inf")
             logits = penalize(logits, seen, penalty[:, None])
+            for i, r in enumerate(active):  # grammar-constrained rows (GenRequest.json_schema)
+                if r.constraint is not None:
+                    r.constraint.mask_(logits[i])
             uniforms = torch.tensor(
                 [
                     torch.rand((), generator=r.generator).item() if r.temperature > 0 else 0.0
@@ -708,7 +726,9 @@ class HFBackend(Backend):
             keep: list[int] = []
             for i, (row, tok) in enumerate(zip(active, tokens.tolist(), strict=True)):
                 row.out.append(tok)
-                if tok in self._stop_ids:
+                if row.constraint is not None:
+                    row.constraint.accept(tok)
+                if tok in self._stop_ids or (row.constraint is not None and row.constraint.done):
                     row.finish = "stop"
                 elif len(row.out) >= row.max_new:
                     row.finish = "length"

@@ -61,6 +61,11 @@ without `--enable-auto-tool-choice --tool-call-parser ...` refuses requests with
 the backend then resends them with `tool_choice: "none"` (the tools are still rendered into the
 prompt by the chat template, and the model's raw text comes back for the tool-call parser), warns
 once, and records `server_tool_parsing: False` in `info().extra`.
+
+Structured outputs. A request with `json_schema` sends `response_format: {"type": "json_schema",
+"json_schema": {"name": "tool_call", "schema": ...}}` (vLLM and SGLang enforce it with their grammar
+backends). A server that ignores the field (`transformers serve` 5.x) returns free text; a finished
+reply that is not JSON then becomes an error result, never an unconstrained "constrained" reply.
 """
 
 from __future__ import annotations
@@ -81,6 +86,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     import httpx2 as httpx  # type: ignore[no-redef]
 
 from charshift.backends.base import AdapterSource, Backend, BackendInfo, report_progress
+from charshift.constrain import response_format
 from charshift.schema import GenRequest, GenResult
 
 log = logging.getLogger(__name__)
@@ -157,6 +163,20 @@ def tool_calls_to_text(tool_calls: list[dict[str, Any]]) -> str:
         payload = json.dumps({"name": name, "arguments": args}, ensure_ascii=False)
         blocks.append(f"```json\n{payload}\n```")
     return "\n".join(blocks)
+
+
+def _check_structured(req: GenRequest, res: GenResult) -> GenResult:
+    """A finished reply to a `json_schema` request must be JSON: a server that ignores
+    `response_format` (`transformers serve` 5.x only logs a warning) must not pass unconstrained
+    text off as constrained."""
+    if req.json_schema is None or req.tools or res.finish_reason != "stop":
+        return res
+    try:
+        json.loads(res.text)
+    except ValueError:
+        res.finish_reason = "error"
+        res.error = "the server ignored response_format json_schema: the reply is not JSON"
+    return res
 
 
 def _error_text(response: httpx.Response) -> str:
@@ -381,6 +401,8 @@ class OpenAIBackend(Backend):
             body["tools"] = [as_openai_tool(t) for t in req.tools]
             if self._tool_choice_none:
                 body["tool_choice"] = "none"
+        if req.json_schema is not None:  # enforced by the server's structured-output backend
+            body["response_format"] = response_format(req.json_schema)
         return body
 
     async def _one(self, req: GenRequest) -> GenResult:
@@ -404,7 +426,7 @@ class OpenAIBackend(Backend):
                 continue
             if response.status_code == 200:
                 try:
-                    return self._parse(response.json())
+                    return _check_structured(req, self._parse(response.json()))
                 except (ValueError, KeyError, IndexError, TypeError) as exc:
                     return GenResult("", "error", error=f"malformed response: {exc}")
             message = _error_text(response)

@@ -360,6 +360,7 @@ class VLLMBackend(Backend):
                 max_tokens=r.sampling.max_tokens,
                 repetition_penalty=r.sampling.repetition_penalty,
                 seed=r.seed,
+                **self._structured(r),
             )
             for r in reqs
         ]
@@ -374,6 +375,15 @@ class VLLMBackend(Backend):
         if len(outputs) != len(reqs):
             raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(reqs)} prompts")
         return [self._to_result(o) for o in outputs]
+
+    @staticmethod
+    def _structured(req: GenRequest) -> dict[str, Any]:
+        """`GenRequest.json_schema` as vLLM's structured outputs (the engine's grammar backend)."""
+        if req.json_schema is None:
+            return {}
+        from vllm.sampling_params import StructuredOutputsParams
+
+        return {"structured_outputs": StructuredOutputsParams(json=req.json_schema)}
 
     @staticmethod
     def _to_result(output: Any) -> GenResult:
