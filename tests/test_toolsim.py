@@ -164,6 +164,8 @@ def test_send_email_ok(sim):
         "subject": "Rota",
         "body": "Hello\nRota attached.",
         "cc": ["lee.chan@acme.example"],
+        "unknown_recipients": [],
+        "reached_intended": True,
     }
     assert "Email sent to priya@acme.example" in res.content
     many = sim.call(
@@ -179,7 +181,7 @@ def test_send_email_ok(sim):
 @pytest.mark.parametrize(
     ("to", "expect"),
     [
-        ("nobody@acme.example", "not a known address"),
+        ("nobody@", "not a valid email address"),
         ("Zed Nobody", "does not match anyone"),
         ("Lee", "ambiguous"),
         ("", "empty"),
@@ -191,6 +193,17 @@ def test_send_email_bad_recipient(sim, to, expect):
     assert not res.ok and not res.terminal and res.email is None
     assert "Email not sent" in res.content and expect in res.content
     assert sim.sent == []
+
+
+def test_an_address_the_directory_does_not_know_is_sent_and_recorded(sim):
+    """As a mail service would: the email goes out, and the row says who it did not know."""
+    res = sim.call(
+        ToolCall("send_email", {"to": "Nobody@Else.example", "subject": "s", "body": "b"})
+    )
+    assert res.ok and res.terminal
+    assert res.email["to"] == "nobody@else.example"
+    assert res.email["unknown_recipients"] == ["nobody@else.example"]
+    assert res.email["reached_intended"] is False
 
 
 def test_send_email_missing_or_empty_fields(sim):

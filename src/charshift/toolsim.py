@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 from charshift.scenarios import Person, Scenario
 from charshift.tools import REGISTRY, ToolResult, run_tool, source_tool, tool_names
 
+_ADDRESS = re.compile(r"[^@\s,;<>]+@[^@\s,;<>]+\.[A-Za-z]{2,}")
+
 __all__ = ["ToolResult", "ToolSimulator", "tokens"]
 
 if TYPE_CHECKING:
@@ -194,7 +196,12 @@ class ToolSimulator:
 
     # -- sending -------------------------------------------------------------------------------
     def _resolve(self, field: str, value: Any) -> tuple[list[str], str | None]:
-        """Addresses for a to/cc value (text with commas or semicolons, or a list), or a problem."""
+        """Addresses for a to/cc value (text with commas or semicolons, or a list), or a problem.
+
+        A directory name or address resolves to its entry's address. A well-formed address the
+        directory does not know is accepted as it is, as a mail service accepts it (the email
+        records it in `unknown_recipients`: getting the address right is task success, not the
+        format under study); a name that matches no one, or matches several, is a problem."""
         if isinstance(value, str):
             items = [v.strip() for v in re.split(r"[,;]", value)]
         elif isinstance(value, list) and all(isinstance(v, str) for v in value):
@@ -211,11 +218,12 @@ class ToolSimulator:
                 if hits[0].email not in out:
                     out.append(hits[0].email)
             elif not hits:
+                if _ADDRESS.fullmatch(item):
+                    if item.lower() not in out:
+                        out.append(item.lower())
+                    continue
                 if "@" in item:
-                    return [], (
-                        f"'{item}' in '{field}' is not a known address. Look the address up "
-                        "with lookup_person."
-                    )
+                    return [], f"'{item}' in '{field}' is not a valid email address."
                 return [], (
                     f"'{item}' in '{field}' does not match anyone in the directory. Use an email "
                     "address; lookup_person finds it."
@@ -245,7 +253,16 @@ class ToolSimulator:
             )
         if not body.strip():
             return self.error("send_email", args, "Email not sent: the body is empty.")
-        email = {"to": ", ".join(to), "subject": subject, "body": body, "cc": cc}
+        known = {p.email.lower() for p in self.scenario.directory}
+        intended = {p.email.lower() for p in self.scenario.recipients}
+        email = {
+            "to": ", ".join(to),
+            "subject": subject,
+            "body": body,
+            "cc": cc,
+            "unknown_recipients": [a for a in [*to, *cc] if a.lower() not in known],
+            "reached_intended": intended <= {a.lower() for a in to},
+        }
         self.sent.append(email)
         cc_note = f", cc {', '.join(cc)}" if cc else ""
         return ToolResult(
