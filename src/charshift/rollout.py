@@ -118,6 +118,7 @@ class RolloutEngine:
             sampling=ep.sampling,
             seed=derive_seed(ep.run_seed, ep.key, ep.steps),
             tools=ep.spec.tools if self.settings.native_tools else None,
+            session=ep.key,
         )
 
     # -- advancing ---------------------------------------------------------------------------
