@@ -44,7 +44,7 @@ from charshift.backends.base import (
     BackendInfo,
     report_progress,
 )
-from charshift.backends.kvreuse import PLAIN_LAYER_TYPES, KVEntry, SessionKV, common_prefix
+from charshift.backends.kvreuse import KVEntry, SessionKV, cache_blocker, common_prefix
 from charshift.backends.lora_batched import BASE_ADAPTER, LoraRunner
 from charshift.models import ResolvedModel, file_hash, resolve_model
 from charshift.schema import GenRequest, GenResult
@@ -554,7 +554,7 @@ class HFBackend(Backend):
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._lora: LoraRunner | None = None  # built on first use after the adapters change
         self._kv = SessionKV(int(kv_cache_mb * 2**20))
-        self._cache_blocker = self._plain_cache_blocker()
+        self._cache_blocker = cache_blocker(_text_config(self.model.config))
         self._kv_why_not = self._cache_blocker or (
             "kv_cache_mb is 0" if self._kv.budget == 0 else None
         )
@@ -579,25 +579,6 @@ class HFBackend(Backend):
         if self.tokenizer.pad_token_id is not None:
             return int(self.tokenizer.pad_token_id)
         return min(self._stop_ids)  # any id works: padded positions are masked out
-
-    def _plain_cache_blocker(self) -> str | None:
-        """Why this model's cache cannot be sliced per row and stored (None: it can).
-
-        Full- and sliding-attention layers keep one key/value per token; the backend gives them
-        a cache that stores every token (a sliding layer's window is applied by the mask), so a
-        row's keys/values can be cut out and put back. Layers with recurrent, chunked or shared
-        state cannot; those models keep the cache the model makes itself, without reuse."""
-        cfg = _text_config(self.model.config)
-        types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
-        if not types <= PLAIN_LAYER_TYPES:
-            return f"layer types {sorted(types - PLAIN_LAYER_TYPES)} are not per-token attention"
-        if getattr(cfg, "attention_chunk_size", None):
-            return "chunked attention"
-        if getattr(cfg, "num_kv_shared_layers", 0):
-            return "layers share keys/values"
-        if getattr(cfg, "is_encoder_decoder", False):
-            return "encoder-decoder model"
-        return None
 
     def _find_context_length(self) -> int:
         cfg = _text_config(self.model.config)
@@ -799,6 +780,7 @@ class HFBackend(Backend):
             else:
                 rows.append(prepared)
         rows.sort(key=lambda r: (len(r.prompt), r.index))  # similar lengths -> little padding
+        self._kv.wanted = {r.session for r in rows if r.session is not None}
         runner = self._lora_runner()
         with runner.applied() if runner is not None else contextlib.nullcontext():
             for batch in self._batches(rows):

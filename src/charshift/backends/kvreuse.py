@@ -6,21 +6,46 @@ it processed and their per-layer keys and values, and the next request of that s
 only what follows the longest common token prefix. Matching on token ids (not on text) keeps it
 correct whatever the chat template or the tokenizer does to the reply when it is rendered again.
 
-An entry is valid only for the adapter that computed it. Entries are bounded by a byte budget,
-least recently used first out; an entry is taken out of the store when its session asks for it,
-and a session's new entry replaces it when the step ends.
+An entry is valid only for the adapter that computed it. An entry is taken out of the store when
+its session asks for it, and the session's new entry goes in when the step ends. Entries are
+bounded by a byte budget. To make room, the least recently stored entries of sessions that the
+current call does not ask for go first (in a lockstep rollout every live episode asks at every
+step, so these are episodes that ended); entries the current call still asks for are never
+evicted for a new one: the new one is then not kept. (Plain LRU would be the worst policy for
+lockstep steps, which visit every session in the same order: each new entry would evict the one
+asked for next.)
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 # Layer types whose per-token keys/values can be sliced per row and stored in full: full
 # attention, and sliding-window attention (stored in full here, the window applied by the mask).
 PLAIN_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
+
+
+def cache_blocker(text_config: Any) -> str | None:
+    """Why a model's cache cannot be cut per row and stored (None: it can), from its text config.
+
+    Full- and sliding-attention layers keep one key/value per token; HFBackend gives them a cache
+    that stores every token (a sliding layer's window is applied by the mask), so a row's keys and
+    values can be cut out and put back. Layers with recurrent, chunked or shared state cannot;
+    those models keep the cache the model makes itself, and run without reuse."""
+    types = set(getattr(text_config, "layer_types", None) or ["full_attention"])
+    if not types <= PLAIN_LAYER_TYPES:
+        return f"layer types {sorted(types - PLAIN_LAYER_TYPES)} are not per-token attention"
+    if getattr(text_config, "attention_chunk_size", None):
+        return "chunked attention"
+    if getattr(text_config, "num_kv_shared_layers", 0):
+        return "layers share keys/values"
+    if getattr(text_config, "is_encoder_decoder", False):
+        return "encoder-decoder model"
+    return None
 
 
 @dataclass
@@ -49,7 +74,7 @@ class KVStats:
     misses: int = 0  # requests with a session but nothing reusable
     stored: int = 0
     evicted: int = 0
-    too_big: int = 0  # entries larger than the whole budget (not stored)
+    not_kept: int = 0  # entries not stored: too big, or no room without evicting a live session
 
     def to_dict(self) -> dict[str, int]:
         return {
@@ -59,7 +84,7 @@ class KVStats:
             "misses": self.misses,
             "stored": self.stored,
             "evicted": self.evicted,
-            "too_big": self.too_big,
+            "not_kept": self.not_kept,
         }
 
 
@@ -80,6 +105,7 @@ class SessionKV:
         self._entries: OrderedDict[str, KVEntry] = OrderedDict()
         self.bytes = 0
         self.stats = KVStats()
+        self.wanted: set[str] = set()  # sessions the current call asks for (never evicted)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -95,19 +121,26 @@ class SessionKV:
         self.bytes -= entry.nbytes
         return entry if entry.adapter == adapter else None
 
-    def put(self, session: str, entry: KVEntry) -> None:
-        """Store an entry (replacing the session's old one), evicting the oldest to fit."""
+    def put(self, session: str, entry: KVEntry) -> bool:
+        """Store an entry (replacing the session's old one) if room can be made; see the module
+        docstring for the order of eviction. Returns whether it was kept."""
         self.drop(session)
         if entry.nbytes > self.budget:
-            self.stats.too_big += 1
-            return
-        while self._entries and self.bytes + entry.nbytes > self.budget:
-            _, old = self._entries.popitem(last=False)
-            self.bytes -= old.nbytes
-            self.stats.evicted += 1
+            self.stats.not_kept += 1
+            return False
+        if self.bytes + entry.nbytes > self.budget:
+            for old in [s for s in self._entries if s not in self.wanted]:  # oldest first
+                self.drop(old)
+                self.stats.evicted += 1
+                if self.bytes + entry.nbytes <= self.budget:
+                    break
+        if self.bytes + entry.nbytes > self.budget:
+            self.stats.not_kept += 1
+            return False
         self._entries[session] = entry
         self.bytes += entry.nbytes
         self.stats.stored += 1
+        return True
 
     def drop(self, session: str) -> None:
         entry = self._entries.pop(session, None)
@@ -119,4 +152,11 @@ class SessionKV:
         self.bytes = 0
 
 
-__all__ = ["PLAIN_LAYER_TYPES", "KVEntry", "KVStats", "SessionKV", "common_prefix"]
+__all__ = [
+    "PLAIN_LAYER_TYPES",
+    "KVEntry",
+    "KVStats",
+    "SessionKV",
+    "cache_blocker",
+    "common_prefix",
+]
