@@ -384,7 +384,8 @@ class _Batch:
             seen = torch.zeros((len(rows), n_logits), dtype=torch.bool)
             for i, r in enumerate(rows):
                 if r.repetition_penalty != 1.0:
-                    seen[i, torch.tensor([t for t in r.prompt if t < n_logits])] = True
+                    ids = torch.tensor([t for t in r.prompt if t < n_logits], dtype=torch.long)
+                    seen[i, ids] = True
             seen = seen.to(dev)
 
         def column(values: list[float]) -> torch.Tensor:
@@ -553,6 +554,7 @@ class HFBackend(Backend):
         # transformers 5.2x renamed `past_key_values` to `cache`; older releases know only the former.
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._lora: LoraRunner | None = None  # built on first use after the adapters change
+        self._running: LoraRunner | None = None  # the runner installed for the current call
         self._kv = SessionKV(int(kv_cache_mb * 2**20))
         self._cache_blocker = cache_blocker(_text_config(self.model.config))
         self._kv_why_not = self._cache_blocker or (
@@ -781,8 +783,7 @@ class HFBackend(Backend):
                 rows.append(prepared)
         rows.sort(key=lambda r: (len(r.prompt), r.index))  # similar lengths -> little padding
         self._kv.wanted = {r.session for r in rows if r.session is not None}
-        runner = self._lora_runner()
-        with runner.applied() if runner is not None else contextlib.nullcontext():
+        with self._lora_applied():
             for batch in self._batches(rows):
                 for row in self._decode(batch, progress):
                     results[row.index] = self._result(row)
@@ -825,13 +826,27 @@ class HFBackend(Backend):
                 log.info("LoRA via PEFT's mixed forward: %s", self._lora.why_not)
         return self._lora if self._lora.usable else None
 
+    @contextlib.contextmanager
+    def _lora_applied(self) -> Iterator[None]:
+        """For one generate call: the grouped-LoRA forwards installed, where they are used."""
+        runner = self._lora_runner()
+        if runner is None:
+            yield
+            return
+        with runner.applied():
+            self._running = runner
+            try:
+                yield
+            finally:
+                self._running = None
+
     def _forward(self, rows: list[_Row], **inputs: Any) -> Any:
         """One forward of the batch's rows, each under its own adapter."""
         if self._peft is None:
             return self.model(**inputs)
         adapters = [r.adapter for r in rows]
-        if self._lora is not None and self._lora.usable:
-            self._lora.set_rows(adapters)
+        if self._running is not None:
+            self._running.set_rows(adapters)
             return self.model(**inputs)
         return self._peft(adapter_names=adapters, **inputs)
 

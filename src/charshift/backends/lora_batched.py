@@ -54,6 +54,21 @@ def _module_table(module: Any, dtype: torch.dtype) -> dict[str, _Weights] | str:
     return table
 
 
+def row_segments(adapters: list[str]) -> list[tuple[int, int, str]]:
+    """(first row, end row, adapter) of each run of rows under one adapter, the bare model's
+    rows left out. Each adapter must form one run."""
+    segments: list[tuple[int, int, str]] = []
+    start = 0
+    for i in range(1, len(adapters) + 1):
+        if i == len(adapters) or adapters[i] != adapters[start]:
+            if adapters[start] != BASE_ADAPTER:
+                segments.append((start, i, adapters[start]))
+            start = i
+    if len({s[2] for s in segments}) != len(segments):
+        raise ValueError(f"rows of one adapter must be contiguous in the batch: {adapters}")
+    return segments
+
+
 def _grouped_forward(base: torch.nn.Module, table: dict[str, _Weights], runner: LoraRunner):
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         y = base(x, *args, **kwargs)
@@ -99,16 +114,7 @@ class LoraRunner:
 
     def set_rows(self, adapters: list[str]) -> None:
         """The adapter of each row of the next forward, in batch order (grouped by adapter)."""
-        segments: list[tuple[int, int, str]] = []
-        start = 0
-        for i in range(1, len(adapters) + 1):
-            if i == len(adapters) or adapters[i] != adapters[start]:
-                if adapters[start] != BASE_ADAPTER:
-                    segments.append((start, i, adapters[start]))
-                start = i
-        if len({s[2] for s in segments}) != len(segments):
-            raise ValueError("rows of one adapter must be contiguous in the batch")
-        self.segments = segments
+        self.segments = row_segments(adapters)
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
@@ -126,4 +132,4 @@ class LoraRunner:
             self.segments = []
 
 
-__all__ = ["BASE_ADAPTER", "LoraRunner"]
+__all__ = ["BASE_ADAPTER", "LoraRunner", "row_segments"]
