@@ -23,6 +23,7 @@ from charshift.backends.hf import (
     penalize,
     sample_next,
 )
+from charshift.backends.lora_batched import row_segments
 from charshift.schema import GenRequest, Sampling
 
 GREEDY = Sampling(temperature=0.0, top_p=1.0, max_tokens=16, repetition_penalty=1.0)
@@ -83,6 +84,32 @@ def test_mixed_adapter_batch_equals_separate_runs(backend):
         alone = backend.generate([requests[i] for i in idx])
         assert signature(alone) == signature([mixed[i] for i in idx]), adapter
     assert all(r.completion_tokens > 0 for r in mixed)
+
+
+def test_grouped_lora_equals_peft_forward(backend):
+    """The grouped LoRA path (rows ordered by adapter, contiguous slices) gives what PEFT's own
+    `adapter_names` forward gives, greedy and sampled, in a mixed batch."""
+    requests = [
+        req(p, adapter, sampling, seed=3 + i)
+        for i, p in enumerate(PROMPTS)
+        for adapter in ("b", None, "a")
+        for sampling in (GREEDY, SAMPLED)
+    ]
+    grouped = backend.generate(requests)
+    assert backend.info().extra["lora_impl"] == "grouped"
+    backend.lora_impl = "peft"
+    try:
+        assert backend.info().extra["lora_impl"] == "peft (asked for)"
+        assert signature(backend.generate(requests)) == signature(grouped)
+    finally:
+        backend.lora_impl = "grouped"
+
+
+def test_row_segments():
+    assert row_segments(["__base__", "a", "a", "b", "__base__"]) == [(1, 3, "a"), (3, 4, "b")]
+    assert row_segments(["__base__"]) == [] and row_segments([]) == []
+    with pytest.raises(ValueError, match="contiguous"):
+        row_segments(["a", "b", "a"])
 
 
 def test_adapter_changes_output(backend):

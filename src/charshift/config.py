@@ -249,6 +249,7 @@ class BackendConfig(_Strict):
     kind: Literal["hf", "vllm", "openai", "server"] = "hf"
     batch_size: int = Field(16, ge=1)
     max_batch_tokens: int = Field(16384, ge=64)  # hf: padded prompt tokens per prefill
+    kv_cache_mb: float = Field(1024, ge=0)  # hf: keys/values kept between an episode's steps; 0=off
     device: Annotated[str, AfterValidator(_check_device)] = "auto"  # auto|cpu|cuda|cuda:N|mps
     dtype: Annotated[str, AfterValidator(_check_dtype)] = "auto"  # auto|float32|bfloat16|float16
     base_url: str | None = None  # openai backend

@@ -50,6 +50,7 @@ def make_backend(cfg: RunConfig, base: BaseSpec, run_dir: Path | None = None) ->
             batch_size=b.batch_size,
             cache_dir=cache_dir(),
             max_batch_tokens=b.max_batch_tokens,
+            kv_cache_mb=b.kv_cache_mb,
         )
     if b.kind == "openai":
         from charshift.backends.openai import OpenAIBackend

@@ -159,6 +159,7 @@ class RolloutEngine:
             seed=derive_seed(ep.run_seed, ep.key, ep.steps),
             tools=ep.spec.tools if self.settings.native_tools else None,
             json_schema=tool_call_schema(ep.spec.tools) if constrained else None,
+            session=ep.key,
         )
 
     # -- advancing ---------------------------------------------------------------------------

@@ -164,6 +164,11 @@ class GenRequest:
     # structured-output options). Used by `rollout.tool_protocol: constrained` for the tool-call
     # envelope; string fields inside it (an email body) stay free text.
     json_schema: dict[str, Any] | None = None
+    # A hint, never part of what is generated: the conversation this request continues (the
+    # rollout sets the episode key). A backend may keep what it computed for the session's last
+    # request and reuse it when the next prompt extends that one (HF: KV reuse); outputs are the
+    # same with or without it.
+    session: str | None = None
 
 
 # Why a generation ended. "stop": end of turn; "length": max_tokens or the context was used up;

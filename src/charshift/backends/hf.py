@@ -6,9 +6,21 @@ repetition penalty and token budget, so that a row's text never depends on what 
 with. `generate` shares one global generator and one set of settings per call.
 
 The loop: left-pad the batch, prefill once with explicit position ids taken from the attention
-mask, then feed one token per row per step through the KV cache. Rows that finish are dropped
-from the batch (and from the cache), and the batch ends when no row is left. Rows of different
-adapters share a batch through PEFT's `adapter_names` ("__base__" for the bare model).
+mask, then feed one token per row per step through the KV cache. Each step is
+"logits -> per-row mask (`_mask_logits`) -> sample -> advance rows". Rows that finish are dropped
+from the batch (and from the cache), and the batch ends when no row is left.
+
+Adapters: rows of different adapters share a batch. A batch's rows are ordered by adapter and
+each LoRA layer adds its adapters' deltas to contiguous row slices (`lora_batched.py`); models
+whose LoRA layers it cannot handle fall back to PEFT's `adapter_names` forward.
+
+KV reuse (`kvreuse.py`): a request with a `session` key reuses the keys and values its session
+computed in its previous step (same adapter, longest common token prefix), and prefills only the
+rest. A batch then mixes rows with different cached lengths: row i's reused keys/values sit
+right-aligned in the cache's first P columns and its new tokens fill the last S columns, where
+S is the longest new part in the batch, so every row's real tokens stay one contiguous run that
+ends at the last column (a row whose new part is shorter recomputes a few cached tokens instead
+of padding): masks, positions and sliding windows work exactly as for a plain left-padded batch.
 """
 
 from __future__ import annotations
@@ -32,13 +44,17 @@ from charshift.backends.base import (
     BackendInfo,
     report_progress,
 )
+from charshift.backends.kvreuse import KVEntry, SessionKV, cache_blocker, common_prefix
+from charshift.backends.lora_batched import BASE_ADAPTER, LoraRunner
 from charshift.constrain import ConstraintError, RowConstraint, row_constraint
 from charshift.models import ResolvedModel, file_hash, resolve_model
 from charshift.schema import GenRequest, GenResult
 
 log = logging.getLogger(__name__)
 
-BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" inside a mixed batch
+# Default byte budget of the per-session KV store (BackendConfig.kv_cache_mb).
+DEFAULT_KV_CACHE_MB = 1024
+LORA_IMPLS = ("grouped", "peft")
 # End-of-turn tokens of common chat templates, used as extra stop tokens when present.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|endoftext|>")
 # A module path that belongs to an image encoder or its projector, not to the language model.
@@ -319,9 +335,97 @@ class _Row:
     repetition_penalty: float
     max_new: int
     generator: torch.Generator
+    session: str | None = None  # GenRequest.session: whose stored keys/values may be reused
     out: list[int] = field(default_factory=list)
     finish: str | None = None
     constraint: RowConstraint | None = None  # grammar of `GenRequest.json_schema`, if any
+    reuse: KVEntry | None = None  # the session's entry, taken from the store for this batch
+    reuse_len: int = 0  # prompt tokens it covers (the common token prefix, < len(prompt))
+
+
+def _uniforms(rows: list[_Row]) -> torch.Tensor:
+    """[rows, longest budget]: row i's uniforms for its steps, drawn up front from its own
+    generator (one call per row per batch instead of one per row per step); greedy rows draw
+    nothing."""
+    width = max(r.max_new for r in rows)
+    out = torch.zeros((len(rows), width), dtype=torch.float32)
+    for i, r in enumerate(rows):
+        if r.temperature > 0:
+            out[i, : r.max_new] = torch.rand(r.max_new, generator=r.generator)
+    return out
+
+
+@dataclass
+class _Batch:
+    """Per-row state of one batch in flight; every tensor's first dimension follows `active`."""
+
+    active: list[_Row]
+    mask: torch.Tensor  # [rows, width + longest budget]: 1 where a row has a real token
+    width: int  # columns of the cache so far
+    starts: list[int]  # each row's first real column (where its keys/values start)
+    next_pos: torch.Tensor  # [rows, 1]: the position of the token fed next
+    temp: torch.Tensor
+    top_p: torch.Tensor
+    penalty: torch.Tensor
+    uniforms: torch.Tensor  # [rows, longest budget]
+    seen: torch.Tensor | None  # [rows, vocab] tokens in prompt and output; None: no penalties
+    sampling: bool  # whether any row samples (all greedy: argmax only)
+    step: int = 0
+
+    @classmethod
+    def start(cls, backend: HFBackend, rows: list[_Row], width: int) -> _Batch:
+        dev = backend.device
+        budget = max(r.max_new for r in rows)
+        mask = torch.ones((len(rows), width + budget), dtype=torch.long)
+        starts = [width - len(r.prompt) for r in rows]
+        for i, s in enumerate(starts):
+            mask[i, :s] = 0
+        seen = None
+        if any(r.repetition_penalty != 1.0 for r in rows):
+            n_logits = backend._peek_vocab()
+            seen = torch.zeros((len(rows), n_logits), dtype=torch.bool)
+            for i, r in enumerate(rows):
+                if r.repetition_penalty != 1.0:
+                    ids = torch.tensor([t for t in r.prompt if t < n_logits], dtype=torch.long)
+                    seen[i, ids] = True
+            seen = seen.to(dev)
+
+        def column(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=dev)
+
+        return cls(
+            active=list(rows),
+            mask=mask.to(dev),
+            width=width,
+            starts=starts,
+            next_pos=torch.tensor([[len(r.prompt)] for r in rows], device=dev),
+            temp=column([r.temperature for r in rows]),
+            top_p=column([r.top_p for r in rows]),
+            penalty=column([r.repetition_penalty for r in rows]),
+            uniforms=_uniforms(rows).to(dev),
+            seen=seen,
+            sampling=any(r.temperature > 0 for r in rows),
+        )
+
+    def select(self, keep: list[int], sel: torch.Tensor) -> None:
+        """Keep only the rows at `keep` (`sel`: the same indices as a tensor on the device)."""
+        self.active = [self.active[i] for i in keep]
+        self.starts = [self.starts[i] for i in keep]
+        self.mask, self.next_pos, self.uniforms = (
+            self.mask[sel],
+            self.next_pos[sel],
+            self.uniforms[sel],
+        )
+        self.temp, self.top_p, self.penalty = self.temp[sel], self.top_p[sel], self.penalty[sel]
+        if self.seen is not None:
+            self.seen = self.seen[sel]
+        self.sampling = any(r.temperature > 0 for r in self.active)
+
+    def advance(self) -> None:
+        """One token was fed to every row."""
+        self.width += 1
+        self.next_pos = self.next_pos + 1
+        self.step += 1
 
 
 def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
@@ -359,16 +463,20 @@ def sample_next(
     temperature: torch.Tensor,
     top_p: torch.Tensor,
     uniforms: torch.Tensor,
+    any_sampling: bool | None = None,
 ) -> torch.Tensor:
     """Pick one token per row: argmax where temperature is 0, else nucleus sampling.
 
     Sampling is by inverse CDF over the probability-sorted nucleus with one uniform per row,
     drawn from the row's own generator, so the choice depends only on that row's logits and seed.
-    Whether a row takes the top-k shortcut also depends only on that row.
+    Whether a row takes the top-k shortcut also depends only on that row. `any_sampling`, when
+    the caller knows it, saves a device-to-host sync per step for all-greedy batches.
     """
     greedy = logits.argmax(dim=-1)
+    if any_sampling is False:
+        return greedy
     sampling = temperature > 0
-    if not bool(sampling.any()):
+    if any_sampling is None and not bool(sampling.any()):
         return greedy
     t = torch.where(sampling, temperature, torch.ones_like(temperature))
     probs = torch.softmax(logits / t[:, None], dim=-1)
@@ -407,11 +515,21 @@ class HFBackend(Backend):
         batch_size: int = 16,
         cache_dir: Path | None = None,
         max_batch_tokens: int = 16384,
+        kv_cache_mb: float = DEFAULT_KV_CACHE_MB,
+        lora_impl: str = "grouped",
     ) -> None:
+        """`kv_cache_mb`: byte budget of the per-session KV store (0 turns reuse off).
+        `lora_impl`: "grouped" (rows grouped by adapter, see lora_batched.py) or "peft"
+        (PEFT's own `adapter_names` forward; kept for comparison and as the fallback)."""
         from transformers import AutoTokenizer
 
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if kv_cache_mb < 0:
+            raise ValueError("kv_cache_mb must be >= 0")
+        if lora_impl not in LORA_IMPLS:
+            raise ValueError(f"lora_impl must be one of {LORA_IMPLS}, not {lora_impl!r}")
+        self.lora_impl = lora_impl
         self.spec = model
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens
@@ -437,6 +555,13 @@ class HFBackend(Backend):
         self._accepts_logits_to_keep = "logits_to_keep" in params
         # transformers 5.2x renamed `past_key_values` to `cache`; older releases know only the former.
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._lora: LoraRunner | None = None  # built on first use after the adapters change
+        self._running: LoraRunner | None = None  # the runner installed for the current call
+        self._kv = SessionKV(int(kv_cache_mb * 2**20))
+        self._cache_blocker = cache_blocker(_text_config(self.model.config))
+        self._kv_why_not = self._cache_blocker or (
+            "kv_cache_mb is 0" if self._kv.budget == 0 else None
+        )
 
     # ---- setup helpers -------------------------------------------------------------------
 
@@ -475,6 +600,7 @@ class HFBackend(Backend):
     def load_adapters(self, adapters: list[AdapterSource]) -> dict[str, str]:
         """Load each adapter once; {name: message} for those that could not be loaded."""
         errors: dict[str, str] = {}
+        self._lora = None  # the grouped-LoRA tables are rebuilt for the new set of adapters
         for src in adapters:
             if src.name in self._adapters:
                 continue
@@ -548,6 +674,8 @@ class HFBackend(Backend):
                 "batch_size": self.batch_size,
                 "context_length": self._ctx,
                 "adapter_errors": dict(self._adapter_errors),
+                "lora_impl": self._lora_impl_used(),
+                "kv_reuse": self.kv_stats(),
                 "versions": {
                     "torch": torch.__version__,
                     "transformers": transformers.__version__,
@@ -556,7 +684,40 @@ class HFBackend(Backend):
             },
         )
 
+    def kv_stats(self) -> dict[str, Any]:
+        """KV reuse: whether it is on (and why not), its budget, and counters since the start:
+        prompt tokens prefilled and reused, hits, misses, entries stored and evicted."""
+        return {
+            "enabled": self._kv_why_not is None,
+            "why_not": self._kv_why_not,
+            "budget_mb": round(self._kv.budget / 2**20, 3),
+            "sessions": len(self._kv),
+            "stored_mb": round(self._kv.bytes / 2**20, 3),
+            **self._kv.stats.to_dict(),
+        }
+
+    def end_session(self, session: str) -> None:
+        """Forget a session's stored keys/values (its episode ended)."""
+        self._kv.drop(session)
+
+    def clear_sessions(self) -> None:
+        """Forget every session's stored keys/values."""
+        self._kv.clear()
+
+    def _lora_impl_used(self) -> str:
+        if self._peft is None:
+            return "none (no adapter loaded)"
+        runner = self._lora_runner()
+        if runner is not None:
+            return "grouped"
+        why = (
+            "asked for" if self.lora_impl == "peft" else (self._lora.why_not if self._lora else "")
+        )
+        return f"peft ({why})"
+
     def close(self) -> None:
+        self._kv.clear()
+        self._lora = None
         self._peft = None
         self.model = None  # type: ignore[assignment]
         gc.collect()
@@ -608,6 +769,7 @@ class HFBackend(Backend):
             max_new=min(int(s.max_tokens), room),
             generator=torch.Generator().manual_seed(int(request.seed)),
             constraint=constraint,
+            session=request.session if self._kv_why_not is None else None,
         )
 
     def _constraint(self, request: GenRequest) -> RowConstraint | None:
@@ -632,9 +794,11 @@ class HFBackend(Backend):
             else:
                 rows.append(prepared)
         rows.sort(key=lambda r: (len(r.prompt), r.index))  # similar lengths -> little padding
-        for batch in self._batches(rows):
-            for row in self._decode(batch, progress):
-                results[row.index] = self._result(row)
+        self._kv.wanted = {r.session for r in rows if r.session is not None}
+        with self._lora_applied():
+            for batch in self._batches(rows):
+                for row in self._decode(batch, progress):
+                    results[row.index] = self._result(row)
         return [r if r is not None else GenResult("", "error", error="not run") for r in results]
 
     def _batches(self, rows: list[_Row]) -> Iterator[list[_Row]]:
@@ -665,98 +829,203 @@ class HFBackend(Backend):
             error=problem,
         )
 
-    def _forward(self, adapters: list[str], **inputs: Any) -> Any:
-        if self._peft is not None:
-            return self._peft(adapter_names=adapters, **inputs)
-        return self.model(**inputs)
+    # ---- one batch: prefill (reusing sessions' keys/values), then decode --------------------
 
-    def _decode(self, batch: list[_Row], progress: Any) -> Iterator[_Row]:
-        """Run one batch to completion, yielding rows as they finish."""
-        dev = self.device
-        width = max(len(r.prompt) for r in batch)
-        ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, r in enumerate(batch):
-            ids[i, width - len(r.prompt) :] = torch.tensor(r.prompt)
-            mask[i, width - len(r.prompt) :] = 1
-        n_logits = self._peek_vocab()
-        seen = torch.zeros((len(batch), n_logits), dtype=torch.bool)
-        for i, r in enumerate(batch):
-            if r.repetition_penalty != 1.0:
-                seen[i, torch.tensor([t for t in r.prompt if t < n_logits], dtype=torch.long)] = (
-                    True
-                )
-        ids, mask, seen = ids.to(dev), mask.to(dev), seen.to(dev)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        temp = torch.tensor([r.temperature for r in batch], dtype=torch.float32, device=dev)
-        top_p = torch.tensor([r.top_p for r in batch], dtype=torch.float32, device=dev)
-        penalty = torch.tensor(
-            [r.repetition_penalty for r in batch], dtype=torch.float32, device=dev
-        )
+    def _lora_runner(self) -> LoraRunner | None:
+        """The grouped-LoRA runner, or None where PEFT's own forward runs the adapters."""
+        if self._peft is None or self.lora_impl != "grouped":
+            return None
+        if self._lora is None:
+            self._lora = LoraRunner(self.model, self.dtype)
+            if self._lora.why_not:
+                log.info("LoRA via PEFT's mixed forward: %s", self._lora.why_not)
+        return self._lora if self._lora.usable else None
+
+    @contextlib.contextmanager
+    def _lora_applied(self) -> Iterator[None]:
+        """For one generate call: the grouped-LoRA forwards installed, where they are used."""
+        runner = self._lora_runner()
+        if runner is None:
+            yield
+            return
+        with runner.applied():
+            self._running = runner
+            try:
+                yield
+            finally:
+                self._running = None
+
+    def _forward(self, rows: list[_Row], **inputs: Any) -> Any:
+        """One forward of the batch's rows, each under its own adapter."""
+        if self._peft is None:
+            return self.model(**inputs)
+        adapters = [r.adapter for r in rows]
+        if self._running is not None:
+            self._running.set_rows(adapters)
+            return self.model(**inputs)
+        return self._peft(adapter_names=adapters, **inputs)
+
+    def _attach_sessions(self, batch: list[_Row]) -> None:
+        """Take each row's session entry out of the store and find how much of it is reusable."""
+        for row in batch:
+            if row.session is None:
+                continue
+            entry = self._kv.take(row.session, row.adapter)
+            # always leave at least one prompt token to run: its logits give the first token
+            n = common_prefix(entry.ids, row.prompt[:-1]) if entry is not None else 0
+            row.reuse, row.reuse_len = (entry, n) if n > 0 else (None, 0)
+            if n > 0:
+                self._kv.stats.hits += 1
+            else:
+                self._kv.stats.misses += 1
+
+    def _past(self, batch: list[_Row], cached: list[int], width: int) -> Any:
+        """A cache with each row's first `cached[i]` keys/values right-aligned in `width`
+        columns (zeros, masked out, in front); an empty one when nothing is reused."""
+        from transformers import DynamicCache
+
+        if self._cache_blocker is not None:
+            return None  # the model makes its own cache
+        if width == 0:
+            return DynamicCache()  # no config: full layers only, so rows can be cut out later
+        ref = next(r.reuse for r, c in zip(batch, cached, strict=True) if c and r.reuse)
+        layers = []
+        for layer, (k0, v0) in enumerate(ref.layers):
+            keys = k0.new_zeros((len(batch), k0.shape[0], width, k0.shape[2]))
+            values = v0.new_zeros((len(batch), v0.shape[0], width, v0.shape[2]))
+            for i, (row, c) in enumerate(zip(batch, cached, strict=True)):
+                if c and row.reuse is not None:
+                    k, v = row.reuse.layers[layer]
+                    keys[i, :, width - c :] = k[:, :c]
+                    values[i, :, width - c :] = v[:, :c]
+            layers.append((keys, values))
+        return DynamicCache(layers)
+
+    def _prefill(self, batch: list[_Row]) -> tuple[_Batch, Any, Any]:
+        """Run the new part of every row's prompt; the batch state, the output and the cache.
+
+        Layout (see the module docstring): S = the longest new part, row i takes
+        c_i = max(0, L_i - S) tokens from its entry (never more than it can reuse), the past
+        is P = max(c_i) columns wide, and every row ends at column P + S."""
+        self._attach_sessions(batch)
+        lens = [len(r.prompt) for r in batch]
+        new = max(n - r.reuse_len for n, r in zip(lens, batch, strict=True))
+        cached = [max(0, n - new) for n in lens]
+        past_w = max(cached)
+        cache = self._past(batch, cached, past_w)
+        for r in batch:
+            r.reuse = None  # copied into the batch cache (or unused): let it go
+        state = _Batch.start(self, batch, past_w + new)
+        ids = torch.full((len(batch), new), self._pad_id, dtype=torch.long)
+        for i, (r, c) in enumerate(zip(batch, cached, strict=True)):
+            ids[i, new - (lens[i] - c) :] = torch.tensor(r.prompt[c:])
+        self._kv.stats.prefill_tokens += sum(lens) - sum(cached)
+        self._kv.stats.reused_tokens += sum(cached)
+        positions = (state.mask[:, : state.width].cumsum(-1) - 1).clamp(min=0)[:, past_w:]
         extra = {"logits_to_keep": 1} if self._accepts_logits_to_keep else {}
-
-        active = list(batch)
+        if cache is not None:
+            extra[self._cache_kw] = cache
         out = self._forward(
-            [r.adapter for r in active],
-            input_ids=ids,
-            attention_mask=mask,
+            batch,
+            input_ids=ids.to(self.device),
+            attention_mask=state.mask[:, : state.width],
             position_ids=positions,
             use_cache=True,
             **extra,
         )
-        cache = self._cache_of(out)
-        next_pos = positions[:, -1:] + 1
+        return state, out, self._cache_of(out)
+
+    def _next_logits(self, out: Any, state: _Batch) -> torch.Tensor:
+        """The last position's logits as float32, padded vocabulary rows off, penalties applied."""
+        logits = out.logits[:, -1, :].float()
+        if logits.shape[-1] > self._vocab:  # padded embedding rows are not real tokens
+            logits[:, self._vocab :] = float("-inf")
+        if state.seen is not None:
+            logits = penalize(logits, state.seen, state.penalty[:, None])
+        return logits
+
+    def _mask_logits(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
+        """Per-row logits-masking hook, called every step between the logits and sampling.
+
+        Constrained decoding (a grammar per row, `GenRequest.json_schema`) sets the logits of
+        tokens a row may not emit to -inf here and advances its matcher in `_advance_rows`.
+        Unconstrained rows are unchanged."""
+        for i, r in enumerate(rows):
+            if r.constraint is not None:
+                r.constraint.mask_(logits[i])
+        return logits
+
+    def _advance_rows(self, state: _Batch, tokens: torch.Tensor) -> tuple[list[int], list[int]]:
+        """Append each row's token; (indices of rows that finished, indices that go on)."""
+        if state.seen is not None:
+            state.seen.scatter_(1, tokens[:, None], True)
+        done: list[int] = []
+        keep: list[int] = []
+        for i, (row, tok) in enumerate(zip(state.active, tokens.tolist(), strict=True)):
+            row.out.append(tok)
+            if row.constraint is not None:
+                row.constraint.accept(tok)
+            if tok in self._stop_ids or (row.constraint is not None and row.constraint.done):
+                row.finish = "stop"
+            elif len(row.out) >= row.max_new:
+                row.finish = "length"
+            else:
+                keep.append(i)
+                continue
+            done.append(i)
+        return done, keep
+
+    def _store_session(self, state: _Batch, i: int, cache: Any) -> None:
+        """Keep a finished row's keys/values (prompt and reply but its last token) for its
+        session's next step."""
+        row = state.active[i]
+        if row.session is None or self._kv_why_not is not None:
+            return
+        start = state.starts[i]
+        ids = row.prompt + row.out[:-1]  # the last token was sampled, never fed
+        layers = [
+            (layer.keys[i, :, start:].clone(), layer.values[i, :, start:].clone())
+            for layer in cache.layers
+        ]
+        if any(k.shape[1] != len(ids) for k, _ in layers):  # a cache this code does not know
+            self._kv_why_not = f"unexpected cache layout ({type(cache).__name__}); reuse off"
+            self._kv.clear()
+            log.warning("KV reuse switched off: %s", self._kv_why_not)
+            return
+        self._kv.put(row.session, KVEntry(row.adapter, ids, layers))
+
+    def _decode(self, batch: list[_Row], progress: Any) -> Iterator[_Row]:
+        """Run one batch to completion, yielding rows as they finish."""
+        batch = sorted(batch, key=lambda r: r.adapter)  # each adapter's rows contiguous
+        state, out, cache = self._prefill(batch)
         while True:
-            logits = out.logits[:, -1, :].float()
-            if logits.shape[-1] > self._vocab:  # padded embedding rows are not real tokens
-                logits[:, self._vocab :] = float("-inf")
-            logits = penalize(logits, seen, penalty[:, None])
-            for i, r in enumerate(active):  # grammar-constrained rows (GenRequest.json_schema)
-                if r.constraint is not None:
-                    r.constraint.mask_(logits[i])
-            uniforms = torch.tensor(
-                [
-                    torch.rand((), generator=r.generator).item() if r.temperature > 0 else 0.0
-                    for r in active
-                ],
-                dtype=torch.float32,
-            ).to(dev)
-            tokens = sample_next(logits, temp, top_p, uniforms)
-            seen.scatter_(1, tokens[:, None], True)
-            keep: list[int] = []
-            for i, (row, tok) in enumerate(zip(active, tokens.tolist(), strict=True)):
-                row.out.append(tok)
-                if row.constraint is not None:
-                    row.constraint.accept(tok)
-                if tok in self._stop_ids or (row.constraint is not None and row.constraint.done):
-                    row.finish = "stop"
-                elif len(row.out) >= row.max_new:
-                    row.finish = "length"
-                else:
-                    keep.append(i)
-                    continue
+            logits = self._next_logits(out, state)
+            logits = self._mask_logits(state.active, logits)
+            tokens = sample_next(
+                logits, state.temp, state.top_p, state.uniforms[:, state.step], state.sampling
+            )
+            done, keep = self._advance_rows(state, tokens)
+            for i in done:
+                self._store_session(state, i, cache)
                 report_progress(progress, 1)
-                yield row
+                yield state.active[i]
             if not keep:
                 return
-            step_ids = tokens[:, None]
-            if len(keep) < len(active):  # drop finished rows from every per-row tensor
-                sel = torch.tensor(keep, dtype=torch.long, device=dev)
+            if len(keep) < len(state.active):  # drop finished rows from every per-row tensor
+                sel = torch.tensor(keep, dtype=torch.long, device=self.device)
                 cache.batch_select_indices(sel)
-                active = [active[i] for i in keep]
-                mask, seen, next_pos, step_ids = mask[sel], seen[sel], next_pos[sel], step_ids[sel]
-                temp, top_p, penalty = temp[sel], top_p[sel], penalty[sel]
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+                state.select(keep, sel)
+                tokens = tokens[sel]
             out = self._forward(
-                [r.adapter for r in active],
-                input_ids=step_ids,
-                attention_mask=mask,
-                position_ids=next_pos,
+                state.active,
+                input_ids=tokens[:, None],
+                attention_mask=state.mask[:, : state.width + 1],
+                position_ids=state.next_pos,
                 use_cache=True,
                 **{self._cache_kw: cache},
             )
             cache = self._cache_of(out)
-            next_pos = next_pos + 1
+            state.advance()
 
     def _cache_of(self, out: Any) -> Any:
         return out.get("cache") if self._cache_kw == "cache" else out.past_key_values
