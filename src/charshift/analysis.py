@@ -83,8 +83,7 @@ def run_classifier_ids(cfg: RunConfig, store: RunStore) -> tuple[dict[str, str],
     """(base -> the classifier id whose scores the report uses, warnings). The manifest records
     the ids; where it does not (deleted or damaged manifest), a base whose rows were scored by
     exactly one classifier uses that one, with a warning."""
-    recorded = store.manifest().get("classifier_ids")
-    recorded = recorded if isinstance(recorded, dict) else {}
+    recorded = store.recorded("classifier_ids")
     base_of = {g.key: g.base for g in store.generations}
     found: dict[str, set[str]] = {}
     for sc in store.scores:
@@ -93,7 +92,7 @@ def run_classifier_ids(cfg: RunConfig, store: RunStore) -> tuple[dict[str, str],
     ids: dict[str, str] = {}
     notes: list[str] = []
     for base in cfg.bases:
-        if isinstance(recorded.get(base.name), str):
+        if base.name in recorded:
             ids[base.name] = recorded[base.name]
             continue
         cands = sorted(found.get(base.name, ()))
@@ -365,8 +364,7 @@ def report_run(cfg: RunConfig, store: RunStore, out_dir: Path | None = None) -> 
         store_warn(w)
     notes = warnings + store.notes
     notes += [
-        f"Skipped adapter {name}: {msg}"
-        for name, msg in (store.manifest().get("skipped_adapters") or {}).items()
+        f"Skipped adapter {name}: {msg}" for name, msg in store.recorded("skipped_adapters").items()
     ]
     inp = AnalysisInput(
         records=records,

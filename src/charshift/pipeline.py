@@ -153,7 +153,7 @@ def _load_adapters(
     store: RunStore, plan: Plan, base: BaseSpec, backend: Backend, todo: list[PlannedRow]
 ) -> dict[str, str]:
     """Load the adapters `todo` needs; record provenance and skipped adapters in the manifest."""
-    skipped = dict(store.manifest().get("skipped_adapters", {}))
+    skipped = store.recorded("skipped_adapters")
     needed = sorted({r.adapter.name for r in todo if r.adapter}, key=str)
     sources = _materialise_tiny_adapters(base, [plan.adapters[base.name][n] for n in needed])
     failed = backend.load_adapters(sources)

@@ -1032,6 +1032,15 @@ class RunStore:
             )
         return m
 
+    def recorded(self, field: str) -> dict[str, str]:
+        """The name -> text map the manifest records under `field` (`classifier_ids`: base ->
+        the classifier id its scores use; `skipped_adapters`: base/adapter -> why), read back
+        typed: {} when there is none; entries that are not text are left out."""
+        found = self.manifest().get(field)
+        if not isinstance(found, dict):
+            return {}
+        return {k: v for k, v in found.items() if isinstance(k, str) and isinstance(v, str)}
+
     def update_manifest(self, **fields: Any) -> dict[str, Any]:
         """Merge `fields` into the manifest (a dict merges into a dict; None removes a field)."""
 
