@@ -366,3 +366,41 @@ def test_a_shard_through_the_cli_resumes_and_writes_no_report(reference, tmp_pat
     assert done["scored"]["scored"] == 0 and done["scored"]["already"] > 0
     assert "shard 0/2 done" in res.output and f"charshift report --run {run}" in res.output
     assert not (run / "report.md").exists() and not list(run.glob("*.shard-*.jsonl"))
+
+
+@pytest.mark.slow
+def test_failed_shards_are_named_once_the_others_finish(local_ray, tmp_path):
+    """Every shard with rows fails to load its backend (a CUDA device on a CPU machine); the
+    shards without rows finish. The error names exactly the failed shards."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA, where a cuda backend cannot load")
+    bad = dict(SMALL, stages=["base", "prompted"], slices=["id_chat"])
+    bad["backend"] = {**SMALL["backend"], "device": "cuda"}
+    cfg = parse_config(bad)
+    sizes = planning.shard_sizes(planning.build_plan(cfg).rows, 6)
+    failing = [i for i, n in enumerate(sizes) if n]
+    assert 0 < len(failing) < 6, sizes
+    with pytest.raises(executors.ExecutorError) as err:
+        executors.run_ray(cfg, tmp_path / "run", n_shards=6, echo=_quiet)
+    msg = str(err.value)
+    assert f"{len(failing)} of 6 Ray task(s) failed" in msg
+    assert {f"shard {i}/6:" in msg for i in range(6)} == {True, False}
+    assert all((f"shard {i}/6:" in msg) == (i in failing) for i in range(6))
+    assert "run the same command again" in msg
+
+
+def test_a_shard_never_trains_the_run_classifier(tmp_path):
+    """Training needs every shard's rows: `score --shard` refuses, naming the unsharded step."""
+    from charshift.config import config_to_dict
+
+    data = dict(SMALL, classifier_training={"encoder": "tiny:modernbert"})
+    data["bases"] = [{k: v for k, v in SMALL["bases"][0].items() if k != "classifier"}]
+    run = tmp_path / "run"
+    with RunStore(run, warn=_quiet) as store:
+        store.write_config(config_to_dict(parse_config(data)))
+    res = runner.invoke(app, ["score", "--run", str(run), "--shard", "0/2"])
+    assert res.exit_code == 2, res.output
+    assert "train their classifier in the run" in res.output
+    assert f"charshift score --run {run}` without --shard" in res.output
