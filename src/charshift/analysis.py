@@ -332,9 +332,18 @@ def shard_completeness(
 
 
 def shard_warnings(plan: Any, store: RunStore, cfg: RunConfig, cids: dict[str, str]) -> list[str]:
-    """One line per incomplete shard, for each shard count the run was written with."""
+    """One line per incomplete shard, for each shard count the run was written with. `plan`
+    may be a dry one: shards are assigned by item id, so PURE-DOVE prompts are read for theirs."""
+    counts = shard_counts(store)
+    if counts and cfg.id_prompts.source == "pure_dove":
+        from charshift.planning import build_plan
+
+        try:
+            plan = build_plan(cfg)
+        except (ValueError, OSError) as err:
+            return [f"Could not check the run's shards (their PURE-DOVE item ids): {err}"]
     out = []
-    for n in shard_counts(store):
+    for n in counts:
         gaps = [s for s in shard_completeness(plan, store, cfg, cids, n) if not s.complete]
         if not gaps:
             continue
