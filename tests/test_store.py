@@ -380,7 +380,9 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
         with pytest.raises(LockHeldError, match=rf"pid {p.pid} on .* started") as err:
             RunStore(root)
         assert str(root / "writer.lock") in str(err.value)
-        RunStore(root, shard=(0, 2)).close()  # a shard has a lock of its own
+        # a shard would redo the unsharded writer's rows: refused too, naming it (test_shards.py)
+        with pytest.raises(LockHeldError, match=rf"unsharded charshift process \(pid {p.pid}"):
+            RunStore(root, shard=(0, 2))
     finally:
         p.kill()
         p.wait()

@@ -8,6 +8,7 @@ in `external` feeds it a predictions JSONL made elsewhere. Both end in `analyse`
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from charshift.config import RunConfig, StatsConfig, config_to_dict
 from charshift.schema import NULL_PERSONA, GenerationRow, PredictionRecord
-from charshift.store import RunStore, StoreError
+from charshift.store import TABLES, RunStore, StoreError, table_files
 from charshift.store import warn as store_warn
 
 if TYPE_CHECKING:
@@ -86,8 +87,7 @@ def run_classifier_ids(cfg: RunConfig, store: RunStore) -> tuple[dict[str, str],
     """(base -> the classifier id whose scores the report uses, warnings). The manifest records
     the ids; where it does not (deleted or damaged manifest), a base whose rows were scored by
     exactly one classifier uses that one, with a warning."""
-    recorded = store.manifest().get("classifier_ids")
-    recorded = recorded if isinstance(recorded, dict) else {}
+    recorded = store.recorded("classifier_ids")
     base_of = {g.key: g.base for g in store.generations}
     found: dict[str, set[str]] = {}
     for sc in store.scores:
@@ -96,7 +96,7 @@ def run_classifier_ids(cfg: RunConfig, store: RunStore) -> tuple[dict[str, str],
     ids: dict[str, str] = {}
     notes: list[str] = []
     for base in cfg.bases:
-        if isinstance(recorded.get(base.name), str):
+        if base.name in recorded:
             ids[base.name] = recorded[base.name]
             continue
         cands = sorted(found.get(base.name, ()))
@@ -270,7 +270,98 @@ def _completeness_notes(cfg: RunConfig, store: RunStore, cids: dict[str, str]) -
         plan = build_plan(cfg, dry=True)
     except (ValueError, OSError) as err:  # e.g. an id_prompts file that has since moved
         return [f"Could not rebuild the run's plan to check it is complete: {err}"]
-    return completeness_warnings(completeness(plan, store, cfg, cids), store.root)
+    notes = completeness_warnings(completeness(plan, store, cfg, cids), store.root)
+    return notes + shard_warnings(plan, store, cfg, cids)
+
+
+@dataclass(frozen=True)
+class ShardCompleteness:
+    """How far one shard of a sharded run got: rows planned and generated, outputs of its eval
+    rows and how many are scored (every unit) by the base's classifier."""
+
+    shard: tuple[int, int]
+    planned: int
+    generated: int
+    with_output: int
+    scored: int
+
+    @property
+    def complete(self) -> bool:
+        return self.generated >= self.planned and self.scored >= self.with_output
+
+
+def shard_counts(store: RunStore) -> list[int]:
+    """The shard counts N a run was written with: from its table files' names and the
+    `shard_start` events in its manifest."""
+    found = set()
+    for stem in TABLES:
+        for f in table_files(store.root, stem):
+            m = re.search(r"\.shard-\d+-of-(\d+)\.jsonl$", f.name)
+            found.update([int(m[1])] if m else [])
+    for ev in store.manifest().get("events") or []:
+        label = (
+            ev.get("shard") if isinstance(ev, dict) and ev.get("event") == "shard_start" else None
+        )
+        if isinstance(label, str) and re.fullmatch(r"\d+/\d+", label):
+            found.add(int(label.split("/")[1]))
+    return sorted(found)
+
+
+def shard_completeness(
+    plan: Any, store: RunStore, cfg: RunConfig, cids: dict[str, str], n: int
+) -> list[ShardCompleteness]:
+    """Per shard of `n` (`planning.shard_of` on each item id): planned, generated, with output,
+    scored. Pure: reads the store, loads no model."""
+    from charshift import units
+    from charshift.planning import shard_of, shard_sizes
+
+    unscored: set[str] = set()
+    with_output: set[str] = set()
+    for g, unit, text in units.row_units(store.generations, cfg.scoring.text == "raw"):
+        if text:
+            with_output.add(g.key)
+            cid = cids.get(g.base)
+            if cid is None or (g.key, cid, unit, units.text_hash(text)) not in store.scores:
+                unscored.add(g.key)
+    counts = [[p, 0, 0, 0] for p in shard_sizes(plan.rows, n)]
+    of: dict[str, int] = {}
+    for r in plan.rows:
+        if r.key not in store.generations:
+            continue
+        c = counts[of.setdefault(r.spec.item_id, shard_of(r.spec.item_id, n))]
+        c[1] += 1
+        c[2] += r.key in with_output
+        c[3] += r.key in with_output and r.key not in unscored
+    return [ShardCompleteness((i, n), *c) for i, c in enumerate(counts)]
+
+
+def shard_warnings(plan: Any, store: RunStore, cfg: RunConfig, cids: dict[str, str]) -> list[str]:
+    """One line per incomplete shard, for each shard count the run was written with. `plan`
+    may be a dry one: shards are assigned by item id, so PURE-DOVE prompts are read for theirs."""
+    counts = shard_counts(store)
+    if counts and cfg.id_prompts.source == "pure_dove":
+        from charshift.planning import build_plan
+
+        try:
+            plan = build_plan(cfg)
+        except (ValueError, OSError) as err:
+            return [f"Could not check the run's shards (their PURE-DOVE item ids): {err}"]
+    out = []
+    for n in counts:
+        gaps = [s for s in shard_completeness(plan, store, cfg, cids, n) if not s.complete]
+        if not gaps:
+            continue
+        out.append(
+            f"Sharded run ({n} shards): {len(gaps)} of {n} shards are incomplete: "
+            + "; ".join(
+                f"shard {s.shard[0]}/{n}: {s.planned - s.generated} of {s.planned} rows not "
+                f"generated, {s.with_output - s.scored} of {s.with_output} outputs not scored"
+                for s in gaps
+            )
+            + f". Resume a shard with `charshift run CONFIG --out {store.root} --shard I/{n}`, "
+            "or all that is left with `charshift run CONFIG` unsharded."
+        )
+    return out
 
 
 def report_run(cfg: RunConfig, store: RunStore, out_dir: Path | None = None) -> Path:
@@ -288,8 +379,7 @@ def report_run(cfg: RunConfig, store: RunStore, out_dir: Path | None = None) -> 
         store_warn(w)
     warnings += store.notes  # damage found when the store was opened (already printed)
     notes = [
-        f"Skipped adapter {name}: {msg}"
-        for name, msg in (store.manifest().get("skipped_adapters") or {}).items()
+        f"Skipped adapter {name}: {msg}" for name, msg in store.recorded("skipped_adapters").items()
     ]
     inp = AnalysisInput(
         records=records,
@@ -304,10 +394,11 @@ def report_run(cfg: RunConfig, store: RunStore, out_dir: Path | None = None) -> 
         warnings=warnings,
     )
     result = compute(inp)
+    label_sets = {"labels": result.labels, "notes": [n.text() for n in result.label_notes]}
     if store.writable:
-        inp.settings["manifest"] = store.update_manifest(
-            label_sets={"labels": result.labels, "notes": [n.text() for n in result.label_notes]}
-        )
+        inp.settings["manifest"] = store.update_manifest(label_sets=label_sets)
+    else:  # `charshift report --run` reads the run and changes nothing in it
+        inp.settings["manifest"] = {**inp.settings["manifest"], "label_sets": label_sets}
     return analyse(inp, Path(out_dir) if out_dir else store.root, result)
 
 

@@ -6,12 +6,18 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from charshift import config as cfgmod
+
+if TYPE_CHECKING:
+    from charshift.executors import ShardResult
+    from charshift.planning import Calibration, Throughput
+    from charshift.store import RunStore
 
 app = typer.Typer(
     help=(
@@ -48,12 +54,14 @@ def _user_errors() -> Iterator[None]:
     from charshift.backends.base import BackendDead
     from charshift.backends.server import ServerStartError
     from charshift.classifier import ClassifierError
+    from charshift.executors import ExecutorError
     from charshift.scenarios import ScenarioError
     from charshift.store import StoreError
 
     known = (
         cfgmod.ConfigError,
         ClassifierError,
+        ExecutorError,
         ScenarioError,
         StoreError,
         ValueError,
@@ -117,6 +125,74 @@ IdPromptsOpt = Annotated[
     typer.Option("--id-prompts", help="Local JSONL of ID prompts ({id, prompt[, split]})."),
 ]
 RunOpt = Annotated[Path, typer.Option("--run", "-r", help="An existing run directory.")]
+ShardOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--shard",
+        help="I/N: only the items of shard I of N (from 0; e.g. $SLURM_ARRAY_TASK_ID/8). Each "
+        "shard writes its own table files in the one run directory; see docs/scaling.md.",
+    ),
+]
+ExecutorOpt = Annotated[
+    str,
+    typer.Option(
+        "--executor", help="local (this process) or ray (the shards as Ray tasks, a GPU each)."
+    ),
+]
+ShardsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--shards", min=1, help="With --executor ray: how many shards (default: one per GPU)."
+    ),
+]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address", help="With --executor ray: an existing cluster (ray://... or auto)."
+    ),
+]
+ThroughputOpt = Annotated[
+    float | None,
+    typer.Option("--throughput", help="With --dry-run: output tok/s of one GPU's engine.", min=0),
+]
+ThroughputFromOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--throughput-from", help="With --dry-run: a benchmark's JSON (bench_gpu.py --json FILE)."
+    ),
+]
+ThroughputPathOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--throughput-path", help="Which measured path of --throughput-from (e.g. hf-mixed)."
+    ),
+]
+CalibrateOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--calibrate-from",
+        help="With --dry-run: an earlier run directory whose mean calls and tokens per call "
+        "replace the assumption, for the same model and slice.",
+    ),
+]
+FractionOpt = Annotated[
+    float,
+    typer.Option(
+        "--expected-fraction", help="With --dry-run: share of each call's budget assumed used."
+    ),
+]
+
+
+def _shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    from charshift.planning import parse_shard
+
+    try:
+        return parse_shard(text)
+    except ValueError as err:
+        _fail(str(err))
+    return None
 
 
 @app.command()
@@ -134,19 +210,154 @@ def run(
     out: OutOpt = None,
     id_prompts: IdPromptsOpt = None,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Print the plan; load no model.")
+        bool, typer.Option("--dry-run", help="Print the plan and its cost; load no model.")
     ] = False,
+    shard: ShardOpt = None,
+    executor: ExecutorOpt = "local",
+    shards: ShardsOpt = None,
+    ray_address: RayAddressOpt = None,
+    throughput: ThroughputOpt = None,
+    throughput_from: ThroughputFromOpt = None,
+    throughput_path: ThroughputPathOpt = None,
+    calibrate_from: CalibrateOpt = None,
+    expected_fraction: FractionOpt = 0.5,
 ) -> None:
     """Generate -> (train classifier) -> score -> report. Resumes an interrupted run."""
-    from charshift import pipeline, planning
+    from charshift import executors
 
+    part = _shard(shard)
+    _check_executor(executor, part, None if dry_run else shards, ray_address)
     cfg = _load(config, preset, id_prompts)
     with _user_errors():
         if dry_run:
-            typer.echo(planning.build_plan(cfg, dry=True).summary())
+            cost = _CostArgs(throughput, throughput_from, throughput_path, calibrate_from)
+            typer.echo(_dry_run(cfg, part, shards, cost, expected_fraction))
             return
-        path = pipeline.run_all(cfg, out or _default_out(cfg))
+        target = out or _default_out(cfg)
+        if executor == "ray":
+            path = executors.run_ray(cfg, target, shards, ray_address, echo=typer.echo)
+        else:
+            done = executors.run_local(cfg, target, part)
+            if isinstance(done, executors.ShardResult):
+                typer.echo(_shard_message(done, target))
+                return
+            path = done
     typer.echo(f"report: {path}")
+
+
+def _check_executor(
+    executor: str, shard: tuple[int, int] | None, shards: int | None, address: str | None
+) -> None:
+    from charshift.executors import EXECUTORS
+
+    if executor not in EXECUTORS:
+        _fail(f"--executor: {executor!r} is not one of {', '.join(EXECUTORS)}")
+    if executor == "ray" and shard is not None:
+        _fail("--shard runs one shard here; --executor ray runs all of them: give one of the two")
+    if executor != "ray" and (shards is not None or address is not None):
+        _fail("--shards and --ray-address go with --executor ray (or --shards with --dry-run)")
+
+
+def _shard_message(done: ShardResult, out: Path) -> str:
+    lines = [json.dumps(done.to_dict())]
+    if done.note:
+        lines.append(done.note)
+    lines.append(
+        f"shard {done.label} done; when every shard is: `charshift run CONFIG --out {out}` "
+        f"(unsharded: finishes what the shards left, and reports), or `charshift report --run "
+        f"{out}` to see where the run stands"
+    )
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _CostArgs:
+    throughput: float | None
+    throughput_from: Path | None
+    throughput_path: str | None
+    calibrate_from: Path | None
+
+
+def _dry_run(
+    cfg: cfgmod.RunConfig,
+    shard: tuple[int, int] | None,
+    shards: int | None,
+    cost: _CostArgs,
+    fraction: float,
+) -> str:
+    """The plan, its shards and its cost (planning.estimate_cost); loads no model."""
+    from charshift import planning
+
+    throughput = _throughput(cost)  # bad flags fail before the plan is built
+    calibration = _calibration(cost.calibrate_from) if cost.calibrate_from else None
+    plan = planning.build_plan(cfg, dry=True)
+    lines = [plan.summary()]
+    rows = planning.select_shard(plan.rows, shard)
+    n = shard[1] if shard else shards
+    if n:
+        sizes = planning.shard_sizes(plan.rows, n)
+        lines.append(f"rows per shard ({n} shards): {sizes}")
+    if shard:
+        lines.append(f"this shard ({shard[0]}/{shard[1]}): {len(rows)} rows")
+    est = planning.estimate_cost(
+        plan,
+        rows,
+        fraction=fraction,
+        calibration=calibration,
+        throughput=throughput,
+        n_shards=None if shard else shards,
+    )
+    return "\n".join([*lines, est.text()])
+
+
+def _throughput(cost: _CostArgs) -> Throughput | None:
+    from charshift import planning
+
+    if cost.throughput is not None and cost.throughput_from is not None:
+        _fail("give --throughput or --throughput-from, not both")
+    if cost.throughput is not None:
+        if cost.throughput <= 0:
+            _fail("--throughput: must be a positive number of tokens per second")
+        return planning.Throughput(cost.throughput, "--throughput")
+    if cost.throughput_from is None:
+        if cost.throughput_path:
+            _fail("--throughput-path goes with --throughput-from FILE")
+        return None
+    try:
+        data = json.loads(cost.throughput_from.read_bytes())
+    except OSError as err:
+        _fail(f"--throughput-from: {cost.throughput_from}: {err.strerror}")
+    except ValueError as err:
+        _fail(f"--throughput-from: {cost.throughput_from} is not JSON ({err})")
+    return planning.throughput_from_json(data, str(cost.throughput_from), cost.throughput_path)
+
+
+def _calibration(run_dir: Path) -> Calibration:
+    """Mean calls per row and completion tokens per call of an earlier run, its replies
+    re-tokenized with each base model's own tokenizer."""
+    from transformers import AutoTokenizer
+
+    from charshift import models, pipeline, planning
+
+    store = pipeline.RunStore(run_dir, create=False, writable=False)
+    cfg = pipeline.load_run_config(store)
+    if not len(store.generations):
+        raise ValueError(f"--calibrate-from: {run_dir} holds no generations yet")
+    tokenizers: dict[str, Any] = {}
+
+    def count(model: str, text: str) -> int:
+        if model not in tokenizers:
+            resolved = models.resolve_model(model, pipeline.cache_dir())
+            tokenizers[model] = AutoTokenizer.from_pretrained(resolved.path, **resolved.load_kwargs)
+        return len(tokenizers[model](text, add_special_tokens=False).input_ids)
+
+    return planning.calibrate(
+        store.generations,
+        {b.name: b.model for b in cfg.bases},
+        {s: cfg.sampling.max_tokens_for(s) for s in cfg.slices},
+        count,
+        str(run_dir),
+    )
 
 
 @app.command()
@@ -155,12 +366,14 @@ def generate(
     preset: PresetOpt = None,
     out: OutOpt = None,
     id_prompts: IdPromptsOpt = None,
+    shard: ShardOpt = None,
 ) -> None:
-    """Generate the rows of a run that are not in its store yet."""
+    """Generate the rows of a run (or of one shard) that are not in its store yet."""
     from charshift import pipeline
 
+    part = _shard(shard)
     cfg = _load(config, preset, id_prompts)
-    with _user_errors(), pipeline.prepare_run(cfg, out or _default_out(cfg)) as store:
+    with _user_errors(), pipeline.prepare_run(cfg, out or _default_out(cfg), part) as store:
         summary = pipeline.generate(cfg, store)
     typer.echo(json.dumps(summary))
 
@@ -181,10 +394,13 @@ def score(
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Predictions JSONL (with --generations).")
     ] = None,
+    shard: ShardOpt = None,
 ) -> None:
-    """Score a run's outputs (training its classifier first if the config says so)."""
+    """Score a run's outputs, or one shard's (training its classifier first if the config says
+    so; a shard never trains it: that needs every shard's rows)."""
     from charshift import pipeline
 
+    part = _shard(shard)
     if generations is not None:
         from charshift.external import score_external
 
@@ -196,11 +412,26 @@ def score(
         return
     if run_dir is None:
         _fail("give --run DIR (or --generations FILE --classifier C --out FILE)")
-    with _user_errors(), pipeline.RunStore(run_dir, create=False) as store:
+    with _user_errors(), pipeline.RunStore(run_dir, create=False, shard=part) as store:
         cfg = pipeline.load_run_config(store)
-        pipeline.ensure_classifiers(cfg, store)
+        if part is None:
+            pipeline.ensure_classifiers(cfg, store)
+        else:
+            _no_training_in_shard(cfg, store)
         counts = pipeline.score(cfg, store)
     typer.echo(json.dumps(counts))
+
+
+def _no_training_in_shard(cfg: cfgmod.RunConfig, store: RunStore) -> None:
+    from charshift.executors import untrained_classifiers
+
+    untrained = untrained_classifiers(cfg, store)
+    if untrained:
+        _fail(
+            f"--shard: base(s) {', '.join(untrained)} train their classifier in the run, on "
+            "every shard's rows, and it is not trained yet: run `charshift score --run "
+            f"{store.root}` without --shard once every shard has generated"
+        )
 
 
 @app.command()

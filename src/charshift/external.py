@@ -34,10 +34,11 @@ def score_external(generations: Path, classifier: str, out: Path, batch_size: in
     if out.exists() and gen.exists() and out.resolve() == gen.resolve():
         raise inputs.InputError(f"--out {out} is the generations file itself; give another file")
     rows = inputs.read_jsonl_objects(gen, "generations file")
-    texts = [inputs.check_generation(obj, f"generations file {gen} line {n}") for n, obj in rows]
+    recs = [inputs.check_generation(obj, f"generations file {gen} line {n}") for n, obj in rows]
     inputs.check_model_source(classifier, "--classifier", classifier=True)
     clf = Classifier.load(classifier)
-    clf.check_personas(sorted({r["persona"] for _, r in rows} - set(NULL_PERSONA_MARKERS)))
+    clf.check_personas(sorted({r.persona for r in recs} - set(NULL_PERSONA_MARKERS)))
+    texts = [r.text for r in recs]
     idx = [i for i, t in enumerate(texts) if t]
     preds = clf.predict([texts[i] for i in idx], batch_size=batch_size)  # type: ignore[misc]
     result = [dict(obj, prediction=None) for _, obj in rows]

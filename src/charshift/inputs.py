@@ -8,7 +8,8 @@ before a classifier loads or a metric is computed, and before any output is writ
   object (a truncated last line included), a key given twice in one object, NaN/Infinity or a
   number too large for a float, nesting deeper than `MAX_DEPTH`, a line over `MAX_LINE_BYTES`.
 - `check_prediction(obj, where)`: one row of a predictions file (README "Bring your own data") ->
-  a `PredictionRecord`; `check_generation(obj, where)`: one row of a generations file -> its text.
+  a `PredictionRecord`; `check_generation(obj, where)`: one row of a generations file -> the same
+  record with no prediction and the text to classify.
 - `load_predictions(path)`: a whole predictions file, duplicates refused (or kept once, on request).
 - `check_output_file` / `check_output_dir`: an output path that can be written, checked up front;
   `write_text_atomic`: the output itself, complete or not at all.
@@ -301,10 +302,13 @@ def check_prediction(
     return PredictionRecord(**vals, prediction=pred, probs=probs, **extras)
 
 
-def check_generation(obj: dict[str, Any], where: str, error: Error = InputError) -> str | None:
+def check_generation(
+    obj: dict[str, Any], where: str, error: Error = InputError
+) -> PredictionRecord:
     """One generations row (`score --generations`): the predictions fields with `text` instead of
-    `prediction`. Returns the text to classify (None: no output; an empty text is no output)."""
-    _labels(obj, where, error)
+    `prediction`. Returns its record, with no prediction yet and `text` the text to classify
+    (None: no output; an empty text is no output). A null persona becomes NULL_PERSONA."""
+    vals = _labels(obj, where, error)
     if "text" not in obj:
         raise error(f"{where}: missing required field 'text' (null = no output)")
     for name in ("prediction", "probs"):
@@ -313,7 +317,10 @@ def check_generation(obj: dict[str, Any], where: str, error: Error = InputError)
                 f"{where}: field {name!r} is set; a generations file carries texts to score, "
                 "not predictions (is this a predictions file?)"
             )
-    return _row_extras(obj, where, error)["text"] or None
+    extras = _row_extras(obj, where, error)
+    extras["text"] = extras["text"] or None
+    extras.setdefault("outcome", "reply" if extras["text"] else "empty")
+    return PredictionRecord(**vals, prediction=None, **extras)
 
 
 def _row_key(r: PredictionRecord) -> tuple[str, str, str, str, str, int]:

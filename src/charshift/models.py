@@ -156,6 +156,11 @@ def _build_cached(target: Path, build: Callable[[Path], dict[str, Any]]) -> dict
     return json.loads(prov_file.read_text())
 
 
+build_cached = (
+    _build_cached  # for the pipeline's tiny adapters: built once, even by parallel shards
+)
+
+
 def _build_smollm2(gguf_dir: Path, version: str) -> Callable[[Path], dict[str, Any]]:
     def build(out: Path) -> dict[str, Any]:
         import torch

@@ -7,6 +7,7 @@ What to generate comes from `planning.build_plan` (pure); the analysis tail (rec
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from charshift import tools, units
 from charshift.adapter_probe import probe_adapters, require_applied
 from charshift.backends.base import AdapterSource, Backend
 from charshift.config import BaseSpec, RunConfig, config_to_dict, parse_config
-from charshift.planning import Plan, PlannedRow, build_plan
+from charshift.planning import Plan, PlannedRow, Shard, build_plan, in_shard, select_shard
 from charshift.rollout import Episode, RolloutEngine, RolloutSettings
 from charshift.schema import EpisodeSpec, GenerationRow, ScoreRow, stable_hash
 from charshift.store import RunStore
@@ -114,10 +115,10 @@ def _server_backend(cfg: RunConfig, base: BaseSpec, run_dir: Path | None) -> Bac
 # -- steps ---------------------------------------------------------------------------------------
 
 
-def prepare_run(cfg: RunConfig, out: Path) -> RunStore:
-    """Open `out` for writing (takes the run's writer lock; close the store, or use it as a
-    context manager, to release it) and record the config."""
-    store = RunStore(out)
+def prepare_run(cfg: RunConfig, out: Path, shard: Shard | None = None) -> RunStore:
+    """Open `out` for writing (takes the run's writer lock, or `shard`'s; close the store, or
+    use it as a context manager, to release it) and record the config."""
+    store = RunStore(out, shard=shard)
     try:
         store.write_config(
             config_to_dict(cfg),
@@ -147,13 +148,16 @@ def rollout_settings(cfg: RunConfig) -> RolloutSettings:
 
 
 def generate(cfg: RunConfig, store: RunStore, wave_size: int | None = None) -> dict[str, Any]:
-    """Generate every planned row the store does not hold yet. Returns counts."""
+    """Generate every planned row (of the store's shard, if it has one) the store does not hold
+    yet. Returns counts."""
     plan = build_plan(cfg)
     wave = wave_size or max(cfg.backend.batch_size * 8, 64)
-    summary: dict[str, Any] = {"planned": len(plan.rows), "done_before": 0, "generated": 0}
+    mine = select_shard(plan.rows, store.shard)
+    summary: dict[str, Any] = {"planned": len(mine), "done_before": 0, "generated": 0}
     for base in cfg.bases:
-        todo = [r for r in plan.rows_for(base.name) if r.key not in store.generations]
-        summary["done_before"] += len(plan.rows_for(base.name)) - len(todo)
+        rows = [r for r in mine if r.condition.base == base.name]
+        todo = [r for r in rows if r.key not in store.generations]
+        summary["done_before"] += len(rows) - len(todo)
         if todo:
             summary["generated"] += _generate_base(cfg, store, plan, base, todo, wave)
     return summary
@@ -204,7 +208,7 @@ def _load_adapters(
     store: RunStore, plan: Plan, base: BaseSpec, backend: Backend, todo: list[PlannedRow]
 ) -> dict[str, str]:
     """Load the adapters `todo` needs; record provenance and skipped adapters in the manifest."""
-    skipped = dict(store.manifest().get("skipped_adapters", {}))
+    skipped = store.recorded("skipped_adapters")
     needed = sorted({r.adapter.name for r in todo if r.adapter}, key=str)
     sources = _materialise_tiny_adapters(base, [plan.adapters[base.name][n] for n in needed])
     failed = backend.load_adapters(sources)
@@ -240,16 +244,24 @@ def _materialise_tiny_adapters(base: BaseSpec, sources: list[AdapterSource]) -> 
     out = []
     for src in sources:
         if src.path and src.path.startswith("tiny-lora:"):
-            from charshift import models, tiny
+            from charshift import models
 
             tag = src.path.split(":", 1)[1]
             model_dir = Path(models.resolve_model(base.model, cache_dir()).path)
             folder = cache_dir() / "tiny-lora" / stable_hash([base.model, tag], 12)
-            if not (folder / "adapter_config.json").exists():
-                tiny.build_tiny_lora(model_dir, folder, seed=int(stable_hash(tag, 6), 16))
+            if not (folder / "adapter_config.json").exists():  # built once, atomically
+                seed = int(stable_hash(tag, 6), 16)
+                models.build_cached(folder, functools.partial(_tiny_lora, model_dir, seed))
             src = AdapterSource(name=src.name, path=str(folder))
         out.append(src)
     return out
+
+
+def _tiny_lora(model_dir: Path, seed: int, out: Path) -> dict[str, Any]:
+    from charshift import tiny
+
+    tiny.build_tiny_lora(model_dir, out, seed=seed)
+    return {"tiny_lora_seed": seed}
 
 
 def _simulator(plan: Plan, spec: EpisodeSpec) -> Any:
@@ -333,15 +345,16 @@ ScoreItem = tuple[GenerationRow, str, str]  # (row, unit, text)
 
 
 def score(cfg: RunConfig, store: RunStore) -> dict[str, int]:
-    """Classify every unit of every eval row that has an output (see `charshift.units`) and no
-    score of the same text from its base's classifier yet."""
+    """Classify every unit of every eval row (of the store's shard, if it has one) that has an
+    output (see `charshift.units`) and no score of the same text from its base's classifier yet."""
     from charshift.classifier import Classifier
 
     raw = cfg.scoring.text == "raw"
     counts = {"scored": 0, "already": 0}
     items_by_base: dict[str, list[ScoreItem]] = {}
+    shards: dict[str, int] = {}
     for r, unit, text in units.row_units(store.generations, raw):
-        if text:
+        if text and in_shard(r.item_id, store.shard, shards):
             items_by_base.setdefault(r.base, []).append((r, unit, text))
     for base in cfg.bases:
         items = items_by_base.get(base.name, [])

@@ -1,14 +1,18 @@
 """Planning: a run config -> every row the run will generate, without loading any model.
 
 Pure (apart from reading the shipped prompt, persona and scenario files): conditions (base, stage,
-persona, adapter, persona prompt), rendered episodes (one per item and slice), row keys, and the
-plan summary that `--dry-run` prints. Every step of the pipeline starts from `build_plan`.
+persona, adapter, persona prompt), rendered episodes (one per item and slice), row keys, the
+plan summary and cost estimate that `--dry-run` prints, and the shard a row belongs to. Every step
+of the pipeline starts from `build_plan`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 from collections import Counter
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from charshift import formats, prompts, scenarios
@@ -21,6 +25,7 @@ from charshift.schema import (
     PROMPTED_STAGE,
     Condition,
     EpisodeSpec,
+    GenerationRow,
     Sampling,
     stable_hash,
 )
@@ -61,14 +66,9 @@ class Plan:
             )
         per_slice = Counter((r.spec.slice, r.spec.split) for r in self.rows)
         lines.append("rows per slice:")
-        calls = 0
         for (sl, split), n in sorted(per_slice.items()):
             lines.append(f"  {sl:<22} {split:<5} {n:>7}")
-        for r in self.rows:
-            if r.spec.mode == "chat":
-                calls += len(r.spec.user_turns)
-            else:
-                calls += r.spec.max_steps or cfg.rollout.max_steps
+        calls = sum(max_calls(r, cfg.rollout.max_steps) for r in self.rows)
         lines.append(f"generations in all: {len(self.rows)} rows, at most {calls} model calls")
         return "\n".join(lines)
 
@@ -217,3 +217,396 @@ def build_plan(cfg: RunConfig, dry: bool = False) -> Plan:
                     key = row_key(cfg, base, cond, spec, s, src, sampling)
                     rows.append(PlannedRow(key, cond, spec, s, src, sampling))
     return Plan(cfg, rows, conditions, adapters, bank)
+
+
+# -- shards --------------------------------------------------------------------------------------
+
+Shard = tuple[int, int]  # (index, count), index from 0: the store's convention (RunStore(shard=))
+MAX_SHARDS = 1024
+
+
+def parse_shard(text: str, what: str = "--shard") -> Shard:
+    """`I/N` (shard I of N, counted from 0, as SLURM's `--array=0-7` counts) -> (I, N)."""
+    parts = text.strip().split("/")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"{what}: expected I/N (shard I of N, 0 <= I < N), got {text!r}")
+    i, n = (int(p) for p in parts)
+    if not 1 <= n <= MAX_SHARDS:
+        raise ValueError(f"{what}: the shard count must be 1..{MAX_SHARDS}, got {n}")
+    if i >= n:
+        raise ValueError(
+            f"{what}: shard index {i} is not in 0..{n - 1} (shards are counted from 0: "
+            f"`--array=0-{n - 1}` with `--shard $SLURM_ARRAY_TASK_ID/{n}`)"
+        )
+    return i, n
+
+
+def shard_of(item_id: str, n: int) -> int:
+    """The shard (0..n-1) of an item, by rendezvous hashing: each shard draws a weight
+    sha256(index, item id) and the item goes to the heaviest. It depends on the item id and `n`
+    only (never on the other items, the row order or the machine), so all rows of an item (every
+    condition, slice and sample) share a shard and bootstrap clusters never span shards. Going
+    from n to n + 1 shards moves only the items the new shard wins (about 1 in n + 1)."""
+    if n < 1:
+        raise ValueError(f"shard count must be >= 1, got {n}")
+    best, best_weight = 0, b""
+    for i in range(n):
+        weight = hashlib.sha256(f"{i}\0{item_id}".encode()).digest()
+        if weight > best_weight:
+            best, best_weight = i, weight
+    return best
+
+
+def in_shard(item_id: str, shard: Shard | None, cache: dict[str, int] | None = None) -> bool:
+    """Whether `item_id` belongs to `shard` (None: the whole run). `cache`: item -> shard."""
+    if shard is None:
+        return True
+    if cache is None:
+        return shard_of(item_id, shard[1]) == shard[0]
+    if item_id not in cache:
+        cache[item_id] = shard_of(item_id, shard[1])
+    return cache[item_id] == shard[0]
+
+
+def select_shard(rows: Iterable[PlannedRow], shard: Shard | None) -> list[PlannedRow]:
+    """The rows of `shard`, in plan order (all rows when `shard` is None)."""
+    cache: dict[str, int] = {}
+    return [r for r in rows if in_shard(r.spec.item_id, shard, cache)]
+
+
+def shard_sizes(rows: Iterable[PlannedRow], n: int) -> list[int]:
+    """Rows per shard when the plan is split `n` ways."""
+    cache: dict[str, int] = {}
+    sizes = [0] * n
+    for r in rows:
+        item = r.spec.item_id
+        if item not in cache:
+            cache[item] = shard_of(item, n)
+        sizes[cache[item]] += 1
+    return sizes
+
+
+# -- cost ----------------------------------------------------------------------------------------
+
+# Without a calibration run, a model call is assumed to generate this share of its token budget.
+DEFAULT_EXPECTED_FRACTION = 0.5
+
+
+def max_calls(row: PlannedRow, default_steps: int) -> int:
+    """The most model calls a row can make: every chat turn, or a tool episode's step budget."""
+    if row.spec.mode == "chat":
+        return len(row.spec.user_turns)
+    return row.spec.max_steps or default_steps
+
+
+def assumed_calls(row: PlannedRow, default_steps: int) -> int:
+    """A row's model calls without a calibration run: every chat turn; a tool episode makes the
+    calls a perfect agent needs (`needed_calls`), within its budget."""
+    top = max_calls(row, default_steps)
+    if row.spec.mode == "chat":
+        return top
+    return min(row.spec.needed_calls or top, top)
+
+
+@dataclass(frozen=True)
+class CalibrationCell:
+    rows: int
+    calls_per_row: float  # mean model calls per row (GenerationRow.n_steps)
+    tokens_per_call: float  # mean completion tokens per model call
+    budget: int  # the calibration run's token budget per call in this slice
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Measured in an earlier run, per (model, slice)."""
+
+    source: str
+    cells: dict[tuple[str, str], CalibrationCell]
+
+
+def calibrate(
+    rows: Iterable[GenerationRow],
+    model_of: Mapping[str, str],
+    budget_of: Mapping[str, int],
+    count_tokens: Callable[[str, str], int],
+    source: str,
+) -> Calibration:
+    """Mean model calls per row and completion tokens per call, per (model, slice), from a run's
+    rows. A row's model calls are its last `n_steps` assistant messages; `count_tokens(model,
+    text)` counts one reply's tokens (the tokenizer of `model`). `model_of`: base name -> model;
+    `budget_of`: slice -> the run's token budget per call."""
+    calls: dict[tuple[str, str], list[int]] = {}
+    tokens: dict[tuple[str, str], int] = {}
+    for r in rows:
+        if r.base not in model_of:
+            continue
+        cell = (model_of[r.base], r.slice)
+        replies = [m for m in r.messages if m.get("role") == "assistant"]
+        made = replies[len(replies) - r.n_steps :] if r.n_steps else []
+        calls.setdefault(cell, []).append(len(made))
+        tokens[cell] = tokens.get(cell, 0) + sum(
+            count_tokens(cell[0], str(m.get("content") or "")) for m in made
+        )
+    cells = {}
+    for cell, per_row in calls.items():
+        n_calls = sum(per_row)
+        cells[cell] = CalibrationCell(
+            rows=len(per_row),
+            calls_per_row=n_calls / len(per_row),
+            tokens_per_call=tokens[cell] / n_calls if n_calls else 0.0,
+            budget=budget_of.get(cell[1], 0),
+        )
+    return Calibration(source, cells)
+
+
+@dataclass(frozen=True)
+class CellCost:
+    """Generated tokens of one (base, slice) of a plan: an upper bound and an expected value."""
+
+    base: str
+    slice: str
+    rows: int
+    budget: int  # tokens per model call (the slice's max_tokens)
+    max_calls: int  # every chat turn; every step of each tool episode's budget
+    expected_calls: float
+    tokens_per_call: float  # expected completion tokens per call
+    basis: str  # "assumed" or "measured"
+
+    @property
+    def max_tokens(self) -> int:
+        return self.max_calls * self.budget
+
+    @property
+    def expected_tokens(self) -> float:
+        return self.expected_calls * self.tokens_per_call
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Generated (output) tokens per second of one engine on one GPU, and where it comes from."""
+
+    tok_per_s: float
+    source: str
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    cells: list[CellCost]
+    fraction: float
+    calibration: str | None = None
+    throughput: Throughput | None = None
+    shard_share: float | None = None  # the largest shard's share of expected tokens
+    n_shards: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def max_tokens(self) -> int:
+        return sum(c.max_tokens for c in self.cells)
+
+    @property
+    def expected_tokens(self) -> float:
+        return sum(c.expected_tokens for c in self.cells)
+
+    def gpu_hours(self, tokens: float) -> float | None:
+        """GPU-hours to generate `tokens` at the throughput (None without one)."""
+        return tokens / self.throughput.tok_per_s / 3600 if self.throughput else None
+
+    def text(self) -> str:
+        return "\n".join(_cost_lines(self))
+
+
+def estimate_cost(
+    plan: Plan,
+    rows: list[PlannedRow] | None = None,
+    *,
+    fraction: float = DEFAULT_EXPECTED_FRACTION,
+    calibration: Calibration | None = None,
+    throughput: Throughput | None = None,
+    n_shards: int | None = None,
+) -> CostEstimate:
+    """Generated tokens of `rows` (default: the whole plan) per (base, slice): at most every call
+    x its budget; expected: calls and tokens per call measured in `calibration` for the base's
+    model and the slice where it has them, else every chat turn and the calls a perfect agent
+    needs, each generating `fraction` of its budget. GPU-hours at `throughput`."""
+    if not 0 < fraction <= 1 or not math.isfinite(fraction):
+        raise ValueError(f"--expected-fraction: must be in (0, 1], got {fraction}")
+    rows = plan.rows if rows is None else rows
+    model_of = {b.name: b.model for b in plan.cfg.bases}
+    steps = plan.cfg.rollout.max_steps
+    groups: dict[tuple[str, str], list[PlannedRow]] = {}
+    for r in rows:
+        groups.setdefault((r.condition.base, r.spec.slice), []).append(r)
+    cells, notes = [], []
+    for (base, sl), grp in groups.items():
+        measured = calibration.cells.get((model_of[base], sl)) if calibration else None
+        cell = _cell_cost(base, sl, grp, steps, fraction, measured)
+        if measured and measured.budget and measured.budget < cell.budget:
+            notes.append(
+                f"{base} / {sl}: measured at a budget of {measured.budget} tokens per call, "
+                f"below this run's {cell.budget}: its expected tokens are a lower bound"
+            )
+        cells.append(cell)
+    share = _largest_shard_share(cells, rows, steps, n_shards) if n_shards else None
+    return CostEstimate(
+        cells,
+        fraction,
+        calibration.source if calibration else None,
+        throughput,
+        share,
+        n_shards,
+        notes,
+    )
+
+
+def _cell_cost(
+    base: str,
+    slice_: str,
+    rows: list[PlannedRow],
+    steps: int,
+    fraction: float,
+    measured: CalibrationCell | None,
+) -> CellCost:
+    budget = max(r.sampling.max_tokens for r in rows)
+    top = sum(max_calls(r, steps) for r in rows)
+    if measured is None:
+        expected_calls = float(sum(assumed_calls(r, steps) for r in rows))
+        return CellCost(
+            base, slice_, len(rows), budget, top, expected_calls, fraction * budget, "assumed"
+        )
+    expected_calls = min(measured.calls_per_row * len(rows), float(top))
+    per_call = min(measured.tokens_per_call, float(budget))
+    return CellCost(base, slice_, len(rows), budget, top, expected_calls, per_call, "measured")
+
+
+def _largest_shard_share(
+    cells: list[CellCost], rows: list[PlannedRow], steps: int, n: int
+) -> float:
+    """The largest shard's share of the expected tokens (each row weighted by its cell's
+    expected tokens per row)."""
+    per_row = {(c.base, c.slice): c.expected_tokens / c.rows for c in cells if c.rows}
+    load = [0.0] * n
+    cache: dict[str, int] = {}
+    for r in rows:
+        item = r.spec.item_id
+        if item not in cache:
+            cache[item] = shard_of(item, n)
+        load[cache[item]] += per_row.get((r.condition.base, r.spec.slice), 0.0)
+    total = sum(load)
+    return max(load) / total if total else 1.0 / n
+
+
+def _tokens(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _hours(h: float | None) -> str:
+    if h is None:
+        return "?"
+    return f"{h:.0f}" if h >= 100 else f"{h:.1f}" if h >= 1 else f"{h:.2g}"
+
+
+def _cost_lines(est: CostEstimate) -> list[str]:
+    head = f"  {'base':<10} {'slice':<22} {'rows':>7} {'budget':>6} {'calls<=':>8} {'tokens<=':>9}"
+    head += f" {'calls~':>9} {'tok/call~':>9} {'tokens~':>9}  basis"
+    lines = ["cost estimate: generated tokens (prompt tokens and scoring not counted)", head]
+    for c in est.cells:
+        lines.append(
+            f"  {c.base:<10} {c.slice:<22} {c.rows:>7} {c.budget:>6} {c.max_calls:>8} "
+            f"{_tokens(c.max_tokens):>9} {c.expected_calls:>9.0f} {c.tokens_per_call:>9.1f} "
+            f"{_tokens(c.expected_tokens):>9}  {c.basis}"
+        )
+    rows = sum(c.rows for c in est.cells)
+    calls = sum(c.max_calls for c in est.cells)
+    lines.append(
+        f"  {'total':<33} {rows:>7} {'':>6} {calls:>8} {_tokens(est.max_tokens):>9} "
+        f"{sum(c.expected_calls for c in est.cells):>9.0f} {'':>9} "
+        f"{_tokens(est.expected_tokens):>9}"
+    )
+    lines += _cost_basis_lines(est)
+    lines += [f"note: {n}" for n in est.notes]
+    return lines + _gpu_hour_lines(est)
+
+
+def _cost_basis_lines(est: CostEstimate) -> list[str]:
+    out = [
+        "<= upper bound: every chat turn and every step of each tool episode's budget, each "
+        "call generating its whole budget (sampling.max_tokens / max_tokens_by_slice)."
+    ]
+    if any(c.basis == "assumed" for c in est.cells):
+        out.append(
+            f"~ assumed (basis 'assumed'): every chat turn, the calls a perfect agent needs per "
+            f"tool episode, each call generating {est.fraction:g} of its budget "
+            "(--expected-fraction; or measure with --calibrate-from RUN_DIR)."
+        )
+    if est.calibration:
+        out.append(
+            f"~ measured (basis 'measured'): mean calls per row and completion tokens per call "
+            f"of the same model and slice in {est.calibration} (replies re-tokenized with the "
+            "model's tokenizer), capped at this run's budgets."
+        )
+    return out
+
+
+def _gpu_hour_lines(est: CostEstimate) -> list[str]:
+    if est.throughput is None:
+        return [
+            "GPU-hours: give --throughput TOK_PER_S, or --throughput-from FILE (the JSON "
+            "scripts/bench_gpu.py or scripts/bench_hf.py write with --json FILE)."
+        ]
+    t = est.throughput
+    hi, mid = est.gpu_hours(est.max_tokens), est.gpu_hours(est.expected_tokens)
+    out = [
+        f"GPU-hours at {t.tok_per_s:g} output tok/s ({t.source}): at most {_hours(hi)}, "
+        f"expected {_hours(mid)} (one engine per GPU; long agentic prompts make real throughput "
+        "lower than a benchmark's short prompts)."
+    ]
+    if est.n_shards and est.shard_share is not None and mid is not None:
+        out.append(
+            f"over {est.n_shards} shards, one GPU each: the largest shard holds "
+            f"{est.shard_share:.1%} of the expected tokens, so about "
+            f"{_hours(mid * est.shard_share)} h of wall time (expected)."
+        )
+    return out
+
+
+def throughput_from_json(data: Any, source: str, path: str | None = None) -> Throughput:
+    """The throughput in a benchmark's JSON: `{"tok_per_s": X}`, or `{"paths": {NAME: X or
+    {"tok_per_s": X, ...}, ...}}` (what scripts/bench_gpu.py and bench_hf.py write with --json,
+    one entry per measured path such as `hf-mixed` or `vllm-mixed`). With several paths, `path`
+    names the one that matches the run's engine (`--throughput-path`)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
+    if "tok_per_s" in data and path is None:
+        return Throughput(_rate(data["tok_per_s"], f"{source}: tok_per_s"), source)
+    paths = data.get("paths")
+    if not isinstance(paths, dict) or not paths:
+        raise ValueError(f'{source}: no "tok_per_s" and no "paths" object of measured paths')
+    if path is None:
+        if len(paths) > 1:
+            raise ValueError(
+                f"{source} measured several paths ({', '.join(map(str, paths))}): name the one "
+                "that matches the run's engine with --throughput-path NAME"
+            )
+        path = next(iter(paths))
+    if path not in paths:
+        raise ValueError(
+            f"--throughput-path: {path!r} is not in {source} (has {', '.join(map(str, paths))})"
+        )
+    entry = paths[path]
+    value = entry.get("tok_per_s") if isinstance(entry, dict) else entry
+    where = f"{source}: paths.{path}.tok_per_s"
+    device = data.get("device")
+    return Throughput(
+        _rate(value, where), f"{source}, path {path}" + (f", {device}" if device else "")
+    )
+
+
+def _rate(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{where}: expected a number of tokens per second, got {value!r:.40}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{where}: must be a positive number, got {value}")
+    return float(value)

@@ -23,7 +23,13 @@ One writer per table: a writer holds an OS-level lock (`filelock`) with its pid,
 time in a lock-info file; a second writer gets an error naming the holder; a lock left by a killed
 process is taken over with a message. Shards of one run (`shard=(i, n)`) write tables of their own
 (`generations.shard-i-of-n.jsonl`) under locks of their own; readers read the union of a table's
-files.
+files (a key held by two files counts once).
+
+Sharded and unsharded writers of one run never run at the same time, nor shards of two different
+counts: an unsharded writer holds `writer.lock` exclusively, every shard of N holds it shared and
+holds `writer.shards-of-N.lock` shared, and a shard refuses to start while another count's lock is
+held. Otherwise two writers would generate the same rows. One after the other they are fine: a
+writer skips every row any file already holds, whichever writer wrote it (see SHARDING).
 """
 
 from __future__ import annotations
@@ -590,6 +596,135 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+# -- sharded and unsharded writers ---------------------------------------------------------------
+
+SHARDING = """\
+A run directory may be written by one unsharded writer, or by the shards of one count N at once
+(`--shard I/N`, each its own table files); never both at the same time. In sequence anything
+goes: a writer skips every row held by any file of the run, so an unsharded `charshift run`
+after the shards finishes what they left (a failed shard, the classifier trained on every
+shard's rows, the scores), and a later sharding of another count resumes the same run."""
+
+
+class ModeLockError(LockHeldError):
+    """A sharded writer met an unsharded one (or shards of another count), or the reverse."""
+
+
+class SharedFlock:
+    """A shared (or probing exclusive) `flock` on a file, held through its own descriptor: the
+    same primitive `filelock` uses, so it contends with a `WriterLock` on the same file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    def acquire(self, exclusive: bool = False) -> bool:
+        """Take the lock without waiting; False when another process holds a conflicting one.
+        OSError when the file system has no flock."""
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with suppress(OSError):
+                os.close(self._fd)  # closing the descriptor drops its flock
+            self._fd = None
+
+
+def count_lock_path(root: Path, n: int) -> Path:
+    return Path(root) / f"writer.shards-of-{n}.lock"
+
+
+def live_shard_writers(root: Path) -> list[str]:
+    """'shard I of N (pid P on H, started T)' for each shard writer whose lock info is there and
+    whose process is alive (on another host: assumed alive)."""
+    out = []
+    for info_path in sorted(Path(root).glob("writer.shard-*-of-*.lock.info")):
+        info = _read_json(info_path)
+        m = re.match(r"writer\.shard-(\d+)-of-(\d+)\.lock\.info$", info_path.name)
+        if not info or not m:
+            continue
+        pid = info.get("pid")
+        here = info.get("host") == socket.gethostname()
+        if here and isinstance(pid, int) and not _pid_alive(pid):
+            continue
+        who = f"pid {pid} on {info.get('host')}, started {info.get('started')}"
+        out.append(f"shard {m[1]} of {m[2]} ({who})")
+    return out
+
+
+def _mode_locks(root: Path, shard: Shard, what: str) -> list[SharedFlock]:
+    """A shard writer's shared holds on `writer.lock` and on its count's lock; ModeLockError
+    while an unsharded writer or shards of another count write the run."""
+    i, n = shard
+    held: list[SharedFlock] = []
+    try:
+        run_lock = SharedFlock(Path(root) / "writer.lock")
+        if not run_lock.acquire():
+            raise ModeLockError(_unsharded_holder(root, what, n))
+        held.append(run_lock)
+        mine = SharedFlock(count_lock_path(root, n))
+        if not mine.acquire():
+            raise ModeLockError(_other_count_holder(root, what, shard, None))
+        held.append(mine)
+        for other in sorted(Path(root).glob("writer.shards-of-*.lock")):
+            m = re.match(r"writer\.shards-of-(\d+)\.lock$", other.name)
+            if not m or int(m[1]) == n:
+                continue
+            probe = SharedFlock(other)
+            if not probe.acquire(exclusive=True):
+                raise ModeLockError(_other_count_holder(root, what, shard, int(m[1])))
+            probe.release()
+    except BaseException:
+        for lock in held:
+            lock.release()
+        raise
+    return held
+
+
+def _unsharded_holder(root: Path, what: str, n: int) -> str:
+    info = _read_json(Path(root) / "writer.lock.info") or {}
+    who = f"pid {info.get('pid')} on {info.get('host')}, started {info.get('started')}"
+    return (
+        f"{what}: the run is being written by an unsharded charshift process ({who}); a shard "
+        f"would generate rows it is generating. Wait for it to finish or stop it, then start "
+        f"the shards (--shard I/{n}). (lock: {Path(root) / 'writer.lock'})"
+    )
+
+
+def _other_count_holder(root: Path, what: str, shard: Shard, other: int | None) -> str:
+    i, n = shard
+    live = [s for s in live_shard_writers(root) if f" of {n} (" not in s]
+    count = f"in {other} shards" if other else "in shards of another count"
+    return (
+        f"{what}: the run is being written {count} ({'; '.join(live) or 'see their locks'}); "
+        f"shard {i} of {n} would overlap their items. Use --shard I/{other or 'M'} with their "
+        "count, or wait for them to finish."
+    )
+
+
+def _shards_holding(root: Path, what: str) -> str:
+    live = live_shard_writers(root)
+    counts = sorted({s.split(" of ", 1)[1].split(" ", 1)[0] for s in live})
+    hint = f" or give --shard I/{counts[0]} to run as one of them" if len(counts) == 1 else ""
+    return (
+        f"{what} is being written by {len(live)} shard writer(s): {'; '.join(live)}. An "
+        f"unsharded writer would generate and score their rows too: wait for the shards to "
+        f"finish (then run the unsharded command to finish the run){hint}."
+    )
+
+
 # -- provenance ----------------------------------------------------------------------------------
 
 
@@ -664,6 +799,7 @@ class RunStore:
         self.notes: list[str] = []
         self._manifest_warned = False
         self._lock: WriterLock | None = None
+        self._mode: list[SharedFlock] = []  # a shard writer's shared holds (see SHARDING)
         if not (writable and create):
             self._require_run()
         if writable:
@@ -696,12 +832,39 @@ class RunStore:
         what = f"run {self.root}" + (
             f" (shard {self.shard[0]} of {self.shard[1]})" if self.shard else ""
         )
+        if self.shard:
+            self._mode = self._take_mode_locks(what)
         self._lock = WriterLock(self.root / f"writer{shard_suffix(self.shard)}.lock", what)
-        msg = self._lock.acquire()
+        try:
+            msg = self._lock.acquire()
+        except BaseException as err:
+            self._lock = None
+            self._release_mode_locks()
+            if isinstance(err, LockHeldError) and not self.shard:
+                if live_shard_writers(self.root):
+                    raise ModeLockError(_shards_holding(self.root, what)) from None
+            raise
         if msg:
             self.warn(msg)  # not a note for the report: it says nothing about the data
         own = [table_path(self.root, t, self.shard) for t in TABLES]
         _remove_temps(self.root, [p.name for p in own] + [quarantine_path(p).name for p in own])
+
+    def _take_mode_locks(self, what: str) -> list[SharedFlock]:
+        """A shard's holds that keep an unsharded writer and shards of another count out."""
+        assert self.shard is not None
+        try:
+            return _mode_locks(self.root, self.shard, what)
+        except (ImportError, OSError) as err:  # no fcntl (Windows), or a file system without flock
+            self.warn(
+                f"{what}: cannot keep sharded and unsharded writers of this run apart here "
+                f"({err}); run them one at a time"
+            )
+            return []
+
+    def _release_mode_locks(self) -> None:
+        for lock in self._mode:
+            lock.release()
+        self._mode = []
 
     def _table(self, stem: str, record_type: type[R], key_fields: tuple[str, ...]) -> JsonlTable:
         own = table_path(self.root, stem, self.shard if self.writable else None)
@@ -737,6 +900,7 @@ class RunStore:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+        self._release_mode_locks()
 
     def __enter__(self) -> RunStore:
         return self
@@ -882,6 +1046,15 @@ class RunStore:
                 "provenance is incomplete"
             )
         return m
+
+    def recorded(self, field: str) -> dict[str, str]:
+        """The name -> text map the manifest records under `field` (`classifier_ids`: base ->
+        the classifier id its scores use; `skipped_adapters`: base/adapter -> why), read back
+        typed: {} when there is none; entries that are not text are left out."""
+        found = self.manifest().get(field)
+        if not isinstance(found, dict):
+            return {}
+        return {k: v for k, v in found.items() if isinstance(k, str) and isinstance(v, str)}
 
     def update_manifest(self, **fields: Any) -> dict[str, Any]:
         """Merge `fields` into the manifest (a dict merges into a dict; None removes a field)."""
