@@ -91,6 +91,7 @@ def main() -> None:
         backend, adapters, prompts, args.new_tokens, args.repeats, tuple(args.paths.split(","))
     )
     model_dir = Path(backend.resolved.path)
+    setup_text = bench_hf.describe(args, backend) + f" [{torch.cuda.get_device_name()}]"
     prompt_ids = [
         backend.tokenizer(bench_hf.render(backend, p), add_special_tokens=False)["input_ids"]
         for p in prompts
@@ -104,6 +105,8 @@ def main() -> None:
     except ImportError:
         print("vLLM is not importable here: its paths are skipped")
     bench_hf.print_table(timings, bound_gbs=bw, bound_tok_s=bound)
+    if args.json:
+        bench_hf.write_json(args.json, timings, torch.cuda.get_device_name(), setup_text, bound)
 
 
 if __name__ == "__main__":

@@ -360,6 +360,26 @@ def print_table(
     )
 
 
+def write_json(
+    path: Path, timings: dict[str, Timing], device: str, describe_text: str, bound: float | None
+) -> None:
+    """`{"device", "setup", "paths": {NAME: {"tok_per_s", "median_tok_per_s"}}, "bound_tok_per_s"}`
+    (best round as tok_per_s), written atomically."""
+    data = {
+        "device": device,
+        "setup": describe_text,
+        "paths": {
+            name: {"tok_per_s": round(t.best, 2), "median_tok_per_s": round(t.median, 2)}
+            for name, t in timings.items()
+        },
+        "bound_tok_per_s": None if bound is None else round(bound, 2),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+    print(f"figures written to {path}")
+
+
 def parse_args(argv: list[str] | None = None, gpu: bool = False) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="a model spec; default: a random Llama")
@@ -378,6 +398,12 @@ def parse_args(argv: list[str] | None = None, gpu: bool = False) -> argparse.Nam
     ap.add_argument("--paths", default=",".join(PATHS))
     ap.add_argument("--workdir", type=Path, default=None, help="where models are built (kept)")
     ap.add_argument("--bandwidth-gbs", type=float, default=None, help="default: measured")
+    ap.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="also write the figures as JSON (what `charshift run --dry-run --throughput-from` reads)",
+    )
     args = ap.parse_args(argv)
     if args.tiny:
         args.shape = "tiny"
@@ -434,6 +460,8 @@ def main(argv: list[str] | None = None) -> None:
         backend, adapters, prompts, args.new_tokens, args.repeats, tuple(args.paths.split(","))
     )
     print_table(timings, bw, bound)
+    if args.json:
+        write_json(args.json, timings, str(backend.device), describe(args, backend), bound)
     backend.close()
 
 
