@@ -164,10 +164,11 @@ def test_pipeline_stops_on_an_adapter_that_changes_nothing(tmp_path, monkeypatch
             """
         )
     )
-    store = pipeline.prepare_run(cfg, tmp_path / "run")
-    with pytest.raises(AdapterNotApplied, match="full/humor"):
-        pipeline.generate(cfg, store)
-    probe = RunStore(tmp_path / "run").manifest()["adapter_probe"]["tl"]
+    with pipeline.prepare_run(cfg, tmp_path / "run") as store:
+        with pytest.raises(AdapterNotApplied, match="full/humor"):
+            pipeline.generate(cfg, store)
+    reader = RunStore(tmp_path / "run", writable=False)
+    probe = reader.manifest()["adapter_probe"]["tl"]
     assert probe["adapters"]["full/sarcasm"]["applied"] is True
     assert probe["adapters"]["full/humor"]["applied"] is False
-    assert len(RunStore(tmp_path / "run").generations) == 0  # stopped before generating
+    assert len(reader.generations) == 0  # stopped before generating

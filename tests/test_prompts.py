@@ -87,8 +87,11 @@ def test_bundled_selection_too_many_is_an_error():
 
 
 def test_negative_seed_is_an_error():
+    # refused by the config itself, naming the field; and by the selection if it gets one anyway
+    with pytest.raises(ValueError, match="seed"):
+        IdPromptsConfig(n_eval=5, seed=-1)
     with pytest.raises(P.PromptError, match="seed"):
-        P.select_id_prompts(IdPromptsConfig(n_eval=5, seed=-1))
+        P.select_id_prompts(IdPromptsConfig.model_construct(n_eval=5, seed=-1))
 
 
 # ---------------------------------------------------------------------------- prompt files

@@ -205,7 +205,11 @@ def test_managed_engine_serves_every_adapter_and_stops(fake_engines, tmp_path, e
         assert argv[argv.index("--max-lora-rank") + 1] == "16"
     else:
         assert "--enable-deterministic-inference" in argv
-        assert ran[0]["model"].startswith(f"{model}:")  # BASE:ADAPTER, never a bare name
+        # BASE:ADAPTER for every adapter row, never a bare adapter name (requests arrive in any
+        # order: the server handles them concurrently)
+        sent = {e["model"] for e in ran}
+        assert all(m == str(model) or m.startswith(f"{model}:") for m in sent)
+        assert {f"{model}:full/sarcasm", f"{model}:full/humor"} <= sent
 
 
 def test_whole_process_group_is_stopped(fake_engines, tmp_path, monkeypatch):
@@ -248,6 +252,8 @@ def test_ctrl_c_during_a_cli_run_stops_the_server(fake_engines, tmp_path):
         make_adapter(adapters / persona)
     model = tmp_path / "model"
     model.mkdir()
+    # a served model folder is checked before the run starts, as any local model folder is
+    (model / "config.json").write_text(json.dumps({"model_type": "llama"}))
     config = {
         "name": "ctrlc",
         "bases": [

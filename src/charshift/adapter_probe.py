@@ -120,33 +120,8 @@ def _max_diff(base: list[Any], mine: list[Any]) -> tuple[float, float]:
 
 
 def next_token_logits(backend: Backend, requests: list[GenRequest]) -> list[Any] | None:
-    """The backend's own `next_token_logits`; for the HF backend, its model's logits."""
-    logits = backend.next_token_logits(requests)
-    if logits is None and backend.kind == "hf":
-        logits = _hf_next_token_logits(backend, requests)
-    return logits
-
-
-def _hf_next_token_logits(backend: Any, requests: list[GenRequest]) -> list[Any]:
-    """First-token logits of each request on the HF backend, one forward pass per request (the
-    same shape for base and adapter rows, so no batching noise enters the comparison)."""
-    import torch
-
-    from charshift.backends.hf import BASE_ADAPTER
-
-    out = []
-    with torch.inference_mode():
-        for req in requests:
-            text = backend.render(req)
-            ids = backend.tokenizer(text, add_special_tokens=False, return_tensors="pt")
-            input_ids = ids["input_ids"].to(backend.device)
-            result = backend._forward(
-                [req.adapter or BASE_ADAPTER],
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-            )
-            out.append(result.logits[0, -1].float().cpu().numpy())
-    return out
+    """The backend's own `next_token_logits` (the HF backend's model logits), or None."""
+    return backend.next_token_logits(requests)
 
 
 def require_applied(record: dict[str, Any]) -> None:

@@ -829,6 +829,32 @@ class HFBackend(Backend):
             error=problem,
         )
 
+    @torch.inference_mode()
+    def next_token_logits(self, requests: list[GenRequest]) -> list[Any]:
+        """The first generated token's logits of each request (numpy, float32), one forward per
+        request: the same shape for base and adapter rows, so no batching noise enters a
+        comparison between them (the adapter probe compares these)."""
+        out = []
+        with self._lora_applied():
+            for req in requests:
+                ids = self.tokenizer(self.render(req), add_special_tokens=False)["input_ids"]
+                input_ids = torch.tensor([ids], device=self.device)
+                row = _Row(
+                    index=0,
+                    prompt=ids,
+                    adapter=req.adapter or BASE_ADAPTER,
+                    temperature=0.0,
+                    top_p=1.0,
+                    repetition_penalty=1.0,
+                    max_new=1,
+                    generator=torch.Generator(),
+                )
+                result = self._forward(
+                    [row], input_ids=input_ids, attention_mask=torch.ones_like(input_ids)
+                )
+                out.append(result.logits[0, -1].float().cpu().numpy())
+        return out
+
     # ---- one batch: prefill (reusing sessions' keys/values), then decode --------------------
 
     def _lora_runner(self) -> LoraRunner | None:
