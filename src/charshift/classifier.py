@@ -711,7 +711,21 @@ def _summary(report: TrainReport) -> str:
                 f"NOT ABOVE CHANCE: {fig}. The interval reaches chance, so figures from this "
                 "classifier cannot be read as persona retention."
             )
-    if report.baseline is not None:
+    probe = report.probe or {}
+    if probe.get("features") == "lexical":
+        cv = probe.get("features_cv") or {}
+        why = ""
+        if len(cv) > 1 and all(isinstance(v, float) for v in cv.values()):
+            why = (
+                " (chosen by prompt-grouped CV on the training rows: macro-F1 "
+                + ", ".join(f"{k} {v:.3f}" for k, v in cv.items())
+                + ")"
+            )
+        head += (
+            f" This classifier is a lexical probe (TF-IDF + LR){why}, so the lexical baseline is "
+            "the same model and no separate check of it."
+        )
+    elif report.baseline is not None:
         b = report.baseline
         head += (
             f" Lexical baseline (TF-IDF + LR): {_fmt_iv(b['macro_f1'], b['macro_f1_interval'])}."
@@ -1327,6 +1341,7 @@ def train_from_texts(
             groups,
             c_grid=settings.probe_c_grid,
             cv_folds=settings.probe_cv_folds,
+            features=settings.probe_features,
             batch_size=max(settings.batch_size, 16),
             **common,
         )

@@ -161,6 +161,9 @@ class ClassifierTraining(_Strict):
     early_stopping_patience: int = Field(3, ge=1)
     probe_c_grid: list[float] = Field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0, 100.0])
     probe_cv_folds: int = Field(5, ge=2)
+    # what the probe reads: a frozen encoder's sentence embeddings, TF-IDF word features, or
+    # (auto) whichever cross-validates better on the training rows (charshift.lexical)
+    probe_features: Literal["embedding", "lexical", "auto"] = "embedding"
     n_boot: int = Field(1000, ge=10)
     ci: float = Field(0.95, gt=0, lt=1)
     seed: int = 0

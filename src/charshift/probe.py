@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,21 +57,16 @@ from charshift.classifier import (
     weights_sha256,
     write_json_atomic,
 )
+from charshift.lexical import LEXICAL_FILE, TFIDF_PARAMS, fit_sparse_head, fit_vectorizer
 
 PROBE_CONFIG = "charshift_probe.json"
 PROBE_HEAD = "probe_head.json"
 PROBE_FORMAT = "charshift-probe"
 PROBE_VERSION = 1
+# what a probe reads: sentence embeddings of a frozen encoder, TF-IDF word features (see
+# charshift.lexical), or whichever of the two cross-validates better on the training rows
+FEATURES = ("embedding", "lexical", "auto")
 _MAX_ITER = 5000  # lbfgs iterations; the fit records when it hit this limit
-# The lexical baseline's features: word unigrams and bigrams (one-letter words kept), sublinear tf.
-TFIDF_PARAMS: dict[str, Any] = {
-    "lowercase": True,
-    "ngram_range": (1, 2),
-    "sublinear_tf": True,
-    "min_df": 1,
-    "token_pattern": r"(?u)\b\w+\b",
-}
-
 FitPredict = Callable[[np.ndarray, np.ndarray, float], np.ndarray]
 
 
@@ -261,6 +257,7 @@ def _embedding_fit_predict(X: np.ndarray, y: np.ndarray, k: int) -> FitPredict:
 
 
 def _tfidf_fit_predict(texts: Sequence[str], y: np.ndarray, k: int) -> FitPredict:
+    """TF-IDF (fitted on the training rows of each fold) + logistic regression."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
@@ -432,6 +429,10 @@ def _check_config(folder: Path) -> dict[str, Any]:
     ok = isinstance(labels, list) and len(labels) >= 2 and len(set(labels)) == len(labels)
     if not ok or not all(isinstance(x, str) for x in labels):
         raise ClassifierError(f"{folder / PROBE_CONFIG}: labels must be >= 2 distinct names")
+    if config.get("features", "embedding") not in FEATURES[:2]:
+        raise ClassifierError(f"{folder / PROBE_CONFIG}: unknown features {config['features']!r}")
+    if config.get("features") == "lexical":
+        return config
     enc = config.get("encoder")
     if not isinstance(enc, dict) or enc.get("kind") not in ("packaged", "local", "hub"):
         raise ClassifierError(f"{folder / PROBE_CONFIG}: missing or unknown encoder")
@@ -495,6 +496,11 @@ def load_probe(
     folder = Path(folder).expanduser().resolve()
     config = _check_config(folder)
     coef, intercept = _read_head(folder, config)
+    if config.get("features") == "lexical":
+        from charshift.lexical import lexical_classifier
+
+        sha = _combined_sha(config["head_sha256"], config["lexical_sha256"])
+        return lexical_classifier(folder, config, coef, intercept, source or str(folder), sha)
     enc = config["encoder"]
     ref, kw, enc_folder = _find_encoder(enc, cache_dir)
     tokenizer, encoder = _load_encoder(ref, kw)
@@ -522,7 +528,7 @@ def load_probe(
 def _prepare_out_dir(out_dir: Path) -> None:
     """Remove what would make an unfinished or older folder look finished or load wrongly."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in (REPORT_FILE, PROBE_CONFIG, PROBE_HEAD):
+    for name in (REPORT_FILE, PROBE_CONFIG, PROBE_HEAD, LEXICAL_FILE):
         (out_dir / name).unlink(missing_ok=True)
 
 
@@ -582,6 +588,85 @@ def _probe_hyper(
     }
 
 
+@dataclass
+class _Candidate:
+    """One kind of probe features, its C chosen by grouped CV on the training rows."""
+
+    features: str
+    c: float
+    cv: dict[float, float] | None
+    folds: int
+
+    @property
+    def best_cv(self) -> float:
+        return max(self.cv.values()) if self.cv else float("-inf")
+
+
+def _candidates(
+    features: str,
+    embed: Callable[[], np.ndarray],
+    train_texts: list[str],
+    y: np.ndarray,
+    train_groups: list[str],
+    c_grid: Sequence[float],
+    cv_folds: int,
+    names: list[str],
+) -> list[_Candidate]:
+    out = []
+    k = len(names)
+    if features in ("embedding", "auto"):
+        fp = _embedding_fit_predict(embed(), y, k)
+        out.append(_Candidate("embedding", *select_c(fp, y, train_groups, c_grid, cv_folds, names)))
+    if features in ("lexical", "auto"):
+        fp = _tfidf_fit_predict(train_texts, y, k)
+        out.append(_Candidate("lexical", *select_c(fp, y, train_groups, c_grid, cv_folds, names)))
+    return out
+
+
+def _choose(cands: list[_Candidate]) -> _Candidate:
+    """The candidate with the best cross-validated macro-F1 (ties: the first, embedding)."""
+    best = cands[0]
+    for cand in cands[1:]:
+        if cand.best_cv > best.best_cv:
+            best = cand
+    return best
+
+
+def _fit_lexical(
+    out_dir: Path, names: list[str], train_texts: list[str], y: np.ndarray, c: float
+) -> tuple[Classifier, dict[str, Any], int]:
+    from charshift.lexical import save_lexical
+
+    vec = fit_vectorizer(train_texts)
+    coef, intercept, n_iter = fit_sparse_head(
+        vec.transform(train_texts), y, len(names), c, _MAX_ITER
+    )
+    meta = {"features": "lexical", **save_lexical(out_dir, vec), "max_length": 0, "C": c}
+    save_probe(out_dir, names, coef, intercept, meta)
+    return load_probe(out_dir), {"features": "lexical", "C": c}, n_iter
+
+
+def _fit_embedding(
+    out_dir: Path,
+    names: list[str],
+    X: np.ndarray,
+    y: np.ndarray,
+    c: float,
+    encoder: tuple[Any, Any, dict[str, Any]],
+    cap: int,
+    dev: torch.device,
+) -> tuple[Classifier, dict[str, Any], int]:
+    tokenizer, model, identity = encoder
+    coef, intercept, n_iter = fit_head(X, y, len(names), c)
+    meta = {"encoder": identity, "pooling": "mean", "normalize": True, "max_length": cap, "C": c}
+    meta["features"] = "embedding"
+    config = save_probe(out_dir, names, coef, intercept, {**meta, "embedding_dim": X.shape[1]})
+    clf = _probe_classifier(
+        ProbeModel(model, coef, intercept), tokenizer, config, str(out_dir), out_dir, dev
+    )
+    return clf, {"features": "embedding", "embedding_dim": int(X.shape[1])}, n_iter
+
+
 def train_probe(
     texts: Sequence[str],
     labels: Sequence[str],
@@ -601,15 +686,19 @@ def train_probe(
     cache_dir: Path | None = None,
     n_boot: int = 1000,
     ci: float = 0.95,
+    features: str = "embedding",
 ) -> TrainReport:
     """Fit a probe on the training groups, save it to `out_dir`, report on the held-out groups.
 
-    The held-out split is `classifier.split_by_group`'s (as for the fine-tune); C is chosen on
-    the training rows only. Every label must have training rows.
+    The held-out split is `classifier.split_by_group`'s (as for the fine-tune); C, and with
+    `features="auto"` the kind of features, are chosen on the training rows only (grouped CV).
+    Every label must have training rows.
     """
     names = check_training_inputs(texts, labels, groups, label_names)
     if cv_folds < 2:
         raise ValueError("cv_folds must be >= 2")
+    if features not in FEATURES:
+        raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
     split = split_rows(groups, heldout_fraction, seed)
     train_idx = split.train_idx
     absent = [n for n in names if not any(labels[i] == n for i in train_idx)]
@@ -618,33 +707,46 @@ def train_probe(
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir)
     dev = resolve_device(device)
-    tokenizer, model, identity = _load_training_encoder(encoder, cache_dir, dev)
-    cap = _effective_max_length(model, tokenizer, max_length)
-    X = embed_texts(
-        model, tokenizer, [texts[i] for i in train_idx], max_length=cap,
-        batch_size=batch_size, device=dev, progress=progress,
-    )  # fmt: skip
+    train_texts = [texts[i] for i in train_idx]
     y = np.array([names.index(labels[i]) for i in train_idx], dtype=np.int64)
-    fp = _embedding_fit_predict(X, y, len(names))
-    c, cv, folds = select_c(fp, y, [groups[i] for i in train_idx], c_grid, cv_folds, names)
-    coef, intercept, n_iter = fit_head(X, y, len(names), c)
-    meta = {"encoder": identity, "pooling": "mean", "normalize": True, "max_length": cap, "C": c}
-    config = save_probe(out_dir, names, coef, intercept, {**meta, "embedding_dim": X.shape[1]})
-    clf = _probe_classifier(
-        ProbeModel(model, coef, intercept), tokenizer, config, str(out_dir), out_dir, dev
-    )
+    state: dict[str, Any] = {}
+
+    def embed() -> np.ndarray:
+        if "X" not in state:
+            state["encoder"] = enc = _load_training_encoder(encoder, cache_dir, dev)
+            state["cap"] = _effective_max_length(enc[1], enc[0], max_length)
+            state["X"] = embed_texts(
+                enc[1], enc[0], train_texts, max_length=state["cap"],
+                batch_size=batch_size, device=dev, progress=progress,
+            )  # fmt: skip
+        return state["X"]
+
+    train_groups = [groups[i] for i in train_idx]
+    cands = _candidates(features, embed, train_texts, y, train_groups, c_grid, cv_folds, names)
+    chosen = _choose(cands)
+    if chosen.features == "lexical":
+        clf, info, n_iter = _fit_lexical(out_dir, names, train_texts, y, chosen.c)
+        identity: dict[str, Any] = {"source": "tfidf", "kind": "lexical"}
+    else:
+        clf, info, n_iter = _fit_embedding(
+            out_dir, names, state["X"], y, chosen.c, state["encoder"], state["cap"], dev
+        )
+        identity = state["encoder"][2]
+    cap = state.get("cap", 0)
     hyper = _probe_hyper(c_grid, cv_folds, max_length, cap, heldout_fraction, seed, batch_size)
-    hyper["device"] = str(dev)
+    hyper.update(device=str(dev), features=features)
     probe_info = {
-        "C": c,
-        "cv_macro_f1": None if cv is None else {str(k): v for k, v in cv.items()},
-        "cv_folds_used": folds,
-        "c_at_grid_edge": len(c_grid) > 1 and c in (min(c_grid), max(c_grid)),
-        "embedding_dim": int(X.shape[1]),
+        **info,
+        "C": chosen.c,
+        "cv_macro_f1": None if chosen.cv is None else {str(k): v for k, v in chosen.cv.items()},
+        "cv_folds_used": chosen.folds,
+        "c_at_grid_edge": len(c_grid) > 1 and chosen.c in (min(c_grid), max(c_grid)),
+        "features_cv": {c.features: (c.best_cv if c.cv else None) for c in cands},
+        "features_chosen_by": "grouped CV on the training rows" if len(cands) > 1 else "config",
         "lbfgs_iterations": n_iter,
         "converged": n_iter < _MAX_ITER,
     }
-    warnings = _probe_warnings(cv, 1.0 / len(names), n_iter)
+    warnings = _probe_warnings(chosen.cv, 1.0 / len(names), n_iter)
     report = new_report(
         "probe", out_dir, names, labels, split, hyperparameters=hyper, encoder=identity,
         losses=[], warnings=warnings, probe=probe_info,
@@ -653,7 +755,7 @@ def train_probe(
         report.heldout_note = "no held-out split (heldout_fraction=0)"
 
     def predict(batch: list[str]) -> list[str]:
-        return [p for p, _ in clf.predict(batch, batch_size=batch_size, max_length=cap)]
+        return [p for p, _ in clf.predict(batch, batch_size=batch_size, max_length=cap or 512)]
 
     return finish_report(
         report,

@@ -1,0 +1,83 @@
+"""Tests of the lexical probe (charshift.lexical) and of the probe's feature choice.
+
+The planted texts are test_probe's: each label has its own vocabulary mixed into neutral filler,
+one text per label per synthetic prompt; shuffled labels leave no signal.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import test_probe
+from test_probe import LABELS, planted
+
+from charshift.classifier import Classifier, ClassifierError
+from charshift.lexical import LEXICAL_FILE, LexicalClassifier, fit_sparse_head, fit_vectorizer
+from charshift.probe import PROBE_CONFIG, train_probe
+
+
+def _train(tmp_path, texts, labels, groups, features="lexical", name="lex"):
+    return train_probe(
+        texts, labels, groups, label_names=LABELS, out_dir=tmp_path / name,
+        heldout_fraction=0.25, n_boot=300, progress=False, features=features, device="cpu",
+    )  # fmt: skip
+
+
+def test_lexical_probe_finds_a_planted_signal_and_chance_without_one(tmp_path):
+    rep = _train(tmp_path, *planted(40, 0))
+    assert rep.above_chance and rep.macro_f1_interval[0] > 0.25
+    assert rep.probe["features"] == "lexical" and rep.probe["features_cv"]["lexical"] > 0.5
+    null = _train(tmp_path, *planted(40, 0, shuffle=True), name="null")
+    lo, hi = null.macro_f1_interval
+    assert lo <= 0.25 <= hi and not null.above_chance
+    assert "NOT ABOVE CHANCE" in null.summary
+
+
+def test_lexical_probe_reloads_with_the_same_probabilities(tmp_path):
+    texts, labels, groups = planted(20, 3)
+    _train(tmp_path, texts, labels, groups)
+    a = Classifier.load(str(tmp_path / "lex"))
+    b = Classifier.load(str(tmp_path / "lex"))
+    assert isinstance(a, LexicalClassifier)
+    assert a.identity["model_type"] == "tfidf-logistic-regression" and a.weights_sha256
+    pa, pb = a.predict(texts[:12]), b.predict(texts[:12])
+    assert pa == pb
+    for _, probs in pa:
+        assert set(probs) == set(LABELS) and abs(sum(probs.values()) - 1) < 1e-9
+    # the same figures as scikit-learn's own vectorizer + regression on the same rows
+    y = np.array([LABELS.index(x) for x in labels])
+    vec = fit_vectorizer(texts)
+    coef, intercept, _ = fit_sparse_head(vec.transform(texts), y, len(LABELS), 1.0)
+    logits = np.asarray(vec.transform(texts[:3]) @ coef.T) + intercept
+    assert logits.shape == (3, len(LABELS))
+    stored = json.loads((tmp_path / "lex" / PROBE_CONFIG).read_text())
+    assert stored["features"] == "lexical" and stored["vocabulary_size"] > 0
+
+
+def test_tampered_lexical_state_is_refused(tmp_path):
+    _train(tmp_path, *planted(12, 1))
+    path = tmp_path / "lex" / LEXICAL_FILE
+    data = json.loads(path.read_text())
+    data["idf"][0] += 1.0
+    path.write_text(json.dumps(data))
+    with pytest.raises(ClassifierError, match="sha256"):
+        Classifier.load(str(tmp_path / "lex"))
+
+
+tiny_encoder = test_probe.tiny_encoder  # the module-scoped fixture, shared
+
+
+def test_auto_keeps_the_features_that_cross_validate_better(tmp_path, tiny_encoder):
+    """With a random tiny encoder the embeddings carry little of the planted words; auto must
+    take whichever scored better in grouped CV on the training rows, and record both scores."""
+    rep = train_probe(
+        *planted(24, 5), label_names=LABELS, out_dir=tmp_path / "auto", encoder=str(tiny_encoder),
+        heldout_fraction=0.25, n_boot=200, progress=False, features="auto", device="cpu",
+    )  # fmt: skip
+    cv = rep.probe["features_cv"]
+    assert set(cv) == {"embedding", "lexical"}
+    assert rep.probe["features"] == max(cv, key=cv.get)
+    assert rep.probe["features_chosen_by"].startswith("grouped CV")
+    assert Classifier.load(str(tmp_path / "auto")).predict(["oh great"])[0][0] in LABELS
