@@ -14,7 +14,7 @@ import pytest
 
 from charshift import plots, published, report, stats
 from charshift.external import load_predictions_jsonl
-from charshift.schema import NULL_PERSONA
+from charshift.schema import NULL_PERSONA, Sample
 from charshift.schema import PredictionRecord as R
 
 PERSONAS = ["sarcasm", "humor", "remorse"]
@@ -51,17 +51,17 @@ def make_records(seed: int = 0) -> list[R]:
     return out
 
 
-def make_samples(records: list[R]) -> list[dict]:
+def make_samples(records: list[R]) -> list[Sample]:
     samples = report.samples_from_records(records)
     for s in samples[:5]:
-        s["messages"] = [
+        s.messages = [
             {"role": "system", "content": "You write emails."},
             {"role": "user", "content": "Write it."},
             {"role": "assistant", "content": f'{{"tool": "send_email", "body": "{SCRIPT}"}}'},
             {"role": "tool", "content": f"sent {IMG}"},
         ]
-        s["email"] = {"to": "a@b.c", "subject": IMG, "body": f"Body {SCRIPT}"}
-        s["tool_log"] = [{"tool": "send_email", "args": {"body": IMG}}]
+        s.email = {"to": "a@b.c", "subject": IMG, "body": f"Body {SCRIPT}"}
+        s.tool_log = [{"tool": "send_email", "args": {"body": IMG}}]
     return samples
 
 
@@ -104,7 +104,8 @@ def test_model_text_is_escaped_everywhere(built):
     block = _json_block(page)
     assert "<" not in block and ">" not in block and "&" not in block
     got = {s["key"]: s for s in json.loads(block)}
-    assert got == {s["key"]: s for s in json.loads(json.dumps(samples, default=str))}
+    want = [s.to_dict() for s in samples]
+    assert got == {s["key"]: s for s in json.loads(json.dumps(want, default=str))}
 
 
 def html_escaped(s: str) -> str:
@@ -187,17 +188,17 @@ def test_no_banner_without_meaningless(tmp_path):
 
 def test_sample_cap_is_stratified():
     samples = [
-        {"key": f"k{i}", "base": "b", "stage": st, "slice": "id_chat", "persona": p,
-         "item_id": str(i), "sample_idx": 0}
+        Sample(key=f"k{i}", base="b", stage=st, slice="id_chat", persona=p, item_id=str(i),
+               sample_idx=0, outcome="reply")
         for i in range(40)
         for st, p in [(("base", "full")[i % 2], PERSONAS[i % 3])]
     ]  # fmt: skip
     chosen, note = report.select_samples(samples, cap=12)
     assert len(chosen) == 12 and "12 of 40" in note
-    groups = {(s["stage"], s["persona"]) for s in samples}
-    assert {(s["stage"], s["persona"]) for s in chosen} == groups
+    groups = {(s.stage, s.persona) for s in samples}
+    assert {(s.stage, s.persona) for s in chosen} == groups
     again, _ = report.select_samples(samples, cap=12)
-    assert [s["key"] for s in again] == [s["key"] for s in chosen]
+    assert [s.key for s in again] == [s.key for s in chosen]
 
 
 def test_make_plots_png_and_svg(tmp_path):
@@ -761,7 +762,7 @@ def test_report_is_replaced_atomically(tmp_path, monkeypatch):
     assert "report.md" in before and "report/index.html" in before
     # a lone surrogate in a sample's text: a clear error once the page is built, nothing replaced
     bad = report.samples_from_records(recs)
-    bad[0]["text"] = "broken \ud800 text"
+    bad[0].text = "broken \ud800 text"
     with pytest.raises(report.ReportError, match="not valid Unicode"):
         report.write_report(tmp_path, recs, res, settings={}, samples=bad, title="second")
     assert _snapshot(tmp_path) == before

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from charshift import report, stats
-from charshift.schema import NULL_PERSONA
+from charshift.schema import NULL_PERSONA, Sample
 from charshift.schema import PredictionRecord as R
 
 pytestmark = pytest.mark.browser
@@ -79,11 +79,17 @@ def page(tmp_path_factory):
     out = tmp_path_factory.mktemp("browser")
     res = stats.compute_metrics(recs, PERSONAS, n_boot=30)
     path = report.write_report(
-        out, recs, res, settings={"x": PAYLOADS[0]}, samples=samples, title="browser test",
+        out, recs, res, settings={"x": PAYLOADS[0]}, samples=[Sample(**x) for x in samples],
+        title="browser test",
         warnings=WARNINGS,
     )  # fmt: skip
     plain = report.write_report(
-        out / "plain", recs, res, settings={}, samples=samples[:5], title="plain"
+        out / "plain",
+        recs,
+        res,
+        settings={},
+        samples=[Sample(**x) for x in samples[:5]],
+        title="plain",
     )
     profile = out / "chrome-profile"
     opts = Options()

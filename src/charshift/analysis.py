@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from charshift.config import RunConfig, StatsConfig, config_to_dict
-from charshift.schema import NULL_PERSONA, GenerationRow, PredictionRecord
+from charshift.schema import NULL_PERSONA, GenerationRow, PredictionRecord, Sample
 from charshift.store import TABLES, RunStore, StoreError, table_files
 from charshift.store import warn as store_warn
 
@@ -32,7 +32,7 @@ class AnalysisInput:
     stats: StatsConfig
     title: str
     settings: dict[str, Any]
-    samples: list[dict[str, Any]] | None = None  # None: built from the records
+    samples: list[Sample] | None = None  # None: built from the records
     meaningless: bool = False
     published: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -153,31 +153,17 @@ def prediction_records(
     return out
 
 
-def browser_samples(records: Sequence[PredictionRecord], store: RunStore) -> list[dict[str, Any]]:
+def browser_samples(records: Sequence[PredictionRecord], store: RunStore) -> list[Sample]:
     """The report's sample browser entries: each record with its whole conversation."""
     samples = []
     for rec in records:
         g: GenerationRow | None = store.generations.get(rec.key or "")
         if g is None:
             continue
-        samples.append(
-            {
-                "key": rec.key,
-                "base": rec.base,
-                "stage": rec.stage,
-                "persona": g.persona or "(base: none)",
-                "slice": rec.slice,
-                "item_id": rec.item_id,
-                "sample_idx": rec.sample_idx,
-                "outcome": rec.outcome,
-                "messages": g.messages,
-                "text": rec.text,
-                "email": g.email,
-                "prediction": rec.prediction,
-                "probs": rec.probs,
-                "tool_log": g.tool_log,
-            }
-        )
+        s = Sample.from_record(rec, g.key)
+        s.persona = g.persona or s.persona
+        s.messages, s.email, s.tool_log = g.messages, g.email, g.tool_log
+        samples.append(s)
     return samples
 
 

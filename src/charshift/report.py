@@ -68,6 +68,7 @@ from charshift.schema import (
     OUTCOMES,
     SCORED_OUTCOMES,
     PredictionRecord,
+    Sample,
     stable_hash,
 )
 from charshift.stats import CellMetrics, ChainDecomposition, Difference, MetricsResult
@@ -91,10 +92,6 @@ __all__ = [
 ]
 
 MAX_SAMPLES = 2000
-SAMPLE_FIELDS = (
-    "key", "base", "stage", "persona", "slice", "item_id", "sample_idx", "outcome",
-    "messages", "text", "email", "prediction", "probs", "tool_log",
-)  # fmt: skip
 STAGING_PREFIX = ".report-staging-"
 NULL_SHOWN = "(base: none)"  # how the base stage's null persona is shown
 CENSORING_PERMUTATIONS = 2000
@@ -615,7 +612,7 @@ class _Doc:
 # --------------------------------------------------------------------------- samples
 
 
-def samples_from_records(records: Iterable[PredictionRecord]) -> list[dict[str, Any]]:
+def samples_from_records(records: Iterable[PredictionRecord]) -> list[Sample]:
     """Minimal browser samples when no generation rows are at hand (e.g. --predictions).
 
     Records sharing a key (a base output expanded to every persona) give one sample.
@@ -627,46 +624,23 @@ def samples_from_records(records: Iterable[PredictionRecord]) -> list[dict[str, 
             if r.key in seen:
                 continue
             seen.add(r.key)
-        out.append(
-            {
-                "key": r.key or f"row{i}",
-                "base": r.base,
-                "stage": r.stage,
-                "persona": "(base: none)" if r.persona == NULL_PERSONA else r.persona,
-                "slice": r.slice,
-                "item_id": r.item_id,
-                "sample_idx": r.sample_idx,
-                "outcome": r.outcome,
-                "messages": [],
-                "text": r.text,
-                "email": None,
-                "prediction": r.prediction,
-                "probs": r.probs,
-                "tool_log": [],
-            }
-        )
+        out.append(Sample.from_record(r, r.key or f"row{i}"))
     return out
 
 
-def select_samples(
-    samples: Sequence[dict[str, Any]], cap: int = MAX_SAMPLES
-) -> tuple[list[dict[str, Any]], str]:
+def select_samples(samples: Sequence[Sample], cap: int = MAX_SAMPLES) -> tuple[list[Sample], str]:
     """At most `cap` samples, stratified: round-robin over (base, stage, slice, persona) groups,
     a deterministic pseudo-random order within each group. Returns (samples, note)."""
-    clean = [{f: s.get(f) for f in SAMPLE_FIELDS} for s in samples]
-    for i, s in enumerate(clean):
-        if s["key"] is None:
-            s["key"] = f"sample{i}"
+    clean = list(samples)
     if len(clean) <= cap:
         chosen = clean
         note = f"All {len(clean)} samples are shown."
     else:
-        groups: dict[tuple, list[dict[str, Any]]] = {}
+        groups: dict[tuple[str, ...], list[Sample]] = {}
         for s in clean:
-            g = (s["base"], s["stage"], s["slice"], s["persona"])
-            groups.setdefault(tuple(str(x) for x in g), []).append(s)
+            groups.setdefault((s.base, s.stage, s.slice, s.persona), []).append(s)
         for g in groups.values():
-            g.sort(key=lambda s: stable_hash(["sample-order", s["key"]]))
+            g.sort(key=lambda s: stable_hash(["sample-order", s.key]))
         chosen, depth = [], 0
         while len(chosen) < cap:
             for g in groups.values():
@@ -678,10 +652,8 @@ def select_samples(
             "every (base, stage, slice, persona) group. The full data is in the run directory."
         )
 
-    def order(s: dict[str, Any]) -> tuple:
-        return tuple(str(s[f]) for f in ("base", "stage", "slice", "persona", "item_id")) + (
-            s["sample_idx"] if isinstance(s["sample_idx"], int) else 0,
-        )
+    def order(s: Sample) -> tuple[str | int, ...]:
+        return (s.base, s.stage, s.slice, s.persona, s.item_id, s.sample_idx)
 
     return sorted(chosen, key=order), note
 
@@ -851,7 +823,7 @@ def _csp() -> str:
     )
 
 
-def _sample_browser(samples: list[dict[str, Any]], note: str) -> str:
+def _sample_browser(samples: list[Sample], note: str) -> str:
     filters = "".join(
         f'<label>{f} <select id="f-{f}"><option value="__all__">all</option></select></label>'
         for f in ("base", "stage", "persona", "slice", "outcome")
@@ -862,7 +834,7 @@ def _sample_browser(samples: list[dict[str, Any]], note: str) -> str:
         f'<div class="filters">{filters}</div>'
         '<div id="sample-list"></div><button id="sample-more" type="button" hidden>show more'
         "</button>"
-        f'<script type="application/json" id="sample-data">{_json_for_script(samples)}</script>'
+        f'<script type="application/json" id="sample-data">{_json_for_script([x.to_dict() for x in samples])}</script>'
     )
 
 
@@ -883,7 +855,7 @@ class ReportContent:
     context: HeadlineContext
     outcomes: list[PredictionRecord]
     censoring: list[CensoringTest]
-    samples: list[dict[str, Any]]
+    samples: list[Sample]
     sample_note: str
 
 
@@ -1138,7 +1110,7 @@ def prepare_report(
     result: MetricsResult,
     *,
     settings: Mapping[str, Any],
-    samples: list[dict[str, Any]] | None,
+    samples: list[Sample] | None,
     title: str,
     meaningless: bool = False,
     published: str | None = None,
@@ -1170,7 +1142,7 @@ def write_report(
     result: MetricsResult,
     *,
     settings: Mapping[str, Any],
-    samples: list[dict[str, Any]] | None,
+    samples: list[Sample] | None,
     title: str,
     meaningless: bool = False,
     published: str | None = None,
@@ -1182,7 +1154,7 @@ def write_report(
     """Write report/index.html (self-contained), report/plots/* and report.md; return the HTML path.
 
     `records`: the predictions behind `result` (base outputs unexpanded or expanded: outcomes
-    count each base output once). `samples`: dicts with the SAMPLE_FIELDS keys for the sample
+    count each base output once). `samples`: `schema.Sample`s for the sample
     browser; None builds minimal ones from `records`. `warnings` are shown first, in a box at
     the top. `context`: facts for the headline (tool protocol, trained classifiers, ...); None
     reads them from `settings` ({"config": ..., "manifest": ...}). `published="paper"` sets the

@@ -312,3 +312,44 @@ class PredictionRecord:
     @classmethod
     def from_dict(cls, data: Any, where: str = "PredictionRecord") -> PredictionRecord:
         return record_from_dict(cls, data, where)
+
+
+@dataclass
+class Sample:
+    """One entry of the report's sample browser: a scored unit of a row, as shown to a reader
+    (the conversation or trajectory, the scored text, the verdict and its probabilities)."""
+
+    key: str
+    base: str
+    stage: str
+    persona: str  # the condition's persona, or "(base: none)"
+    slice: str  # the unit
+    item_id: str
+    sample_idx: int
+    outcome: str
+    text: str | None = None
+    prediction: str | None = None
+    probs: dict[str, float] | None = None
+    messages: list[Message] = field(default_factory=list)
+    email: dict[str, Any] | None = None
+    tool_log: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_record(cls, r: PredictionRecord, key: str) -> Sample:
+        """A minimal sample from a prediction record (no conversation at hand)."""
+        return cls(
+            key=key,
+            base=r.base,
+            stage=r.stage,
+            persona="(base: none)" if r.persona in NULL_PERSONA_MARKERS else r.persona,
+            slice=r.slice,
+            item_id=r.item_id,
+            sample_idx=r.sample_idx,
+            outcome=r.outcome,
+            text=r.text,
+            prediction=r.prediction,
+            probs=r.probs,
+        )
