@@ -298,9 +298,8 @@ def test_truncated_scores(mini, env, tmp_path):
     cfg, ref = mini
     run = _copy(ref, tmp_path / "run")
     raw = (run / "scores.jsonl").read_bytes()
-    cut = len(raw) // 2
-    while raw[cut - 1 : cut] == b"\n":  # cut mid-line
-        cut -= 3
+    mid = raw.index(b"\n", len(raw) // 2) + 1  # the start of a line past the middle
+    cut = mid + (raw.index(b"\n", mid) - mid) // 2  # cut that line halfway: never a whole line
     (run / "scores.jsonl").write_bytes(raw[:cut])
     n_left = raw[:cut].count(b"\n")
     before = _kept(run)

@@ -509,14 +509,18 @@ def test_pipeline_run_on_a_managed_real_server(tiny_llama, tmp_path, monkeypatch
     monkeypatch.setattr(RolloutEngine, "run_streaming", failing)
     with pytest.raises(RuntimeError, match="disk full"):
         pipeline.generate(cfg, store)
-    pid = RunStore(tmp_path / "run").manifest()["backends"]["tl"]["extra"]["server"]["pid"]
+    pid = RunStore(tmp_path / "run", writable=False).manifest()["backends"]["tl"]["extra"][
+        "server"
+    ]["pid"]
     assert not pid_alive(pid)
     monkeypatch.setattr(RolloutEngine, "run_streaming", real)
     summary = pipeline.generate(cfg, store)  # resumes, on a fresh server
     assert summary["generated"] + summary["done_before"] == summary["planned"]
-    rows = list(RunStore(tmp_path / "run").generations)
+    rows = list(RunStore(tmp_path / "run", writable=False).generations)
     assert len(rows) == summary["planned"] and {r.outcome for r in rows} - {"error"}
-    pid2 = RunStore(tmp_path / "run").manifest()["backends"]["tl"]["extra"]["server"]["pid"]
+    pid2 = RunStore(tmp_path / "run", writable=False).manifest()["backends"]["tl"]["extra"][
+        "server"
+    ]["pid"]
     assert pid2 != pid and not pid_alive(pid2)
     log_text = (tmp_path / "run" / "server-tl.log").read_text()
     assert log_text.count("=== charshift") == 2  # one header per start, appended
