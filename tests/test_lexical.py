@@ -81,3 +81,33 @@ def test_auto_keeps_the_features_that_cross_validate_better(tmp_path, tiny_encod
     assert rep.probe["features"] == max(cv, key=cv.get)
     assert rep.probe["features_chosen_by"].startswith("grouped CV")
     assert Classifier.load(str(tmp_path / "auto")).predict(["oh great"])[0][0] in LABELS
+
+
+def test_tfidf_fold_probabilities_put_zero_on_a_class_without_training_rows():
+    """The CV closure returns (n_test, K) probabilities in label order; a label absent from the
+    fold's training rows gets a 0 column and the others are scikit-learn's own, aligned."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    from charshift.lexical import TFIDF_PARAMS
+    from charshift.probe import _tfidf_fit_predict
+
+    texts, labels, _ = planted(6, 7)
+    y = np.array([LABELS.index(x) for x in labels])
+    tr = np.array([i for i in range(len(y)) if y[i] != 1])  # no "humor" in the training rows
+    te = np.arange(len(y))
+    probs = _tfidf_fit_predict(texts, y, len(LABELS))(tr, te, 1.0)
+    assert probs.shape == (len(te), len(LABELS))
+    assert np.all(probs[:, 1] == 0.0) and np.allclose(probs.sum(axis=1), 1.0)
+    vec = TfidfVectorizer(**TFIDF_PARAMS)
+    lr = LogisticRegression(C=1.0, max_iter=5000).fit(
+        vec.fit_transform([texts[i] for i in tr]), y[tr]
+    )
+    want = lr.predict_proba(vec.transform(texts))
+    assert np.allclose(probs[:, [0, 2, 3]], want, atol=1e-12)
+    # one class in the training rows: its share, 1, for every test row
+    only = np.flatnonzero(y == 2)
+    assert np.array_equal(
+        _tfidf_fit_predict(texts, y, len(LABELS))(only, te, 1.0),
+        np.tile(np.eye(4)[2], (len(te), 1)),
+    )

@@ -30,10 +30,13 @@ from charshift.classifier import (
 from charshift.probe import (
     PROBE_CONFIG,
     PROBE_HEAD,
+    _embedding_fit_predict,
     embed_texts,
     fit_head,
     grouped_cv_scores,
+    log_loss,
     select_c,
+    softmax_rows,
     train_probe,
 )
 
@@ -129,6 +132,9 @@ def test_probe_recovers_a_planted_signal(minilm_runs):
     assert report.summary.startswith("Above chance")
     assert report.encoder["kind"] == "packaged" and len(report.encoder["weights_sha256"]) == 64
     assert report.probe["C"] in DEFAULT_C_GRID and len(report.probe["cv_macro_f1"]) == 6
+    losses = {float(c): v for c, v in report.probe["cv_log_loss"].items()}
+    assert report.probe["C"] == min(losses, key=losses.get)  # C by log-loss, not macro-F1
+    assert report.probe["C_chosen_by"].startswith("out-of-fold log-loss")
     assert report.n_steps == 0 and report.warnings == []
 
 
@@ -171,6 +177,8 @@ def test_saved_probe_reloads_and_reproduces_the_report(minilm_runs):
     preds = clf.predict([texts[i] for i in idx], max_length=128)
     acc = sum(p == labels[i] for (p, _), i in zip(preds, idx, strict=True)) / len(idx)
     assert acc == report.accuracy  # the report's figures came from the same model
+    p_true = [probs[labels[i]] for (_, probs), i in zip(preds, idx, strict=True)]
+    assert np.mean(p_true) > 0.5  # probabilities that mean something, not 1/K everywhere
     confusion = [[0] * len(LABELS) for _ in LABELS]
     for (p, _), i in zip(preds, idx, strict=True):
         confusion[LABELS.index(labels[i])][LABELS.index(p)] += 1
@@ -263,10 +271,10 @@ def test_cross_validation_keeps_groups_together():
 
     def fit_predict(tr, te, c):
         seen.append(({groups[i] for i in tr}, {groups[i] for i in te}))
-        return y[te]  # a perfect oracle
+        return np.eye(3)[y[te]]  # a perfect oracle
 
-    scores, folds = grouped_cv_scores(fit_predict, y, groups, [1.0], 4, ["a", "b", "c"])
-    assert folds == 4 and scores == {1.0: 1.0}
+    scores, losses, folds = grouped_cv_scores(fit_predict, y, groups, [1.0], 4, ["a", "b", "c"])
+    assert folds == 4 and scores == {1.0: 1.0} and losses == {1.0: 0.0}
     assert all(not (a & b) for a, b in seen)
     assert set().union(*(b for _, b in seen)) == set(groups)
 
@@ -276,18 +284,94 @@ def test_select_c_prefers_the_strongest_regularisation_on_ties():
     groups = [f"g{i // 2}" for i in range(20)]
 
     def constant(tr, te, c):
-        return np.zeros(len(te), dtype=np.int64)
+        return np.tile([0.7, 0.3], (len(te), 1))
 
-    c, scores, _ = select_c(constant, y, groups, [10.0, 0.1, 1.0], 5, ["a", "b"])
-    assert c == 0.1 and len(set(scores.values())) == 1
+    c, scores, losses, _ = select_c(constant, y, groups, [10.0, 0.1, 1.0], 5, ["a", "b"])
+    assert c == 0.1 and len(set(scores.values())) == 1 and len(set(losses.values())) == 1
 
     def better_when_large(tr, te, c):
-        return y[te] if c >= 10 else np.zeros(len(te), dtype=np.int64)
+        return np.eye(2)[y[te]] if c >= 10 else constant(tr, te, c)
 
-    assert select_c(better_when_large, y, groups, [0.1, 1.0, 10.0], 5, ["a", "b"])[0] == 10.0
-    assert select_c(constant, y, groups, [3.0], 5, ["a", "b"]) == (3.0, None, 0)
+    assert select_c(better_when_large, y, groups, [0.1, 1.0, 10.0], 5, ["a", "b"]).c == 10.0
+    assert select_c(constant, y, groups, [3.0], 5, ["a", "b"]) == (3.0, None, None, 0)
     with pytest.raises(ValueError, match="at least 2 training prompts"):
         select_c(constant, y, ["one"] * 20, [0.1, 1.0], 5, ["a", "b"])
+    with pytest.raises(ValueError, match="probability array"):  # label indices are refused
+        select_c(lambda tr, te, c: y[te], y, groups, [0.1, 1.0], 5, ["a", "b"])
+
+
+def test_select_c_by_out_of_fold_log_loss_with_known_answers():
+    """Fixed probabilities per C: the log-loss and macro-F1 figures are known in closed form,
+    and the two criteria disagree (macro-F1 would take C = 10, log-loss takes C = 1)."""
+    n = 20
+    y = np.array([0, 1] * (n // 2))
+    groups = [f"g{i // 2}" for i in range(n)]
+    p_true = {
+        0.1: np.full(n, 0.5),  # uniform: argmax ties go to label 0
+        1.0: np.where(np.arange(n) < 2, 0.4, 0.8),  # rows 0 and 1 missed, the rest confident
+        10.0: np.full(n, 0.55),  # every row right, barely
+        100.0: np.where(np.arange(n) == 0, 0.0, 1.0),  # one certain miss: clipped at 1e-12
+    }
+    table = {}
+    for c, pt in p_true.items():
+        probs = np.empty((n, 2))
+        probs[np.arange(n), y] = pt
+        probs[np.arange(n), 1 - y] = 1 - pt
+        table[c] = probs
+
+    def fixed(tr, te, c):
+        return table[c][te]
+
+    want = {
+        0.1: math.log(2),
+        1.0: -(2 * math.log(0.4) + 18 * math.log(0.8)) / n,
+        10.0: -math.log(0.55),
+        100.0: -math.log(1e-12) / n,
+    }
+    for c, probs in table.items():
+        assert log_loss(probs, y) == pytest.approx(want[c], rel=1e-12)
+    choice = select_c(fixed, y, groups, list(table), 5, ["a", "b"])
+    assert choice.cv_log_loss == pytest.approx(want, rel=1e-12)
+    assert max(choice.cv_macro_f1, key=choice.cv_macro_f1.get) == 10.0
+    assert choice.cv_macro_f1[10.0] == 1.0 and choice.cv_macro_f1[100.0] < 1.0
+    assert choice.cv_macro_f1[0.1] == pytest.approx(1 / 3)  # F1 2/3 for "a", 0 for "b"
+    assert choice.cv_macro_f1[1.0] < 1.0
+    assert choice.c == 1.0 and choice.folds == 5
+    # a C worse by less than 1e-9 ties and, being the smaller, is kept; a real loss is not
+    table[0.5] = table[1.0] - 1e-11 * np.eye(2)[y] + 1e-11 * np.eye(2)[1 - y]
+    assert 0 < log_loss(table[0.5], y) - want[1.0] < 1e-9
+    assert select_c(fixed, y, groups, [0.5, 1.0], 5, ["a", "b"]).c == 0.5
+    assert select_c(fixed, y, groups, [0.1, 10.0], 5, ["a", "b"]).c == 10.0
+
+
+def test_select_c_leaves_the_smallest_c_when_only_the_argmax_is_tied():
+    """A clearly separable planted signal: every C of the default grid gets every out-of-fold
+    argmax right (macro-F1 1.0 throughout, where the old macro-F1 criterion took C = 0.001 and
+    nearly uniform probabilities); the log-loss takes a larger C whose probabilities are sharp."""
+    k = 4
+    rng = np.random.default_rng(0)
+
+    def data(n_groups):
+        y = np.tile(np.arange(k), n_groups)
+        X = rng.normal(size=(len(y), 12))
+        X[np.arange(len(y)), y] += 6.0  # label j lifts feature j
+        return X, y, [f"p{i // k}" for i in range(len(y))]
+
+    X, y, groups = data(20)
+    names = ["a", "b", "c", "d"]
+    choice = select_c(_embedding_fit_predict(X, y, k), y, groups, DEFAULT_C_GRID, 5, names)
+    assert set(choice.cv_macro_f1.values()) == {1.0}  # the argmax cannot tell the Cs apart
+    assert choice.c != min(DEFAULT_C_GRID)
+    assert choice.c == min(choice.cv_log_loss, key=choice.cv_log_loss.get)
+    X_new, y_new, _ = data(10)
+
+    def mean_p_true(c):
+        coef, intercept, _ = fit_head(X, y, k, c)
+        probs = softmax_rows(X_new @ coef.T + intercept)
+        return probs[np.arange(len(y_new)), y_new].mean()
+
+    assert mean_p_true(choice.c) > 0.5
+    assert mean_p_true(min(DEFAULT_C_GRID)) < 0.5  # what the macro-F1 criterion used to keep
 
 
 def test_probe_rejects_a_label_without_training_rows(tiny_encoder, tmp_path):

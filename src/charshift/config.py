@@ -139,8 +139,10 @@ class ClassifierTraining(_Strict):
     None = about ten evaluations; `early_stopping_patience` evaluations without improvement).
     `mode: probe` keeps the encoder frozen and fits a multinomial logistic regression on its
     mean-pooled embeddings, choosing C from `probe_c_grid` by prompt-grouped `probe_cv_folds`-fold
-    cross-validation: the recipe for hundreds of examples. The fine-tune-only fields are ignored by
-    the probe and the probe_* fields by the fine-tune; the train report records what was used.
+    cross-validation (lowest out-of-fold log-loss, ties to the smaller C; `auto` features compare
+    the out-of-fold macro-F1): the recipe for hundreds of examples. The fine-tune-only fields are
+    ignored by the probe and the probe_* fields by the fine-tune; the train report records what
+    was used.
     Both modes hold out `heldout_fraction` of the prompts and report macro-F1 on them with a
     cluster-bootstrap interval (`n_boot` resamples, level `ci`) beside a TF-IDF baseline.
     """

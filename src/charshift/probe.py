@@ -4,7 +4,11 @@ Why a probe: fine-tuning a 20M-150M parameter encoder on a hundred replies mostl
 (the demo's MiniLM fine-tune ended at the loss of a uniform guess). A linear model on frozen
 sentence embeddings has a few thousand parameters, trains in seconds and cannot silently fail to
 move; its one knob, the L2 regularisation C, is chosen by cross-validation in which a prompt's
-rows always stay together (GroupKFold over prompt ids), with macro-F1 as the criterion.
+rows always stay together (GroupKFold over prompt ids), with the out-of-fold log-loss (the mean
+negative log-probability of the true label) as the criterion. Not macro-F1: it depends only on
+the argmax, which a strongly regularised model often gets as right as a weaker one, so on a tie
+the smallest C won and the saved probabilities were almost uniform (every p(true) about 1/K).
+The out-of-fold macro-F1 per C is still computed and reported, and `auto` features compare it.
 
 Embedding: the encoder's last hidden states averaged over the attention mask, then L2-normalised
 (the all-MiniLM-L6-v2 sentence-embedding recipe). The logistic regression sees standardised
@@ -27,7 +31,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -67,7 +71,13 @@ PROBE_VERSION = 1
 # charshift.lexical), or whichever of the two cross-validates better on the training rows
 FEATURES = ("embedding", "lexical", "auto")
 _MAX_ITER = 5000  # lbfgs iterations; the fit records when it hit this limit
+# fit_predict(train_rows, test_rows, C) -> (len(test_rows), K) class probabilities, label order
 FitPredict = Callable[[np.ndarray, np.ndarray, float], np.ndarray]
+# the log-loss's floor on a probability (a confident miss costs -ln 1e-12 = 27.6, not infinity),
+# and the margin within which two values of C count as tied (the smaller one is then kept)
+_PROB_FLOOR = 1e-12
+_LOG_LOSS_TIE = 1e-9
+C_CRITERION = "out-of-fold log-loss (prompt-grouped CV; ties to the smaller C)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,6 +195,19 @@ def fit_head(X: np.ndarray, y: np.ndarray, k: int, c: float) -> tuple[np.ndarray
     return coef, intercept, int(np.max(lr.n_iter_))
 
 
+def softmax_rows(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax; a logit of -inf (a class absent from the training rows) gets 0."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def log_loss(probs: np.ndarray, y: np.ndarray) -> float:
+    """Mean negative log-probability of the true label, each probability clipped at 1e-12."""
+    p_true = np.asarray(probs, dtype=np.float64)[np.arange(len(y)), y]
+    return float(-np.mean(np.log(np.clip(p_true, _PROB_FLOOR, 1.0))))
+
+
 def grouped_cv_scores(
     fit_predict: FitPredict,
     y: np.ndarray,
@@ -192,11 +215,13 @@ def grouped_cv_scores(
     c_grid: Sequence[float],
     n_folds: int,
     label_names: Sequence[str],
-) -> tuple[dict[float, float], int]:
-    """Out-of-fold macro-F1 per C, folds by group (GroupKFold), predictions pooled over folds.
+) -> tuple[dict[float, float], dict[float, float], int]:
+    """Out-of-fold macro-F1 and log-loss per C, folds by group (GroupKFold), pooled over folds.
 
-    `fit_predict(train_rows, test_rows, C)` returns label indices for the test rows. Returns
-    ({C: macro-F1}, folds used); macro-F1 is `stats.score_labels`'s.
+    `fit_predict(train_rows, test_rows, C)` returns the test rows' class probabilities, an
+    (n_test, K) array with columns in `label_names` order. Returns ({C: macro-F1}, {C: log-loss},
+    folds used): macro-F1 is `stats.score_labels`'s on the argmax of the pooled probabilities,
+    log-loss is `log_loss`'s on the pooled probabilities themselves.
     """
     from sklearn.model_selection import GroupKFold
 
@@ -212,13 +237,31 @@ def grouped_cv_scores(
     splits = list(GroupKFold(n_splits=folds).split(np.zeros(len(y)), y, list(groups)))
     names = list(label_names)
     truth = [names[i] for i in y]
-    scores: dict[float, float] = {}
+    macro_f1: dict[float, float] = {}
+    losses: dict[float, float] = {}
     for c in c_grid:
-        pred = np.empty(len(y), dtype=np.int64)
+        probs = np.zeros((len(y), len(names)))
         for tr, te in splits:
-            pred[te] = fit_predict(tr, te, c)
-        scores[c] = float(score_labels(truth, [names[i] for i in pred], names)["macro_f1"])
-    return scores, folds
+            got = np.asarray(fit_predict(tr, te, c), dtype=np.float64)
+            if got.shape != (len(te), len(names)):
+                raise ValueError(
+                    f"fit_predict must return a ({len(te)}, {len(names)}) probability array for "
+                    f"{len(te)} test rows; got shape {got.shape}"
+                )
+            probs[te] = got
+        pred = probs.argmax(axis=1)
+        macro_f1[c] = float(score_labels(truth, [names[i] for i in pred], names)["macro_f1"])
+        losses[c] = log_loss(probs, y)
+    return macro_f1, losses, folds
+
+
+class CChoice(NamedTuple):
+    """`select_c`'s answer: the chosen C, the CV scores per C (None without CV), the folds."""
+
+    c: float
+    cv_macro_f1: dict[float, float] | None
+    cv_log_loss: dict[float, float] | None
+    folds: int
 
 
 def select_c(
@@ -228,26 +271,29 @@ def select_c(
     c_grid: Sequence[float],
     n_folds: int,
     label_names: Sequence[str],
-) -> tuple[float, dict[float, float] | None, int]:
-    """(chosen C, CV scores or None, folds): the best out-of-fold macro-F1; ties go to the
-    smallest C (the strongest regularisation). A one-value grid is used as given, without CV."""
+) -> CChoice:
+    """The C with the lowest out-of-fold log-loss (`grouped_cv_scores`); values within 1e-9 of
+    each other tie and go to the smaller C (the stronger regularisation). The out-of-fold
+    macro-F1 per C comes back too. A one-value grid is used as given, without CV."""
     grid = sorted(c_grid)
     if not grid or any(not (0 < c < float("inf")) for c in grid):
         raise ValueError(f"c_grid must hold finite values > 0; got {list(c_grid)}")
     if len(grid) == 1:
-        return grid[0], None, 0
-    scores, folds = grouped_cv_scores(fit_predict, y, groups, grid, n_folds, label_names)
+        return CChoice(grid[0], None, None, 0)
+    f1, losses, folds = grouped_cv_scores(fit_predict, y, groups, grid, n_folds, label_names)
     best = grid[0]
     for c in grid[1:]:
-        if scores[c] > scores[best]:
+        if losses[c] < losses[best] - _LOG_LOSS_TIE:
             best = c
-    return best, scores, folds
+    return CChoice(best, f1, losses, folds)
 
 
 def _embedding_fit_predict(X: np.ndarray, y: np.ndarray, k: int) -> FitPredict:
+    """`fit_head` on the training rows; the test rows' softmax probabilities (absent classes 0)."""
+
     def fit_predict(tr: np.ndarray, te: np.ndarray, c: float) -> np.ndarray:
         coef, intercept, _ = fit_head(X[tr], y[tr], k, c)
-        return np.argmax(X[te] @ coef.T + intercept, axis=1)
+        return softmax_rows(X[te] @ coef.T + intercept)
 
     return fit_predict
 
@@ -257,7 +303,10 @@ def _embedding_fit_predict(X: np.ndarray, y: np.ndarray, k: int) -> FitPredict:
 
 
 def _tfidf_fit_predict(texts: Sequence[str], y: np.ndarray, k: int) -> FitPredict:
-    """TF-IDF (fitted on the training rows of each fold) + logistic regression."""
+    """TF-IDF (fitted on the training rows of each fold) + logistic regression; the test rows'
+    class probabilities, 0 for a class without training rows. With one class in the training
+    rows, or no word in any of their texts, every test row gets the training rows' class shares.
+    """
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
@@ -271,10 +320,13 @@ def _tfidf_fit_predict(texts: Sequence[str], y: np.ndarray, k: int) -> FitPredic
         except ValueError:  # empty vocabulary: no word in any training text
             x_tr = None
         if len(present) == 1 or x_tr is None:
-            return np.full(len(te), np.bincount(y[tr], minlength=k).argmax())
+            prior = np.bincount(y[tr], minlength=k) / len(tr)
+            return np.tile(prior, (len(te), 1))
         with _one_blas_thread():
             lr = LogisticRegression(C=c, max_iter=_MAX_ITER).fit(x_tr, y[tr])
-        return lr.predict(vec.transform(arr[te]))
+        probs = np.zeros((len(te), k))
+        probs[:, lr.classes_] = lr.predict_proba(vec.transform(arr[te]))  # classes_ == present
+        return probs
 
     return fit_predict
 
@@ -294,9 +346,10 @@ def lexical_baseline(
 ) -> dict[str, Any]:
     """TF-IDF + logistic regression on the training rows of `split`, scored on its held-out rows.
 
-    C is chosen as for the probe (grouped CV on the training rows, macro-F1); the held-out
-    figures come from `classifier.heldout_evaluation` with the same seed, so the interval
-    resamples the same prompts as the classifier's.
+    C is chosen as for the probe (grouped CV on the training rows, out-of-fold log-loss; the
+    out-of-fold macro-F1 per C is recorded beside it); the held-out figures come from
+    `classifier.heldout_evaluation` with the same seed, so the interval resamples the same
+    prompts as the classifier's.
     """
     from sklearn import __version__ as sklearn_version
 
@@ -310,7 +363,7 @@ def lexical_baseline(
     y_all = np.array([index[lab] for lab in labels], dtype=np.int64)
     fit_predict = _tfidf_fit_predict(texts, y_all, len(names))
     tr = np.array(train_idx)
-    c, scores, folds = select_c(
+    c, scores, losses, folds = select_c(
         lambda a, b, cc: fit_predict(tr[a], tr[b], cc),
         y_all[tr],
         [groups[i] for i in train_idx],
@@ -318,7 +371,7 @@ def lexical_baseline(
         cv_folds,
         names,
     )
-    pred = fit_predict(tr, np.array(held_idx), c)
+    pred = fit_predict(tr, np.array(held_idx), c).argmax(axis=1)
     ev = heldout_evaluation(
         [labels[i] for i in held_idx],
         [names[i] for i in pred],
@@ -332,7 +385,9 @@ def lexical_baseline(
         "name": "tfidf_logreg",
         "features": {k: list(v) if isinstance(v, tuple) else v for k, v in TFIDF_PARAMS.items()},
         "C": c,
+        "C_chosen_by": C_CRITERION if losses is not None else "the one value given",
         "cv_macro_f1": None if scores is None else {str(k): v for k, v in scores.items()},
+        "cv_log_loss": None if losses is None else {str(k): v for k, v in losses.items()},
         "cv_folds": folds,
         "n_train": len(train_idx),
         "n_heldout": len(held_idx),
@@ -590,16 +645,21 @@ def _probe_hyper(
 
 @dataclass
 class _Candidate:
-    """One kind of probe features, its C chosen by grouped CV on the training rows."""
+    """One kind of probe features, its C chosen by grouped CV on the training rows (`select_c`:
+    lowest out-of-fold log-loss); `cv` and `cv_log_loss` hold the out-of-fold macro-F1 and
+    log-loss per C (None when the grid had one value and no CV ran)."""
 
     features: str
     c: float
     cv: dict[float, float] | None
+    cv_log_loss: dict[float, float] | None
     folds: int
 
     @property
     def best_cv(self) -> float:
-        return max(self.cv.values()) if self.cv else float("-inf")
+        """The out-of-fold macro-F1 at the chosen C (-inf without CV): what `auto` compares.
+        The chosen C's, not the best over the grid: that is the model that would be fitted."""
+        return self.cv[self.c] if self.cv else float("-inf")
 
 
 def _candidates(
@@ -624,7 +684,8 @@ def _candidates(
 
 
 def _choose(cands: list[_Candidate]) -> _Candidate:
-    """The candidate with the best cross-validated macro-F1 (ties: the first, embedding)."""
+    """The candidate with the best cross-validated macro-F1 at its chosen C (ties: the first,
+    embedding)."""
     best = cands[0]
     for cand in cands[1:]:
         if cand.best_cv > best.best_cv:
@@ -690,9 +751,10 @@ def train_probe(
 ) -> TrainReport:
     """Fit a probe on the training groups, save it to `out_dir`, report on the held-out groups.
 
-    The held-out split is `classifier.split_by_group`'s (as for the fine-tune); C, and with
-    `features="auto"` the kind of features, are chosen on the training rows only (grouped CV).
-    Every label must have training rows.
+    The held-out split is `classifier.split_by_group`'s (as for the fine-tune); C (by out-of-fold
+    log-loss), and with `features="auto"` the kind of features (by out-of-fold macro-F1 at each
+    kind's chosen C), are chosen on the training rows only (grouped CV). Every label must have
+    training rows.
     """
     names = check_training_inputs(texts, labels, groups, label_names)
     if cv_folds < 2:
@@ -738,7 +800,13 @@ def train_probe(
     probe_info = {
         **info,
         "C": chosen.c,
+        "C_chosen_by": C_CRITERION if chosen.cv_log_loss is not None else "the one value given",
         "cv_macro_f1": None if chosen.cv is None else {str(k): v for k, v in chosen.cv.items()},
+        "cv_log_loss": (
+            None
+            if chosen.cv_log_loss is None
+            else {str(k): v for k, v in chosen.cv_log_loss.items()}
+        ),
         "cv_folds_used": chosen.folds,
         "c_at_grid_edge": len(c_grid) > 1 and chosen.c in (min(c_grid), max(c_grid)),
         "features_cv": {c.features: (c.best_cv if c.cv else None) for c in cands},
@@ -777,8 +845,10 @@ def remove_probe_files(out_dir: Path) -> None:
 
 
 __all__ = [
+    "C_CRITERION",
     "PROBE_CONFIG",
     "PROBE_HEAD",
+    "CChoice",
     "ProbeModel",
     "embed_texts",
     "fit_head",
@@ -786,8 +856,10 @@ __all__ = [
     "is_probe_folder",
     "lexical_baseline",
     "load_probe",
+    "log_loss",
     "mean_pool",
     "save_probe",
     "select_c",
+    "softmax_rows",
     "train_probe",
 ]
