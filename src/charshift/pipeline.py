@@ -180,9 +180,11 @@ def _generate_base(
         engine = RolloutEngine(backend, rollout_settings(cfg), tools.required_args())
         written = 0
         bar = tqdm(total=len(todo), desc=f"generate {base.name}", unit="row", dynamic_ncols=True)
-        for finished in _drive(cfg, plan, engine, todo, wave):
+        calls = tqdm(desc="  model calls", unit="call", dynamic_ncols=True, leave=False)
+        for finished in _drive(cfg, plan, engine, todo, wave, calls):
             written += store.generations.append(finished)
             bar.update(len(finished))
+        calls.close()
         bar.close()
     finally:
         backend.close()
@@ -191,17 +193,25 @@ def _generate_base(
 
 
 def _drive(
-    cfg: RunConfig, plan: Plan, engine: RolloutEngine, todo: list[PlannedRow], wave: int
+    cfg: RunConfig,
+    plan: Plan,
+    engine: RolloutEngine,
+    todo: list[PlannedRow],
+    wave: int,
+    calls: Any = None,
 ) -> Iterator[list[GenerationRow]]:
     """Finished rows as they come: streaming on a server (no step barrier, episodes started
-    lazily), else lockstep in waves of `wave` rows."""
+    lazily), else lockstep in waves of `wave` rows (`calls` counts the model calls of a step
+    as they finish)."""
     if engine.backend.async_capable:
         yield from engine.run_streaming(
             _episodes(cfg, plan, todo), max_in_flight=cfg.backend.max_in_flight
         )
         return
     for start in range(0, len(todo), wave):
-        yield from engine.run(list(_episodes(cfg, plan, todo[start : start + wave])))
+        yield from engine.run(
+            list(_episodes(cfg, plan, todo[start : start + wave])), progress=calls
+        )
 
 
 def _load_adapters(

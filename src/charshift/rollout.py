@@ -263,12 +263,15 @@ class RolloutEngine:
         self,
         episodes: list[Episode],
         on_step: Callable[[int, int], None] | None = None,
+        progress: Any = None,
     ) -> Iterator[list[GenerationRow]]:
-        """Advance all episodes in lockstep; after each step, yield the rows that finished in it."""
+        """Advance all episodes in lockstep; after each step, yield the rows that finished in it.
+        `progress` (tqdm-like or a callable) counts model calls as the backend finishes them, so
+        a long step shows movement before its rows are done."""
         active = [e for e in episodes if not e.done]
         while active:
             requests = [self._request(e) for e in active]
-            results = self.backend.generate(requests)
+            results = self.backend.generate(requests, progress)
             finished: list[GenerationRow] = []
             for ep, res in zip(active, results, strict=True):
                 if res.error:
