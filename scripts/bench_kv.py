@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=preset.sampling.max_tokens)
     ap.add_argument("--batch-size", type=int, default=preset.backend.batch_size)
+    ap.add_argument("--dtype", default=preset.backend.dtype, help="model dtype (the preset's)")
     ap.add_argument("--rounds", type=int, default=1, help="off/on pairs to run (best is shown)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     ap.add_argument("--seed", type=int, default=0)
@@ -89,7 +90,7 @@ def main() -> None:
     sampling = Sampling(s.temperature, s.top_p, args.max_tokens, s.repetition_penalty)
     common = dict(
         device=preset.backend.device,
-        dtype=preset.backend.dtype,
+        dtype=args.dtype,
         batch_size=args.batch_size,
         max_batch_tokens=preset.backend.max_batch_tokens,
         cache_dir=default_cache_dir(),

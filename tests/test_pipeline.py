@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from charshift import planning, units
@@ -224,6 +225,13 @@ def test_help_lists_commands():
 
 @pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path):
+    """The embedded default shows what the tool measures (issue 8): a classifier above chance,
+    prompted above base on id_chat with the paired interval above 0, an output in every chat slice
+    of the prompted stage, and the prompted ladder with intervals. These are the figures of one
+    real run of SmolLM2 + MiniLM, not timings. The tool slices are run and their outcomes
+    tabulated, but their yield is not asserted: under the constrained envelope SmolLM2-135M still
+    writes invented addresses and bodies that are not emails (0 of 6 and 0 of 6 in the preset's
+    run, 0 of 12 and 2 of 12 with two scenarios), so a yield there is luck at this size."""
     out = tmp_path / "demo"
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     res = subprocess.run(
@@ -236,13 +244,41 @@ def test_demo_quick_end_to_end(tmp_path):
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "Report:" in res.stdout
+    rep = json.loads((out / "classifier" / "smollm2" / "train_report.json").read_text())
+    lo, _hi = rep["macro_f1_interval"]
+    assert rep["above_chance"] and lo > rep["chance"], rep["summary"]
+
     with open(out / "metrics.csv") as f:
         metrics = {(m["stage"], m["slice"]): m for m in csv.DictReader(f)}
-    assert ("prompted", "id_chat") in metrics and ("base", "id_chat") in metrics
-    assert ("prompted", "agentic_email") in metrics
-    rep = json.loads((out / "classifier" / "smollm2" / "train_report.json").read_text())
-    assert rep["n_heldout"] > 0
-    assert (out / "report" / "index.html").stat().st_size > 10_000
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    for sl in cfg["slices"]:
+        assert int(metrics[("prompted", sl)]["n_rows"]) > 0, f"prompted {sl}: not run"
+        if sl not in ("tool_email_oneshot", "agentic_email"):
+            assert int(metrics[("prompted", sl)]["n_scored"]) > 0, f"prompted {sl}: no output"
+    assert "Outcomes and differential censoring" in (out / "report.md").read_text()
+
+    with open(out / "differences.csv") as f:
+        diffs = list(csv.DictReader(f))
+    (stage,) = [
+        d
+        for d in diffs
+        if d["kind"] == "stage"
+        and d["metric"] == "macro_f1"
+        and d["itt"] == "False"
+        and (d["stage_a"], d["slice_a"], d["stage_b"]) == ("prompted", "id_chat", "base")
+    ]
+    assert stage["reliable"] == "True" and float(stage["lo"]) > 0, stage
+
+    with open(out / "chains.csv") as f:
+        ladder = [
+            c
+            for c in csv.DictReader(f)
+            if c["stage"] == "prompted" and c["chain"] == "agentic" and c["metric"] == "macro_f1"
+        ]
+    assert {c["slice"] for c in ladder} >= {"chat_email", "agentic_email"}
+    assert all(c["lo"] != "" and c["hi"] != "" for c in ladder if c["estimate"] != "")
+    html = (out / "report" / "index.html").read_text()
+    assert "Headline" in html and html.index("Headline") < html.index("Metrics per cell")
 
 
 def test_id_prompts_file_is_used_whole(tmp_path):
