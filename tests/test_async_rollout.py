@@ -251,7 +251,7 @@ def test_pipeline_streams_on_a_server_backend_and_steps_in_lockstep_elsewhere(mo
         used.append(("stream", max_in_flight))
         return iter([])
 
-    def lockstep(self, eps):
+    def lockstep(self, eps, progress=None):
         used.append(("run", len(eps)))
         return iter([])
 
