@@ -523,7 +523,14 @@ def train_classifier_cmd(
 
 @app.command()
 def demo(
-    quick: Annotated[bool, typer.Option("--quick", help="A small demo (under 5 minutes).")] = False,
+    quick: Annotated[
+        bool,
+        typer.Option(
+            "--quick",
+            help="The small demo: id_chat and the email chain on one scenario (about 5.5 min "
+            "on 2 CPU cores); without it, every slice on three scenarios (about 20 min).",
+        ),
+    ] = False,
     out: OutOpt = None,
     model: Annotated[
         str | None,
@@ -533,7 +540,8 @@ def demo(
         ),
     ] = None,
 ) -> None:
-    """Run the offline demo end to end: SmolLM2-135M, base vs prompted personas, MiniLM classifier."""
+    """Run the offline demo end to end: SmolLM2-135M, base vs prompted personas, a probe
+    classifier (MiniLM embeddings or TF-IDF, chosen by CV) trained in the run."""
     from charshift import pipeline
 
     name = "demo_quick" if quick else "demo"
