@@ -528,7 +528,7 @@ def demo(
         typer.Option(
             "--quick",
             help="The small demo: id_chat and the email chain on one scenario (about 5.5 min "
-            "on 2 CPU cores); without it, every slice on three scenarios (about 20 min).",
+            "on 2 CPU cores); without it, every slice on three scenarios (about 18 min).",
         ),
     ] = False,
     out: OutOpt = None,
