@@ -47,10 +47,12 @@ def fit_vectorizer(texts: Sequence[str]) -> Any:
 def fit_sparse_head(
     X: Any, y: np.ndarray, k: int, c: float, max_iter: int = 5000
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Multinomial logistic regression on TF-IDF rows: (coef (k, V), intercept (k), iterations).
+    """Multinomial logistic regression on TF-IDF rows (or any feature rows: the probe's
+    `fit_head` calls it on standardised embeddings): (coef (k, V), intercept (k), iterations).
 
-    A class absent from `y` gets intercept -inf (never predicted); sklearn's binary form (one
-    row) is written as two rows that give the same probabilities under a softmax."""
+    A class absent from `y` gets intercept -inf (never predicted); with one class present the
+    head always predicts it; sklearn's binary form (one row) is written as two rows that give the
+    same probabilities under a softmax."""
     from sklearn.linear_model import LogisticRegression
 
     from charshift.probe import _one_blas_thread

@@ -173,26 +173,12 @@ def fit_head(X: np.ndarray, y: np.ndarray, k: int, c: float) -> tuple[np.ndarray
     Returns (coef (k, D), intercept (k), lbfgs iterations). A class absent from `y` gets
     intercept -inf (never predicted); with one class present the head always predicts it.
     """
-    from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    coef = np.zeros((k, X.shape[1]))
-    intercept = np.full(k, -np.inf)
-    present = np.unique(y)
-    if len(present) == 1:
-        intercept[present[0]] = 0.0
-        return coef, intercept, 0
     scaler = StandardScaler().fit(X)
-    with _one_blas_thread():
-        lr = LogisticRegression(C=c, max_iter=_MAX_ITER).fit(scaler.transform(X), y)
-    w = lr.coef_ / scaler.scale_
-    b = lr.intercept_ - w @ scaler.mean_
-    if len(present) == 2:  # sklearn's binary form: one row for classes_[1] against classes_[0]
-        w = np.vstack([np.zeros_like(w[0]), w[0]])
-        b = np.array([0.0, b[0]])
-    coef[lr.classes_] = w
-    intercept[lr.classes_] = b
-    return coef, intercept, int(np.max(lr.n_iter_))
+    w, b, n_iter = fit_sparse_head(scaler.transform(X), y, k, c, max_iter=_MAX_ITER)
+    w = w / scaler.scale_  # absent classes keep w = 0 and b = -inf
+    return w, b - w @ scaler.mean_, n_iter
 
 
 def softmax_rows(logits: np.ndarray) -> np.ndarray:
