@@ -308,3 +308,17 @@ def test_is_email_body_rule():
     assert not is_email_body(None) and not is_email_body("   ")
     assert not is_email_body(PASTED_CALL) and not is_email_body("```json\n" + PASTED_CALL + "\n```")
     assert is_email_body("[Draft] " + words)  # a bracket that opens no call is still prose
+
+
+def test_lockstep_progress_counts_every_model_call(scenario):
+    """The generate bar's "model calls" counter: one increment per request the backend finished,
+    over every step (a two-step episode counts twice), not per finished row."""
+    backend = ScriptedBackend(
+        scripted_turns([call("lookup_person", query="Priya"), send(scenario)])
+    )
+    engine = RolloutEngine(backend, RolloutSettings(), formats.REQUIRED_ARGS)
+    eps = [episode(scenario, key="a"), episode(scenario, key="b")]
+    counted: list[int] = []
+    rows = [r for step in engine.run(eps, progress=counted.append) for r in step]
+    assert {r.key: r.n_steps for r in rows} == {"a": 2, "b": 2}
+    assert sum(counted) == 4
