@@ -443,6 +443,17 @@ def test_headline_above_chance_does_not_warn(plain):
     assert "probe" in quality and "chance 1/3" in quality
 
 
+def test_headline_a_tfidf_probe_is_its_own_lexical_baseline(plain):
+    """A probe whose features are TF-IDF is the baseline model: the headline says so instead of
+    setting the two side by side as if a second model had matched it."""
+    _, res = plain
+    rep = trained(0.41, [0.3, 0.52], above_chance=True, probe={"features": "lexical"})
+    lines = report.headline_text(res, report.HeadlineContext(classifiers={"llama": rep}))
+    quality = next(s for s in lines if s.startswith("The classifier trained for llama"))
+    assert "probe on TF-IDF features" in quality and "its own lexical baseline" in quality
+    assert "word choice alone" not in quality and "the lexical baseline (TF-IDF" not in quality
+
+
 def test_headline_reads_older_train_reports_defensively(plain):
     _, res = plain
     # no interval, no chance, no verdict, no baseline (an older run): judged on the estimate

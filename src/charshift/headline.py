@@ -180,6 +180,7 @@ class ClassifierQuality:
     at_chance: bool  # the held-out interval reaches chance (or, without one, the estimate does)
     baseline_as_good: bool
     warnings: tuple[str, ...]
+    lexical: bool = False  # a probe on TF-IDF features: the lexical baseline is the same model
 
 
 def classifier_quality(base: str, rep: Mapping[str, Any], k: int) -> ClassifierQuality:
@@ -200,9 +201,12 @@ def classifier_quality(base: str, rep: Mapping[str, Any], k: int) -> ClassifierQ
     as_good = measured and isinstance(bf1, int | float) and bf1 >= f1
     warnings = tuple(str(w) for w in rep.get("warnings") or [] if w)
     n = rep.get("n_heldout")
+    lexical = _dict(rep.get("probe")).get("features") == "lexical"
+    mode = str(rep.get("mode") or "finetune") + (" on TF-IDF features" if lexical else "")
     return ClassifierQuality(
-        base, str(rep.get("mode") or "finetune"), _report_iv(f1, rep.get("macro_f1_interval")),
-        baseline, chance, k, n if isinstance(n, int) else None, at_chance, bool(as_good), warnings,
+        base, mode, _report_iv(f1, rep.get("macro_f1_interval")),
+        baseline, chance, k, n if isinstance(n, int) else None, at_chance,
+        bool(as_good) and not lexical, warnings, lexical,
     )  # fmt: skip
 
 
@@ -218,7 +222,9 @@ def _qualities(result: MetricsResult, ctx: HeadlineContext) -> list[ClassifierQu
 def _quality_figures(q: ClassifierQuality) -> str:
     on = f" on {q.n_heldout} held-out texts" if q.n_heldout else ""
     text = f"held-out macro-F1 {q.macro_f1}{on}, against chance 1/{q.k} = {q.chance:.3f}"
-    if q.baseline:
+    if q.lexical:
+        text += "; it is itself a TF-IDF model, so it is its own lexical baseline"
+    elif q.baseline:
         text += (
             f"; the lexical baseline (TF-IDF + logistic regression, same split) scores {q.baseline}"
         )
