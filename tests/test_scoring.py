@@ -1,0 +1,30 @@
+"""Tests of the scorer seam: folders written by an earlier charshift still load and score the same.
+
+`fixtures/lexical_probe_v1` and `fixtures/embedding_probe_v1` were written by the probe code as it
+stood before the scoring package (charshift.probe, commit 525655b), with the predictions it gave
+then on a few texts beside them (`*.expected.json`). The embedding probe reads the packaged MiniLM
+encoder and checks its weights against the recorded sha256, as any user's old probe folder does.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from charshift.classifier import Classifier
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.mark.parametrize("name", ["lexical_probe_v1", "embedding_probe_v1"])
+def test_a_probe_folder_of_the_earlier_format_loads_and_scores_the_same(name):
+    expected = json.loads((FIXTURES / f"{name}.expected.json").read_text())
+    clf = Classifier.load(str(FIXTURES / name), device="cpu")
+    assert clf.labels == ["sarcasm", "humor", "remorse", "loving"]
+    got = clf.predict(expected["texts"], max_length=64)
+    for (label, probs), (want_label, want_probs) in zip(got, expected["predictions"], strict=True):
+        assert label == want_label
+        assert probs == pytest.approx(want_probs, abs=1e-6)
+    assert len({label for label, _ in got}) > 2  # the recorded predictions are not one label
