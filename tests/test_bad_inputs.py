@@ -593,7 +593,7 @@ def nan_classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from charshift.classifier import build_tiny_modernbert
+    from charshift.scoring.tiny_classifier import build_tiny_modernbert
 
     folder = build_tiny_modernbert(list(PERSONAS), tmp_path_factory.mktemp("nanclf") / "c")
     model = AutoModelForSequenceClassification.from_pretrained(folder)

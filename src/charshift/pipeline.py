@@ -23,6 +23,7 @@ from charshift.config import BaseSpec, RunConfig, config_to_dict, parse_config
 from charshift.planning import Plan, PlannedRow, Shard, build_plan, in_shard, select_shard
 from charshift.rollout import Episode, RolloutEngine, RolloutSettings
 from charshift.schema import EpisodeSpec, GenerationRow, ScoreRow, stable_hash
+from charshift.scoring.base import ScoreInput, Scorer
 from charshift.store import RunStore
 
 
@@ -286,7 +287,10 @@ def _simulator(plan: Plan, spec: EpisodeSpec) -> Any:
 
 
 def classifier_dir(store: RunStore, base: str) -> Path:
-    return store.root / "classifier" / base
+    """Where the run trains the classifier of `base` (a base without a given classifier)."""
+    from charshift.scoring.classifier import trained_dir
+
+    return trained_dir(store.root, base)
 
 
 def training_rows(cfg: RunConfig, store: RunStore, base: BaseSpec) -> list[GenerationRow]:
@@ -313,26 +317,19 @@ def training_rows(cfg: RunConfig, store: RunStore, base: BaseSpec) -> list[Gener
 def train_run_classifier(cfg: RunConfig, store: RunStore, base: BaseSpec, out: Path) -> Any:
     """Train the configured classifier (probe or fine-tune, `classifier_training.mode`) on this
     run's ID training generations for `base`."""
-    from charshift.classifier import train_from_texts
+    from charshift.scoring.classifier import train_classifier
+    from charshift.scoring.settings import TrainData
 
     tc = cfg.classifier_training
     assert tc is not None  # training_rows checked it
     rows = training_rows(cfg, store, base)
-    return train_from_texts(
-        [r.text or "" for r in rows],
-        [r.persona or "" for r in rows],
-        [r.item_id for r in rows],
+    data = TrainData(
+        texts=[r.text or "" for r in rows],
+        labels=[r.persona or "" for r in rows],
+        groups=[r.item_id for r in rows],
         label_names=list(cfg.personas),
-        settings=tc,
-        out_dir=out,
-        cache_dir=cache_dir(),
     )
-
-
-def classifier_source(cfg: RunConfig, store: RunStore, base: BaseSpec) -> str:
-    if base.classifier:
-        return base.classifier
-    return str(classifier_dir(store, base.name))
+    return train_classifier(data, tc, out, cache_dir=cache_dir())
 
 
 def ensure_classifiers(cfg: RunConfig, store: RunStore) -> None:
@@ -355,9 +352,9 @@ ScoreItem = tuple[GenerationRow, str, str]  # (row, unit, text)
 
 
 def score(cfg: RunConfig, store: RunStore) -> dict[str, int]:
-    """Classify every unit of every eval row (of the store's shard, if it has one) that has an
+    """Score every unit of every eval row (of the store's shard, if it has one) that has an
     output (see `charshift.units`) and no score of the same text from its base's classifier yet."""
-    from charshift.classifier import Classifier
+    from charshift.scoring.classifier import open_run_classifier
 
     raw = cfg.scoring.text == "raw"
     counts = {"scored": 0, "already": 0}
@@ -370,56 +367,48 @@ def score(cfg: RunConfig, store: RunStore) -> dict[str, int]:
         items = items_by_base.get(base.name, [])
         if not items:
             continue
-        clf = Classifier.load(classifier_source(cfg, store, base), cache_dir=cache_dir())
-        clf.check_personas(list(cfg.personas))
-        cid = classifier_id(clf)
+        scorer = open_run_classifier(cfg, base, store.root, cache_dir())
+        scorer.check_personas(list(cfg.personas))
+        sid = scorer.identity
         store.update_manifest(
-            classifiers={base.name: clf.identity}, classifier_ids={base.name: cid}
+            classifiers={base.name: scorer.provenance}, classifier_ids={base.name: sid}
         )
         todo = [
             it
             for it in items
-            if (it[0].key, cid, it[1], units.text_hash(it[2])) not in store.scores
+            if (it[0].key, sid, it[1], units.text_hash(it[2])) not in store.scores
         ]
         counts["already"] += len(items) - len(todo)
         if todo:
-            counts["scored"] += _score_items(cfg, store, clf, cid, todo, base.name)
+            counts["scored"] += _score_items(cfg, store, scorer, todo, base.name)
     return counts
 
 
 def _score_items(
-    cfg: RunConfig, store: RunStore, clf: Any, cid: str, todo: list[ScoreItem], base: str
+    cfg: RunConfig, store: RunStore, scorer: Scorer, todo: list[ScoreItem], base: str
 ) -> int:
-    """Classify `todo`, each distinct text once (a reply and its unit variants often coincide)."""
+    """Score `todo` in chunks, appending each chunk's scores as it is done."""
     raw = cfg.scoring.text == "raw"
     chunk = max(cfg.scoring.batch_size * 16, 64)
     bar = tqdm(total=len(todo), desc=f"score {base}", unit="unit", dynamic_ncols=True)
     for i in range(0, len(todo), chunk):
         part = todo[i : i + chunk]
-        distinct = list(dict.fromkeys(text for _, _, text in part))
-        preds = clf.predict(
-            distinct, batch_size=cfg.scoring.batch_size, max_length=cfg.scoring.max_length
-        )
-        verdict = dict(zip(distinct, preds, strict=True))
+        preds = scorer.score([ScoreInput(text, r, unit) for r, unit, text in part])
         store.scores.append(
             ScoreRow(
                 r.key,
-                cid,
+                scorer.identity,
                 units.text_field(unit, raw),
-                verdict[text][0],
-                verdict[text][1],
+                pred.label,
+                pred.probs,
                 unit=unit,
                 text_hash=units.text_hash(text),
             )
-            for r, unit, text in part
+            for (r, unit, text), pred in zip(part, preds, strict=True)
         )
         bar.update(len(part))
     bar.close()
     return len(todo)
-
-
-def classifier_id(clf: Any) -> str:
-    return stable_hash(clf.identity, 12)
 
 
 # -- whole runs ----------------------------------------------------------------------------------
@@ -437,11 +426,11 @@ def report(cfg: RunConfig, store: RunStore, out_dir: Path | None = None) -> Path
 
 def preflight(cfg: RunConfig) -> None:
     """Cheap checks before any generation: every given classifier knows every persona."""
-    from charshift.classifier import Classifier
+    from charshift.scoring.classifier import load_classifier
 
     for base in cfg.bases:
         if base.classifier:
-            Classifier.load(base.classifier, cache_dir=cache_dir()).check_personas(cfg.personas)
+            load_classifier(base.classifier, cache_dir=cache_dir()).check_personas(cfg.personas)
 
 
 def run_all(cfg: RunConfig, out: Path) -> Path:
