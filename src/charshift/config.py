@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from charshift.schema import BASE_STAGE, PROMPTED_EXPLICIT_STAGE, PROMPTED_STAGE, Sampling
+from charshift.scoring.registry import DEFAULT_SCORERS, check_scorer_names
 from charshift.scoring.settings import TrainSettings
 
 ALL_PERSONAS = (
@@ -356,6 +357,10 @@ class RunConfig(_Strict):
     scenarios: ScenariosConfig = Field(default_factory=ScenariosConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    # what reads persona from the outputs (`scoring.registry.SCORERS`); each scorer's settings
+    # are its own section: the classifier's is `classifier_training` (how a classifier trained
+    # in the run is trained; a base's `classifier` needs none)
+    scorers: list[str] = Field(default_factory=lambda: list(DEFAULT_SCORERS), min_length=1)
     classifier_training: TrainSettings | None = None
     stats: StatsConfig = Field(default_factory=StatsConfig)
     persona_prompts: PersonaPromptsConfig = Field(default_factory=PersonaPromptsConfig)
@@ -372,6 +377,11 @@ class RunConfig(_Strict):
         for st in v:
             check_safe_name(st, "stage")
         return _no_duplicates(v, "stage(s)")
+
+    @field_validator("scorers")
+    @classmethod
+    def _scorers_known(cls, v: list[str]) -> list[str]:
+        return check_scorer_names(v)
 
     @field_validator("published")
     @classmethod

@@ -23,7 +23,7 @@ from charshift.config import BaseSpec, RunConfig, config_to_dict, parse_config
 from charshift.planning import Plan, PlannedRow, Shard, build_plan, in_shard, select_shard
 from charshift.rollout import Episode, RolloutEngine, RolloutSettings
 from charshift.schema import EpisodeSpec, GenerationRow, ScoreRow, stable_hash
-from charshift.scoring.base import ScoreInput, Scorer
+from charshift.scoring.base import ScoreInput, Scorer, ScorerContext, open_scorer
 from charshift.store import RunStore
 
 
@@ -353,9 +353,8 @@ ScoreItem = tuple[GenerationRow, str, str]  # (row, unit, text)
 
 def score(cfg: RunConfig, store: RunStore) -> dict[str, int]:
     """Score every unit of every eval row (of the store's shard, if it has one) that has an
-    output (see `charshift.units`) and no score of the same text from its base's classifier yet."""
-    from charshift.scoring.classifier import open_run_classifier
-
+    output (see `charshift.units`) with each of the run's scorers (`cfg.scorers`), where the
+    base's scorer has no score of the same text yet."""
     raw = cfg.scoring.text == "raw"
     counts = {"scored": 0, "already": 0}
     items_by_base: dict[str, list[ScoreItem]] = {}
@@ -367,20 +366,22 @@ def score(cfg: RunConfig, store: RunStore) -> dict[str, int]:
         items = items_by_base.get(base.name, [])
         if not items:
             continue
-        scorer = open_run_classifier(cfg, base, store.root, cache_dir())
-        scorer.check_personas(list(cfg.personas))
-        sid = scorer.identity
-        store.update_manifest(
-            classifiers={base.name: scorer.provenance}, classifier_ids={base.name: sid}
-        )
-        todo = [
-            it
-            for it in items
-            if (it[0].key, sid, it[1], units.text_hash(it[2])) not in store.scores
-        ]
-        counts["already"] += len(items) - len(todo)
-        if todo:
-            counts["scored"] += _score_items(cfg, store, scorer, todo, base.name)
+        context = ScorerContext(cfg, base, store.root, cache_dir())
+        for name in cfg.scorers:
+            scorer = open_scorer(name, context)
+            scorer.check_personas(list(cfg.personas))
+            sid = scorer.identity
+            store.update_manifest(
+                classifiers={base.name: scorer.provenance}, classifier_ids={base.name: sid}
+            )
+            todo = [
+                it
+                for it in items
+                if (it[0].key, sid, it[1], units.text_hash(it[2])) not in store.scores
+            ]
+            counts["already"] += len(items) - len(todo)
+            if todo:
+                counts["scored"] += _score_items(cfg, store, scorer, todo, base.name)
     return counts
 
 

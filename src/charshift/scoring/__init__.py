@@ -1,10 +1,13 @@
 """Scoring: how persona expression is read from a text.
 
-One seam, `base.Scorer` (labels, identity, provenance, check_personas, score). Today one kind
-implements it, the classifier; its modules, from the bottom up:
+One seam, `base.Scorer` (labels, identity, provenance, check_personas, score), and one registry,
+`registry.SCORERS` (the names a run config's `scorers:` may use). Today one kind is available,
+`classifier`; its modules, from the bottom up:
 
+- `registry`: the scorer kinds by name (pure data: the run config validates `scorers:` with it)
 - `settings`: `TrainSettings` (the run config's `classifier_training` section), `TrainData`
-- `base`: the `Scorer` protocol, `Prediction`, `ScoreInput`, the errors
+- `base`: the `Scorer` protocol, `Prediction`, `ScoreInput`, `ScorerContext`, the errors,
+  `open_scorer`
 - `files`: JSON written atomically and file hashes, for classifier folders
 - `sources`: where encoders come from (packaged MiniLM, local folder, hub snapshot); weight hashes
 - `tokens`: device, token ids, dynamic padding and progress bars for the torch scorers
@@ -17,8 +20,8 @@ implements it, the classifier; its modules, from the bottom up:
 - `heldout`: the held-out split and `train_report.json` (macro-F1 interval, chance, confusion,
   TF-IDF baseline)
 - `finetune`, `probe`: the two training recipes
-- `classifier`: the classifier scorer (load by source, train by mode)
+- `classifier`: the `classifier` scorer (load by source, the registry's opener, train by mode)
 
-This package imports nothing at its top, so the run config can read `settings` without loading
-torch.
+This package imports nothing at its top, so the run config can read `registry` and `settings`
+without loading torch.
 """

@@ -2,8 +2,8 @@
 
 `load_classifier` takes an HF hub id, a local folder (a fine-tuned model, or a probe folder with
 its own JSON format) or `tiny:modernbert:...`, and returns a `Classifier` (a `base.Scorer`).
-`open_run_classifier` opens a base's given classifier, or the one the run trained into
-`<run>/classifier/<base>`, scoring with the run's `scoring` settings.
+`open_run_classifier` is the registry's opener: a base's given classifier, or the one the run
+trained into `<run>/classifier/<base>`, scoring with the run's `scoring` settings.
 `train_classifier` trains with the recipe that `TrainSettings.mode` names (`TRAINERS`).
 """
 
@@ -12,8 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from charshift.config import BaseSpec, RunConfig
-from charshift.scoring.base import ScorerError
+from charshift.scoring.base import ScorerContext, ScorerError
 from charshift.scoring.finetune import train_finetune
 from charshift.scoring.heldout import TrainReport
 from charshift.scoring.hf_classifier import Classifier, load_hf_classifier
@@ -60,20 +59,19 @@ def trained_dir(run_dir: Path, base: str) -> Path:
     return Path(run_dir) / "classifier" / base
 
 
-def open_run_classifier(
-    cfg: RunConfig, base: BaseSpec, run_dir: Path | None, cache_dir: Path | None = None
-) -> Classifier:
-    """The base's classifier, set to score with the run's `scoring` settings (batch size, max
-    length)."""
+def open_run_classifier(context: ScorerContext) -> Classifier:
+    """The registry's opener: the base's classifier, set to score with the run's `scoring`
+    settings (batch size, max length)."""
+    base = context.base
     if base.classifier:
         source = base.classifier
-    elif run_dir is not None:
-        source = str(trained_dir(run_dir, base.name))
+    elif context.run_dir is not None:
+        source = str(trained_dir(context.run_dir, base.name))
     else:
         raise ScorerError(f"base {base.name}: no classifier given and no run to train one in")
-    clf = load_classifier(source, cache_dir=cache_dir)
-    clf.batch_size = cfg.scoring.batch_size
-    clf.max_length = cfg.scoring.max_length
+    clf = load_classifier(source, cache_dir=context.cache_dir)
+    clf.batch_size = context.cfg.scoring.batch_size
+    clf.max_length = context.cfg.scoring.max_length
     return clf
 
 
