@@ -115,3 +115,37 @@ def test_the_run_opens_its_classifier_through_the_registry(tmp_path):
         open_scorer("classifier", ScorerContext(cfg, trained_here, tmp_path / "run"))
     with pytest.raises(ScorerError, match="no run to train one in"):
         open_scorer("classifier", ScorerContext(cfg, trained_here, None))
+
+
+def test_a_run_trains_its_classifier_and_scores_through_the_registry(tmp_path):
+    """generate -> train in the run (a lexical probe) -> score through the registry: every score
+    carries the id the manifest records for the base, and a rerun scores nothing again."""
+    from charshift.schema import ScoreRow
+
+    data = {
+        **_smoke(),
+        "stages": ["base", "prompted"],
+        "personas": ["sarcasm", "humor", "remorse"],
+        "slices": ["id_chat"],
+        "id_prompts": {"source": "bundled", "n_eval": 4, "n_train": 12, "seed": 0},
+        "classifier_training": {
+            "mode": "probe", "probe_features": "lexical", "probe_c_grid": [1.0], "n_boot": 50,
+        },
+    }  # fmt: skip
+    data["sampling"] = {**data["sampling"], "max_tokens": 12, "n_samples": 1}
+    data["bases"] = [{"name": "tinyllama", "model": "tiny:llama"}]
+    cfg = cfgmod.parse_config(data)
+    with pipeline.prepare_run(cfg, tmp_path / "run") as store:
+        pipeline.generate(cfg, store)
+        pipeline.ensure_classifiers(cfg, store)
+        first = pipeline.score(cfg, store)
+        again = pipeline.score(cfg, store)
+        manifest = store.manifest()
+        scores: list[ScoreRow] = list(store.scores)
+    report = json.loads((tmp_path / "run/classifier/tinyllama/train_report.json").read_text())
+    assert report["mode"] == "probe" and report["probe"]["features"] == "lexical"
+    assert manifest["trained_classifiers"]["tinyllama"]["mode"] == "probe"
+    sid = manifest["classifier_ids"]["tinyllama"]
+    assert sid == stable_hash(manifest["classifiers"]["tinyllama"], 12)
+    assert first["scored"] == len(scores) > 0 and {s.classifier for s in scores} == {sid}
+    assert again == {"scored": 0, "already": len(scores)}
