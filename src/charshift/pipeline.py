@@ -351,24 +351,21 @@ def ensure_classifiers(cfg: RunConfig, store: RunStore) -> None:
 # -- scoring -------------------------------------------------------------------------------------
 
 
-ScoreItem = tuple[GenerationRow, str, str]  # (row, unit, text)
-
-
 def score(cfg: RunConfig, store: RunStore) -> dict[str, int]:
     """Classify every unit of every eval row (of the store's shard, if it has one) that has an
-    output (see `charshift.units`) and no score of the same text from its base's classifier yet."""
+    output (see `charshift.units`) and no score of the same text from its base's classifier yet.
+    The length controls are cut in the tokens of that classifier (`charshift.lengths`)."""
     from charshift.classifier import Classifier
 
-    raw = cfg.scoring.text == "raw"
     counts = {"scored": 0, "already": 0}
-    items_by_base: dict[str, list[ScoreItem]] = {}
     shards: dict[str, int] = {}
-    for r, unit, text in units.row_units(store.generations, raw):
-        if text and in_shard(r.item_id, store.shard, shards):
-            items_by_base.setdefault(r.base, []).append((r, unit, text))
+    by_base: dict[str, list[GenerationRow]] = {}
+    for r in store.generations:
+        if r.split == "eval":
+            by_base.setdefault(r.base, []).append(r)
     for base in cfg.bases:
-        items = items_by_base.get(base.name, [])
-        if not items:
+        rows = by_base.get(base.name, [])
+        if not any(units.has_output(r) and in_shard(r.item_id, store.shard, shards) for r in rows):
             continue
         clf = Classifier.load(classifier_source(cfg, store, base), cache_dir=cache_dir())
         clf.check_personas(list(cfg.personas))
@@ -376,10 +373,11 @@ def score(cfg: RunConfig, store: RunStore) -> dict[str, int]:
         store.update_manifest(
             classifiers={base.name: clf.identity}, classifier_ids={base.name: cid}
         )
+        items = _units_to_score(cfg, store, base.name, rows, clf, cid, shards)
         todo = [
-            it
-            for it in items
-            if (it[0].key, cid, it[1], units.text_hash(it[2])) not in store.scores
+            u
+            for u in items
+            if (u.row.key, cid, u.unit, units.text_hash(u.text or "")) not in store.scores
         ]
         counts["already"] += len(items) - len(todo)
         if todo:
@@ -387,8 +385,41 @@ def score(cfg: RunConfig, store: RunStore) -> dict[str, int]:
     return counts
 
 
+def _units_to_score(
+    cfg: RunConfig,
+    store: RunStore,
+    base: str,
+    rows: list[GenerationRow],
+    clf: Any,
+    cid: str,
+    shards: dict[str, int],
+) -> list[units.UnitText]:
+    """The units of `rows` with a text, cut with the classifier's counter (recorded in the run,
+    with what the cuts came to: `length_controls` in the manifest, and a line where a reply is
+    shorter than the body length matched to it)."""
+    from charshift import lengths
+
+    counter, why = lengths.counter_for(clf)
+    lengths.record_counter(store, cid, counter, why)
+    raw = cfg.scoring.text == "raw"
+    items = [
+        u
+        for u in units.unit_texts(rows, raw, {base: counter})
+        if u.text and in_shard(u.row.item_id, store.shard, shards)
+    ]
+    summary = units.cut_summary(items)
+    store.update_manifest(length_controls={base: {"counter": counter.name, **summary}})
+    for unit, kinds in summary.items():
+        if kinds.get("short"):
+            tqdm.write(
+                f"[charshift] {unit} ({base}): {kinds['short']} of {sum(kinds.values())} texts "
+                "are shorter than the length matched to them and are scored whole"
+            )
+    return items
+
+
 def _score_items(
-    cfg: RunConfig, store: RunStore, clf: Any, cid: str, todo: list[ScoreItem], base: str
+    cfg: RunConfig, store: RunStore, clf: Any, cid: str, todo: list[units.UnitText], base: str
 ) -> int:
     """Classify `todo`, each distinct text once (a reply and its unit variants often coincide)."""
     raw = cfg.scoring.text == "raw"
@@ -396,22 +427,23 @@ def _score_items(
     bar = tqdm(total=len(todo), desc=f"score {base}", unit="unit", dynamic_ncols=True)
     for i in range(0, len(todo), chunk):
         part = todo[i : i + chunk]
-        distinct = list(dict.fromkeys(text for _, _, text in part))
+        distinct = list(dict.fromkeys(u.text or "" for u in part))
         preds = clf.predict(
             distinct, batch_size=cfg.scoring.batch_size, max_length=cfg.scoring.max_length
         )
         verdict = dict(zip(distinct, preds, strict=True))
         store.scores.append(
             ScoreRow(
-                r.key,
+                u.row.key,
                 cid,
-                units.text_field(unit, raw),
-                verdict[text][0],
-                verdict[text][1],
-                unit=unit,
-                text_hash=units.text_hash(text),
+                units.text_field(u.unit, raw),
+                verdict[u.text or ""][0],
+                verdict[u.text or ""][1],
+                unit=u.unit,
+                text_hash=units.text_hash(u.text or ""),
+                length=u.length,
             )
-            for r, unit, text in part
+            for u in part
         )
         bar.update(len(part))
     bar.close()
