@@ -494,8 +494,8 @@ def completeness_warnings(gaps: Sequence[CellGap], source: str | Path) -> list[s
     head = (
         f"{source}: {len(gaps)} cell(s) lack rows of their grid ({missing} rows missing in all; "
         "a cell's grid is every item x persona x sample of its slice and stage): the figures "
-        "cover only the rows given, and an item missing from one side of a paired difference "
-        "leaves that difference."
+        "cover only the rows given, and a paired difference only the items present on both "
+        "sides."
     )
     return [head, *(g.text() for g in gaps)]
 
