@@ -68,7 +68,8 @@ def report_predictions(
     """Every metric, plot and the report from a predictions JSONL (the run's analysis tail).
 
     `out` and every row are checked before anything is computed or written (`charshift.inputs`),
-    so a bad file leaves an earlier report in `out` as it was."""
+    so a bad file leaves an earlier report in `out` as it was. A cell that lacks rows of its
+    grid (item x persona x sample) is a warning, through `warn` and at the top of the report."""
     from charshift.analysis import AnalysisInput, analyse
     from charshift.config import StatsConfig
 
@@ -82,12 +83,17 @@ def report_predictions(
         raise inputs.InputError(
             f"{path}: need at least two distinct true personas, found {personas}"
         )
+    gaps = inputs.completeness_warnings(inputs.incomplete_cells(records), path)
+    for line in gaps:
+        if warn is not None:
+            warn(line)
     inp = AnalysisInput(
         records=records,
         personas=personas,
         stats=StatsConfig(n_boot=n_boot, seed=seed),
         title=f"charshift report: {Path(path).name}",
         settings={"predictions": str(path), "n_boot": n_boot, "seed": seed, "personas": personas},
+        warnings=gaps,
     )
     return analyse(inp, Path(out))
 

@@ -5,10 +5,15 @@ the whole reply; an email slice: the email body), or a scoring variant of a slic
 `SLICE.VARIANT`:
 
   `SLICE.whole`   a chat-email slice scored on the whole reply instead of the extracted email body
-  `SLICE.head`    a chat-email slice scored on the whole reply cut to the length (in words) of
-                  that row's own extracted body: the same length as the body, other words
-  `id_chat.short` the id_chat reply cut to the median length of the chat_email bodies of the
-                  same (base, stage, persona): a length control on home ground
+  `SLICE.head`    a chat-email slice scored on the whole reply cut to the length of that row's
+                  own extracted body: the same length as the body, the reply's opening words
+  `id_chat.short` the id_chat reply cut to a chat_email body length of the same (base, stage,
+                  persona), matched by rank so that the cut lengths follow the bodies' length
+                  distribution: a length control on home ground
+
+Lengths are counted in the scorer's tokens (words for a scorer without a tokenizer), and a cut
+ends at a sentence end within 10% of its target where there is one (`charshift.units`). A cut
+keeps a text's opening, so besides length it drops the text's end: the rung labels say so.
 
 Chains are read from home ground outward; each rung changes exactly one thing, stated in
 `changes`, and the report prints it. The rungs of one chain are estimated on the chain's common
@@ -23,8 +28,8 @@ from dataclasses import dataclass
 
 VARIANT_SEP = "."
 WHOLE = "whole"  # scoring variant: the whole chat reply instead of the extracted email body
-HEAD = "head"  # scoring variant: the whole reply cut to its own email body's word count
-SHORT = "short"  # scoring variant: the id_chat reply cut to the email bodies' median word count
+HEAD = "head"  # scoring variant: the whole reply cut to its own email body's length
+SHORT = "short"  # scoring variant: the id_chat reply cut to a rank-matched email body's length
 VARIANTS = (WHOLE, HEAD, SHORT)
 
 
@@ -100,13 +105,15 @@ EMAIL_STEP_CHAIN = Chain(
         Rung(
             unit_name("chat_email", WHOLE),
             unit_name("chat_email", HEAD),
-            "length: the whole reply is cut to the word count of its own email body",
+            "length: the whole reply is cut to the length of its own email body (in scorer "
+            "tokens, at a sentence end within 10% where there is one); the cut also drops the "
+            "reply's end (the rest of the email, its sign-off, any closing chat)",
         ),
         Rung(
             unit_name("chat_email", HEAD),
             "chat_email",
-            "scored unit: the extracted email body instead of the reply's opening words, at the "
-            "same length",
+            "scored unit: the extracted email body instead of the reply's opening (any "
+            "preamble, subject line and the start of the email), at the same length within 10%",
         ),
     ),
 )
@@ -122,7 +129,10 @@ CONTRASTS: tuple[Rung, ...] = (
     Rung(
         "id_chat",
         unit_name("id_chat", SHORT),
-        "length on home ground: the reply is cut to the median word count of the chat_email "
-        "bodies of the same condition",
+        "length on home ground: each reply is cut to a chat_email body length of the same "
+        "condition, matched by rank so the cut lengths follow the bodies' distribution (in "
+        "scorer tokens, at a sentence end within 10% where there is one); the cut also drops "
+        "the end of each reply it shortens, and a reply shorter than its matched body is scored "
+        "whole",
     ),
 )

@@ -348,23 +348,20 @@ def ensure_classifiers(cfg: RunConfig, store: RunStore) -> None:
 # -- scoring -------------------------------------------------------------------------------------
 
 
-ScoreItem = tuple[GenerationRow, str, str]  # (row, unit, text)
-
-
 def score(cfg: RunConfig, store: RunStore) -> dict[str, int]:
     """Score every unit of every eval row (of the store's shard, if it has one) that has an
-    output (see `charshift.units`) with each of the run's scorers (`cfg.scorers`), where the
-    base's scorer has no score of the same text yet."""
-    raw = cfg.scoring.text == "raw"
+    output (see `charshift.units`) with each of the run's scorers (`cfg.scorers`), where that
+    scorer has no score of the same text yet. The length controls are cut in the tokens of the
+    scorer's own tokenizer (`charshift.lengths`)."""
     counts = {"scored": 0, "already": 0}
-    items_by_base: dict[str, list[ScoreItem]] = {}
     shards: dict[str, int] = {}
-    for r, unit, text in units.row_units(store.generations, raw):
-        if text and in_shard(r.item_id, store.shard, shards):
-            items_by_base.setdefault(r.base, []).append((r, unit, text))
+    by_base: dict[str, list[GenerationRow]] = {}
+    for r in store.generations:
+        if r.split == "eval":
+            by_base.setdefault(r.base, []).append(r)
     for base in cfg.bases:
-        items = items_by_base.get(base.name, [])
-        if not items:
+        rows = by_base.get(base.name, [])
+        if not any(units.has_output(r) and in_shard(r.item_id, store.shard, shards) for r in rows):
             continue
         context = ScorerContext(cfg, base, store.root, cache_dir())
         for name in cfg.scorers:
@@ -374,10 +371,11 @@ def score(cfg: RunConfig, store: RunStore) -> dict[str, int]:
             store.update_manifest(
                 classifiers={base.name: scorer.provenance}, classifier_ids={base.name: sid}
             )
+            items = _units_to_score(cfg, store, base.name, rows, scorer, sid, shards)
             todo = [
-                it
-                for it in items
-                if (it[0].key, sid, it[1], units.text_hash(it[2])) not in store.scores
+                u
+                for u in items
+                if (u.row.key, sid, u.unit, units.text_hash(u.text or "")) not in store.scores
             ]
             counts["already"] += len(items) - len(todo)
             if todo:
@@ -385,8 +383,41 @@ def score(cfg: RunConfig, store: RunStore) -> dict[str, int]:
     return counts
 
 
+def _units_to_score(
+    cfg: RunConfig,
+    store: RunStore,
+    base: str,
+    rows: list[GenerationRow],
+    clf: Any,
+    cid: str,
+    shards: dict[str, int],
+) -> list[units.UnitText]:
+    """The units of `rows` with a text, cut with the classifier's counter (recorded in the run,
+    with what the cuts came to: `length_controls` in the manifest, and a line where a reply is
+    shorter than the body length matched to it)."""
+    from charshift import lengths
+
+    counter, why = lengths.counter_for(clf)
+    lengths.record_counter(store, cid, counter, why)
+    raw = cfg.scoring.text == "raw"
+    items = [
+        u
+        for u in units.unit_texts(rows, raw, {base: counter})
+        if u.text and in_shard(u.row.item_id, store.shard, shards)
+    ]
+    summary = units.cut_summary(items)
+    store.update_manifest(length_controls={base: {"counter": counter.name, **summary}})
+    for unit, kinds in summary.items():
+        if kinds.get("short"):
+            tqdm.write(
+                f"[charshift] {unit} ({base}): {kinds['short']} of {sum(kinds.values())} texts "
+                "are shorter than the length matched to them and are scored whole"
+            )
+    return items
+
+
 def _score_items(
-    cfg: RunConfig, store: RunStore, scorer: Scorer, todo: list[ScoreItem], base: str
+    cfg: RunConfig, store: RunStore, scorer: Scorer, todo: list[units.UnitText], base: str
 ) -> int:
     """Score `todo` in chunks, appending each chunk's scores as it is done."""
     raw = cfg.scoring.text == "raw"
@@ -394,18 +425,19 @@ def _score_items(
     bar = tqdm(total=len(todo), desc=f"score {base}", unit="unit", dynamic_ncols=True)
     for i in range(0, len(todo), chunk):
         part = todo[i : i + chunk]
-        preds = scorer.score([ScoreInput(text, r, unit) for r, unit, text in part])
+        preds = scorer.score([ScoreInput(u.text or "", u.row, u.unit) for u in part])
         store.scores.append(
             ScoreRow(
-                r.key,
+                u.row.key,
                 scorer.identity,
-                units.text_field(unit, raw),
+                units.text_field(u.unit, raw),
                 pred.label,
                 pred.probs,
-                unit=unit,
-                text_hash=units.text_hash(text),
+                unit=u.unit,
+                text_hash=units.text_hash(u.text or ""),
+                length=u.length,
             )
-            for (r, unit, text), pred in zip(part, preds, strict=True)
+            for u, pred in zip(part, preds, strict=True)
         )
         bar.update(len(part))
     bar.close()
