@@ -8,7 +8,6 @@ What to generate comes from `planning.build_plan` (pure); the analysis tail (rec
 from __future__ import annotations
 
 import functools
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ from tqdm.auto import tqdm
 from charshift import tools, units
 from charshift.adapter_probe import probe_adapters, require_applied
 from charshift.backends.base import AdapterSource, Backend
+from charshift.backends.settings import DEFAULT_MAX_IN_FLIGHT
 from charshift.config import BaseSpec, RunConfig, config_to_dict, parse_config
 from charshift.planning import Plan, PlannedRow, Shard, build_plan, in_shard, select_shard
 from charshift.rollout import Episode, RolloutEngine, RolloutSettings
@@ -37,79 +37,19 @@ def cache_dir() -> Path:
 
 
 def make_backend(cfg: RunConfig, base: BaseSpec, run_dir: Path | None = None) -> Backend:
-    b = cfg.backend
-    if b.kind == "server":
-        return _server_backend(cfg, base, run_dir)
-    if b.kind == "hf":
-        from charshift.backends.hf import HFBackend
+    """The run's backend for `base` (`backends/registry.py`: the kind's module builds it)."""
+    from charshift.backends.registry import BackendContext
+    from charshift.backends.registry import make_backend as build
 
-        return HFBackend(
-            base.model,
-            revision=base.revision,
-            device=b.device,
-            dtype=b.dtype,
-            batch_size=b.batch_size,
-            cache_dir=cache_dir(),
-            max_batch_tokens=b.max_batch_tokens,
-            kv_cache_mb=b.kv_cache_mb,
-        )
-    if b.kind == "openai":
-        from charshift.backends.openai import OpenAIBackend
-
-        if not b.base_url:
-            raise ValueError("backend.base_url: required for the openai backend")
-        return OpenAIBackend(
-            b.base_url,
-            base.model,
-            api_key=os.environ.get(b.api_key_env),
-            max_concurrency=b.max_concurrency,
-            max_in_flight=b.max_in_flight,
-            adapter_syntax=b.adapter_syntax,
-        )
-    from charshift.backends.vllm import VLLMBackend
-
-    return VLLMBackend(
-        base.model,
+    context = BackendContext(
+        model=base.model,
         revision=base.revision,
-        max_model_len=b.max_model_len,
-        gpu_memory_utilization=b.gpu_memory_utilization,
-        max_lora_rank=b.max_lora_rank,
-        max_loras=b.max_loras,
-        max_cpu_loras=b.max_cpu_loras,
-        dtype=b.dtype,
-    )
-
-
-def _server_backend(cfg: RunConfig, base: BaseSpec, run_dir: Path | None) -> Backend:
-    """`kind: server`: the engine charshift starts with the base's adapters (backends/server.py)."""
-    from charshift.backends.server import ServerBackend
-    from charshift.models import resolve_model
-
-    b = cfg.backend
-    assert b.engine is not None  # BackendConfig checked it
-    return ServerBackend(
-        resolve_model(base.model, cache_dir(), revision=base.revision).path,
-        engine=b.engine,
-        command=b.command,
-        host=b.host,
-        port=b.port,
-        startup_timeout=b.startup_timeout,
-        extra_args=b.extra_args,
-        log_path=(run_dir or Path.cwd()) / f"server-{base.name}.log",
+        name=base.name,
         seed=cfg.sampling.seed,
-        revision=base.revision,
-        max_model_len=b.max_model_len,
-        gpu_memory_utilization=b.gpu_memory_utilization,
-        dtype=b.dtype,
-        max_lora_rank=b.max_lora_rank,
-        max_loras=b.max_loras,
-        max_cpu_loras=b.max_cpu_loras,
-        deterministic=b.deterministic,
-        adapter_syntax=b.adapter_syntax,
-        api_key=os.environ.get(b.api_key_env),
-        max_concurrency=b.max_concurrency,
-        max_in_flight=b.max_in_flight,
+        cache_dir=cache_dir(),
+        run_dir=run_dir,
     )
+    return build(cfg.backend, context)
 
 
 # -- steps ---------------------------------------------------------------------------------------
@@ -204,9 +144,8 @@ def _drive(
     lazily), else lockstep in waves of `wave` rows (`calls` counts the model calls of a step
     as they finish)."""
     if engine.backend.async_capable:
-        yield from engine.run_streaming(
-            _episodes(cfg, plan, todo), max_in_flight=cfg.backend.max_in_flight
-        )
+        in_flight = getattr(cfg.backend, "max_in_flight", DEFAULT_MAX_IN_FLIGHT)
+        yield from engine.run_streaming(_episodes(cfg, plan, todo), max_in_flight=in_flight)
         return
     for start in range(0, len(todo), wave):
         yield from engine.run(
