@@ -7,6 +7,7 @@ than or equal to 1`). Presets are YAML files shipped in charshift/data/presets/.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -476,23 +477,73 @@ def load_config(path: str | Path) -> RunConfig:
 
 
 def check_local_paths(cfg: RunConfig) -> None:
-    """Before a run starts: every model or classifier given as a local path is a model folder of
-    the right kind (reads config.json only; nothing is hashed), and an ID prompts file is JSONL
-    that can be read. A ConfigError names the field.
+    """The preflight of every command that runs a config, dry run included, before any model
+    loads: every local path the config names exists and is what it should be. Model and
+    classifier folders are model folders of the right kind (config.json only is read), each
+    adapter folder of a `path:` stage (after `{persona}` is filled in, for every persona of the
+    run) holds adapter_config.json, an ID prompts file is JSONL that can be read, a classifier
+    encoder and a constitutions folder given as paths exist. One ConfigError names every problem
+    with its field.
 
     Not part of validation, because a finished run's stored config is read again (`report --run`)
     after its model folders may be gone."""
+    problems = [p for p in _local_path_problems(cfg) if p]
+    if len(problems) == 1:
+        raise ConfigError(f"invalid run config: {problems[0]}")
+    if problems:
+        raise ConfigError("invalid run config:\n  " + "\n  ".join(problems))
+
+
+def _local_path_problems(cfg: RunConfig) -> Iterator[str | None]:
     from charshift.inputs import InputError, check_model_source, read_jsonl_objects
 
-    try:
-        if cfg.id_prompts.source == "file" and cfg.id_prompts.path:
-            read_jsonl_objects(cfg.id_prompts.path, "id_prompts.path: file")
-        for i, b in enumerate(cfg.bases):
-            check_model_source(b.model, f"bases.{i}.model", classifier=False)
-            if b.classifier is not None:
-                check_model_source(b.classifier, f"bases.{i}.classifier", classifier=True)
-    except InputError as err:
-        raise ConfigError(f"invalid run config: {err}") from None
+    def attempt(check: Any, *args: Any, **kwargs: Any) -> str | None:
+        try:
+            check(*args, **kwargs)
+        except InputError as err:
+            return str(err)
+        return None
+
+    if cfg.id_prompts.source == "file" and cfg.id_prompts.path:
+        yield attempt(read_jsonl_objects, cfg.id_prompts.path, "id_prompts.path: file")
+    for i, b in enumerate(cfg.bases):
+        yield attempt(check_model_source, b.model, f"bases.{i}.model", classifier=False)
+        if b.classifier is not None:
+            what = f"bases.{i}.classifier"
+            yield attempt(check_model_source, b.classifier, what, classifier=True)
+        yield from _adapter_problems(cfg, i, b)
+    if cfg.classifier_training is not None:
+        yield _folder_problem(cfg.classifier_training.encoder, "classifier_training.encoder")
+    if cfg.persona_prompts.source == "constitutions" and cfg.persona_prompts.path:
+        yield _folder_problem(cfg.persona_prompts.path, "persona_prompts.path", scheme=False)
+
+
+def _adapter_problems(cfg: RunConfig, i: int, base: BaseSpec) -> Iterator[str]:
+    """Each local adapter folder the run loads: one per persona of each adapter stage it runs."""
+    for stage in cfg.stages:
+        src = base.adapters.get(stage)
+        if src is None or not src.path or src.path.startswith("tiny-lora:"):
+            continue  # a hub repo (checked when it downloads), or a tiny adapter built in the run
+        for persona in cfg.personas:
+            folder = Path(src.path.replace("{persona}", persona)).expanduser()
+            what = f"bases.{i}.adapters.{stage}.path ({persona})"
+            if not folder.is_dir():
+                yield f"{what}: adapter folder not found: {folder}"
+            elif not (folder / "adapter_config.json").is_file():
+                yield f"{what}: {folder} is not an adapter folder (no adapter_config.json)"
+
+
+def _folder_problem(spec: str, what: str, scheme: bool = True) -> str | None:
+    """A spec that names a local folder must be a folder. With `scheme`, the spec may also be a
+    hub id or a `packaged:`/`tiny:`/`hub:` spec (the loaders' to check): only one that looks like
+    a path (absolute, ./, ../, ~) or names something that exists here is checked."""
+    if scheme and ":" in spec and spec.partition(":")[0] in ("tiny", "packaged", "hub"):
+        return None
+    p = Path(spec).expanduser()
+    local = not scheme or spec.startswith(("/", "./", "../", "~")) or p.exists()
+    if local and not p.is_dir():
+        return f"{what}: folder not found: {spec}"
+    return None
 
 
 def preset_names() -> list[str]:
