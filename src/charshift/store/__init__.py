@@ -1,4 +1,5 @@
-"""The run directory and everything it holds, in four parts:
+"""The run directory and everything it holds, in four parts (and `common`: their errors, warning
+line and clock):
 
 - `table`: the keyed JSONL table (append-only, typed records, damaged lines quarantined);
 - `locks`: one writer per table, sharded and unsharded writers kept apart;
