@@ -275,7 +275,7 @@ def test_corrupt_lines_in_the_middle_of_generations(mini, env, tmp_path):
         names=[
             f"{run / 'generations.jsonl'}: 3 of",
             "line 3: not valid UTF-8",
-            "line 8: not a JSON object (null)",
+            "line 8: expected a JSON object, got null",
             "line 12: GenerationRow: missing required field 'key'",
             "This run is incomplete: 2 of",
         ],

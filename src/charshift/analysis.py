@@ -259,7 +259,20 @@ def _completeness_notes(cfg: RunConfig, store: RunStore, cids: dict[str, str]) -
     except (ValueError, OSError) as err:  # e.g. an id_prompts file that has since moved
         return [f"Could not rebuild the run's plan to check it is complete: {err}"]
     notes = completeness_warnings(completeness(plan, store, cfg, cids), store.root)
-    return notes + shard_warnings(plan, store, cfg, cids)
+    return notes + _skip_warnings(notes, store) + shard_warnings(plan, store, cfg, cids)
+
+
+def _skip_warnings(notes: list[str], store: RunStore) -> list[str]:
+    """Where rows are missing because adapters were skipped, a resume alone cannot bring them:
+    say so, naming the adapters."""
+    skipped = sorted(store.recorded("skipped_adapters"))
+    if not notes or not skipped:
+        return []
+    return [
+        f"The rows of skipped adapter(s) {', '.join(skipped)} are generated only once the "
+        "adapter loads (see its message below): fix the adapter or drop its stage or persona "
+        "from the config; rerunning alone will not bring them. `--allow-skipped` accepts the gap."
+    ]
 
 
 @dataclass(frozen=True)

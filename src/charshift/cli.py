@@ -14,7 +14,10 @@ import typer
 
 from charshift import config as cfgmod
 
+INCOMPLETE_EXIT = 3  # a run that left rows out (charshift.completion), unless --allow-skipped
+
 if TYPE_CHECKING:
+    from charshift.completion import Completion
     from charshift.executors import ShardResult
     from charshift.planning import Calibration, Throughput
     from charshift.store import RunStore
@@ -176,9 +179,28 @@ CalibrateOpt = Annotated[
     ),
 ]
 FractionOpt = Annotated[
-    float,
+    float | None,
     typer.Option(
-        "--expected-fraction", help="With --dry-run: share of each call's budget assumed used."
+        "--expected-fraction",
+        help="With --dry-run: share of each call's budget assumed used (default 0.5).",
+    ),
+]
+RetryErrorsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--retry-errors",
+        help="Also redo the rows that ended in an error (a server error, a timeout, an "
+        "engine's `error` finish); each new row replaces its error row, which is kept in "
+        "generations.quarantine.jsonl.",
+    ),
+]
+AllowSkippedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-skipped",
+        help="Exit 0 even when the run left rows out (a skipped adapter, e.g. a gated one; rows "
+        "not generated, ended in an error or not scored). Without it such a run exits "
+        f"{INCOMPLETE_EXIT} with a summary of what is missing.",
     ),
 ]
 
@@ -220,29 +242,86 @@ def run(
     throughput_from: ThroughputFromOpt = None,
     throughput_path: ThroughputPathOpt = None,
     calibrate_from: CalibrateOpt = None,
-    expected_fraction: FractionOpt = 0.5,
+    expected_fraction: FractionOpt = None,
+    retry_errors: RetryErrorsOpt = False,
+    allow_skipped: AllowSkippedOpt = False,
 ) -> None:
-    """Generate -> (train classifier) -> score -> report. Resumes an interrupted run."""
+    """Generate -> (train classifier) -> score -> report. Resumes an interrupted run.
+
+    Exits 0 when every planned row is generated and scored; 3, with a summary of what is
+    missing, when an adapter was skipped or rows were left out (unless --allow-skipped); 2 on a
+    bad config or input, before any model loads."""
     from charshift import executors
 
     part = _shard(shard)
+    cost = _CostArgs(throughput, throughput_from, throughput_path, calibrate_from)
+    _check_dry_run_options(dry_run, cost, expected_fraction, retry_errors, allow_skipped)
     _check_executor(executor, part, None if dry_run else shards, ray_address)
     cfg = _load(config, preset, id_prompts)
     with _user_errors():
         if dry_run:
-            cost = _CostArgs(throughput, throughput_from, throughput_path, calibrate_from)
-            typer.echo(_dry_run(cfg, part, shards, cost, expected_fraction))
+            fraction = 0.5 if expected_fraction is None else expected_fraction
+            typer.echo(_dry_run(cfg, part, shards, cost, fraction))
             return
         target = out or _default_out(cfg)
         if executor == "ray":
-            path = executors.run_ray(cfg, target, shards, ray_address, echo=typer.echo)
+            path = executors.run_ray(
+                cfg, target, shards, ray_address, echo=typer.echo, retry_errors=retry_errors
+            )
         else:
-            done = executors.run_local(cfg, target, part)
+            done = executors.run_local(cfg, target, part, retry_errors=retry_errors)
             if isinstance(done, executors.ShardResult):
                 typer.echo(_shard_message(done, target))
+                _exit_status(target, f"shard {done.label}", allow_skipped)
                 return
             path = done
     typer.echo(f"report: {path}")
+    _exit_status(target, "run", allow_skipped)
+
+
+def _check_dry_run_options(
+    dry_run: bool,
+    cost: _CostArgs,
+    fraction: float | None,
+    retry_errors: bool,
+    allow_skipped: bool,
+) -> None:
+    """The cost-estimate options only go with --dry-run, and the options of a real run not."""
+    given = {
+        "--throughput": cost.throughput is not None,
+        "--throughput-from": cost.throughput_from is not None,
+        "--throughput-path": cost.throughput_path is not None,
+        "--calibrate-from": cost.calibrate_from is not None,
+        "--expected-fraction": fraction is not None,
+    }
+    named = [name for name, on in given.items() if on]
+    if named and not dry_run:
+        _fail(
+            f"{', '.join(named)}: cost-estimate option(s), they go with --dry-run (which runs "
+            "nothing); without --dry-run this command would start the run"
+        )
+    real = [
+        n for n, on in (("--retry-errors", retry_errors), ("--allow-skipped", allow_skipped)) if on
+    ]
+    if real and dry_run:
+        _fail(f"{', '.join(real)}: option(s) of a real run; --dry-run runs nothing")
+
+
+def _exit_status(root: Path, scope: str, allow_skipped: bool) -> None:
+    """Exit INCOMPLETE_EXIT, with a summary, when `scope` of the run in `root` recorded gaps
+    (charshift.completion); a warning only with --allow-skipped."""
+    from charshift.completion import recorded_completion
+
+    _report_gaps(recorded_completion(root, scope), root, allow_skipped)
+
+
+def _report_gaps(done: Completion | None, root: Path, allow_skipped: bool) -> None:
+    if done is None or done.complete:
+        return
+    for line in done.summary(str(root)):
+        typer.secho(line, fg=typer.colors.YELLOW, err=True)
+    if not allow_skipped:
+        raise typer.Exit(INCOMPLETE_EXIT)
 
 
 def _check_executor(
@@ -367,15 +446,22 @@ def generate(
     out: OutOpt = None,
     id_prompts: IdPromptsOpt = None,
     shard: ShardOpt = None,
+    retry_errors: RetryErrorsOpt = False,
+    allow_skipped: AllowSkippedOpt = False,
 ) -> None:
-    """Generate the rows of a run (or of one shard) that are not in its store yet."""
+    """Generate the rows of a run (or of one shard) that are not in its store yet. Exits 3,
+    with a summary, when rows are left out (unless --allow-skipped)."""
     from charshift import pipeline
+    from charshift.completion import record_completion
 
     part = _shard(shard)
     cfg = _load(config, preset, id_prompts)
-    with _user_errors(), pipeline.prepare_run(cfg, out or _default_out(cfg), part) as store:
-        summary = pipeline.generate(cfg, store)
+    target = out or _default_out(cfg)
+    with _user_errors(), pipeline.prepare_run(cfg, target, part) as store:
+        summary = pipeline.generate(cfg, store, retry_errors=retry_errors)
+        done = record_completion(cfg, store, scored=False)
     typer.echo(json.dumps(summary))
+    _report_gaps(done, target, allow_skipped)
 
 
 @app.command()
@@ -552,10 +638,12 @@ def demo(
             data["bases"][0]["model"] = model
             cfg = cfgmod.parse_config(data, f"preset {name} with --model")
         cfgmod.check_local_paths(cfg)
-        path = pipeline.run_all(cfg, out or _default_out(cfg))
+        target = out or _default_out(cfg)
+        path = pipeline.run_all(cfg, target)
     typer.echo(
         f"\nDemo finished. Report: {path}\n  (markdown: {Path(path).parent.parent / 'report.md'})"
     )
+    _exit_status(target, "run", allow_skipped=True)  # a demo says what it left out, exits 0
 
 
 @scenarios_app.command("list")

@@ -7,6 +7,7 @@ than or equal to 1`). Presets are YAML files shipped in charshift/data/presets/.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -15,6 +16,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -22,6 +24,9 @@ from pydantic import (
     model_validator,
 )
 
+from charshift.backends.settings import KINDS as BACKEND_KINDS
+from charshift.backends.settings import BackendSettings, HFSettings, kinds_with
+from charshift.backends.settings import migrate as migrate_backend
 from charshift.schema import BASE_STAGE, PROMPTED_EXPLICIT_STAGE, PROMPTED_STAGE, Sampling
 from charshift.scoring.registry import DEFAULT_SCORERS, check_scorer_names
 from charshift.scoring.settings import TrainSettings
@@ -86,22 +91,6 @@ def _no_duplicates(values: list[str], what: str) -> list[str]:
     if dup:
         raise ValueError(f"duplicate {what} {dup}: each may appear once")
     return values
-
-
-_DEVICE = re.compile(r"(auto|cpu|mps|cuda(:\d+)?)\Z")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def _check_device(v: str) -> str:
-    if not _DEVICE.match(v):
-        raise ValueError(f"unknown device {v!r}; use auto, cpu, cuda, cuda:N or mps")
-    return v
-
-
-def _check_dtype(v: str) -> str:
-    if v not in DTYPES:
-        raise ValueError(f"unknown dtype {v!r}; use one of {list(DTYPES)}")
-    return v
 
 
 def _check_model_spec(v: str) -> str:
@@ -186,108 +175,9 @@ class SamplingConfig(_Strict):
         )
 
 
-# Placeholders a `backend.command` template may use (see backends/server.py).
-SERVER_PLACEHOLDERS = (
-    "model",
-    "host",
-    "port",
-    "adapters",
-    "seed",
-    "max_lora_rank",
-    "max_loras",
-    "max_cpu_loras",
-)
-
-
-class BackendConfig(_Strict):
-    kind: Literal["hf", "vllm", "openai", "server"] = "hf"
-    batch_size: int = Field(16, ge=1)
-    max_batch_tokens: int = Field(16384, ge=64)  # hf: padded prompt tokens per prefill
-    kv_cache_mb: float = Field(1024, ge=0)  # hf: keys/values kept between an episode's steps; 0=off
-    device: Annotated[str, AfterValidator(_check_device)] = "auto"  # auto|cpu|cuda|cuda:N|mps
-    dtype: Annotated[str, AfterValidator(_check_dtype)] = "auto"  # auto|float32|bfloat16|float16
-    base_url: str | None = None  # openai backend
-    api_key_env: str = "OPENAI_API_KEY"
-    max_concurrency: int = Field(8, ge=1)  # openai/server: requests in flight per batch call
-    max_model_len: int | None = None  # vllm
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)  # vllm
-    # vllm (offline and served), sglang: LoRA slots. max_lora_rank must be one of vLLM's ranks;
-    # None = the smallest allowed rank that holds every adapter of the run. max_loras: adapters
-    # in one batch; max_cpu_loras: adapters held at once (None = every adapter of the run, so
-    # none is evicted and reloaded inside an engine step).
-    max_lora_rank: int | None = None
-    max_loras: int = Field(8, ge=1)
-    max_cpu_loras: int | None = Field(None, ge=1)
-    # openai/server: how a request selects an adapter ("auto": SGLang's "base:adapter" when the
-    # server says it is SGLang, else the adapter's own model name, as vLLM serves it).
-    adapter_syntax: Literal["auto", "model", "base:adapter"] = "auto"
-    # openai/server: requests in flight at once in the streaming rollout (no step barrier).
-    max_in_flight: int = Field(256, ge=1)
-    # server: the serving engine charshift starts and stops itself (backends/server.py).
-    engine: Literal["vllm", "sglang", "command"] | None = None
-    command: str | None = None  # engine=command: a template, placeholders SERVER_PLACEHOLDERS
-    host: str = "127.0.0.1"
-    port: int = Field(0, ge=0, le=65535)  # 0 = a free port
-    startup_timeout: float = Field(900.0, gt=0)  # seconds to wait for the server's health
-    extra_args: list[str] = Field(default_factory=list)  # appended to the engine's command line
-    # server: batch-invariant engines, so a seeded row's text does not depend on what it was
-    # batched with (vLLM: VLLM_BATCH_INVARIANT=1; SGLang: --enable-deterministic-inference).
-    deterministic: bool = True
-
-    @field_validator("max_lora_rank")
-    @classmethod
-    def _rank_allowed(cls, v: int | None) -> int | None:
-        from charshift.backends.vllm import VLLM_LORA_RANKS
-
-        if v is not None and v not in VLLM_LORA_RANKS:
-            raise ValueError(f"must be one of vLLM's LoRA ranks {list(VLLM_LORA_RANKS)}, not {v}")
-        return v
-
-    @field_validator("command")
-    @classmethod
-    def _command_placeholders(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        import shlex
-        import string
-
-        try:
-            parts = shlex.split(v)
-            names = {
-                f for p in parts for _, f, _, _ in string.Formatter().parse(p) if f is not None
-            }
-        except ValueError as err:
-            raise ValueError(f"not a valid command template: {err}") from None
-        unknown = sorted(n for n in names if n not in SERVER_PLACEHOLDERS)
-        if unknown:
-            raise ValueError(
-                f"unknown placeholder(s) {unknown}; known: {list(SERVER_PLACEHOLDERS)}"
-            )
-        if not parts:
-            raise ValueError("is empty")
-        return v
-
-    @model_validator(mode="after")
-    def _server_fields(self) -> BackendConfig:
-        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
-            raise ValueError(
-                f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})"
-            )
-        if self.kind == "server":
-            if self.engine is None:
-                raise ValueError("engine: required for kind: server (vllm | sglang | command)")
-            if (self.engine == "command") != (self.command is not None):
-                raise ValueError(
-                    "command: required for engine: command, and only used with it"
-                    f" (engine is {self.engine!r})"
-                )
-            if self.base_url is not None:
-                raise ValueError("base_url: not used with kind: server (it starts its own server)")
-        elif self.engine is not None or self.command is not None or self.extra_args:
-            raise ValueError(
-                f"engine/command/extra_args: only used with kind: server (kind is {self.kind!r})"
-            )
-        return self
+# `backend:` is one of the backend kinds' settings (backends/settings.py), keyed on `kind`; a
+# stored config of an older version (a flat dump of every kind's fields) is migrated on the way in.
+BackendConfig = Annotated[BackendSettings, BeforeValidator(migrate_backend)]
 
 
 class IdPromptsConfig(_Strict):
@@ -352,7 +242,7 @@ class RunConfig(_Strict):
     personas: list[str]
     slices: list[str] = Field(default_factory=lambda: ["id_chat"], min_length=1)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
-    backend: BackendConfig = Field(default_factory=BackendConfig)
+    backend: BackendConfig = Field(default_factory=HFSettings)
     id_prompts: IdPromptsConfig = Field(default_factory=IdPromptsConfig)
     scenarios: ScenariosConfig = Field(default_factory=ScenariosConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
@@ -444,15 +334,32 @@ class RunConfig(_Strict):
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid run config ({source}):"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field"
+        loc, msg = _located(e)
         if not loc:  # a whole-config check: its message names the field itself
             lines.append(f"  {msg.removeprefix('Value error, ')}")
             continue
         lines.append(f"  {loc}: {msg}")
     return "\n".join(lines)
+
+
+def _located(e: Any) -> tuple[str, str]:
+    """(dotted location, message) of one validation error. A backend field's location loses the
+    union's tag (`backend.hf.device` -> `backend.device`); an unknown backend kind, and a field
+    that belongs to another kind, say so."""
+    parts, msg, kind = list(e["loc"]), e["msg"], None
+    if parts[:1] == ["backend"] and e["type"] == "union_tag_invalid":
+        ctx = e.get("ctx") or {}
+        return "backend.kind", f"unknown kind {ctx.get('tag')!r}; one of {ctx.get('expected_tags')}"
+    if parts[:1] == ["backend"] and len(parts) > 1 and parts[1] in BACKEND_KINDS:
+        kind = parts.pop(1)
+    if e["type"] == "extra_forbidden":
+        owners = kinds_with(str(parts[-1])) if kind and len(parts) == 2 else []
+        msg = (
+            f"not a setting of kind: {kind} (a setting of kind: {', '.join(owners)})"
+            if owners
+            else "unknown field"
+        )
+    return ".".join(str(p) for p in parts), msg
 
 
 def parse_config(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
@@ -528,23 +435,73 @@ def load_config(path: str | Path) -> RunConfig:
 
 
 def check_local_paths(cfg: RunConfig) -> None:
-    """Before a run starts: every model or classifier given as a local path is a model folder of
-    the right kind (reads config.json only; nothing is hashed), and an ID prompts file is JSONL
-    that can be read. A ConfigError names the field.
+    """The preflight of every command that runs a config, dry run included, before any model
+    loads: every local path the config names exists and is what it should be. Model and
+    classifier folders are model folders of the right kind (config.json only is read), each
+    adapter folder of a `path:` stage (after `{persona}` is filled in, for every persona of the
+    run) holds adapter_config.json, an ID prompts file is JSONL that can be read, a classifier
+    encoder and a constitutions folder given as paths exist. One ConfigError names every problem
+    with its field.
 
     Not part of validation, because a finished run's stored config is read again (`report --run`)
     after its model folders may be gone."""
+    problems = [p for p in _local_path_problems(cfg) if p]
+    if len(problems) == 1:
+        raise ConfigError(f"invalid run config: {problems[0]}")
+    if problems:
+        raise ConfigError("invalid run config:\n  " + "\n  ".join(problems))
+
+
+def _local_path_problems(cfg: RunConfig) -> Iterator[str | None]:
     from charshift.inputs import InputError, check_model_source, read_jsonl_objects
 
-    try:
-        if cfg.id_prompts.source == "file" and cfg.id_prompts.path:
-            read_jsonl_objects(cfg.id_prompts.path, "id_prompts.path: file")
-        for i, b in enumerate(cfg.bases):
-            check_model_source(b.model, f"bases.{i}.model", classifier=False)
-            if b.classifier is not None:
-                check_model_source(b.classifier, f"bases.{i}.classifier", classifier=True)
-    except InputError as err:
-        raise ConfigError(f"invalid run config: {err}") from None
+    def attempt(check: Any, *args: Any, **kwargs: Any) -> str | None:
+        try:
+            check(*args, **kwargs)
+        except InputError as err:
+            return str(err)
+        return None
+
+    if cfg.id_prompts.source == "file" and cfg.id_prompts.path:
+        yield attempt(read_jsonl_objects, cfg.id_prompts.path, "id_prompts.path: file")
+    for i, b in enumerate(cfg.bases):
+        yield attempt(check_model_source, b.model, f"bases.{i}.model", classifier=False)
+        if b.classifier is not None:
+            what = f"bases.{i}.classifier"
+            yield attempt(check_model_source, b.classifier, what, classifier=True)
+        yield from _adapter_problems(cfg, i, b)
+    if cfg.classifier_training is not None:
+        yield _folder_problem(cfg.classifier_training.encoder, "classifier_training.encoder")
+    if cfg.persona_prompts.source == "constitutions" and cfg.persona_prompts.path:
+        yield _folder_problem(cfg.persona_prompts.path, "persona_prompts.path", scheme=False)
+
+
+def _adapter_problems(cfg: RunConfig, i: int, base: BaseSpec) -> Iterator[str]:
+    """Each local adapter folder the run loads: one per persona of each adapter stage it runs."""
+    for stage in cfg.stages:
+        src = base.adapters.get(stage)
+        if src is None or not src.path or src.path.startswith("tiny-lora:"):
+            continue  # a hub repo (checked when it downloads), or a tiny adapter built in the run
+        for persona in cfg.personas:
+            folder = Path(src.path.replace("{persona}", persona)).expanduser()
+            what = f"bases.{i}.adapters.{stage}.path ({persona})"
+            if not folder.is_dir():
+                yield f"{what}: adapter folder not found: {folder}"
+            elif not (folder / "adapter_config.json").is_file():
+                yield f"{what}: {folder} is not an adapter folder (no adapter_config.json)"
+
+
+def _folder_problem(spec: str, what: str, scheme: bool = True) -> str | None:
+    """A spec that names a local folder must be a folder. With `scheme`, the spec may also be a
+    hub id or a `packaged:`/`tiny:`/`hub:` spec (the loaders' to check): only one that looks like
+    a path (absolute, ./, ../, ~) or names something that exists here is checked."""
+    if scheme and ":" in spec and spec.partition(":")[0] in ("tiny", "packaged", "hub"):
+        return None
+    p = Path(spec).expanduser()
+    local = not scheme or spec.startswith(("/", "./", "../", "~")) or p.exists()
+    if local and not p.is_dir():
+        return f"{what}: folder not found: {spec}"
+    return None
 
 
 def preset_names() -> list[str]:

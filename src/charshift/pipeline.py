@@ -8,7 +8,6 @@ What to generate comes from `planning.build_plan` (pure); the analysis tail (rec
 from __future__ import annotations
 
 import functools
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,12 +18,14 @@ from tqdm.auto import tqdm
 from charshift import tools, units
 from charshift.adapter_probe import probe_adapters, require_applied
 from charshift.backends.base import AdapterSource, Backend
-from charshift.config import BaseSpec, RunConfig, config_to_dict, parse_config
+from charshift.backends.settings import DEFAULT_MAX_IN_FLIGHT
+from charshift.completion import record_completion
+from charshift.config import BaseSpec, RunConfig, check_local_paths, config_to_dict, parse_config
 from charshift.planning import Plan, PlannedRow, Shard, build_plan, in_shard, select_shard
 from charshift.rollout import Episode, RolloutEngine, RolloutSettings
 from charshift.schema import EpisodeSpec, GenerationRow, ScoreRow, stable_hash
 from charshift.scoring.base import ScoreInput, Scorer, ScorerContext, open_scorer
-from charshift.store import RunStore
+from charshift.store import RunStore, retryable
 
 
 def cache_dir() -> Path:
@@ -38,79 +39,19 @@ def cache_dir() -> Path:
 
 
 def make_backend(cfg: RunConfig, base: BaseSpec, run_dir: Path | None = None) -> Backend:
-    b = cfg.backend
-    if b.kind == "server":
-        return _server_backend(cfg, base, run_dir)
-    if b.kind == "hf":
-        from charshift.backends.hf import HFBackend
+    """The run's backend for `base` (`backends/registry.py`: the kind's module builds it)."""
+    from charshift.backends.registry import BackendContext
+    from charshift.backends.registry import make_backend as build
 
-        return HFBackend(
-            base.model,
-            revision=base.revision,
-            device=b.device,
-            dtype=b.dtype,
-            batch_size=b.batch_size,
-            cache_dir=cache_dir(),
-            max_batch_tokens=b.max_batch_tokens,
-            kv_cache_mb=b.kv_cache_mb,
-        )
-    if b.kind == "openai":
-        from charshift.backends.openai import OpenAIBackend
-
-        if not b.base_url:
-            raise ValueError("backend.base_url: required for the openai backend")
-        return OpenAIBackend(
-            b.base_url,
-            base.model,
-            api_key=os.environ.get(b.api_key_env),
-            max_concurrency=b.max_concurrency,
-            max_in_flight=b.max_in_flight,
-            adapter_syntax=b.adapter_syntax,
-        )
-    from charshift.backends.vllm import VLLMBackend
-
-    return VLLMBackend(
-        base.model,
+    context = BackendContext(
+        model=base.model,
         revision=base.revision,
-        max_model_len=b.max_model_len,
-        gpu_memory_utilization=b.gpu_memory_utilization,
-        max_lora_rank=b.max_lora_rank,
-        max_loras=b.max_loras,
-        max_cpu_loras=b.max_cpu_loras,
-        dtype=b.dtype,
-    )
-
-
-def _server_backend(cfg: RunConfig, base: BaseSpec, run_dir: Path | None) -> Backend:
-    """`kind: server`: the engine charshift starts with the base's adapters (backends/server.py)."""
-    from charshift.backends.server import ServerBackend
-    from charshift.models import resolve_model
-
-    b = cfg.backend
-    assert b.engine is not None  # BackendConfig checked it
-    return ServerBackend(
-        resolve_model(base.model, cache_dir(), revision=base.revision).path,
-        engine=b.engine,
-        command=b.command,
-        host=b.host,
-        port=b.port,
-        startup_timeout=b.startup_timeout,
-        extra_args=b.extra_args,
-        log_path=(run_dir or Path.cwd()) / f"server-{base.name}.log",
+        name=base.name,
         seed=cfg.sampling.seed,
-        revision=base.revision,
-        max_model_len=b.max_model_len,
-        gpu_memory_utilization=b.gpu_memory_utilization,
-        dtype=b.dtype,
-        max_lora_rank=b.max_lora_rank,
-        max_loras=b.max_loras,
-        max_cpu_loras=b.max_cpu_loras,
-        deterministic=b.deterministic,
-        adapter_syntax=b.adapter_syntax,
-        api_key=os.environ.get(b.api_key_env),
-        max_concurrency=b.max_concurrency,
-        max_in_flight=b.max_in_flight,
+        cache_dir=cache_dir(),
+        run_dir=run_dir,
     )
+    return build(cfg.backend, context)
 
 
 # -- steps ---------------------------------------------------------------------------------------
@@ -148,20 +89,35 @@ def rollout_settings(cfg: RunConfig) -> RolloutSettings:
     )
 
 
-def generate(cfg: RunConfig, store: RunStore, wave_size: int | None = None) -> dict[str, Any]:
+def generate(
+    cfg: RunConfig, store: RunStore, wave_size: int | None = None, retry_errors: bool = False
+) -> dict[str, Any]:
     """Generate every planned row (of the store's shard, if it has one) the store does not hold
-    yet. Returns counts."""
+    yet; with `retry_errors`, also every row that ended in an error (a server error, a timeout,
+    an engine's `error` finish): its new row replaces it, and the replaced line goes to the
+    table's quarantine file. Returns counts."""
     plan = build_plan(cfg)
     wave = wave_size or max(cfg.backend.batch_size * 8, 64)
     mine = select_shard(plan.rows, store.shard)
     summary: dict[str, Any] = {"planned": len(mine), "done_before": 0, "generated": 0}
+    if retry_errors:
+        summary["retried"] = 0
     for base in cfg.bases:
         rows = [r for r in mine if r.condition.base == base.name]
-        todo = [r for r in rows if r.key not in store.generations]
+        todo = [r for r in rows if _to_generate(store, r.key, retry_errors)]
         summary["done_before"] += len(rows) - len(todo)
+        if retry_errors:
+            summary["retried"] += sum(r.key in store.generations for r in todo)
         if todo:
             summary["generated"] += _generate_base(cfg, store, plan, base, todo, wave)
+    if retry_errors:
+        store.compact()
     return summary
+
+
+def _to_generate(store: RunStore, key: str, retry_errors: bool) -> bool:
+    row = store.generations.get(key)
+    return row is None or (retry_errors and retryable(row))
 
 
 def _generate_base(
@@ -205,9 +161,8 @@ def _drive(
     lazily), else lockstep in waves of `wave` rows (`calls` counts the model calls of a step
     as they finish)."""
     if engine.backend.async_capable:
-        yield from engine.run_streaming(
-            _episodes(cfg, plan, todo), max_in_flight=cfg.backend.max_in_flight
-        )
+        in_flight = getattr(cfg.backend, "max_in_flight", DEFAULT_MAX_IN_FLIGHT)
+        yield from engine.run_streaming(_episodes(cfg, plan, todo), max_in_flight=in_flight)
         return
     for start in range(0, len(todo), wave):
         yield from engine.run(
@@ -219,22 +174,30 @@ def _load_adapters(
     store: RunStore, plan: Plan, base: BaseSpec, backend: Backend, todo: list[PlannedRow]
 ) -> dict[str, str]:
     """Load the adapters `todo` needs; record provenance and skipped adapters in the manifest."""
-    skipped = store.recorded("skipped_adapters")
     needed = sorted({r.adapter.name for r in todo if r.adapter}, key=str)
     sources = _materialise_tiny_adapters(base, [plan.adapters[base.name][n] for n in needed])
     failed = backend.load_adapters(sources)
     for name, msg in failed.items():
-        skipped[f"{base.name}/{name}"] = msg
         tqdm.write(f"[charshift] skipping adapter {base.name}/{name}: {msg}")
+    store.modify_manifest(functools.partial(_note_skipped, base.name, needed, failed))
     probe = probe_adapters(backend, [n for n in needed if n not in failed])
     info = backend.info()
-    store.update_manifest(
-        backends={base.name: info.__dict__},
-        skipped_adapters=skipped or {},
-        adapter_probe={base.name: probe},
-    )
+    store.update_manifest(backends={base.name: info.__dict__}, adapter_probe={base.name: probe})
     require_applied(probe)  # an adapter that changes nothing stops the run, naming it
     return failed
+
+
+def _note_skipped(
+    base: str, needed: list[str], failed: dict[str, str], manifest: dict[str, Any]
+) -> None:
+    """The manifest's `skipped_adapters` (base/adapter -> why) after loading `needed`: the ones
+    that failed now are in it, the ones that loaded now are not (a skip a rerun repaired)."""
+    skipped = manifest.get("skipped_adapters")
+    skipped = skipped if isinstance(skipped, dict) else {}
+    for name in needed:
+        skipped.pop(f"{base}/{name}", None)
+    skipped.update({f"{base}/{name}": msg for name, msg in failed.items()})
+    manifest["skipped_adapters"] = skipped
 
 
 def _episodes(cfg: RunConfig, plan: Plan, rows: list[PlannedRow]) -> Iterator[Episode]:
@@ -451,6 +414,8 @@ def report(cfg: RunConfig, store: RunStore, out_dir: Path | None = None) -> Path
     """The analysis tail over a run directory (see `analysis.report_run`)."""
     from charshift import analysis
 
+    if store.writable:  # what the run left undone, for its exit status (charshift.completion)
+        record_completion(cfg, store, scored=True)
     path = analysis.report_run(cfg, store, out_dir)
     if store.writable:  # a report of a run opened read-only changes nothing in it
         store.log_event("report", path=str(path))
@@ -458,21 +423,24 @@ def report(cfg: RunConfig, store: RunStore, out_dir: Path | None = None) -> Path
 
 
 def preflight(cfg: RunConfig) -> None:
-    """Cheap checks before any generation: every given classifier knows every persona."""
+    """Cheap checks before any generation, in this order: every local path the config names is
+    there (`config.check_local_paths`, all of them named at once), the plan builds (scenario,
+    prompt and persona files are read), every given classifier knows every persona."""
     from charshift.scoring.classifier import load_classifier
 
+    check_local_paths(cfg)
+    build_plan(cfg)
     for base in cfg.bases:
         if base.classifier:
             load_classifier(base.classifier, cache_dir=cache_dir()).check_personas(cfg.personas)
 
 
-def run_all(cfg: RunConfig, out: Path) -> Path:
+def run_all(cfg: RunConfig, out: Path, retry_errors: bool = False) -> Path:
     t0 = time.time()
-    build_plan(cfg)  # scenario, prompt and persona files are validated here
-    preflight(cfg)
+    preflight(cfg)  # every path, file and classifier the run needs, before any model loads
     with prepare_run(cfg, out) as store:
         store.log_event("run_start")
-        generate(cfg, store)
+        generate(cfg, store, retry_errors=retry_errors)
         ensure_classifiers(cfg, store)
         score(cfg, store)
         path = report(cfg, store)

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from charshift.fileio import atomic_write_bytes, write_error_text
 from charshift.headline import (
     CENSORING_ALPHA,
     DAGGER,
@@ -1072,7 +1073,7 @@ def _write_utf8(path: Path, text: str) -> None:
             f"({err.reason}, near {near!r}); the previous report is left as it was"
         ) from None
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    atomic_write_bytes(path, data, error=lambda p, err: ReportError(write_error_text(p, err)))
 
 
 @contextlib.contextmanager

@@ -1,7 +1,8 @@
 """The CSV tables (and stats.json) of a `stats.MetricsResult`: the I/O half of the statistics.
 
-Every file is written atomically (a temporary file in the same folder, then `os.replace`), so a
-reader never sees half a table. Model output and classifier labels are data: a string cell that
+Every file is written atomically (`fileio.atomic_write_text`: a temporary file in the same
+folder, then a rename; the user's umask decides who may read it), so a reader never sees half a
+table. Model output and classifier labels are data: a string cell that
 a spreadsheet would read as a formula (starting with `=`, `+`, `-`, `@`, a tab or a carriage
 return) gets a leading `'`. Numbers are formatted here, never neutralised, so a negative
 difference stays a number.
@@ -9,19 +10,17 @@ difference stays a number.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from charshift.fileio import atomic_write_text as write_atomic
 from charshift.stats import CellMetrics, ChainDecomposition, Interval, MetricsResult
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -42,21 +41,6 @@ def _cell(x: Any) -> str:
     if isinstance(x, int | np.integer):
         return str(int(x))
     return neutralise(str(x))
-
-
-def write_atomic(path: Path, text: str) -> Path:
-    """Write `text` to `path` through a temporary file in the same folder and `os.replace`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:

@@ -33,7 +33,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -46,13 +46,17 @@ from charshift.backends.base import (
 )
 from charshift.backends.kvreuse import KVEntry, SessionKV, cache_blocker, common_prefix
 from charshift.backends.lora_batched import BASE_ADAPTER, LoraRunner
+from charshift.backends.settings import HFSettings as Settings
 from charshift.constrain import ConstraintError, RowConstraint, row_constraint
 from charshift.models import ResolvedModel, file_hash, resolve_model
 from charshift.schema import GenRequest, GenResult
 
+if TYPE_CHECKING:
+    from charshift.backends.registry import BackendContext
+
 log = logging.getLogger(__name__)
 
-# Default byte budget of the per-session KV store (BackendConfig.kv_cache_mb).
+# Default byte budget of the per-session KV store (backend.kv_cache_mb).
 DEFAULT_KV_CACHE_MB = 1024
 LORA_IMPLS = ("grouped", "peft")
 # End-of-turn tokens of common chat templates, used as extra stop tokens when present.
@@ -1063,6 +1067,20 @@ class HFBackend(Backend):
         return int(_text_config(self.model.config).vocab_size)
 
 
+def from_config(settings: Settings, context: BackendContext) -> HFBackend:
+    """The backend of `backend: {kind: hf, ...}` for one base of a run (backends/registry.py)."""
+    return HFBackend(
+        context.model,
+        revision=context.revision,
+        device=settings.device,
+        dtype=settings.dtype,
+        batch_size=settings.batch_size,
+        cache_dir=context.cache_dir,
+        max_batch_tokens=settings.max_batch_tokens,
+        kv_cache_mb=settings.kv_cache_mb,
+    )
+
+
 @contextlib.contextmanager
 def hf_backend(model: str, **kwargs: Any) -> Iterator[HFBackend]:
     """`with hf_backend(spec) as b:` - an HFBackend that frees its model on exit."""
@@ -1075,6 +1093,8 @@ def hf_backend(model: str, **kwargs: Any) -> Iterator[HFBackend]:
 
 __all__ = [
     "HFBackend",
+    "Settings",
+    "from_config",
     "fetch_adapter",
     "hf_backend",
     "penalize",
