@@ -30,7 +30,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
+import random
+import re
 import sys
 import threading
 import time
@@ -48,6 +51,49 @@ def record(event: dict[str, Any]) -> None:
     if path:
         with open(path, "a") as fh:
             fh.write(json.dumps(event) + "\n")
+
+
+LM_VOCAB = 64  # the fake model's tokens: "w00" .. "w63"
+TEXT_STRENGTH = 0.5  # an adapter this strong or stronger changes the greedy text
+
+
+def adapter_strength(folder: Path) -> float:
+    """How strongly an adapter moves the fake model: the stand-in for its weights' magnitude.
+    Test adapters hold a placeholder weights file: `weights...` is a full-strength adapter (1.0),
+    `weights scale=S` one whose lora_B is scaled by S (0: a no-op adapter), `broken...` a file
+    that cannot be loaded (ValueError, as a corrupt safetensors header is)."""
+    data = (Path(folder) / "adapter_model.safetensors").read_bytes()
+    if data.startswith(b"broken"):
+        raise ValueError("corrupt safetensors header")
+    found = re.search(rb"scale=([0-9.eE+-]+)", data)
+    return float(found.group(1)) if found else 1.0
+
+
+def text_adapter(adapter: str | None, strength: float) -> str | None:
+    """The adapter whose effect shows in the greedy text: a weak one moves only log-probs."""
+    return adapter if adapter is not None and strength >= TEXT_STRENGTH else None
+
+
+def _normals(*key: Any) -> list[float]:
+    rng = random.Random(hashlib.sha256(json.dumps(key).encode()).hexdigest())
+    return [rng.gauss(0.0, 1.0) for _ in range(LM_VOCAB)]
+
+
+def lm_logprobs(
+    adapter: str | None, strength: float, prompt: str, noise: float = 0.0, draw: float = 0.0
+) -> list[float]:
+    """The fake model's next-token log-probabilities: base logits from the prompt, plus the
+    adapter's own direction times its strength, plus `noise` (what batching adds on an engine
+    that is not batch-invariant; `draw` in [0, 1) picks it), normalised."""
+    logits = [2.0 * x for x in _normals("base", prompt)]
+    if adapter is not None and strength:
+        logits = [z + strength * d for z, d in zip(logits, _normals(adapter, prompt), strict=True)]
+    if noise:
+        jitter = random.Random(draw)
+        logits = [z + noise * (2 * jitter.random() - 1) for z in logits]
+    top = max(logits)
+    norm = top + math.log(sum(math.exp(z - top) for z in logits))
+    return [z - norm for z in logits]
 
 
 def fake_reply(adapter: str | None, prompt: str, params: dict[str, Any], seed: Any) -> list[str]:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from charshift import tools, units
 from charshift.adapter_probe import probe_adapters, require_applied
-from charshift.backends.base import AdapterSource, Backend
+from charshift.backends.base import AdapterSource, Backend, SteppedBackend
 from charshift.backends.settings import DEFAULT_MAX_IN_FLIGHT
 from charshift.completion import record_completion
 from charshift.config import BaseSpec, RunConfig, check_local_paths, config_to_dict, parse_config
@@ -158,8 +158,13 @@ def _drive(
     calls: Any = None,
 ) -> Iterator[list[GenerationRow]]:
     """Finished rows as they come: streaming on a server (no step barrier, episodes started
-    lazily), else lockstep in waves of `wave` rows (`calls` counts the model calls of a step
-    as they finish)."""
+    lazily), by engine steps on vLLM offline (the same, without threads), else lockstep in waves
+    of `wave` rows (`calls` counts the model calls as they finish)."""
+    if isinstance(engine.backend, SteppedBackend):
+        in_flight = getattr(cfg.backend, "max_in_flight", DEFAULT_MAX_IN_FLIGHT)
+        episodes = _episodes(cfg, plan, todo)
+        yield from engine.run_stepped(episodes, max_in_flight=in_flight, progress=calls)
+        return
     if engine.backend.async_capable:
         in_flight = getattr(cfg.backend, "max_in_flight", DEFAULT_MAX_IN_FLIGHT)
         yield from engine.run_streaming(_episodes(cfg, plan, todo), max_in_flight=in_flight)

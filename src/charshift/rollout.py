@@ -9,9 +9,11 @@ makes ONE `backend.generate` call for all of them (`RolloutEngine.run`).
 
 Against a server (`Backend.async_capable`), `RolloutEngine.run_streaming` drops the step barrier:
 each episode sends its next request as soon as its own reply arrives, with a bounded number of
-requests in flight, so short episodes never wait for the slowest reply of a step. Both drivers
-build each request with the same `_request`/`_advance` and per-episode-and-step seeds, so they
-give the same rows.
+requests in flight, so short episodes never wait for the slowest reply of a step. Against an
+engine driven by steps (`SteppedBackend`, vLLM offline), `RolloutEngine.run_stepped` does the
+same without threads: after each engine step, every episode whose reply came out of it queues its
+next request before the next step. All drivers build each request with the same
+`_request`/`_advance` and per-episode-and-step seeds, so they give the same rows.
 
 Termination of tool episodes (outcome in brackets):
   - the first successful send_email when `stop_on_send` ("email");
@@ -46,7 +48,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from charshift.backends.base import Backend, BackendDead
+from charshift.backends.base import Backend, BackendDead, SteppedBackend, report_progress
 from charshift.constrain import tool_call_schema
 from charshift.extraction import scored_email
 from charshift.formats import compose_system
@@ -346,6 +348,97 @@ class RolloutEngine:
         finally:  # an error, Ctrl-C or an abandoned generator: drop what is still queued
             for fut in in_flight:
                 fut.cancel()
+
+    def run_stepped(
+        self,
+        episodes: Iterable[Episode],
+        max_in_flight: int = 1024,
+        on_step: Callable[[int, int], None] | None = None,
+        progress: Any = None,
+    ) -> Iterator[list[GenerationRow]]:
+        """Advance each episode as soon as its reply comes out of an engine step.
+
+        The backend must be a `SteppedBackend`. At most `max_in_flight` requests are queued in
+        the engine; after every `step`, each episode whose reply came out of it is advanced and
+        its next request queued at once, and new episodes fill the freed places (drawn lazily
+        from `episodes`). A request the backend answers without sending (a prompt that does not
+        fit) advances its episode on the spot. Seeds are per episode and step, so the rows equal
+        those of `run`. Yields the rows finished after each step; `progress` counts model calls.
+        """
+        backend = self.backend
+        if not isinstance(backend, SteppedBackend):
+            raise TypeError(f"run_stepped needs a SteppedBackend, not {type(backend).__name__}")
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be >= 1")
+        waiting = (e for e in episodes if not e.done)
+        queued: dict[str, Episode] = {}
+        try:
+            finished = self._fill(backend, waiting, queued, max_in_flight, progress)
+            while queued or finished:
+                if finished:
+                    yield finished
+                finished = []
+                for rid, res in backend.step() if queued else []:
+                    report_progress(progress)
+                    self._take(queued.pop(rid), res, backend, queued, finished, progress)
+                finished += self._fill(backend, waiting, queued, max_in_flight, progress)
+                if on_step:
+                    on_step(len(finished), len(queued))
+        finally:  # an error, Ctrl-C or an abandoned generator: drop what is still queued
+            if queued:
+                backend.abort(list(queued))
+
+    def _fill(
+        self,
+        backend: SteppedBackend,
+        waiting: Iterator[Episode],
+        queued: dict[str, Episode],
+        limit: int,
+        progress: Any,
+    ) -> list[GenerationRow]:
+        """Start waiting episodes until `limit` requests are queued; the rows that finished
+        without a request being sent."""
+        finished: list[GenerationRow] = []
+        while len(queued) < limit:
+            ep = next(waiting, None)
+            if ep is None:
+                break
+            self._send(ep, backend, queued, finished, progress)
+        return finished
+
+    def _send(
+        self,
+        ep: Episode,
+        backend: SteppedBackend,
+        queued: dict[str, Episode],
+        finished: list[GenerationRow],
+        progress: Any,
+    ) -> None:
+        """Queue the episode's next request (or, answered at once, advance it and go on)."""
+        added = backend.add(self._request(ep))
+        if isinstance(added, GenResult):
+            report_progress(progress)
+            self._take(ep, added, backend, queued, finished, progress)
+        else:
+            queued[added] = ep
+
+    def _take(
+        self,
+        ep: Episode,
+        res: GenResult,
+        backend: SteppedBackend,
+        queued: dict[str, Episode],
+        finished: list[GenerationRow],
+        progress: Any,
+    ) -> None:
+        """One reply: advance the episode; a finished row, or its next request queued."""
+        if res.error:
+            ep.meta.setdefault("errors", []).append(res.error)
+        self._advance(ep, res.text, res.finish_reason)
+        if ep.done:
+            finished.append(to_row(ep))
+        else:
+            self._send(ep, backend, queued, finished, progress)
 
 
 def _future_result(fut: Future[GenResult]) -> GenResult:

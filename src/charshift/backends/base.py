@@ -1,4 +1,6 @@
-"""The one interface every generation backend implements."""
+"""The one interface every generation backend implements (`Backend`), and the two ways a run
+drives one: through futures (`Backend.submit`, servers) or by engine steps (`SteppedBackend`,
+vLLM's offline engine)."""
 
 from __future__ import annotations
 
@@ -99,8 +101,72 @@ class Backend(ABC):
         """
         return None
 
+    def next_token_logprobs(self, requests: list[GenRequest], k: int) -> list[Any] | None:
+        """The `k` most likely first tokens of each request with their log-probabilities
+        (`{token: logprob}` per request, the token as the engine names it), where the backend
+        can show them (vLLM offline, OpenAI-compatible servers). None: not exposed."""
+        return None
+
+    def reproducibility(self) -> dict[str, Any]:
+        """Which reproducibility guarantee this backend gives a run (`REPRODUCIBILITY`), and why:
+        recorded in the manifest per base."""
+        return {"guarantee": "unknown", "detail": "the backend does not say"}
+
     def context_length(self) -> int:
         return 8192
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free the model."""
+
+
+# What a rerun of the same row gives (`Backend.reproducibility`):
+REPRODUCIBILITY = {
+    "batch_invariant": "the same text whatever the row was batched with (batch-invariant kernels "
+    "or one float32 forward per row), so a rerun gives the same text",
+    "seeded": "each row samples with its own seed, but the rounding of a batched kernel may "
+    "depend on what the row was batched with, so a rerun can differ",
+    "unknown": "the engine does not say what a seed guarantees",
+}
+
+
+class SteppedBackend(Backend):
+    """A backend driven by engine steps, as vLLM's offline engine is (`add` a request, `step` the
+    engine, see which requests finished). `RolloutEngine.run_stepped` queues an episode's next
+    request as soon as its reply comes out of a step, with no barrier between episodes; the
+    lockstep `generate` is the same loop over one batch.
+    """
+
+    @abstractmethod
+    def add(self, request: GenRequest) -> str | GenResult:
+        """Queue one request; its id, or its result at once when it is not sent (a prompt that
+        does not fit, an adapter not loaded, a request the engine refused)."""
+
+    @abstractmethod
+    def step(self) -> list[tuple[str, GenResult]]:
+        """Run one engine step; the requests that finished in it, with their results."""
+
+    @abstractmethod
+    def abort(self, request_ids: list[str]) -> None:
+        """Drop queued requests (a rollout that stops early)."""
+
+    def generate(self, requests: list[GenRequest], progress: Any = None) -> list[GenResult]:
+        """Queue every request, step until all have finished; results in request order."""
+        results: list[GenResult | None] = [None] * len(requests)
+        queued: dict[str, int] = {}
+        for i, req in enumerate(requests):
+            added = self.add(req)
+            if isinstance(added, GenResult):
+                results[i] = added
+                report_progress(progress)
+            else:
+                queued[added] = i
+        try:
+            while queued:
+                for rid, res in self.step():
+                    if rid in queued:
+                        results[queued.pop(rid)] = res
+                        report_progress(progress)
+        finally:
+            if queued:
+                self.abort(list(queued))
+        return [r if r is not None else GenResult("", "error", error="no result") for r in results]

@@ -25,6 +25,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 VLLM_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_MAX_IN_FLIGHT = 256
+DEFAULT_VLLM_IN_FLIGHT = 1024
 # Placeholders a `backend.command` template may use (see backends/server.py).
 SERVER_PLACEHOLDERS = (
     "model",
@@ -103,9 +104,15 @@ class _LoraSlots(BaseModel):
 
 
 class VLLMSettings(_LoraSlots, _Settings):
-    """`kind: vllm`: vLLM's offline engine in this process (backends/vllm.py)."""
+    """`kind: vllm`: vLLM's offline engine in this process (backends/vllm.py). `max_in_flight`:
+    requests queued in the engine at once while episodes stream (its scheduler batches up to its
+    own `max_num_seqs` of them; more keep it fed). `deterministic`: batch-invariant kernels
+    (VLLM_BATCH_INVARIANT=1), so a seeded row's text does not depend on what it was batched with
+    (slower; false trades that for speed, and the manifest says so)."""
 
     kind: Literal["vllm"] = "vllm"
+    max_in_flight: int = Field(DEFAULT_VLLM_IN_FLIGHT, ge=1)
+    deterministic: bool = True
 
 
 class _Client(BaseModel):

@@ -1,16 +1,26 @@
-"""vLLM offline backend: one `LLM.chat` call per batch, each row with its own LoRA and sampling.
+"""vLLM offline backend: vLLM's engine in this process, driven step by step, each row with its own
+LoRA, sampling and seed.
 
 Install with the `vllm` extra (`pip install "charshift[vllm]"`) on a CUDA machine. vLLM pins its
 own torch and an older transformers, so it is an optional extra and is imported lazily here.
 
 VERIFIED ONLY AGAINST A FAKE: this machine has no GPU and vLLM cannot be installed next to the
 project's torch, so this module is tested (tests/test_backend_vllm.py) against a fake `vllm`
-module that records calls and checks their arguments: one LoRARequest and one SamplingParams per
-row, order preserved, context-overflow rows never sent. The calls follow the vLLM offline API as
-read from the vLLM 0.33.0 wheel (`LLM.chat(conversations, sampling_params=[...],
-lora_request=[...], use_tqdm=..., tools=...)`; the extra pins `vllm>=0.33,<0.34`), and the fake
-reproduces the engine behaviour listed below. Run the paper preset once on a GPU box before
-trusting numbers from this path.
+module that reproduces the engine behaviour listed below, read from the vLLM 0.33.0 wheel (the
+extra pins `vllm>=0.33,<0.34`). Run the paper preset once on a GPU box before trusting numbers
+from this path.
+
+The driver (`SteppedBackend`): each request is rendered with the tokenizer's chat template once,
+tokenised once, and queued as token ids with `llm.llm_engine.add_request(id, tokens_input(ids),
+SamplingParams, lora_request=LoRARequest | None)` (`vllm/v1/engine/llm_engine.py`
+`LLMEngine.add_request`; the request id must be a str; `output_kind=FINAL_ONLY`, as
+`LLM._add_request` sets it, so `step()` reports a request once, when it has finished). `step()`
+runs one engine step and returns the `RequestOutput`s that finished (`LLM._run_engine` loops the
+same way). `RolloutEngine.run_stepped` queues an episode's next request as soon as its reply
+comes out of a step, so no episode waits for the slowest of a wave; `generate` (the adapter
+probe, tests) is the same loop over one batch. Neither `LLM.chat` (which renders and tokenises
+again and waits for the whole batch) nor `LLM.enqueue_chat` (results only through
+`wait_for_completion`, which also waits for all) streams.
 
 Adapters: each adapter is a `LoRARequest(name, int_id, local_path)`. A hub adapter
 (`repo` + `subfolder`) is first downloaded with `huggingface_hub.snapshot_download(...,
@@ -29,36 +39,47 @@ vLLM facts this module is built on (read from the vLLM 0.33.0 wheel):
     adapters of the run (at least `max_loras`), so none is evicted;
   - `max_lora_rank` must be one of 1, 8, 16, 32, 64, 128, 256, 320, 512 (`VLLM_LORA_RANKS`);
     left unset, the smallest allowed rank that holds every adapter of the run is used;
+  - a request the input processor refuses (a prompt longer than `max_model_len`, a token id out
+    of the vocabulary) raises in `add_request`: only that row becomes an error;
   - finish reasons are stop, length, abort, error and repetition: recorded as they are;
-  - if the engine dies anyway, `generate` raises `VLLMEngineDead` (the run stops; rows already
-    written stay, a rerun resumes) instead of writing an error row for every remaining request.
+  - if the engine dies anyway, `step` raises `VLLMEngineDead` (the run stops; rows already
+    written stay, a rerun resumes) instead of writing an error row for every remaining request;
+  - `SamplingParams(logprobs=k)` returns the `k` most likely tokens of each generated position
+    (at most `max_logprobs`, 20 by default), as raw log-probabilities: the adapter probe's
+    `next_token_logprobs`;
+  - batch invariance (a row's text independent of what it was batched with) needs
+    `VLLM_BATCH_INVARIANT=1` in the engine's environment (`vllm/envs.py`); with
+    `deterministic` (the default) it is set before the engine starts and restored on `close`;
+  - `close` shuts the engine core down (`llm_engine.engine_core.shutdown()`, which stops the
+    engine core process of `MPClient`) and frees the cached CUDA memory, so the next base's
+    engine can start in the same process.
 
 Gemma-3 (`google/gemma-3-4b-it`, Gemma3ForConditionalGeneration): vLLM applies LoRA to the
 language-model part only; adapter weights for the vision tower are not applied. For text-only
 prompts (all of charshift's) the vision tower never runs, so this matches the HF backend.
-
-Context overflow: each conversation is rendered with the tokenizer's chat template first; a row
-whose prompt does not fit `max_model_len` gets `finish_reason="context_overflow"` and is not sent.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
+import itertools
 import json
 import logging
+import os
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from charshift.backends.base import (
     AdapterSource,
-    Backend,
     BackendDead,
     BackendInfo,
-    report_progress,
+    SteppedBackend,
 )
 from charshift.backends.settings import VLLM_LORA_RANKS
 from charshift.backends.settings import VLLMSettings as Settings
-from charshift.schema import GenRequest, GenResult
+from charshift.schema import GenRequest, GenResult, Sampling
 
 if TYPE_CHECKING:
     from charshift.backends.registry import BackendContext
@@ -66,6 +87,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _FINISH = {"stop", "length", "abort", "error", "repetition"}
+BATCH_INVARIANT_ENV = "VLLM_BATCH_INVARIANT"
 
 
 class VLLMEngineDead(BackendDead):
@@ -139,8 +161,8 @@ def resolve_adapter_folder(src: AdapterSource) -> Path:
     return root / src.subfolder if src.subfolder else root
 
 
-class VLLMBackend(Backend):
-    """Generate with vLLM's offline `LLM`, mixing base and LoRA rows in one `chat` call.
+class VLLMBackend(SteppedBackend):
+    """Generate with vLLM's offline engine, step by step, base and LoRA rows mixed.
 
     The engine starts lazily on first use (`load_adapters`, `generate`, `context_length`), so
     constructing the backend is cheap and a config error surfaces before the GPU is claimed; when
@@ -162,7 +184,7 @@ class VLLMBackend(Backend):
         max_cpu_loras: int | None = None,
         dtype: str = "auto",
         enable_lora: bool = True,
-        use_tqdm: bool = False,
+        deterministic: bool = True,
     ) -> None:
         if max_lora_rank is not None and max_lora_rank not in VLLM_LORA_RANKS:
             raise ValueError(f"max_lora_rank must be one of {VLLM_LORA_RANKS}, not {max_lora_rank}")
@@ -177,8 +199,13 @@ class VLLMBackend(Backend):
         self.max_cpu_loras = max_cpu_loras
         self.dtype = dtype
         self.enable_lora = enable_lora
-        self.use_tqdm = use_tqdm
+        self.deterministic = deterministic
         self._llm: Any = None
+        self._tokenizer: Any = None
+        self._ids = itertools.count()
+        self._pending: set[str] = set()  # ids queued in the engine and not finished
+        self._env_saved: dict[str, str | None] = {}  # what the engine's start changed
+        self._env_applied: dict[str, str | None] = {}  # what the engine started with
         self._classes: tuple[Any, Any, Any] | None = None
         self._lora: dict[str, Any] = {}  # adapter name -> LoRARequest (added to the engine)
         self._adapter_info: dict[str, dict[str, Any]] = {}
@@ -206,8 +233,16 @@ class VLLMBackend(Backend):
                 )
             if self.max_model_len is not None:
                 kwargs["max_model_len"] = self.max_model_len
+            self._apply_env()
             self._llm = LLM(self.model, **kwargs)
         return self._llm
+
+    def _apply_env(self) -> None:
+        """`VLLM_BATCH_INVARIANT=1` for the engine about to start, when `deterministic`."""
+        if self.deterministic:
+            self._env_saved.setdefault(BATCH_INVARIANT_ENV, os.environ.get(BATCH_INVARIANT_ENV))
+            os.environ[BATCH_INVARIANT_ENV] = "1"
+        self._env_applied = {BATCH_INVARIANT_ENV: os.environ.get(BATCH_INVARIANT_ENV)}
 
     def _vllm(self) -> tuple[Any, Any, Any]:
         if self._classes is None:
@@ -294,90 +329,107 @@ class VLLMBackend(Backend):
         }
         return None
 
-    # ----- generation ------------------------------------------------------------------------
+    # ----- generation: engine steps ---------------------------------------------------------
 
-    def prompt_length(self, req: GenRequest) -> int:
-        """Tokens of the rendered prompt, computed the way vLLM's chat path does it."""
-        tokenizer = self.llm.get_tokenizer()
-        text = tokenizer.apply_chat_template(
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            self._tokenizer = self.llm.get_tokenizer()
+        return self._tokenizer
+
+    def prompt_ids(self, req: GenRequest) -> list[int]:
+        """The prompt's token ids: the chat template rendered once (with the request's tools and
+        the generation prompt, as vLLM's chat path renders it) and tokenised once, without
+        special tokens (the template writes them)."""
+        text = self.tokenizer.apply_chat_template(
             req.messages, tools=req.tools, add_generation_prompt=True, tokenize=False
         )
-        return len(tokenizer.encode(text, add_special_tokens=False))
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def generate(self, requests: list[GenRequest], progress: Any = None) -> list[GenResult]:
-        """Rows that fit go to vLLM in one `chat` call per distinct tool list; results in order."""
+    def add(self, request: GenRequest) -> str | GenResult:
+        """Queue one request as token ids, with its own LoRARequest, sampling and seed; a row
+        whose prompt does not fit `max_model_len`, whose adapter is not loaded or that the engine
+        refuses gets its result at once."""
         if self._dead is not None:
             raise VLLMEngineDead(self._dead)
-        results: list[GenResult | None] = [None] * len(requests)
+        if request.adapter is not None and request.adapter not in self._lora:
+            return GenResult("", "error", error=f"adapter {request.adapter!r} is not loaded")
+        ids = self.prompt_ids(request)
         limit = self.context_length()
-        groups: dict[str, list[int]] = {}
-        for i, req in enumerate(requests):
-            if req.adapter is not None and req.adapter not in self._lora:
-                results[i] = GenResult("", "error", error=f"adapter {req.adapter!r} is not loaded")
-                continue
-            n_prompt = self.prompt_length(req)
-            if n_prompt >= limit:
-                results[i] = GenResult(
-                    text="",
-                    finish_reason="context_overflow",
-                    prompt_tokens=n_prompt,
-                    error=f"prompt of {n_prompt} tokens does not fit max_model_len={limit}",
-                )
-                continue
-            # `tools` is one argument per chat call, so rows are grouped by their tool list.
-            groups.setdefault(json.dumps(req.tools, sort_keys=True), []).append(i)
-        done = sum(r is not None for r in results)
-        if done:
-            report_progress(progress, done)
-        for rows in groups.values():
-            for i, res in zip(rows, self._run_rows([requests[i] for i in rows]), strict=True):
-                results[i] = res
-            report_progress(progress, len(rows))
-        return [r if r is not None else GenResult("", "error", error="no result") for r in results]
-
-    def _run_rows(self, reqs: list[GenRequest]) -> list[GenResult]:
-        """One chat call. A dead engine raises VLLMEngineDead; any other failure (a request the
-        engine refused before running it) is isolated by halving the rows."""
-        try:
-            return self._chat(reqs)
-        except Exception as exc:
-            if _engine_died(exc):
-                self._dead = (
-                    f"the vLLM engine died ({type(exc).__name__}: {exc}); rows written so far are "
-                    "kept, rerun the same command to resume"
-                )
-                raise VLLMEngineDead(self._dead) from exc
-            if len(reqs) > 1:
-                half = len(reqs) // 2
-                log.warning("vLLM batch failed (%s); halving it to isolate the bad row", exc)
-                return self._run_rows(reqs[:half]) + self._run_rows(reqs[half:])
-            msg = f"vLLM generation failed: {type(exc).__name__}: {exc}"
-            return [GenResult("", "error", error=msg)]
-
-    def _chat(self, reqs: list[GenRequest]) -> list[GenResult]:
-        _, SamplingParams, _ = self._vllm()
-        params = [
-            SamplingParams(
-                temperature=r.sampling.temperature,
-                top_p=r.sampling.top_p,
-                max_tokens=r.sampling.max_tokens,
-                repetition_penalty=r.sampling.repetition_penalty,
-                seed=r.seed,
-                **self._structured(r),
+        if len(ids) >= limit:
+            return GenResult(
+                text="",
+                finish_reason="context_overflow",
+                prompt_tokens=len(ids),
+                error=f"prompt of {len(ids)} tokens does not fit max_model_len={limit}",
             )
-            for r in reqs
-        ]
-        lora = [self._lora[r.adapter] if r.adapter is not None else None for r in reqs]
-        outputs = self.llm.chat(
-            [r.messages for r in reqs],
-            sampling_params=params,
-            lora_request=lora if any(x is not None for x in lora) else None,
-            use_tqdm=self.use_tqdm,
-            tools=reqs[0].tools,
+        lora = self._lora[request.adapter] if request.adapter is not None else None
+        return self._queue(ids, self._params(request), lora)
+
+    def _queue(self, ids: list[int], params: Any, lora: Any) -> str | GenResult:
+        from vllm.inputs import tokens_input
+
+        rid = f"cs-{next(self._ids)}"
+        try:
+            self.llm.llm_engine.add_request(rid, tokens_input(ids), params, lora_request=lora)
+        except Exception as exc:  # validation of one request: only this row fails
+            self._raise_if_died(exc)
+            return GenResult(
+                "", "error", prompt_tokens=len(ids), error=f"vLLM refused the request: {exc}"
+            )
+        self._pending.add(rid)
+        return rid
+
+    def step(self) -> list[tuple[str, GenResult]]:
+        return [(rid, self._to_result(out, rid)) for rid, out in self._finished()]
+
+    def _finished(self) -> list[tuple[str, Any]]:
+        """One engine step: (id, RequestOutput) of each of our requests that finished in it;
+        (id, None) for requests the engine no longer holds without having returned them."""
+        if not self._pending:
+            return []
+        engine = self.llm.llm_engine
+        try:
+            outputs = engine.step()
+        except Exception as exc:
+            self._raise_if_died(exc)
+            raise
+        done = [(o.request_id, o) for o in outputs if o.finished and o.request_id in self._pending]
+        self._pending.difference_update(rid for rid, _ in done)
+        if not done and self._pending and not engine.has_unfinished_requests():
+            done, self._pending = [(rid, None) for rid in sorted(self._pending)], set()
+        return done
+
+    def abort(self, request_ids: list[str]) -> None:
+        mine = [rid for rid in request_ids if rid in self._pending]
+        self._pending.difference_update(mine)
+        if mine and self._llm is not None and self._dead is None:
+            self._llm.llm_engine.abort_request(mine)
+
+    def _raise_if_died(self, exc: BaseException) -> None:
+        if _engine_died(exc):
+            self._dead = (
+                f"the vLLM engine died ({type(exc).__name__}: {exc}); rows written so far are "
+                "kept, rerun the same command to resume"
+            )
+            raise VLLMEngineDead(self._dead) from exc
+
+    def _params(self, req: GenRequest, **extra: Any) -> Any:
+        """The request's SamplingParams; only its final output is reported (as `LLM` sets it)."""
+        _, SamplingParams, _ = self._vllm()
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            temperature=req.sampling.temperature,
+            top_p=req.sampling.top_p,
+            max_tokens=req.sampling.max_tokens,
+            repetition_penalty=req.sampling.repetition_penalty,
+            seed=req.seed,
+            **self._structured(req),
+            **extra,
         )
-        if len(outputs) != len(reqs):
-            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(reqs)} prompts")
-        return [self._to_result(o) for o in outputs]
+        params.output_kind = RequestOutputKind.FINAL_ONLY
+        return params
 
     @staticmethod
     def _structured(req: GenRequest) -> dict[str, Any]:
@@ -389,7 +441,9 @@ class VLLMBackend(Backend):
         return {"structured_outputs": StructuredOutputsParams(json=req.json_schema)}
 
     @staticmethod
-    def _to_result(output: Any) -> GenResult:
+    def _to_result(output: Any, rid: str = "") -> GenResult:
+        if output is None:
+            return GenResult("", "error", error=f"vLLM dropped request {rid} without a result")
         completion = output.outputs[0]
         reason = completion.finish_reason
         known = str(reason) in _FINISH
@@ -401,7 +455,42 @@ class VLLMBackend(Backend):
             error=None if known else f"unknown vLLM finish_reason {reason!r}",
         )
 
-    # ----- provenance ------------------------------------------------------------------------
+    def next_token_logprobs(self, requests: list[GenRequest], k: int) -> list[Any] | None:
+        """The `k` (at most vLLM's default `max_logprobs`, 20) most likely first tokens of each
+        request, greedy, one token each: `{token_id: logprob}` (the raw log-probabilities,
+        vLLM's default `logprobs_mode`). A request that fails gives None in its place."""
+        greedy = Sampling(temperature=0.0, top_p=1.0, max_tokens=1, repetition_penalty=1.0)
+        queued: dict[str, int] = {}
+        out: list[Any] = [None] * len(requests)
+        for i, req in enumerate(requests):
+            one = replace(req, sampling=greedy, json_schema=None)
+            if one.adapter is not None and one.adapter not in self._lora:
+                continue
+            lora = self._lora[one.adapter] if one.adapter is not None else None
+            added = self._queue(self.prompt_ids(one), self._params(one, logprobs=min(k, 20)), lora)
+            if not isinstance(added, GenResult):
+                queued[added] = i
+        while queued:
+            for rid, res in self._finished():
+                i = queued.pop(rid, None)
+                if i is not None and res is not None and res.outputs[0].logprobs:
+                    first = res.outputs[0].logprobs[0]
+                    out[i] = {int(t): float(lp.logprob) for t, lp in first.items()}
+        return out
+
+    # ----- reproducibility and provenance ----------------------------------------------------
+
+    def reproducibility(self) -> dict[str, Any]:
+        if BATCH_INVARIANT_ENV in self._env_applied:  # the engine has started: what it saw
+            env = self._env_applied[BATCH_INVARIANT_ENV]
+        else:
+            env = "1" if self.deterministic else os.environ.get(BATCH_INVARIANT_ENV)
+        invariant = env not in (None, "", "0")
+        return {
+            "guarantee": "batch_invariant" if invariant else "seeded",
+            "detail": f"vLLM offline, per-request seeds, {BATCH_INVARIANT_ENV}={env or 'unset'}"
+            + ("" if invariant else " (set backend.deterministic: true for batch invariance)"),
+        }
 
     def info(self) -> BackendInfo:
         return BackendInfo(
@@ -415,12 +504,46 @@ class VLLMBackend(Backend):
                 "max_loras": self.max_loras,
                 "max_cpu_loras": self.max_cpu_loras,
                 "dtype": self.dtype,
+                "deterministic": self.deterministic,
+                "reproducibility": self.reproducibility(),
+                "driver": "engine steps (add_request / step), prompts as token ids",
                 "verified": "against a fake vllm module only (tests/test_backend_vllm.py)",
             },
         )
 
     def close(self) -> None:
-        self._llm = None
+        """Shut the engine down and free its GPU memory (the engine core process, then the
+        cached allocations), so the next base's engine starts in the same process."""
+        llm, self._llm, self._tokenizer = self._llm, None, None
+        self._pending.clear()
+        self._lora = {}  # a new engine holds none of them: never load one inside a step
+        if llm is not None:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception as exc:  # noqa: BLE001 - a dead engine has nothing left to stop
+                log.warning("vLLM engine shutdown: %s", exc)
+            del llm
+            free_accelerator_memory()
+        self._restore_env()
+
+    def _restore_env(self) -> None:
+        for name, old in self._env_saved.items():
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+        self._env_saved.clear()
+
+
+def free_accelerator_memory() -> None:
+    """Collect garbage and return cached CUDA memory to the device (where torch and CUDA are)."""
+    gc.collect()
+    try:
+        import torch
+    except ImportError:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def from_config(settings: Settings, context: BackendContext) -> VLLMBackend:
@@ -434,6 +557,7 @@ def from_config(settings: Settings, context: BackendContext) -> VLLMBackend:
         max_loras=settings.max_loras,
         max_cpu_loras=settings.max_cpu_loras,
         dtype=settings.dtype,
+        deterministic=settings.deterministic,
     )
 
 
