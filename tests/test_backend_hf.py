@@ -443,3 +443,19 @@ def test_packaged_smollm2_chat(one_thread):
     assert b.info().extra["provenance"]["gguf_sha256"]
     b.close()
     torch.set_num_threads(1)
+
+
+def test_auto_dtype_on_cpu_is_bfloat16_only_with_native_bf16():
+    """Emulated bfloat16 is several times slower than float32 on a CPU without AVX512-BF16/AMX
+    (the quick demo ran past CI's 30 minutes that way), so "auto" on cpu reads the CPU's flags."""
+    from charshift.backends.hf import cpu_has_native_bf16, pick_dtype
+
+    avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    bf16 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 avx512f avx512_bf16\n"
+    amx = "flags\t\t: avx2 amx_tile amx_bf16\n"
+    assert not cpu_has_native_bf16(avx2)
+    assert cpu_has_native_bf16(bf16) and cpu_has_native_bf16(amx)
+    assert not cpu_has_native_bf16("")
+    want = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    assert pick_dtype("auto", torch.device("cpu")) == want
+    assert pick_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16

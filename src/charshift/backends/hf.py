@@ -80,12 +80,27 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16, from /proc/cpuinfo's
+    flags). Without it torch emulates bfloat16, several times slower than float32 (6x measured on
+    an AVX2-only EPYC), so "auto" picks float32 there."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    flags = {w for line in cpuinfo.splitlines() if line.startswith("flags") for w in line.split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """The torch dtype: "auto" = bfloat16 on cuda (float16 without bf16), float32 on cpu."""
+    """The torch dtype: "auto" = bfloat16 on cuda (float16 without bf16); on cpu, bfloat16 where
+    the CPU has native bf16 (`cpu_has_native_bf16`), else float32."""
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in names:
         raise ValueError(f"unknown dtype {dtype!r}; use auto, {', '.join(names)}")
@@ -1099,6 +1114,7 @@ __all__ = [
     "hf_backend",
     "penalize",
     "pick_device",
+    "cpu_has_native_bf16",
     "pick_dtype",
     "plan_adapter",
     "sample_next",
