@@ -45,8 +45,10 @@ def test_hand_computed_small_case():
     assert m.macro_f1.estimate == pytest.approx(1 / 3)
     assert (m.n_personas_scored, m.n_personas) == (3, 4)
     assert m.accuracy.estimate == pytest.approx(2 / 6)
-    # ITT: 8 rows. sarcasm tp1 fp1 fn2 -> 2/5 = 0.4; humor tp1 fp1 fn2 -> 0.4; others 0.
-    assert m.macro_f1_itt.estimate == pytest.approx(0.2)
+    # ITT: 8 rows. sarcasm tp1 fp1 fn2 -> 2/5 = 0.4; humor tp1 fp1 fn2 -> 0.4; remorse 0;
+    # loving has no row in this unit: left out of the ITT average too (3 personas attempted)
+    assert m.macro_f1_itt.estimate == pytest.approx(0.8 / 3)
+    assert m.n_personas_attempted == 3
     assert m.accuracy_itt.estimate == pytest.approx(2 / 8)
     assert m.yield_.estimate == pytest.approx(6 / 8)
     assert (m.n_rows, m.n_scored, m.n_none) == (8, 6, 2)
@@ -58,7 +60,7 @@ def test_hand_computed_small_case():
     assert per[RM].yield_ == pytest.approx(1.0)
     assert per[L].n == 0 and math.isnan(per[L].yield_)
     assert math.isnan(per[L].f1.estimate) and per[L].precision == 0.0
-    assert per[L].f1_itt.estimate == 0.0
+    assert math.isnan(per[L].f1_itt.estimate)
     # confusion row for sarcasm: S, H, R, L, other, none
     assert m.confusion_cols == [S, H, RM, L, "other", "none"]
     assert m.confusion[0].tolist() == [1, 1, 0, 0, 0, 1]
@@ -99,7 +101,10 @@ def test_metrics_match_sklearn_on_random_data(seed):
         assert [got[p] for p in scored] == pytest.approx(list(per), abs=1e-12)
         assert all(math.isnan(got[p]) for p in personas if p not in scored)
     ya, ypa = [r.persona for r in recs], [r.prediction or "__none__" for r in recs]
-    want_itt = f1_score(ya, ypa, labels=personas, average="macro", zero_division=0)
+    # ITT: averaged over the personas with a row in the cell (every row counts)
+    attempted = [p for p in personas if p in set(ya)]
+    want_itt = f1_score(ya, ypa, labels=attempted, average="macro", zero_division=0)
+    assert m.n_personas_attempted == len(attempted)
     assert m.macro_f1_itt.estimate == pytest.approx(want_itt, abs=1e-12)
     assert m.accuracy_itt.estimate == pytest.approx(accuracy_score(ya, ypa), abs=1e-12)
 
@@ -324,7 +329,8 @@ def test_chain_decomposition_paired_and_unpaired_rungs():
     assert step is not None and step.units == ["id_chat", "chat_email"]
     assert step.kinds == {"id_chat": "prompt", "chat_email": "scenario"}
     (rung,) = step.rungs
-    assert not rung.paired and "unpaired" in rung.note and rung.n_clusters == 40 + 25
+    # unpaired: the smaller side's clusters govern its reliability, and are reported
+    assert not rung.paired and "unpaired" in rung.note and rung.n_clusters == 25
     # the three units between are missing: the rung bundles their changes, and says so
     assert rung.changes.startswith("BUNDLE of 4 changes")
     assert all(r.changes in rung.changes for r in ladder.EMAIL_STEP_CHAIN.rungs)
@@ -355,11 +361,10 @@ def test_compute_metrics_differences_cover_chains_and_stages():
     recs += [R("llama", "base", r.slice, NULL_PERSONA, r.item_id, S) for r in recs[::3]]
     res = stats.compute_metrics(recs, [S, H, RM], n_boot=100)
     kinds = {d.kind for d in res.differences}
-    assert kinds == {"rung", "total", "stage"}
-    stage_rows = [d for d in res.differences if d.kind == "stage"]
-    assert all(d.a.stage == "full" and d.b.stage == "base" and d.paired for d in stage_rows)
-    # 2 stages x 2 chains x 2 metrics x (conditional, ITT)
-    assert len(res.chains) == 2 * 2 * 2 * 2
+    # no "full minus base" stage row: the base stage is a null, not evidence
+    assert kinds == {"rung", "total", "excess"}
+    # 2 stages x 2 chains x 3 metrics x (conditional, ITT)
+    assert len(res.chains) == 2 * 2 * 3 * 2
     # both sides the base null: accuracy differences are fixed by construction
     base_acc = [d for d in res.differences if d.a.stage == "base" and d.metric == "accuracy"]
     assert base_acc and all(d.fixed_by_construction and math.isnan(d.lo) for d in base_acc)
@@ -400,7 +405,7 @@ def test_write_tables(tmp_path):
     paths = tables.write_tables(res, tmp_path)
     assert {p.name for p in paths} == {
         "metrics.csv", "per_persona.csv", "confusion.csv", "pred_distribution.csv",
-        "differences.csv", "chains.csv", "stats.json",
+        "differences.csv", "chains.csv", "scorer_check.csv", "retention.csv", "stats.json",
     }  # fmt: skip
     with (tmp_path / "metrics.csv").open() as fh:
         rows = list(csv.DictReader(fh))
@@ -419,8 +424,8 @@ def test_write_tables(tmp_path):
     assert sum(int(r["count"]) for r in conf if r["slice"] == "id_chat") == 120
     with (tmp_path / "differences.csv").open() as fh:
         diffs = list(csv.DictReader(fh))
-    assert {d["kind"] for d in diffs} == {"rung", "total"}
-    assert {d["chain"] for d in diffs} == {"email_step", "agentic"}
+    assert {d["kind"] for d in diffs} == {"rung", "total", "excess"}
+    assert {d["chain"] for d in diffs if d["kind"] != "excess"} == {"email_step", "agentic"}
     with (tmp_path / "chains.csv").open() as fh:
         chains = list(csv.DictReader(fh))
     assert {(c["chain"], c["slice"]) for c in chains} >= {("agentic", "tool_email_oneshot")}
@@ -633,7 +638,7 @@ def test_defect3_every_resample_telescopes_with_one_draw_per_item_kind():
     dec = stats.chain_decomposition(recs, "b", "full", chain="email_step", n_boot=100)
     assert dec is not None
     assert [r.paired for r in dec.rungs] == [False, True]  # prompt -> scenario is unpaired
-    assert dec.rungs[0].n_clusters == 30 + 15 and dec.rungs[1].n_clusters == 15
+    assert dec.rungs[0].n_clusters == 15 and dec.rungs[1].n_clusters == 15
     assert dec.rungs[0].changes == ladder.EMAIL_STEP_CHAIN.rungs[0].changes
     assert dec.rungs[1].changes.startswith("BUNDLE of 3 changes")
     assert dec.missing == ["chat_email.whole", "chat_email.head"]
@@ -653,7 +658,7 @@ def test_contrasts_are_paired_and_name_what_they_change():
              for r in recs if r.slice == "chat_email"]  # fmt: skip
     res = stats.compute_metrics(recs, [S, H, RM], n_boot=100)
     con = [d for d in res.differences if d.kind == "contrast"]
-    assert len(con) == 4  # one contrast x 2 metrics x 2 views (no id_chat.short here)
+    assert len(con) == 6  # one contrast x 3 metrics x 2 views (no id_chat.short here)
     assert all(d.paired and d.changes == ladder.CONTRASTS[0].changes for d in con)
     assert {(d.a.slice, d.b.slice) for d in con} == {("chat_email", "chat_email_multiturn")}
 
