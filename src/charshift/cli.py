@@ -456,6 +456,13 @@ def report(
             "slice, persona, item_id, sample_idx) and warn, instead of refusing the file.",
         ),
     ] = False,
+    positive_control: Annotated[
+        str,
+        typer.Option(
+            help="With --predictions: the stage whose rows are the positive control of the "
+            "scorer check (the persona told to show in every format); 'none' for none.",
+        ),
+    ] = "prompted_explicit",
 ) -> None:
     """Compute metrics, intervals, plots and the HTML/markdown report."""
     if predictions is not None:
@@ -471,6 +478,7 @@ def report(
                 seed=seed,
                 allow_duplicates=allow_duplicates,
                 warn=_warn,
+                positive_control=None if positive_control == "none" else positive_control,
             )
         typer.echo(f"report: {path}")
         return
