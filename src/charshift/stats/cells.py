@@ -11,7 +11,7 @@ import numpy as np
 from charshift.schema import derive_seed
 from charshift.stats.counts import CellData, columns, safe_div
 from charshift.stats.intervals import Opts, Side, draw, scalar_iv, side, vector_iv
-from charshift.stats.nulls import null_p_values
+from charshift.stats.nulls import EXCESS_NAMES, null_floor, null_test
 from charshift.stats.results import NONE, NULL_ROW, OTHER, Cell, CellMetrics, PersonaMetrics
 
 # every statistic a cell reports with an interval (the CellMetrics field is the name, "yield_"
@@ -59,9 +59,15 @@ def _per_persona(data: CellData, s: Side, labels: Sequence[str], o: Opts) -> lis
 
 
 def cell_metrics(data: CellData, labels: Sequence[str], o: Opts) -> CellMetrics:
+    """The cell's figures; its excess intervals are floored by its permutation null
+    (`nulls.null_floor`), whose draws it keeps on `data` for the primary family."""
     s = cell_side(data, o)
     ivs = {name.replace("yield", "yield_"): scalar_iv(s, name, o) for name in CELL_STATS}
-    p_null, p_null_itt = null_p_values(data, o.n_perm, o.seed)
+    test = null_test(data, o.n_perm, o.seed)
+    data.null_draws = test.draws
+    for name in EXCESS_NAMES:
+        ivs[name] = null_floor(ivs[name], test.draws.get(name), o.ci)
+    p_null, p_null_itt = test.p, test.p_itt
     return CellMetrics(
         cell=data.cell,
         n_rows=data.n_outputs,

@@ -152,6 +152,8 @@ class CellData:
     p_true: list[float]
     rows: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     n_failed: int = 0
+    # the permutation null's excess values (name -> (n_perm,)), once the cell's test has run
+    null_draws: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def columns(k: int) -> dict[str, slice | int]:

@@ -26,7 +26,8 @@ from charshift.stats.chains import Universe, item_kind
 from charshift.stats.counts import CellData, k_of, macro_joint
 from charshift.stats.differences import DiffIv, make_difference
 from charshift.stats.intervals import Opts, expansion, flag, interval, p_two_sided, side
-from charshift.stats.results import HOME, OWN_NULL, PRIMARY, Cell, Difference
+from charshift.stats.nulls import null_floor, null_se
+from charshift.stats.results import HOME, OWN_NULL, PRIMARY, Cell, Difference, Interval
 
 EXCESS = "macro_f1_excess"
 FAMILY_TEXT = (
@@ -46,6 +47,7 @@ class Member:
     row: Difference
     boot: np.ndarray  # (n_boot,) resampled values on the base's shared draw
     g: int  # clusters behind it
+    se_floor: float = 0.0  # a standard error its band may not fall below (permutation null)
 
 
 def home_excess(
@@ -60,17 +62,20 @@ def home_excess(
     boot = s.boot[EXCESS]
     g = s.n_eff(EXCESS)
     jack = None if s.jack is None else macro_joint([s.jack], EXCESS)[0]
-    lo, hi = interval(boot, np.asarray(est), jack, o, g)
+    perm = d.null_draws.get(EXCESS)
     n_empty = int(np.isnan(boot).sum())
-    iv = DiffIv(est, float(lo), float(hi), n_empty, False,
+    floored = null_floor(Interval(est, *interval(boot, np.asarray(est), jack, o, g)), perm, o.ci)
+    se_floor = null_se(perm)
+    iv = DiffIv(est, floored.lo, floored.hi, n_empty, False,
                 flag(est, g, n_empty, o.n_boot, o.min_clusters),
-                int(s.point["n_personas_scored"]), p_two_sided(boot, est, g, o), boot, g)  # fmt: skip
+                int(s.point["n_personas_scored"]), p_two_sided(boot, est, g, o, se_floor), boot,
+                g)  # fmt: skip
     row = make_difference(
         "excess", (d.cell, Cell(base, OWN_NULL, HOME)), EXCESS, False, iv,
         n_clusters=len(d.clusters), paired=True, note=HOME_NOTE, n_personas=k_of(d.counts),
         changes="persona shown above chance on home ground (positive = detected)",
     )  # fmt: skip
-    return Member(row, boot, g)
+    return Member(row, boot, g, se_floor)
 
 
 def holm(p: Sequence[float]) -> list[float]:
@@ -103,7 +108,8 @@ def _max_t_band(members: Sequence[Member], o: Opts) -> list[tuple[float, float]]
     t_max = t_max[np.isfinite(t_max)]
     c = float(np.quantile(t_max, o.ci)) if t_max.size else math.nan
     f = expansion(o.ci, min(m.g for m in members), o.small_sample)
-    half = np.where(live, c * f * se, 0.0)
+    floor = np.array([m.se_floor for m in members])
+    half = np.where(live, c * np.maximum(f * se, floor), 0.0)
     return [
         (float(e - h), float(e + h)) if k else (math.nan, math.nan)
         for e, h, k in zip(est, half, ok, strict=True)

@@ -137,17 +137,18 @@ def _nanquantile(boot: np.ndarray, qs: list[float]) -> tuple[np.ndarray, np.ndar
     return q[0], q[1]
 
 
-def p_two_sided(boot: np.ndarray, estimate: float, g: int, o: Opts) -> float:
+def p_two_sided(boot: np.ndarray, estimate: float, g: int, o: Opts, se_floor: float = 0.0) -> float:
     """Two-sided p-value of "the figure is 0" from the bootstrap standard error SE: with the
     small-sample correction, t = |estimate| / (SE sqrt(g / (g - 1))) on g - 1 degrees of
     freedom, else a normal z = |estimate| / SE. (A percentile-count p-value cannot go below
     1 / n_boot, too coarse for a multiplicity adjustment; the max-t band of the primary family
-    uses the same SE.)"""
+    uses the same SE.) `se_floor`: a standard error the SE may not fall below (the permutation
+    null's, `nulls.null_se`)."""
     b = np.asarray(boot, dtype=np.float64)
     b = b[np.isfinite(b)]
     if b.size < 2 or not math.isfinite(estimate):
         return math.nan
-    se = float(b.std(ddof=1))
+    se = max(float(b.std(ddof=1)), se_floor)
     if se == 0.0:
         return 1.0 if estimate == 0.0 else 0.0
     if not o.small_sample or g < 2:

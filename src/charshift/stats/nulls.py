@@ -11,12 +11,17 @@ persona equally often, and closely otherwise (tests/test_stats_simulation.py mea
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import NamedTuple
 
 import numpy as np
 
 from charshift.schema import derive_seed
 from charshift.stats.counts import CellData, columns, k_of, statistics
+from charshift.stats.results import Interval
+
+EXCESS_NAMES = ("macro_f1_excess", "macro_f1_excess_itt")
 
 _CHUNK = 256  # permutations per vectorised block (bounds memory: CHUNK x rows indices)
 
@@ -88,13 +93,49 @@ def permutation_p(observed: float, permuted: np.ndarray) -> float:
     return (1 + hits) / (1 + permuted.size)
 
 
-def null_p_values(data: CellData, n_perm: int, seed: int) -> tuple[float, float]:
-    """One-sided permutation p-values of the conditional and ITT macro-F1 excess."""
+class NullTest(NamedTuple):
+    """A cell's permutation null: one-sided p-values of its conditional and ITT excess, and the
+    permuted values themselves (name -> (n_perm,)), empty without permutations."""
+
+    p: float
+    p_itt: float
+    draws: dict[str, np.ndarray]
+
+
+def null_test(data: CellData, n_perm: int, seed: int) -> NullTest:
+    """The cell's permutation null (nothing for a base-null cell or without permutations)."""
     if data.null or n_perm <= 0 or data.rows is None:
-        return math.nan, math.nan
+        return NullTest(math.nan, math.nan, {})
     perm = permutation_stats(data, n_perm, seed)
     point = statistics(data.counts.sum(axis=0))
-    return (
-        permutation_p(float(point["macro_f1_excess"]), perm["macro_f1_excess"]),
-        permutation_p(float(point["macro_f1_excess_itt"]), perm["macro_f1_excess_itt"]),
+    draws = {name: perm[name] for name in EXCESS_NAMES}
+    return NullTest(
+        permutation_p(float(point["macro_f1_excess"]), draws["macro_f1_excess"]),
+        permutation_p(float(point["macro_f1_excess_itt"]), draws["macro_f1_excess_itt"]),
+        draws,
     )
+
+
+def null_floor(iv: Interval, permuted: np.ndarray | None, ci: float) -> Interval:
+    """`iv`, widened where needed so that it is never narrower than the permutation null's own
+    spread about the estimate (its central `ci` quantiles, centred): under no persona the
+    interval then covers 0 at least as often as the exact permutation test keeps it. Why: the
+    bootstrap's spread shrinks with the estimate (few hits, small variance), so without the
+    floor a low estimate gets a short interval that misses 0 from below."""
+    if permuted is None or iv.fixed_by_construction or not math.isfinite(iv.estimate):
+        return iv
+    v = permuted[np.isfinite(permuted)]
+    if v.size < 2:
+        return iv
+    a = (1.0 - ci) / 2.0
+    q_lo, q_hi = np.quantile(v - v.mean(), [a, 1.0 - a])
+    lo, hi = min(iv.lo, iv.estimate - float(q_hi)), max(iv.hi, iv.estimate - float(q_lo))
+    return dataclasses.replace(iv, lo=lo, hi=hi)
+
+
+def null_se(permuted: np.ndarray | None) -> float:
+    """The permutation null's standard deviation (0 when there is none)."""
+    if permuted is None:
+        return 0.0
+    v = permuted[np.isfinite(permuted)]
+    return float(v.std(ddof=1)) if v.size > 1 else 0.0

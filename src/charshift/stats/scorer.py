@@ -89,7 +89,10 @@ def retention(data: CellData, ctrl: CellData, itt: bool, o: Opts, blind: bool | 
     g = min(pair.sa.n_eff(name), pair.sb.n_eff(name))
     lo, hi = interval(ratios, np.asarray(est), None, o, g)
     n_empty = int(np.isnan(ratios).sum())
-    f = flag(est, g, n_empty, o.n_boot, o.min_clusters)
+    if math.isfinite(est) or not np.isfinite([point[0], point[1]]).all():
+        f = flag(est, g, n_empty, o.n_boot, o.min_clusters)
+    else:
+        f = "undefined: the control's excess is not above 0"
     if blind:
         f = "; ".join(x for x in (BLIND_CONTROL, f) if x)
     c = data.cell
