@@ -173,15 +173,9 @@ _CENSORING_NOTE = (
 )
 
 
-def method_notes(result: MetricsResult) -> list[str]:
-    """How every figure in the report is formed (shown in both the HTML and the markdown)."""
+def _measure_notes(result: MetricsResult) -> list[str]:
+    """What each figure measures: the label set, the chance correction, the two views."""
     k = len(result.personas)
-    small = (
-        " With the small-sample correction (on): the expanded percentile interval, its tails cut "
-        "at Phi(-sqrt(G/(G-1)) t_{G-1}) instead of alpha/2, G the clusters behind the figure."
-        if result.small_sample
-        else ""
-    )
     return [
         f"Label set: the run's {k} personas ({', '.join(result.personas)}), less, per base, any "
         "persona with no rows at all in one of its stages (a skipped adapter; listed in the notes "
@@ -202,6 +196,19 @@ def method_notes(result: MetricsResult) -> list[str]:
         "difference averages both sides over the same personas (scored on both sides, per "
         "resample: 'k of K'). Yield = rows with an output / rows attempted; backend failures "
         "(error, context overflow) are not persona misses: left out and counted on their own.",
+    ]
+
+
+def method_notes(result: MetricsResult) -> list[str]:
+    """How every figure in the report is formed (shown in both the HTML and the markdown)."""
+    small = (
+        " With the small-sample correction (on): the expanded percentile interval, its tails cut "
+        "at Phi(-sqrt(G/(G-1)) t_{G-1}) instead of alpha/2, G the clusters behind the figure."
+        if result.small_sample
+        else ""
+    )
+    return [
+        *_measure_notes(result),
         f"Intervals: {result.ci:.0%} {result.method} cluster bootstrap with {result.n_boot} "
         "resamples. The cluster is the item (an ID prompt or an email scenario): all rows of an "
         "item (every persona and sample) are resampled together. Each cell has its own random "
