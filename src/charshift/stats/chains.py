@@ -21,7 +21,7 @@ from charshift.config import ID_SLICES
 from charshift.ladder import Chain, split_unit
 from charshift.schema import derive_seed
 from charshift.stats.counts import MACRO, CellData, joint_mask, k_of, macro_joint
-from charshift.stats.differences import DiffIv, make_difference, stat_name
+from charshift.stats.differences import DiffIv, finish_diff, make_difference, stat_name
 from charshift.stats.intervals import (
     FIXED_FOR_NULL,
     Opts,
@@ -31,9 +31,9 @@ from charshift.stats.intervals import (
     flag,
     interval,
     joint_values,
-    p_two_sided,
     side,
 )
+from charshift.stats.nulls import difference_null, null_floor
 from charshift.stats.results import METRICS, Cell, ChainDecomposition, Interval
 
 
@@ -84,6 +84,7 @@ class ChainFit:
     dropped: dict[str, int]
     missing: list[str]
     k: int  # the label set size
+    data: dict[str, CellData]  # unit -> its whole cell (for its permutation null)
 
 
 def chain_fit(
@@ -108,7 +109,7 @@ def chain_fit(
     dropped = {u: len(d.clusters) - len(common[kinds[u]]) for u, d in data.items()}
     missing = [u for u in chain.units if u not in data]
     k = k_of(next(iter(data.values())).counts)
-    return ChainFit(present, kinds, common, weights, sides, dropped, missing, k)
+    return ChainFit(present, kinds, common, weights, sides, dropped, missing, k, data)
 
 
 def rung_changes(chain: Chain, frm: str, to: str) -> str:
@@ -155,11 +156,8 @@ def _chain_diff(fit: ChainFit, vals: _Values, frm: str, to: str, name: str, o: O
     diff = vals.boot[frm] - vals.boot[to]
     jack = joint_values([sa, sb], name, paired)[2]  # BCa: the pair's own leave-one-out values
     jk = None if jack is None else jack[0] - jack[1]
-    lo, hi = interval(diff, np.asarray(est), jk, o, g)
-    n_empty = int(np.isnan(diff).sum())
-    f = flag(est, g, n_empty, o.n_boot, o.min_clusters)
-    return DiffIv(est, float(lo), float(hi), n_empty, False, f, vals.k,
-                  p_two_sided(diff, est, g, o), diff, g)  # fmt: skip
+    null = difference_null(fit.data[frm], fit.data[to], name)
+    return finish_diff(est, diff, jk, vals.k, g, o, null)
 
 
 def _pairing(fit: ChainFit, frm: str, to: str) -> tuple[int, bool, str]:
@@ -184,8 +182,9 @@ def _unit_iv(fit: ChainFit, vals: _Values, unit: str, name: str, o: Opts) -> Int
     jack = None if s.jack is None else macro_joint([s.jack], name)[0]
     lo, hi = interval(vals.boot[unit], np.asarray(est), jack, o, g)
     n_empty = int(np.isnan(vals.boot[unit]).sum())
-    return Interval(est, float(lo), float(hi), g, n_empty, False,
-                    flag(est, g, n_empty, o.n_boot, o.min_clusters))  # fmt: skip
+    iv = Interval(est, float(lo), float(hi), g, n_empty, False,
+                  flag(est, g, n_empty, o.n_boot, o.min_clusters))  # fmt: skip
+    return null_floor(iv, fit.data[unit].null_draws.get(name), o.ci)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ from charshift.stats.cells import cell_metrics, cell_seed
 from charshift.stats.chains import chain_fit, chain_results, universe
 from charshift.stats.counts import CellData, build_cells, group, make_label_sets, statistics
 from charshift.stats.differences import (
+    DiffIv,
     contrast_rows,
     diff_iv,
     make_difference,
@@ -234,6 +236,13 @@ def chain_draws(
     )  # fmt: skip
 
 
+def _total_member(total: Difference, d: DiffIv, o: Opts) -> Member:
+    """A chain's total as a family member: its resamples, and the SE floor its interval had."""
+    boot = d.boot if d.boot.size else np.full(o.n_boot, np.nan)
+    se = d.se_floor if math.isfinite(d.se_floor) else 0.0
+    return Member(total, boot, d.g, se)
+
+
 def _base_differences(
     data: dict[Cell, CellData], base: str, stages: list[str], o: Opts,
     chains: Sequence[Chain], contrasts: Sequence[Rung], result: MetricsResult,
@@ -255,9 +264,7 @@ def _base_differences(
             if trained and EXCESS in out.totals:
                 total = next(d.total for d in out.decompositions
                              if d.metric == EXCESS and not d.itt)  # fmt: skip
-                boot = out.totals[EXCESS].boot
-                boot = boot if boot.size else np.full(o.n_boot, np.nan)
-                members.append(Member(total, boot, out.totals[EXCESS].g))
+                members.append(_total_member(total, out.totals[EXCESS], o))
         for c in contrasts:
             result.differences += contrast_rows(data, base, st, c.frm, c.to, c.changes, o)
     mark_family(members, o)

@@ -27,7 +27,8 @@ from charshift.stats.intervals import (
     p_two_sided,
     side,
 )
-from charshift.stats.results import METRICS, Cell, Difference, order_stages
+from charshift.stats.nulls import difference_null, null_floor, null_se
+from charshift.stats.results import METRICS, Cell, Difference, Interval, order_stages
 
 
 def stat_name(metric: str, itt: bool) -> str:
@@ -47,6 +48,7 @@ class DiffIv(NamedTuple):
     p: float
     boot: np.ndarray  # the resampled differences (empty when fixed)
     g: int  # the clusters behind it (the smaller side's)
+    se_floor: float = 0.0  # the null's standard error its SE was not allowed below
 
 
 def personas_in_common(sides: Sequence[Side], name: str) -> int:
@@ -56,8 +58,12 @@ def personas_in_common(sides: Sequence[Side], name: str) -> int:
     return int(joint_mask([s.point for s in sides], name).sum())
 
 
-def diff_iv(sa: Side, sb: Side, name: str, paired: bool, o: Opts) -> DiffIv:
-    """a - b for statistic `name`: paired sides share one draw (same clusters, same weights)."""
+def diff_iv(
+    sa: Side, sb: Side, name: str, paired: bool, o: Opts, null: np.ndarray | None = None
+) -> DiffIv:
+    """a - b for statistic `name`: paired sides share one draw (same clusters, same weights).
+    `null`: draws of the difference under no persona (`nulls.difference_null`), a floor for
+    its interval and standard error."""
     point, boot, jack = joint_values([sa, sb], name, paired)
     est = float(point[0] - point[1])
     k = personas_in_common([sa, sb], name)
@@ -67,11 +73,21 @@ def diff_iv(sa: Side, sb: Side, name: str, paired: bool, o: Opts) -> DiffIv:
                       np.zeros(0), g)  # fmt: skip
     diff = boot[0] - boot[1]
     jk = None if jack is None else jack[0] - jack[1]
-    lo, hi = interval(diff, np.asarray(est), jk, o, g)
+    return finish_diff(est, diff, jk, k, g, o, null)
+
+
+def finish_diff(
+    est: float, diff: np.ndarray, jack: np.ndarray | None, k: int, g: int, o: Opts,
+    null: np.ndarray | None,
+) -> DiffIv:  # fmt: skip
+    """A difference's interval, flag and p-value from its resamples, floored by `null`."""
+    iv = Interval(est, *(float(x) for x in interval(diff, np.asarray(est), jack, o, g)))
+    iv = null_floor(iv, null, o.ci)
     n_empty = int(np.isnan(diff).sum())
     f = flag(est, g, n_empty, o.n_boot, o.min_clusters)
-    p = p_two_sided(diff, est, g, o)
-    return DiffIv(est, float(lo), float(hi), n_empty, False, f, k, p, diff, g)
+    se_floor = null_se(null)
+    p = p_two_sided(diff, est, g, o, se_floor)
+    return DiffIv(est, iv.lo, iv.hi, n_empty, False, f, k, p, diff, g, se_floor)
 
 
 def make_difference(
@@ -146,7 +162,14 @@ def diff_rows(
             (da.cell, db.cell),
             metric,
             itt,
-            diff_iv(pair.sa, pair.sb, stat_name(metric, itt), pair.paired, o),
+            diff_iv(
+                pair.sa,
+                pair.sb,
+                stat_name(metric, itt),
+                pair.paired,
+                o,
+                difference_null(da, db, stat_name(metric, itt)),
+            ),
             n_clusters=pair.n_clusters,
             paired=pair.paired,
             note=pair.note,

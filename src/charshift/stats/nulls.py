@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from charshift.ladder import split_unit
 from charshift.schema import derive_seed
 from charshift.stats.counts import CellData, columns, k_of, statistics
 from charshift.stats.results import Interval
@@ -114,6 +115,20 @@ def null_test(data: CellData, n_perm: int, seed: int) -> NullTest:
         permutation_p(float(point["macro_f1_excess_itt"]), draws["macro_f1_excess_itt"]),
         draws,
     )
+
+
+def difference_null(a: CellData, b: CellData, name: str) -> np.ndarray | None:
+    """Draws from the null of excess(a) - excess(b) when neither cell carries a persona: the two
+    cells' own permutation draws (independent streams), each centred, paired up. Only for cells
+    whose rows are distinct generations (not two scoring variants of one slice, whose rows are
+    the same outputs: their matching noise is shared, so the independent sum would overstate
+    it); None otherwise, or without permutations."""
+    if split_unit(a.cell.slice)[0] == split_unit(b.cell.slice)[0] and a.cell.stage == b.cell.stage:
+        return None
+    da, db = a.null_draws.get(name), b.null_draws.get(name)
+    if da is None or db is None or not da.size or da.size != db.size:
+        return None
+    return (da - np.nanmean(da)) - (db - np.nanmean(db))
 
 
 def null_floor(iv: Interval, permuted: np.ndarray | None, ci: float) -> Interval:
