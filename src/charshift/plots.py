@@ -237,7 +237,9 @@ def _persona_f1_fig(result: MetricsResult, slice_: str) -> Figure:
     )
     ax = fig.subplots()
     _heatmap(ax, data, rows, result.personas)
-    ax.set_title(f"Per-persona F1 (conditional): {_t(slice_)}", fontsize=10)
+    blind = [b for b in result.bases if result.blind(b, slice_)]
+    mark = f" {BLIND} scorer blind for {', '.join(map(_t, blind))}" if blind else ""
+    ax.set_title(f"Per-persona F1 (conditional): {_t(slice_)}{mark}", fontsize=10)
     return fig
 
 
@@ -253,7 +255,8 @@ def _confusion_fig(result: MetricsResult, base: str, slice_: str) -> Figure:
         ax.set_title(f"{_t(c.cell.stage)} (n={c.n_rows})", fontsize=9)
         ax.set_xlabel("predicted", fontsize=8)
     axes[0].set_ylabel("true persona", fontsize=8)
-    fig.suptitle(f"{_t(base)} / {_t(slice_)}: confusion (row share)", fontsize=10)
+    mark = f" ({BLIND} scorer blind here)" if result.blind(base, slice_) else ""
+    fig.suptitle(f"{_t(base)} / {_t(slice_)}: confusion (row share){mark}", fontsize=10)
     return fig
 
 
@@ -264,7 +267,10 @@ def _yield_fig(result: MetricsResult, base: str) -> Figure:
         for sl in result.slices
         if (c := result.get(base, st, sl)) is not None
     ]
-    rows = [f"{c.cell.stage}/{c.cell.slice}" for c in cells]
+    rows = [  # _heatmap escapes them
+        f"{c.cell.stage}/{c.cell.slice}" + (f" {BLIND}" if result.blind(base, c.cell.slice) else "")
+        for c in cells
+    ]
     data = np.array([_persona_values(c, result.personas, "yield_") for c in cells])
     fig = Figure(
         figsize=(max(5.0, 2.5 + 0.55 * len(result.personas)), 1.8 + 0.3 * len(rows)),
@@ -404,7 +410,8 @@ def _pred_dist_fig(result: MetricsResult, base: str, top: int = 8) -> Figure:
         color = "#DDDDDD" if lab == "(no output)" else _PALETTE[j % len(_PALETTE)]
         ax.barh(y, vals, left=left, label=_t(lab), color=color)
         left += np.array(vals)
-    ax.set_yticks(y, [_t(f"{c.cell.stage}/{c.cell.slice}") for c in cells], fontsize=7)
+    ax.set_yticks(y, [f"{_t(c.cell.stage)}/{_tick(result, base, c.cell.slice)}" for c in cells],
+                  fontsize=7)  # fmt: skip
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
     ax.set_xlabel("share of attempted rows")

@@ -547,7 +547,8 @@ def _pred_dist_table(result: MetricsResult) -> Table:
             _num(m.pred_distribution.get(lab, 0) / m.n_scored, 2) if m.n_scored else "–"
             for lab in labels
         ]
-        rows.append([*m.cell, *shares, _num(m.n_none / m.n_rows, 2) if m.n_rows else "–"])
+        rows.append([m.cell.base, m.cell.stage, _unit(result, m.cell.base, m.cell.slice),
+                     *shares, _num(m.n_none / m.n_rows, 2) if m.n_rows else "–"])  # fmt: skip
     return head, rows
 
 
@@ -1137,10 +1138,12 @@ def _persona_section(doc: _Doc, rep: ReportContent) -> None:
     res = rep.result
     doc.h2("personas", "Per-persona F1 (conditional)")
     for sl in res.slices:
-        doc.h3(sl)
+        blind = [b for b in res.bases if res.blind(b, sl)]
+        doc.h3(sl + (f" {BLIND} (scorer blind for {', '.join(blind)})" if blind else ""))
         doc.table(_per_persona_pivot(res, sl))
     for m in res.cells.values():
-        doc.details(f"{m.cell.label()}: per-persona details", _per_persona_detail(m))
+        mark = f" {BLIND}" if m.scorer_blind else ""
+        doc.details(f"{m.cell.label()}{mark}: per-persona details", _per_persona_detail(m))
     doc.h2("labels", "Predicted-label distribution")
     doc.p("Share of scored rows per predicted label (labels outside the run included).")
     doc.table(_pred_dist_table(res))

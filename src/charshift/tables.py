@@ -90,7 +90,7 @@ METRICS_COLUMNS = (
 )  # fmt: skip
 PER_PERSONA_COLUMNS = (
     "base", "stage", "slice", "persona", "precision", "recall", "f1", "f1_lo", "f1_hi",
-    "f1_reliable", "f1_null", "f1_itt", "n", "n_scored", "yield",
+    "f1_reliable", "f1_null", "f1_itt", "n", "n_scored", "yield", "scorer_blind",
 )  # fmt: skip
 DIFFERENCE_COLUMNS = (
     "kind", "chain", "base", "metric", "itt", "stage_a", "slice_a", "stage_b", "slice_b",
@@ -138,7 +138,7 @@ def _per_persona_rows(result: MetricsResult) -> Iterable[list[Any]]:
         for p in m.per_persona:
             yield [
                 *m.cell, p.persona, p.precision, p.recall, *_iv(p.f1), p.f1_null,
-                p.f1_itt.estimate, p.n, p.n_scored, p.yield_,
+                p.f1_itt.estimate, p.n, p.n_scored, p.yield_, m.scorer_blind,
             ]  # fmt: skip
 
 
