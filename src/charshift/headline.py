@@ -448,7 +448,7 @@ def chain_sentence(dec: ChainDecomposition) -> str:
     head = f"{dec.base}/{dec.stage}, {chain_heading(dec)}: "
     figure = _band(t) if t.family else _diff_text(t)
     text = (
-        f"{head}excess lost from {t.a.slice} to {t.b.slice} {figure} (positive = persona lost; "
+        f"{head}excess lost from {t.a.slice} to {t.b.slice} {figure} (positive: a loss; "
         f"{sets}, {dec.k} of {dec.n_personas} personas in common): {_total_verdict(t)}"
     )
     r = _largest_rung(dec)

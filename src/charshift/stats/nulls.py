@@ -126,8 +126,10 @@ def difference_null(a: CellData, b: CellData, name: str) -> np.ndarray | None:
     if split_unit(a.cell.slice)[0] == split_unit(b.cell.slice)[0] and a.cell.stage == b.cell.stage:
         return None
     da, db = a.null_draws.get(name), b.null_draws.get(name)
-    if da is None or db is None or not da.size or da.size != db.size:
+    if da is None or db is None or da.size != db.size:
         return None
+    if not (np.isfinite(da).any() and np.isfinite(db).any()):
+        return None  # a side with nothing scored has no null spread
     return (da - np.nanmean(da)) - (db - np.nanmean(db))
 
 
