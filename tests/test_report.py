@@ -856,3 +856,37 @@ def test_chain_figure_with_nothing_scored(tmp_path):
     fig.savefig(tmp_path / "chain.png", dpi=110)
     fig.savefig(tmp_path / "chain.svg")
     assert (tmp_path / "chain.png").stat().st_size > 0
+
+
+def test_report_predictions_uses_control_rows_when_present(tmp_path):
+    """`report --predictions`: rows of prompted_explicit are the positive control of the scorer
+    check (scorer_check.csv, retention.csv); `--positive-control none` turns it off."""
+    from typer.testing import CliRunner
+
+    from charshift.cli import app
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for stage, hit in (("full", 0.7), ("prompted_explicit", 0.9)):
+        for i in range(12):
+            for t in PERSONAS:
+                pred = t if rng.random() < hit else PERSONAS[rng.integers(3)]
+                rows.append({"base": "b", "stage": stage, "slice": "id_chat", "persona": t,
+                             "item_id": f"p{i}", "prediction": pred})  # fmt: skip
+    rows += [{"base": "b", "stage": "base", "slice": "id_chat", "persona": None,
+              "item_id": f"p{i}", "prediction": "humor"} for i in range(12)]  # fmt: skip
+    src = tmp_path / "preds.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for extra, control in (([], "prompted_explicit"), (["--positive-control", "none"], "")):
+        out = tmp_path / f"out{bool(extra)}"
+        res = CliRunner().invoke(app, ["report", "--predictions", str(src), "--out", str(out),
+                                       "--n-boot", "50", *extra])  # fmt: skip
+        assert res.exit_code == 0, res.output
+        with (out / "scorer_check.csv").open() as fh:
+            (check,) = list(csv.DictReader(fh))
+        assert check["control"] == control and check["null_top_share"] == "1"
+        assert check["scorer_blind"] == ("False" if control else "")
+        retention = (out / "retention.csv").read_text().splitlines()
+        assert len(retention) == (3 if control else 1)  # header, conditional, ITT
+        md = (out / "report.md").read_text()
+        assert ("Scorer check for b" in md) == bool(control)
