@@ -548,8 +548,9 @@ def demo(
         ),
     ] = None,
 ) -> None:
-    """Run the offline demo end to end: SmolLM2-135M, base vs prompted personas, a probe
-    classifier (MiniLM embeddings or TF-IDF, chosen by CV) trained in the run."""
+    """Run the offline demo end to end: SmolLM2-135M, the base stage, persona-prompted and the
+    positive control (the persona told to show in every format), a probe classifier (MiniLM
+    embeddings or TF-IDF, chosen by CV) trained in the run."""
     from charshift import pipeline
 
     name = "demo_quick" if quick else "demo"
