@@ -241,3 +241,24 @@ def test_local_model_folders_checked_without_hashing(tmp_path, tiny_llama):
         c.check_local_paths(c.parse_config(d))
     for name in c.preset_names():  # hub ids, tiny: and packaged: specs are the loaders' business
         c.check_local_paths(c.load_preset(name))
+
+
+def test_positive_control():
+    cfg = c.parse_config(_minimal())
+    assert cfg.analysis.positive_control == "prompted_explicit"  # the default, even if absent
+    for preset in ("paper", "demo", "demo_quick"):
+        p = c.load_preset(preset)
+        assert p.analysis.positive_control == "prompted_explicit" in p.stages, preset
+        assert p.classifier_training is None or p.classifier_training.stage != "prompted_explicit"
+    d = _minimal() | {"analysis": {"positive_control": None}}
+    assert c.parse_config(d).analysis.positive_control is None
+    d = _minimal() | {"stages": ["base", "prompted"], "analysis": {"positive_control": "prompted"}}
+    assert c.parse_config(d).analysis.positive_control == "prompted"
+    for bad, match in (("promted_explicit", "analysis.positive_control: 'promted_explicit' is "
+                        "not one of the run's stages"), ("base", "base stage carries no persona"),
+                       ("../x", "positive_control")):  # fmt: skip
+        with pytest.raises(c.ConfigError, match=re.escape(match) if "'" in match else match):
+            c.parse_config(_minimal() | {"analysis": {"positive_control": bad}})
+    # a resolved config (every default written out) reads back
+    again = c.parse_config(c.config_to_dict(cfg))
+    assert again.analysis.positive_control == "prompted_explicit"

@@ -225,13 +225,16 @@ def test_help_lists_commands():
 
 @pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path):
-    """The embedded default shows what the tool measures (issue 8): a classifier above chance,
-    prompted above base on id_chat with the paired interval above 0, an output in every chat slice
-    of the prompted stage, and the prompted ladder with intervals. These are the figures of one
-    real run of SmolLM2 + MiniLM, not timings. The tool slices are run and their outcomes
-    tabulated, but their yield is not asserted: under the constrained envelope SmolLM2-135M still
-    writes invented addresses and bodies that are not emails (0 of 6 and 0 of 6 in the preset's
-    run, 0 of 12 and 2 of 12 with two scenarios), so a yield there is luck at this size."""
+    """The embedded default shows what the tool measures (issues 8 and 13): a classifier above
+    chance; persona detected on home ground by the prompted stage's chance-corrected figure
+    (its macro-F1 excess over its own null, the family's simultaneous band above 0), never by
+    "prompted minus base"; the scorer check from the positive control in every unit; the
+    declared primary family with Holm p-values and simultaneous bands; an output in every chat
+    slice of the prompted stage; and the report opening with those. These are the figures of
+    one real run of SmolLM2 + MiniLM, not timings. The tool slices are run and their outcomes
+    tabulated, but their yield is not asserted: under the constrained envelope SmolLM2-135M
+    still writes invented addresses and bodies that are not emails, so a yield there is luck at
+    this size."""
     out = tmp_path / "demo"
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     res = subprocess.run(
@@ -248,37 +251,63 @@ def test_demo_quick_end_to_end(tmp_path):
     lo, _hi = rep["macro_f1_interval"]
     assert rep["above_chance"] and lo > rep["chance"], rep["summary"]
 
-    with open(out / "metrics.csv") as f:
-        metrics = {(m["stage"], m["slice"]): m for m in csv.DictReader(f)}
+    def table(name: str) -> list[dict[str, str]]:
+        with open(out / name) as f:
+            return list(csv.DictReader(f))
+
+    metrics = {(m["stage"], m["slice"]): m for m in table("metrics.csv")}
     cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["analysis"]["positive_control"] == "prompted_explicit" in cfg["stages"]
     for sl in cfg["slices"]:
         assert int(metrics[("prompted", sl)]["n_rows"]) > 0, f"prompted {sl}: not run"
+        assert int(metrics[("prompted_explicit", sl)]["n_rows"]) > 0, f"control {sl}: not run"
         if sl not in ("tool_email_oneshot", "agentic_email"):
             assert int(metrics[("prompted", sl)]["n_scored"]) > 0, f"prompted {sl}: no output"
-    assert "Outcomes and differential censoring" in (out / "report.md").read_text()
+    home = metrics[("prompted", "id_chat")]
+    assert float(home["macro_f1_excess_lo"]) > 0, home  # above its own null
+    assert float(home["macro_f1_excess"]) == pytest.approx(
+        float(home["macro_f1"]) - float(home["macro_f1_null"]), abs=1e-5
+    )
+    assert float(home["kappa"]) > 0 and float(home["p_null"]) < 0.05, home
+    assert abs(float(metrics[("base", "id_chat")]["macro_f1_excess"])) < 1e-9  # the null itself
 
-    with open(out / "differences.csv") as f:
-        diffs = list(csv.DictReader(f))
-    (stage,) = [
-        d
-        for d in diffs
-        if d["kind"] == "stage"
-        and d["metric"] == "macro_f1"
-        and d["itt"] == "False"
-        and (d["stage_a"], d["slice_a"], d["stage_b"]) == ("prompted", "id_chat", "base")
-    ]
-    assert stage["reliable"] == "True" and float(stage["lo"]) > 0, stage
+    checks = {c["unit"]: c for c in table("scorer_check.csv")}
+    assert set(checks) == {m[1] for m in metrics}  # every unit checked
+    assert checks["id_chat"]["scorer_blind"] == "False" and checks["id_chat"]["scorer"]
+    assert float(checks["id_chat"]["sensitivity_lo"]) > 0
+    assert all(0 < float(c["null_top_share"]) <= 1 for c in checks.values() if c["null_top_share"])
 
-    with open(out / "chains.csv") as f:
-        ladder = [
-            c
-            for c in csv.DictReader(f)
-            if c["stage"] == "prompted" and c["chain"] == "agentic" and c["metric"] == "macro_f1"
-        ]
+    diffs = table("differences.csv")
+    assert not any(d["stage_b"] == "base" for d in diffs)  # prompted minus base is not evidence
+    family = [d for d in diffs if d["family"] == "primary"]
+    assert {(d["kind"], d["chain"]) for d in family} == {
+        ("excess", ""),
+        ("total", "email_step"),
+        ("total", "agentic"),
+    }
+    assert all(d["stage_a"] == "prompted" and d["metric"] == "macro_f1_excess" for d in family)
+    (excess,) = [d for d in family if d["kind"] == "excess"]
+    assert float(excess["lo_simul"]) > 0 and float(excess["p_holm"]) < 0.05, excess
+    for d in family:  # (a total whose far unit has no output at all is undefined: blank)
+        if d["estimate"]:
+            assert float(d["lo_simul"]) <= float(d["lo"]) and float(d["p"]) <= float(d["p_holm"])
+    assert any(d["metric"] == "macro_f1_excess" and d["kind"] == "rung" for d in diffs)
+
+    ladder = [c for c in table("chains.csv") if c["stage"] == "prompted"
+              and c["chain"] == "agentic" and c["metric"] == "macro_f1_excess"]  # fmt: skip
     assert {c["slice"] for c in ladder} >= {"chat_email", "agentic_email"}
     assert all(c["lo"] != "" and c["hi"] != "" for c in ladder if c["estimate"] != "")
+
+    md = (out / "report.md").read_text()
+    head = md[md.index("## Headline") : md.index("## Metrics per cell")]
+    assert "Scorer check for smollm2" in head and "Primary family, declared before looking" in head
+    assert "persona detected on home ground" in head
+    claim = head.index("smollm2/prompted, id_chat: macro-F1 excess")
+    assert head.index("Scorer check") < head.index("Primary family") < claim
+    assert "Outcomes and differential censoring" in md
     html = (out / "report" / "index.html").read_text()
-    assert "Headline" in html and html.index("Headline") < html.index("Metrics per cell")
+    assert html.index("Headline") < html.index("Metrics per cell")
+    assert html.index('id="scorer"') < html.index('id="family"') < html.index('id="ladder"')
 
 
 def test_id_prompts_file_is_used_whole(tmp_path):

@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from charshift.config import RunConfig, StatsConfig, config_to_dict
-from charshift.schema import NULL_PERSONA, GenerationRow, PredictionRecord, Sample
+from charshift.schema import (
+    NULL_PERSONA,
+    PROMPTED_EXPLICIT_STAGE,
+    GenerationRow,
+    PredictionRecord,
+    Sample,
+)
 from charshift.store import TABLES, RunStore, StoreError, table_files
 from charshift.store import warn as store_warn
 
@@ -39,6 +45,8 @@ class AnalysisInput:
     # What a reader must see before anything else (an incomplete run, a label-set change): the
     # report shows these first, in a warning box at the very top.
     warnings: list[str] = field(default_factory=list)
+    # the positive-control stage (the scorer check); None: none
+    control: str | None = PROMPTED_EXPLICIT_STAGE
 
 
 def compute(inp: AnalysisInput) -> MetricsResult:
@@ -54,6 +62,9 @@ def compute(inp: AnalysisInput) -> MetricsResult:
         ci=inp.stats.ci,
         method=inp.stats.method,
         seed=inp.stats.seed,
+        n_perm=inp.stats.n_perm,
+        small_sample=inp.stats.small_sample,
+        control=inp.control,
     )
 
 
@@ -394,6 +405,7 @@ def report_run(cfg: RunConfig, store: RunStore, out_dir: Path | None = None) -> 
         published=cfg.published,
         notes=notes,
         warnings=warnings,
+        control=cfg.analysis.positive_control,
     )
     result = compute(inp)
     label_sets = {"labels": result.labels, "notes": [n.text() for n in result.label_notes]}

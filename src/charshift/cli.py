@@ -542,6 +542,13 @@ def report(
             "slice, persona, item_id, sample_idx) and warn, instead of refusing the file.",
         ),
     ] = False,
+    positive_control: Annotated[
+        str,
+        typer.Option(
+            help="With --predictions: the stage whose rows are the positive control of the "
+            "scorer check (the persona told to show in every format); 'none' for none.",
+        ),
+    ] = "prompted_explicit",
 ) -> None:
     """Compute metrics, intervals, plots and the HTML/markdown report."""
     if predictions is not None:
@@ -557,6 +564,7 @@ def report(
                 seed=seed,
                 allow_duplicates=allow_duplicates,
                 warn=_warn,
+                positive_control=None if positive_control == "none" else positive_control,
             )
         typer.echo(f"report: {path}")
         return
@@ -626,8 +634,9 @@ def demo(
         ),
     ] = None,
 ) -> None:
-    """Run the offline demo end to end: SmolLM2-135M, base vs prompted personas, a probe
-    classifier (MiniLM embeddings or TF-IDF, chosen by CV) trained in the run."""
+    """Run the offline demo end to end: SmolLM2-135M, the base stage, persona-prompted and the
+    positive control (the persona told to show in every format), a probe classifier (MiniLM
+    embeddings or TF-IDF, chosen by CV) trained in the run."""
     from charshift import pipeline
 
     name = "demo_quick" if quick else "demo"

@@ -226,6 +226,26 @@ class StatsConfig(_Strict):
     ci: float = Field(0.95, gt=0, lt=1)
     method: Literal["percentile", "bca"] = "percentile"
     seed: Seed = 0
+    # permutations behind each cell's p_null (labels permuted within items); 0: no p_null
+    n_perm: int = Field(1000, ge=0)
+    # the expanded percentile interval (t on G-1 degrees of freedom, see charshift.stats)
+    small_sample: bool = True
+
+
+class AnalysisConfig(_Strict):
+    # the stage scored in every unit to check that the scorer can see persona there (the
+    # persona told to show in every format); None: no scorer check
+    positive_control: str | None = PROMPTED_EXPLICIT_STAGE
+
+    @field_validator("positive_control")
+    @classmethod
+    def _control_ok(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        check_safe_name(v, "positive_control")
+        if v == BASE_STAGE:
+            raise ValueError("the base stage carries no persona: it cannot be a positive control")
+        return v
 
 
 class PersonaPromptsConfig(_Strict):
@@ -253,6 +273,7 @@ class RunConfig(_Strict):
     scorers: list[str] = Field(default_factory=lambda: list(DEFAULT_SCORERS), min_length=1)
     classifier_training: TrainSettings | None = None
     stats: StatsConfig = Field(default_factory=StatsConfig)
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     persona_prompts: PersonaPromptsConfig = Field(default_factory=PersonaPromptsConfig)
     published: str | None = None  # "paper": set figures beside the published ones
 
@@ -322,6 +343,15 @@ class RunConfig(_Strict):
                 f"sampling.max_tokens_by_slice: slice(s) {extra} are not in the run's slices "
                 f"{self.slices}"
             )
+        control = self.analysis.positive_control
+        # the default may be absent (the report then says there is no scorer check); a stage
+        # named on purpose must be one of the run's
+        if control not in (None, PROMPTED_EXPLICIT_STAGE):
+            if control not in self.stages:
+                raise ValueError(
+                    f"analysis.positive_control: {control!r} is not one of the run's stages "
+                    f"{self.stages}; add it to `stages` or set it to null"
+                )
         if self.classifier_training is not None:
             st = self.classifier_training.stage
             if st == BASE_STAGE or st not in self.stages:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from charshift import inputs
-from charshift.schema import NULL_PERSONA_MARKERS, PredictionRecord
+from charshift.schema import NULL_PERSONA_MARKERS, PROMPTED_EXPLICIT_STAGE, PredictionRecord
 
 
 def score_external(generations: Path, classifier: str, out: Path, batch_size: int = 16) -> int:
@@ -64,12 +64,15 @@ def report_predictions(
     *,
     allow_duplicates: bool = False,
     warn: Callable[[str], None] | None = None,
+    positive_control: str | None = PROMPTED_EXPLICIT_STAGE,
 ) -> Path:
     """Every metric, plot and the report from a predictions JSONL (the run's analysis tail).
 
     `out` and every row are checked before anything is computed or written (`charshift.inputs`),
     so a bad file leaves an earlier report in `out` as it was. A cell that lacks rows of its
-    grid (item x persona x sample) is a warning, through `warn` and at the top of the report."""
+    grid (item x persona x sample) is a warning, through `warn` and at the top of the report.
+    Rows of the stage `positive_control` (when present) are the positive control of the scorer
+    check."""
     from charshift.analysis import AnalysisInput, analyse
     from charshift.config import StatsConfig
 
@@ -92,9 +95,11 @@ def report_predictions(
         personas=personas,
         stats=StatsConfig(n_boot=n_boot, seed=seed),
         title=f"charshift report: {Path(path).name}",
-        settings={"predictions": str(path), "n_boot": n_boot, "seed": seed, "personas": personas},
+        settings={"predictions": str(path), "n_boot": n_boot, "seed": seed, "personas": personas,
+                  "positive_control": positive_control},
+        control=positive_control,
         warnings=gaps,
-    )
+    )  # fmt: skip
     return analyse(inp, Path(out))
 
 

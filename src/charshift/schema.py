@@ -41,6 +41,9 @@ OUTCOMES = (
     "error",
 )
 SCORED_OUTCOMES = ("reply", "email")
+# The backend failed (an error, or the prompt did not fit the context): says nothing about the
+# persona, so such a row is not a persona miss; statistics leave it out and count it on its own.
+FAILED_OUTCOMES = ("error", "context_overflow")
 
 
 class RecordError(ValueError):
