@@ -231,6 +231,22 @@ CONFIG_CASES = [
     Case("id_prompts_option_empty", lambda d: [*cfg(lambda c, _: None)(d), "--id-prompts", str(pred_file(d, [], "p.jsonl"))], ("--id-prompts", "empty")),
     Case("id_prompts_path_not_utf8", cfg(lambda c, d: c.update(id_prompts={"source": "file", "n_eval": 1, "path": str(pred_file(d, [b'{"id": "a", "prompt": "\xff"}'], "p.jsonl"))})), ("id_prompts.path", "line 1", "UTF-8")),
     Case("id_prompts_option_missing", lambda d: [*cfg(lambda c, _: None)(d), "--id-prompts", str(d / "nope.jsonl")], ("--id-prompts",)),
+    # issue 18: sampling values the sampler cannot handle, sizes that cannot fit, lists that lose
+    # their order or their content, a command template that allocates without bound
+    Case("temperature_1e-40", cfg(_set("sampling.temperature", 1e-40)), ("sampling.temperature", "0.01"), real=True),
+    Case("temperature_1e-3", cfg(_set("sampling.temperature", 1e-3)), ("sampling.temperature", "greedy")),
+    Case("rep_penalty_1e-300", cfg(_set("sampling.repetition_penalty", 1e-300)), ("sampling.repetition_penalty", "0.01"), real=True),
+    Case("rep_penalty_1e-5", cfg(_set("sampling.repetition_penalty", 1e-5)), ("sampling.repetition_penalty",)),
+    Case("top_p_1e-300", cfg(_set("sampling.top_p", 1e-300)), ("sampling.top_p",)),
+    Case("stats_n_boot_1e12", cfg(_set("stats.n_boot", 10**12)), ("stats.n_boot", "100000"), real=True),
+    Case("stats_n_boot_yaml_1e12", raw_cfg(_GOOD_YAML.replace(b"n_boot: 20", b"n_boot: 1.0e+12")), ("stats.n_boot", "100000")),
+    Case("training_n_boot_huge", cfg(lambda c, d: (c["bases"][0].pop("classifier"), c.update(classifier_training={"mode": "probe", "n_boot": 10**9}))), ("classifier_training.n_boot", "100000")),
+    Case("n_samples_huge", cfg(_set("sampling.n_samples", 10**6)), ("sampling.n_samples",)),
+    Case("scenario_ids_empty", cfg(lambda c, d: c.update(slices=["id_chat", "chat_email"], scenarios={"ids": []})), ("scenarios.ids",), real=True),
+    Case("personas_yaml_set", raw_cfg(_GOOD_YAML.replace(b"personas:\n- sarcasm\n- humor\n", b"personas: !!set {sarcasm, humor}\n")), ("line 11", "set", "list")),
+    Case("slices_yaml_set", raw_cfg(_GOOD_YAML.replace(b"slices:\n- id_chat\n", b"slices: !!set\n  ? id_chat\n")), ("line 16", "set")),
+    Case("command_format_width", cfg(lambda c, d: c.update(backend={"kind": "server", "engine": "command", "command": "serve {model:99999999999} --port {port}"})), ("backend.command", "format spec"), real=True),
+    Case("command_conversion", cfg(lambda c, d: c.update(backend={"kind": "server", "engine": "command", "command": "serve {model!r} --port {port}"})), ("backend.command", "format spec")),
 ]  # fmt: skip
 
 

@@ -66,6 +66,14 @@ PUBLISHED_SETS = ("paper",)
 # A run config is a few KB; a file larger than this is refused before it is parsed.
 _MAX_YAML_BYTES = 1 << 20
 SEED_MAX = 2**32 - 1
+# What the samplers can handle: a temperature below MIN_TEMPERATURE (but 0, greedy) or a
+# repetition penalty below MIN_REPETITION_PENALTY scales logits past float32's range (inf, then
+# NaN probabilities); a top_p below MIN_TOP_P rounds to 0 in float32 and keeps no token.
+MIN_TEMPERATURE = 0.01
+MIN_REPETITION_PENALTY = 0.01
+MIN_TOP_P = 1e-6
+# Bootstrap resamples: a (n_boot x clusters) draw is held in memory per interval.
+MAX_N_BOOT = 100_000
 
 
 def check_safe_name(value: str, what: str = "name") -> str:
@@ -166,7 +174,7 @@ class ClassifierTraining(_Strict):
     # what the probe reads: a frozen encoder's sentence embeddings, TF-IDF word features, or
     # (auto) whichever cross-validates better on the training rows (charshift.lexical)
     probe_features: Literal["embedding", "lexical", "auto"] = "embedding"
-    n_boot: int = Field(1000, ge=10)
+    n_boot: int = Field(1000, ge=10, le=MAX_N_BOOT)
     ci: float = Field(0.95, gt=0, lt=1)
     seed: int = 0
 
@@ -206,9 +214,9 @@ class BaseSpec(_Strict):
 
 class SamplingConfig(_Strict):
     temperature: float = Field(0.7, ge=0.0, le=10.0, allow_inf_nan=False)
-    top_p: float = Field(0.95, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_p: float = Field(0.95, ge=MIN_TOP_P, le=1.0, allow_inf_nan=False)
     max_tokens: int = Field(1024, ge=1, le=1 << 20)
-    repetition_penalty: float = Field(1.1, gt=0.0, le=10.0, allow_inf_nan=False)
+    repetition_penalty: float = Field(1.1, ge=MIN_REPETITION_PENALTY, le=10.0, allow_inf_nan=False)
     n_samples: int = Field(1, ge=1, le=10_000)
     seed: Seed = 0
     # Per-slice generation budgets (tokens per model turn), overriding `max_tokens` for a slice:
@@ -224,6 +232,16 @@ class SamplingConfig(_Strict):
         bad = {s: n for s, n in v.items() if isinstance(n, bool) or n < 1 or n > 1 << 20}
         if bad:
             raise ValueError(f"token budgets must be >= 1 and <= {1 << 20}, got {bad}")
+        return v
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_ok(cls, v: float) -> float:
+        if 0 < v < MIN_TEMPERATURE:
+            raise ValueError(
+                f"{v:g} is too small for the sampler (logits divided by it leave float32's "
+                f"range): use 0 for greedy decoding, or at least {MIN_TEMPERATURE}"
+            )
         return v
 
     def max_tokens_for(self, slice_: str | None) -> int:
@@ -304,11 +322,23 @@ class BackendConfig(_Strict):
 
         try:
             parts = shlex.split(v)
-            names = {
-                f for p in parts for _, f, _, _ in string.Formatter().parse(p) if f is not None
-            }
+            fields = [
+                (f, spec, conv)
+                for p in parts
+                for _, f, spec, conv in string.Formatter().parse(p)
+                if f is not None
+            ]
         except ValueError as err:
             raise ValueError(f"not a valid command template: {err}") from None
+        names = {f for f, _, _ in fields}
+        # a format spec ({model:99999999999} allocates that many characters) or a conversion
+        # is never needed to fill in a name: only plain {name} is accepted
+        fancy = sorted({f for f, spec, conv in fields if spec or conv})
+        if fancy:
+            raise ValueError(
+                f"placeholder(s) {fancy} carry a format spec or conversion; write a plain "
+                "{name}, e.g. {port}"
+            )
         unknown = sorted(n for n in names if n not in SERVER_PLACEHOLDERS)
         if unknown:
             raise ValueError(
@@ -352,7 +382,9 @@ class IdPromptsConfig(_Strict):
 
 
 class ScenariosConfig(_Strict):
-    ids: list[str] | None = None  # explicit scenario ids; None = all (or the first n)
+    # explicit scenario ids; None = all (or the first n); an empty list would drop every
+    # scenario slice without a word, so it is refused
+    ids: list[str] | None = Field(None, min_length=1)
     n: int | None = Field(None, ge=1)
     seed: Seed = 0
 
@@ -383,7 +415,7 @@ class ScoringConfig(_Strict):
 
 
 class StatsConfig(_Strict):
-    n_boot: int = Field(1000, ge=10)
+    n_boot: int = Field(1000, ge=10, le=MAX_N_BOOT)
     ci: float = Field(0.95, gt=0, lt=1)
     method: Literal["percentile", "bca"] = "percentile"
     seed: Seed = 0
@@ -502,10 +534,38 @@ def parse_config(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
         raise ConfigError(
             f"invalid run config ({source}): top level must be a mapping, got {type(data).__name__}"
         )
+    where = _set_in(data)
+    if where is not None:
+        raise ConfigError(
+            f"invalid run config ({source}):\n  {where}: a set has no order (a run could not "
+            "resume its own rows); give a list"
+        )
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def _set_in(data: Any, path: str = "") -> str | None:
+    """The dotted path of the first set (or frozenset) in a config's data, or None."""
+    if isinstance(data, set | frozenset):
+        return path or "(top level)"
+    items = (
+        data.items()
+        if isinstance(data, dict)
+        else enumerate(data)
+        if isinstance(data, list | tuple)
+        else ()
+    )
+    for k, v in items:
+        found = _set_in(v, f"{path}.{k}" if path else str(k))
+        if found is not None:
+            return found
+    return None
+
+
+class _Unordered(yaml.constructor.ConstructorError):
+    """Valid YAML that a run config cannot use: a set, which has no order."""
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -527,6 +587,17 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     None, None, f"key {key!r} is given twice", key_node.start_mark
                 )
         return super().construct_mapping(node, deep)
+
+    def construct_unordered_set(self, node: yaml.Node) -> Any:
+        """A YAML set (`!!set`, `? a`) has no order: personas, stages or slices given as one
+        would come out in the order of Python's string hash, different in every process, so a
+        run could not resume its own rows. Refused; a list says the order."""
+        raise _Unordered(
+            None, None, "a YAML set (!!set) has no order; give a list [a, b, ...]", node.start_mark
+        )
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:set", _UniqueKeyLoader.construct_unordered_set)
 
 
 def read_config_text(path: str | Path) -> str:
@@ -555,6 +626,9 @@ def parse_yaml(text: str, source: str) -> Any:
     """YAML text -> data, with a ConfigError for invalid, duplicate-key or absurdly nested YAML."""
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except _Unordered as err:
+        line = err.problem_mark.line + 1 if err.problem_mark else "?"
+        raise ConfigError(f"config file {source} line {line}: {err.problem}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {source} is not valid YAML: {err}") from None
     except RecursionError:
