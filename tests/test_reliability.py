@@ -339,6 +339,33 @@ def test_deleted_generations(mini, env, tmp_path):
     )
 
 
+def test_lone_surrogate_in_a_stored_text(mini, env, tmp_path):
+    """Issue 18: a stored text holding a lone surrogate (legal JSON, "\\ud800") made every resume
+    end in the tokenizer's TypeError. The row is left unscored, named, and the run finishes."""
+    cfg, ref = mini
+    run = _copy(ref, tmp_path / "run")
+    lines = (run / "generations.jsonl").read_bytes().splitlines(keepends=True)
+    i, row = next(
+        (i, r)
+        for i, r in enumerate(json.loads(x) for x in lines)
+        if r["split"] == "eval" and r["text"]
+    )
+    row["text"] = row["text"][:3] + "\ud800" + row["text"][3:]
+    lines[i] = json.dumps(row).encode() + b"\n"  # ensure_ascii: the escape, valid JSON
+    (run / "generations.jsonl").write_bytes(b"".join(lines))
+    before = _kept(run)["generations.jsonl"]
+    for cmd in (["run", str(cfg), "--out", str(run)], ["score", "--run", str(run)]):
+        rc, out = _cli(cmd, env)
+        _judge(
+            f"lone surrogate in a stored text: {cmd[0]}",
+            rc,
+            out,
+            rc_ok=_zero,
+            names=["hold a text no tokenizer can read", row["key"], "\\ud800 at character 4"],
+            data_ok=(run / "generations.jsonl").read_bytes() == before,
+        )
+
+
 # -- the OS refuses a write: read-only file, full disk -------------------------------------------
 
 

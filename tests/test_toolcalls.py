@@ -542,3 +542,23 @@ def test_property_never_raises(text: str) -> None:
     assert msg is None or isinstance(msg, str)
     if not result:
         assert msg  # a turn without a call always gets an explanation
+
+
+def test_escaped_lone_surrogates_never_reach_a_call():
+    """Issue 18: "\\ud800" is legal JSON, but no UTF-8 file or tokenizer takes the lone surrogate
+    it decodes to; every one in a call's name, keys and strings (at any depth) is U+FFFD, order
+    kept, and a proper pair still decodes to its character."""
+    deep = '{"k": ' * 200 + '"\\udfff"' + "}" * 200
+    text = (
+        '{"name": "send\\ud800", "arguments": {"a\\udc00": ["\\ud83d", {"b": "\\udfff"}], '
+        f'"z": "\\ud83d\\ude00", "deep": {deep}}}}}'
+    )
+    (call,) = parse_tool_calls(text)
+    assert call.name == "send\ufffd"
+    assert list(call.arguments) == ["a\ufffd", "z", "deep"]
+    assert call.arguments["a\ufffd"] == ["\ufffd", {"b": "\ufffd"}]
+    assert call.arguments["z"] == "\U0001f600"
+    node = call.arguments["deep"]
+    for _ in range(199):
+        node = node["k"]
+    assert node == {"k": "\ufffd"}

@@ -184,18 +184,30 @@ def _json_type(v: Any) -> str:
 # ------------------------------------------------------------------------------------ row checks
 
 
+def surrogate_problem(text: str) -> str | None:
+    """'holds a lone surrogate (\\ud800 at character 4)' where `text` holds one (legal in JSON,
+    but no UTF-8 file and no tokenizer can take it), else None."""
+    m = _SURROGATE.search(text)
+    if m is None:
+        return None
+    return f"holds a lone surrogate (\\u{ord(m.group()):04x} at character {m.start() + 1})"
+
+
+def replace_surrogates(text: str) -> tuple[str, int]:
+    """`text` with each lone surrogate replaced by U+FFFD (what a UTF-8 decoder puts for bytes it
+    cannot read), and how many were replaced."""
+    return _SURROGATE.subn("\ufffd", text)
+
+
 def check_text(v: Any, field: str, where: str, error: Error = InputError) -> str | None:
     """A free text (a model output): a string or null, with no lone surrogate."""
     if v is None:
         return None
     if not isinstance(v, str):
         raise error(f"{where}: field {field!r} must be a string or null, got {_json_type(v)}")
-    m = _SURROGATE.search(v)
-    if m:
-        raise error(
-            f"{where}: field {field!r} holds a lone surrogate (\\u{ord(m.group()):04x} at "
-            f"character {m.start() + 1}), which no UTF-8 output can carry"
-        )
+    problem = surrogate_problem(v)
+    if problem:
+        raise error(f"{where}: field {field!r} {problem}, which no UTF-8 output can carry")
     return v
 
 
@@ -206,9 +218,9 @@ def _label_problem(v: str) -> str | None:
         return "must be a non-empty string, got ''"
     if len(v) > MAX_LABEL_CHARS:
         return f"is longer than {MAX_LABEL_CHARS} characters"
-    m = _SURROGATE.search(v)
-    if m:
-        return f"holds a lone surrogate (\\u{ord(m.group()):04x} at character {m.start() + 1})"
+    problem = surrogate_problem(v)
+    if problem:
+        return problem
     m = _BAD_LABEL_CHARS.search(v)
     if m:
         return (

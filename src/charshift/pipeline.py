@@ -10,9 +10,9 @@ from __future__ import annotations
 import functools
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -20,6 +20,7 @@ from charshift import tools, units
 from charshift.adapter_probe import probe_adapters, require_applied
 from charshift.backends.base import AdapterSource, Backend
 from charshift.config import BaseSpec, RunConfig, config_to_dict, parse_config
+from charshift.inputs import surrogate_problem
 from charshift.planning import Plan, PlannedRow, Shard, build_plan, in_shard, select_shard
 from charshift.rollout import Episode, RolloutEngine, RolloutSettings
 from charshift.schema import EpisodeSpec, GenerationRow, ScoreRow, stable_hash
@@ -303,6 +304,7 @@ def training_rows(cfg: RunConfig, store: RunStore, base: BaseSpec) -> list[Gener
         and r.stage == tc.stage
         and r.text
     ]
+    rows = _readable(rows, lambda r: (r, r.text or ""), store, "used for training")
     if not rows:
         raise ValueError(
             f"no ID training generations for base {base.name} stage {tc.stage}: run `generate` first"
@@ -352,6 +354,33 @@ def ensure_classifiers(cfg: RunConfig, store: RunStore) -> None:
 
 
 ScoreItem = tuple[GenerationRow, str, str]  # (row, unit, text)
+T = TypeVar("T")
+
+
+def _readable(
+    items: list[T], parts: Callable[[T], tuple[GenerationRow, str]], store: RunStore, use: str
+) -> list[T]:
+    """The items (`parts(item)`: its row and text) whose text a tokenizer can take. A stored
+    text holding a lone surrogate (a damaged or hand-edited line: nothing charshift writes holds
+    one) made the tokenizer raise and every resume die; its row is left out, with one warning
+    naming it."""
+    ok: list[T] = []
+    bad: dict[str, tuple[GenerationRow, str]] = {}
+    for it in items:
+        row, text = parts(it)
+        problem = surrogate_problem(text)
+        if problem is None:
+            ok.append(it)
+        else:
+            bad.setdefault(row.key, (row, problem))
+    if bad:
+        row, problem = next(iter(bad.values()))
+        store.warn(
+            f"{store.root}: {len(bad)} generation row(s) hold a text no tokenizer can read "
+            f"(e.g. row {row.key}, {row.base}/{row.stage}/{row.slice}/{row.item_id}: its text "
+            f"{problem}); they are not {use}, and the report counts them as missing"
+        )
+    return ok
 
 
 def score(cfg: RunConfig, store: RunStore) -> dict[str, int]:
@@ -363,9 +392,13 @@ def score(cfg: RunConfig, store: RunStore) -> dict[str, int]:
     counts = {"scored": 0, "already": 0}
     items_by_base: dict[str, list[ScoreItem]] = {}
     shards: dict[str, int] = {}
-    for r, unit, text in units.row_units(store.generations, raw):
-        if text and in_shard(r.item_id, store.shard, shards):
-            items_by_base.setdefault(r.base, []).append((r, unit, text))
+    items = [
+        (r, unit, text)
+        for r, unit, text in units.row_units(store.generations, raw)
+        if text and in_shard(r.item_id, store.shard, shards)
+    ]
+    for it in _readable(items, lambda it: (it[0], it[2]), store, "scored"):
+        items_by_base.setdefault(it[0].base, []).append(it)
     for base in cfg.bases:
         items = items_by_base.get(base.name, [])
         if not items:

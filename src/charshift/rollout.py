@@ -48,6 +48,7 @@ from charshift.backends.base import Backend, BackendDead
 from charshift.constrain import tool_call_schema
 from charshift.extraction import extract_email, is_email_body
 from charshift.formats import compose_system
+from charshift.inputs import replace_surrogates
 from charshift.schema import (
     Condition,
     EpisodeSpec,
@@ -245,6 +246,10 @@ class RolloutEngine:
 
     def _advance(self, ep: Episode, text: str, finish_reason: str) -> None:
         ep.steps += 1
+        if text:  # a server's JSON can hold half a surrogate pair, which no file can store
+            text, n_bad = replace_surrogates(text)
+            if n_bad:
+                ep.meta["surrogates_replaced"] = ep.meta.get("surrogates_replaced", 0) + n_bad
         if finish_reason == "context_overflow":
             ep.outcome = self._ended(ep, "context_overflow")
             return

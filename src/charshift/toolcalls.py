@@ -51,6 +51,8 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from charshift.inputs import replace_surrogates
+
 FORMAT_HINT = (
     'To call a tool, reply with a JSON object {"name": "<tool>", "arguments": {...}}, '
     "optionally inside a ```json fence or <tool_call></tool_call> tags."
@@ -924,7 +926,29 @@ def parse_tool_calls(text: str, *, stats: WorkStats | None = None) -> list[ToolC
     except Exception:  # a bug here must not crash a rollout; the turn counts as malformed
         return []
     scanner.budget.report(stats)
-    return list(scanner.calls)
+    return [_no_surrogates(c) for c in scanner.calls]
+
+
+def _no_surrogates(call: ToolCall) -> ToolCall:
+    """`call` with every lone surrogate in its name, keys and strings replaced by U+FFFD. A JSON
+    escape such as "\\ud83d" decodes to one; it would end up in a stored row (no UTF-8 file can
+    hold it) or in the next prompt (no tokenizer takes it). Iterative: arguments nest deeply."""
+    name, _ = replace_surrogates(call.name)
+    args = dict(call.arguments)
+    stack: list[dict[Any, Any] | list[Any]] = [args]
+    while stack:
+        node = stack.pop()
+        pairs = list(node.items()) if isinstance(node, dict) else list(enumerate(node))
+        if isinstance(node, dict):
+            node.clear()
+        for k, v in pairs:
+            if isinstance(v, str):
+                v = replace_surrogates(v)[0]
+            elif isinstance(v, dict | list):
+                v = dict(v) if isinstance(v, dict) else list(v)
+                stack.append(v)
+            node[replace_surrogates(k)[0] if isinstance(k, str) else k] = v
+    return ToolCall(name, args)
 
 
 def required_from_schemas(tools: Iterable[Mapping[str, Any]] | None) -> dict[str, list[str]]:
