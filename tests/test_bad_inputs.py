@@ -373,6 +373,9 @@ PREDICTION_CASES = [
     Case("out_under_a_file", preds_lines(GOOD_PRED_LINES, out="old.jsonl/sub"), ("--out",)),
     Case("out_unwritable", preds_lines(GOOD_PRED_LINES, out="/proc/charshift-out"), ("--out",)),
     Case("n_boot_zero", lambda d: [*preds_lines(GOOD_PRED_LINES)(d)[:-1], "0"], ("--n-boot",)),
+    # issue 18: labels that look alike but differ, sizes that cannot fit, --out ''
+    Case("n_boot_1e9", lambda d: [*preds_lines(GOOD_PRED_LINES)(d)[:-1], "1000000000"], ("--n-boot", "100000")),
+    Case("out_empty", lambda d: [*preds_lines(GOOD_PRED_LINES)(d)[:3], "--out", ""], ("--out", "empty")),
 ]  # fmt: skip
 
 
@@ -437,6 +440,103 @@ GENERATION_CASES = [
     Case("classifier_root", gens(grow(9), clf="/"), ("--classifier", "not a model folder")),
     Case("classifier_encoder_only", gens(grow(9), clf="packaged:minilm"), ("packaged:minilm",)),
     Case("persona_not_a_label", gens(grow(9, persona="poeticism")), ("poeticism",)),
+    # issue 18
+    Case("out_empty", lambda d: [*gens(grow(9))(d)[:-1], ""], ("--out", "empty")),
+]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------- other commands
+
+
+def _scenario_id() -> str:
+    from charshift.scenarios import load_bank
+
+    return load_bank()[0].id
+
+
+def bank_file(content: bytes) -> Callable[[Path], list[str]]:
+    """A `scenarios validate` case: a scenario bank file holding `content`."""
+
+    def make(d: Path) -> list[str]:
+        p = d / "bank.yaml"
+        p.write_bytes(content)
+        return ["scenarios", "validate", str(p)]
+
+    return make
+
+
+def _two_banks() -> bytes:
+    """A bank whose top-level `scenarios` key is given twice (YAML loaders keep the last)."""
+    from importlib import resources
+
+    bank = yaml.safe_load((resources.files("charshift") / "data" / "scenarios.yaml").read_text())
+    first, second = bank["scenarios"][:2]
+    return (
+        yaml.safe_dump({"scenarios": [first]}) + yaml.safe_dump({"scenarios": [second]})
+    ).encode()
+
+
+def empty_run(d: Path, **change: Any) -> Path:
+    """A run folder as `charshift generate` leaves it before its first row (config, manifest)."""
+    from charshift import config, pipeline
+
+    data = good_config()
+    data.update(change)
+    pipeline.prepare_run(config.parse_config(data), d / "run").close()
+    return d / "run"
+
+
+def finished_run(d: Path) -> Path:
+    """A finished run of the good config, built once under $CHARSHIFT_CACHE, copied to d/run
+    without its report outputs (so that a report written into it creates, not changes, files)."""
+    import shutil
+
+    built = Path(os.environ["CHARSHIFT_CACHE"]) / "bad-inputs-finished-run"
+    if not (built / "report.md").is_file():
+        shutil.rmtree(built, ignore_errors=True)
+        built.parent.mkdir(parents=True, exist_ok=True)
+        (built.parent / "bad-inputs.yaml").write_text(yaml.safe_dump(good_config()))
+        code, out, tb = cli_invoke(
+            ["run", str(built.parent / "bad-inputs.yaml"), "--out", str(built)]
+        )
+        assert code == 0 and not tb, out[-2000:]
+    skip = shutil.ignore_patterns("report", "*.md", "*.csv", "*.lock", "*.lock.info")
+    shutil.copytree(built, d / "run", ignore=skip)
+    return d / "run"
+
+
+def _training(c: dict[str, Any], _: Path) -> None:
+    """The good config with a probe classifier trained in the run (classifier/<base>)."""
+    c["bases"][0].pop("classifier")
+    c["id_prompts"]["n_train"] = 4
+    c["classifier_training"] = {"mode": "probe", "probe_features": "lexical", "n_boot": 20}
+
+
+def _default(c: dict[str, Any], _: Path) -> None:
+    pass
+
+
+# Run as given (no --dry-run added): each either refuses before any work or is a dry run itself.
+CLI_CASES = [
+    Case("scenarios_show_unknown_persona", lambda d: ["scenarios", "show", _scenario_id(), "--persona", "grumpiness"], ("--persona", "grumpiness")),
+    Case("scenarios_show_zero_width_persona", lambda d: ["scenarios", "show", _scenario_id(), "--persona", "sarcasm\u200b"], ("--persona",)),
+    Case("scenarios_validate_not_utf8", bank_file(b"scenarios:\n  - id: caf\xe9\n"), ("not UTF-8", "line 2")),
+    Case("scenarios_validate_deep_nesting", bank_file(b"scenarios: " + b"[" * 5000 + b"]" * 5000 + b"\n"), ("nested too deeply",)),
+    Case("scenarios_validate_duplicate_key", bank_file(_two_banks()), ("'scenarios'", "twice")),
+    Case("scenarios_validate_python_tag", bank_file(b"scenarios: !!python/object/apply:os.system ['true']\n"), ("not valid YAML",)),
+    Case("train_classifier_no_training_stage", lambda d: ["train-classifier", "--run", str(empty_run(d, stages=["base", "prompted_explicit"])), "--out", str(d / "clf")], ("classifier_training", "id_prompts.n_train")),
+    Case("train_classifier_no_training_rows", lambda d: ["train-classifier", "--run", str(empty_run(d, classifier_training={"mode": "probe"})), "--out", str(d / "clf")], ("id_prompts.n_train: 0",)),
+    Case("train_classifier_out_empty", lambda d: ["train-classifier", "--run", str(empty_run(d)), "--out", ""], ("--out", "empty")),
+    Case("run_out_empty", lambda d: [*cfg(_default)(d), "--out", ""], ("--out", "empty")),
+    Case("report_run_beside_predictions", lambda d: ["report", "--run", str(finished_run(d)), "--predictions", str(pred_file(d, GOOD_PRED_LINES)), "--out", str(d / "r")], ("--run", "--predictions")),
+    Case("report_run_with_n_boot", lambda d: ["report", "--run", str(finished_run(d)), "--n-boot", "50"], ("--n-boot", "--predictions")),
+    Case("report_run_with_seed", lambda d: ["report", "--run", str(finished_run(d)), "--seed", "7"], ("--seed", "--predictions")),
+    Case("score_run_with_classifier", lambda d: ["score", "--run", str(finished_run(d)), "--classifier", TINY_CLF], ("--classifier", "--generations")),
+    Case("score_generations_beside_run", lambda d: [*gens(grow(9), out="p.jsonl")(d), "--run", str(finished_run(d))], ("--run", "--generations")),
+    Case("throughput_inf", lambda d: [*cfg(_default)(d), "--dry-run", "--throughput", "inf"], ("--throughput",)),
+    Case("throughput_nan", lambda d: [*cfg(_default)(d), "--dry-run", "--throughput", "nan"], ("--throughput",)),
+    Case("base_name_too_long_for_the_fs", cfg(lambda c, d: (_training(c, d), _set("bases.0.name", "\U0001d400" * 64)(c, d))), ("bases.0.name", "255 bytes")),
+    Case("run_name_too_long_for_the_fs", cfg(_set("name", "\U0001d400" * 64)), ("name", "255 bytes")),
 ]  # fmt: skip
 
 
@@ -517,9 +617,19 @@ def test_bad_generations(case: Case, case_env: Path) -> None:
     _check(case, case_env)
 
 
+@pytest.mark.parametrize("case", CLI_CASES, ids=lambda c: c.id)
+def test_bad_command_lines(case: Case, case_env: Path) -> None:
+    _check(case, case_env, dry=False)
+
+
 def test_matrix_size() -> None:
     """The issue asks for ~60 config, ~40 predictions and ~20 generations cases, named uniquely."""
-    for cases, least in ((CONFIG_CASES, 60), (PREDICTION_CASES, 40), (GENERATION_CASES, 20)):
+    for cases, least in (
+        (CONFIG_CASES, 60),
+        (PREDICTION_CASES, 40),
+        (GENERATION_CASES, 20),
+        (CLI_CASES, 15),
+    ):
         assert len(cases) >= least and len({c.id for c in cases}) == len(cases)
 
 

@@ -622,17 +622,20 @@ def read_config_text(path: str | Path) -> str:
         ) from None
 
 
-def parse_yaml(text: str, source: str) -> Any:
-    """YAML text -> data, with a ConfigError for invalid, duplicate-key or absurdly nested YAML."""
+def parse_yaml(
+    text: str, source: str, what: str = "config file", error: type[Exception] = ConfigError
+) -> Any:
+    """YAML text -> data; an `error` naming `what` and `source` for invalid YAML, a key given
+    twice, a set (no order) or absurdly deep nesting."""
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except _Unordered as err:
         line = err.problem_mark.line + 1 if err.problem_mark else "?"
-        raise ConfigError(f"config file {source} line {line}: {err.problem}") from None
+        raise error(f"{what} {source} line {line}: {err.problem}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {source} is not valid YAML: {err}") from None
+        raise error(f"{what} {source} is not valid YAML: {err}") from None
     except RecursionError:
-        raise ConfigError(f"config file {source}: YAML nested too deeply") from None
+        raise error(f"{what} {source}: YAML nested too deeply") from None
 
 
 def load_config(path: str | Path) -> RunConfig:

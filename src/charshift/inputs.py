@@ -491,6 +491,31 @@ def check_output_dir(path: str | Path, what: str = "--out", error: Error = Input
     return p
 
 
+def name_max(folder: str | Path) -> int:
+    """The longest file name, in bytes, that the file system of `folder` (or of its nearest
+    existing ancestor) takes; 255, the common limit, where it cannot say."""
+    try:
+        return int(os.pathconf(_nearest_existing(Path(folder)), "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        return 255
+
+
+def check_name_lengths(
+    names: Sequence[tuple[str, str, int]], folder: str | Path, error: Error = InputError
+) -> None:
+    """Each (what, name, extra bytes a file name made from it adds) fits the file system of
+    `folder` (`name_max`); an error naming `what`, the name's bytes and the limit."""
+    limit = name_max(folder)
+    for what, name, extra in names:
+        n = len(os.fsencode(name))
+        if n + extra > limit:
+            made = f" (and {n + extra} with what the run adds to it)" if extra else ""
+            raise error(
+                f"{what}: {name[:40]!r}{'...' if len(name) > 40 else ''} is {n} bytes as a "
+                f"file name{made}; file names under {folder} are limited to {limit} bytes"
+            )
+
+
 def write_text_atomic(path: str | Path, text: str, error: Error = InputError) -> None:
     """Write `text` (UTF-8) to `path` through a temporary file beside it and a rename: the file
     is either the old one or the complete new one, never a partial write."""

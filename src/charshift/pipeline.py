@@ -116,9 +116,38 @@ def _server_backend(cfg: RunConfig, base: BaseSpec, run_dir: Path | None) -> Bac
 # -- steps ---------------------------------------------------------------------------------------
 
 
+# Bytes the run adds to a base's name in a file name: `classifier/NAME.tmpXXXXXXXX` while a
+# classifier is trained, `server-NAME.log` for a managed server.
+BASE_NAME_EXTRA = len(".tmp") + 8
+
+
+def check_file_names(cfg: RunConfig, out: Path) -> None:
+    """Every name the run makes a file or folder name of fits the file system of `out`: checked
+    before anything is written, so a long name never fails after rows were generated."""
+    from charshift.inputs import check_name_lengths
+
+    names = [
+        ("name (the run folder)" if k == 0 and part == cfg.name else "--out", part, 0)
+        for k, part in enumerate(_new_parts(Path(out)))
+    ]
+    names += [(f"bases.{i}.name", b.name, BASE_NAME_EXTRA) for i, b in enumerate(cfg.bases)]
+    check_name_lengths(names, out)
+
+
+def _new_parts(path: Path) -> list[str]:
+    """The components of `path` that do not exist yet (the folders a run would create), the
+    last first."""
+    parts = []
+    while not path.exists() and path != path.parent:
+        parts.append(path.name)
+        path = path.parent
+    return parts
+
+
 def prepare_run(cfg: RunConfig, out: Path, shard: Shard | None = None) -> RunStore:
     """Open `out` for writing (takes the run's writer lock, or `shard`'s; close the store, or
     use it as a context manager, to release it) and record the config."""
+    check_file_names(cfg, out)
     store = RunStore(out, shard=shard)
     try:
         store.write_config(
@@ -306,8 +335,15 @@ def training_rows(cfg: RunConfig, store: RunStore, base: BaseSpec) -> list[Gener
     ]
     rows = _readable(rows, lambda r: (r, r.text or ""), store, "used for training")
     if not rows:
+        why = (
+            "its config asks for none (id_prompts.n_train: 0); set id_prompts.n_train and run "
+            "`charshift run CONFIG --out DIR` to generate them"
+            if cfg.id_prompts.n_train == 0
+            else "run `charshift generate CONFIG --out DIR` first"
+        )
         raise ValueError(
-            f"no ID training generations for base {base.name} stage {tc.stage}: run `generate` first"
+            f"no ID training generations for base {base.name} stage {tc.stage} in "
+            f"{store.root}: {why}"
         )
     return sorted(rows, key=lambda r: r.key)
 
@@ -479,6 +515,7 @@ def preflight(cfg: RunConfig) -> None:
 
 def run_all(cfg: RunConfig, out: Path) -> Path:
     t0 = time.time()
+    check_file_names(cfg, out)
     build_plan(cfg)  # scenario, prompt and persona files are validated here
     preflight(cfg)
     with prepare_run(cfg, out) as store:
