@@ -374,6 +374,17 @@ PREDICTION_CASES = [
     Case("out_unwritable", preds_lines(GOOD_PRED_LINES, out="/proc/charshift-out"), ("--out",)),
     Case("n_boot_zero", lambda d: [*preds_lines(GOOD_PRED_LINES)(d)[:-1], "0"], ("--n-boot",)),
     # issue 18: labels that look alike but differ, sizes that cannot fit, --out ''
+    Case("persona_zero_width_space", preds(prow(20, persona="sarcasm\u200b")), ("line 3", "'persona'", "U+200B")),
+    Case("persona_word_joiner", preds(prow(20, persona="hu\u2060mor")), ("line 3", "'persona'", "U+2060")),
+    Case("persona_soft_hyphen", preds(prow(20, persona="sar\u00adcasm")), ("line 3", "'persona'", "U+00AD")),
+    Case("prediction_bom", preds(prow(20, prediction="\ufeffhumor")), ("line 3", "'prediction'", "U+FEFF")),
+    Case("item_id_zero_width_joiner", preds(prow(20, item_id="i0\u200d")), ("line 3", "'item_id'", "U+200D")),
+    Case("persona_nfd", preds_lines([*GOOD_PRED_LINES, prow(20, persona="cafe\u0301")]), ("line 9", "'persona'", "NFC")),
+    Case("persona_nfc_nfd_pair", preds_lines([*GOOD_PRED_LINES, prow(20, persona="caf\u00e9"), prow(21, persona="cafe\u0301")]), ("line 10", "'persona'", "NFC")),
+    Case("persona_fullwidth_lookalike", preds_lines([*GOOD_PRED_LINES, prow(20, persona="\uff53arcasm")]), ("lines 1 and 9", "'persona'", "look alike")),
+    Case("stage_ligature_lookalike", preds_lines([*GOOD_PRED_LINES, prow(20, stage="\ufb01ne"), prow(22, stage="fine")]), ("lines 9 and 10", "'stage'", "look alike")),
+    Case("personas_thousands", preds_lines([prow(i, persona=f"p{i:04d}", item_id=f"i{i}") for i in range(1000)]), ("1000 distinct personas", "at most 100")),
+    Case("predicted_labels_thousands", preds_lines([prow(i, prediction=f"l{i:04d}") for i in range(1000)]), ("1000 distinct predicted labels", "at most 100")),
     Case("n_boot_1e9", lambda d: [*preds_lines(GOOD_PRED_LINES)(d)[:-1], "1000000000"], ("--n-boot", "100000")),
     Case("out_empty", lambda d: [*preds_lines(GOOD_PRED_LINES)(d)[:3], "--out", ""], ("--out", "empty")),
 ]  # fmt: skip
@@ -441,6 +452,8 @@ GENERATION_CASES = [
     Case("classifier_encoder_only", gens(grow(9), clf="packaged:minilm"), ("packaged:minilm",)),
     Case("persona_not_a_label", gens(grow(9, persona="poeticism")), ("poeticism",)),
     # issue 18
+    Case("persona_zero_width_space", gens(grow(9, persona="\u200bhumor")), ("line 3", "'persona'", "U+200B")),
+    Case("base_nfd", gens(grow(9, base="be\u0301")), ("line 3", "'base'", "NFC")),
     Case("out_empty", lambda d: [*gens(grow(9))(d)[:-1], ""], ("--out", "empty")),
 ]  # fmt: skip
 
@@ -780,3 +793,18 @@ def test_end_to_end_one_line_error(case: Case, tmp_path: Path) -> None:
     assert all(s in lines[0] for s in case.expect) and not proc.stdout.strip()
     after = _snapshot(d)
     assert {k: v for k, v in after.items() if k in before} == before
+
+
+def test_labels_that_differ_visibly_are_kept(tmp_path: Path) -> None:
+    """The look-alike checks refuse invisible characters, non-NFC forms and NFKC twins only:
+    accented, non-Latin and case-distinct labels stay distinct labels."""
+    from charshift.inputs import load_predictions
+
+    extra = [
+        prow(20, persona="caf\u00e9"),
+        prow(22, persona="\u65e5\u672c"),
+        prow(24, persona="Sarcasm"),
+        prow(26, item_id="\u00e9t\u00e9"),
+    ]
+    recs = load_predictions(pred_file(tmp_path, [*GOOD_PRED_LINES, *extra]))
+    assert {r.persona for r in recs} == {*PERSONAS, "caf\u00e9", "\u65e5\u672c", "Sarcasm"}

@@ -35,6 +35,7 @@ def score_external(generations: Path, classifier: str, out: Path, batch_size: in
         raise inputs.InputError(f"--out {out} is the generations file itself; give another file")
     rows = inputs.read_jsonl_objects(gen, "generations file")
     recs = [inputs.check_generation(obj, f"generations file {gen} line {n}") for n, obj in rows]
+    inputs.check_lookalikes(recs, [n for n, _ in rows], str(gen))
     inputs.check_model_source(classifier, "--classifier", classifier=True)
     clf = Classifier.load(classifier)
     clf.check_personas(sorted({r.persona for r in recs} - set(NULL_PERSONA_MARKERS)))
@@ -80,6 +81,7 @@ def report_predictions(
         raise inputs.InputError(
             f"{path}: need at least two distinct true personas, found {personas}"
         )
+    _check_label_counts(path, personas, records)
     inp = AnalysisInput(
         records=records,
         personas=personas,
@@ -88,6 +90,21 @@ def report_predictions(
         settings={"predictions": str(path), "n_boot": n_boot, "seed": seed, "personas": personas},
     )
     return analyse(inp, Path(out))
+
+
+# The report draws a confusion matrix (personas x predicted labels) and figures per persona;
+# beyond this many neither can be read, and drawing them takes minutes.
+MAX_LABELS = 100
+
+
+def _check_label_counts(path: Path, personas: list[str], records: list[PredictionRecord]) -> None:
+    predicted = {r.prediction for r in records if r.prediction is not None}
+    for what, n in (("personas", len(personas)), ("predicted labels", len(predicted))):
+        if n > MAX_LABELS:
+            raise inputs.InputError(
+                f"{path}: {n} distinct {what}; the report draws a confusion matrix and figures "
+                f"per persona, readable with at most {MAX_LABELS}"
+            )
 
 
 # --------------------------------------------------------------------------- predictions file

@@ -28,6 +28,7 @@ import math
 import os
 import re
 import tempfile
+import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -227,6 +228,17 @@ def _label_problem(v: str) -> str | None:
             f"holds a control character (U+{ord(m.group()):04X} at character {m.start() + 1}), "
             "which would break the tables and the report"
         )
+    hidden = next((i for i, c in enumerate(v) if unicodedata.category(c) == "Cf"), None)
+    if hidden is not None:
+        return (
+            f"holds an invisible format character (U+{ord(v[hidden]):04X} at character "
+            f"{hidden + 1}), so it would look like another label and count apart from it"
+        )
+    if not unicodedata.is_normalized("NFC", v):
+        return (
+            f"is not in Unicode NFC form (it looks like {unicodedata.normalize('NFC', v)!r} "
+            "but would count apart from it); write it in NFC"
+        )
     if v != v.strip():
         return f"has leading or trailing whitespace: {v!r}"
     return None
@@ -335,6 +347,35 @@ def check_generation(
     return PredictionRecord(**vals, prediction=None, **extras)
 
 
+_LOOKALIKE_FIELDS = (*_LABEL_FIELDS, "prediction")
+
+
+def check_lookalikes(
+    records: Sequence[PredictionRecord],
+    lines: Sequence[int],
+    source: str,
+    error: Error = InputError,
+) -> None:
+    """Two distinct labels of one field that are the same after Unicode NFKC normalisation (a
+    fullwidth letter, a ligature: they look alike but would count as two labels) are an error
+    naming both lines. Invisible characters and non-NFC labels are refused row by row."""
+    for name in _LOOKALIKE_FIELDS:
+        seen: dict[str, tuple[str, int]] = {}
+        values: dict[str, int] = {}
+        for r, line in zip(records, lines, strict=True):
+            v = getattr(r, name)
+            if v is not None and v not in values:
+                values[v] = line
+        for v, line in values.items():
+            first = seen.setdefault(unicodedata.normalize("NFKC", v), (v, line))
+            if first[0] != v:
+                raise error(
+                    f"{source} lines {first[1]} and {line}: field {name!r} holds {first[0]!r} and "
+                    f"{v!r}, which look alike (the same after Unicode NFKC normalisation) but "
+                    "would count as two labels; write one of them as the other"
+                )
+
+
 def _row_key(r: PredictionRecord) -> tuple[str, str, str, str, str, int]:
     return (r.base, r.stage, r.slice, r.persona, r.item_id, r.sample_idx)
 
@@ -367,6 +408,7 @@ def load_predictions(
     rows = read_jsonl_objects(p, "predictions file", error)
     lines = [n for n, _ in rows]
     records = [check_prediction(obj, f"predictions file {p} line {n}", error) for n, obj in rows]
+    check_lookalikes(records, lines, str(p), error)
     dups = find_duplicates(records)
     if not dups:
         return records
