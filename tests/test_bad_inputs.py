@@ -14,6 +14,7 @@ outcomes in the issue's form (tried / clear error / traceback / silent wrong / d
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -518,6 +519,19 @@ def finished_run(d: Path) -> Path:
     return d / "run"
 
 
+def _cuda_count() -> int:
+    """CUDA devices here: `cuda:N` with N this count never exists."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _has_mps() -> bool:
+    import torch
+
+    return bool(torch.backends.mps.is_available())
+
+
 def _training(c: dict[str, Any], _: Path) -> None:
     """The good config with a probe classifier trained in the run (classifier/<base>)."""
     c["bases"][0].pop("classifier")
@@ -550,6 +564,11 @@ CLI_CASES = [
     Case("throughput_nan", lambda d: [*cfg(_default)(d), "--dry-run", "--throughput", "nan"], ("--throughput",)),
     Case("base_name_too_long_for_the_fs", cfg(lambda c, d: (_training(c, d), _set("bases.0.name", "\U0001d400" * 64)(c, d))), ("bases.0.name", "255 bytes")),
     Case("run_name_too_long_for_the_fs", cfg(_set("name", "\U0001d400" * 64)), ("name", "255 bytes")),
+    # devices and packages this machine lacks: named before any model loads (a dry run, which
+    # loads none, may plan a GPU run on a laptop)
+    Case("device_cuda_absent", cfg(_set("backend.device", f"cuda:{_cuda_count()}")), ("backend.device", "CUDA")),
+    *([Case("device_mps_absent", cfg(_set("backend.device", "mps")), ("backend.device", "MPS"))] if not _has_mps() else []),
+    *([Case("vllm_not_installed", cfg(_set("backend.kind", "vllm")), ("backend.kind", "pip install"))] if importlib.util.find_spec("vllm") is None else []),
 ]  # fmt: skip
 
 

@@ -666,6 +666,53 @@ def check_local_paths(cfg: RunConfig) -> None:
         raise ConfigError(f"invalid run config: {err}") from None
 
 
+def check_backend_available(backend: BackendConfig) -> None:
+    """Before any model loads, on the machine that generates: the backend's package is
+    installed and its device exists. A ConfigError naming the field and the fix. Not part of
+    validation: a dry run or a report may run where the GPU is not."""
+    if backend.kind == "vllm" and not _installed("vllm"):
+        raise ConfigError(
+            "backend.kind: vllm needs the vllm package, which is not installed here: "
+            "pip install -e '.[vllm]' on a machine with a GPU (or kind: server with "
+            "engine: vllm, or kind: hf)"
+        )
+    if backend.kind == "hf" and backend.device not in ("auto", "cpu"):
+        _check_torch_device(backend.device)
+
+
+def _installed(package: str) -> bool:
+    import importlib.util
+    import sys
+
+    if package in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _check_torch_device(device: str) -> None:
+    import torch
+
+    where = f"torch {torch.__version__} here"
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"backend.device: 'mps', but {where} has no MPS device; use cpu")
+        return
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if n == 0:
+        raise ConfigError(
+            f"backend.device: {device!r}, but {where} sees no CUDA device "
+            f"(CUDA build: {torch.version.cuda or 'none'}); use cpu or auto"
+        )
+    if index >= n:
+        raise ConfigError(
+            f"backend.device: {device!r}, but {where} sees {n} CUDA device(s): cuda:0..cuda:{n - 1}"
+        )
+
+
 def preset_names() -> list[str]:
     folder = resources.files("charshift") / "data" / "presets"
     return sorted(f.name[:-5] for f in folder.iterdir() if f.name.endswith(".yaml"))

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from charshift import pipeline
-from charshift.config import RunConfig, config_to_dict, parse_config
+from charshift.config import RunConfig, check_backend_available, config_to_dict, parse_config
 from charshift.planning import Shard, build_plan
 from charshift.store import RunStore
 
@@ -91,6 +91,7 @@ def run_local(cfg: RunConfig, out: Path, shard: Shard | None = None) -> Path | S
     shard did; no report)."""
     if shard is None:
         return pipeline.run_all(cfg, out)
+    check_backend_available(cfg.backend)  # here, where this shard generates
     build_plan(cfg)  # scenario, prompt and persona files are validated before any model loads
     pipeline.preflight(cfg)
     return run_shard(cfg, out, shard)

@@ -19,7 +19,13 @@ from tqdm.auto import tqdm
 from charshift import tools, units
 from charshift.adapter_probe import probe_adapters, require_applied
 from charshift.backends.base import AdapterSource, Backend
-from charshift.config import BaseSpec, RunConfig, config_to_dict, parse_config
+from charshift.config import (
+    BaseSpec,
+    RunConfig,
+    check_backend_available,
+    config_to_dict,
+    parse_config,
+)
 from charshift.inputs import surrogate_problem
 from charshift.planning import Plan, PlannedRow, Shard, build_plan, in_shard, select_shard
 from charshift.rollout import Episode, RolloutEngine, RolloutSettings
@@ -39,6 +45,7 @@ def cache_dir() -> Path:
 
 def make_backend(cfg: RunConfig, base: BaseSpec, run_dir: Path | None = None) -> Backend:
     b = cfg.backend
+    check_backend_available(b)
     if b.kind == "server":
         return _server_backend(cfg, base, run_dir)
     if b.kind == "hf":
@@ -516,6 +523,7 @@ def preflight(cfg: RunConfig) -> None:
 def run_all(cfg: RunConfig, out: Path) -> Path:
     t0 = time.time()
     check_file_names(cfg, out)
+    check_backend_available(cfg.backend)
     build_plan(cfg)  # scenario, prompt and persona files are validated here
     preflight(cfg)
     with prepare_run(cfg, out) as store:
