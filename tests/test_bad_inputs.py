@@ -243,6 +243,7 @@ CONFIG_CASES = [
     Case("stats_n_boot_yaml_1e12", raw_cfg(_GOOD_YAML.replace(b"n_boot: 20", b"n_boot: 1.0e+12")), ("stats.n_boot", "100000")),
     Case("training_n_boot_huge", cfg(lambda c, d: (c["bases"][0].pop("classifier"), c.update(classifier_training={"mode": "probe", "n_boot": 10**9}))), ("classifier_training.n_boot", "100000")),
     Case("n_samples_huge", cfg(_set("sampling.n_samples", 10**6)), ("sampling.n_samples",)),
+    Case("plan_too_large", cfg(lambda c, d: (c["sampling"].update(n_samples=10_000), c["id_prompts"].update(n_eval=100))), ("the plan has 3,000,000 rows", "2,000,000"), real=True),
     Case("scenario_ids_empty", cfg(lambda c, d: c.update(slices=["id_chat", "chat_email"], scenarios={"ids": []})), ("scenarios.ids",), real=True),
     Case("personas_yaml_set", raw_cfg(_GOOD_YAML.replace(b"personas:\n- sarcasm\n- humor\n", b"personas: !!set {sarcasm, humor}\n")), ("line 11", "set", "list")),
     Case("slices_yaml_set", raw_cfg(_GOOD_YAML.replace(b"slices:\n- id_chat\n", b"slices: !!set\n  ? id_chat\n")), ("line 16", "set")),

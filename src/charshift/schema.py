@@ -106,10 +106,14 @@ def record_from_dict(cls: type, data: Any, where: str = "record") -> Any:
     return cls(**kwargs)
 
 
+def canonical_json(obj: Any) -> str:
+    """The JSON `stable_hash` hashes: sorted keys, ASCII, no spaces."""
+    return json.dumps(obj, sort_keys=True, ensure_ascii=True, separators=(",", ":"), default=str)
+
+
 def stable_hash(obj: Any, n: int = 16) -> str:
     """Hex digest of the canonical JSON of `obj` (sorted keys): the same value -> the same key."""
-    blob = json.dumps(obj, sort_keys=True, ensure_ascii=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:n]
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:n]
 
 
 def derive_seed(*parts: Any) -> int:
