@@ -513,6 +513,58 @@ def test_file_size_limit_mid_generation(mini, env, tmp_path):
     )
 
 
+REPORT_FULL_DISK = """
+set -u
+mount -t tmpfs -o size=8m tmpfs "$DISK"
+cp -a "$SRC"/. "$DISK"/
+dd if=/dev/zero of="$DISK/filler" bs=4k 2>/dev/null
+truncate -s -"$FREE" "$DISK/filler"
+"$PY" -m charshift.cli report --run "$DISK" > "$LOG1" 2>&1; echo $? > "$RC1"
+"""
+
+
+def test_full_disk_during_the_report(mini, env, tmp_path):
+    """Issue 18: a full disk while the report was written printed a bare `[Errno 28]`, naming
+    no path (a write that fails carries none). The error names the run folder now."""
+    cfg, ref = mini
+    flags = ("--user", "--map-root-user", "--mount") if os.geteuid() else ("--mount",)
+    if not _can_unshare(*flags):
+        pytest.skip("no mount namespace here to mount a small tmpfs in")
+    src = _copy(ref, tmp_path / "src")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    log, rc_file = tmp_path / "log", tmp_path / "rc"
+    script_env = dict(
+        env, DISK=str(disk), SRC=str(src), PY=sys.executable, FREE="16K",
+        LOG1=str(log), RC1=str(rc_file),
+    )  # fmt: skip
+    subprocess.run(["unshare", *flags, "sh", "-c", REPORT_FULL_DISK], env=script_env, cwd=REPO)
+    rc, out = int(rc_file.read_text()), log.read_text()
+    _judge(
+        "full disk: report",
+        rc,
+        out,
+        rc_ok=_two,
+        names=[f"error: {disk}", "No space left on device"],
+    )
+
+
+def test_file_size_limit_during_the_report(mini, env, tmp_path):
+    """The same through RLIMIT_FSIZE (EFBIG): the path is named, the tables and store are kept."""
+    cfg, ref = mini
+    run = _copy(ref, tmp_path / "run")
+    before = _kept(run)
+    rc, out = _cli(["report", "--run", str(run)], env, preexec_fn=_file_size_limit(20_000))
+    _judge(
+        "file size limit: report",
+        rc,
+        out,
+        rc_ok=_two,
+        names=[f"error: {run}", "File too large"],
+        data_ok=_kept(run) == before and not (run / "report" / "index.html").exists(),
+    )
+
+
 # -- one writer per run -------------------------------------------------------------------------
 
 HOLDER = textwrap.dedent(
