@@ -294,6 +294,33 @@ def test_corrupt_lines_in_the_middle_of_generations(mini, env, tmp_path):
     )
 
 
+def test_score_says_who_redoes_damaged_generation_rows(mini, env, tmp_path):
+    """Issue 18: `score --run` set damaged generation lines aside and said their rows "are
+    redone", which score never does. It names the command that does; the run then does it."""
+    cfg, ref = mini
+    run = _copy(ref, tmp_path / "run")
+    lines = (run / "generations.jsonl").read_bytes().splitlines(keepends=True)
+    lines[4] = b"{not json\n"
+    (run / "generations.jsonl").write_bytes(b"".join(lines))
+    rc, out = _cli(["score", "--run", str(run)], env)
+    _judge(
+        "damaged generations: score",
+        rc,
+        out,
+        rc_ok=_zero,
+        names=["`charshift score` does not generate", f"charshift run CONFIG --out {run}"],
+    )
+    rc, out = _cli(["run", str(cfg), "--out", str(run)], env)
+    _judge(
+        "damaged generations: score, then run",
+        rc,
+        out,
+        rc_ok=_zero,
+        names=[],
+        data_ok=_same_store(run, ref),
+    )
+
+
 def test_truncated_scores(mini, env, tmp_path):
     cfg, ref = mini
     run = _copy(ref, tmp_path / "run")
