@@ -519,21 +519,8 @@ def report(
     stats settings; of a predictions file: --n-boot and --seed)."""
     target = _out_path(out)
     if predictions is not None:
-        from charshift.external import report_predictions
-
         _only_with("a run's report (not --predictions)", {"--run": run_dir is not None})
-        if target is None:
-            _fail("--predictions needs --out DIR")
-        with _user_errors():
-            path = report_predictions(
-                predictions,
-                target or Path(),
-                n_boot=1000 if n_boot is None else n_boot,
-                seed=seed or 0,
-                allow_duplicates=allow_duplicates,
-                warn=_warn,
-            )
-        typer.echo(f"report: {path}")
+        _report_predictions(predictions, target, n_boot, seed, allow_duplicates)
         return
     given = {"--n-boot": n_boot is not None, "--seed": seed is not None}
     _only_with("--predictions (a run's report uses its config's stats)", given)
@@ -546,6 +533,25 @@ def report(
         store = pipeline.RunStore(run_dir, create=False, writable=False)
         cfg = pipeline.load_run_config(store)
         path = pipeline.report(cfg, store, target)
+    typer.echo(f"report: {path}")
+
+
+def _report_predictions(
+    predictions: Path, out: Path | None, n_boot: int | None, seed: int | None, dups: bool
+) -> None:
+    from charshift.external import report_predictions
+
+    if out is None:
+        _fail("--predictions needs --out DIR")
+    with _user_errors():
+        path = report_predictions(
+            predictions,
+            out or Path(),
+            n_boot=1000 if n_boot is None else n_boot,
+            seed=seed or 0,
+            allow_duplicates=dups,
+            warn=_warn,
+        )
     typer.echo(f"report: {path}")
 
 
