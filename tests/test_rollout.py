@@ -344,3 +344,16 @@ def test_a_lone_surrogate_in_a_reply_is_replaced_recorded_and_storable(scenario,
         assert not any(0xD800 <= ord(c) < 0xE000 for c in text)
     with RunStore(tmp_path / "run") as store:
         assert store.generations.append(list(rows.values())) == 2
+
+
+def test_calls_left_unread_are_recorded_in_the_row(scenario):
+    """Issue 18: calls after the 64th of a turn were dropped without a trace. The row's meta
+    says which turn left calls unread and where."""
+    one = {"name": "search_directory", "arguments": {"query": "x"}}
+    lookups = "\n".join(json.dumps(one, separators=(",", ":")) for _ in range(70))  # 70 words
+    rows = run(ScriptedBackend([lookups, send(scenario)]), [episode(scenario)])
+    (row,) = rows.values()
+    (unread,) = row.meta["unread_tool_text"]
+    assert unread["turn"] == 0 and "more than 64 tool calls" in unread["note"]
+    assert "was not read" in unread["note"] and row.outcome == "email"
+    assert row.meta["non_send_calls"] == 64

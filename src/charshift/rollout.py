@@ -59,7 +59,7 @@ from charshift.schema import (
     Sampling,
     derive_seed,
 )
-from charshift.toolcalls import diagnose_tool_turn, parse_tool_calls
+from charshift.toolcalls import WorkStats, diagnose_tool_turn, parse_tool_calls
 from charshift.tools import FINISH_TOOL, SEND_TOOL
 from charshift.tools import required_args as tools_required
 
@@ -202,7 +202,13 @@ class RolloutEngine:
         ep.messages.append({"role": "assistant", "content": text})
         ep.final_reply = text
         ep.meta["step_budget"] = self._budget(ep)
-        calls = parse_tool_calls(text)
+        read = WorkStats()
+        calls = parse_tool_calls(text, stats=read)
+        unread = read.note(len(text))
+        if unread:  # the parser stopped early: a call after that point was not run
+            ep.meta.setdefault("unread_tool_text", []).append(
+                {"turn": ep.steps - 1, "note": unread}
+            )
         if not calls:
             ep.malformed_run += 1
             ep.meta.setdefault("malformed_turns", []).append(ep.steps - 1)
