@@ -26,7 +26,7 @@ from charshift.config import (
     config_to_dict,
     parse_config,
 )
-from charshift.inputs import surrogate_problem
+from charshift.inputs import check_name_lengths, surrogate_problem
 from charshift.planning import Plan, PlannedRow, Shard, build_plan, in_shard, select_shard
 from charshift.rollout import Episode, RolloutEngine, RolloutSettings
 from charshift.schema import EpisodeSpec, GenerationRow, ScoreRow, stable_hash
@@ -131,8 +131,6 @@ BASE_NAME_EXTRA = len(".tmp") + 8
 def check_file_names(cfg: RunConfig, out: Path) -> None:
     """Every name the run makes a file or folder name of fits the file system of `out`: checked
     before anything is written, so a long name never fails after rows were generated."""
-    from charshift.inputs import check_name_lengths
-
     names = [
         ("name (the run folder)" if k == 0 and part == cfg.name else "--out", part, 0)
         for k, part in enumerate(_new_parts(Path(out)))
