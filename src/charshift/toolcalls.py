@@ -1086,10 +1086,11 @@ def _pycall_args(reader: _Reader, i: int) -> tuple[dict[str, Any] | None, int]:
     return args, i
 
 
-# Where a call may start in text the scan did not read: a tool-name key, a call tag.
+# Where a call may start in text the scan did not read: a tool-name key, a call tag. Possessive,
+# so a long run of spaces after a quote is read once, never backtracked into.
 _CALLISH = re.compile(
-    r"""["']\s*(?i:name|tool|tool_name|function|function_name|action)\s*["']\s*:"""
-    r"|<(?i:tool_call|function_call|tool_use)\s*>|<(?i:function)\s*="
+    r"""["']\s*+(?i:name|tool|tool_name|function|function_name|action)\s*+["']\s*+:"""
+    r"|<(?i:tool_call|function_call|tool_use)\s*+>|<(?i:function)\s*+="
 )
 
 
