@@ -75,20 +75,38 @@ def analyse(inp: AnalysisInput, out_dir: Path, result: MetricsResult | None = No
 
     result = compute(inp) if result is None else result
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tables.write_tables(result, out)
-    return report_mod.write_report(
-        out,
-        inp.records,
-        result,
-        settings=inp.settings,
-        samples=inp.samples,
-        title=inp.title,
-        meaningless=inp.meaningless,
-        published=inp.published,
-        notes=[*inp.notes, *(n.text() for n in result.label_notes)],
-        warnings=inp.warnings,
-    )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tables.write_tables(result, out)
+        return report_mod.write_report(
+            out,
+            inp.records,
+            result,
+            settings=inp.settings,
+            samples=inp.samples,
+            title=inp.title,
+            meaningless=inp.meaningless,
+            published=inp.published,
+            notes=[*inp.notes, *(n.text() for n in result.label_notes)],
+            warnings=inp.warnings,
+        )
+    except OSError as err:
+        raise _naming_the_path(err, out) from None
+
+
+def _naming_the_path(err: OSError, out: Path) -> OSError:
+    """The same error, naming where it happened: a write that fails on a full disk (or past a
+    file size limit) carries no file name, and the message was a bare `[Errno 28]`. A path in
+    the report's staging folder is shown where the file was going."""
+    from charshift.report import STAGING_PREFIX
+
+    if err.filename is None:
+        return OSError(
+            err.errno, f"{err.strerror or err} (writing the tables and report)", str(out)
+        )
+    parts = Path(str(err.filename)).parts
+    shown = Path(*(p for p in parts if not p.startswith(STAGING_PREFIX)))
+    return OSError(err.errno, err.strerror or str(err), str(shown))
 
 
 # --------------------------------------------------------------------------- a run directory

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -114,14 +115,33 @@ def _default_out(cfg: cfgmod.RunConfig) -> Path:
     return Path("runs") / cfg.name
 
 
+def _out_path(value: str | None, what: str = "--out") -> Path | None:
+    """An output path given on the command line, or None; an empty one is refused (as a path it
+    would be '.', and the outputs would land in the current folder)."""
+    if value is None:
+        return None
+    if not value.strip():
+        _fail(f"{what}: the path is empty; give a folder or file name (`.` for this folder)")
+    return Path(value)
+
+
+def _only_with(owner: str, given: dict[str, bool]) -> None:
+    """Options given without the option they belong to are refused, never silently ignored."""
+    stray = [name for name, on in given.items() if on]
+    if stray:
+        _fail(f"{', '.join(stray)} only go(es) with {owner}; it would be ignored here")
+
+
 ConfigArg = Annotated[
     Path | None, typer.Argument(help="Run config YAML (or use --preset).", show_default=False)
 ]
 PresetOpt = Annotated[
     str | None, typer.Option("--preset", "-p", help="Built-in preset (`charshift presets`).")
 ]
+# Paths a command writes to are taken as text: `--out ''` (an unset shell variable) must be
+# refused, and as a Path it would already be '.', the current folder.
 OutOpt = Annotated[
-    Path | None, typer.Option("--out", "-o", help="Run directory (default: runs/<config name>).")
+    str | None, typer.Option("--out", "-o", help="Run directory (default: runs/<config name>).")
 ]
 IdPromptsOpt = Annotated[
     Path | None,
@@ -257,13 +277,14 @@ def run(
     cost = _CostArgs(throughput, throughput_from, throughput_path, calibrate_from)
     _check_dry_run_options(dry_run, cost, expected_fraction, retry_errors, allow_skipped)
     _check_executor(executor, part, None if dry_run else shards, ray_address)
+    _out_path(out)
     cfg = _load(config, preset, id_prompts)
     with _user_errors():
         if dry_run:
             fraction = 0.5 if expected_fraction is None else expected_fraction
             typer.echo(_dry_run(cfg, part, shards, cost, fraction))
             return
-        target = out or _default_out(cfg)
+        target = _out_path(out) or _default_out(cfg)
         if executor == "ray":
             path = executors.run_ray(
                 cfg, target, shards, ray_address, echo=typer.echo, retry_errors=retry_errors
@@ -395,8 +416,11 @@ def _throughput(cost: _CostArgs) -> Throughput | None:
     if cost.throughput is not None and cost.throughput_from is not None:
         _fail("give --throughput or --throughput-from, not both")
     if cost.throughput is not None:
-        if cost.throughput <= 0:
-            _fail("--throughput: must be a positive number of tokens per second")
+        if not 0 < cost.throughput < math.inf:
+            _fail(
+                f"--throughput: must be a positive, finite number of tokens per second, "
+                f"got {cost.throughput:g}"
+            )
         return planning.Throughput(cost.throughput, "--throughput")
     if cost.throughput_from is None:
         if cost.throughput_path:
@@ -455,8 +479,9 @@ def generate(
     from charshift.completion import record_completion
 
     part = _shard(shard)
+    target = _out_path(out)
     cfg = _load(config, preset, id_prompts)
-    target = out or _default_out(cfg)
+    target = target or _default_out(cfg)
     with _user_errors(), pipeline.prepare_run(cfg, target, part) as store:
         summary = pipeline.generate(cfg, store, retry_errors=retry_errors)
         done = record_completion(cfg, store, scored=False)
@@ -478,7 +503,7 @@ def score(
         typer.Option("--classifier", help="Classifier id or folder (with --generations)."),
     ] = None,
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Predictions JSONL (with --generations).")
+        str | None, typer.Option("--out", "-o", help="Predictions JSONL (with --generations).")
     ] = None,
     shard: ShardOpt = None,
 ) -> None:
@@ -488,17 +513,16 @@ def score(
 
     part = _shard(shard)
     if generations is not None:
-        from charshift.external import score_external
-
-        if not classifier or not out:
-            _fail("--generations needs --classifier and --out")
-        with _user_errors():
-            n = score_external(generations, classifier or "", out or Path())
-        typer.echo(f"scored {n} rows -> {out}")
+        _only_with(
+            "a run (not --generations)", {"--run": run_dir is not None, "--shard": part is not None}
+        )
+        _score_external(generations, classifier, _out_path(out))
         return
+    _only_with("--generations", {"--classifier": classifier is not None, "--out": out is not None})
     if run_dir is None:
         _fail("give --run DIR (or --generations FILE --classifier C --out FILE)")
     with _user_errors(), pipeline.RunStore(run_dir, create=False, shard=part) as store:
+        _redone_by_generate(store)
         cfg = pipeline.load_run_config(store)
         if part is None:
             pipeline.ensure_classifiers(cfg, store)
@@ -506,6 +530,28 @@ def score(
             _no_training_in_shard(cfg, store)
         counts = pipeline.score(cfg, store)
     typer.echo(json.dumps(counts))
+
+
+def _score_external(generations: Path, classifier: str | None, out: Path | None) -> None:
+    from charshift.external import score_external
+
+    if not classifier or out is None:
+        _fail("--generations needs --classifier and --out")
+    with _user_errors():
+        n = score_external(generations, classifier or "", out or Path())
+    typer.echo(f"scored {n} rows -> {out}")
+
+
+def _redone_by_generate(store: RunStore) -> None:
+    """`score` opens the run for writing, so damaged generation lines are set aside (the store
+    says so); it does not generate, so say which command redoes their rows."""
+    n = len(store.generations.set_aside)
+    if n:
+        _warn(
+            f"`charshift score` does not generate: the {n} generation line(s) set aside leave "
+            f"their rows missing until `charshift run CONFIG --out {store.root}` (or "
+            "`charshift generate`) redoes them"
+        )
 
 
 def _no_training_in_shard(cfg: cfgmod.RunConfig, store: RunStore) -> None:
@@ -527,13 +573,25 @@ def report(
         Path | None,
         typer.Option("--predictions", help="JSONL of predictions made elsewhere (README schema)."),
     ] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder.")] = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="Output folder.")] = None,
     n_boot: Annotated[
-        int, typer.Option(min=10, help="Bootstrap resamples (with --predictions).")
-    ] = 1000,
+        int | None,
+        typer.Option(
+            min=10,
+            max=cfgmod.MAX_N_BOOT,
+            help="Bootstrap resamples (with --predictions; default 1000).",
+            show_default=False,
+        ),
+    ] = None,
     seed: Annotated[
-        int, typer.Option(min=0, max=cfgmod.SEED_MAX, help="Bootstrap seed (with --predictions).")
-    ] = 0,
+        int | None,
+        typer.Option(
+            min=0,
+            max=cfgmod.SEED_MAX,
+            help="Bootstrap seed (with --predictions; default 0).",
+            show_default=False,
+        ),
+    ] = None,
     allow_duplicates: Annotated[
         bool,
         typer.Option(
@@ -550,24 +608,17 @@ def report(
         ),
     ] = "prompted_explicit",
 ) -> None:
-    """Compute metrics, intervals, plots and the HTML/markdown report."""
+    """Compute metrics, intervals, plots and the HTML/markdown report (of a run: its config's
+    stats settings; of a predictions file: --n-boot and --seed)."""
+    target = _out_path(out)
     if predictions is not None:
-        from charshift.external import report_predictions
-
-        if out is None:
-            _fail("--predictions needs --out DIR")
-        with _user_errors():
-            path = report_predictions(
-                predictions,
-                out or Path(),
-                n_boot=n_boot,
-                seed=seed,
-                allow_duplicates=allow_duplicates,
-                warn=_warn,
-                positive_control=None if positive_control == "none" else positive_control,
-            )
-        typer.echo(f"report: {path}")
+        _only_with("a run's report (not --predictions)", {"--run": run_dir is not None})
+        control = None if positive_control == "none" else positive_control
+        _report_predictions(predictions, target, n_boot, seed, allow_duplicates, control)
         return
+    given = {"--n-boot": n_boot is not None, "--seed": seed is not None}
+    _only_with("--predictions (a run's report uses its config's stats)", given)
+    _only_with("--predictions", {"--allow-duplicates": allow_duplicates})
     if run_dir is None:
         _fail("give --run DIR or --predictions FILE --out DIR")
     from charshift import pipeline
@@ -575,14 +626,39 @@ def report(
     with _user_errors():  # a reader: takes no lock and changes nothing in the tables
         store = pipeline.RunStore(run_dir, create=False, writable=False)
         cfg = pipeline.load_run_config(store)
-        path = pipeline.report(cfg, store, out)
+        path = pipeline.report(cfg, store, target)
+    typer.echo(f"report: {path}")
+
+
+def _report_predictions(
+    predictions: Path,
+    out: Path | None,
+    n_boot: int | None,
+    seed: int | None,
+    dups: bool,
+    control: str | None,
+) -> None:
+    from charshift.external import report_predictions
+
+    if out is None:
+        _fail("--predictions needs --out DIR")
+    with _user_errors():
+        path = report_predictions(
+            predictions,
+            out or Path(),
+            n_boot=1000 if n_boot is None else n_boot,
+            seed=seed or 0,
+            allow_duplicates=dups,
+            warn=_warn,
+            positive_control=control,
+        )
     typer.echo(f"report: {path}")
 
 
 @app.command("train-classifier")
 def train_classifier_cmd(
     run_dir: RunOpt,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the trained classifier.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder for the trained classifier.")],
     encoder: Annotated[
         str | None,
         typer.Option(help="Encoder id or folder (default: the config's, else ModernBERT-base)."),
@@ -591,28 +667,33 @@ def train_classifier_cmd(
         str | None, typer.Option(help="Which base's generations (default: the first).")
     ] = None,
 ) -> None:
-    """Fine-tune an encoder on a run's ID generations (held-out split by prompt)."""
+    """Train the run's classifier again (its config's `classifier_training`, e.g. with another
+    --encoder) on its ID training generations, into --out (held-out split by prompt)."""
     from charshift import pipeline
 
-    into_run = out.resolve().is_relative_to(run_dir.resolve())  # then it writes the run: locks
+    target = _out_path(out) or Path()
+    into_run = target.resolve().is_relative_to(run_dir.resolve())  # it writes the run: locks
     with _user_errors():
         store = pipeline.RunStore(run_dir, create=False, writable=into_run)
         cfg = pipeline.load_run_config(store)
-    if cfg.classifier_training is None:
-        data = cfg.model_dump(mode="json")
-        data["classifier_training"] = {}
-        cfg = cfgmod.parse_config(data)
-    if encoder:
-        data = cfg.model_dump(mode="json")
-        data["classifier_training"]["encoder"] = encoder
-        cfg = cfgmod.parse_config(data)
+        if cfg.classifier_training is None:  # then no training rows were ever generated
+            raise ValueError(
+                f"{run_dir} holds no ID training generations: its config has no "
+                "`classifier_training` section, so it generated none (they are planned only "
+                "with one, and with id_prompts.n_train > 0). Add both to the config and run "
+                "`charshift run CONFIG --out DIR`: it generates them and trains the classifier"
+            )
+        if encoder:
+            data = cfg.model_dump(mode="json")
+            data["classifier_training"]["encoder"] = encoder
+            cfg = cfgmod.parse_config(data, "the run's config with --encoder")
     b = next((x for x in cfg.bases if base in (None, x.name)), None)
     if b is None:
         _fail(f"--base: no base named {base!r} in the run")
     with _user_errors(), store:
-        rep = pipeline.train_run_classifier(cfg, store, b, out)
+        rep = pipeline.train_run_classifier(cfg, store, b, target)
     typer.echo(json.dumps(rep.to_dict(), indent=2))
-    typer.echo(f"classifier saved to {out}")
+    typer.echo(f"classifier saved to {target}")
 
 
 @app.command()
@@ -640,6 +721,7 @@ def demo(
     from charshift import pipeline
 
     name = "demo_quick" if quick else "demo"
+    target = _out_path(out)
     cfg = cfgmod.load_preset(name)
     with _user_errors():
         if model:
@@ -647,7 +729,7 @@ def demo(
             data["bases"][0]["model"] = model
             cfg = cfgmod.parse_config(data, f"preset {name} with --model")
         cfgmod.check_local_paths(cfg)
-        target = out or _default_out(cfg)
+        target = target or _default_out(cfg)
         path = pipeline.run_all(cfg, target)
     typer.echo(
         f"\nDemo finished. Report: {path}\n  (markdown: {Path(path).parent.parent / 'report.md'})"
@@ -703,6 +785,8 @@ def scenarios_show(
     bank = {sc.id: sc for sc in scenarios.load_bank()}
     if scenario_id not in bank:
         _fail(f"no scenario {scenario_id!r}; see `charshift scenarios list`")
+    if persona is not None and persona not in cfgmod.ALL_PERSONAS:
+        _fail(f"--persona: unknown persona {persona!r}; known: {', '.join(cfgmod.ALL_PERSONAS)}")
     ep = formats.render_scenario(slice_, bank[scenario_id])
     pp = prompts.persona_system_prompt(persona) if persona else None
     for m in formats.preview(ep, pp):

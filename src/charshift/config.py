@@ -27,7 +27,13 @@ from pydantic import (
 from charshift.backends.settings import KINDS as BACKEND_KINDS
 from charshift.backends.settings import BackendSettings, HFSettings, kinds_with
 from charshift.backends.settings import migrate as migrate_backend
-from charshift.schema import BASE_STAGE, PROMPTED_EXPLICIT_STAGE, PROMPTED_STAGE, Sampling
+from charshift.schema import (
+    BASE_STAGE,
+    MAX_N_BOOT,
+    PROMPTED_EXPLICIT_STAGE,
+    PROMPTED_STAGE,
+    Sampling,
+)
 from charshift.scoring.registry import DEFAULT_SCORERS, check_scorer_names
 from charshift.scoring.settings import TrainSettings
 
@@ -73,6 +79,12 @@ PUBLISHED_SETS = ("paper",)
 # A run config is a few KB; a file larger than this is refused before it is parsed.
 _MAX_YAML_BYTES = 1 << 20
 SEED_MAX = 2**32 - 1
+# What the samplers can handle: a temperature below MIN_TEMPERATURE (but 0, greedy) or a
+# repetition penalty below MIN_REPETITION_PENALTY scales logits past float32's range (inf, then
+# NaN probabilities); a top_p below MIN_TOP_P rounds to 0 in float32 and keeps no token.
+MIN_TEMPERATURE = 0.01
+MIN_REPETITION_PENALTY = 0.01
+MIN_TOP_P = 1e-6
 
 
 def check_safe_name(value: str, what: str = "name") -> str:
@@ -144,9 +156,9 @@ class BaseSpec(_Strict):
 
 class SamplingConfig(_Strict):
     temperature: float = Field(0.7, ge=0.0, le=10.0, allow_inf_nan=False)
-    top_p: float = Field(0.95, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_p: float = Field(0.95, ge=MIN_TOP_P, le=1.0, allow_inf_nan=False)
     max_tokens: int = Field(1024, ge=1, le=1 << 20)
-    repetition_penalty: float = Field(1.1, gt=0.0, le=10.0, allow_inf_nan=False)
+    repetition_penalty: float = Field(1.1, ge=MIN_REPETITION_PENALTY, le=10.0, allow_inf_nan=False)
     n_samples: int = Field(1, ge=1, le=10_000)
     seed: Seed = 0
     # Per-slice generation budgets (tokens per model turn), overriding `max_tokens` for a slice:
@@ -162,6 +174,16 @@ class SamplingConfig(_Strict):
         bad = {s: n for s, n in v.items() if isinstance(n, bool) or n < 1 or n > 1 << 20}
         if bad:
             raise ValueError(f"token budgets must be >= 1 and <= {1 << 20}, got {bad}")
+        return v
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_ok(cls, v: float) -> float:
+        if 0 < v < MIN_TEMPERATURE:
+            raise ValueError(
+                f"{v:g} is too small for the sampler (logits divided by it leave float32's "
+                f"range): use 0 for greedy decoding, or at least {MIN_TEMPERATURE}"
+            )
         return v
 
     def max_tokens_for(self, slice_: str | None) -> int:
@@ -191,7 +213,9 @@ class IdPromptsConfig(_Strict):
 
 
 class ScenariosConfig(_Strict):
-    ids: list[str] | None = None  # explicit scenario ids; None = all (or the first n)
+    # explicit scenario ids; None = all (or the first n); an empty list would drop every
+    # scenario slice without a word, so it is refused
+    ids: list[str] | None = Field(None, min_length=1)
     n: int | None = Field(None, ge=1)
     seed: Seed = 0
 
@@ -222,7 +246,7 @@ class ScoringConfig(_Strict):
 
 
 class StatsConfig(_Strict):
-    n_boot: int = Field(1000, ge=10)
+    n_boot: int = Field(1000, ge=10, le=MAX_N_BOOT)
     ci: float = Field(0.95, gt=0, lt=1)
     method: Literal["percentile", "bca"] = "percentile"
     seed: Seed = 0
@@ -397,10 +421,38 @@ def parse_config(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
         raise ConfigError(
             f"invalid run config ({source}): top level must be a mapping, got {type(data).__name__}"
         )
+    where = _set_in(data)
+    if where is not None:
+        raise ConfigError(
+            f"invalid run config ({source}):\n  {where}: a set has no order (a run could not "
+            "resume its own rows); give a list"
+        )
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def _set_in(data: Any, path: str = "") -> str | None:
+    """The dotted path of the first set (or frozenset) in a config's data, or None."""
+    if isinstance(data, set | frozenset):
+        return path or "(top level)"
+    items = (
+        data.items()
+        if isinstance(data, dict)
+        else enumerate(data)
+        if isinstance(data, list | tuple)
+        else ()
+    )
+    for k, v in items:
+        found = _set_in(v, f"{path}.{k}" if path else str(k))
+        if found is not None:
+            return found
+    return None
+
+
+class _Unordered(yaml.constructor.ConstructorError):
+    """Valid YAML that a run config cannot use: a set, which has no order."""
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -422,6 +474,17 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     None, None, f"key {key!r} is given twice", key_node.start_mark
                 )
         return super().construct_mapping(node, deep)
+
+    def construct_unordered_set(self, node: yaml.Node) -> Any:
+        """A YAML set (`!!set`, `? a`) has no order: personas, stages or slices given as one
+        would come out in the order of Python's string hash, different in every process, so a
+        run could not resume its own rows. Refused; a list says the order."""
+        raise _Unordered(
+            None, None, "a YAML set (!!set) has no order; give a list [a, b, ...]", node.start_mark
+        )
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:set", _UniqueKeyLoader.construct_unordered_set)
 
 
 def read_config_text(path: str | Path) -> str:
@@ -446,14 +509,20 @@ def read_config_text(path: str | Path) -> str:
         ) from None
 
 
-def parse_yaml(text: str, source: str) -> Any:
-    """YAML text -> data, with a ConfigError for invalid, duplicate-key or absurdly nested YAML."""
+def parse_yaml(
+    text: str, source: str, what: str = "config file", error: type[Exception] = ConfigError
+) -> Any:
+    """YAML text -> data; an `error` naming `what` and `source` for invalid YAML, a key given
+    twice, a set (no order) or absurdly deep nesting."""
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except _Unordered as err:
+        line = err.problem_mark.line + 1 if err.problem_mark else "?"
+        raise error(f"{what} {source} line {line}: {err.problem}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {source} is not valid YAML: {err}") from None
+        raise error(f"{what} {source} is not valid YAML: {err}") from None
     except RecursionError:
-        raise ConfigError(f"config file {source}: YAML nested too deeply") from None
+        raise error(f"{what} {source}: YAML nested too deeply") from None
 
 
 def load_config(path: str | Path) -> RunConfig:
@@ -532,6 +601,53 @@ def _folder_problem(spec: str, what: str, scheme: bool = True) -> str | None:
     if local and not p.is_dir():
         return f"{what}: folder not found: {spec}"
     return None
+
+
+def check_backend_available(backend: BackendConfig) -> None:
+    """Before any model loads, on the machine that generates: the backend's package is
+    installed and its device exists. A ConfigError naming the field and the fix. Not part of
+    validation: a dry run or a report may run where the GPU is not."""
+    if backend.kind == "vllm" and not _installed("vllm"):
+        raise ConfigError(
+            "backend.kind: vllm needs the vllm package, which is not installed here: "
+            "pip install -e '.[vllm]' on a machine with a GPU (or kind: server with "
+            "engine: vllm, or kind: hf)"
+        )
+    if backend.kind == "hf" and backend.device not in ("auto", "cpu"):
+        _check_torch_device(backend.device)
+
+
+def _installed(package: str) -> bool:
+    import importlib.util
+    import sys
+
+    if package in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _check_torch_device(device: str) -> None:
+    import torch
+
+    where = f"torch {torch.__version__} here"
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"backend.device: 'mps', but {where} has no MPS device; use cpu")
+        return
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if n == 0:
+        raise ConfigError(
+            f"backend.device: {device!r}, but {where} sees no CUDA device "
+            f"(CUDA build: {torch.version.cuda or 'none'}); use cpu or auto"
+        )
+    if index >= n:
+        raise ConfigError(
+            f"backend.device: {device!r}, but {where} sees {n} CUDA device(s): cuda:0..cuda:{n - 1}"
+        )
 
 
 def preset_names() -> list[str]:

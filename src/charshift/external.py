@@ -36,6 +36,7 @@ def score_external(generations: Path, classifier: str, out: Path, batch_size: in
         raise inputs.InputError(f"--out {out} is the generations file itself; give another file")
     rows = inputs.read_jsonl_objects(gen, "generations file")
     recs = [inputs.check_generation(obj, f"generations file {gen} line {n}") for n, obj in rows]
+    inputs.check_lookalikes(recs, [n for n, _ in rows], str(gen))
     inputs.check_model_source(classifier, "--classifier", classifier=True)
     clf = load_classifier(classifier)
     clf.check_personas(sorted({r.persona for r in recs} - set(NULL_PERSONA_MARKERS)))
@@ -86,6 +87,7 @@ def report_predictions(
         raise inputs.InputError(
             f"{path}: need at least two distinct true personas, found {personas}"
         )
+    _check_label_counts(path, personas, records)
     gaps = inputs.completeness_warnings(inputs.incomplete_cells(records), path)
     for line in gaps:
         if warn is not None:
@@ -101,6 +103,21 @@ def report_predictions(
         warnings=gaps,
     )  # fmt: skip
     return analyse(inp, Path(out))
+
+
+# The report draws a confusion matrix (personas x predicted labels) and figures per persona;
+# beyond this many neither can be read, and drawing them takes minutes.
+MAX_LABELS = 100
+
+
+def _check_label_counts(path: Path, personas: list[str], records: list[PredictionRecord]) -> None:
+    predicted = {r.prediction for r in records if r.prediction is not None}
+    for what, n in (("personas", len(personas)), ("predicted labels", len(predicted))):
+        if n > MAX_LABELS:
+            raise inputs.InputError(
+                f"{path}: {n} distinct {what}; the report draws a confusion matrix and figures "
+                f"per persona, readable with at most {MAX_LABELS}"
+            )
 
 
 # --------------------------------------------------------------------------- predictions file

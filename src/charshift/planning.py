@@ -17,7 +17,7 @@ from typing import Any
 
 from charshift import formats, prompts, scenarios
 from charshift.backends.base import AdapterSource
-from charshift.config import ID_SLICES, SCENARIO_SLICES, BaseSpec, RunConfig
+from charshift.config import ID_SLICES, SCENARIO_SLICES, BaseSpec, ConfigError, RunConfig
 from charshift.rollout import step_budget
 from charshift.schema import (
     BASE_STAGE,
@@ -27,6 +27,7 @@ from charshift.schema import (
     EpisodeSpec,
     GenerationRow,
     Sampling,
+    canonical_json,
     stable_hash,
 )
 
@@ -164,17 +165,15 @@ def with_step_budget(cfg: RunConfig, spec: EpisodeSpec) -> EpisodeSpec:
     )
 
 
-def row_key(
+def _key_parts(
     cfg: RunConfig,
     base: BaseSpec,
     cond: Condition,
     spec: EpisodeSpec,
     sample_idx: int,
     adapter: AdapterSource | None,
-    sampling: Sampling | None = None,
-) -> str:
-    """The row's identity: everything that shapes its generation (`sampling`: the row's own,
-    by default the run-wide settings for its slice)."""
+    sampling: Sampling | None,
+) -> dict[str, Any]:
     sampling = sampling or cfg.sampling.to_sampling(spec.slice)
     parts: dict[str, Any] = {
         "model": base.model,
@@ -190,7 +189,46 @@ def row_key(
     }
     if spec.mode != "chat":
         parts["rollout"] = cfg.rollout.model_dump()
-    return stable_hash(parts, 24)
+    return parts
+
+
+def row_key(
+    cfg: RunConfig,
+    base: BaseSpec,
+    cond: Condition,
+    spec: EpisodeSpec,
+    sample_idx: int,
+    adapter: AdapterSource | None,
+    sampling: Sampling | None = None,
+) -> str:
+    """The row's identity: everything that shapes its generation (`sampling`: the row's own,
+    by default the run-wide settings for its slice)."""
+    return stable_hash(_key_parts(cfg, base, cond, spec, sample_idx, adapter, sampling), 24)
+
+
+def row_keys(
+    cfg: RunConfig,
+    base: BaseSpec,
+    cond: Condition,
+    spec: EpisodeSpec,
+    n: int,
+    adapter: AdapterSource | None,
+    sampling: Sampling | None = None,
+) -> list[str]:
+    """`row_key` of samples 0..n-1, the same keys at a fraction of the cost: the canonical JSON
+    is written once and hashed up to the value of "sample_idx"; each sample hashes only the rest
+    (the episode, often kilobytes, is not encoded and hashed n times)."""
+    blob = canonical_json(_key_parts(cfg, base, cond, spec, 0, adapter, sampling))
+    # keys sort, so the top-level "sample_idx" is the last one (every string escapes its quotes)
+    cut = blob.rindex('"sample_idx":0') + len('"sample_idx":')
+    head = hashlib.sha256(blob[:cut].encode())
+    tail = blob[cut + 1 :].encode()
+    keys = []
+    for s in range(n):
+        h = head.copy()
+        h.update(str(s).encode() + tail)
+        keys.append(h.hexdigest()[:24])
+    return keys
 
 
 def build_plan(cfg: RunConfig, dry: bool = False) -> Plan:
@@ -203,8 +241,10 @@ def build_plan(cfg: RunConfig, dry: bool = False) -> Plan:
     conditions: dict[str, list[Condition]] = {}
     adapters: dict[str, dict[str, AdapterSource]] = {}
     train_stage = cfg.classifier_training.stage if cfg.classifier_training else None
+    built = {b.name: build_conditions(cfg, b) for b in cfg.bases}
+    _check_size(cfg, specs, [c for conds, _ in built.values() for c in conds], train_stage)
     for base in cfg.bases:
-        conds, adp = build_conditions(cfg, base)
+        conds, adp = built[base.name]
         conditions[base.name] = conds
         adapters[base.name] = adp
         for cond in conds:
@@ -213,10 +253,33 @@ def build_plan(cfg: RunConfig, dry: bool = False) -> Plan:
                 if spec.split == "train" and cond.stage != train_stage:
                     continue
                 sampling = cfg.sampling.to_sampling(spec.slice)
-                for s in range(cfg.sampling.n_samples if spec.split == "eval" else 1):
-                    key = row_key(cfg, base, cond, spec, s, src, sampling)
-                    rows.append(PlannedRow(key, cond, spec, s, src, sampling))
+                n = cfg.sampling.n_samples if spec.split == "eval" else 1
+                keys = row_keys(cfg, base, cond, spec, n, src, sampling)
+                rows.extend(PlannedRow(k, cond, spec, s, src, sampling) for s, k in enumerate(keys))
     return Plan(cfg, rows, conditions, adapters, bank)
+
+
+# A plan holds every row in memory (a few hundred bytes each, more for long episodes), and a run
+# this size takes weeks of GPU time: a config beyond it is a slip (n_samples: 10000), not a study.
+MAX_PLAN_ROWS = 2_000_000
+
+
+def _check_size(
+    cfg: RunConfig, specs: list[EpisodeSpec], conds: list[Condition], train_stage: str | None
+) -> None:
+    """Count the plan's rows before building them; past MAX_PLAN_ROWS, a ConfigError naming the
+    factors (every base's conditions x episodes x samples)."""
+    n_eval = sum(s.split == "eval" for s in specs)
+    n_train = len(specs) - n_eval
+    total = len(conds) * n_eval * cfg.sampling.n_samples
+    total += sum(c.stage == train_stage for c in conds) * n_train
+    if total > MAX_PLAN_ROWS:
+        raise ConfigError(
+            f"the plan has {total:,} rows ({len(conds)} conditions over {len(cfg.bases)} "
+            f"base(s) x {n_eval} episodes (items x slices) x sampling.n_samples "
+            f"{cfg.sampling.n_samples}), more than the {MAX_PLAN_ROWS:,} a run may hold; "
+            "lower sampling.n_samples, the personas, the stages or the number of items"
+        )
 
 
 # -- shards --------------------------------------------------------------------------------------

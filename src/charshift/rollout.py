@@ -50,6 +50,7 @@ from charshift.backends.base import Backend, BackendDead
 from charshift.constrain import tool_call_schema
 from charshift.extraction import scored_email
 from charshift.formats import compose_system
+from charshift.inputs import replace_surrogates
 from charshift.schema import (
     Condition,
     EpisodeSpec,
@@ -60,7 +61,7 @@ from charshift.schema import (
     Sampling,
     derive_seed,
 )
-from charshift.toolcalls import diagnose_tool_turn, parse_tool_calls
+from charshift.toolcalls import WorkStats, diagnose_tool_turn, parse_tool_calls
 from charshift.tools import FINISH_TOOL, SEND_TOOL
 from charshift.tools import required_args as tools_required
 
@@ -211,7 +212,13 @@ class RolloutEngine:
         ep.messages.append({"role": "assistant", "content": text})
         ep.final_reply = text
         ep.meta["step_budget"] = self._budget(ep)
-        calls = parse_tool_calls(text)
+        read = WorkStats()
+        calls = parse_tool_calls(text, stats=read)
+        unread = read.note(len(text))
+        if unread:  # the parser stopped early: a call after that point was not run
+            ep.meta.setdefault("unread_tool_text", []).append(
+                {"turn": ep.steps - 1, "note": unread}
+            )
         if not calls:
             ep.malformed_run += 1
             ep.meta.setdefault("malformed_turns", []).append(ep.steps - 1)
@@ -255,6 +262,10 @@ class RolloutEngine:
 
     def _advance(self, ep: Episode, text: str, finish_reason: str) -> None:
         ep.steps += 1
+        if text:  # a server's JSON can hold half a surrogate pair, which no file can store
+            text, n_bad = replace_surrogates(text)
+            if n_bad:
+                ep.meta["surrogates_replaced"] = ep.meta.get("surrogates_replaced", 0) + n_bad
         if finish_reason == "context_overflow":
             ep.outcome = self._ended(ep, "context_overflow")
             return

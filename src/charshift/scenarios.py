@@ -16,9 +16,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from charshift.config import parse_yaml
 from charshift.schema import stable_hash
 
 ToolName = Literal["directory", "calendar", "documents", "chat", "tickets", "policies"]
@@ -203,14 +203,27 @@ def load_bank(path: Path | None = None) -> list[Scenario]:
         text, source = f.read_text(encoding="utf-8"), "bundled scenarios.yaml"
     else:
         p = Path(path)
+        if p.is_dir():
+            raise ScenarioError(f"scenario bank {p} is a folder, not a YAML file")
         if not p.is_file():
             raise ScenarioError(f"scenario bank not found: {p}")
-        text, source = p.read_text(encoding="utf-8"), str(p)
+        text, source = _read_text(p), str(p)
+    return parse_bank(parse_yaml(text, source, "scenario bank", ScenarioError), source)
+
+
+def _read_text(p: Path) -> str:
+    """A bank file's text; a ScenarioError naming the line of a byte that is not UTF-8."""
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ScenarioError(f"scenario bank {source} is not valid YAML: {err}") from None
-    return parse_bank(data, source)
+        raw = p.read_bytes()
+    except OSError as err:
+        raise ScenarioError(f"scenario bank {p} cannot be read: {err.strerror or err}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ScenarioError(
+            f"scenario bank {p} is not UTF-8 text (byte 0x{raw[err.start]:02x} on line {line})"
+        ) from None
 
 
 def select_scenarios(

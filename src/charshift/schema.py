@@ -20,6 +20,10 @@ Message = dict[str, Any]  # {"role": "system"|"user"|"assistant"|"tool", "conten
 
 BASE_STAGE = "base"
 PROMPTED_STAGE = "prompted"
+# Bootstrap resamples: a (n_boot x clusters) draw is held in memory per interval, so the
+# config, the classifier's held-out report and `report --n-boot` are bounded by this.
+MAX_N_BOOT = 100_000
+
 # The persona prompt plus an explicit instruction to keep the voice in every form of writing: an
 # instruction being followed, not a property being measured; never a default stage.
 PROMPTED_EXPLICIT_STAGE = "prompted_explicit"
@@ -109,10 +113,14 @@ def record_from_dict(cls: type, data: Any, where: str = "record") -> Any:
     return cls(**kwargs)
 
 
+def canonical_json(obj: Any) -> str:
+    """The JSON `stable_hash` hashes: sorted keys, ASCII, no spaces."""
+    return json.dumps(obj, sort_keys=True, ensure_ascii=True, separators=(",", ":"), default=str)
+
+
 def stable_hash(obj: Any, n: int = 16) -> str:
     """Hex digest of the canonical JSON of `obj` (sorted keys): the same value -> the same key."""
-    blob = json.dumps(obj, sort_keys=True, ensure_ascii=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:n]
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:n]
 
 
 def derive_seed(*parts: Any) -> int:
