@@ -5,7 +5,7 @@ verdict; `slice` holds the measured *unit*, a slice or a `SLICE.VARIANT` scoring
 `charshift.ladder`). Output: a `MetricsResult` with, per cell (base, stage, unit), macro-F1 and
 accuracy (conditional and intention-to-treat), yield, per-persona figures, confusion counts and
 the predicted-label distribution; the additive decomposition of every chain of
-`charshift.ladder.CHAINS`, the contrasts of `ladder.CONTRASTS` and the stage differences, each
+`charshift.ladder.CHAINS`, the contrasts of `ladder.ALL_CONTRASTS` and the stage differences, each
 with a cluster-bootstrap interval that says when it cannot be trusted. Reading prediction files
 lives in `charshift.external`, writing tables in `charshift.tables`.
 
@@ -56,7 +56,7 @@ Definitions (the only ones in the code base):
   resample telescopes too; a rung between a prompt unit and a scenario unit is unpaired (two
   independent draws), the others paired. The item kind is the `kind:` prefix of the item ids
   when they carry one, else "prompt" for the ID slices and "scenario" for the rest.
-* Contrasts (`ladder.CONTRASTS`) and stage differences (later minus earlier stage, and minus the
+* Contrasts (`ladder.ALL_CONTRASTS`) and stage differences (later minus earlier stage, and minus the
   base stage, per unit) are paired on the items the two cells share, with one draw for both.
 """
 
@@ -72,8 +72,9 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
-from charshift.config import ALL_PERSONAS, ALL_SLICES, ID_SLICES
-from charshift.ladder import CHAINS, CONTRASTS, VARIANTS, Chain, Rung, split_unit
+from charshift import slices
+from charshift.config import ALL_PERSONAS, ALL_SLICES
+from charshift.ladder import ALL_CONTRASTS, CHAINS, VARIANTS, Chain, Rung, split_unit
 from charshift.schema import (
     BASE_STAGE,
     NULL_PERSONA_MARKERS,
@@ -915,12 +916,13 @@ def _diff_rows(
 
 
 def item_kind(unit: str, item_ids: Iterable[str]) -> str:
-    """The kind of a unit's items: their common `kind:` prefix, else "prompt" for the ID slices
-    and "scenario" for the rest."""
+    """The kind of a unit's items: their common `kind:` prefix, else the slice's item kind in
+    the registry (`charshift.slices`), "scenario" for a slice it does not know."""
     prefixes = {i.partition(":")[0] if ":" in i else None for i in map(str, item_ids)}
     if len(prefixes) == 1 and None not in prefixes:
         return str(next(iter(prefixes)))
-    return "prompt" if split_unit(unit)[0] in ID_SLICES else "scenario"
+    entry = slices.SLICES.get(split_unit(unit)[0])
+    return entry.items if entry else "scenario"
 
 
 @dataclass
@@ -1257,7 +1259,7 @@ def compute_metrics(
     method: Method = "percentile",
     seed: int = 0,
     chains: Sequence[Chain] = CHAINS,
-    contrasts: Sequence[Rung] = CONTRASTS,
+    contrasts: Sequence[Rung] = ALL_CONTRASTS,
     differences: bool = True,
     min_clusters: int = MIN_CLUSTERS,
 ) -> MetricsResult:
