@@ -18,7 +18,7 @@ from charshift.backends.scripted import ScriptedBackend
 from charshift.cli import app
 from charshift.config import parse_config
 from charshift.rollout import Episode, RolloutEngine, RolloutSettings
-from charshift.schema import Condition, EpisodeSpec, Sampling
+from charshift.schema import Condition, EpisodeSpec, GenRequest, Sampling
 from charshift.slices import RenderContext
 from charshift.toolcalls import WorkStats, parse_json_objects
 from charshift.tools import REQUIRED_ARGS
@@ -364,3 +364,39 @@ def test_a_dry_run_plans_every_scaffold_slice():
             assert r.spec.max_steps == max(8, r.spec.needed_calls + 3)
             assert r.spec.scenario_id in plan.scenario_bank
     assert "not scored until the judge" in plan.summary()
+
+
+def test_form_schemas_compile_to_real_grammars(tiny_model_dir):
+    """Every bundled form's schema compiles for a real tokenizer (llguidance, as the HF backend
+    uses it): a filled answer is a complete document, an answer with a key too many is refused,
+    and a random model's constrained output is always a prefix of an answer."""
+    from charshift.backends.hf import HFBackend
+    from charshift.constrain import row_constraint
+
+    b = HFBackend(str(tiny_model_dir("llama")), device="cpu", batch_size=8)
+    try:
+        for it in BANKS["structured_form"].items:
+            schema = forms.form_schema(it.fields)
+            good = {
+                f.name: (f.choices or ["x"])[0] if f.kind in ("text", "choice") else 3
+                for f in it.fields
+            }
+            good.update({f.name: True for f in it.fields if f.kind == "boolean"})
+            for doc, ok in ((good, True), ({**good, "extra": "no"}, False)):
+                rc = row_constraint(b.tokenizer, schema, b._stop_ids)
+                text = json.dumps(doc, ensure_ascii=False, separators=(", ", ": "))
+                for t in b.tokenizer(text, add_special_tokens=False)["input_ids"]:
+                    rc.accept(t)
+                assert (rc.error is None and rc.accepting) == ok, (it.id, doc)
+        spec = render.render("structured_form", BANKS["structured_form"].items[0])
+        sampling = Sampling(temperature=1.0, top_p=1.0, max_tokens=24, repetition_penalty=1.0)
+        reqs = [
+            GenRequest([{"role": "user", "content": spec.user_turns[0]}], None, sampling, s,
+                       json_schema=spec.response_schema)
+            for s in range(4)
+        ]  # fmt: skip
+        first = next(iter(spec.response_schema["properties"]))
+        for r in b.generate(reqs):
+            assert r.error is None and r.text.startswith('{"' + first + '": ')
+    finally:
+        b.close()
