@@ -90,6 +90,34 @@ def test_smoke_writes_every_slice_with_outcomes(smoke_run):
     assert "report:" in log
 
 
+def test_smoke_runs_every_scaffold_against_its_control(smoke_run):
+    """Each scaffold and its chat control end to end: their rows pair by item, every bank's
+    hash is in the manifest, each pair is a paired contrast, and the behaviour unit is reported
+    as not scored."""
+    import hashlib
+    from importlib import resources
+
+    from charshift import items, slices
+
+    out, _ = smoke_run
+    rows = _rows(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    with open(out / "differences.csv") as f:
+        contrasts = {
+            (d["slice_a"], d["slice_b"]) for d in csv.DictReader(f) if d["kind"] == "contrast"
+        }
+    for kind in slices.scaffold_kinds():
+        pair = (kind + "_chat", kind)
+        ids = [{r["item_id"] for r in rows if r["slice"] == sl} for sl in pair]
+        assert ids[0] == ids[1] and all(i.startswith(f"{kind}:") for i in ids[0]), kind
+        assert pair in contrasts, kind
+        bundled = resources.files("charshift") / "data" / "items" / items.KINDS[kind].file
+        assert manifest["banks"][kind]["sha256"] == hashlib.sha256(bundled.read_bytes()).hexdigest()
+    actions = [r for r in rows if r["slice"] == "agentic_actions"]
+    assert all(r["tool_log"] or r["outcome"] == "malformed" for r in actions)
+    assert "Not scored: agentic_actions.behaviour" in (out / "report.md").read_text()
+
+
 def test_rerun_is_a_no_op(smoke_run, cache):
     out, _ = smoke_run
     before = (out / "generations.jsonl").read_bytes()
@@ -194,6 +222,15 @@ def test_dry_run_paper_loads_no_model():
     assert res.exit_code == 0, res.output
     assert "generations in all" in res.output
     assert "agentic_email" in res.output and "llama" in res.output
+    # the scaffolds are an opt-in block: off, their cost is printed on its own
+    main, block = res.output.split("opt-in block 'scaffolds' (off")
+    assert "code_review" not in main and "agentic_actions" in block and "total" in block
+    on = CliRunner().invoke(app, ["run", "--preset", "paper", "--with", "scaffolds", "--dry-run"])
+    assert on.exit_code == 0, on.output
+    assert "opt-in block 'scaffolds' (on)" in on.output
+    assert "not scored until the judge" in on.output
+    bad = CliRunner().invoke(app, ["run", "--preset", "paper", "--with", "nope", "--dry-run"])
+    assert bad.exit_code == 2 and "no opt-in block 'nope'" in bad.output
 
 
 def test_bad_config_named_before_any_model(tmp_path):
