@@ -590,7 +590,8 @@ def demo(
         typer.Option(
             "--quick",
             help="The small demo: id_chat and the email chain on one scenario (about 5.5 min "
-            "on 2 CPU cores); without it, every slice on three scenarios (about 18 min).",
+            "on 2 CPU cores); without it, every email-family slice on three scenarios and one "
+            "scaffold per family against its chat control on three items (about 22 min).",
         ),
     ] = False,
     out: OutOpt = None,
