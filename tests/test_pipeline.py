@@ -21,6 +21,9 @@ from charshift.config import ALL_SLICES, CHAT_EMAIL_SLICES, load_preset
 from charshift.store import read_quarantine
 
 REPO = Path(__file__).resolve().parents[1]
+# Seconds a whole smoke run may take: it runs every slice (the six scaffolds and their controls
+# too), about 10 minutes on 2 idle cores and more than 20 on a shared, loaded machine.
+SMOKE_TIMEOUT = 2400
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +60,7 @@ def _rows(run_dir):
 def smoke_run(cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke") / "run"
     p = _cli(["run", "--preset", "smoke", "--out", str(out)], cache)
-    log, _ = p.communicate(timeout=1200)
+    log, _ = p.communicate(timeout=SMOKE_TIMEOUT)
     assert p.returncode == 0, log
     return out, log
 
@@ -147,7 +150,7 @@ def _reached(phase, at, out, n_rows, n_scores):
 def _run_until_killed(cache, out, phase, at, n_rows, n_scores):
     """Start `run`, SIGKILL its process group at the point; returns (killed, log)."""
     p = _cli(["run", "--preset", "smoke", "--out", str(out)], cache, start_new_session=True)
-    deadline = time.time() + 900
+    deadline = time.time() + SMOKE_TIMEOUT
     while not _reached(phase, at, out, n_rows, n_scores):
         if p.poll() is not None or time.time() > deadline:
             break
@@ -157,7 +160,7 @@ def _run_until_killed(cache, out, phase, at, n_rows, n_scores):
             time.sleep(at)  # seconds into the step
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
-    log, _ = p.communicate(timeout=900)
+    log, _ = p.communicate(timeout=SMOKE_TIMEOUT)
     assert p.returncode in (0, -signal.SIGKILL), log
     return p.returncode == -signal.SIGKILL, log
 
@@ -198,7 +201,7 @@ def test_sigkill_at_random_points_then_resume_gives_the_same_store(smoke_run, ca
     print(f"kill seed {KILL_SEED}: points {points}, killed in {killed}")
     assert killed[:2] == ["generate", "generate"], (KILL_SEED, points, killed)
     p = _cli(["run", "--preset", "smoke", "--out", str(out)], cache)
-    log, _ = p.communicate(timeout=1200)
+    log, _ = p.communicate(timeout=SMOKE_TIMEOUT)
     assert p.returncode == 0, log
     assert ("taking over the lock" in log) == bool(killed[-1]), log
     gens, scores = _store_files(out, "generations"), _store_files(out, "scores")
