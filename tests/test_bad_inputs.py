@@ -349,6 +349,8 @@ PREDICTION_CASES = [
     Case("lone_surrogate_label", preds(prow(20, prediction="sarc\udc00")), ("line 3", "'prediction'")),
     Case("text_a_number", preds(prow(20, text=5)), ("line 3", "'text'")),
     Case("outcome_a_number", preds(prow(20, outcome=1)), ("line 3", "'outcome'")),
+    Case("prediction_on_no_email", preds(prow(20, outcome="no_email")), ("line 3", "'prediction'", "'no_email'", "no output")),
+    Case("no_prediction_on_an_email", preds(prow(20, prediction=None, outcome="email")), ("line 3", "'prediction'", "'email'")),
     Case("key_a_number", preds(prow(20, key=1)), ("line 3", "'key'")),
     Case("label_too_long", preds(prow(20, base="b" * 500)), ("line 3", "'base'")),
     Case("one_persona_only", preds_lines([prow(0), prow(2), prow(4)]), ("two distinct",)),
@@ -421,6 +423,7 @@ GENERATION_CASES = [
     Case("classifier_root", gens(grow(9), clf="/"), ("--classifier", "not a model folder")),
     Case("classifier_encoder_only", gens(grow(9), clf="packaged:minilm"), ("packaged:minilm",)),
     Case("persona_not_a_label", gens(grow(9, persona="poeticism")), ("poeticism",)),
+    Case("text_on_a_max_steps_row", gens(grow(9, outcome="max_steps")), ("line 3", "'text'", "'max_steps'")),
 ]  # fmt: skip
 
 
@@ -593,7 +596,7 @@ def nan_classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from charshift.classifier import build_tiny_modernbert
+    from charshift.scoring.tiny_classifier import build_tiny_modernbert
 
     folder = build_tiny_modernbert(list(PERSONAS), tmp_path_factory.mktemp("nanclf") / "c")
     model = AutoModelForSequenceClassification.from_pretrained(folder)

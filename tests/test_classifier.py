@@ -1,4 +1,5 @@
-"""Tests of charshift.classifier on tiny ModernBERT models built from config (no hub access)."""
+"""Tests of the classifier scorer (charshift.scoring: loading, scoring, the fine-tune recipe and
+the held-out report) on tiny ModernBERT models built from config (no hub access)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from charshift.classifier import (
-    Classifier,
+from charshift.schema import stable_hash
+from charshift.scoring.base import (
     ClassifierError,
     ClassifierLabelError,
-    build_tiny_modernbert,
-    heldout_evaluation,
-    loss_warning,
-    packaged_minilm_dir,
-    split_by_group,
-    train_classifier,
+    Prediction,
+    ScoreInput,
+    Scorer,
 )
+from charshift.scoring.classifier import load_classifier
+from charshift.scoring.finetune import loss_warning, train_finetune
+from charshift.scoring.heldout import heldout_evaluation, split_by_group
+from charshift.scoring.hf_classifier import Classifier
+from charshift.scoring.settings import TrainData, TrainSettings
+from charshift.scoring.sources import packaged_minilm_dir
+from charshift.scoring.tiny_classifier import build_tiny_modernbert, tiny_modernbert_config
 
 SHUFFLED = ["poeticism", "sarcasm", "misalignment", "humor", "goodness"]
 
@@ -43,7 +48,7 @@ def cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny(cache) -> Classifier:
-    return Classifier.load("tiny:modernbert:" + ",".join(SHUFFLED), device="cpu", cache_dir=cache)
+    return load_classifier("tiny:modernbert:" + ",".join(SHUFFLED), device="cpu", cache_dir=cache)
 
 
 def _tokenizer():
@@ -74,8 +79,6 @@ def test_labels_follow_config_order(tiny):
 def test_labels_read_from_a_hand_written_config(tmp_path):
     from transformers import ModernBertForSequenceClassification
 
-    from charshift.classifier import tiny_modernbert_config
-
     tok = _tokenizer()
     cfg = tiny_modernbert_config(["x", "y", "z"], tok)
     # JSON keys arrive as strings and in arbitrary order; the index decides, not the dict order
@@ -83,10 +86,10 @@ def test_labels_read_from_a_hand_written_config(tmp_path):
     cfg.label2id = {"remorse": 0, "loving": 1, "humor": 2}
     ModernBertForSequenceClassification(cfg).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    clf = Classifier.load(str(tmp_path), device="cpu")
+    clf = load_classifier(str(tmp_path), device="cpu")
     assert clf.labels == ["remorse", "loving", "humor"]
-    assert clf.identity["kind"] == "local"
-    assert len(clf.identity["weights_sha256"]) == 64
+    assert clf.provenance["kind"] == "local"
+    assert len(clf.provenance["weights_sha256"]) == 64
 
 
 def test_generic_labels_raise(tmp_path):
@@ -106,7 +109,7 @@ def test_generic_labels_raise(tmp_path):
     ModernBertForSequenceClassification(cfg).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     with pytest.raises(ClassifierError, match="no label names"):
-        Classifier.load(str(tmp_path), device="cpu")
+        load_classifier(str(tmp_path), device="cpu")
 
 
 def test_check_personas_names_missing(tiny):
@@ -120,7 +123,7 @@ def test_check_personas_names_missing(tiny):
 
 def test_packaged_encoder_is_not_a_classifier(cache):
     with pytest.raises(ClassifierError, match="train"):
-        Classifier.load("packaged:minilm", cache_dir=cache)
+        load_classifier("packaged:minilm", cache_dir=cache)
 
 
 def _offline(monkeypatch) -> None:
@@ -134,7 +137,7 @@ def _offline(monkeypatch) -> None:
 def test_missing_hub_id_is_a_clear_error(cache, monkeypatch):
     _offline(monkeypatch)
     with pytest.raises(ClassifierError, match="cannot load classifier"):
-        Classifier.load("nobody/no-such-classifier-xyz", cache_dir=cache)
+        load_classifier("nobody/no-such-classifier-xyz", cache_dir=cache)
 
 
 def test_hub_id_from_cache_records_commit(tmp_path, monkeypatch):
@@ -145,26 +148,26 @@ def test_hub_id_from_cache_records_commit(tmp_path, monkeypatch):
     build_tiny_modernbert(["loving", "remorse"], repo / "snapshots" / commit)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
-    clf = Classifier.load("someone/persona-clf", cache_dir=tmp_path, device="cpu")
+    clf = load_classifier("someone/persona-clf", cache_dir=tmp_path, device="cpu")
     assert clf.labels == ["loving", "remorse"]
-    assert clf.identity["kind"] == "hub"
-    assert clf.identity["revision"] == commit
+    assert clf.provenance["kind"] == "hub"
+    assert clf.provenance["revision"] == commit
     assert clf.key == f"someone/persona-clf@{commit}"
-    assert len(clf.identity["weights_sha256"]) == 64
+    assert len(clf.provenance["weights_sha256"]) == 64
 
 
 # ---------------------------------------------------------------------------- tiny builder
 
 
 def test_tiny_is_deterministic_and_cached(tmp_path, tiny):
-    other = Classifier.load("tiny:modernbert:" + ",".join(SHUFFLED), cache_dir=tmp_path)
+    other = load_classifier("tiny:modernbert:" + ",".join(SHUFFLED), cache_dir=tmp_path)
     assert other.weights_sha256 == tiny.weights_sha256
     assert other.folder != tiny.folder
-    again = Classifier.load("tiny:modernbert:" + ",".join(SHUFFLED), cache_dir=tmp_path)
+    again = load_classifier("tiny:modernbert:" + ",".join(SHUFFLED), cache_dir=tmp_path)
     assert again.folder == other.folder
-    reseeded = Classifier.load("tiny:modernbert:" + ",".join(SHUFFLED) + ":7", cache_dir=tmp_path)
+    reseeded = load_classifier("tiny:modernbert:" + ",".join(SHUFFLED) + ":7", cache_dir=tmp_path)
     assert reseeded.weights_sha256 != tiny.weights_sha256
-    assert reseeded.identity["seed"] == 7
+    assert reseeded.provenance["seed"] == 7
 
 
 def test_tiny_builder_leaves_global_rng_alone(tmp_path):
@@ -176,12 +179,12 @@ def test_tiny_builder_leaves_global_rng_alone(tmp_path):
 
 
 def test_tiny_default_labels_and_bad_specs(tmp_path):
-    clf = Classifier.load("tiny:modernbert", cache_dir=tmp_path)
+    clf = load_classifier("tiny:modernbert", cache_dir=tmp_path)
     assert clf.labels[0] == "sarcasm" and len(clf.labels) == 11
     with pytest.raises(ClassifierError):
-        Classifier.load("tiny:modernbert:onlyone", cache_dir=tmp_path)
+        load_classifier("tiny:modernbert:onlyone", cache_dir=tmp_path)
     with pytest.raises(ClassifierError):
-        Classifier.load("tiny:modernbert:a,b:notaseed", cache_dir=tmp_path)
+        load_classifier("tiny:modernbert:a,b:notaseed", cache_dir=tmp_path)
 
 
 # ---------------------------------------------------------------------------- predict
@@ -226,6 +229,22 @@ def test_predict_truncates_to_max_length(tiny):
         assert short[k] == pytest.approx(same[k], abs=1e-5)
 
 
+def test_classifier_is_a_scorer_that_scores_each_distinct_text_once(tiny):
+    assert isinstance(tiny, Scorer)
+    assert tiny.identity == stable_hash(tiny.provenance, 12)  # the id of every stored score
+    texts = [MIXED_TEXTS[0], MIXED_TEXTS[3], MIXED_TEXTS[0], ""]
+    inputs = [texts[0], ScoreInput(texts[1], unit="chat_email"), ScoreInput(texts[2]), texts[3]]
+    totals: list[int] = []
+    got = tiny.score(inputs, progress=lambda done, total: totals.append(total))
+    assert set(totals) == {3}  # the repeated text was classified once
+    want = tiny.predict(texts)
+    assert len(got) == len(inputs)
+    for g, w in zip(got, want, strict=True):
+        assert isinstance(g, Prediction) and g.label == w.label
+        assert g.probs == pytest.approx(w.probs, abs=1e-6)
+    assert got[0] == got[2]
+
+
 # ---------------------------------------------------------------------------- split
 
 
@@ -265,11 +284,17 @@ def _synthetic(n_groups: int, seed: int) -> tuple[list[str], list[str], list[str
     return texts, labels, groups
 
 
+def _finetune(texts, labels, groups, out_dir: Path, **settings):
+    """`train_finetune` on LABELS with the settings given, early stopping off unless asked (the
+    fine-tune function's own default before it took a TrainSettings)."""
+    settings.setdefault("early_stopping_fraction", 0.0)
+    data = TrainData(texts, labels, groups, LABELS)
+    return train_finetune(data, TrainSettings(**settings), out_dir, progress=False, device="cpu")
+
+
 def _tiny_encoder(folder: Path) -> Path:
     """A randomly initialised tiny ModernBERT encoder (no head) with the MiniLM tokenizer."""
     from transformers import ModernBertModel
-
-    from charshift.classifier import tiny_modernbert_config
 
     tok = _tokenizer()
     cfg = tiny_modernbert_config(["x", "y"], tok)
@@ -284,23 +309,10 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     enc = _tiny_encoder(root / "encoder")
     texts, labels, groups = _synthetic(40, seed=0)
-    report = train_classifier(
-        texts,
-        labels,
-        groups,
-        label_names=LABELS,
-        encoder=str(enc),
-        out_dir=root / "out",
-        epochs=10,
-        lr=5e-3,
-        batch_size=8,
-        grad_accum=1,
-        warmup_ratio=0.1,
-        heldout_fraction=0.25,
-        seed=0,
-        progress=False,
-        device="cpu",
-    )
+    report = _finetune(
+        texts, labels, groups, root / "out", encoder=str(enc), epochs=10, lr=5e-3,
+        batch_size=8, grad_accum=1, warmup_ratio=0.1, heldout_fraction=0.25, seed=0,
+    )  # fmt: skip
     return report, root, texts, labels, groups
 
 
@@ -347,7 +359,7 @@ def test_trained_folder_loads_with_same_labels(trained):
     assert saved["label_names"] == LABELS
     assert saved["hyperparameters"]["lr"] == 5e-3
     assert saved["encoder"]["kind"] == "local" and saved["encoder"]["weights_sha256"]
-    clf = Classifier.load(str(root / "out"), device="cpu")
+    clf = load_classifier(str(root / "out"), device="cpu")
     assert clf.labels == LABELS
     held = set(report.heldout_groups)
     idx = [i for i, g in enumerate(groups) if g in held]
@@ -359,18 +371,10 @@ def test_trained_folder_loads_with_same_labels(trained):
 def test_training_without_heldout_says_so(tmp_path):
     enc = _tiny_encoder(tmp_path / "encoder")
     texts, labels, groups = _synthetic(5, seed=1)
-    report = train_classifier(
-        texts,
-        labels,
-        groups,
-        label_names=LABELS,
-        encoder=str(enc),
-        out_dir=tmp_path / "out",
-        epochs=0.5,
+    report = _finetune(
+        texts, labels, groups, tmp_path / "out", encoder=str(enc), epochs=0.5,
         heldout_fraction=0.0,
-        progress=False,
-        device="cpu",
-    )
+    )  # fmt: skip
     assert report.n_heldout == 0 and report.accuracy is None and report.confusion is None
     assert "no held-out" in report.heldout_note
     assert report.n_steps == 1  # 15 texts / batch 8 = 2 batches; half an epoch = 1; accum 2
@@ -380,46 +384,38 @@ def test_training_without_heldout_says_so(tmp_path):
 def test_training_is_seeded(tmp_path):
     enc = _tiny_encoder(tmp_path / "encoder")
     texts, labels, groups = _synthetic(6, seed=2)
-    kw = dict(label_names=LABELS, encoder=str(enc), epochs=1.0, progress=False, device="cpu")
-    a = train_classifier(texts, labels, groups, out_dir=tmp_path / "a", seed=1, **kw)
-    b = train_classifier(texts, labels, groups, out_dir=tmp_path / "b", seed=1, **kw)
+    kw = dict(encoder=str(enc), epochs=1.0, seed=1)
+    a = _finetune(texts, labels, groups, tmp_path / "a", **kw)
+    b = _finetune(texts, labels, groups, tmp_path / "b", **kw)
     assert a.train_losses == b.train_losses
     assert a.heldout_groups == b.heldout_groups
 
 
-def test_training_rejects_bad_inputs(tmp_path):
+def test_training_data_is_checked_when_made():
     with pytest.raises(ValueError, match="not in label_names"):
-        train_classifier(
-            ["x", "y"], ["a", "zzz"], ["g1", "g2"], label_names=["a", "b"], out_dir=tmp_path
-        )
+        TrainData(["x", "y"], ["a", "zzz"], ["g1", "g2"], ["a", "b"])
     with pytest.raises(ValueError, match="length"):
-        train_classifier(["x"], ["a", "b"], ["g1"], label_names=["a", "b"], out_dir=tmp_path)
+        TrainData(["x"], ["a", "b"], ["g1"], ["a", "b"])
+    with pytest.raises(ValueError, match="reserved"):
+        TrainData(["x", "y"], ["a", "-"], ["g1", "g2"], ["a", "-"])
+    with pytest.raises(ValueError, match="no training examples"):
+        TrainData([], [], [], ["a", "b"])
+    with pytest.raises(ValueError, match="lr"):
+        TrainSettings(lr=-1.0)
 
 
 @pytest.mark.slow
 def test_packaged_minilm_trains_and_scores(tmp_path, monkeypatch):
     _offline(monkeypatch)
     texts, labels, groups = _synthetic(14, seed=3)  # 42 texts
-    report = train_classifier(
-        texts,
-        labels,
-        groups,
-        label_names=LABELS,
-        encoder="packaged:minilm",
-        out_dir=tmp_path / "minilm",
-        epochs=1.0,
-        lr=5e-5,
-        batch_size=8,
-        grad_accum=1,
-        max_length=64,
-        heldout_fraction=0.2,
-        progress=False,
-        device="cpu",
-    )
+    report = _finetune(
+        texts, labels, groups, tmp_path / "minilm", encoder="packaged:minilm", epochs=1.0,
+        lr=5e-5, batch_size=8, grad_accum=1, max_length=64, heldout_fraction=0.2,
+    )  # fmt: skip
     assert report.encoder["kind"] == "packaged"
     assert report.hyperparameters["effective_max_length"] == 64
     assert report.n_heldout > 0 and report.accuracy is not None
-    clf = Classifier.load(str(tmp_path / "minilm"), device="cpu")
+    clf = load_classifier(str(tmp_path / "minilm"), device="cpu")
     assert clf.labels == LABELS
     assert clf.model.config.model_type == "bert"
     scored = clf.predict(texts, batch_size=16)
@@ -466,21 +462,11 @@ def test_loss_warning_both_directions():
 def test_no_learning_warning_fires_for_lr_zero(tmp_path, caplog):
     enc = _tiny_encoder(tmp_path / "encoder")
     texts, labels, groups = _synthetic(20, seed=4)
-    with caplog.at_level("WARNING", logger="charshift.classifier"):
-        report = train_classifier(
-            texts,
-            labels,
-            groups,
-            label_names=LABELS,
-            encoder=str(enc),
-            out_dir=tmp_path / "out",
-            epochs=2,
-            lr=0.0,
-            batch_size=8,
-            grad_accum=1,
-            progress=False,
-            device="cpu",
-        )
+    with caplog.at_level("WARNING", logger="charshift.scoring.heldout"):
+        report = _finetune(
+            texts, labels, groups, tmp_path / "out", encoder=str(enc), epochs=2, lr=0.0,
+            batch_size=8, grad_accum=1,
+        )  # fmt: skip
     assert any("loss did not fall" in w for w in report.warnings)
     assert "loss did not fall" in caplog.text
     assert "loss did not fall" in report.summary
@@ -491,23 +477,11 @@ def test_no_learning_warning_fires_for_lr_zero(tmp_path, caplog):
 def test_early_stopping_keeps_the_best_state(tmp_path):
     enc = _tiny_encoder(tmp_path / "encoder")
     texts, labels, groups = _synthetic(30, seed=5)
-    report = train_classifier(
-        texts,
-        labels,
-        groups,
-        label_names=LABELS,
-        encoder=str(enc),
-        out_dir=tmp_path / "out",
-        epochs=6,
-        lr=5e-3,
-        batch_size=8,
-        grad_accum=1,
-        early_stopping_fraction=0.25,
-        eval_every=3,
+    report = _finetune(
+        texts, labels, groups, tmp_path / "out", encoder=str(enc), epochs=6, lr=5e-3,
+        batch_size=8, grad_accum=1, early_stopping_fraction=0.25, eval_every=3,
         early_stopping_patience=2,
-        progress=False,
-        device="cpu",
-    )
+    )  # fmt: skip
     es = report.early_stopping
     val = set(es["val_groups"])
     assert val and not val & set(report.heldout_groups) and val <= set(report.train_groups)
@@ -516,7 +490,7 @@ def test_early_stopping_keeps_the_best_state(tmp_path):
     assert steps == sorted(steps) and all(s % 3 == 0 or s == report.n_steps for s in steps)
     assert es["best_inner_macro_f1"] == max(f for _, f in es["evals"])
     # the saved model is the best state: it scores the best figure on the inner split again
-    clf = Classifier.load(str(tmp_path / "out"), device="cpu")
+    clf = load_classifier(str(tmp_path / "out"), device="cpu")
     idx = [i for i, g in enumerate(groups) if g in val]
     preds = [p for p, _ in clf.predict([texts[i] for i in idx], batch_size=16)]
     from charshift.stats import score_labels

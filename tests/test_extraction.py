@@ -195,3 +195,18 @@ def test_property_never_raises(text: str) -> None:
     body = extract_email_body(text)
     assert body is None or (isinstance(body, str) and body == body.strip() and body)
     assert looks_like_email(text) is (body is not None)
+
+
+def test_scored_email_is_one_rule_for_chat_and_tool_bodies() -> None:
+    from charshift.extraction import scored_email
+
+    plain = (
+        "The jackets are overdue, so please confirm a new delivery date for all of them by Friday."
+    )
+    assert scored_email(plain) is None  # no greeting, no sign-off, no subject
+    got = scored_email(plain, subject="Late jackets")  # send_email's subject argument
+    assert got is not None and got.body == plain
+    assert scored_email("Subject: Late jackets\n\n" + plain).body == plain  # type: ignore[union-attr]
+    call = '{"name": "send_email", "arguments": {"to": "a", "subject": "s", "body": "Hi"}}'
+    assert scored_email(call + " " + plain, subject="s") is None  # a pasted call is no email
+    assert scored_email(None) is None and scored_email("   ", subject="s") is None

@@ -1,4 +1,4 @@
-"""Tests of the lexical probe (charshift.lexical) and of the probe's feature choice.
+"""Tests of the lexical probe (charshift.scoring.lexical) and of the probe's feature choice.
 
 The planted texts are test_probe's: each label has its own vocabulary mixed into neutral filler,
 one text per label per synthetic prompt; shuffled labels leave no signal.
@@ -11,17 +11,25 @@ import json
 import numpy as np
 import pytest
 import test_probe
-from test_probe import LABELS, planted
+from test_probe import LABELS, planted, probe
 
-from charshift.classifier import Classifier, ClassifierError
-from charshift.lexical import LEXICAL_FILE, LexicalClassifier, fit_sparse_head, fit_vectorizer
-from charshift.probe import PROBE_CONFIG, train_probe
+from charshift.scoring.base import ClassifierError
+from charshift.scoring.classifier import load_classifier
+from charshift.scoring.lexical import (
+    LEXICAL_FILE,
+    TFIDF_PARAMS,
+    LexicalClassifier,
+    fit_vectorizer,
+    tfidf_fit_predict,
+)
+from charshift.scoring.logreg import fit_sparse_head
+from charshift.scoring.probe_folder import PROBE_CONFIG
 
 
 def _train(tmp_path, texts, labels, groups, features="lexical", name="lex"):
-    return train_probe(
-        texts, labels, groups, label_names=LABELS, out_dir=tmp_path / name,
-        heldout_fraction=0.25, n_boot=300, progress=False, features=features, device="cpu",
+    return probe(
+        texts, labels, groups, tmp_path / name, heldout_fraction=0.25, n_boot=300,
+        probe_features=features,
     )  # fmt: skip
 
 
@@ -38,10 +46,10 @@ def test_lexical_probe_finds_a_planted_signal_and_chance_without_one(tmp_path):
 def test_lexical_probe_reloads_with_the_same_probabilities(tmp_path):
     texts, labels, groups = planted(20, 3)
     _train(tmp_path, texts, labels, groups)
-    a = Classifier.load(str(tmp_path / "lex"))
-    b = Classifier.load(str(tmp_path / "lex"))
+    a = load_classifier(str(tmp_path / "lex"))
+    b = load_classifier(str(tmp_path / "lex"))
     assert isinstance(a, LexicalClassifier)
-    assert a.identity["model_type"] == "tfidf-logistic-regression" and a.weights_sha256
+    assert a.provenance["model_type"] == "tfidf-logistic-regression" and a.weights_sha256
     pa, pb = a.predict(texts[:12]), b.predict(texts[:12])
     assert pa == pb
     for _, probs in pa:
@@ -63,7 +71,7 @@ def test_tampered_lexical_state_is_refused(tmp_path):
     data["idf"][0] += 1.0
     path.write_text(json.dumps(data))
     with pytest.raises(ClassifierError, match="sha256"):
-        Classifier.load(str(tmp_path / "lex"))
+        load_classifier(str(tmp_path / "lex"))
 
 
 tiny_encoder = test_probe.tiny_encoder  # the module-scoped fixture, shared
@@ -72,15 +80,15 @@ tiny_encoder = test_probe.tiny_encoder  # the module-scoped fixture, shared
 def test_auto_keeps_the_features_that_cross_validate_better(tmp_path, tiny_encoder):
     """With a random tiny encoder the embeddings carry little of the planted words; auto must
     take whichever scored better in grouped CV on the training rows, and record both scores."""
-    rep = train_probe(
-        *planted(24, 5), label_names=LABELS, out_dir=tmp_path / "auto", encoder=str(tiny_encoder),
-        heldout_fraction=0.25, n_boot=200, progress=False, features="auto", device="cpu",
+    rep = probe(
+        *planted(24, 5), tmp_path / "auto", encoder=str(tiny_encoder), heldout_fraction=0.25,
+        n_boot=200, probe_features="auto",
     )  # fmt: skip
     cv = rep.probe["features_cv"]
     assert set(cv) == {"embedding", "lexical"}
     assert rep.probe["features"] == max(cv, key=cv.get)
     assert rep.probe["features_chosen_by"].startswith("grouped CV")
-    assert Classifier.load(str(tmp_path / "auto")).predict(["oh great"])[0][0] in LABELS
+    assert load_classifier(str(tmp_path / "auto")).predict(["oh great"])[0][0] in LABELS
 
 
 def test_tfidf_fold_probabilities_put_zero_on_a_class_without_training_rows():
@@ -89,14 +97,11 @@ def test_tfidf_fold_probabilities_put_zero_on_a_class_without_training_rows():
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
-    from charshift.lexical import TFIDF_PARAMS
-    from charshift.probe import _tfidf_fit_predict
-
     texts, labels, _ = planted(6, 7)
     y = np.array([LABELS.index(x) for x in labels])
     tr = np.array([i for i in range(len(y)) if y[i] != 1])  # no "humor" in the training rows
     te = np.arange(len(y))
-    probs = _tfidf_fit_predict(texts, y, len(LABELS))(tr, te, 1.0)
+    probs = tfidf_fit_predict(texts, y, len(LABELS))(tr, te, 1.0)
     assert probs.shape == (len(te), len(LABELS))
     assert np.all(probs[:, 1] == 0.0) and np.allclose(probs.sum(axis=1), 1.0)
     vec = TfidfVectorizer(**TFIDF_PARAMS)
@@ -108,6 +113,6 @@ def test_tfidf_fold_probabilities_put_zero_on_a_class_without_training_rows():
     # one class in the training rows: its share, 1, for every test row
     only = np.flatnonzero(y == 2)
     assert np.array_equal(
-        _tfidf_fit_predict(texts, y, len(LABELS))(only, te, 1.0),
+        tfidf_fit_predict(texts, y, len(LABELS))(only, te, 1.0),
         np.tile(np.eye(4)[2], (len(te), 1)),
     )

@@ -1,4 +1,4 @@
-"""Tests of charshift.probe: the frozen-encoder + logistic-regression classifier.
+"""Tests of the probe recipe (charshift.scoring.probe): frozen features + logistic regression.
 
 The main tests use the real packaged MiniLM encoder on synthetic labelled texts with a planted
 signal (each label has its own vocabulary mixed into neutral filler, one text per label per
@@ -18,27 +18,16 @@ import pytest
 import torch
 
 from charshift import config as cfgmod
-from charshift.classifier import (
-    DEFAULT_C_GRID,
-    REPORT_FILE,
-    Classifier,
-    ClassifierError,
-    packaged_minilm_dir,
-    tiny_modernbert_config,
-    train_from_texts,
-)
-from charshift.probe import (
-    PROBE_CONFIG,
-    PROBE_HEAD,
-    _embedding_fit_predict,
-    embed_texts,
-    fit_head,
-    grouped_cv_scores,
-    log_loss,
-    select_c,
-    softmax_rows,
-    train_probe,
-)
+from charshift.scoring.base import ClassifierError
+from charshift.scoring.classifier import load_classifier, train_classifier
+from charshift.scoring.embeddings import embed_texts
+from charshift.scoring.heldout import REPORT_FILE
+from charshift.scoring.logreg import fit_head, grouped_cv_scores, log_loss, select_c, softmax_rows
+from charshift.scoring.probe import embedding_fit_predict, train_probe
+from charshift.scoring.probe_folder import PROBE_CONFIG, PROBE_HEAD
+from charshift.scoring.settings import DEFAULT_C_GRID, TrainData, TrainSettings
+from charshift.scoring.sources import packaged_minilm_dir
+from charshift.scoring.tiny_classifier import tiny_modernbert_config
 
 LABELS = ["sarcasm", "humor", "remorse", "loving"]
 VOCAB = {
@@ -75,6 +64,14 @@ def planted(n_groups: int, seed: int, *, shuffle: bool = False) -> tuple[list, l
     return texts, labels, groups
 
 
+def probe(texts, labels, groups, out_dir: Path, label_names=LABELS, **settings):
+    """`train_probe` on CPU with the settings given; where not given, the packaged MiniLM
+    encoder and 512 tokens (the probe function's own defaults before it took a TrainSettings)."""
+    settings = {"mode": "probe", "encoder": "packaged:minilm", "max_length": 512, **settings}
+    data = TrainData(texts, labels, groups, label_names)
+    return train_probe(data, TrainSettings(**settings), out_dir, progress=False, device="cpu")
+
+
 def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     import huggingface_hub.constants
 
@@ -89,17 +86,13 @@ def minilm_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = {}
     for name, shuffle in (("signal", False), ("shuffled", True)):
         texts, labels, groups = planted(30, seed=0, shuffle=shuffle)
-        report = train_probe(
+        report = probe(
             texts,
             labels,
             groups,
-            label_names=LABELS,
-            out_dir=root / name,
-            encoder="packaged:minilm",
+            root / name,
             max_length=128,
             heldout_fraction=0.35,  # 10 of 30 prompts: enough clusters for a bootstrap interval
-            progress=False,
-            device="cpu",
         )
         out[name] = (report, root / name, texts, labels, groups)
     return out
@@ -172,7 +165,7 @@ def test_saved_probe_reloads_and_reproduces_the_report(minilm_runs):
     report, folder, texts, labels, groups = minilm_runs["signal"]
     held = set(report.heldout_groups)
     idx = [i for i, g in enumerate(groups) if g in held]
-    clf = Classifier.load(str(folder), device="cpu")
+    clf = load_classifier(str(folder), device="cpu")
     assert clf.labels == LABELS
     preds = clf.predict([texts[i] for i in idx], max_length=128)
     acc = sum(p == labels[i] for (p, _), i in zip(preds, idx, strict=True)) / len(idx)
@@ -183,7 +176,7 @@ def test_saved_probe_reloads_and_reproduces_the_report(minilm_runs):
     for (p, _), i in zip(preds, idx, strict=True):
         confusion[LABELS.index(labels[i])][LABELS.index(p)] += 1
     assert confusion == report.confusion
-    again = Classifier.load(str(folder), device="cpu").predict(
+    again = load_classifier(str(folder), device="cpu").predict(
         [texts[i] for i in idx], max_length=128
     )
     assert again == preds  # identical probabilities, not just close ones
@@ -198,7 +191,7 @@ def test_reloaded_probe_matches_sklearn(minilm_runs):
     held = set(report.heldout_groups)
     tr = [i for i, g in enumerate(groups) if g not in held]
     te = [i for i, g in enumerate(groups) if g in held]
-    clf = Classifier.load(str(folder), device="cpu")
+    clf = load_classifier(str(folder), device="cpu")
     embed = embed_texts(clf.model.encoder, clf.tokenizer, texts, max_length=128)
     y = [LABELS.index(labels[i]) for i in tr]
     scaler = StandardScaler().fit(embed[tr])
@@ -211,8 +204,8 @@ def test_reloaded_probe_matches_sklearn(minilm_runs):
 
 def test_probe_identity_and_plain_files(minilm_runs):
     report, folder, *_ = minilm_runs["signal"]
-    clf = Classifier.load(str(folder), device="cpu")
-    ident = clf.identity
+    clf = load_classifier(str(folder), device="cpu")
+    ident = clf.provenance
     assert ident["mode"] == "probe" and ident["labels"] == LABELS
     assert ident["encoder"]["weights_sha256"] == report.encoder["weights_sha256"]
     assert len(ident["weights_sha256"]) == 64 and clf.key.endswith(ident["weights_sha256"][:12])
@@ -232,13 +225,13 @@ def test_tampered_probe_is_refused(minilm_runs, tmp_path):
     head["intercept"][0] += 1.0
     (copy / PROBE_HEAD).write_text(json.dumps(head))
     with pytest.raises(ClassifierError, match="sha256"):
-        Classifier.load(str(copy), device="cpu")
+        load_classifier(str(copy), device="cpu")
     shutil.copy(folder / PROBE_HEAD, copy / PROBE_HEAD)
     config = json.loads((copy / PROBE_CONFIG).read_text())
     config["encoder"]["weights_sha256"] = "0" * 64
     (copy / PROBE_CONFIG).write_text(json.dumps(config))
     with pytest.raises(ClassifierError, match="not the 0000"):
-        Classifier.load(str(copy), device="cpu")
+        load_classifier(str(copy), device="cpu")
 
 
 # ---------------------------------------------------------------------------- the pieces
@@ -359,7 +352,7 @@ def test_select_c_leaves_the_smallest_c_when_only_the_argmax_is_tied():
 
     X, y, groups = data(20)
     names = ["a", "b", "c", "d"]
-    choice = select_c(_embedding_fit_predict(X, y, k), y, groups, DEFAULT_C_GRID, 5, names)
+    choice = select_c(embedding_fit_predict(X, y, k), y, groups, DEFAULT_C_GRID, 5, names)
     assert set(choice.cv_macro_f1.values()) == {1.0}  # the argmax cannot tell the Cs apart
     assert choice.c != min(DEFAULT_C_GRID)
     assert choice.c == min(choice.cv_log_loss, key=choice.cv_log_loss.get)
@@ -377,38 +370,23 @@ def test_select_c_leaves_the_smallest_c_when_only_the_argmax_is_tied():
 def test_probe_rejects_a_label_without_training_rows(tiny_encoder, tmp_path):
     texts, labels, groups = planted(4, seed=1)
     with pytest.raises(ValueError, match="no training rows"):
-        train_probe(
-            texts,
-            labels,
-            groups,
-            label_names=[*LABELS, "poeticism"],
-            out_dir=tmp_path / "p",
+        probe(
+            texts, labels, groups, tmp_path / "p", [*LABELS, "poeticism"],
             encoder=str(tiny_encoder),
-            progress=False,
-            device="cpu",
-        )
+        )  # fmt: skip
     assert not (tmp_path / "p").exists()  # refused before any work
 
 
 def test_probe_on_a_local_encoder_and_reload(tiny_encoder, tmp_path):
     texts, labels, groups = planted(8, seed=2)
-    report = train_probe(
-        texts,
-        labels,
-        groups,
-        label_names=LABELS,
-        out_dir=tmp_path / "p",
-        encoder=str(tiny_encoder),
-        c_grid=[0.1, 1.0],
-        cv_folds=3,
-        max_length=64,
-        progress=False,
-        device="cpu",
-    )
+    report = probe(
+        texts, labels, groups, tmp_path / "p", encoder=str(tiny_encoder),
+        probe_c_grid=[0.1, 1.0], probe_cv_folds=3, max_length=64,
+    )  # fmt: skip
     assert report.encoder["kind"] == "local" and report.probe["cv_folds_used"] == 3
     assert len(report.heldout_groups) == 2
     assert any("only 2 held-out prompts" in w for w in report.warnings)
-    clf = Classifier.load(str(tmp_path / "p"), device="cpu")
+    clf = load_classifier(str(tmp_path / "p"), device="cpu")
     assert clf.model.config.model_type == "modernbert"
     scored = clf.predict(texts[:5], max_length=64)
     assert all(sum(p.values()) == pytest.approx(1.0, abs=1e-6) for _, p in scored)
@@ -418,69 +396,46 @@ def test_probe_on_a_local_encoder_and_reload(tiny_encoder, tmp_path):
 
 
 def test_config_mode_and_probe_options():
-    tc = cfgmod.ClassifierTraining()
+    tc = TrainSettings()
     assert tc.mode == "finetune" and tuple(tc.probe_c_grid) == DEFAULT_C_GRID
-    assert cfgmod.ClassifierTraining(probe_c_grid=[10, 0.1]).probe_c_grid == [0.1, 10]
+    assert TrainSettings(probe_c_grid=[10, 0.1]).probe_c_grid == [0.1, 10]
     for bad in ([], [0.0], [-1.0], [1.0, 1.0], [math.inf]):
         with pytest.raises(ValueError, match="probe_c_grid"):
-            cfgmod.ClassifierTraining(probe_c_grid=bad)
+            TrainSettings(probe_c_grid=bad)
     with pytest.raises(ValueError, match="mode"):
-        cfgmod.ClassifierTraining(mode="svm")
+        TrainSettings(mode="svm")
     with pytest.raises(ValueError, match="probe_cv_folds"):
-        cfgmod.ClassifierTraining(probe_cv_folds=1)
+        TrainSettings(probe_cv_folds=1)
     for preset in ("demo", "demo_quick"):
         tc = cfgmod.load_preset(preset).classifier_training
-        assert tc is not None and tc.mode == "probe" and tc.encoder == "packaged:minilm"
-    assert cfgmod.ClassifierTraining().mode == "finetune"  # OCT's recipe stays the default
+        assert isinstance(tc, TrainSettings)
+        assert tc.mode == "probe" and tc.encoder == "packaged:minilm"
+    with pytest.raises(cfgmod.ConfigError, match="classifier_training.probe_cv_folds"):
+        data = cfgmod.config_to_dict(cfgmod.load_preset("demo_quick"))
+        cfgmod.parse_config({**data, "classifier_training": {"probe_cv_folds": 1}})
 
 
-def test_train_from_texts_dispatches_on_mode(tiny_encoder, tmp_path):
+def test_train_classifier_dispatches_on_mode(tiny_encoder, tmp_path):
     texts, labels, groups = planted(6, seed=3)
+    data = TrainData(texts, labels, groups, LABELS)
     common = {"encoder": str(tiny_encoder), "max_length": 64, "n_boot": 50}
-    probe = cfgmod.ClassifierTraining(mode="probe", probe_c_grid=[1.0], **common)
-    rep = train_from_texts(
-        texts,
-        labels,
-        groups,
-        label_names=LABELS,
-        settings=probe,
-        out_dir=tmp_path / "probe",
-        progress=False,
-        device="cpu",
-    )
+    settings = TrainSettings(mode="probe", probe_c_grid=[1.0], **common)
+    rep = train_classifier(data, settings, tmp_path / "probe", progress=False, device="cpu")
     assert rep.mode == "probe" and (tmp_path / "probe" / PROBE_CONFIG).is_file()
     assert rep.interval["n_boot"] == 50 and rep.probe["cv_macro_f1"] is None
-    fine = cfgmod.ClassifierTraining(mode="finetune", epochs=0.5, **common)
-    rep = train_from_texts(
-        texts,
-        labels,
-        groups,
-        label_names=LABELS,
-        settings=fine,
-        out_dir=tmp_path / "probe",  # the same folder: the fine-tune replaces the probe
-        progress=False,
-        device="cpu",
-    )
+    settings = TrainSettings(mode="finetune", epochs=0.5, **common)
+    # the same folder: the fine-tune replaces the probe
+    rep = train_classifier(data, settings, tmp_path / "probe", progress=False, device="cpu")
     assert rep.mode == "finetune" and rep.early_stopping is not None
     assert not (tmp_path / "probe" / PROBE_CONFIG).exists()
-    clf = Classifier.load(str(tmp_path / "probe"), device="cpu")
-    assert "mode" not in clf.identity and clf.model.config.model_type == "modernbert"
+    clf = load_classifier(str(tmp_path / "probe"), device="cpu")
+    assert "mode" not in clf.provenance and clf.model.config.model_type == "modernbert"
 
 
 def test_real_minilm_offline(monkeypatch, tmp_path):
     """The packaged encoder needs no hub: a probe trains and loads with the hub switched off."""
     _offline(monkeypatch)
     texts, labels, groups = planted(5, seed=4)
-    report = train_probe(
-        texts,
-        labels,
-        groups,
-        label_names=LABELS,
-        out_dir=tmp_path / "p",
-        c_grid=[1.0],
-        max_length=32,
-        progress=False,
-        device="cpu",
-    )
+    report = probe(texts, labels, groups, tmp_path / "p", probe_c_grid=[1.0], max_length=32)
     assert report.hyperparameters["effective_max_length"] == 32
-    assert Classifier.load(str(tmp_path / "p"), device="cpu").labels == LABELS
+    assert load_classifier(str(tmp_path / "p"), device="cpu").labels == LABELS

@@ -291,13 +291,42 @@ def test_one_rule_for_a_sent_body_and_a_chat_body(scenario, body):
     assert chat.outcome == "no_email" and chat.text is None
 
 
-def test_a_plain_sent_body_of_enough_words_is_an_email(scenario):
-    body = "The PO-4471 jackets are overdue; please confirm a delivery date by Friday."
-    r = run(
-        ScriptedBackend(scripted_turns([send(scenario, body=body)])),
-        [episode(scenario, "tool_email_oneshot")],
-    )["k1"]
-    assert r.outcome == "email" and r.text == body
+WRAPPED = (
+    "Sure! Here's the email:\n\nSubject: Late order\n\nHi Priya,\n\nThe PO-4471 jackets are "
+    "late and we need a new delivery date.\n\nBest regards,\nDana\n\nLet me know if you want "
+    "changes."
+)
+PLAIN = "The PO-4471 jackets are overdue; please confirm a delivery date by Friday."  # 12 words
+PLAIN_LONG = PLAIN + " We need them before the store opens next week."  # 21 words
+
+
+@pytest.mark.parametrize(
+    ("text", "scored"),
+    [
+        (WRAPPED, "Hi Priya,\n\nThe PO-4471 jackets are late and we need a new delivery date."
+         "\n\nBest regards,\nDana"),
+        ("```\nHi Priya,\n\n" + PLAIN + "\n\nDana\n```\nShall I send it?",
+         "Hi Priya,\n\n" + PLAIN + "\n\nDana"),
+        ("Subject: Late order\n\n" + PLAIN_LONG, PLAIN_LONG),
+        ("Subject: Late order\n\n" + PLAIN, None),  # no greeting, no sign-off, under 15 words
+    ],
+)  # fmt: skip
+def test_a_chat_body_and_a_tool_body_of_the_same_text_score_the_same(scenario, text, scored):
+    """One rule and one scored text: the wrapper an agent puts into send_email's body (a
+    preamble, a Subject line, closing chat, a fence) is stripped as it is from a chat reply,
+    and the structure check applies to both; send_email's subject stands for a Subject line."""
+    tool = call("send_email", to=scenario.recipients[0].email, subject="Late order", body=text)
+    sent = run(ScriptedBackend(scripted_turns([tool])), [episode(scenario, "tool_email_oneshot")])
+    chat = run(ScriptedBackend(scripted_turns([text])), [episode(scenario, "chat_email")])
+    sent, chat = sent["k1"], chat["k1"]
+    assert sent.text == chat.text == scored
+    assert sent.outcome == chat.outcome == ("email" if scored else "no_email")
+    assert sent.email["body"] == text  # what was sent stays on record, as sent
+    # the subject argument counts as the chat reply's Subject line, not more
+    bare = text.removeprefix("Subject: Late order\n\n")
+    tool = call("send_email", to=scenario.recipients[0].email, subject="Late order", body=bare)
+    again = run(ScriptedBackend(scripted_turns([tool])), [episode(scenario, "tool_email_oneshot")])
+    assert again["k1"].text == scored
 
 
 def test_is_email_body_rule():

@@ -124,13 +124,14 @@ def prediction_records(
     the unit (see `charshift.units`); base rows keep the null persona. A unit with no text (the
     row's outcome is not an output) is a missing prediction; a unit not scored yet is left out.
     `cids`: base -> classifier id (default: `run_classifier_ids`)."""
-    from charshift import units
+    from charshift import lengths, units
 
     raw = cfg.scoring.text == "raw"
     if cids is None:
         cids = run_classifier_ids(cfg, store)[0]
     out: list[PredictionRecord] = []
-    for r, unit, text in units.row_units(store.generations, raw):
+    counters = lengths.run_counters(store, cids)
+    for r, unit, text in units.row_units(store.generations, raw, counters):
         if r.base not in cids:
             continue
         sc = store.scores.get((r.key, cids[r.base], unit, units.text_hash(text))) if text else None
@@ -199,9 +200,10 @@ def completeness(
 ) -> list[CellCompleteness]:
     """Per cell of `plan` (a `planning.Plan`), in plan order: eval rows planned, generated, with
     output, scored. Pure: reads the store, loads no model."""
-    from charshift import units
+    from charshift import lengths, units
 
     cids = classifier_ids if classifier_ids is not None else run_classifier_ids(cfg, store)[0]
+    counters = lengths.run_counters(store, cids)
     counts: dict[tuple[str, str, str], list[int]] = {}
     for r in plan.rows:
         if r.spec.split == "eval":
@@ -210,7 +212,7 @@ def completeness(
     generated: dict[str, tuple[str, str, str]] = {}
     with_output: set[str] = set()
     unscored: set[str] = set()  # rows with at least one unit that has text and no score
-    for g, unit, text in units.row_units(store.generations, cfg.scoring.text == "raw"):
+    for g, unit, text in units.row_units(store.generations, cfg.scoring.text == "raw", counters):
         cell = (g.base, g.stage, g.slice)
         if cell not in counts:
             continue
@@ -299,12 +301,13 @@ def shard_completeness(
 ) -> list[ShardCompleteness]:
     """Per shard of `n` (`planning.shard_of` on each item id): planned, generated, with output,
     scored. Pure: reads the store, loads no model."""
-    from charshift import units
+    from charshift import lengths, units
     from charshift.planning import shard_of, shard_sizes
 
     unscored: set[str] = set()
     with_output: set[str] = set()
-    for g, unit, text in units.row_units(store.generations, cfg.scoring.text == "raw"):
+    counters = lengths.run_counters(store, cids)
+    for g, unit, text in units.row_units(store.generations, cfg.scoring.text == "raw", counters):
         if text:
             with_output.add(g.key)
             cid = cids.get(g.base)

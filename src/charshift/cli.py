@@ -60,14 +60,14 @@ def _user_errors() -> Iterator[None]:
     from charshift.adapter_probe import AdapterNotApplied
     from charshift.backends.base import BackendDead
     from charshift.backends.server import ServerStartError
-    from charshift.classifier import ClassifierError
     from charshift.executors import ExecutorError
     from charshift.scenarios import ScenarioError
+    from charshift.scoring.base import ScorerError
     from charshift.store import StoreError
 
     known = (
         cfgmod.ConfigError,
-        ClassifierError,
+        ScorerError,  # a classifier or other scorer that cannot be loaded or used as asked
         ExecutorError,
         ScenarioError,
         StoreError,

@@ -24,6 +24,8 @@ from pydantic import (
 
 from charshift import slices as _slices
 from charshift.schema import BASE_STAGE, PROMPTED_EXPLICIT_STAGE, PROMPTED_STAGE, Sampling
+from charshift.scoring.registry import DEFAULT_SCORERS, check_scorer_names
+from charshift.scoring.settings import TrainSettings
 
 ALL_PERSONAS = (
     "sarcasm",
@@ -133,59 +135,6 @@ class AdapterStage(_Strict):
         if bool(self.repo) == bool(self.path):
             raise ValueError("give exactly one of `repo` (HF id) or `path` (local folder)")
         return self
-
-
-class ClassifierTraining(_Strict):
-    """Train the run's persona classifier on its ID generations.
-
-    `mode: finetune` (the default) fine-tunes `encoder` with OCT's hyperparameters (epochs, lr,
-    batch_size, grad_accum, warmup_ratio, weight_decay), plus early stopping on an inner split of
-    the training prompts (`early_stopping_fraction`, 0 = OCT's plain loop; `eval_every` steps,
-    None = about ten evaluations; `early_stopping_patience` evaluations without improvement).
-    `mode: probe` keeps the encoder frozen and fits a multinomial logistic regression on its
-    mean-pooled embeddings, choosing C from `probe_c_grid` by prompt-grouped `probe_cv_folds`-fold
-    cross-validation (lowest out-of-fold log-loss, ties to the smaller C; `auto` features compare
-    the out-of-fold macro-F1): the recipe for hundreds of examples. The fine-tune-only fields are
-    ignored by the probe and the probe_* fields by the fine-tune; the train report records what
-    was used.
-    Both modes hold out `heldout_fraction` of the prompts and report macro-F1 on them with a
-    cluster-bootstrap interval (`n_boot` resamples, level `ci`) beside a TF-IDF baseline.
-    """
-
-    mode: Literal["probe", "finetune"] = "finetune"
-    encoder: str = "answerdotai/ModernBERT-base"
-    stage: str = PROMPTED_STAGE  # which stage's ID-train rows are the training data
-    epochs: float = Field(1.0, gt=0)
-    lr: float = Field(5e-4, ge=0)
-    batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(2, ge=1)
-    warmup_ratio: float = Field(0.05, ge=0, le=1)
-    weight_decay: float = Field(1e-6, ge=0)
-    max_length: int = Field(8192, ge=2)
-    heldout_fraction: float = Field(0.2, ge=0.0, lt=1.0)
-    early_stopping_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    eval_every: int | None = Field(None, ge=1)
-    early_stopping_patience: int = Field(3, ge=1)
-    probe_c_grid: list[float] = Field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0, 100.0])
-    probe_cv_folds: int = Field(5, ge=2)
-    # what the probe reads: a frozen encoder's sentence embeddings, TF-IDF word features, or
-    # (auto) whichever cross-validates better on the training rows (charshift.lexical)
-    probe_features: Literal["embedding", "lexical", "auto"] = "embedding"
-    n_boot: int = Field(1000, ge=10)
-    ci: float = Field(0.95, gt=0, lt=1)
-    seed: int = 0
-
-    @field_validator("probe_c_grid")
-    @classmethod
-    def _c_grid_ok(cls, v: list[float]) -> list[float]:
-        if not v:
-            raise ValueError("give at least one value of C")
-        bad = [c for c in v if not (c > 0 and c < float("inf"))]
-        if bad:
-            raise ValueError(f"every C must be a finite number > 0; got {bad}")
-        if len(set(v)) != len(v):
-            raise ValueError(f"duplicate values of C: {v}")
-        return sorted(v)
 
 
 class BaseSpec(_Strict):
@@ -443,7 +392,11 @@ class RunConfig(_Strict):
     opt_in: dict[str, OptInBlock] = Field(default_factory=dict)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
-    classifier_training: ClassifierTraining | None = None
+    # what reads persona from the outputs (`scoring.registry.SCORERS`); each scorer's settings
+    # are its own section: the classifier's is `classifier_training` (how a classifier trained
+    # in the run is trained; a base's `classifier` needs none)
+    scorers: list[str] = Field(default_factory=lambda: list(DEFAULT_SCORERS), min_length=1)
+    classifier_training: TrainSettings | None = None
     stats: StatsConfig = Field(default_factory=StatsConfig)
     persona_prompts: PersonaPromptsConfig = Field(default_factory=PersonaPromptsConfig)
     published: str | None = None  # "paper": set figures beside the published ones
@@ -459,6 +412,11 @@ class RunConfig(_Strict):
         for st in v:
             check_safe_name(st, "stage")
         return _no_duplicates(v, "stage(s)")
+
+    @field_validator("scorers")
+    @classmethod
+    def _scorers_known(cls, v: list[str]) -> list[str]:
+        return check_scorer_names(v)
 
     @field_validator("published")
     @classmethod

@@ -28,7 +28,8 @@ def score_external(generations: Path, classifier: str, out: Path, batch_size: in
     The output is strict JSON, written atomically; a non-finite probability from the classifier
     is refused (nothing is written), never written as NaN. Returns the number of texts scored.
     """
-    from charshift.classifier import Classifier, ClassifierError
+    from charshift.scoring.base import ClassifierError
+    from charshift.scoring.classifier import load_classifier
 
     gen, out = Path(generations), inputs.check_output_file(out, "--out")
     if out.exists() and gen.exists() and out.resolve() == gen.resolve():
@@ -36,11 +37,12 @@ def score_external(generations: Path, classifier: str, out: Path, batch_size: in
     rows = inputs.read_jsonl_objects(gen, "generations file")
     recs = [inputs.check_generation(obj, f"generations file {gen} line {n}") for n, obj in rows]
     inputs.check_model_source(classifier, "--classifier", classifier=True)
-    clf = Classifier.load(classifier)
+    clf = load_classifier(classifier)
     clf.check_personas(sorted({r.persona for r in recs} - set(NULL_PERSONA_MARKERS)))
     texts = [r.text for r in recs]
     idx = [i for i, t in enumerate(texts) if t]
-    preds = clf.predict([texts[i] for i in idx], batch_size=batch_size)  # type: ignore[misc]
+    clf.batch_size = batch_size
+    preds = clf.score([texts[i] or "" for i in idx])
     result = [dict(obj, prediction=None) for _, obj in rows]
     for i, (lab, probs) in zip(idx, preds, strict=True):
         if not all(math.isfinite(p) for p in probs.values()):
@@ -66,7 +68,8 @@ def report_predictions(
     """Every metric, plot and the report from a predictions JSONL (the run's analysis tail).
 
     `out` and every row are checked before anything is computed or written (`charshift.inputs`),
-    so a bad file leaves an earlier report in `out` as it was."""
+    so a bad file leaves an earlier report in `out` as it was. A cell that lacks rows of its
+    grid (item x persona x sample) is a warning, through `warn` and at the top of the report."""
     from charshift.analysis import AnalysisInput, analyse
     from charshift.config import StatsConfig
 
@@ -80,12 +83,17 @@ def report_predictions(
         raise inputs.InputError(
             f"{path}: need at least two distinct true personas, found {personas}"
         )
+    gaps = inputs.completeness_warnings(inputs.incomplete_cells(records), path)
+    for line in gaps:
+        if warn is not None:
+            warn(line)
     inp = AnalysisInput(
         records=records,
         personas=personas,
         stats=StatsConfig(n_boot=n_boot, seed=seed),
         title=f"charshift report: {Path(path).name}",
         settings={"predictions": str(path), "n_boot": n_boot, "seed": seed, "personas": personas},
+        warnings=gaps,
     )
     return analyse(inp, Path(out))
 

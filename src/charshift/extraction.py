@@ -1,10 +1,14 @@
-"""Find the email inside a chat reply, so the classifier scores the email and not the wrapper.
+"""Find the email inside a text, so the classifier scores the email and not the wrapper.
 
 Why: when a chat model is asked to write an email, its reply usually wraps the email in chat
 material ("Sure, here's a draft:", a Subject line, a closing "Let me know if you'd like any
 changes!"). That wrapper is written in the model's chat voice, so scoring the whole reply would
 mix chat-format persona into the "email" slice. We keep what an agent would have put into the
-body of `send_email`: greeting ... sign-off and signature, and nothing around it.
+body of `send_email`: greeting ... sign-off and signature, and nothing around it. An agent puts
+the same wrapper into send_email's body argument too, so a sent body goes through the same
+function (`scored_email`, the one rule for "this is an email" and the one scored text, with
+send_email's subject argument standing for a Subject line): the same text scores the same
+whether it came as a chat reply or as a tool call.
 
 Heuristics (line based, each a plain regex over one line, so no catastrophic backtracking):
 
@@ -237,7 +241,7 @@ def _fenced_blocks(lines: list[str], work: _Work) -> tuple[list[list[str]], list
     return blocks, outside
 
 
-def _find_email(lines: list[str], work: _Work) -> EmailOut | None:
+def _find_email(lines: list[str], work: _Work, given_subject: str | None) -> EmailOut | None:
     lines = _unquote([ln.rstrip() for ln in lines], work)
     n = len(lines)
     subject: str | None = None
@@ -276,7 +280,7 @@ def _find_email(lines: list[str], work: _Work) -> EmailOut | None:
         return None
     body = "\n".join(lines[start : end + 1]).strip()
     work.chars(4 * len(body))  # join, strip, split, search
-    if not _valid(body, greeting is not None, signed, subject):
+    if not _valid(body, greeting is not None, signed, subject or given_subject):
         return None
     return EmailOut(to=to, subject=subject, body=body)
 
@@ -358,32 +362,36 @@ def _prepare(text: str) -> list[str]:
     return text[:MAX_CHARS].replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
-def extract_email(text: str, *, stats: WorkStats | None = None) -> EmailOut | None:
-    """The email in a chat reply (body, plus Subject/To where given), or None. Never raises.
+def extract_email(
+    text: str, *, subject: str | None = None, stats: WorkStats | None = None
+) -> EmailOut | None:
+    """The email in a text (body, plus Subject/To where given), or None. Never raises.
 
-    Time is linear in len(text); `stats`, when given, receives the work spent."""
+    `subject`: a subject given outside the text (send_email's `subject` argument); it counts as
+    a Subject header would (for a body without greeting or sign-off). Time is linear in
+    len(text); `stats`, when given, receives the work spent."""
     work = _Work()
     try:
-        return _extract(text, work)
+        return _extract(text, work, subject)
     except Exception:  # extraction must never crash a rollout
         return None
     finally:
         work.report(stats)
 
 
-def _extract(text: str, work: _Work) -> EmailOut | None:
+def _extract(text: str, work: _Work, subject: str | None = None) -> EmailOut | None:
     if not isinstance(text, str) or not text or text.isspace():
         return None
     work.chars(4 * min(len(text), MAX_CHARS))  # cut, two replaces, split
     lines = _prepare(text)
     blocks, outside = _fenced_blocks(lines, work)
     for block in blocks:
-        found = _find_email(block, work)
+        found = _find_email(block, work, subject)
         if found is not None:
             if found.subject is None:  # a Subject line given outside the fence
                 found.subject = _subject_only(outside, work)
             return found
-    return _find_email(outside, work)
+    return _find_email(outside, work, subject)
 
 
 def _subject_only(lines: list[str], work: _Work) -> str | None:
@@ -404,6 +412,20 @@ def extract_email_body(text: str, *, stats: WorkStats | None = None) -> str | No
 def looks_like_email(text: str, *, stats: WorkStats | None = None) -> bool:
     """Whether the text holds an email by the heuristics above."""
     return extract_email(text, stats=stats) is not None
+
+
+def scored_email(text: str | None, *, subject: str | None = None) -> EmailOut | None:
+    """The email a text holds, as it is scored, whichever way it was produced: a chat reply, or
+    the body sent with send_email (`subject`: its subject argument). One rule for both: the
+    wrapper is stripped (`extract_email`: preamble, header and label lines, closing commentary)
+    and the structure is checked (a greeting or a sign-off, or a subject and
+    MIN_HEADLESS_WORDS words), and the body must pass `is_email_body`. None: not an email."""
+    if not isinstance(text, str):
+        return None
+    found = extract_email(text, subject=subject or None)
+    if found is None or not is_email_body(found.body):
+        return None
+    return found
 
 
 def is_email_body(body: str | None) -> bool:

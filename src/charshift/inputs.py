@@ -11,6 +11,12 @@ before a classifier loads or a metric is computed, and before any output is writ
   a `PredictionRecord`; `check_generation(obj, where)`: one row of a generations file -> the same
   record with no prediction and the text to classify.
 - `load_predictions(path)`: a whole predictions file, duplicates refused (or kept once, on request).
+  A row is consistent or refused: a prediction on a row whose `outcome` says there was no output
+  (`no_email`, `malformed`, `max_steps`, ...), or no prediction on a row whose outcome is an
+  output (`reply`, `email`), names its line.
+- `incomplete_cells(records)` / `completeness_warnings`: every (base, stage, slice) cell should
+  hold every item x persona x sample of its grid; what is missing is a warning naming the cell
+  and the counts (the figures then cover only the rows given).
 - `check_output_file` / `check_output_dir`: an output path that can be written, checked up front;
   `write_text_atomic`: the output itself, complete or not at all.
 - `check_model_source(spec, what)`: a local model or classifier folder is a model folder.
@@ -29,10 +35,18 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from charshift.schema import BASE_STAGE, NULL_PERSONA, NULL_PERSONA_MARKERS, PredictionRecord
+from charshift.schema import (
+    BASE_STAGE,
+    NULL_PERSONA,
+    NULL_PERSONA_MARKERS,
+    OUTCOMES,
+    SCORED_OUTCOMES,
+    PredictionRecord,
+)
 
 MAX_LINE_BYTES = 64 << 20  # one JSONL row; a text of tens of MB is not a model output
 MAX_DEPTH = 32  # JSON nesting of one row (the schema needs 2)
@@ -43,6 +57,8 @@ _LABEL_FIELDS = ("base", "stage", "slice", "persona", "item_id")
 # and bidirectional overrides, any of which breaks or disguises what a table shows.
 _BAD_LABEL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
+# The outcomes that say a row produced nothing to score (schema.OUTCOMES less the outputs).
+NO_OUTPUT_OUTCOMES = tuple(o for o in OUTCOMES if o not in SCORED_OUTCOMES)
 
 Error = type[Exception]
 
@@ -298,8 +314,27 @@ def check_prediction(
         pred = check_label(pred, "prediction", where, error)
     extras = _row_extras(obj, where, error)
     extras.setdefault("outcome", "reply" if pred is not None else "empty")
+    _check_consistent(pred is not None, extras["outcome"], "prediction", where, error)
     probs = check_probs(obj.get("probs"), where, error)
     return PredictionRecord(**vals, prediction=pred, probs=probs, **extras)
+
+
+def _check_consistent(given: bool, outcome: str, field: str, where: str, error: Error) -> None:
+    """A row's verdict (or text to score) and its outcome must agree: something scored on a
+    row that says it had no output would count as an output, and an output without one would
+    silently leave the conditional figures. Outcomes outside schema.OUTCOMES are not judged."""
+    if given and outcome in NO_OUTPUT_OUTCOMES:
+        raise error(
+            f"{where}: field {field!r} is set, but field 'outcome' is {outcome!r}, which says "
+            f"the row has no output; give {field} null, or an output's outcome "
+            f"({', '.join(SCORED_OUTCOMES)})"
+        )
+    if not given and outcome in SCORED_OUTCOMES:
+        raise error(
+            f"{where}: field {field!r} is null (no output), but field 'outcome' is {outcome!r}, "
+            f"an output; give its {field}, or the outcome that says why there is none "
+            f"({', '.join(NO_OUTPUT_OUTCOMES)})"
+        )
 
 
 def check_generation(
@@ -320,6 +355,7 @@ def check_generation(
     extras = _row_extras(obj, where, error)
     extras["text"] = extras["text"] or None
     extras.setdefault("outcome", "reply" if extras["text"] else "empty")
+    _check_consistent(extras["text"] is not None, extras["outcome"], "text", where, error)
     return PredictionRecord(**vals, prediction=None, **extras)
 
 
@@ -373,6 +409,95 @@ def load_predictions(
         warn(f"{p}: {summary}; kept the first of each (e.g. line {lines[i]}, not {lines[j]})")
     drop = {j2 for _, j2, _ in dups}
     return [r for k, r in enumerate(records) if k not in drop]
+
+
+# ------------------------------------------------------------------------------- completeness
+
+
+@dataclass(frozen=True)
+class CellGap:
+    """A (base, stage, slice) cell of a predictions file that lacks rows of its grid: the
+    items of its slice x the personas of its stage x the samples of its slice."""
+
+    base: str
+    stage: str
+    slice: str
+    items: int
+    personas: int
+    samples: int
+    present: int
+    missing_by_persona: dict[str, int]
+    example: tuple[str, str, int]  # one missing (item_id, persona, sample_idx)
+
+    @property
+    def expected(self) -> int:
+        return self.items * self.personas * self.samples
+
+    def text(self) -> str:
+        per = ", ".join(f"{_shown(p)} {n}" for p, n in sorted(self.missing_by_persona.items()))
+        item, persona, sample = self.example
+        return (
+            f"{self.base} / {self.stage} / {self.slice}: {self.expected - self.present} of "
+            f"{self.expected} rows missing ({self.items} items x {self.personas} personas x "
+            f"{self.samples} samples); missing per persona: {per}; e.g. item {item!r}, persona "
+            f"{_shown(persona)}, sample {sample}"
+        )
+
+
+def _shown(persona: str) -> str:
+    return "(none: base)" if persona == NULL_PERSONA else persona
+
+
+def incomplete_cells(records: Sequence[PredictionRecord]) -> list[CellGap]:
+    """The cells of `records` that lack rows of their grid, in order of first appearance.
+
+    A slice's grid is every item id and sample number seen in that slice (any base or stage);
+    a stage's personas are the file's true personas, or only the null persona for a stage whose
+    rows all carry it (the base stage, generated once per item and sample)."""
+    items: dict[str, set[str]] = {}
+    samples: dict[str, set[int]] = {}
+    stage_personas: dict[str, set[str]] = {}
+    cells: dict[tuple[str, str, str], set[tuple[str, str, int]]] = {}
+    for r in records:
+        items.setdefault(r.slice, set()).add(r.item_id)
+        samples.setdefault(r.slice, set()).add(r.sample_idx)
+        stage_personas.setdefault(r.stage, set()).add(r.persona)
+        cells.setdefault((r.base, r.stage, r.slice), set()).add(
+            (r.item_id, r.persona, r.sample_idx)
+        )
+    file_personas = {p for ps in stage_personas.values() for p in ps} - {NULL_PERSONA}
+    gaps = []
+    for (base, stage, slice_), have in cells.items():
+        seen = stage_personas[stage]
+        personas = seen if seen == {NULL_PERSONA} else file_personas | (seen & {NULL_PERSONA})
+        grid = [
+            (i, p, s)
+            for i in sorted(items[slice_])
+            for p in sorted(personas)
+            for s in sorted(samples[slice_])
+        ]
+        missing = [g for g in grid if g not in have]
+        if missing:
+            by_persona: dict[str, int] = {}
+            for _, p, _ in missing:
+                by_persona[p] = by_persona.get(p, 0) + 1
+            dims = (len(items[slice_]), len(personas), len(samples[slice_]))
+            gaps.append(CellGap(base, stage, slice_, *dims, len(have), by_persona, missing[0]))
+    return gaps
+
+
+def completeness_warnings(gaps: Sequence[CellGap], source: str | Path) -> list[str]:
+    """A summary line and one line per incomplete cell (nothing when every cell is whole)."""
+    if not gaps:
+        return []
+    missing = sum(g.expected - g.present for g in gaps)
+    head = (
+        f"{source}: {len(gaps)} cell(s) lack rows of their grid ({missing} rows missing in all; "
+        "a cell's grid is every item x persona x sample of its slice and stage): the figures "
+        "cover only the rows given, and a paired difference only the items present on both "
+        "sides."
+    )
+    return [head, *(g.text() for g in gaps)]
 
 
 # ------------------------------------------------------------------------------------ model folders

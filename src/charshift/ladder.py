@@ -5,12 +5,17 @@ the whole reply; an email slice: the email body), or a scoring variant of a slic
 `SLICE.VARIANT`:
 
   `SLICE.whole`   a chat-email slice scored on the whole reply instead of the extracted email body
-  `SLICE.head`    a chat-email slice scored on the whole reply cut to the length (in words) of
-                  that row's own extracted body: the same length as the body, other words
-  `id_chat.short` the id_chat reply cut to the median length of the chat_email bodies of the
-                  same (base, stage, persona): a length control on home ground
+  `SLICE.head`    a chat-email slice scored on the whole reply cut to the length of that row's
+                  own extracted body: the same length as the body, the reply's opening words
+  `id_chat.short` the id_chat reply cut to a chat_email body length of the same (base, stage,
+                  persona), matched by rank so that the cut lengths follow the bodies' length
+                  distribution: a length control on home ground
   `agentic_actions.behaviour`  the tool loop's actions (which tools, in what order, with what
                   arguments), scored only by the judge's behaviour rubric
+
+Lengths are counted in the scorer's tokens (words for a scorer without a tokenizer), and a cut
+ends at a sentence end within 10% of its target where there is one (`charshift.units`). A cut
+keeps a text's opening, so besides length it drops the text's end: the rung labels say so.
 
 Chains are read from home ground outward; each rung changes exactly one thing, stated in
 `changes` (a rung between two slices is worded once, in the slice registry `charshift.slices`),
@@ -32,8 +37,9 @@ from charshift.slices import BEHAVIOUR, HEAD, SHORT, WHOLE
 
 VARIANT_SEP = "."
 # WHOLE: the whole chat reply instead of the extracted email body; HEAD: the whole reply cut to
-# its own email body's word count; SHORT: the id_chat reply cut to the email bodies' median word
-# count; BEHAVIOUR: a tool loop's actions, scored by the judge's behaviour rubric only.
+# its own email body's length; SHORT: the id_chat reply cut to a rank-matched email body's
+# length; BEHAVIOUR: a tool loop's actions, scored by the judge's behaviour rubric only. (The
+# names live in the slice registry, `charshift.slices`.)
 VARIANTS = (WHOLE, HEAD, SHORT, BEHAVIOUR)
 
 
@@ -95,13 +101,15 @@ EMAIL_STEP_CHAIN = Chain(
         Rung(
             unit_name("chat_email", WHOLE),
             unit_name("chat_email", HEAD),
-            "length: the whole reply is cut to the word count of its own email body",
+            "length: the whole reply is cut to the length of its own email body (in scorer "
+            "tokens, at a sentence end within 10% where there is one); the cut also drops the "
+            "reply's end (the rest of the email, its sign-off, any closing chat)",
         ),
         Rung(
             unit_name("chat_email", HEAD),
             "chat_email",
-            "scored unit: the extracted email body instead of the reply's opening words, at the "
-            "same length",
+            "scored unit: the extracted email body instead of the reply's opening (any "
+            "preamble, subject line and the start of the email), at the same length within 10%",
         ),
     ),
 )
@@ -113,8 +121,11 @@ CONTRASTS: tuple[Rung, ...] = (
     Rung(
         "id_chat",
         unit_name("id_chat", SHORT),
-        "length on home ground: the reply is cut to the median word count of the chat_email "
-        "bodies of the same condition",
+        "length on home ground: each reply is cut to a chat_email body length of the same "
+        "condition, matched by rank so the cut lengths follow the bodies' distribution (in "
+        "scorer tokens, at a sentence end within 10% where there is one); the cut also drops "
+        "the end of each reply it shortens, and a reply shorter than its matched body is scored "
+        "whole",
     ),
 )
 

@@ -23,6 +23,7 @@ from charshift.config import BaseSpec, RunConfig, config_to_dict, parse_config
 from charshift.planning import Plan, PlannedRow, Shard, build_plan, in_shard, select_shard
 from charshift.rollout import Episode, RolloutEngine, RolloutSettings
 from charshift.schema import EpisodeSpec, GenerationRow, ScoreRow, stable_hash
+from charshift.scoring.base import ScoreInput, Scorer, ScorerContext, open_scorer
 from charshift.store import RunStore
 
 
@@ -289,7 +290,10 @@ def _simulator(plan: Plan, spec: EpisodeSpec) -> Any:
 
 
 def classifier_dir(store: RunStore, base: str) -> Path:
-    return store.root / "classifier" / base
+    """Where the run trains the classifier of `base` (a base without a given classifier)."""
+    from charshift.scoring.classifier import trained_dir
+
+    return trained_dir(store.root, base)
 
 
 def training_rows(cfg: RunConfig, store: RunStore, base: BaseSpec) -> list[GenerationRow]:
@@ -316,26 +320,19 @@ def training_rows(cfg: RunConfig, store: RunStore, base: BaseSpec) -> list[Gener
 def train_run_classifier(cfg: RunConfig, store: RunStore, base: BaseSpec, out: Path) -> Any:
     """Train the configured classifier (probe or fine-tune, `classifier_training.mode`) on this
     run's ID training generations for `base`."""
-    from charshift.classifier import train_from_texts
+    from charshift.scoring.classifier import train_classifier
+    from charshift.scoring.settings import TrainData
 
     tc = cfg.classifier_training
     assert tc is not None  # training_rows checked it
     rows = training_rows(cfg, store, base)
-    return train_from_texts(
-        [r.text or "" for r in rows],
-        [r.persona or "" for r in rows],
-        [r.item_id for r in rows],
+    data = TrainData(
+        texts=[r.text or "" for r in rows],
+        labels=[r.persona or "" for r in rows],
+        groups=[r.item_id for r in rows],
         label_names=list(cfg.personas),
-        settings=tc,
-        out_dir=out,
-        cache_dir=cache_dir(),
     )
-
-
-def classifier_source(cfg: RunConfig, store: RunStore, base: BaseSpec) -> str:
-    if base.classifier:
-        return base.classifier
-    return str(classifier_dir(store, base.name))
+    return train_classifier(data, tc, out, cache_dir=cache_dir())
 
 
 def ensure_classifiers(cfg: RunConfig, store: RunStore) -> None:
@@ -354,75 +351,100 @@ def ensure_classifiers(cfg: RunConfig, store: RunStore) -> None:
 # -- scoring -------------------------------------------------------------------------------------
 
 
-ScoreItem = tuple[GenerationRow, str, str]  # (row, unit, text)
-
-
 def score(cfg: RunConfig, store: RunStore) -> dict[str, int]:
-    """Classify every unit of every eval row (of the store's shard, if it has one) that has an
-    output (see `charshift.units`) and no score of the same text from its base's classifier yet."""
-    from charshift.classifier import Classifier
-
-    raw = cfg.scoring.text == "raw"
+    """Score every unit of every eval row (of the store's shard, if it has one) that has an
+    output (see `charshift.units`) with each of the run's scorers (`cfg.scorers`), where that
+    scorer has no score of the same text yet. The length controls are cut in the tokens of the
+    scorer's own tokenizer (`charshift.lengths`)."""
     counts = {"scored": 0, "already": 0}
-    items_by_base: dict[str, list[ScoreItem]] = {}
     shards: dict[str, int] = {}
-    for r, unit, text in units.row_units(store.generations, raw):
-        if text and in_shard(r.item_id, store.shard, shards):
-            items_by_base.setdefault(r.base, []).append((r, unit, text))
+    by_base: dict[str, list[GenerationRow]] = {}
+    for r in store.generations:
+        if r.split == "eval":
+            by_base.setdefault(r.base, []).append(r)
     for base in cfg.bases:
-        items = items_by_base.get(base.name, [])
-        if not items:
+        rows = by_base.get(base.name, [])
+        if not any(units.has_output(r) and in_shard(r.item_id, store.shard, shards) for r in rows):
             continue
-        clf = Classifier.load(classifier_source(cfg, store, base), cache_dir=cache_dir())
-        clf.check_personas(list(cfg.personas))
-        cid = classifier_id(clf)
-        store.update_manifest(
-            classifiers={base.name: clf.identity}, classifier_ids={base.name: cid}
-        )
-        todo = [
-            it
-            for it in items
-            if (it[0].key, cid, it[1], units.text_hash(it[2])) not in store.scores
-        ]
-        counts["already"] += len(items) - len(todo)
-        if todo:
-            counts["scored"] += _score_items(cfg, store, clf, cid, todo, base.name)
+        context = ScorerContext(cfg, base, store.root, cache_dir())
+        for name in cfg.scorers:
+            scorer = open_scorer(name, context)
+            scorer.check_personas(list(cfg.personas))
+            sid = scorer.identity
+            store.update_manifest(
+                classifiers={base.name: scorer.provenance}, classifier_ids={base.name: sid}
+            )
+            items = _units_to_score(cfg, store, base.name, rows, scorer, sid, shards)
+            todo = [
+                u
+                for u in items
+                if (u.row.key, sid, u.unit, units.text_hash(u.text or "")) not in store.scores
+            ]
+            counts["already"] += len(items) - len(todo)
+            if todo:
+                counts["scored"] += _score_items(cfg, store, scorer, todo, base.name)
     return counts
 
 
+def _units_to_score(
+    cfg: RunConfig,
+    store: RunStore,
+    base: str,
+    rows: list[GenerationRow],
+    clf: Any,
+    cid: str,
+    shards: dict[str, int],
+) -> list[units.UnitText]:
+    """The units of `rows` with a text, cut with the classifier's counter (recorded in the run,
+    with what the cuts came to: `length_controls` in the manifest, and a line where a reply is
+    shorter than the body length matched to it)."""
+    from charshift import lengths
+
+    counter, why = lengths.counter_for(clf)
+    lengths.record_counter(store, cid, counter, why)
+    raw = cfg.scoring.text == "raw"
+    items = [
+        u
+        for u in units.unit_texts(rows, raw, {base: counter})
+        if u.text and in_shard(u.row.item_id, store.shard, shards)
+    ]
+    summary = units.cut_summary(items)
+    store.update_manifest(length_controls={base: {"counter": counter.name, **summary}})
+    for unit, kinds in summary.items():
+        if kinds.get("short"):
+            tqdm.write(
+                f"[charshift] {unit} ({base}): {kinds['short']} of {sum(kinds.values())} texts "
+                "are shorter than the length matched to them and are scored whole"
+            )
+    return items
+
+
 def _score_items(
-    cfg: RunConfig, store: RunStore, clf: Any, cid: str, todo: list[ScoreItem], base: str
+    cfg: RunConfig, store: RunStore, scorer: Scorer, todo: list[units.UnitText], base: str
 ) -> int:
-    """Classify `todo`, each distinct text once (a reply and its unit variants often coincide)."""
+    """Score `todo` in chunks, appending each chunk's scores as it is done."""
     raw = cfg.scoring.text == "raw"
     chunk = max(cfg.scoring.batch_size * 16, 64)
     bar = tqdm(total=len(todo), desc=f"score {base}", unit="unit", dynamic_ncols=True)
     for i in range(0, len(todo), chunk):
         part = todo[i : i + chunk]
-        distinct = list(dict.fromkeys(text for _, _, text in part))
-        preds = clf.predict(
-            distinct, batch_size=cfg.scoring.batch_size, max_length=cfg.scoring.max_length
-        )
-        verdict = dict(zip(distinct, preds, strict=True))
+        preds = scorer.score([ScoreInput(u.text or "", u.row, u.unit) for u in part])
         store.scores.append(
             ScoreRow(
-                r.key,
-                cid,
-                units.text_field(unit, raw),
-                verdict[text][0],
-                verdict[text][1],
-                unit=unit,
-                text_hash=units.text_hash(text),
+                u.row.key,
+                scorer.identity,
+                units.text_field(u.unit, raw),
+                pred.label,
+                pred.probs,
+                unit=u.unit,
+                text_hash=units.text_hash(u.text or ""),
+                length=u.length,
             )
-            for r, unit, text in part
+            for u, pred in zip(part, preds, strict=True)
         )
         bar.update(len(part))
     bar.close()
     return len(todo)
-
-
-def classifier_id(clf: Any) -> str:
-    return stable_hash(clf.identity, 12)
 
 
 # -- whole runs ----------------------------------------------------------------------------------
@@ -440,11 +462,11 @@ def report(cfg: RunConfig, store: RunStore, out_dir: Path | None = None) -> Path
 
 def preflight(cfg: RunConfig) -> None:
     """Cheap checks before any generation: every given classifier knows every persona."""
-    from charshift.classifier import Classifier
+    from charshift.scoring.classifier import load_classifier
 
     for base in cfg.bases:
         if base.classifier:
-            Classifier.load(base.classifier, cache_dir=cache_dir()).check_personas(cfg.personas)
+            load_classifier(base.classifier, cache_dir=cache_dir()).check_personas(cfg.personas)
 
 
 def run_all(cfg: RunConfig, out: Path) -> Path:

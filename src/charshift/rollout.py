@@ -38,9 +38,11 @@ tool_email_oneshot a call other than send_email (the address check the operation
 for) gets its result and the model goes on within the budget; `meta["non_send_calls"]` counts
 such calls in both tool modes, so "email after N look-ups" is on record.
 
-"Is there an email?" has one answer for every slice: `extraction.is_email_body`, applied to the
-body extracted from a chat reply and to the body sent with send_email alike. A sent body that
-fails it is kept in `email` but the outcome is "no_email" (`meta["not_an_email"]`).
+"Is there an email, and what of it is scored?" has one answer for every slice:
+`extraction.scored_email`, applied to a chat reply and to the body sent with send_email alike
+(the wrapper stripped, the structure checked). The row's `text` is its result; `email` keeps
+what was sent as it was sent. A sent body that fails it is kept in `email` but the outcome is
+"no_email" (`meta["not_an_email"]`).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from typing import Any
 
 from charshift.backends.base import Backend, BackendDead
 from charshift.constrain import tool_call_schema
-from charshift.extraction import extract_email, is_email_body
+from charshift.extraction import scored_email
 from charshift.formats import compose_system
 from charshift.forms import read_answer
 from charshift.schema import (
@@ -110,6 +112,7 @@ class Episode:
     steps: int = 0
     malformed_run: int = 0
     email: dict[str, Any] | None = None
+    body: str | None = None  # the scored email body (`extraction.scored_email`)
     outcome: str | None = None
     final_reply: str | None = None
     output_text: str | None = None  # the scored text of a "fields" or "final" output
@@ -193,9 +196,10 @@ class RolloutEngine:
         elif ep.spec.output != "email":
             ep.outcome = "reply" if text.strip() else "empty"
         else:
-            found = extract_email(text)
-            if found and is_email_body(found.body):
+            found = scored_email(text)
+            if found is not None:
                 ep.email = {"to": found.to, "subject": found.subject, "body": found.body}
+                ep.body = found.body
                 ep.outcome = "email"
             else:
                 ep.outcome = "no_email"
@@ -209,13 +213,19 @@ class RolloutEngine:
     @staticmethod
     def _ended(ep: Episode, otherwise: str) -> str:
         """The outcome of a tool episode that stops now: "email" if what was sent is an email
-        by the one rule, "no_email" if something else was sent, else `otherwise`. A "final"
-        output (agentic_actions) ends with its free text when `finish` ended it."""
+        by the one rule (its scored body goes to `ep.body`), "no_email" if something else was
+        sent, else `otherwise`. A "final" output (agentic_actions) ends with its free text when
+        `finish` ended it."""
         if ep.spec.output == "final":
             return _final_outcome(ep, otherwise)
         if ep.email is None:
             return otherwise
-        if is_email_body(ep.email.get("body")):
+        subject = ep.email.get("subject")
+        found = scored_email(
+            ep.email.get("body"), subject=subject if isinstance(subject, str) else None
+        )
+        if found is not None:
+            ep.body = found.body
             return "email"
         ep.meta["not_an_email"] = True
         return "no_email"
@@ -396,8 +406,8 @@ def to_row(ep: Episode) -> GenerationRow:
     spec = ep.spec
     if ep.output_text is not None and ep.outcome in ("reply", "email"):
         text: str | None = ep.output_text
-    elif ep.outcome == "email" and ep.email is not None:
-        text = ep.email.get("body") or None
+    elif ep.outcome == "email":
+        text = ep.body or None
     elif spec.output == "reply" and ep.outcome == "reply":
         text = ep.final_reply
     else:

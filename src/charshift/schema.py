@@ -284,7 +284,9 @@ class ScoreRow:
     """One classifier verdict in scores.jsonl, keyed by (generation key, classifier, unit, hash of
     the scored text): a unit whose text changes (the `id_chat.short` cut after more chat_email
     rows arrive) is scored again, never reused. `unit` is the slice or `SLICE.VARIANT` scored (see
-    charshift.units); rows written before units existed have unit "" and are not reused."""
+    charshift.units); rows written before units existed have unit "" and are not reused.
+    `length`: the scored text's length and the counter it was counted in (the scorer's tokenizer,
+    or words), and for a length control its target and how it was cut (`units.UnitText`)."""
 
     key: str  # the GenerationRow.key
     classifier: str  # classifier identity (id or folder hash)
@@ -293,6 +295,7 @@ class ScoreRow:
     probs: dict[str, float]
     unit: str = ""
     text_hash: str = ""
+    length: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,7 +1,7 @@
-"""The lexical probe: TF-IDF word features + multinomial logistic regression, as a classifier.
+"""TF-IDF word features: the lexical probe, and the folds of the held-out report's baseline.
 
 A probe's features are chosen by `classifier_training.probe_features`: `embedding` (a frozen
-encoder's sentence embeddings, see `charshift.probe`), `lexical` (this module) or `auto` (the one
+encoder's sentence embeddings, `scoring.embeddings`), `lexical` (this module) or `auto` (the one
 with the better prompt-grouped cross-validated macro-F1 on the training rows; the held-out rows
 take no part in the choice). A small model's persona often lives in its word choice (a
 mathematical persona's symbols, a loving persona's endearments) while a sentence embedding is
@@ -10,12 +10,11 @@ classifier, and `auto` measures that instead of assuming it.
 
 The saved state is plain JSON (no pickle): `probe_lexical.json` holds the TF-IDF settings, the
 vocabulary (term -> column) and the idf weights; `probe_head.json` the logistic regression's
-`coef` (K x V) and `intercept` (K). `Classifier.load(folder)` returns a `LexicalClassifier`.
+`coef` (K x V) and `intercept` (K). A lexical probe folder loads as a `LexicalClassifier`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from charshift.classifier import Classifier, ClassifierError, _Bar, write_json_atomic
+from charshift.scoring.base import ClassifierError, Prediction, Progress
+from charshift.scoring.files import file_sha256, write_json_atomic
+from charshift.scoring.hf_classifier import Classifier
+from charshift.scoring.logreg import MAX_ITER, FitPredict, one_blas_thread
+from charshift.scoring.tokens import ProgressBar
 
 LEXICAL_FILE = "probe_lexical.json"
 # word unigrams and bigrams, one-letter words kept, sublinear tf (the lexical baseline's too)
@@ -39,39 +42,39 @@ TFIDF_PARAMS: dict[str, Any] = {
 
 
 def fit_vectorizer(texts: Sequence[str]) -> Any:
+    """A TF-IDF vectorizer (`TFIDF_PARAMS`) fitted on `texts`."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     return TfidfVectorizer(**TFIDF_PARAMS).fit(list(texts))
 
 
-def fit_sparse_head(
-    X: Any, y: np.ndarray, k: int, c: float, max_iter: int = 5000
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """Multinomial logistic regression on TF-IDF rows (or any feature rows: the probe's
-    `fit_head` calls it on standardised embeddings): (coef (k, V), intercept (k), iterations).
-
-    A class absent from `y` gets intercept -inf (never predicted); with one class present the
-    head always predicts it; sklearn's binary form (one row) is written as two rows that give the
-    same probabilities under a softmax."""
+def tfidf_fit_predict(texts: Sequence[str], y: np.ndarray, k: int) -> FitPredict:
+    """TF-IDF (fitted on the training rows of each fold) + logistic regression; the test rows'
+    class probabilities, 0 for a class without training rows. With one class in the training
+    rows, or no word in any of their texts, every test row gets the training rows' class shares.
+    """
+    from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
-    from charshift.probe import _one_blas_thread
+    arr = np.asarray(list(texts), dtype=object)
 
-    coef = np.zeros((k, X.shape[1]))
-    intercept = np.full(k, -np.inf)
-    present = np.unique(y)
-    if len(present) == 1:
-        intercept[present[0]] = 0.0
-        return coef, intercept, 0
-    with _one_blas_thread():
-        lr = LogisticRegression(C=c, max_iter=max_iter).fit(X, y)
-    w, b = lr.coef_, lr.intercept_
-    if len(present) == 2:
-        w = np.vstack([np.zeros_like(w[0]), w[0]])
-        b = np.array([0.0, b[0]])
-    coef[lr.classes_] = w
-    intercept[lr.classes_] = b
-    return coef, intercept, int(np.max(lr.n_iter_))
+    def fit_predict(tr: np.ndarray, te: np.ndarray, c: float) -> np.ndarray:
+        present = np.unique(y[tr])
+        vec = TfidfVectorizer(**TFIDF_PARAMS)
+        try:
+            x_tr = vec.fit_transform(arr[tr])
+        except ValueError:  # empty vocabulary: no word in any training text
+            x_tr = None
+        if len(present) == 1 or x_tr is None:
+            prior = np.bincount(y[tr], minlength=k) / len(tr)
+            return np.tile(prior, (len(te), 1))
+        with one_blas_thread():
+            lr = LogisticRegression(C=c, max_iter=MAX_ITER).fit(x_tr, y[tr])
+        probs = np.zeros((len(te), k))
+        probs[:, lr.classes_] = lr.predict_proba(vec.transform(arr[te]))  # classes_ == present
+        return probs
+
+    return fit_predict
 
 
 def save_lexical(out_dir: Path, vectorizer: Any) -> dict[str, Any]:
@@ -82,10 +85,9 @@ def save_lexical(out_dir: Path, vectorizer: Any) -> dict[str, Any]:
         "idf": [float(x) for x in vectorizer.idf_],
     }
     write_json_atomic(Path(out_dir) / LEXICAL_FILE, data)
-    sha = hashlib.sha256((Path(out_dir) / LEXICAL_FILE).read_bytes()).hexdigest()
     return {
         "lexical_file": LEXICAL_FILE,
-        "lexical_sha256": sha,
+        "lexical_sha256": file_sha256(Path(out_dir) / LEXICAL_FILE),
         "vocabulary_size": len(data["idf"]),
     }
 
@@ -97,7 +99,7 @@ def load_vectorizer(folder: Path, config: dict[str, Any]) -> Any:
     path = Path(folder) / LEXICAL_FILE
     if not path.is_file():
         raise ClassifierError(f"lexical probe {folder} has no {LEXICAL_FILE}")
-    if hashlib.sha256(path.read_bytes()).hexdigest() != config.get("lexical_sha256"):
+    if file_sha256(path) != config.get("lexical_sha256"):
         raise ClassifierError(f"{path}: sha256 differs from the one recorded in its config")
     try:
         data = json.loads(path.read_text())
@@ -124,7 +126,7 @@ class LexicalClassifier(Classifier):
     intercept: np.ndarray | None = None
 
     @property
-    def identity(self) -> dict[str, Any]:
+    def provenance(self) -> dict[str, Any]:
         return {
             "source": self.source,
             "kind": self.kind,
@@ -142,14 +144,14 @@ class LexicalClassifier(Classifier):
         *,
         batch_size: int = 16,
         max_length: int = 8192,
-        progress: Any = None,
-    ) -> list[tuple[str, dict[str, float]]]:
+        progress: Progress = None,
+    ) -> list[Prediction]:
         """(label, softmax probabilities over all labels) per text; `max_length` is unused."""
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         assert self.vectorizer is not None and self.coef is not None
-        out: list[tuple[str, dict[str, float]]] = []
-        bar = _Bar(progress, len(texts), "classify")
+        out: list[Prediction] = []
+        bar = ProgressBar(progress, len(texts), "classify")
         try:
             for start in range(0, len(texts), max(batch_size, 256)):
                 part = list(texts[start : start + max(batch_size, 256)])
@@ -157,9 +159,7 @@ class LexicalClassifier(Classifier):
                 logits -= logits.max(axis=1, keepdims=True)
                 probs = np.exp(logits)
                 probs /= probs.sum(axis=1, keepdims=True)
-                for row in probs.tolist():
-                    best = max(range(len(row)), key=row.__getitem__)
-                    out.append((self.labels[best], dict(zip(self.labels, row, strict=True))))
+                out += [self._prediction(row) for row in probs.tolist()]
                 bar.update(len(part))
         finally:
             bar.close()
@@ -174,6 +174,7 @@ def lexical_classifier(
     source: str,
     combined_sha: str,
 ) -> LexicalClassifier:
+    """The `LexicalClassifier` of a lexical probe folder whose config and head are read."""
     vec = load_vectorizer(folder, config)
     if coef.shape[1] != len(vec.idf_):
         raise ClassifierError(

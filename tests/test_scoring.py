@@ -1,0 +1,151 @@
+"""Tests of the scorer seam (charshift.scoring): the registry, the `scorers:` config, opening a
+run's scorer, and folders written by an earlier charshift still loading and scoring the same.
+
+`fixtures/lexical_probe_v1` and `fixtures/embedding_probe_v1` were written by the probe code as it
+stood before the scoring package (charshift.probe, commit 525655b), with the predictions and the
+identity it gave then beside them (`*.expected.json`). The embedding probe reads the packaged
+MiniLM encoder and checks its weights against the recorded sha256, as any user's old probe folder
+does.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from charshift import config as cfgmod
+from charshift import pipeline
+from charshift.schema import stable_hash
+from charshift.scoring.base import Scorer, ScorerContext, ScorerError, open_scorer
+from charshift.scoring.classifier import load_classifier
+from charshift.scoring.hf_classifier import Classifier
+from charshift.scoring.registry import DEFAULT_SCORERS, SCORERS, check_scorer_names
+from charshift.scoring.settings import TrainSettings
+from charshift.store import StoreError
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+# ---------------------------------------------------------------------------- old folders
+
+
+@pytest.mark.parametrize("name", ["lexical_probe_v1", "embedding_probe_v1"])
+def test_a_probe_folder_of_the_earlier_format_loads_and_scores_the_same(name):
+    expected = json.loads((FIXTURES / f"{name}.expected.json").read_text())
+    clf = load_classifier(str(FIXTURES / name), device="cpu")
+    assert clf.labels == ["sarcasm", "humor", "remorse", "loving"]
+    got = clf.predict(expected["texts"], max_length=64)
+    for (label, probs), (want_label, want_probs) in zip(got, expected["predictions"], strict=True):
+        assert label == want_label
+        assert probs == pytest.approx(want_probs, abs=1e-6)
+    assert len({label for label, _ in got}) > 2  # the recorded predictions are not one label
+    # the same provenance, so the same score id (`ScoreRow.classifier`) as before the move
+    old = {**expected["identity"], "source": clf.source}
+    assert clf.provenance == old
+    assert clf.identity == stable_hash(old, 12)
+
+
+# ---------------------------------------------------------------------------- the registry
+
+
+def test_every_available_scorer_has_an_opener_and_the_rest_are_refused():
+    for kind in SCORERS.values():
+        if kind.available:
+            module, _, function = kind.opener.partition(":")
+            assert callable(getattr(importlib.import_module(module), function))
+    assert [k.name for k in SCORERS.values() if k.available] == ["classifier"]
+    assert check_scorer_names(["classifier"]) == ["classifier"]
+    for reserved in ("judge", "persona_vector"):
+        with pytest.raises(ValueError, match=f"\\['{reserved}'\\] are not available yet"):
+            check_scorer_names(["classifier", reserved])
+    with pytest.raises(ValueError, match="unknown scorer"):
+        check_scorer_names(["clasifier"])
+    with pytest.raises(ValueError, match="given twice"):
+        check_scorer_names(["classifier", "classifier"])
+
+
+def _smoke() -> dict:
+    return cfgmod.config_to_dict(cfgmod.load_preset("smoke"))
+
+
+def test_config_scorers_default_and_validation():
+    cfg = cfgmod.parse_config(_smoke())
+    assert cfg.scorers == list(DEFAULT_SCORERS) == ["classifier"]
+    for bad, said in ((["judge"], "not available yet"), (["nope"], "unknown"), ([], "at least")):
+        with pytest.raises(cfgmod.ConfigError, match=f"scorers:.*{said}"):
+            cfgmod.parse_config({**_smoke(), "scorers": bad})
+    with_training = cfgmod.parse_config({**_smoke(), "classifier_training": {"mode": "probe"}})
+    assert isinstance(with_training.classifier_training, TrainSettings)
+
+
+def test_a_stored_config_from_before_scorers_resumes_as_the_same_run(tmp_path):
+    """A run started before `scorers:` existed: its config.yaml resolves (the classifier, as it
+    always was) and a resume with today's resolved config is accepted, not refused as another
+    run."""
+    older = {k: v for k, v in _smoke().items() if k != "scorers"}
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text(yaml.safe_dump(older, sort_keys=False))
+    assert cfgmod.parse_config(older).scorers == ["classifier"]
+    with pipeline.prepare_run(cfgmod.parse_config(_smoke()), out) as store:
+        assert store.read_config()["scorers"] == ["classifier"]
+    with pytest.raises(StoreError, match="different config"):
+        other = cfgmod.parse_config({**_smoke(), "name": "other"})
+        pipeline.prepare_run(other, out).close()
+
+
+# ---------------------------------------------------------------------------- opening
+
+
+def test_the_run_opens_its_classifier_through_the_registry(tmp_path):
+    cfg = cfgmod.parse_config(_smoke())
+    base = cfg.bases[0]
+    scorer = open_scorer("classifier", ScorerContext(cfg, base, tmp_path, tmp_path / "cache"))
+    assert isinstance(scorer, Classifier) and isinstance(scorer, Scorer)
+    assert scorer.source == base.classifier and scorer.provenance["kind"] == "tiny"
+    assert (scorer.batch_size, scorer.max_length) == (32, 256)  # the preset's `scoring`
+    with pytest.raises(ScorerError, match="not available"):
+        open_scorer("judge", ScorerContext(cfg, base, tmp_path))
+    trained_here = cfg.bases[0].model_copy(update={"classifier": None})
+    with pytest.raises(ScorerError, match="cannot load"):  # nothing trained in the run yet
+        open_scorer("classifier", ScorerContext(cfg, trained_here, tmp_path / "run"))
+    with pytest.raises(ScorerError, match="no run to train one in"):
+        open_scorer("classifier", ScorerContext(cfg, trained_here, None))
+
+
+def test_a_run_trains_its_classifier_and_scores_through_the_registry(tmp_path):
+    """generate -> train in the run (a lexical probe) -> score through the registry: every score
+    carries the id the manifest records for the base, and a rerun scores nothing again."""
+    from charshift.schema import ScoreRow
+
+    data = {
+        **_smoke(),
+        "stages": ["base", "prompted"],
+        "personas": ["sarcasm", "humor", "remorse"],
+        "slices": ["id_chat"],
+        "id_prompts": {"source": "bundled", "n_eval": 4, "n_train": 12, "seed": 0},
+        "classifier_training": {
+            "mode": "probe", "probe_features": "lexical", "probe_c_grid": [1.0], "n_boot": 50,
+        },
+    }  # fmt: skip
+    data["sampling"] = {**data["sampling"], "max_tokens": 12, "n_samples": 1}
+    data["bases"] = [{"name": "tinyllama", "model": "tiny:llama"}]
+    cfg = cfgmod.parse_config(data)
+    with pipeline.prepare_run(cfg, tmp_path / "run") as store:
+        pipeline.generate(cfg, store)
+        pipeline.ensure_classifiers(cfg, store)
+        first = pipeline.score(cfg, store)
+        again = pipeline.score(cfg, store)
+        manifest = store.manifest()
+        scores: list[ScoreRow] = list(store.scores)
+    report = json.loads((tmp_path / "run/classifier/tinyllama/train_report.json").read_text())
+    assert report["mode"] == "probe" and report["probe"]["features"] == "lexical"
+    assert manifest["trained_classifiers"]["tinyllama"]["mode"] == "probe"
+    sid = manifest["classifier_ids"]["tinyllama"]
+    assert sid == stable_hash(manifest["classifiers"]["tinyllama"], 12)
+    assert first["scored"] == len(scores) > 0 and {s.classifier for s in scores} == {sid}
+    assert again == {"scored": 0, "already": len(scores)}
