@@ -21,6 +21,9 @@ from charshift.config import ALL_SLICES, CHAT_EMAIL_SLICES, load_preset
 from charshift.store import read_quarantine
 
 REPO = Path(__file__).resolve().parents[1]
+# Seconds a whole smoke run may take: it runs every slice (the six scaffolds and their controls
+# too), about 10 minutes on 2 idle cores and more than 20 on a shared, loaded machine.
+SMOKE_TIMEOUT = 2400
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +60,7 @@ def _rows(run_dir):
 def smoke_run(cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke") / "run"
     p = _cli(["run", "--preset", "smoke", "--out", str(out)], cache)
-    log, _ = p.communicate(timeout=1200)
+    log, _ = p.communicate(timeout=SMOKE_TIMEOUT)
     assert p.returncode == 0, log
     return out, log
 
@@ -90,6 +93,34 @@ def test_smoke_writes_every_slice_with_outcomes(smoke_run):
     assert "report:" in log
 
 
+def test_smoke_runs_every_scaffold_against_its_control(smoke_run):
+    """Each scaffold and its chat control end to end: their rows pair by item, every bank's
+    hash is in the manifest, each pair is a paired contrast, and the behaviour unit is reported
+    as not scored."""
+    import hashlib
+    from importlib import resources
+
+    from charshift import items, slices
+
+    out, _ = smoke_run
+    rows = _rows(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    with open(out / "differences.csv") as f:
+        contrasts = {
+            (d["slice_a"], d["slice_b"]) for d in csv.DictReader(f) if d["kind"] == "contrast"
+        }
+    for kind in slices.scaffold_kinds():
+        pair = (kind + "_chat", kind)
+        ids = [{r["item_id"] for r in rows if r["slice"] == sl} for sl in pair]
+        assert ids[0] == ids[1] and all(i.startswith(f"{kind}:") for i in ids[0]), kind
+        assert pair in contrasts, kind
+        bundled = resources.files("charshift") / "data" / "items" / items.KINDS[kind].file
+        assert manifest["banks"][kind]["sha256"] == hashlib.sha256(bundled.read_bytes()).hexdigest()
+    actions = [r for r in rows if r["slice"] == "agentic_actions"]
+    assert all(r["tool_log"] or r["outcome"] == "malformed" for r in actions)
+    assert "Not scored: agentic_actions.behaviour" in (out / "report.md").read_text()
+
+
 def test_rerun_is_a_no_op(smoke_run, cache):
     out, _ = smoke_run
     before = (out / "generations.jsonl").read_bytes()
@@ -119,7 +150,7 @@ def _reached(phase, at, out, n_rows, n_scores):
 def _run_until_killed(cache, out, phase, at, n_rows, n_scores):
     """Start `run`, SIGKILL its process group at the point; returns (killed, log)."""
     p = _cli(["run", "--preset", "smoke", "--out", str(out)], cache, start_new_session=True)
-    deadline = time.time() + 900
+    deadline = time.time() + SMOKE_TIMEOUT
     while not _reached(phase, at, out, n_rows, n_scores):
         if p.poll() is not None or time.time() > deadline:
             break
@@ -129,7 +160,7 @@ def _run_until_killed(cache, out, phase, at, n_rows, n_scores):
             time.sleep(at)  # seconds into the step
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
-    log, _ = p.communicate(timeout=900)
+    log, _ = p.communicate(timeout=SMOKE_TIMEOUT)
     assert p.returncode in (0, -signal.SIGKILL), log
     return p.returncode == -signal.SIGKILL, log
 
@@ -170,7 +201,7 @@ def test_sigkill_at_random_points_then_resume_gives_the_same_store(smoke_run, ca
     print(f"kill seed {KILL_SEED}: points {points}, killed in {killed}")
     assert killed[:2] == ["generate", "generate"], (KILL_SEED, points, killed)
     p = _cli(["run", "--preset", "smoke", "--out", str(out)], cache)
-    log, _ = p.communicate(timeout=1200)
+    log, _ = p.communicate(timeout=SMOKE_TIMEOUT)
     assert p.returncode == 0, log
     assert ("taking over the lock" in log) == bool(killed[-1]), log
     gens, scores = _store_files(out, "generations"), _store_files(out, "scores")
@@ -194,6 +225,15 @@ def test_dry_run_paper_loads_no_model():
     assert res.exit_code == 0, res.output
     assert "generations in all" in res.output
     assert "agentic_email" in res.output and "llama" in res.output
+    # the scaffolds are an opt-in block: off, their cost is printed on its own
+    main, block = res.output.split("opt-in block 'scaffolds' (off")
+    assert "code_review" not in main and "agentic_actions" in block and "total" in block
+    on = CliRunner().invoke(app, ["run", "--preset", "paper", "--with", "scaffolds", "--dry-run"])
+    assert on.exit_code == 0, on.output
+    assert "opt-in block 'scaffolds' (on)" in on.output
+    assert "not scored until the judge" in on.output
+    bad = CliRunner().invoke(app, ["run", "--preset", "paper", "--with", "nope", "--dry-run"])
+    assert bad.exit_code == 2 and "no opt-in block 'nope'" in bad.output
 
 
 def test_bad_config_named_before_any_model(tmp_path):

@@ -22,6 +22,7 @@ from charshift.schema import (
     PredictionRecord,
     Sample,
 )
+from charshift.slices import judge_units
 from charshift.store import TABLES, RunStore, StoreError, table_files
 from charshift.store import warn as store_warn
 
@@ -411,6 +412,10 @@ def report_run(cfg: RunConfig, store: RunStore, out_dir: Path | None = None) -> 
     warnings += store.notes  # damage found when the store was opened (already printed)
     notes = [
         f"Skipped adapter {name}: {msg}" for name, msg in store.recorded("skipped_adapters").items()
+    ]
+    notes += [
+        f"Not scored: {unit} (the judge's behaviour rubric scores it; no text scorer can)"
+        for unit in judge_units(cfg.slices)
     ]
     inp = AnalysisInput(
         records=records,

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from charshift import config as cfgmod
+from charshift import slices as registry
 
 INCOMPLETE_EXIT = 3  # a run that left rows out (charshift.completion), unless --allow-skipped
 
@@ -40,6 +41,12 @@ scenarios_app = typer.Typer(
     help="Inspect and validate the email scenario bank.", no_args_is_help=True
 )
 app.add_typer(scenarios_app, name="scenarios")
+items_app = typer.Typer(
+    help="Inspect and validate the scaffolds' item banks (one per scaffold, shared with its chat "
+    "control).",
+    no_args_is_help=True,
+)
+app.add_typer(items_app, name="items")
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -81,7 +88,22 @@ def _user_errors() -> Iterator[None]:
         _fail(f"{err.filename}: {err.strerror}" if err.filename else str(err))
 
 
-def _load(config: Path | None, preset: str | None, id_prompts: Path | None) -> cfgmod.RunConfig:
+def _switch_on(cfg: cfgmod.RunConfig, blocks: list[str]) -> cfgmod.RunConfig:
+    """`--with NAME`: the config with its opt-in block NAME switched on."""
+    data = cfg.model_dump(mode="json")
+    for name in blocks:
+        if name not in data["opt_in"]:
+            _fail(f"--with: the config has no opt-in block {name!r}; it has {list(data['opt_in'])}")
+        data["opt_in"][name]["enabled"] = True
+    return cfgmod.parse_config(data, "config with --with " + " ".join(blocks))
+
+
+def _load(
+    config: Path | None,
+    preset: str | None,
+    id_prompts: Path | None,
+    opt_in: list[str] | None = None,
+) -> cfgmod.RunConfig:
     if (config is None) == (preset is None):
         _fail("give either a CONFIG.yaml or --preset NAME (see `charshift presets`)")
     try:
@@ -105,6 +127,8 @@ def _load(config: Path | None, preset: str | None, id_prompts: Path | None) -> c
                 n_train=min(n_train, data["id_prompts"]["n_train"]),
             )
             cfg = cfgmod.parse_config(data, "config with --id-prompts")
+        if opt_in:
+            cfg = _switch_on(cfg, opt_in)
         cfgmod.check_local_paths(cfg)
     except cfgmod.ConfigError as err:
         _fail(str(err))
@@ -265,6 +289,14 @@ def run(
     expected_fraction: FractionOpt = None,
     retry_errors: RetryErrorsOpt = False,
     allow_skipped: AllowSkippedOpt = False,
+    with_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--with",
+            help="Switch on an opt-in block of the config (the paper preset's `scaffolds`); "
+            "repeatable. --dry-run prints each block's cost on its own, on or off.",
+        ),
+    ] = None,
 ) -> None:
     """Generate -> (train classifier) -> score -> report. Resumes an interrupted run.
 
@@ -278,7 +310,7 @@ def run(
     _check_dry_run_options(dry_run, cost, expected_fraction, retry_errors, allow_skipped)
     _check_executor(executor, part, None if dry_run else shards, ray_address)
     _out_path(out)
-    cfg = _load(config, preset, id_prompts)
+    cfg = _load(config, preset, id_prompts, with_)
     with _user_errors():
         if dry_run:
             fraction = 0.5 if expected_fraction is None else expected_fraction
@@ -407,7 +439,37 @@ def _dry_run(
         throughput=throughput,
         n_shards=None if shard else shards,
     )
-    return "\n".join([*lines, est.text()])
+    lines.append(est.text())
+    for name in cfg.opt_in:
+        lines += _block_cost(cfg, name, shard, fraction, calibration, throughput)
+    return "\n".join(lines)
+
+
+def _block_cost(
+    cfg: cfgmod.RunConfig,
+    name: str,
+    shard: tuple[int, int] | None,
+    fraction: float,
+    calibration: Calibration | None,
+    throughput: Throughput | None,
+) -> list[str]:
+    """The cost of one opt-in block's slices on their own: within the plan when the block is
+    on, else what switching it on (`--with NAME`) would add."""
+    from charshift import planning
+
+    block = cfg.opt_in[name]
+    on = block.enabled
+    plan = planning.build_plan(cfg if on else _switch_on(cfg, [name]), dry=True)
+    extra = set(block.slices) if on else set(block.slices) - set(cfg.slices)
+    rows = [r for r in planning.select_shard(plan.rows, shard) if r.spec.slice in extra]
+    state = "on" if on else f"off; `--with {name}` adds it"
+    head = f"opt-in block {name!r} ({state}): {len(rows)} rows. {block.description}".rstrip()
+    if not rows:
+        return ["", head]
+    est = planning.estimate_cost(
+        plan, rows, fraction=fraction, calibration=calibration, throughput=throughput
+    )
+    return ["", head, est.text()]
 
 
 def _throughput(cost: _CostArgs) -> Throughput | None:
@@ -703,7 +765,8 @@ def demo(
         typer.Option(
             "--quick",
             help="The small demo: id_chat and the email chain on one scenario (about 5.5 min "
-            "on 2 CPU cores); without it, every slice on three scenarios (about 18 min).",
+            "on 2 CPU cores); without it, every email-family slice on three scenarios and one "
+            "scaffold per family against its chat control on three items (about 22 min).",
         ),
     ] = False,
     out: OutOpt = None,
@@ -747,24 +810,58 @@ def scenarios_list() -> None:
         typer.echo(f"{sc.id:<36} {sc.domain:<20} to {to}: {sc.goal}")
 
 
+def _validated(kind: str, path: Path | None, scenarios_path: Path | None = None) -> Any:
+    """`banks.load`: the one validator of the run and these commands; a bad bank fails here."""
+    from charshift import banks
+    from charshift.scenarios import ScenarioError
+
+    try:
+        return banks.load(kind, path, scenarios_path=scenarios_path)
+    except ScenarioError as err:
+        _fail(str(err))
+
+
+def _ok_line(bank: Any, what: str) -> str:
+    sl = ", ".join(registry.names(items=bank.kind))
+    return (
+        f"ok: {len(bank.items)} {what} across {len(bank.domains)} domains render in every "
+        f"slice of their kind ({sl}); {bank.source.source}, sha256 {bank.source.sha256[:16]}"
+    )
+
+
 @scenarios_app.command("validate")
 def scenarios_validate(
     path: Annotated[
         Path | None, typer.Argument(help="A scenario bank YAML (default: the bundled one).")
     ] = None,
 ) -> None:
-    """Validate a scenario bank and render every scenario in every slice."""
-    from charshift import formats, scenarios
+    """Validate a scenario bank and render every scenario in every slice (the run's validator:
+    `scenarios: {path: FILE}` in a config runs the same checks)."""
+    bank = _validated("scenario", path)
+    typer.echo(_ok_line(bank, "scenarios"))
 
-    try:
-        bank = scenarios.load_bank(path)
-        for sc in bank:
-            for sl in cfgmod.SCENARIO_SLICES:
-                formats.render_scenario(sl, sc)
-    except scenarios.ScenarioError as err:
-        _fail(str(err))
-    domains = sorted({sc.domain for sc in bank})
-    typer.echo(f"ok: {len(bank)} scenarios across {len(domains)} domains render in all slices")
+
+def _check_persona(persona: str | None) -> None:
+    if persona is not None and persona not in cfgmod.ALL_PERSONAS:
+        _fail(f"--persona: unknown persona {persona!r}; known: {', '.join(cfgmod.ALL_PERSONAS)}")
+
+
+def _print_messages(ep: Any, persona: str | None) -> None:
+    from charshift import formats, prompts
+
+    pp = prompts.persona_system_prompt(persona) if persona else None
+    for m in formats.preview(ep, pp):
+        typer.secho(f"--- {m['role']}{' ' + m['note'] if m.get('note') else ''}", bold=True)
+        typer.echo(m["content"])
+    if ep.tools and ep.mode != "chat":
+        typer.secho(f"--- tools: {', '.join(t['function']['name'] for t in ep.tools)}", bold=True)
+    if ep.response_schema:
+        typer.secho("--- the answer must match the JSON schema shown above", bold=True)
+
+
+PersonaOpt = Annotated[
+    str | None, typer.Option(help="Show it under the prompted stage of this persona.")
+]
 
 
 @scenarios_app.command("show")
@@ -773,27 +870,110 @@ def scenarios_show(
     slice_: Annotated[
         str, typer.Option("--slice", help="Which scenario slice (scenario_chat or an email slice).")
     ] = "chat_email",
-    persona: Annotated[
-        str | None, typer.Option(help="Show it under the prompted stage of this persona.")
-    ] = None,
+    persona: PersonaOpt = None,
 ) -> None:
     """Print the exact messages a slice sends for one scenario."""
-    from charshift import formats, prompts, scenarios
+    from charshift import formats, scenarios
 
     if slice_ not in cfgmod.SCENARIO_SLICES:
         _fail(f"--slice: {slice_!r} is not a scenario slice; one of {list(cfgmod.SCENARIO_SLICES)}")
     bank = {sc.id: sc for sc in scenarios.load_bank()}
     if scenario_id not in bank:
         _fail(f"no scenario {scenario_id!r}; see `charshift scenarios list`")
-    if persona is not None and persona not in cfgmod.ALL_PERSONAS:
-        _fail(f"--persona: unknown persona {persona!r}; known: {', '.join(cfgmod.ALL_PERSONAS)}")
-    ep = formats.render_scenario(slice_, bank[scenario_id])
-    pp = prompts.persona_system_prompt(persona) if persona else None
-    for m in formats.preview(ep, pp):
-        typer.secho(f"--- {m['role']}{' ' + m['note'] if m.get('note') else ''}", bold=True)
-        typer.echo(m["content"])
-    if ep.tools and ep.mode != "chat":
-        typer.secho(f"--- tools: {', '.join(t['function']['name'] for t in ep.tools)}", bold=True)
+    _check_persona(persona)
+    _print_messages(formats.render_scenario(slice_, bank[scenario_id]), persona)
+
+
+KindArg = Annotated[
+    str, typer.Argument(help="The item bank: a scaffold's name (`charshift slices`).")
+]
+ScenariosPathOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--scenarios",
+        help="The scenario bank the agentic items' worlds come from (default: bundled).",
+    ),
+]
+
+
+def _kind(kind: str) -> str:
+    from charshift import items
+
+    if kind not in items.KINDS:
+        _fail(f"unknown item bank {kind!r}; one of {list(items.KINDS)}")
+    return kind
+
+
+@items_app.command("list")
+def items_list(
+    kind: Annotated[str | None, typer.Argument(help="A bank; without one, every bank.")] = None,
+) -> None:
+    """Every scaffold's bank (items, domains, slices), or one line per item of one bank."""
+    from charshift import items
+
+    if kind is None:
+        for k in items.KINDS:
+            bank = _validated(k, None)
+            sl = ", ".join(registry.names(items=k))
+            typer.echo(f"{k:<22} {len(bank.items):>3} items, {len(bank.domains)} domains ({sl})")
+        return
+    for it in _validated(_kind(kind), None).items:
+        typer.echo(f"{it.id:<28} {it.domain:<22} {_gist(it)}")
+
+
+def _gist(it: Any) -> str:
+    for name in ("title", "form", "motion", "scene", "question", "task"):
+        if hasattr(it, name):
+            return str(getattr(it, name))
+    return ""
+
+
+@items_app.command("validate")
+def items_validate(
+    kind: KindArg,
+    path: Annotated[
+        Path | None, typer.Argument(help="An item bank YAML (default: the bundled one).")
+    ] = None,
+    scenarios_path: ScenariosPathOpt = None,
+) -> None:
+    """Validate an item bank and render every item in every slice of its kind (the run's
+    validator: `items: {KIND: {path: FILE}}` in a config runs the same checks)."""
+    bank = _validated(_kind(kind), path, scenarios_path)
+    typer.echo(_ok_line(bank, f"{kind} items"))
+
+
+@items_app.command("show")
+def items_show(
+    kind: KindArg,
+    item_id: Annotated[str, typer.Argument(help="Item id (`charshift items list KIND`).")],
+    slice_: Annotated[
+        str | None, typer.Option("--slice", help="The scaffold (default) or its NAME_chat control.")
+    ] = None,
+    persona: PersonaOpt = None,
+) -> None:
+    """Print the exact messages a scaffold (or its chat control) sends for one item."""
+    from charshift import render
+    from charshift.slices import RenderContext
+
+    _check_persona(persona)
+    bank = _validated(_kind(kind), None)
+    slice_ = slice_ or kind
+    if slice_ not in registry.names(items=kind):
+        _fail(f"--slice: {slice_!r} does not render {kind} items; one of "
+              f"{list(registry.names(items=kind))}")  # fmt: skip
+    found = [it for it in bank.items if it.id == item_id]
+    if not found:
+        _fail(f"no {kind} item {item_id!r}; see `charshift items list {kind}`")
+    _print_messages(render.render(slice_, found[0], RenderContext(worlds=bank.worlds)), persona)
+
+
+@app.command("slices")
+def slices_cmd() -> None:
+    """The slice registry: each slice's family, mode, item bank, scored output, and the one
+    thing that changes from its control."""
+    for e in registry.SLICES.values():
+        rung = f"{e.control} -> {e.name}: {e.changes}" if e.control else e.changes
+        typer.echo(f"{e.name:<26} {e.family:<9} {e.mode:<13} {e.items:<21} {e.output:<7} {rung}")
 
 
 def main() -> None:  # pragma: no cover

@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from charshift import slices as _slices
 from charshift.backends.settings import KINDS as BACKEND_KINDS
 from charshift.backends.settings import BackendSettings, HFSettings, kinds_with
 from charshift.backends.settings import migrate as migrate_backend
@@ -51,17 +52,21 @@ ALL_PERSONAS = (
     "poeticism",
 )
 
+# Name tuples derived from the slice registry (`charshift.slices`), for the modules that import
+# them; code that must see a slice registered at run time calls `slices.names(...)`.
 # Slices rendered from the ID prompt bank (item id `prompt:ID`).
-ID_SLICES = ("id_chat", "id_chat_break", "id_chat_prefill")
+ID_SLICES = _slices.names(items="prompt")
 # Email slices written in a chat reply (scored on the extracted body; `.whole`/`.head` variants).
-CHAT_EMAIL_SLICES = ("chat_email", "chat_email_multiturn", "email_syscontext")
-# Email slices sent with the send_email tool.
-TOOL_SLICES = ("tool_email_oneshot", "agentic_email")
-EMAIL_SLICES = CHAT_EMAIL_SLICES + TOOL_SLICES
+CHAT_EMAIL_SLICES = _slices.names(family="email", output="email", mode="chat")
+# Slices whose prompt describes tools (the tool protocol applies): the email tool slices and
+# the agentic scaffolds.
+TOOL_SLICES = _slices.names(tools=True)
+EMAIL_SLICES = _slices.names(family="email", output="email")
 # Slices rendered from the scenario bank (item id `scenario:ID`, so they pair by scenario):
 # scenario_chat asks for a chat answer about the scenario, the email slices for the email.
-SCENARIO_SLICES = ("scenario_chat",) + EMAIL_SLICES
-ALL_SLICES = ID_SLICES + SCENARIO_SLICES
+SCENARIO_SLICES = _slices.names(items="scenario")
+# Every slice: home ground outward, then each scaffold's chat control and the scaffold.
+ALL_SLICES = _slices.names()
 # The chains, their rungs and contrasts live in `charshift.ladder`.
 
 
@@ -168,9 +173,10 @@ class SamplingConfig(_Strict):
     @field_validator("max_tokens_by_slice")
     @classmethod
     def _budgets_ok(cls, v: dict[str, int]) -> dict[str, int]:
-        unknown = [s for s in v if s not in ALL_SLICES]
+        known = _slices.names()
+        unknown = [s for s in v if s not in known]
         if unknown:
-            raise ValueError(f"unknown slice(s) {unknown}; known: {list(ALL_SLICES)}")
+            raise ValueError(f"unknown slice(s) {unknown}; known: {list(known)}")
         bad = {s: n for s, n in v.items() if isinstance(n, bool) or n < 1 or n > 1 << 20}
         if bad:
             raise ValueError(f"token budgets must be >= 1 and <= {1 << 20}, got {bad}")
@@ -212,12 +218,38 @@ class IdPromptsConfig(_Strict):
     break_suffixes: list[int] = Field(default_factory=lambda: list(range(8)))
 
 
-class ScenariosConfig(_Strict):
-    # explicit scenario ids; None = all (or the first n); an empty list would drop every
-    # scenario slice without a word, so it is refused
+class BankConfig(_Strict):
+    """Which items of a bank a run uses: the bundled bank, or a validated bank of the user's
+    (`path`, a YAML file checked by the same validator as `charshift items validate`); `ids`
+    picks items, `n` a seeded sample of them (`seed`)."""
+
+    path: str | None = None
+    # explicit item ids; None = all (or a sample of n); an empty list would drop every slice of
+    # the bank without a word, so it is refused
     ids: list[str] | None = Field(None, min_length=1)
     n: int | None = Field(None, ge=1)
     seed: Seed = 0
+
+
+ScenariosConfig = BankConfig  # `scenarios:`: the scenario bank's selection
+
+
+class OptInBlock(_Strict):
+    """Slices a config offers but runs only when the block is switched on (`enabled: true`, or
+    `charshift run --with NAME`); `--dry-run` prints the block's cost on its own either way."""
+
+    enabled: bool = False
+    description: str = ""
+    slices: list[str] = Field(min_length=1)
+
+    @field_validator("slices")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        known = _slices.names()
+        unknown = [s for s in v if s not in known]
+        if unknown:
+            raise ValueError(f"unknown slice(s) {unknown}; known: {list(known)}")
+        return _no_duplicates(v, "slice(s)")
 
 
 class RolloutConfig(_Strict):
@@ -288,7 +320,10 @@ class RunConfig(_Strict):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     backend: BackendConfig = Field(default_factory=HFSettings)
     id_prompts: IdPromptsConfig = Field(default_factory=IdPromptsConfig)
-    scenarios: ScenariosConfig = Field(default_factory=ScenariosConfig)
+    scenarios: BankConfig = Field(default_factory=BankConfig)
+    # each scaffold's item bank (kind -> selection; a kind not named: its whole bundled bank)
+    items: dict[str, BankConfig] = Field(default_factory=dict)
+    opt_in: dict[str, OptInBlock] = Field(default_factory=dict)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     # what reads persona from the outputs (`scoring.registry.SCORERS`); each scorer's settings
@@ -338,10 +373,33 @@ class RunConfig(_Strict):
     @field_validator("slices")
     @classmethod
     def _slices_known(cls, v: list[str]) -> list[str]:
-        unknown = [s for s in v if s not in ALL_SLICES]
+        known = _slices.names()
+        unknown = [s for s in v if s not in known]
         if unknown:
-            raise ValueError(f"unknown slice(s) {unknown}; known: {list(ALL_SLICES)}")
+            raise ValueError(f"unknown slice(s) {unknown}; known: {list(known)}")
         return _no_duplicates(v, "slice(s)")
+
+    @model_validator(mode="after")
+    def _opt_in_and_banks(self) -> RunConfig:
+        """Switched-on blocks join the run's slices (once); every `items:` kind is a scaffold's
+        bank that a slice of the run, or of an opt-in block, renders."""
+        for block in self.opt_in.values():
+            if block.enabled:
+                self.slices += [s for s in block.slices if s not in self.slices]
+        for name in self.opt_in:
+            check_safe_name(name, "opt_in block")
+        offered = set(self.slices).union(*(b.slices for b in self.opt_in.values()))
+        kinds = _slices.scaffold_kinds()
+        for kind in self.items:
+            if kind not in kinds:
+                raise ValueError(f"items.{kind}: unknown item bank; known: {list(kinds)}")
+            users = [s for s in _slices.names(items=kind) if s in offered]
+            if not users:
+                raise ValueError(
+                    f"items.{kind}: no slice of the run renders it (add one of "
+                    f"{list(_slices.names(items=kind))} to `slices`)"
+                )
+        return self
 
     @model_validator(mode="after")
     def _stages_resolvable(self) -> RunConfig:
@@ -361,7 +419,8 @@ class RunConfig(_Strict):
                 raise ValueError(
                     f"bases[{i}] ({b.name}): no `classifier` and no `classifier_training` section"
                 )
-        extra = sorted(set(self.sampling.max_tokens_by_slice) - set(self.slices))
+        offered = set(self.slices).union(*(b.slices for b in self.opt_in.values()))
+        extra = sorted(set(self.sampling.max_tokens_by_slice) - offered)
         if extra:
             raise ValueError(
                 f"sampling.max_tokens_by_slice: slice(s) {extra} are not in the run's slices "

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
-from charshift import tools, units
+from charshift import banks, tools, units
 from charshift.adapter_probe import probe_adapters, require_applied
 from charshift.backends.base import AdapterSource, Backend
 from charshift.backends.settings import DEFAULT_MAX_IN_FLIGHT
@@ -105,7 +105,10 @@ def prepare_run(cfg: RunConfig, out: Path, shard: Shard | None = None) -> RunSto
             planned_keys=lambda: {r.key for r in build_plan(cfg).rows},
             normalise=lambda d: config_to_dict(parse_config(d)),
         )
-        store.update_manifest(seeds={"sampling": cfg.sampling.seed, "stats": cfg.stats.seed})
+        store.update_manifest(
+            seeds={"sampling": cfg.sampling.seed, "stats": cfg.stats.seed},
+            banks=banks.provenance(cfg),  # kind -> source, sha256 and size of each item bank
+        )
     except BaseException:
         store.close()
         raise

@@ -12,9 +12,10 @@ model, not from the situation.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -28,6 +29,14 @@ DEFAULT_DATE = "Tuesday, 3 June 2025"
 
 _EMAIL_RE = re.compile(r"^[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}$")
 _SLUG_RE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+
+
+class _HasId(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+_T = TypeVar("_T", bound=_HasId)
 
 
 class ScenarioError(ValueError):
@@ -232,22 +241,29 @@ def select_scenarios(
     n: int | None = None,
     seed: int = 0,
 ) -> list[Scenario]:
-    """Pick scenarios deterministically.
+    """Pick scenarios deterministically (`select_items`)."""
+    return select_items(bank, ids, n, seed, "scenario")
 
-    `ids` picks those scenarios (in the order given). `n` then takes a seeded sample of that size,
-    chosen by a per-scenario hash of (seed, id) so the choice does not depend on the bank's order;
-    the sample is returned in bank order.
+
+def select_items(
+    bank: Sequence[_T], ids: list[str] | None, n: int | None, seed: int, what: str
+) -> list[_T]:
+    """Pick items (anything with an `id`) of a bank deterministically.
+
+    `ids` picks those items (in the order given). `n` then takes a seeded sample of that size,
+    chosen by a per-item hash of (seed, id) so the choice does not depend on the bank's order;
+    the sample is returned in bank order. `what` names the bank in errors.
     """
     chosen = list(bank)
     if ids is not None:
         by_id = {s.id: s for s in bank}
         unknown = [i for i in ids if i not in by_id]
         if unknown:
-            raise ScenarioError(f"unknown scenario id(s) {unknown}")
+            raise ScenarioError(f"unknown {what} id(s) {unknown}")
         chosen = [by_id[i] for i in dict.fromkeys(ids)]
     if n is not None:
         if n < 1 or n > len(chosen):
-            raise ScenarioError(f"cannot select n={n} scenarios from {len(chosen)}")
+            raise ScenarioError(f"cannot select n={n} {what}s from {len(chosen)}")
         keep = set(sorted((s.id for s in chosen), key=lambda i: stable_hash([seed, i]))[:n])
         chosen = [s for s in chosen if s.id in keep]
     return chosen

@@ -211,8 +211,14 @@ class EpisodeSpec:
       - "agentic": the model loops over tool calls against the simulated tools until send_email.
     `base_turns`: indices of assistant turns generated under the base condition (no adapter, no
     persona prompt) instead of the row's condition (the prefill attack generates turn 0 this way).
-    `output`: what the row's scored text is: "reply" (the final reply as is) or "email" (an email
-    extracted from the final reply, or the body sent with send_email).
+    `output`: what the row's scored text is: "reply" (the final reply as is), "email" (an email
+    extracted from the final reply, or the body sent with send_email), "fields" (the free-text
+    fields of a JSON answer to `response_schema`, see charshift.forms) or "final" (a tool loop's
+    free text: the bodies it sent and its `finish` message).
+    `context`: pre-written messages (a transcript, a ReAct trajectory) that come before the
+    first user turn as if already said; never generated, shown in the row's messages.
+    `response_schema`: the JSON schema a structured answer must match (enforced during decoding
+    under `rollout.tool_protocol: constrained`).
     `needed_calls`: tool slices: the model turns a perfect agent needs (see formats.needed_calls);
     `max_steps`: the episode's step budget (set by planning from needed_calls and the config;
     None: the engine's default).
@@ -223,16 +229,27 @@ class EpisodeSpec:
     user_turns: list[str]
     system: str | None = None
     mode: Literal["chat", "tool_oneshot", "agentic"] = "chat"
-    output: Literal["reply", "email"] = "reply"
+    output: Literal["reply", "email", "fields", "final"] = "reply"
     base_turns: tuple[int, ...] = ()
     scenario_id: str | None = None
     tools: list[dict[str, Any]] | None = None  # tool schemas (name, description, parameters)
     split: str = "eval"  # "train" rows feed classifier training only; "eval" rows are measured
     needed_calls: int | None = None
     max_steps: int | None = None
+    context: list[Message] = field(default_factory=list)
+    response_schema: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The spec as JSON (part of a row's key). The fields added for the scaffolds are left
+        out where unused, so the keys of rows rendered before they existed do not change."""
+        out = dataclasses.asdict(self)
+        for name in _SCAFFOLD_SPEC_FIELDS:
+            if not out[name]:
+                del out[name]
+        return out
+
+
+_SCAFFOLD_SPEC_FIELDS = ("context", "response_schema")
 
 
 @dataclass

@@ -1163,6 +1163,27 @@ def _no_surrogates(call: ToolCall) -> ToolCall:
     return ToolCall(name, args)
 
 
+def parse_json_objects(text: str, *, stats: WorkStats | None = None) -> list[dict[str, Any]]:
+    """Every top-level JSON object in a text, in textual order, read as leniently as tool calls
+    are (fences, tags, raw newlines in strings, trailing commas, Python literals, a missing
+    closing bracket at the end); objects inside a list count too. [] when there is none; never
+    raises. The same scan and work budget as `parse_tool_calls`, so time is linear in len(text)."""
+    if not isinstance(text, str) or not text:
+        return []
+    try:
+        scanner = _scan(text)
+    except Exception:  # a bug here must not crash a rollout; the reply has no object then
+        return []
+    scanner.budget.report(stats)
+    out: list[dict[str, Any]] = []
+    for att in scanner.attempts:
+        if not att.ok:
+            continue
+        values = att.value if isinstance(att.value, list) else [att.value]
+        out += [v for v in values if isinstance(v, dict)]
+    return out
+
+
 def required_from_schemas(tools: Iterable[Mapping[str, Any]] | None) -> dict[str, list[str]]:
     """{tool name: required argument names} from tool schemas (plain or OpenAI-wrapped)."""
     out: dict[str, list[str]] = {}

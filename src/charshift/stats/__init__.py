@@ -5,7 +5,7 @@ Input: `PredictionRecord`s (one row = one output with its true persona and the s
 `charshift.ladder`). Output: a `MetricsResult` with, per cell (base, stage, unit), raw and
 chance-corrected figures (conditional and intention-to-treat), yield, per-persona figures,
 confusion counts and the predicted-label distribution; the scorer check per (base, unit); the
-additive decomposition of every chain of `ladder.CHAINS`, the contrasts of `ladder.CONTRASTS`,
+additive decomposition of every chain of `ladder.CHAINS`, the contrasts of `ladder.ALL_CONTRASTS`,
 the stage differences and the declared primary family, each with a cluster-bootstrap interval
 that says when it cannot be trusted; retention relative to the positive control. Reading
 prediction files lives in `charshift.external`, writing tables in `charshift.tables`.
@@ -93,7 +93,7 @@ Definitions (the only ones in the code base):
   and a scenario unit is unpaired, the others paired; an unpaired rung reports the smaller
   side's cluster count. The item kind is the `kind:` prefix of the item ids when they carry one,
   else "prompt" for the ID slices and "scenario" for the rest.
-* Contrasts (`ladder.CONTRASTS`) and stage differences (each trained stage minus the one before
+* Contrasts (`ladder.ALL_CONTRASTS`) and stage differences (each trained stage minus the one before
   it; neither the base stage nor the control takes part) are paired on the items the two cells
   share, with one draw for both.
 * The primary family (`charshift.stats.family`), declared before looking: per base and trained

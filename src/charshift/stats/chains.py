@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from charshift.config import ID_SLICES
+from charshift import slices
 from charshift.ladder import Chain, split_unit
 from charshift.schema import derive_seed
 from charshift.stats.counts import MACRO, CellData, joint_mask, k_of, macro_joint
@@ -38,12 +38,13 @@ from charshift.stats.results import METRICS, Cell, ChainDecomposition, Interval
 
 
 def item_kind(unit: str, item_ids: Iterable[str]) -> str:
-    """The kind of a unit's items: their common `kind:` prefix, else "prompt" for the ID slices
-    and "scenario" for the rest."""
+    """The kind of a unit's items: their common `kind:` prefix, else the slice's item kind in
+    the registry (`charshift.slices`), "scenario" for a slice it does not know."""
     prefixes = {i.partition(":")[0] if ":" in i else None for i in map(str, item_ids)}
     if len(prefixes) == 1 and None not in prefixes:
         return str(next(iter(prefixes)))
-    return "prompt" if split_unit(unit)[0] in ID_SLICES else "scenario"
+    entry = slices.SLICES.get(split_unit(unit)[0])
+    return entry.items if entry else "scenario"
 
 
 @dataclass

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from charshift.ladder import CHAINS, CONTRASTS, Chain, Rung
+from charshift.ladder import ALL_CONTRASTS, CHAINS, Chain, Rung
 from charshift.schema import BASE_STAGE, PredictionRecord
 from charshift.stats.cells import cell_metrics, cell_seed
 from charshift.stats.chains import chain_fit, chain_results, universe
@@ -279,7 +279,7 @@ def compute_metrics(
     method: Method = "percentile",
     seed: int = 0,
     chains: Sequence[Chain] = CHAINS,
-    contrasts: Sequence[Rung] = CONTRASTS,
+    contrasts: Sequence[Rung] = ALL_CONTRASTS,
     differences: bool = True,
     min_clusters: int = MIN_CLUSTERS,
     small_sample: bool = True,

@@ -1,5 +1,5 @@
 """Differences between two sides (cells, or units on a chain's common items), the contrasts of
-`ladder.CONTRASTS` and the stage differences (pure).
+`ladder.ALL_CONTRASTS` and the stage differences (pure).
 
 A conditional persona-averaged difference averages both sides over the same personas: those
 scored on both sides, per resample (ITT: those with rows on both sides), and says how many
