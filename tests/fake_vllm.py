@@ -171,6 +171,8 @@ class FakeEngine:
         self.steps = 0
         self.log: list[tuple[int, str, str]] = []  # (step, "add" | "finish", request id)
         self.raw_prompts = 0
+        self.history: list[_Request] = []  # every request added, in order
+        self.peak = 0  # the most requests queued at once
         self.engine_core = types.SimpleNamespace(shutdown=self._shutdown)
         self.shut_down = False
 
@@ -239,6 +241,8 @@ class FakeEngine:
         ids = list(prompt["prompt_token_ids"])
         self._validate(ids, params)
         self.queue.append(_Request(request_id, ids, params, lora_request))
+        self.history.append(self.queue[-1])
+        self.peak = max(self.peak, len(self.queue))
         self.log.append((self.steps, "add", request_id))
         return f"{request_id}-0000abcd"  # the internal id (assign_request_id); outputs use ours
 

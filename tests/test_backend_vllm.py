@@ -1,190 +1,48 @@
-"""VLLMBackend against a FAKE `vllm` module (vLLM cannot run here: no GPU, another torch pin).
-
-The fake records every `LLM(...)` and `LLM.chat(...)` call and checks the arguments the way vLLM's
-offline API expects them: a list of conversations, one SamplingParams per conversation, and either
-no LoRA or one LoRARequest-or-None per conversation. The tokenizer is a real tiny HF tokenizer
-with a ChatML template, so the prompt-length check runs through transformers' chat templating.
+"""VLLMBackend against a FAKE vLLM engine (tests/fake_vllm.py: vLLM cannot run here: no GPU,
+another torch pin). The fake reproduces vLLM 0.33.0's offline engine as read from its wheel:
+`LLMEngine.add_request` with token-id prompts, `step()` one token per request per step under a
+`max_num_seqs` scheduler, input validation that raises to the caller, LoRA loading up front or
+(fatally) inside a step, `engine_core.shutdown()`, `VLLM_BATCH_INVARIANT`. The tokenizer is a
+real tiny HF tokenizer with a ChatML template, so prompts are rendered and tokenised by
+transformers.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
-import types
 from pathlib import Path
 from typing import Any
 
+import fake_vllm
 import pytest
+from fake_vllm import EngineDeadError, FakeLLM, LoRARequest, SamplingParams, View
 
+from charshift import formats, scenarios
 from charshift.backends.base import AdapterSource
-from charshift.backends.vllm import VLLMBackend, VLLMEngineDead, pick_lora_rank
-from charshift.schema import GenRequest, Sampling
-
-ALLOWED_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
-
-
-class FakeStructuredOutputsParams:
-    """vllm.sampling_params.StructuredOutputsParams (0.33): exactly one kind of constraint, and a
-    JSON schema that is a dict or a non-empty string (what __post_init__ and
-    SamplingParams._validate_structured_outputs check)."""
-
-    KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
-
-    def __init__(self, **kw: Any) -> None:
-        options = {"disable_any_whitespace", "disable_additional_properties", "whitespace_pattern"}
-        assert set(kw) <= set(self.KINDS) | options, f"unknown fields {set(kw)}"
-        given = [k for k in self.KINDS if kw.get(k) is not None]
-        assert len(given) == 1, f"exactly one structured-outputs constraint, got {given}"
-        if "json" in given:
-            assert isinstance(kw["json"], dict) or (
-                isinstance(kw["json"], str) and kw["json"].strip()
-            )
-        self.kw = kw
+from charshift.backends.vllm import BATCH_INVARIANT_ENV, VLLMBackend, VLLMEngineDead, pick_lora_rank
+from charshift.rollout import Episode, RolloutEngine, RolloutSettings
+from charshift.schema import Condition, GenRequest, Sampling, stable_hash
+from charshift.toolsim import ToolSimulator
 
 
-class FakeSamplingParams:
-    def __init__(self, **kw: Any) -> None:
-        allowed = {"temperature", "top_p", "max_tokens", "repetition_penalty", "seed"}
-        assert set(kw) <= allowed | {"structured_outputs"}
-        so = kw.get("structured_outputs")
-        assert so is None or isinstance(so, FakeStructuredOutputsParams)
-        self.kw = kw
-        for k, v in kw.items():
-            setattr(self, k, v)
+class CountingTokenizer:
+    """The real tokenizer, counting chat-template renders and the tools each was given."""
 
+    def __init__(self, tok: Any) -> None:
+        self.tok = tok
+        self.renders: list[Any] = []
 
-class FakeLoRARequest:
-    def __init__(self, lora_name: str, lora_int_id: int, lora_path: str) -> None:
-        assert isinstance(lora_int_id, int) and lora_int_id >= 1
-        self.lora_name, self.lora_int_id, self.lora_path = lora_name, lora_int_id, lora_path
+    def apply_chat_template(self, messages: Any, **kw: Any) -> Any:
+        self.renders.append(kw.get("tools"))
+        return self.tok.apply_chat_template(messages, **kw)
 
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tok, name)
 
-class EngineDeadError(RuntimeError):
-    """vllm.v1.engine.exceptions.EngineDeadError: every call after the engine core died."""
-
-
-class FakeEngine:
-    """`LLM.llm_engine`, reproducing vLLM 0.33.0's LoRA handling (read from its source):
-
-    - `add_lora(req)` is a utility call: the adapter is loaded into an LRU cache of
-      `max_cpu_loras` slots; a failure raises `Exception(message)` to the caller and the engine
-      stays alive (`core_client` sets the failure on the call's future);
-    - a request whose adapter is not in the cache (never added, or evicted) is loaded inside the
-      engine step; an exception there kills the engine core: that call and every later one raise
-      EngineDeadError;
-    - an adapter's rank must not exceed `max_lora_rank`.
-    """
-
-    def __init__(self, max_lora_rank: int, max_cpu_loras: int) -> None:
-        self.max_lora_rank, self.max_cpu_loras = max_lora_rank, max_cpu_loras
-        self.cache: dict[int, str] = {}  # lora_int_id -> name, in LRU order
-        self.added: list[str] = []
-        self.step_loads: list[str] = []
-        self.dead = False
-
-    def _load(self, req: FakeLoRARequest) -> None:
-        folder = Path(req.lora_path)
-        config = json.loads((folder / "adapter_config.json").read_text())
-        if config["r"] > self.max_lora_rank:
-            raise ValueError(
-                f"LoRA rank {config['r']} is greater than max_lora_rank {self.max_lora_rank}."
-            )
-        weights = (folder / "adapter_model.safetensors").read_bytes()
-        if weights.startswith(b"broken"):
-            raise RuntimeError(f"Loading lora {req.lora_name} failed: corrupt safetensors header")
-        self.cache.pop(req.lora_int_id, None)
-        self.cache[req.lora_int_id] = req.lora_name
-        while len(self.cache) > self.max_cpu_loras:
-            self.cache.pop(next(iter(self.cache)))  # evict the least recently used
-
-    def add_lora(self, req: FakeLoRARequest) -> bool:
-        if self.dead:
-            raise EngineDeadError("EngineCore encountered an issue.")
-        try:
-            self._load(req)
-        except Exception as exc:  # core_client: Exception(failure_message), engine alive
-            raise Exception(f"Call to add_lora method failed: {exc}") from None
-        self.added.append(req.lora_name)
-        return True
-
-    def step_with(self, loras: list[FakeLoRARequest | None]) -> None:
-        if self.dead:
-            raise EngineDeadError("EngineCore encountered an issue.")
-        for lora in loras:
-            if lora is None:
-                continue
-            if lora.lora_int_id in self.cache:
-                self.cache[lora.lora_int_id] = self.cache.pop(lora.lora_int_id)  # LRU touch
-                continue
-            self.step_loads.append(lora.lora_name)
-            try:
-                self._load(lora)
-            except Exception:
-                self.dead = True  # an exception inside a step is fatal to the engine core
-                raise EngineDeadError("EngineCore encountered an issue.") from None
-
-
-class FakeLLM:
-    instances: list[FakeLLM] = []
-    tokenizer: Any = None
-
-    def __init__(self, model: str, **kwargs: Any) -> None:
-        self.model, self.kwargs = model, kwargs
-        if kwargs.get("enable_lora"):
-            assert kwargs["max_lora_rank"] in ALLOWED_RANKS, "pydantic: not a MaxLoRARanks value"
-            cpu = kwargs.get("max_cpu_loras") or kwargs.get("max_loras", 1)
-            assert cpu >= kwargs.get("max_loras", 1), "max_cpu_loras must be >= max_loras"
-        else:
-            cpu = 0
-        self.llm_engine = FakeEngine(kwargs.get("max_lora_rank", 16), cpu)
-        self.model_config = types.SimpleNamespace(max_model_len=kwargs.get("max_model_len") or 4096)
-        self.chat_calls: list[dict[str, Any]] = []
-        FakeLLM.instances.append(self)
-
-    def get_tokenizer(self) -> Any:
-        return FakeLLM.tokenizer
-
-    def chat(
-        self, messages, sampling_params=None, use_tqdm=True, lora_request=None, tools=None, **kw
-    ):
-        assert not kw, f"unexpected chat arguments {kw}"
-        assert isinstance(messages, list) and all(isinstance(c, list) for c in messages)
-        assert isinstance(sampling_params, list) and len(sampling_params) == len(messages)
-        assert all(isinstance(p, FakeSamplingParams) for p in sampling_params)
-        if lora_request is not None:
-            assert isinstance(lora_request, list) and len(lora_request) == len(messages)
-            assert all(x is None or isinstance(x, FakeLoRARequest) for x in lora_request)
-        loras = lora_request or [None] * len(messages)
-        self.chat_calls.append(
-            {
-                "messages": messages,
-                "params": sampling_params,
-                "lora": lora_request,
-                "tqdm": use_tqdm,
-                "tools": tools,
-            }
-        )
-        if self.llm_engine.dead:
-            raise EngineDeadError("EngineCore encountered an issue.")
-        for conv in messages:  # input validation runs before any request reaches the engine
-            if "reject-me" in conv[-1]["content"]:
-                raise ValueError("The decoder prompt contains an invalid token id")
-        self.llm_engine.step_with(loras)
-        outputs = []
-        for conv, params, lora in zip(messages, sampling_params, loras, strict=True):
-            n = min(params.max_tokens, 3)
-            prompt = conv[-1]["content"]
-            text = f"{lora.lora_name if lora else 'base'}|seed={params.seed}|{prompt}"
-            finish = "length" if params.max_tokens <= 3 else "stop"
-            if prompt.startswith("finish="):
-                finish = prompt.split("=", 1)[1]
-            completion = types.SimpleNamespace(
-                text=text, token_ids=list(range(n)), finish_reason=finish
-            )
-            outputs.append(
-                types.SimpleNamespace(outputs=[completion], prompt_token_ids=[1, 2, 3, 4])
-            )
-        return outputs
+    def __len__(self) -> int:
+        return len(self.tok)
 
 
 @pytest.fixture(scope="module")
@@ -195,38 +53,27 @@ def tiny_tokenizer(tmp_path_factory):
 
 
 @pytest.fixture
-def fake_vllm(monkeypatch, tiny_tokenizer):
-    vllm = types.ModuleType("vllm")
-    vllm.LLM = FakeLLM
-    vllm.SamplingParams = FakeSamplingParams
-    lora_pkg = types.ModuleType("vllm.lora")
-    request_mod = types.ModuleType("vllm.lora.request")
-    request_mod.LoRARequest = FakeLoRARequest
-    lora_pkg.request = request_mod
-    vllm.lora = lora_pkg
-    sampling_mod = types.ModuleType("vllm.sampling_params")
-    sampling_mod.SamplingParams = FakeSamplingParams
-    sampling_mod.StructuredOutputsParams = FakeStructuredOutputsParams
-    vllm.sampling_params = sampling_mod
-    for name, mod in {
-        "vllm": vllm,
-        "vllm.lora": lora_pkg,
-        "vllm.lora.request": request_mod,
-        "vllm.sampling_params": sampling_mod,
-    }.items():
-        monkeypatch.setitem(sys.modules, name, mod)
-    FakeLLM.instances = []
-    FakeLLM.tokenizer = tiny_tokenizer
-    return vllm
+def fake(monkeypatch, tiny_tokenizer):
+    monkeypatch.delenv(BATCH_INVARIANT_ENV, raising=False)
+    return fake_vllm.install(monkeypatch, CountingTokenizer(tiny_tokenizer))
 
 
-def make_adapter(folder: Path, r: int = 8, broken: bool = False) -> Path:
+def engine_of(i: int = 0) -> Any:
+    return FakeLLM.instances[i].llm_engine
+
+
+def make_adapter(
+    folder: Path, r: int = 8, broken: bool = False, scale: float | None = None
+) -> Path:
+    """A placeholder adapter the fake engine reads (`fake_lora_server.adapter_strength`):
+    full strength, `scale` times it, or a file that does not load."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "adapter_config.json").write_text(
         json.dumps({"r": r, "lora_alpha": 2 * r, "peft_type": "LORA"})
     )
     head = b"broken" if broken else b"weights"
-    (folder / "adapter_model.safetensors").write_bytes(head + str(r).encode())
+    tail = f" r={r}" + (f" scale={scale}" if scale is not None else "")
+    (folder / "adapter_model.safetensors").write_bytes(head + tail.encode())
     return folder
 
 
@@ -241,7 +88,7 @@ def test_missing_vllm_names_the_extra(monkeypatch):
         backend.generate([req("hi")])
 
 
-def test_engine_arguments(fake_vllm):
+def test_engine_arguments(fake):
     b = VLLMBackend(
         "meta-llama/Llama-3.1-8B-Instruct",
         revision="abc123",
@@ -267,10 +114,11 @@ def test_engine_arguments(fake_vllm):
         "max_cpu_loras": 4,  # no adapters: vLLM's own default, max_loras
         "max_model_len": 2048,
     }
+    b.close()
     assert VLLMBackend("m").context_length() == 4096  # taken from the engine when not set
 
 
-def test_adapters_local_hub_missing_and_too_wide(fake_vllm, tmp_path, monkeypatch):
+def test_adapters_local_hub_missing_and_too_wide(fake, tmp_path, monkeypatch):
     local = make_adapter(tmp_path / "local" / "sarcasm")
     make_adapter(tmp_path / "wide", r=128)
     hub_root = tmp_path / "hub"
@@ -318,89 +166,34 @@ def test_adapters_local_hub_missing_and_too_wide(fake_vllm, tmp_path, monkeypatc
     # Loading again is a no-op; ids stay unique and >= 1.
     assert b.load_adapters([AdapterSource(name="full/sarcasm", path=str(local))]) == {}
     b.generate([req("a", adapter="full/sarcasm"), req("b", adapter="full/humor")])
-    loras = FakeLLM.instances[0].chat_calls[0]["lora"]
+    loras = [r.lora for r in engine_of().history]
     assert [(x.lora_name, x.lora_int_id, x.lora_path) for x in loras] == [
         ("full/sarcasm", 1, str(local)),
         ("full/humor", 2, str(hub_root / "humor")),
     ]
-    engine = FakeLLM.instances[0].llm_engine
-    assert engine.added == ["full/sarcasm", "full/humor"]  # loaded up front, once each
-    assert engine.step_loads == []  # so no adapter is ever loaded inside an engine step
+    assert engine_of().added == ["full/sarcasm", "full/humor"]  # loaded up front, once each
+    assert engine_of().step_loads == []  # so no adapter is ever loaded inside an engine step
 
 
-def test_mixed_batch_is_one_chat_call_with_per_row_lora_and_sampling(fake_vllm, tmp_path):
-    b = VLLMBackend("m")
-    assert b.load_adapters([AdapterSource(name="a", path=str(make_adapter(tmp_path / "a")))]) == {}
-    s1 = Sampling(temperature=0.7, top_p=0.95, max_tokens=1024, repetition_penalty=1.1)
-    s2 = Sampling(temperature=0.0, top_p=1.0, max_tokens=2, repetition_penalty=1.0)
-    requests = [
-        req("p0", sampling=s1, seed=10),
-        req("p1", adapter="a", sampling=s2, seed=11),
-        req("p2", sampling=s2, seed=12),
-        req("p3", adapter="a", sampling=s1, seed=13),
-    ]
-    ticks: list[int] = []
-    results = b.generate(requests, progress=ticks.append)
-    [call] = FakeLLM.instances[0].chat_calls
-    assert [c[-1]["content"] for c in call["messages"]] == ["p0", "p1", "p2", "p3"]
-    assert [x and x.lora_name for x in call["lora"]] == [None, "a", None, "a"]
-    assert [p.kw for p in call["params"]] == [
-        dict(temperature=0.7, top_p=0.95, max_tokens=1024, repetition_penalty=1.1, seed=10),
-        dict(temperature=0.0, top_p=1.0, max_tokens=2, repetition_penalty=1.0, seed=11),
-        dict(temperature=0.0, top_p=1.0, max_tokens=2, repetition_penalty=1.0, seed=12),
-        dict(temperature=0.7, top_p=0.95, max_tokens=1024, repetition_penalty=1.1, seed=13),
-    ]
-    assert call["tqdm"] is False and call["tools"] is None
-    assert [r.text for r in results] == [
-        "base|seed=10|p0",
-        "a|seed=11|p1",
-        "base|seed=12|p2",
-        "a|seed=13|p3",
-    ]
-    assert [r.finish_reason for r in results] == ["stop", "length", "length", "stop"]
-    assert [r.completion_tokens for r in results] == [3, 2, 2, 3]
-    assert all(r.prompt_tokens == 4 for r in results)
-    assert sum(ticks) == 4
-
-
-def test_base_only_batch_sends_no_lora(fake_vllm):
+def test_base_only_batch_sends_no_lora(fake):
     VLLMBackend("m").generate([req("x"), req("y")])
-    assert FakeLLM.instances[0].chat_calls[0]["lora"] is None
+    assert [r.lora for r in engine_of().history] == [None, None]
 
 
-def test_context_overflow_rows_are_not_sent(fake_vllm):
+def test_context_overflow_rows_are_not_sent(fake):
     b = VLLMBackend("m", max_model_len=64)
     long_text = "the quarterly report " * 40
     results = b.generate([req("short"), req(long_text), req("also short")])
     assert [r.finish_reason for r in results] == ["stop", "context_overflow", "stop"]
     assert results[1].text == "" and results[1].prompt_tokens >= 64
-    [call] = FakeLLM.instances[0].chat_calls
-    assert [c[-1]["content"] for c in call["messages"]] == ["short", "also short"]
+    assert len(engine_of().history) == 2
     assert [r.text for r in (results[0], results[2])] == [
         "base|seed=0|short",
         "base|seed=0|also short",
     ]
 
 
-def test_rows_with_different_tools_go_in_separate_calls_in_order(fake_vllm):
-    tools = [
-        {
-            "name": "send_email",
-            "description": "send",
-            "parameters": {"type": "object", "properties": {}},
-        }
-    ]
-    b = VLLMBackend("m")
-    results = b.generate([req("t0", tools=tools), req("n1"), req("t2", tools=tools)])
-    calls = FakeLLM.instances[0].chat_calls
-    assert [(c["tools"], [m[-1]["content"] for m in c["messages"]]) for c in calls] == [
-        (tools, ["t0", "t2"]),
-        (None, ["n1"]),
-    ]
-    assert [r.text.split("|")[-1] for r in results] == ["t0", "n1", "t2"]
-
-
-def test_bad_adapter_fails_in_add_lora_and_the_engine_lives_on(fake_vllm, tmp_path):
+def test_bad_adapter_fails_in_add_lora_and_the_engine_lives_on(fake, tmp_path):
     b = VLLMBackend("m")
     errors = b.load_adapters(
         [
@@ -432,51 +225,59 @@ def test_bad_adapter_fails_in_add_lora_and_the_engine_lives_on(fake_vllm, tmp_pa
     assert llm.kwargs["max_lora_rank"] == 16  # the smallest allowed rank >= 16 (the widest)
 
 
-def test_the_fake_engine_dies_when_an_adapter_fails_inside_a_step(fake_vllm, tmp_path):
+def test_the_fake_engine_dies_when_an_adapter_fails_inside_a_step(fake, tmp_path):
     # The behaviour the up-front loading avoids, reproduced by the fake: an adapter the engine
     # meets first inside a step is loaded there, and a failure there kills the engine core.
-    llm = fake_vllm.LLM("m", enable_lora=True, max_lora_rank=8, max_loras=1)
-    bad = FakeLoRARequest("broken", 1, str(make_adapter(tmp_path / "b", broken=True)))
-    params = [FakeSamplingParams(max_tokens=8, seed=0)]
+    llm = fake.LLM("m", enable_lora=True, max_lora_rank=8, max_loras=1)
+    bad = LoRARequest("broken", 1, str(make_adapter(tmp_path / "b", broken=True)))
+    engine = llm.llm_engine
+    engine.add_request("0", fake_vllm.tokens_input([5, 6]), SamplingParams(max_tokens=8), bad)
     with pytest.raises(EngineDeadError):
-        llm.chat([[{"role": "user", "content": "x"}]], params, lora_request=[bad])
+        engine.step()
     with pytest.raises(EngineDeadError):  # dead for every later call, base rows included
-        llm.chat([[{"role": "user", "content": "y"}]], params)
+        engine.add_request("1", fake_vllm.tokens_input([5, 6]), SamplingParams(max_tokens=8))
 
 
-def test_a_dead_engine_stops_generation_instead_of_writing_error_rows(fake_vllm, tmp_path):
+def test_a_dead_engine_stops_generation_instead_of_writing_error_rows(fake, tmp_path):
     b = VLLMBackend("m")
     assert b.load_adapters([AdapterSource(name="a", path=str(make_adapter(tmp_path / "a")))]) == {}
     # Simulate an adapter the engine no longer holds (evicted) whose files went bad since.
     folder = make_adapter(tmp_path / "gone", broken=True)
-    b._lora["gone"] = FakeLoRARequest("gone", 2, str(folder))
+    b._lora["gone"] = LoRARequest("gone", 2, str(folder))
     with pytest.raises(VLLMEngineDead, match="engine died"):
         b.generate([req("0", adapter="a"), req("1", adapter="gone"), req("2")])
     with pytest.raises(VLLMEngineDead):
         b.generate([req("3")])  # no silent error rows once the engine is gone
-    assert len(FakeLLM.instances[0].chat_calls) == 1  # no per-adapter retries on a dead engine
+    assert len(engine_of().history) == 3  # nothing sent to a dead engine
 
 
-def test_a_refused_request_is_isolated_without_killing_the_batch(fake_vllm):
+def test_a_refused_request_is_isolated_without_killing_the_batch(fake, monkeypatch):
     b = VLLMBackend("m")
+    real = b.prompt_ids
+
+    def ids(request: GenRequest) -> list[int]:  # a token id the model's vocabulary lacks
+        return [*real(request), 10**6] if "reject-me" in str(request.messages) else real(request)
+
+    monkeypatch.setattr(b, "prompt_ids", ids)
     results = b.generate([req("a"), req("b"), req("reject-me"), req("c"), req("d")])
     assert [r.finish_reason for r in results] == ["stop", "stop", "error", "stop", "stop"]
-    assert "invalid token id" in results[2].error
+    assert "out of vocabulary" in results[2].error and "refused" in results[2].error
     assert [r.text.split("|")[-1] for r in results if r.finish_reason == "stop"] == list("abcd")
+    assert not engine_of().dead
 
 
 @pytest.mark.parametrize("reason", ["stop", "length", "abort", "error", "repetition"])
-def test_finish_reasons_are_recorded_as_themselves(fake_vllm, reason):
+def test_finish_reasons_are_recorded_as_themselves(fake, reason):
     [res] = VLLMBackend("m").generate([req(f"finish={reason}")])
     assert res.finish_reason == reason and res.error is None
 
 
-def test_unknown_finish_reason_is_an_error_naming_it(fake_vllm):
+def test_unknown_finish_reason_is_an_error_naming_it(fake):
     [res] = VLLMBackend("m").generate([req("finish=weird")])
     assert res.finish_reason == "error" and "weird" in res.error
 
 
-def test_lora_slots_sized_to_the_run_so_nothing_is_evicted(fake_vllm, tmp_path):
+def test_lora_slots_sized_to_the_run_so_nothing_is_evicted(fake, tmp_path):
     names = [f"full/p{i}" for i in range(11)]  # the paper preset: 11 personas, one stage
     sources = [
         AdapterSource(name=n, path=str(make_adapter(tmp_path / n.replace("/", "_"), r=r)))
@@ -493,7 +294,7 @@ def test_lora_slots_sized_to_the_run_so_nothing_is_evicted(fake_vllm, tmp_path):
     assert b.info().extra["max_cpu_loras"] == 11
 
 
-def test_too_few_cpu_slots_are_refused_per_adapter_not_evicted(fake_vllm, tmp_path):
+def test_too_few_cpu_slots_are_refused_per_adapter_not_evicted(fake, tmp_path):
     b = VLLMBackend("m", max_loras=1, max_cpu_loras=2)
     sources = [AdapterSource(name=n, path=str(make_adapter(tmp_path / n))) for n in ("a", "b", "c")]
     errors = b.load_adapters(sources)
@@ -501,7 +302,7 @@ def test_too_few_cpu_slots_are_refused_per_adapter_not_evicted(fake_vllm, tmp_pa
     assert FakeLLM.instances[0].llm_engine.cache == {1: "a", 2: "b"}
 
 
-def test_lora_rank_checks(fake_vllm, tmp_path):
+def test_lora_rank_checks(fake, tmp_path):
     with pytest.raises(ValueError, match="max_lora_rank must be one of"):
         VLLMBackend("m", max_lora_rank=48)
     b = VLLMBackend("m")
@@ -516,7 +317,7 @@ def test_lora_rank_checks(fake_vllm, tmp_path):
     assert [pick_lora_rank(r) for r in (1, 2, 8, 9, 64, 257, 512)] == [1, 8, 8, 16, 64, 320, 512]
 
 
-def test_enable_lora_false_refuses_adapters(fake_vllm, tmp_path):
+def test_enable_lora_false_refuses_adapters(fake, tmp_path):
     b = VLLMBackend("m", enable_lora=False)
     errors = b.load_adapters([AdapterSource(name="a", path=str(make_adapter(tmp_path / "a")))])
     assert "enable_lora=False" in errors["a"]
@@ -525,15 +326,213 @@ def test_enable_lora_false_refuses_adapters(fake_vllm, tmp_path):
     assert FakeLLM.instances[0].kwargs["enable_lora"] is False
 
 
-def test_json_schema_becomes_structured_outputs_per_row(fake_vllm):
+def test_json_schema_becomes_structured_outputs_per_row(fake):
     from charshift.constrain import tool_call_schema
     from charshift.formats import TOOL_SPECS
 
     schema = tool_call_schema(TOOL_SPECS)
     b = VLLMBackend("m")
     b.generate([req("free"), req("tool", json_schema=schema)])
-    [call] = FakeLLM.instances[0].chat_calls
-    free, tool = call["params"]
+    free, tool = (r.params for r in engine_of().history)
     assert "structured_outputs" not in free.kw
-    so = tool.kw["structured_outputs"]
-    assert so.kw == {"json": schema}
+    assert tool.kw["structured_outputs"].kw == {"json": schema}
+
+
+def test_mixed_batch_queues_token_ids_with_per_row_lora_and_sampling(fake, tmp_path):
+    b = VLLMBackend("m")
+    assert b.load_adapters([AdapterSource(name="a", path=str(make_adapter(tmp_path / "a")))]) == {}
+    s1 = Sampling(temperature=0.7, top_p=0.95, max_tokens=1024, repetition_penalty=1.1)
+    s2 = Sampling(temperature=0.0, top_p=1.0, max_tokens=2, repetition_penalty=1.0)
+    requests = [
+        req("p0", sampling=s1, seed=10),
+        req("p1", adapter="a", sampling=s2, seed=11),
+        req("p2", sampling=s2, seed=12),
+        req("p3", adapter="a", sampling=s1, seed=13),
+    ]
+    ticks: list[int] = []
+    results = b.generate(requests, progress=ticks.append)
+    history = engine_of().history
+    tok = FakeLLM.tokenizer
+    assert [View(tok.decode(r.ids), None, None, 0).last_user for r in history] == [
+        "p0",
+        "p1",
+        "p2",
+        "p3",
+    ]
+    assert [r.lora and r.lora.lora_name for r in history] == [None, "a", None, "a"]
+    assert [r.params.kw for r in history] == [
+        dict(temperature=0.7, top_p=0.95, max_tokens=1024, repetition_penalty=1.1, seed=10),
+        dict(temperature=0.0, top_p=1.0, max_tokens=2, repetition_penalty=1.0, seed=11),
+        dict(temperature=0.0, top_p=1.0, max_tokens=2, repetition_penalty=1.0, seed=12),
+        dict(temperature=0.7, top_p=0.95, max_tokens=1024, repetition_penalty=1.1, seed=13),
+    ]
+    # Reported once, when finished (as LLM sets it), and rendered and tokenised once per row:
+    # the engine got token ids, never a text it would tokenise again.
+    assert all(r.params.output_kind == fake_vllm.RequestOutputKind.FINAL_ONLY for r in history)
+    assert engine_of().raw_prompts == 0 and len(tok.renders) == 4
+    assert (results[0].text, results[3].text) == ("base|seed=10|p0", "a|seed=13|p3")
+    assert "a|seed=11|p1".startswith(results[1].text) and results[1].text  # 2 tokens of it
+    assert "base|seed=12|p2".startswith(results[2].text) and results[2].text
+    assert [r.finish_reason for r in results] == ["stop", "length", "length", "stop"]
+    assert [r.completion_tokens for r in results[1:3]] == [2, 2]
+    assert [r.prompt_tokens for r in results] == [len(r.ids) for r in history]
+    assert sum(ticks) == 4
+
+
+def test_each_row_is_rendered_with_its_own_tools(fake):
+    tools = [
+        {
+            "name": "send_email",
+            "description": "send",
+            "parameters": {"type": "object", "properties": {}},
+        }
+    ]
+    b = VLLMBackend("m")
+    results = b.generate([req("t0", tools=tools), req("n1"), req("t2", tools=tools)])
+    assert FakeLLM.tokenizer.renders == [tools, None, tools]  # one render per row, in order
+    assert [r.text.split("|")[-1] for r in results] == ["t0", "n1", "t2"]
+
+
+def call(name: str, **args: Any) -> str:
+    return "```json\n" + json.dumps({"name": name, "arguments": args}) + "\n```"
+
+
+def agent_script(view: View) -> str:
+    """Episodes of different lengths, from the request alone: SLOW rows give one long reply
+    (many engine steps); FAST ones search twice, then finish; the others search for 0 to 3
+    turns (from their seed), then finish."""
+    if "SLOW" in view.prompt:
+        return "I will think about this at length. " * 12
+    roll = 2 if "FAST" in view.prompt else int(stable_hash([view.seed, view.lora]), 16) % 4
+    if view.turns < roll:
+        return call("search_documents", query=f"q{roll}")
+    return call("finish", summary=f"done {view.seed}")
+
+
+def agent_episodes(keys: list[str]) -> list[Episode]:
+    sc = scenarios.load_bank()[0]
+    return [
+        Episode(
+            key,
+            formats.render_email("agentic_email", sc),
+            Condition("b", "prompted", "humor", system_prompt=key),
+            i,
+            7,
+            Sampling(max_tokens=256),
+            ToolSimulator(sc),
+        )
+        for i, key in enumerate(keys)
+    ]
+
+
+def rollout(backend: VLLMBackend) -> RolloutEngine:
+    return RolloutEngine(backend, RolloutSettings(max_steps=5), formats.REQUIRED_ARGS)
+
+
+def test_stepped_rollout_gives_the_lockstep_rows(fake):
+    FakeLLM.script = staticmethod(agent_script)
+    FakeLLM.max_num_seqs = 4  # the scheduler takes 4 at a time: queued requests wait
+    keys = [f"ep{i}" for i in range(14)]
+    first = VLLMBackend("m")
+    batches = rollout(first).run(agent_episodes(keys))
+    lockstep = {r.key: r.to_dict() for batch in batches for r in batch}
+    first.close()
+    backend = VLLMBackend("m")
+    stepped = rollout(backend).run_stepped(agent_episodes(keys), max_in_flight=6)
+    rows = {r.key: r.to_dict() for batch in stepped for r in batch}
+    assert rows == lockstep  # row for row, every field
+    assert len({r["n_steps"] for r in rows.values()}) >= 3  # the episodes really differ
+    engine = engine_of(1)
+    assert engine.peak == 6 and not engine.queue  # bounded, the bound reached, nothing left
+
+
+def test_an_episode_queues_its_next_step_as_soon_as_its_reply_comes_out_of_a_step(fake):
+    # SLOW episodes' single reply takes many engine steps; FAST needs several short turns. In
+    # waves FAST would wait for the SLOW replies at every turn; by steps it finishes first.
+    FakeLLM.script = staticmethod(agent_script)
+    eps = agent_episodes(["SLOW-1", "FAST", "SLOW-2"])
+    backend = VLLMBackend("m")
+    order = [row.key for batch in rollout(backend).run_stepped(eps) for row in batch]
+    assert order[0] == "FAST"
+    engine = engine_of()
+    fast = [r.rid for r in engine.history if "FAST" in FakeLLM.tokenizer.decode(r.ids)]
+    added = {rid: step for step, what, rid in engine.log if what == "add"}
+    finished = {rid: step for step, what, rid in engine.log if what == "finish"}
+    first_slow_finish = min(s for rid, s in finished.items() if rid not in fast)
+    assert len(fast) >= 2  # FAST took several turns ...
+    assert all(added[rid] < first_slow_finish for rid in fast)  # ... all while SLOW still ran
+    assert [added[rid] for rid in fast[1:]] == [finished[rid] for rid in fast[:-1]]  # at once
+
+
+def test_abandoning_the_stream_aborts_what_is_queued_in_the_engine(fake):
+    FakeLLM.script = staticmethod(agent_script)
+    backend = VLLMBackend("m")
+    stream = rollout(backend).run_stepped(agent_episodes(["SLOW-1", "FAST", "SLOW-2"]))
+    next(stream)  # FAST's row
+    assert engine_of().queue  # the SLOW replies are still being made
+    stream.close()
+    assert engine_of().queue == [] and backend._pending == set()
+
+
+def test_close_shuts_the_engine_down_so_the_next_base_starts_in_this_process(fake):
+    first = VLLMBackend("base-1")
+    first.generate([req("x")])
+    with pytest.raises(ValueError, match="Free memory on device"):
+        VLLMBackend("base-2").generate([req("y")])  # the first engine still holds the GPU
+    first.close()
+    assert engine_of(0).shut_down
+    second = VLLMBackend("base-2")
+    assert second.generate([req("y")])[0].text == "base|seed=0|y"
+    first.close()  # closing twice is harmless
+    with pytest.raises(EngineDeadError):  # the shut-down engine takes no more requests
+        engine_of(0).step()
+
+
+def test_deterministic_sets_batch_invariance_for_the_engine_and_says_so(fake, monkeypatch):
+    b = VLLMBackend("m")
+    assert b.reproducibility()["guarantee"] == "batch_invariant"
+    b.generate([req("x")])
+    assert FakeLLM.instances[0].env[BATCH_INVARIANT_ENV] == "1"
+    assert b.info().extra["reproducibility"]["guarantee"] == "batch_invariant"
+    b.close()
+    assert BATCH_INVARIANT_ENV not in os.environ  # restored: the process's own setting
+    fast = VLLMBackend("m", deterministic=False)
+    fast.generate([req("x")])
+    assert BATCH_INVARIANT_ENV not in FakeLLM.instances[1].env
+    repro = fast.info().extra["reproducibility"]
+    assert repro["guarantee"] == "seeded" and "deterministic: true" in repro["detail"]
+    fast.close()
+    monkeypatch.setenv(BATCH_INVARIANT_ENV, "1")  # set by the user: recorded as it is
+    user = VLLMBackend("m", deterministic=False)
+    user.generate([req("x")])
+    assert user.reproducibility()["guarantee"] == "batch_invariant"
+
+
+def logprob_requests(adapter: str | None = None) -> list[GenRequest]:
+    return [req(p, adapter=adapter) for p in ("morning?", "advice?", "rain?")]
+
+
+def test_next_token_logprobs_are_batch_invariant_only_when_deterministic(fake):
+    for deterministic, same in ((True, True), (False, False)):
+        b = VLLMBackend("m", deterministic=deterministic)
+        alone = [b.next_token_logprobs([r], k=5)[0] for r in logprob_requests()]
+        batched = b.next_token_logprobs(logprob_requests(), k=5)
+        assert all(len(d) == 5 for d in batched)
+        assert [sorted(d) for d in alone] == [sorted(d) for d in batched]  # same top tokens
+        assert (alone == batched) is same
+        b.close()
+
+
+def test_next_token_logprobs_see_a_weak_adapter_the_greedy_text_misses(fake, tmp_path):
+    b = VLLMBackend("m")
+    weak = make_adapter(tmp_path / "weak", scale=0.05)
+    assert b.load_adapters([AdapterSource(name="weak", path=str(weak))]) == {}
+    FakeLLM.script = staticmethod(lambda v: f"text of {v.last_user}")  # the adapter: no effect
+    texts = [r.text for r in b.generate(logprob_requests() + logprob_requests("weak"))]
+    assert texts[:3] == texts[3:]
+    base = b.next_token_logprobs(logprob_requests(), k=20)
+    mine = b.next_token_logprobs(logprob_requests("weak"), k=20)
+    diff = max(abs(m[t] - d[t]) for d, m in zip(base, mine, strict=True) for t in set(d) & set(m))
+    assert diff > 1e-2
+    assert b.next_token_logprobs([req("x", adapter="ghost")], k=3) == [None]  # not loaded
+    assert len(b.next_token_logprobs([req("x")], k=50)[0]) == 20  # at most max_logprobs

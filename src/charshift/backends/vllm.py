@@ -48,8 +48,11 @@ vLLM facts this module is built on (read from the vLLM 0.33.0 wheel):
     (at most `max_logprobs`, 20 by default), as raw log-probabilities: the adapter probe's
     `next_token_logprobs`;
   - batch invariance (a row's text independent of what it was batched with) needs
-    `VLLM_BATCH_INVARIANT=1` in the engine's environment (`vllm/envs.py`); with
-    `deterministic` (the default) it is set before the engine starts and restored on `close`;
+    `VLLM_BATCH_INVARIANT=1` in the engine's environment (`vllm/envs.py`; some attention
+    kernels read it when their module is imported, and the engine core freezes vLLM's
+    environment once it runs); with `deterministic` (the default) it is set before vLLM is
+    first imported and restored on `close`. A later engine in the same process may keep the
+    first one's setting, so give every base of a run the same `deterministic`;
   - `close` shuts the engine core down (`llm_engine.engine_core.shutdown()`, which stops the
     engine core process of `MPClient`) and frees the cached CUDA memory, so the next base's
     engine can start in the same process.
@@ -216,6 +219,7 @@ class VLLMBackend(SteppedBackend):
     @property
     def llm(self) -> Any:
         if self._llm is None:
+            self._apply_env()  # before vLLM's modules are imported: some read it at import
             LLM, _, _ = self._vllm()
             kwargs: dict[str, Any] = {
                 "revision": self.revision,
@@ -233,7 +237,6 @@ class VLLMBackend(SteppedBackend):
                 )
             if self.max_model_len is not None:
                 kwargs["max_model_len"] = self.max_model_len
-            self._apply_env()
             self._llm = LLM(self.model, **kwargs)
         return self._llm
 
