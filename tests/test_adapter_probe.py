@@ -172,3 +172,110 @@ def test_pipeline_stops_on_an_adapter_that_changes_nothing(tmp_path, monkeypatch
     assert probe["adapters"]["full/sarcasm"]["applied"] is True
     assert probe["adapters"]["full/humor"]["applied"] is False
     assert len(reader.generations) == 0  # stopped before generating
+
+
+# ----- log-probabilities: vLLM offline (a fake engine, tests/fake_vllm.py) --------------------
+
+
+def placeholder_adapter(folder: Path, scale: float) -> Path:
+    """An adapter the fake engine reads: its effect on the log-probabilities times `scale`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 8, "peft_type": "LORA"}))
+    (folder / "adapter_model.safetensors").write_bytes(f"weights scale={scale}".encode())
+    return folder
+
+
+@pytest.fixture
+def vllm_probe(monkeypatch, tmp_path):
+    """A VLLMBackend on the fake engine with a subtle adapter (scale 0.05) and a no-op one;
+    the greedy text never shows an adapter, as with a subtle real LoRA."""
+    import fake_vllm
+
+    from charshift.backends.vllm import BATCH_INVARIANT_ENV, VLLMBackend
+    from charshift.tiny import train_tiny_tokenizer
+
+    monkeypatch.delenv(BATCH_INVARIANT_ENV, raising=False)
+    fake = fake_vllm.install(monkeypatch, train_tiny_tokenizer(tmp_path / "tok"))
+    fake.LLM.script = staticmethod(lambda view: f"a reply to {view.last_user}")
+    sources = [
+        AdapterSource(name=n, path=str(placeholder_adapter(tmp_path / n, s)))
+        for n, s in (("subtle", 0.05), ("noop", 0.0))
+    ]
+
+    def make(deterministic: bool) -> VLLMBackend:
+        backend = VLLMBackend("m", deterministic=deterministic)
+        assert backend.load_adapters(sources) == {}
+        return backend
+
+    return make
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_logprobs_pass_a_subtle_adapter_and_fail_an_ignored_one(vllm_probe, deterministic):
+    backend = vllm_probe(deterministic)
+    record = probe_adapters(backend, ["subtle", "noop"])
+    subtle, noop = record["adapters"]["subtle"], record["adapters"]["noop"]
+    assert record["method"] == "logprobs"
+    assert not subtle["outputs_differ"] and not noop["outputs_differ"]  # text sees neither
+    assert subtle["applied"] and not noop["applied"]
+    assert subtle["max_logprob_diff"] > 10 * subtle["logprob_threshold"]
+    if deterministic:  # batch-invariant: the base asked twice agrees exactly
+        assert record["noise_floor"] == 0.0 and noop["max_logprob_diff"] == 0.0
+    else:  # batching moves the no-op's log-probabilities above the fixed floor, not the null
+        assert noop["max_logprob_diff"] > 1e-4 and record["noise_floor"] > 0
+    with pytest.raises(AdapterNotApplied, match=r"noop: its next-token log-probabilities") as e:
+        require_applied(record)
+    assert "subtle" not in str(e.value)
+    json.dumps(record, allow_nan=False)  # goes into the manifest as is
+    backend.close()
+
+
+@pytest.mark.parametrize("mode", ["warn", "off"])
+def test_adapter_probe_warn_skips_only_the_ignored_adapter_and_off_probes_nothing(
+    tmp_path, monkeypatch, tiny_lora_dir, mode
+):
+    from charshift import pipeline
+    from charshift.completion import completion
+    from charshift.config import parse_config
+    from charshift.store import RunStore
+
+    monkeypatch.setenv("CHARSHIFT_CACHE", str(tmp_path / "cache"))
+    good = tiny_lora_dir("llama", seed=1)
+    scaled_copy(good, tmp_path / "adapters" / "sarcasm", 1.0)
+    scaled_copy(good, tmp_path / "adapters" / "humor", 0.0)  # loads fine, does nothing
+    cfg = parse_config(
+        yaml.safe_load(
+            f"""
+            bases:
+              - name: tl
+                model: tiny:llama
+                classifier: "tiny:modernbert:sarcasm,humor"
+                adapters: {{full: {{path: "{tmp_path}/adapters/{{persona}}"}}}}
+            stages: [full]
+            personas: [sarcasm, humor]
+            slices: [id_chat]
+            sampling: {{max_tokens: 4}}
+            backend: {{kind: hf, device: cpu, dtype: float32}}
+            id_prompts: {{n_eval: 1}}
+            adapter_probe: {mode}  # YAML reads a bare off as false: that is off too
+            """
+        )
+    )
+    with pipeline.prepare_run(cfg, tmp_path / "run") as store:
+        pipeline.generate(cfg, store)
+    reader = RunStore(tmp_path / "run", writable=False)
+    personas = {row.persona for row in reader.generations}
+    manifest = reader.manifest()
+    probe = manifest["adapter_probe"]["tl"]
+    assert probe["mode"] == mode
+    if mode == "warn":
+        assert personas == {"sarcasm"}  # the ignored adapter's rows only are not generated
+        assert probe["adapters"]["full/humor"]["applied"] is False
+        assert "not applied" in manifest["skipped_adapters"]["tl/full/humor"]
+        assert list(manifest["skipped_adapters"]) == ["tl/full/humor"]
+        done = completion(cfg, reader, scored=False)  # what the exit status reads
+        assert not done.complete and "not applied" in done.skipped_adapters["tl/full/humor"]
+    else:
+        assert personas == {"sarcasm", "humor"} and probe["adapters"] == {}
+        assert not manifest.get("skipped_adapters")
+    assert manifest["reproducibility"]["tl"]["guarantee"]

@@ -4,24 +4,35 @@ A backend can accept an adapter and still run the base model: SGLang given a bar
 `model`, a server started without the adapter mapped to the base's name, an adapter whose LoRA B
 matrices are all zero. Every such row would silently be a base-model row. So, for each adapter,
 the probe runs a few fixed prompts greedily (temperature 0, a short `max_tokens`) under the
-adapter and under the base model, in one `generate` call, and compares:
+adapter and under the base model, in one `generate` call, and compares, by the most sensitive
+method the backend offers:
 
-  - next-token logits where the backend exposes them (`Backend.next_token_logits`; the HF backend
-    through its model): the adapter is applied when, on some prompt, the largest absolute
-    difference exceeds `rtol` times the largest base logit (at least `rtol`). More sensitive than
-    text: a small LoRA may not change the greedy text, but it always moves the logits;
-  - otherwise the greedy texts: applied when some prompt's text differs.
+  - "logits": next-token logits (`Backend.next_token_logits`; the HF backend, one float32 forward
+    per row, so no batching noise): applied when, on some prompt, the largest absolute difference
+    exceeds `rtol` times the largest base logit (at least `rtol`);
+  - "logprobs": the `PROBE_TOP_K` most likely next tokens with their log-probabilities
+    (`Backend.next_token_logprobs`; vLLM offline, OpenAI-compatible servers): applied when, on
+    some prompt, a token in both top lists moves by more than the threshold, or the lists share
+    no token. The threshold is the probe's own null: the base prompts are asked twice, in two
+    different batches, and the largest base-against-base difference (what batching alone moves
+    on an engine that is not batch-invariant) times `NOISE_MARGIN`, at least `LOGPROB_ATOL`;
+  - "greedy_text": otherwise, applied when some prompt's greedy text differs.
 
-Identical outputs mean the adapter is not applied: `require_applied` raises
-`AdapterNotApplied` naming the adapters and the backend. A probe request that fails counts as
-not applied (with its error). The record (`probe_adapters`' return value) goes into the run
-manifest under `adapter_probe`.
+A small LoRA may leave the greedy text unchanged yet always moves the logits, so the first two
+pass a real adapter with a subtle effect and fail one that is ignored. A probe request that
+fails counts as not applied (with its error). The record (`probe_adapters`' return value) goes
+into the run manifest under `adapter_probe`.
+
+What a failure does is the run's `adapter_probe` setting (`PROBE_MODES`): `strict` stops the run
+(`require_applied` raises `AdapterNotApplied` naming the adapters), `warn` skips only the failing
+adapters' rows (named as skipped adapters in the report and the exit status), `off` does not
+probe.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from charshift.backends.base import Backend
 from charshift.schema import GenRequest, GenResult, Sampling
@@ -34,6 +45,11 @@ PROBE_PROMPTS: tuple[str, ...] = (
 )
 PROBE_MAX_TOKENS = 16
 DEFAULT_RTOL = 1e-5
+PROBE_TOP_K = 20  # vLLM's default max_logprobs; OpenAI's top_logprobs allows 20 too
+LOGPROB_ATOL = 1e-4  # the smallest log-probability move counted, on a batch-invariant engine
+NOISE_MARGIN = 4.0  # the threshold over the largest base-against-base move
+PROBE_MODES = ("strict", "warn", "off")
+ProbeMode = Literal["strict", "warn", "off"]
 
 
 class AdapterNotApplied(RuntimeError):
@@ -65,25 +81,79 @@ def probe_adapters(
     groups: list[str | None] = [None, *adapters]
     requests = [probe_request(p, a, max_tokens) for a in groups for p in prompts]
     results = backend.generate(requests)
-    logits = next_token_logits(backend, requests)
     n = len(prompts)
-    base = results[:n]
-    base_logits = logits[:n] if logits is not None else None
+    method, scores = _scores(backend, requests, n)
+    record["method"] = method
+    if method == "logprobs":
+        record["noise_floor"] = scores.noise
     for k, name in enumerate(adapters, start=1):
-        mine = results[k * n : (k + 1) * n]
-        mine_logits = logits[k * n : (k + 1) * n] if logits is not None else None
-        record["adapters"][name] = _compare(base, mine, base_logits, mine_logits, rtol)
-    record["method"] = "logits" if logits is not None else "greedy_text"
+        entry = _text_entry(results[:n], results[k * n : (k + 1) * n])
+        if scores is not None:
+            entry.update(scores.entry(k, rtol))
+        applied = entry.pop("_applied", entry["outputs_differ"])
+        entry["applied"] = bool(applied and not entry.get("errors"))
+        record["adapters"][name] = entry
     return record
 
 
-def _compare(
-    base: list[GenResult],
-    mine: list[GenResult],
-    base_logits: list[Any] | None,
-    mine_logits: list[Any] | None,
-    rtol: float,
-) -> dict[str, Any]:
+class _Scores:
+    """Per-request next-token scores of one probe (logits or top log-probabilities), with the
+    base group first (`n` prompts per group), and for log-probabilities the noise floor."""
+
+    def __init__(self, method: str, rows: list[Any], n: int, noise: float = 0.0) -> None:
+        self.method, self.rows, self.n, self.noise = method, rows, n, noise
+
+    def group(self, k: int) -> list[Any]:
+        return self.rows[k * self.n : (k + 1) * self.n]
+
+    def entry(self, k: int, rtol: float) -> dict[str, Any]:
+        base, mine = self.group(0), self.group(k)
+        if self.method == "logits":
+            diff, scale = _max_diff(base, mine)
+            threshold = rtol * max(1.0, scale)
+            return {
+                "max_logit_diff": diff,
+                "logit_threshold": threshold,
+                "_applied": diff > threshold,
+            }
+        if any(m is None for m in (*base, *mine)):
+            return {"errors": ["no log-probabilities for a probe prompt"], "_applied": False}
+        diff = max(_logprob_diff(b, m) for b, m in zip(base, mine, strict=True))
+        threshold = max(LOGPROB_ATOL, NOISE_MARGIN * self.noise)
+        return {
+            "max_logprob_diff": diff if diff != float("inf") else None,  # JSON has no inf
+            "top_tokens_disjoint": diff == float("inf"),
+            "logprob_threshold": threshold,
+            "_applied": diff > threshold,
+        }
+
+
+def _scores(backend: Backend, requests: list[GenRequest], n: int) -> tuple[str, Any]:
+    """The most sensitive comparison the backend offers: ("logits", ...), ("logprobs", ...)
+    with the noise floor from asking the base prompts again on their own, or ("greedy_text",
+    None)."""
+    logits = backend.next_token_logits(requests)
+    if logits is not None:
+        return "logits", _Scores("logits", logits, n)
+    logprobs = backend.next_token_logprobs(requests, PROBE_TOP_K)
+    if logprobs is None:
+        return "greedy_text", None
+    again = backend.next_token_logprobs(requests[:n], PROBE_TOP_K) or [None] * n
+    pairs = [(a, b) for a, b in zip(logprobs[:n], again, strict=True) if a and b]
+    moves = [_logprob_diff(a, b) for a, b in pairs]
+    noise = max((m for m in moves if m != float("inf")), default=0.0)
+    return "logprobs", _Scores("logprobs", logprobs, n, noise)
+
+
+def _logprob_diff(base: dict[Any, float], mine: dict[Any, float]) -> float:
+    """The largest move of a token in both top lists; infinite when they share none."""
+    shared = set(base) & set(mine)
+    if not shared:
+        return float("inf")
+    return max(abs(mine[t] - base[t]) for t in shared)
+
+
+def _text_entry(base: list[GenResult], mine: list[GenResult]) -> dict[str, Any]:
     errors = [r.error or r.finish_reason for r in (*base, *mine) if r.finish_reason == "error"]
     differs_on = [i for i, (b, m) in enumerate(zip(base, mine, strict=True)) if b.text != m.text]
     entry: dict[str, Any] = {
@@ -93,17 +163,8 @@ def _compare(
         "adapter_outputs": [r.text for r in mine],
         "max_logit_diff": None,
     }
-    if base_logits is not None and mine_logits is not None:
-        diff, scale = _max_diff(base_logits, mine_logits)
-        entry["max_logit_diff"] = diff
-        entry["logit_threshold"] = rtol * max(1.0, scale)
-        applied = diff > entry["logit_threshold"]
-    else:
-        applied = bool(differs_on)
     if errors:
         entry["errors"] = errors[:4]
-        applied = False
-    entry["applied"] = applied
     return entry
 
 
@@ -124,13 +185,12 @@ def next_token_logits(backend: Backend, requests: list[GenRequest]) -> list[Any]
     return backend.next_token_logits(requests)
 
 
-def require_applied(record: dict[str, Any]) -> None:
-    """Raise AdapterNotApplied naming every adapter the probe found not applied."""
-    bad = {name: e for name, e in record.get("adapters", {}).items() if not e.get("applied")}
-    if not bad:
-        return
-    lines = []
-    for name, e in bad.items():
+def not_applied(record: dict[str, Any]) -> dict[str, str]:
+    """Each adapter the probe found not applied, with why (in the probe's own terms)."""
+    out = {}
+    for name, e in record.get("adapters", {}).items():
+        if e.get("applied"):
+            continue
         if e.get("errors"):
             why = f"the probe requests failed: {e['errors'][0]}"
         elif e.get("max_logit_diff") is not None:
@@ -138,13 +198,29 @@ def require_applied(record: dict[str, Any]) -> None:
                 f"its next-token logits equal the base model's (max difference "
                 f"{e['max_logit_diff']:.3g} <= {e['logit_threshold']:.3g})"
             )
+        elif e.get("max_logprob_diff") is not None:
+            why = (
+                f"its next-token log-probabilities equal the base model's (max difference "
+                f"{e['max_logprob_diff']:.3g} <= {e['logprob_threshold']:.3g}, the noise floor "
+                f"{record.get('noise_floor', 0.0):.3g} times {NOISE_MARGIN:g})"
+            )
         else:
-            why = f"its greedy outputs equal the base model's on all {len(e['base_outputs'])} probe prompts"
-        lines.append(f"  {name}: {why}")
+            n = len(e["base_outputs"])
+            why = f"its greedy outputs equal the base model's on all {n} probe prompts"
+        out[name] = f"adapter not applied by the {record.get('backend')} backend: {why}"
+    return out
+
+
+def require_applied(record: dict[str, Any]) -> None:
+    """Raise AdapterNotApplied naming every adapter the probe found not applied."""
+    bad = not_applied(record)
+    if not bad:
+        return
     raise AdapterNotApplied(
         f"adapter(s) not applied by the {record.get('backend')} backend:\n"
-        + "\n".join(lines)
+        + "\n".join(f"  {name}: {why.split(': ', 1)[1]}" for name, why in bad.items())
         + "\nEvery row for them would be a base-model row. Check how the backend serves "
         "adapters (SGLang: requests must say model 'BASE:ADAPTER'; a server must be started "
-        "with the adapters) and that the adapter weights are not zero."
+        "with the adapters) and that the adapter weights are not zero. adapter_probe: warn "
+        "skips only these adapters instead of stopping the run."
     )

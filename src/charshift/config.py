@@ -335,11 +335,19 @@ class RunConfig(_Strict):
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     persona_prompts: PersonaPromptsConfig = Field(default_factory=PersonaPromptsConfig)
     published: str | None = None  # "paper": set figures beside the published ones
+    # what an adapter that changes nothing does (adapter_probe.py): stop the run, skip only its
+    # rows (named as skipped), or no probe
+    adapter_probe: Literal["strict", "warn", "off"] = "strict"
 
     @field_validator("name")
     @classmethod
     def _run_name_ok(cls, v: str) -> str:
         return check_safe_name(v, "run name")
+
+    @field_validator("adapter_probe", mode="before")
+    @classmethod
+    def _probe_off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML reads a bare `off` as false
 
     @field_validator("stages")
     @classmethod

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from tqdm.auto import tqdm
 
 from charshift import banks, tools, units
-from charshift.adapter_probe import probe_adapters, require_applied
+from charshift.adapter_probe import not_applied, probe_adapters, require_applied
 from charshift.backends.base import AdapterSource, Backend, SteppedBackend
 from charshift.backends.settings import DEFAULT_MAX_IN_FLIGHT
 from charshift.completion import record_completion
@@ -173,7 +173,7 @@ def _generate_base(
     store.log_event("generate_start", base=base.name, rows=len(todo))
     backend = make_backend(cfg, base, store.root)
     try:
-        failed = _load_adapters(store, plan, base, backend, todo)
+        failed = _load_adapters(cfg, store, plan, base, backend, todo)
         todo = [r for r in todo if not (r.adapter and r.adapter.name in failed)]
         engine = RolloutEngine(backend, rollout_settings(cfg), tools.required_args())
         written = 0
@@ -217,19 +217,37 @@ def _drive(
 
 
 def _load_adapters(
-    store: RunStore, plan: Plan, base: BaseSpec, backend: Backend, todo: list[PlannedRow]
+    cfg: RunConfig,
+    store: RunStore,
+    plan: Plan,
+    base: BaseSpec,
+    backend: Backend,
+    todo: list[PlannedRow],
 ) -> dict[str, str]:
-    """Load the adapters `todo` needs; record provenance and skipped adapters in the manifest."""
+    """Load the adapters `todo` needs and probe them (`cfg.adapter_probe`); record provenance,
+    the probe and the skipped adapters (those that failed to load, and under `warn` those the
+    probe found not applied) in the manifest. Returns the skipped ones, with why."""
     needed = sorted({r.adapter.name for r in todo if r.adapter}, key=str)
     sources = _materialise_tiny_adapters(base, [plan.adapters[base.name][n] for n in needed])
     failed = backend.load_adapters(sources)
+    loaded = [n for n in needed if n not in failed]
+    if cfg.adapter_probe == "off":
+        probe: dict[str, Any] = {"backend": backend.kind, "adapters": {}}
+    else:
+        probe = probe_adapters(backend, loaded)
+    probe["mode"] = cfg.adapter_probe
+    if cfg.adapter_probe == "warn":
+        failed = {**failed, **not_applied(probe)}
     for name, msg in failed.items():
         tqdm.write(f"[charshift] skipping adapter {base.name}/{name}: {msg}")
+    store.update_manifest(
+        backends={base.name: backend.info().__dict__},
+        adapter_probe={base.name: probe},
+        reproducibility={base.name: backend.reproducibility()},
+    )
     store.modify_manifest(functools.partial(_note_skipped, base.name, needed, failed))
-    probe = probe_adapters(backend, [n for n in needed if n not in failed])
-    info = backend.info()
-    store.update_manifest(backends={base.name: info.__dict__}, adapter_probe={base.name: probe})
-    require_applied(probe)  # an adapter that changes nothing stops the run, naming it
+    if cfg.adapter_probe == "strict":
+        require_applied(probe)  # an adapter that changes nothing stops the run, naming it
     return failed
 
 

@@ -510,6 +510,23 @@ class ServerBackend(OpenAIBackend):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def reproducibility(self) -> dict[str, Any]:
+        """Batch-invariant when `deterministic` starts vLLM or SGLang in that mode; a command
+        of the user's own says nothing we can check."""
+        if self.engine == "command":
+            return {"guarantee": "unknown", "detail": "a server started by backend.command"}
+        flag = (
+            "VLLM_BATCH_INVARIANT=1"
+            if self.engine == "vllm"
+            else "--enable-deterministic-inference"
+        )
+        if self.spec.deterministic:
+            return {"guarantee": "batch_invariant", "detail": f"{self.engine} server with {flag}"}
+        return {
+            "guarantee": "seeded",
+            "detail": f"{self.engine} server without {flag} (backend.deterministic: false)",
+        }
+
     def info(self) -> BackendInfo:
         info = super().info()
         argv, env = self.command_line()
@@ -524,6 +541,7 @@ class ServerBackend(OpenAIBackend):
             "pid": self.server.pid if self.server else None,
             "deterministic": self.spec.deterministic,
         }
+        info.extra["reproducibility"] = self.reproducibility()
         return info
 
 
