@@ -18,6 +18,11 @@ Behaviour reproduced, read from the engines' sources:
     that is not loaded is a 400. `--max-loaded-loras` must be >= `--max-loras-per-batch`. With
     `--sampling-defaults model` (its default) unsent fields come from generation_config.json.
     /v1/models cards say `owned_by: "sglang"`.
+Log-probabilities (`logprobs: true, top_logprobs: k`, vLLM's chat protocol): `top_logprobs`
+without `logprobs` is a 400, as is `k` above `max_logprobs` (20); the reply's
+`choices[0].logprobs.content` holds one entry per token with its `k` most likely tokens, from
+`lm_logprobs` (a base distribution moved by the adapter's strength, read from its weights file;
+an adapter weaker than TEXT_STRENGTH moves the log-probabilities but not the text).
 The "model" is a hash: the reply names the adapter that really ran (`[NAME] ...` or `[base] ...`)
 followed by words derived from the prompt, the effective sampling fields and (when sampling) the
 seed, so tests can see which adapter ran and which sampling the server applied. Each request's
@@ -54,6 +59,7 @@ def record(event: dict[str, Any]) -> None:
 
 
 LM_VOCAB = 64  # the fake model's tokens: "w00" .. "w63"
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 TEXT_STRENGTH = 0.5  # an adapter this strong or stronger changes the greedy text
 
 
@@ -94,6 +100,24 @@ def lm_logprobs(
     top = max(logits)
     norm = top + math.log(sum(math.exp(z - top) for z in logits))
     return [z - norm for z in logits]
+
+
+def lm_content(
+    adapter: str | None, strength: float, prompt: str, words: list[str], k: int
+) -> list[dict[str, Any]]:
+    """`choices[0].logprobs.content` of a chat completion (vLLM's ChatCompletionLogProbs): one
+    entry per generated token, each with the `k` most likely tokens of that position."""
+    content = []
+    for i, word in enumerate(words):
+        lps = lm_logprobs(adapter, strength, f"{prompt}|{i}" if i else prompt)
+        top = sorted(range(LM_VOCAB), key=lambda t: -lps[t])[:k]
+        entry = {"token": word, "logprob": max(lps), "bytes": list(word.encode())}
+        entry["top_logprobs"] = [
+            {"token": f"w{t:02d}", "logprob": lps[t], "bytes": list(f"w{t:02d}".encode())}
+            for t in top
+        ]
+        content.append(entry)
+    return content
 
 
 def fake_reply(adapter: str | None, prompt: str, params: dict[str, Any], seed: Any) -> list[str]:
@@ -199,13 +223,29 @@ class FakeLoraServer:
         params.update({k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None})
         return params
 
+    def strength(self, adapter: str | None) -> float:
+        """The adapter's strength from its weights file; 1.0 for a folder without one."""
+        if adapter is None:
+            return 0.0
+        try:
+            return adapter_strength(Path(self.loras[adapter]))
+        except FileNotFoundError:
+            return 1.0
+
     def complete(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         status, adapter, error = self.select_adapter(body)
         if status != 200:
             return status, {"error": {"message": error, "type": "BadRequestError", "code": status}}
         params = self.effective_sampling(body)
         prompt = str(body["messages"][-1].get("content"))
-        words = fake_reply(adapter, prompt, params, body.get("seed"))
+        k = body.get("top_logprobs") or 0
+        if k and not body.get("logprobs") or k > MAX_LOGPROBS:
+            why = "when using `top_logprobs`, `logprobs` must be set to true."
+            if k > MAX_LOGPROBS:
+                why = f"Requested sample logprobs of {k}, which is greater than max allowed: 20"
+            return 400, {"error": {"message": why, "type": "BadRequestError", "code": 400}}
+        strength = self.strength(adapter)
+        words = fake_reply(text_adapter(adapter, strength), prompt, params, body.get("seed"))
         max_tokens = int(body.get("max_tokens") or 16)
         finish = "length" if len(words) > max_tokens else "stop"
         words = words[:max_tokens]
@@ -218,6 +258,8 @@ class FakeLoraServer:
         message = {"role": "assistant", "content": " ".join(words)}
         usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(words)}
         choice = {"index": 0, "message": message, "finish_reason": finish}
+        if body.get("logprobs"):
+            choice["logprobs"] = {"content": lm_content(adapter, strength, prompt, words, k)}
         return 200, {"object": "chat.completion", "choices": [choice], "usage": usage}
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:

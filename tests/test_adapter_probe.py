@@ -279,3 +279,28 @@ def test_adapter_probe_warn_skips_only_the_ignored_adapter_and_off_probes_nothin
         assert personas == {"sarcasm", "humor"} and probe["adapters"] == {}
         assert not manifest.get("skipped_adapters")
     assert manifest["reproducibility"]["tl"]["guarantee"]
+
+
+def test_logprobs_on_a_server_pass_a_subtle_adapter_and_fail_an_ignored_one(tmp_path):
+    from fake_lora_server import FakeLoraServer
+
+    from charshift.backends.openai import OpenAIBackend
+
+    loras = {
+        n: str(placeholder_adapter(tmp_path / n, s)) for n, s in (("subtle", 0.05), ("noop", 0))
+    }
+    server = FakeLoraServer("vllm", "base", loras).start()
+    try:
+        backend = OpenAIBackend(server.url, "base")
+        assert backend.load_adapters([AdapterSource(name=n) for n in loras]) == {}
+        record = probe_adapters(backend, ["subtle", "noop"])
+        subtle, noop = record["adapters"]["subtle"], record["adapters"]["noop"]
+        assert record["method"] == "logprobs"
+        assert not subtle["outputs_differ"] and not noop["outputs_differ"]  # text sees neither
+        assert subtle["applied"] and not noop["applied"]
+        asked = [b for b in server.bodies if b.get("logprobs")]
+        assert asked and all(b["top_logprobs"] == 20 and b["max_tokens"] == 1 for b in asked)
+        assert {b["model"] for b in asked} == {"base", "subtle", "noop"}
+        backend.close()
+    finally:
+        server.close()

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from charshift.schema import GenRequest, GenResult
+from charshift.schema import GenRequest, GenResult, Sampling
 
 
 @dataclass
@@ -170,3 +170,9 @@ class SteppedBackend(Backend):
             if queued:
                 self.abort(list(queued))
         return [r if r is not None else GenResult("", "error", error="no result") for r in results]
+
+
+def first_token_request(req: GenRequest) -> GenRequest:
+    """`req` asking for one greedy token and nothing else (what `next_token_logprobs` sends)."""
+    greedy = Sampling(temperature=0.0, top_p=1.0, max_tokens=1, repetition_penalty=1.0)
+    return replace(req, sampling=greedy, json_schema=None)

@@ -86,7 +86,13 @@ try:  # httpx is a declared dependency; httpx2 (its successor, pulled in by hugg
 except ImportError:  # pragma: no cover - depends on the environment
     import httpx2 as httpx  # type: ignore[no-redef]
 
-from charshift.backends.base import AdapterSource, Backend, BackendInfo, report_progress
+from charshift.backends.base import (
+    AdapterSource,
+    Backend,
+    BackendInfo,
+    first_token_request,
+    report_progress,
+)
 from charshift.backends.settings import OpenAISettings as Settings
 from charshift.constrain import response_format
 from charshift.schema import GenRequest, GenResult
@@ -387,6 +393,39 @@ class OpenAIBackend(Backend):
         except Exception as exc:  # a bug in our own code must not lose the other rows
             log.exception("unexpected error in a chat request")
             return GenResult(text="", finish_reason="error", error=repr(exc))
+
+    def next_token_logprobs(self, requests: list[GenRequest], k: int) -> list[Any] | None:
+        """The `k` most likely first tokens of each request, greedy, with their log-probabilities
+        (`logprobs: true, top_logprobs: k`; vLLM and SGLang servers return them in
+        `choices[0].logprobs.content`): `{token: logprob}` per request, None where a request
+        failed; None for all when no reply carried them (a server that does not expose them)."""
+        if not requests:
+            return []
+        out = self._run(self._logprobs_all(requests, k)).result()
+        return out if any(o is not None for o in out) else None
+
+    async def _logprobs_all(self, requests: list[GenRequest], k: int) -> list[Any]:
+        gate = asyncio.Semaphore(self.max_concurrency)
+
+        async def one(req: GenRequest) -> Any:
+            async with gate:
+                return await self._first_logprobs(req, k)
+
+        return list(await asyncio.gather(*(one(r) for r in requests)))
+
+    async def _first_logprobs(self, req: GenRequest, k: int) -> dict[str, float] | None:
+        model = self.model_field(req.adapter)
+        if model is None:
+            return None
+        body = self._body(first_token_request(req), model)
+        body.update(logprobs=True, top_logprobs=k)
+        try:
+            response = await self._aclient.post("/chat/completions", json=body)
+            first = response.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+            # two token ids can print alike: the more likely one (listed first) is kept
+            return {str(t["token"]): float(t["logprob"]) for t in reversed(first)}
+        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
+            return None
 
     def _body(self, req: GenRequest, model: str) -> dict[str, Any]:
         s = req.sampling

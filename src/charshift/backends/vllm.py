@@ -70,7 +70,6 @@ import itertools
 import json
 import logging
 import os
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,10 +78,11 @@ from charshift.backends.base import (
     BackendDead,
     BackendInfo,
     SteppedBackend,
+    first_token_request,
 )
 from charshift.backends.settings import VLLM_LORA_RANKS
 from charshift.backends.settings import VLLMSettings as Settings
-from charshift.schema import GenRequest, GenResult, Sampling
+from charshift.schema import GenRequest, GenResult
 
 if TYPE_CHECKING:
     from charshift.backends.registry import BackendContext
@@ -462,11 +462,10 @@ class VLLMBackend(SteppedBackend):
         """The `k` (at most vLLM's default `max_logprobs`, 20) most likely first tokens of each
         request, greedy, one token each: `{token_id: logprob}` (the raw log-probabilities,
         vLLM's default `logprobs_mode`). A request that fails gives None in its place."""
-        greedy = Sampling(temperature=0.0, top_p=1.0, max_tokens=1, repetition_penalty=1.0)
         queued: dict[str, int] = {}
         out: list[Any] = [None] * len(requests)
         for i, req in enumerate(requests):
-            one = replace(req, sampling=greedy, json_schema=None)
+            one = first_token_request(req)
             if one.adapter is not None and one.adapter not in self._lora:
                 continue
             lora = self._lora[one.adapter] if one.adapter is not None else None
