@@ -12,6 +12,11 @@ Behaviour reproduced, read from the engines' sources:
     Unless started with `--generation-config vllm`, unsent sampling fields are filled from the
     model folder's generation_config.json (`get_diff_sampling_param`). /v1/models cards say
     `owned_by: "vllm"`, the base card carries `max_model_len`.
+    With VLLM_ALLOW_RUNTIME_LORA_UPDATING=1|true and --enable-lora, POST /v1/load_lora_adapter
+    `{lora_name, lora_path}` loads one adapter: 400 for a missing field, a name taken by the
+    base or an adapter already loaded; 404 for a folder without an adapter; 500 for a rank
+    above --max-lora-rank or weights that do not load; 200 with a text body on success.
+    Without the variable the route does not exist (404).
   - SGLang (`--model-path M --lora-paths NAME=PATH ...`): the adapter is taken from `model` only
     when it has the form `BASE:NAME` (`_parse_model_parameter`), else from a `lora_path` body
     field; a bare `model: "NAME"` has no colon and runs the BASE model, silently. An adapter name
@@ -102,6 +107,10 @@ def lm_logprobs(
     return [z - norm for z in logits]
 
 
+def _error(status: int, message: str) -> tuple[int, dict[str, Any]]:
+    return status, {"error": {"message": message, "type": "BadRequestError", "code": status}}
+
+
 def lm_content(
     adapter: str | None, strength: float, prompt: str, words: list[str], k: int
 ) -> list[dict[str, Any]]:
@@ -144,9 +153,12 @@ class FakeLoraServer:
         generation_config_defaults: bool = True,
         max_model_len: int = 4096,
         latency_per_word: float = 0.0,
+        runtime_lora: bool = False,
+        max_lora_rank: int | None = None,
     ) -> None:
         assert flavor in ("vllm", "sglang")
         self.flavor, self.model, self.loras = flavor, model, dict(loras)
+        self.runtime_lora, self.max_lora_rank = runtime_lora, max_lora_rank
         self.use_model_defaults = generation_config_defaults
         self.max_model_len = max_model_len
         self.latency_per_word = latency_per_word
@@ -232,6 +244,30 @@ class FakeLoraServer:
         except FileNotFoundError:
             return 1.0
 
+    def load_lora(self, body: dict[str, Any]) -> tuple[int, Any]:
+        """vLLM's POST /v1/load_lora_adapter (OpenAIServingModels.load_lora_adapter)."""
+        name, path = body.get("lora_name"), body.get("lora_path")
+        if not name or not path:
+            return _error(400, "Both 'lora_name' and 'lora_path' must be provided.")
+        if name == self.model:
+            return _error(400, f"The lora adapter '{name}' conflicts with a served base model.")
+        if name in self.loras:
+            return _error(400, f"The lora adapter '{name}' has already been loaded.")
+        if not (Path(path) / "adapter_config.json").is_file():
+            return _error(404, f"Loading lora {name} failed: No adapter found for {path}")
+        rank = json.loads((Path(path) / "adapter_config.json").read_text()).get("r")
+        if self.max_lora_rank is not None and isinstance(rank, int) and rank > self.max_lora_rank:
+            why = f"LoRA rank {rank} is greater than max_lora_rank {self.max_lora_rank}."
+            return _error(500, why)
+        try:
+            adapter_strength(Path(path))
+        except (ValueError, FileNotFoundError) as exc:
+            return _error(500, f"Loading lora {name} failed: {exc}")
+        with self.lock:
+            self.loras[name] = path
+        record({"event": "load_lora_adapter", "name": name, "path": path})
+        return 200, f"Success: LoRA adapter '{name}' added successfully."
+
     def complete(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         status, adapter, error = self.select_adapter(body)
         if status != 200:
@@ -269,10 +305,11 @@ class FakeLoraServer:
             def log_message(self, *args: Any) -> None:
                 pass
 
-            def _send(self, status: int, payload: dict[str, Any]) -> None:
-                data = json.dumps(payload).encode()
+            def _send(self, status: int, payload: Any) -> None:
+                text = isinstance(payload, str)
+                data = (payload if text else json.dumps(payload)).encode()
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", "text/plain" if text else "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -288,6 +325,9 @@ class FakeLoraServer:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length))
+                if self.path == "/v1/load_lora_adapter" and server.runtime_lora:
+                    self._send(*server.load_lora(body))
+                    return
                 if self.path != "/v1/chat/completions":
                     self._send(404, {"detail": "not found"})
                     return
@@ -335,8 +375,16 @@ def vllm_main(argv: list[str]) -> FakeLoraServer:
     for path in loras.values():
         _check_adapter(path, a.max_lora_rank)
     use_defaults = a.generation_config != "vllm"
+    runtime = os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "0").strip().lower()
     return FakeLoraServer(
-        "vllm", a.model, loras, host=a.host, port=a.port, generation_config_defaults=use_defaults
+        "vllm",
+        a.model,
+        loras,
+        host=a.host,
+        port=a.port,
+        generation_config_defaults=use_defaults,
+        runtime_lora=runtime in ("1", "true") and a.enable_lora,
+        max_lora_rank=a.max_lora_rank,
     )
 
 

@@ -82,19 +82,19 @@ def flag(argv: list[str], name: str) -> str:
 def test_vllm_command_line():
     argv, env = vllm_command(spec(seed=5, max_loras=4, max_model_len=2048, dtype="bfloat16"))
     assert argv[:3] == ["vllm", "serve", "/m"]
-    i = argv.index("--lora-modules")
-    assert argv[i + 1 : i + 3] == ["full/sarcasm=/ad/sarcasm", "full/humor=/ad/humor"]
+    assert "--lora-modules" not in argv  # loaded at runtime, one by one
     assert flag(argv, "--max-lora-rank") == "32"  # the smallest allowed rank >= 24
     assert (flag(argv, "--max-loras"), flag(argv, "--max-cpu-loras")) == ("4", "4")
     assert flag(argv, "--generation-config") == "vllm" and flag(argv, "--seed") == "5"
     assert "--enable-lora" in argv and "--enable-prefix-caching" in argv
     assert (flag(argv, "--max-model-len"), flag(argv, "--dtype")) == ("2048", "bfloat16")
-    assert env == {"VLLM_BATCH_INVARIANT": "1"}
+    assert env == {"VLLM_BATCH_INVARIANT": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
     many = [ServedAdapter(f"a{i}", Path(f"/a{i}"), 8) for i in range(11)]
     argv, env = vllm_command(spec(adapters=many, max_loras=8, deterministic=False))
-    assert flag(argv, "--max-cpu-loras") == "11" and env == {}  # every adapter of the run held
-    argv, _ = vllm_command(spec(adapters=[]))
-    assert "--enable-lora" not in argv and "--lora-modules" not in argv
+    assert flag(argv, "--max-cpu-loras") == "11"  # every adapter of the run held
+    assert env == {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    argv, env = vllm_command(spec(adapters=[]))
+    assert "--enable-lora" not in argv and "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in env
 
 
 def test_sglang_command_line():
@@ -330,11 +330,38 @@ def test_a_server_that_never_comes_up_is_stopped_after_the_timeout(tmp_path):
 
 
 def test_the_engine_failing_on_an_adapter_at_startup_is_reported(fake_engines, tmp_path):
-    # vLLM refuses to start when an adapter's rank exceeds --max-lora-rank (a user-set rank).
+    # SGLang refuses to start when an adapter's rank exceeds --max-lora-rank (a user-set rank).
     sources = [AdapterSource(name="wide", path=str(make_adapter(tmp_path / "wide", r=64)))]
-    b = ServerBackend(str(tmp_path), engine="vllm", log_path=tmp_path / "s.log", max_lora_rank=8)
+    b = ServerBackend(str(tmp_path), engine="sglang", log_path=tmp_path / "s.log", max_lora_rank=8)
     with pytest.raises(ServerStartError, match="greater than max_lora_rank"):
         b.load_adapters(sources)
+
+
+def test_vllm_loads_adapters_at_runtime_so_a_bad_one_is_named_and_the_rest_run(
+    fake_engines, tmp_path
+):
+    broken = make_adapter(tmp_path / "broken")
+    (broken / "adapter_model.safetensors").write_bytes(b"broken header")
+    sources = [
+        AdapterSource(name="good", path=str(make_adapter(tmp_path / "good"))),
+        AdapterSource(name="wide", path=str(make_adapter(tmp_path / "wide", r=64))),
+        AdapterSource(name="broken", path=str(broken)),
+    ]
+    b = ServerBackend(str(tmp_path), engine="vllm", log_path=tmp_path / "s.log", max_lora_rank=8)
+    try:
+        errors = b.load_adapters(sources)  # the server started, then took them one by one
+        assert sorted(errors) == ["broken", "wide"]
+        assert "HTTP 500" in errors["wide"] and "greater than max_lora_rank 8" in errors["wide"]
+        assert "'broken'" in errors["broken"] and "HTTP 500" in errors["broken"]
+        results = b.generate([req("a", "good"), req("b"), req("c", "broken")])
+        assert [r.text.split()[0] for r in results[:2]] == ["[good]", "[base]"]
+        assert results[2].finish_reason == "error" and "not loaded" in results[2].error
+        [start] = events(fake_engines, "start")
+        assert "--lora-modules" not in start["argv"]
+        assert start["env"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+        assert [e["name"] for e in events(fake_engines, "load_lora_adapter")] == ["good"]
+    finally:
+        b.close()
 
 
 def test_server_backend_config_is_validated():

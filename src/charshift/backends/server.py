@@ -2,7 +2,7 @@
 
 `backend: {kind: server, engine: vllm | sglang | command, ...}`. For each base, `load_adapters`
 checks the adapter folders, starts the engine as a subprocess in a process group of its own with
-every adapter on its command line, waits until it answers, and from then on talks to it through
+its adapters (vLLM: loaded one by one once it is up, see below), waits until it answers, and from then on talks to it through
 the OpenAI backend's client (this class is an `OpenAIBackend`). `close` stops it: SIGTERM to the
 whole process group, SIGKILL after a grace period. The pipeline calls `close` in a `finally`, so
 the server goes on normal exit, on an error and on Ctrl-C (the child runs in its own session, so
@@ -12,9 +12,14 @@ directory (appended, one header line per start).
 
 The command lines (flags read from vLLM 0.33.0 and SGLang 0.5.23):
   - vllm:   `vllm serve MODEL --host H --port P --seed S --generation-config vllm
-            --enable-prefix-caching [--enable-lora --lora-modules NAME=PATH ... --max-lora-rank R
-            --max-loras N --max-cpu-loras M] [--max-model-len L] [--dtype D] [--revision REV]
+            --enable-prefix-caching [--enable-lora --max-lora-rank R --max-loras N
+            --max-cpu-loras M] [--max-model-len L] [--dtype D] [--revision REV]
             [--gpu-memory-utilization G]`, with `VLLM_BATCH_INVARIANT=1` when `deterministic`.
+            The adapters are not on the command line (one bad adapter there stops the whole
+            server, base included): with `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True` in its
+            environment, each is loaded once the server is up, by POST /v1/load_lora_adapter
+            `{lora_name, lora_path}` (vllm/entrypoints/serve/lora); a failure is an error naming
+            that adapter (400/404/500 with the engine's reason) and the rest of the run goes on.
             `--generation-config vllm` stops the server from filling unsent sampling fields from
             the model's generation_config (the client also sends every field), so served and
             offline runs sample alike. Requests name an adapter by its NAME.
@@ -71,6 +76,8 @@ log = logging.getLogger(__name__)
 
 Engine = Literal["vllm", "sglang", "command"]
 ENGINE_SYNTAX = {"vllm": "model", "sglang": "base:adapter"}
+# vLLM serves POST /v1/load_lora_adapter only with this set (vllm/envs.py; "1" or "true")
+RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 _LOG_TAIL = 4000
 
 
@@ -128,26 +135,18 @@ def _cpu_slots(spec: LaunchSpec) -> int:
     return spec.max_cpu_loras or max(spec.max_loras, len(spec.adapters))
 
 
-def _lora_module(adapter: ServedAdapter) -> str:
-    """vLLM's `--lora-modules` item: NAME=PATH, or its JSON form when a comma would split it."""
-    item = f"{adapter.name}={adapter.folder}"
-    if "," in item:
-        import json
-
-        return json.dumps({"name": adapter.name, "path": str(adapter.folder)})
-    return item
-
-
 def vllm_command(spec: LaunchSpec) -> tuple[list[str], dict[str, str]]:
     """`vllm serve` argv and extra environment for `spec` (see the module docstring)."""
     argv = ["vllm", "serve", spec.model, "--host", spec.host, "--port", str(spec.port)]
     argv += ["--seed", str(spec.seed), "--generation-config", "vllm", "--enable-prefix-caching"]
-    if spec.adapters:
-        argv += ["--enable-lora", "--lora-modules", *(_lora_module(a) for a in spec.adapters)]
+    env = {"VLLM_BATCH_INVARIANT": "1"} if spec.deterministic else {}
+    if spec.adapters:  # the adapters themselves are loaded at runtime (RUNTIME_LORA_ENV)
+        argv += ["--enable-lora"]
         rank = _lora_rank(spec)
         if rank is not None:
             argv += ["--max-lora-rank", str(rank)]
         argv += ["--max-loras", str(spec.max_loras), "--max-cpu-loras", str(_cpu_slots(spec))]
+        env[RUNTIME_LORA_ENV] = "True"
     if spec.max_model_len is not None:
         argv += ["--max-model-len", str(spec.max_model_len)]
     if spec.gpu_memory_utilization is not None:
@@ -156,7 +155,6 @@ def vllm_command(spec: LaunchSpec) -> tuple[list[str], dict[str, str]]:
         argv += ["--dtype", spec.dtype]
     if spec.revision:
         argv += ["--revision", spec.revision]
-    env = {"VLLM_BATCH_INVARIANT": "1"} if spec.deterministic else {}
     return argv, env
 
 
@@ -445,9 +443,31 @@ class ServerBackend(OpenAIBackend):
         if self.server is None:
             self.spec.adapters = served
             self.start()
+        if self.engine == "vllm":
+            errors.update(self._load_at_runtime(served))
         self._served_override.update({a.name: a.name for a in served})
         good = [a for a in adapters if a.name not in errors]
         errors.update(super().load_adapters(good))
+        return errors
+
+    def _load_at_runtime(self, served: list[ServedAdapter]) -> dict[str, str]:
+        """Load each adapter into the running vLLM server, one POST /v1/load_lora_adapter each:
+        an adapter the engine cannot load (corrupt weights, a rank above --max-lora-rank) is an
+        error naming it and the server's reason, and the others and the base run on."""
+        errors: dict[str, str] = {}
+        root = self.base_url.removesuffix("/v1")
+        for adapter in served:
+            body = {"lora_name": adapter.name, "lora_path": str(adapter.folder)}
+            try:
+                response = httpx.post(f"{root}/v1/load_lora_adapter", json=body, timeout=600)
+            except httpx.HTTPError as exc:
+                errors[adapter.name] = f"adapter {adapter.name!r}: loading it failed: {exc}"
+                continue
+            if response.status_code != 200:
+                errors[adapter.name] = (
+                    f"adapter {adapter.name!r} could not be loaded by the vllm server "
+                    f"(HTTP {response.status_code}): {response.text[:500]}"
+                )
         return errors
 
     def generate(self, requests: list[GenRequest], progress: Any = None) -> list[GenResult]:
