@@ -551,3 +551,24 @@ def test_pipeline_run_on_a_managed_real_server(tiny_llama, tmp_path, monkeypatch
     assert pid2 != pid and not pid_alive(pid2)
     log_text = (tmp_path / "run" / "server-tl.log").read_text()
     assert log_text.count("=== charshift") == 2  # one header per start, appended
+
+
+def test_each_shard_writes_its_own_server_log(tmp_path):
+    from charshift import pipeline
+    from charshift.config import load_preset, parse_config
+
+    data = load_preset("smoke").model_dump(mode="json")
+    data["backend"] = {"kind": "server", "engine": "command", "command": "serve {model} {port}"}
+    cfg = parse_config(data)
+    (tmp_path / "config.json").write_text("{}")  # a model folder
+    base = cfg.bases[0].model_copy(update={"model": str(tmp_path)})
+    names = [
+        pipeline.make_backend(cfg, base, tmp_path / "run", shard).log_path.name  # type: ignore[attr-defined]
+        for shard in (None, (0, 3), (2, 3))
+    ]
+    b = cfg.bases[0].name
+    assert names == [
+        f"server-{b}.log",
+        f"server-{b}.shard-0-of-3.log",
+        f"server-{b}.shard-2-of-3.log",
+    ]

@@ -33,7 +33,7 @@ from charshift.planning import Plan, PlannedRow, Shard, build_plan, in_shard, se
 from charshift.rollout import Episode, RolloutEngine, RolloutSettings
 from charshift.schema import EpisodeSpec, GenerationRow, ScoreRow, stable_hash
 from charshift.scoring.base import ScoreInput, Scorer, ScorerContext, open_scorer
-from charshift.store import RunStore, retryable
+from charshift.store import RunStore, retryable, shard_suffix
 
 
 def cache_dir() -> Path:
@@ -46,9 +46,12 @@ def cache_dir() -> Path:
 # -- backends ------------------------------------------------------------------------------------
 
 
-def make_backend(cfg: RunConfig, base: BaseSpec, run_dir: Path | None = None) -> Backend:
+def make_backend(
+    cfg: RunConfig, base: BaseSpec, run_dir: Path | None = None, shard: Shard | None = None
+) -> Backend:
     """The run's backend for `base` (`backends/registry.py`: the kind's module builds it), once
-    this machine is known to have the kind's package and device."""
+    this machine is known to have the kind's package and device; a shard's managed server
+    writes a log of its own."""
     from charshift.backends.registry import BackendContext
     from charshift.backends.registry import make_backend as build
 
@@ -61,6 +64,7 @@ def make_backend(cfg: RunConfig, base: BaseSpec, run_dir: Path | None = None) ->
         seed=cfg.sampling.seed,
         cache_dir=cache_dir(),
         run_dir=run_dir,
+        log_suffix=shard_suffix(shard),
     )
     return build(cfg.backend, context)
 
@@ -171,7 +175,7 @@ def _generate_base(
 ) -> int:
     """Generate `todo` (rows of one base) with one backend; returns the rows written."""
     store.log_event("generate_start", base=base.name, rows=len(todo))
-    backend = make_backend(cfg, base, store.root)
+    backend = make_backend(cfg, base, store.root, store.shard)
     try:
         failed = _load_adapters(cfg, store, plan, base, backend, todo)
         todo = [r for r in todo if not (r.adapter and r.adapter.name in failed)]

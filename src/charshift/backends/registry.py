@@ -33,6 +33,7 @@ class BackendContext:
     seed: int  # the run's sampling seed (a managed server's --seed)
     cache_dir: Path  # built and converted models (models.default_cache_dir)
     run_dir: Path | None = None  # where a managed server writes its log (None: the cwd)
+    log_suffix: str = ""  # a shard's own server log: server-NAME.shard-i-of-n.log
 
 
 def make_backend(settings: AnySettings, context: BackendContext) -> Backend:

@@ -579,7 +579,7 @@ def from_config(settings: Settings, context: BackendContext) -> ServerBackend:
         port=settings.port,
         startup_timeout=settings.startup_timeout,
         extra_args=settings.extra_args,
-        log_path=(context.run_dir or Path.cwd()) / f"server-{context.name}.log",
+        log_path=(context.run_dir or Path.cwd()) / f"server-{context.name}{context.log_suffix}.log",
         seed=context.seed,
         revision=context.revision,
         max_model_len=settings.max_model_len,
