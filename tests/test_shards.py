@@ -271,10 +271,11 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def local_ray(cache):
-    """One local Ray for the module: 2 CPUs, no dashboard; workers import this tree."""
+    """One local Ray for the module, started the way `--executor ray` starts it (its runtime_env
+    carries the cache and the import path, so workers import this tree)."""
     ray = pytest.importorskip("ray")
-    env = {"PYTHONPATH": str(REPO / "src"), "CHARSHIFT_CACHE": str(cache)}
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
+    assert os.environ["CHARSHIFT_CACHE"] == str(cache)
+    executors._start_ray(ray, None)
     yield ray
     ray.shutdown()
 

@@ -8,7 +8,9 @@ local (the default): this process. Without a shard, the whole run (`pipeline.run
   shard's files and names the shards that are incomplete.
 ray: the run's n shards as Ray tasks, one backend per task and one GPU per task where the cluster
   has GPUs (one CPU each otherwise), on a local Ray started for the run or an existing cluster
-  (`address`). Generation runs as one wave of n tasks; then the classifier is trained if the run
+  (`address`). Every task runs with `ray_runtime_env` (HF_TOKEN, HF_HOME, CHARSHIFT_CACHE and
+  the other variables a worker on another node would lack, and VLLM_WORKER_MULTIPROC_METHOD=spawn);
+  each shard's managed server writes its own log. Generation runs as one wave of n tasks; then the classifier is trained if the run
   trains one (one task), the scores as a second wave of n tasks (scoring units read rows across
   shards, so it waits for all generation), and the report once, here.
 
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,10 +163,34 @@ def default_shards(cluster: dict[str, Any]) -> int:
     return gpus
 
 
+# What a Ray worker needs from the driver's environment: hub access and caches, offline mode,
+# the import path; on a cluster a worker does not inherit the driver's environment.
+RAY_FORWARDED_ENV = (
+    "HF_TOKEN",
+    "HF_HOME",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "CHARSHIFT_CACHE",
+    "PYTHONPATH",
+)
+# vLLM in a Ray worker: its own worker processes spawned, not forked (CUDA cannot start again in
+# a forked child of a process that has used it).
+RAY_FIXED_ENV = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+
+
+def ray_runtime_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The `runtime_env` every charshift Ray task runs with: RAY_FORWARDED_ENV as the driver has
+    them (those it has), and RAY_FIXED_ENV."""
+    environ = os.environ if environ is None else environ
+    forwarded = {k: environ[k] for k in RAY_FORWARDED_ENV if environ.get(k)}
+    return {"env_vars": {**forwarded, **RAY_FIXED_ENV}}
+
+
 def _wave(ray: Any, fn: Any, resources: dict[str, float], calls: list[tuple]) -> list[Any]:
-    """Run `fn(*args)` for each of `calls` as Ray tasks; wait for all of them. Returns results;
-    ExecutorError naming every failed call once all have ended."""
-    remote = ray.remote(**resources)(fn)
+    """Run `fn(*args)` for each of `calls` as Ray tasks (with `ray_runtime_env`, on a cluster
+    started here or elsewhere); wait for all of them. Returns results; ExecutorError naming
+    every failed call once all have ended."""
+    remote = ray.remote(**resources, runtime_env=ray_runtime_env())(fn)
     refs = [remote.remote(*args) for args in calls]
     results, failed = [], []
     try:
@@ -203,9 +229,9 @@ def _start_ray(ray: Any, address: str | None) -> bool:
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address)
+        ray.init(address=address, runtime_env=ray_runtime_env())
     else:
-        ray.init(include_dashboard=False)
+        ray.init(include_dashboard=False, runtime_env=ray_runtime_env())
     return True
 
 
