@@ -8,10 +8,14 @@ cpu --tiny` runs the same builders and measuring code (this script imports them 
 
 Prints output tok/s for: `transformers` generate; HFBackend without adapters, with one, with
 `--adapters` mixed in each batch (and the same through PEFT's forward); vLLM offline (without, one,
-mixed) when vLLM is importable. Ratios are given to generate and to the memory-bandwidth bound:
-a decode step reads every weight once, so at batch B the bound is
-B x bandwidth / (weight bytes read per step); the bandwidth is measured (a device-to-device copy)
-unless `--bandwidth-gbs` gives it. Weights and adapters are built once under --workdir and kept.
+mixed) when vLLM is importable, with prefix caching off (every round repeats the prompts, so
+cached prefixes would drop the prefill a run pays). Ratios are given to generate and to the
+memory-bandwidth bound: a decode step reads every weight once and each sequence's cached keys
+and values once, so at batch B the bound is B x bandwidth / (weight bytes + B x KV bytes per
+token x (prompt + new/2 tokens)); the bandwidth is measured (a device-to-device copy) unless
+`--bandwidth-gbs` gives it. `--json FILE` writes every path's figure and, per engine, the path a
+run of it is planned with (`charshift run --dry-run --throughput-from FILE` picks the run's
+engine's). Weights and adapters are built once under --workdir and kept.
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ def vllm_paths(
         max_num_seqs=args.batch_size,
         gpu_memory_utilization=0.85,
         seed=0,
+        # every round repeats the same prompts: with prefix caching their prefill would be free
+        # from the second round on, and the figure would leave out the prefill a run pays
+        enable_prefix_caching=False,
     )
     params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
     loras = [LoRARequest(f"lora{i}", i + 1, str(p)) for i, p in enumerate(adapters)]
@@ -86,7 +93,9 @@ def main() -> None:
     print(bench_hf.describe(args, backend), f"[{torch.cuda.get_device_name()}]")
     print(f"(built and loaded in {time.perf_counter() - t0:.0f} s)")
     bw = args.bandwidth_gbs or bench_hf.bandwidth_gbs(backend.device)
-    bound = bench_hf.bandwidth_bound(backend.model, bw, args.batch_size)
+    bound = bench_hf.bandwidth_bound(
+        backend.model, bw, args.batch_size, args.prompt_tokens, args.new_tokens
+    )
     timings = bench_hf.run_paths(
         backend, adapters, prompts, args.new_tokens, args.repeats, tuple(args.paths.split(","))
     )

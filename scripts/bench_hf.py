@@ -329,9 +329,23 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total if tied else total - emb.numel() * emb.element_size()
 
 
-def bandwidth_bound(model: torch.nn.Module, gbs: float, batch: int) -> float:
-    """Output tok/s if each step at batch `batch` only had to read the weights once."""
-    return batch * gbs * 1e9 / weight_bytes(model)
+def kv_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of keys and values one cached token holds: 2 x layers x KV heads x head size."""
+    c = model.config
+    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    size = next(model.parameters()).element_size()
+    return 2 * c.num_hidden_layers * heads * head_dim * size
+
+
+def bandwidth_bound(
+    model: torch.nn.Module, gbs: float, batch: int, prompt_tokens: int = 0, new_tokens: int = 0
+) -> float:
+    """Output tok/s if each decode step at batch `batch` only had to read the weights once and
+    each sequence's cached keys and values once (on average the prompt plus half the reply)."""
+    context = prompt_tokens + new_tokens / 2
+    step_bytes = weight_bytes(model) + batch * context * kv_bytes_per_token(model)
+    return batch * gbs * 1e9 / step_bytes
 
 
 def ratio(timings: dict[str, Timing], a: str, b: str) -> str:
@@ -360,11 +374,16 @@ def print_table(
     )
 
 
+# The path a run of each engine is planned with: a run mixes its adapters in each batch.
+ENGINE_PATHS = {"hf": "hf-mixed", "vllm": "vllm-mixed"}
+
+
 def write_json(
     path: Path, timings: dict[str, Timing], device: str, describe_text: str, bound: float | None
 ) -> None:
-    """`{"device", "setup", "paths": {NAME: {"tok_per_s", "median_tok_per_s"}}, "bound_tok_per_s"}`
-    (best round as tok_per_s), written atomically."""
+    """`{"device", "setup", "paths": {NAME: {"tok_per_s", "median_tok_per_s"}}, "engines":
+    {ENGINE: PATH}, "bound_tok_per_s"}` (best round as tok_per_s), written atomically. `engines`
+    names each engine's figure for `charshift run --dry-run --throughput-from` (ENGINE_PATHS)."""
     data = {
         "device": device,
         "setup": describe_text,
@@ -372,6 +391,7 @@ def write_json(
             name: {"tok_per_s": round(t.best, 2), "median_tok_per_s": round(t.median, 2)}
             for name, t in timings.items()
         },
+        "engines": {e: p for e, p in ENGINE_PATHS.items() if p in timings},
         "bound_tok_per_s": None if bound is None else round(bound, 2),
     }
     tmp = path.with_name(path.name + ".tmp")
@@ -455,7 +475,7 @@ def main(argv: list[str] | None = None) -> None:
     backend, adapters, prompts = setup(args)
     print(describe(args, backend))
     bw = args.bandwidth_gbs or bandwidth_gbs(backend.device)
-    bound = bandwidth_bound(backend.model, bw, args.batch_size)
+    bound = bandwidth_bound(backend.model, bw, args.batch_size, args.prompt_tokens, args.new_tokens)
     timings = run_paths(
         backend, adapters, prompts, args.new_tokens, args.repeats, tuple(args.paths.split(","))
     )

@@ -227,3 +227,79 @@ def test_dry_run_calibrates_from_an_earlier_run(tmp_path, monkeypatch):
     assert float(line.split()[6]) == pytest.approx(2.0 * rows)  # mean calls per row: (1+2+3)/3
     res = runner.invoke(app, ["run", str(path), "--dry-run", "--calibrate-from", str(tmp_path)])
     assert res.exit_code == 2 and "not a charshift run directory" in res.output
+
+
+# -- one figure per engine: the benchmark names each engine's path, the dry run takes its own ----
+
+BENCH = {
+    "device": "H100",
+    "paths": {"generate": 700.0, "hf-mixed": 80.0, "vllm-mixed": {"tok_per_s": 2400.0}},
+    "engines": {"hf": "hf-mixed", "vllm": "vllm-mixed"},
+}
+
+
+@pytest.mark.parametrize(
+    ("backend", "engine"),
+    [
+        ({"kind": "hf"}, "hf"),
+        ({"kind": "vllm"}, "vllm"),
+        ({"kind": "server", "engine": "vllm"}, "vllm"),
+        ({"kind": "server", "engine": "sglang"}, "sglang"),
+        ({"kind": "server", "engine": "command", "command": "serve {model} {port}"}, None),
+        ({"kind": "openai", "base_url": "http://h:1/v1"}, None),
+    ],
+)
+def test_run_engine_names_the_engine_a_benchmark_measures(backend, engine):
+    data = load_preset("smoke").model_dump(mode="json")
+    data["backend"] = backend
+    assert planning.run_engine(parse_config(data)) == engine
+
+
+def test_a_benchmark_file_gives_each_engine_its_own_figure():
+    vllm = planning.throughput_from_json(BENCH, "F", engine="vllm")
+    hf = planning.throughput_from_json(BENCH, "F", engine="hf")
+    assert (vllm.tok_per_s, vllm.source) == (2400.0, "F, path vllm-mixed, H100")
+    assert hf.tok_per_s == 80.0
+    assert planning.throughput_from_json(BENCH, "F", "generate", engine="vllm").tok_per_s == 700
+    with pytest.raises(ValueError, match=r"none for this run's engine \(sglang\) \(figures for hf, vllm\)"):  # fmt: skip
+        planning.throughput_from_json(BENCH, "F", engine="sglang")
+
+
+def test_the_paper_dry_run_is_planned_with_the_vllm_figure(tmp_path):
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps(BENCH))
+    res = runner.invoke(
+        app, ["run", "--preset", "paper", "--dry-run", "--throughput-from", str(bench)]
+    )
+    assert res.exit_code == 0, res.output
+    assert "GPU-hours at 2400 output tok/s" in res.output and "vllm-mixed" in res.output
+
+
+def test_bench_bound_counts_kv_cache_reads_and_the_json_names_engine_paths(tmp_path):
+    import sys
+    from pathlib import Path
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import bench_hf
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = LlamaForCausalLM(config)
+    assert bench_hf.kv_bytes_per_token(model) == 2 * 3 * 2 * 8 * 4  # K and V, float32
+    weights = bench_hf.weight_bytes(model)
+    assert bench_hf.bandwidth_bound(model, 1.0, 8) == 8 * 1e9 / weights  # no context: weights
+    with_kv = bench_hf.bandwidth_bound(model, 1.0, 8, prompt_tokens=300, new_tokens=128)
+    assert with_kv == 8 * 1e9 / (weights + 8 * 364 * bench_hf.kv_bytes_per_token(model))
+    timings = {n: bench_hf.Timing(n, [r]) for n, r in (("hf-mixed", 80.0), ("hf-one", 90.0))}
+    bench_hf.write_json(tmp_path / "b.json", timings, "cpu", "setup", None)
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["engines"] == {"hf": "hf-mixed"}  # vLLM not measured: no figure for it
+    assert planning.throughput_from_json(data, "b", engine="hf").tok_per_s == 80.0

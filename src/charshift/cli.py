@@ -420,7 +420,7 @@ def _dry_run(
     """The plan, its shards and its cost (planning.estimate_cost); loads no model."""
     from charshift import planning
 
-    throughput = _throughput(cost)  # bad flags fail before the plan is built
+    throughput = _throughput(cost, planning.run_engine(cfg))  # bad flags fail before the plan
     calibration = _calibration(cost.calibrate_from) if cost.calibrate_from else None
     plan = planning.build_plan(cfg, dry=True)
     lines = [plan.summary()]
@@ -472,7 +472,8 @@ def _block_cost(
     return ["", head, est.text()]
 
 
-def _throughput(cost: _CostArgs) -> Throughput | None:
+def _throughput(cost: _CostArgs, engine: str | None) -> Throughput | None:
+    """The GPU's tok/s: given, or read from a benchmark's JSON (the run's engine's figure)."""
     from charshift import planning
 
     if cost.throughput is not None and cost.throughput_from is not None:
@@ -494,7 +495,8 @@ def _throughput(cost: _CostArgs) -> Throughput | None:
         _fail(f"--throughput-from: {cost.throughput_from}: {err.strerror}")
     except ValueError as err:
         _fail(f"--throughput-from: {cost.throughput_from} is not JSON ({err})")
-    return planning.throughput_from_json(data, str(cost.throughput_from), cost.throughput_path)
+    source = str(cost.throughput_from)
+    return planning.throughput_from_json(data, source, cost.throughput_path, engine)
 
 
 def _calibration(run_dir: Path) -> Calibration:

@@ -650,11 +650,24 @@ def _gpu_hour_lines(est: CostEstimate) -> list[str]:
     return out
 
 
-def throughput_from_json(data: Any, source: str, path: str | None = None) -> Throughput:
+def run_engine(cfg: RunConfig) -> str | None:
+    """The engine a run generates with, as benchmark files name it (`hf`, `vllm`, `sglang`);
+    None for a server of the user's own (`openai`, `engine: command`)."""
+    backend = cfg.backend
+    if backend.kind in ("hf", "vllm"):
+        return backend.kind
+    engine = getattr(backend, "engine", None)
+    return engine if backend.kind == "server" and engine in ("vllm", "sglang") else None
+
+
+def throughput_from_json(
+    data: Any, source: str, path: str | None = None, engine: str | None = None
+) -> Throughput:
     """The throughput in a benchmark's JSON: `{"tok_per_s": X}`, or `{"paths": {NAME: X or
-    {"tok_per_s": X, ...}, ...}}` (what scripts/bench_gpu.py and bench_hf.py write with --json,
-    one entry per measured path such as `hf-mixed` or `vllm-mixed`). With several paths, `path`
-    names the one that matches the run's engine (`--throughput-path`)."""
+    {"tok_per_s": X, ...}, ...}, "engines": {ENGINE: PATH, ...}}` (what scripts/bench_gpu.py and
+    bench_hf.py write with --json: one entry per measured path such as `hf-mixed` or
+    `vllm-mixed`, and per engine the path a run of that engine is planned with). `path`
+    (`--throughput-path`) picks a path; else the run's `engine` picks its own figure."""
     if not isinstance(data, dict):
         raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
     if "tok_per_s" in data and path is None:
@@ -662,11 +675,16 @@ def throughput_from_json(data: Any, source: str, path: str | None = None) -> Thr
     paths = data.get("paths")
     if not isinstance(paths, dict) or not paths:
         raise ValueError(f'{source}: no "tok_per_s" and no "paths" object of measured paths')
+    engines = data.get("engines") if isinstance(data.get("engines"), dict) else {}
+    if path is None and engine in engines:
+        path = str(engines[engine])
     if path is None:
         if len(paths) > 1:
+            measured = f" (figures for {', '.join(map(str, engines))})" if engines else ""
             raise ValueError(
-                f"{source} measured several paths ({', '.join(map(str, paths))}): name the one "
-                "that matches the run's engine with --throughput-path NAME"
+                f"{source} measured several paths ({', '.join(map(str, paths))}) and none for "
+                f"this run's engine ({engine or 'a server of your own'}){measured}: name the "
+                "path that matches it with --throughput-path NAME"
             )
         path = next(iter(paths))
     if path not in paths:
