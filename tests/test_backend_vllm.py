@@ -536,3 +536,23 @@ def test_next_token_logprobs_see_a_weak_adapter_the_greedy_text_misses(fake, tmp
     assert diff > 1e-2
     assert b.next_token_logprobs([req("x", adapter="ghost")], k=3) == [None]  # not loaded
     assert len(b.next_token_logprobs([req("x")], k=50)[0]) == 20  # at most max_logprobs
+
+
+def test_the_pipeline_drives_vllm_by_engine_steps(fake, monkeypatch):
+    from charshift import pipeline
+    from charshift.config import load_preset, parse_config
+
+    data = load_preset("smoke").model_dump(mode="json")
+    data["backend"] = {"kind": "vllm", "max_in_flight": 7}
+    cfg = parse_config(data)
+    used: list[tuple[str, Any]] = []
+
+    def stepped(self, eps, max_in_flight=0, on_step=None, progress=None):
+        used.append(("stepped", max_in_flight))
+        return iter([])
+
+    monkeypatch.setattr(RolloutEngine, "run_stepped", stepped)
+    monkeypatch.setattr(pipeline, "_episodes", lambda cfg, plan, rows: iter(rows))
+    todo: Any = ["r1", "r2", "r3"]
+    list(pipeline._drive(cfg, None, rollout(VLLMBackend("m")), todo, wave=2))  # type: ignore[arg-type]
+    assert used == [("stepped", 7)]
