@@ -88,6 +88,15 @@ def test_an_old_flat_dump_migrates_to_its_kind():
     assert isinstance(ai, S.OpenAISettings) and (ai.retries, ai.timeout_s) == (3, 120.0)
 
 
+def test_a_setting_vllm_gained_is_dropped_from_an_old_dump_only():
+    """An older vLLM run's flat dump says `max_in_flight: 256` (the servers' old default, not a
+    vLLM setting then): it resumes at vLLM's own default; a new config's 256 is kept."""
+    old = parse_config(_with_backend("paper", OLD_PAPER)).backend
+    assert old.max_in_flight == S.DEFAULT_VLLM_IN_FLIGHT
+    given = parse_config(_with_backend("paper", {"kind": "vllm", "max_in_flight": 256})).backend
+    assert given.max_in_flight == 256
+
+
 def test_true_is_not_taken_for_one():
     with pytest.raises(ConfigError, match="backend.deterministic"):
         parse_config(_with_backend("smoke", {"kind": "hf", "deterministic": 1}))

@@ -153,14 +153,14 @@ class SteppedBackend(Backend):
         """Queue every request, step until all have finished; results in request order."""
         results: list[GenResult | None] = [None] * len(requests)
         queued: dict[str, int] = {}
-        for i, req in enumerate(requests):
-            added = self.add(req)
-            if isinstance(added, GenResult):
-                results[i] = added
-                report_progress(progress)
-            else:
-                queued[added] = i
-        try:
+        try:  # a request that raises (a dead engine) drops the ones queued before it
+            for i, req in enumerate(requests):
+                added = self.add(req)
+                if isinstance(added, GenResult):
+                    results[i] = added
+                    report_progress(progress)
+                else:
+                    queued[added] = i
             while queued:
                 for rid, res in self.step():
                     if rid in queued:

@@ -218,6 +218,11 @@ LEGACY_DEFAULTS: dict[str, Any] = {
 }  # fmt: skip
 
 
+# Fields a kind has gained since the flat dump: a flat dump holds them at the old shared default,
+# which was another kind's setting (an older vLLM run's `max_in_flight: 256` was the servers').
+GAINED_SINCE_FLAT: dict[str, tuple[str, ...]] = {"vllm": ("max_in_flight",)}
+
+
 def kinds_with(field: str) -> list[str]:
     """The kinds whose settings have `field`."""
     return [k for k, cls in KINDS.items() if field in cls.model_fields]
@@ -225,8 +230,9 @@ def kinds_with(field: str) -> list[str]:
 
 def migrate(data: Any) -> Any:
     """A `backend:` mapping as this version reads it: `kind` defaults to hf, and a field of an
-    older flat dump that does not belong to the kind is dropped where it holds its old default
-    (anything else is left for validation to name)."""
+    older flat dump that does not belong to the kind, or that the kind has gained since
+    (GAINED_SINCE_FLAT), is dropped where it holds its old default (anything else is left for
+    validation to name)."""
     if not isinstance(data, dict):
         return data
     kind = data.get("kind", "hf")
@@ -234,8 +240,10 @@ def migrate(data: Any) -> Any:
     out = {"kind": kind, **data}
     if cls is None:
         return out  # validation names the unknown kind
-    for name in [k for k in out if k not in cls.model_fields and k in LEGACY_DEFAULTS]:
-        if _is_default(out[name], LEGACY_DEFAULTS[name]):
+    flat = set(LEGACY_DEFAULTS) <= set(data)  # a whole flat dump: an older run's stored config
+    gained = GAINED_SINCE_FLAT.get(kind, ()) if flat else ()
+    for name in [k for k in out if (k not in cls.model_fields or k in gained)]:
+        if name in LEGACY_DEFAULTS and _is_default(out[name], LEGACY_DEFAULTS[name]):
             del out[name]
     return out
 
