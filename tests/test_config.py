@@ -18,7 +18,7 @@ def test_presets_load_and_are_listed():
     assert {"paper", "demo", "demo_quick", "smoke"} <= set(names)
     paper = c.load_preset("paper")
     assert [b.name for b in paper.bases] == ["llama", "qwen", "gemma"]
-    assert "misalignment" not in paper.personas and len(paper.personas) == 10
+    assert "misalignment" not in paper.persona_names and len(paper.personas) == 10
     assert paper.sampling.repetition_penalty == 1.1 and paper.sampling.max_tokens == 1024
     assert paper.bases[2].adapters["full"].repo == "maius/gemma-3-4b-it-personas"
     demo = c.load_preset("demo")
@@ -82,7 +82,7 @@ def test_load_config_file_errors(tmp_path):
         c.load_config(bad)
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(_minimal()))
-    assert c.load_config(good).personas == ["sarcasm", "humor"]
+    assert c.load_config(good).persona_names == ["sarcasm", "humor"]
 
 
 def test_unknown_preset():
@@ -216,7 +216,7 @@ def test_config_file_reading_errors(tmp_path):
     with pytest.raises(c.ConfigError, match="is a folder"):
         c.load_config(tmp_path)
     p.write_bytes(b"\xef\xbb\xbf" + good.encode())  # a byte order mark is fine
-    assert c.load_config(p).personas == ["sarcasm", "humor"]
+    assert c.load_config(p).persona_names == ["sarcasm", "humor"]
 
 
 def test_whole_config_errors_name_their_field():

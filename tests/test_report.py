@@ -267,7 +267,7 @@ def test_skipped_adapter_note_reaches_report_tables_and_manifest(tmp_path):
     gens, scores = [], []
     for i in range(12):
         for stage, persona in [("base", None)] + [
-            (st, p) for st in ("prompted", "full") for p in cfg.personas
+            (st, p) for st in ("prompted", "full") for p in cfg.persona_names
         ]:
             if stage == "full" and persona == "goodness":
                 continue  # the adapter was skipped

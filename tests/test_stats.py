@@ -406,7 +406,8 @@ def test_write_tables(tmp_path):
     paths = tables.write_tables(res, tmp_path)
     assert {p.name for p in paths} == {
         "metrics.csv", "per_persona.csv", "confusion.csv", "pred_distribution.csv",
-        "differences.csv", "chains.csv", "scorer_check.csv", "retention.csv", "stats.json",
+        "differences.csv", "chains.csv", "scorer_check.csv", "retention.csv", "depth.csv",
+        "stats.json",
     }  # fmt: skip
     with (tmp_path / "metrics.csv").open() as fh:
         rows = list(csv.DictReader(fh))

@@ -419,7 +419,7 @@ def report_run(cfg: RunConfig, store: RunStore, out_dir: Path | None = None) -> 
     ]
     inp = AnalysisInput(
         records=records,
-        personas=list(cfg.personas),
+        personas=cfg.persona_names,
         stats=cfg.stats,
         title=f"charshift report: {cfg.name}",
         settings={"config": config_to_dict(cfg), "manifest": store.manifest()},

@@ -546,6 +546,8 @@ def generate(
     target = _out_path(out)
     cfg = _load(config, preset, id_prompts)
     target = target or _default_out(cfg)
+    with _user_errors():
+        pipeline.preflight(cfg)  # the plan and every given classifier's labels, before any row
     with _user_errors(), pipeline.prepare_run(cfg, target, part) as store:
         summary = pipeline.generate(cfg, store, retry_errors=retry_errors)
         done = record_completion(cfg, store, scored=False)
@@ -976,6 +978,26 @@ def slices_cmd() -> None:
     for e in registry.SLICES.values():
         rung = f"{e.control} -> {e.name}: {e.changes}" if e.control else e.changes
         typer.echo(f"{e.name:<26} {e.family:<9} {e.mode:<13} {e.items:<21} {e.output:<7} {rung}")
+
+
+@app.command("personas")
+def personas_cmd(
+    prompts_: Annotated[
+        bool, typer.Option("--prompts", help="Also print each one's full system prompt.")
+    ] = False,
+) -> None:
+    """The bundled personas with their descriptions (in the OCT classifiers' label order).
+
+    A config's `personas:` takes these names, or your own: `{name: pirate, description: "You
+    are ..."}` (the prompted stages' system prompt; `constitution: FILE` instead takes OCT's
+    trait list), with a name that is a plain label (it is the classifier's label)."""
+    from charshift import prompts
+
+    texts = prompts.load_persona_prompts()
+    for name, summary in prompts.load_persona_summaries().items():
+        typer.echo(f"{name:<15} {summary}")
+        if prompts_:
+            typer.echo(f"{'':<15} {texts[name]}\n")
 
 
 def main() -> None:  # pragma: no cover

@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -304,6 +305,72 @@ class AnalysisConfig(_Strict):
         return v
 
 
+# A persona's name is a plain label: it is the classifier's label, fills `{persona}` in adapter
+# paths (a folder name), and heads a column of every table and plot. Letters, digits, '_' and '-',
+# starting with a letter (so never one of the null persona's markers, `__null__` or `-`).
+_PERSONA_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*\Z")
+PERSONA_NAME_MAX = 40
+PERSONA_DESCRIPTION_MAX = 8000
+
+
+def _persona_entry(v: Any) -> Any:
+    """A `personas:` entry as written: a bundled name (a string) is `{name: NAME}`."""
+    return {"name": v} if isinstance(v, str) else v
+
+
+class PersonaSpec(_Strict):
+    """One persona of a run: a bundled name, or the user's own `{name, description}`, with an
+    optional `constitution` file (OCT's trait list, or free text). The prompted stages' system
+    prompt is the constitution where one is given, else the description, else (a bundled name)
+    the run-wide `persona_prompts` source; adapters fill `{persona}` with the name; a probe
+    trained in the run, and a given classifier, use the names as the label set."""
+
+    name: str
+    description: str | None = None
+    constitution: str | None = None  # a file: .json / .jsonl trait list, or .txt / .md text
+
+    @field_validator("name")
+    @classmethod
+    def _plain_label(cls, v: str) -> str:
+        if not _PERSONA_NAME.match(v) or len(v) > PERSONA_NAME_MAX:
+            raise ValueError(
+                f"persona name {v!r} is not a plain label: use letters, digits, '_' and '-', "
+                f"starting with a letter, at most {PERSONA_NAME_MAX} characters (it is the "
+                "classifier's label and fills `{persona}` in adapter paths)"
+            )
+        return v
+
+    @field_validator("description", "constitution")
+    @classmethod
+    def _text_ok(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v.strip():
+            raise ValueError("must not be empty (leave the field out instead)")
+        if re.search(r"[\x00-\x08\x0b-\x1f\x7f]", v) or len(v) > PERSONA_DESCRIPTION_MAX:
+            raise ValueError(
+                f"must be text of at most {PERSONA_DESCRIPTION_MAX} characters, without "
+                "control characters"
+            )
+        return v
+
+    @property
+    def bundled(self) -> bool:
+        """A bundled name with nothing of the user's: its text comes from `persona_prompts`."""
+        return self.description is None and self.constitution is None
+
+    @model_serializer(mode="wrap")
+    def _as_written(self, handler: Any) -> Any:
+        """A bundled name is stored as the plain name it was written as (so a run's resolved
+        config stays what it was before personas could be the user's own)."""
+        if self.bundled:
+            return self.name
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+PersonaEntry = Annotated[PersonaSpec, BeforeValidator(_persona_entry)]
+
+
 class PersonaPromptsConfig(_Strict):
     source: Literal["bundled", "constitutions"] = "bundled"
     path: str | None = None  # folder of OCT constitutions (one file per persona)
@@ -315,7 +382,8 @@ class RunConfig(_Strict):
     meaningless: bool = False  # smoke preset: the report says its numbers mean nothing
     bases: list[BaseSpec] = Field(min_length=1)
     stages: list[str] = Field(default_factory=lambda: [BASE_STAGE, PROMPTED_STAGE], min_length=1)
-    personas: list[str]
+    # a bundled name, or `{name, description}` (plus an optional `constitution` file)
+    personas: list[PersonaEntry]
     slices: list[str] = Field(default_factory=lambda: ["id_chat"], min_length=1)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     backend: BackendConfig = Field(default_factory=HFSettings)
@@ -370,13 +438,24 @@ class RunConfig(_Strict):
 
     @field_validator("personas")
     @classmethod
-    def _personas_known(cls, v: list[str]) -> list[str]:
-        unknown = [p for p in v if p not in ALL_PERSONAS]
+    def _personas_known(cls, v: list[PersonaSpec]) -> list[PersonaSpec]:
+        unknown = [p.name for p in v if p.name not in ALL_PERSONAS and p.description is None]
         if unknown:
-            raise ValueError(f"unknown persona(s) {unknown}; known: {list(ALL_PERSONAS)}")
-        if len(set(v)) != len(v) or len(v) < 2:
+            raise ValueError(
+                f"unknown persona(s) {unknown}; bundled: {list(ALL_PERSONAS)} (`charshift "
+                "personas`); a persona of your own needs a description: "
+                "{name: NAME, description: ...}"
+            )
+        names = [p.name for p in v]
+        _no_duplicates(names, "persona(s)")
+        if len(names) < 2:
             raise ValueError("personas must be at least two distinct names")
         return v
+
+    @property
+    def persona_names(self) -> list[str]:
+        """The run's personas by name, in config order: the label set of its scorers."""
+        return [p.name for p in self.personas]
 
     @field_validator("slices")
     @classmethod
@@ -640,6 +719,9 @@ def _local_path_problems(cfg: RunConfig) -> Iterator[str | None]:
         yield _folder_problem(cfg.classifier_training.encoder, "classifier_training.encoder")
     if cfg.persona_prompts.source == "constitutions" and cfg.persona_prompts.path:
         yield _folder_problem(cfg.persona_prompts.path, "persona_prompts.path", scheme=False)
+    for i, p in enumerate(cfg.personas):
+        if p.constitution and not Path(p.constitution).expanduser().is_file():
+            yield f"personas.{i}.constitution ({p.name}): file not found: {p.constitution}"
 
 
 def _adapter_problems(cfg: RunConfig, i: int, base: BaseSpec) -> Iterator[str]:
@@ -648,7 +730,7 @@ def _adapter_problems(cfg: RunConfig, i: int, base: BaseSpec) -> Iterator[str]:
         src = base.adapters.get(stage)
         if src is None or not src.path or src.path.startswith("tiny-lora:"):
             continue  # a hub repo (checked when it downloads), or a tiny adapter built in the run
-        for persona in cfg.personas:
+        for persona in cfg.persona_names:
             folder = Path(src.path.replace("{persona}", persona)).expanduser()
             what = f"bases.{i}.adapters.{stage}.path ({persona})"
             if not folder.is_dir():

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
-from charshift import banks, tools, units
+from charshift import banks, prompts, tools, units
 from charshift.adapter_probe import not_applied, probe_adapters, require_applied
 from charshift.backends.base import AdapterSource, Backend, SteppedBackend
 from charshift.backends.settings import DEFAULT_MAX_IN_FLIGHT
@@ -33,7 +33,7 @@ from charshift.planning import Plan, PlannedRow, Shard, build_plan, in_shard, se
 from charshift.rollout import Episode, RolloutEngine, RolloutSettings
 from charshift.schema import EpisodeSpec, GenerationRow, ScoreRow, stable_hash
 from charshift.scoring.base import ScoreInput, Scorer, ScorerContext, open_scorer
-from charshift.store import RunStore, retryable, shard_suffix
+from charshift.store import RunStore, StoreError, retryable, shard_suffix
 
 
 def cache_dir() -> Path:
@@ -109,14 +109,33 @@ def prepare_run(cfg: RunConfig, out: Path, shard: Shard | None = None) -> RunSto
             planned_keys=lambda: {r.key for r in build_plan(cfg).rows},
             normalise=lambda d: config_to_dict(parse_config(d)),
         )
+        personas = check_persona_texts(store, prompts.persona_hashes(cfg))
         store.update_manifest(
             seeds={"sampling": cfg.sampling.seed, "stats": cfg.stats.seed},
             banks=banks.provenance(cfg),  # kind -> source, sha256 and size of each item bank
+            personas=personas,  # persona -> sha256 of the text that describes it
         )
     except BaseException:
         store.close()
         raise
     return store
+
+
+def check_persona_texts(store: RunStore, hashes: dict[str, str]) -> dict[str, str]:
+    """`hashes` (persona -> sha256 of its description, `prompts.persona_hashes`), after checking
+    them against the ones the run's manifest recorded: a description, constitution file or
+    bundled text that changed since the run's rows were generated is a StoreError naming the
+    persona, never a run that mixes rows of the old and the new persona."""
+    recorded = store.recorded("personas")
+    changed = sorted(p for p, h in hashes.items() if p in recorded and recorded[p] != h)
+    if changed:
+        raise StoreError(
+            f"{store.root}: the description of persona(s) {changed} differs from the one this "
+            "run's rows were generated with (manifest.json `personas` records its sha256); "
+            "use another --out, or restore the description (its constitution file, or the "
+            "charshift version whose bundled text it was)"
+        )
+    return hashes
 
 
 def load_run_config(store: RunStore) -> RunConfig:
@@ -366,7 +385,7 @@ def train_run_classifier(cfg: RunConfig, store: RunStore, base: BaseSpec, out: P
         texts=[r.text or "" for r in rows],
         labels=[r.persona or "" for r in rows],
         groups=[r.item_id for r in rows],
-        label_names=list(cfg.personas),
+        label_names=cfg.persona_names,
     )
     return train_classifier(data, tc, out, cache_dir=cache_dir())
 
@@ -434,7 +453,7 @@ def score(cfg: RunConfig, store: RunStore) -> dict[str, int]:
         context = ScorerContext(cfg, base, store.root, cache_dir())
         for name in cfg.scorers:
             scorer = open_scorer(name, context)
-            scorer.check_personas(list(cfg.personas))
+            scorer.check_personas(cfg.persona_names)
             sid = scorer.identity
             store.update_manifest(
                 classifiers={base.name: scorer.provenance}, classifier_ids={base.name: sid}
@@ -538,7 +557,9 @@ def preflight(cfg: RunConfig) -> None:
     build_plan(cfg)
     for base in cfg.bases:
         if base.classifier:
-            load_classifier(base.classifier, cache_dir=cache_dir()).check_personas(cfg.personas)
+            load_classifier(base.classifier, cache_dir=cache_dir()).check_personas(
+                cfg.persona_names
+            )
 
 
 def run_all(cfg: RunConfig, out: Path, retry_errors: bool = False) -> Path:

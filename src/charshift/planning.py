@@ -58,7 +58,7 @@ class Plan:
     def summary(self) -> str:
         cfg = self.cfg
         lines = [f"run {cfg.name!r}: {len(cfg.bases)} base(s), stages {cfg.stages}"]
-        lines.append(f"personas ({len(cfg.personas)}): {', '.join(cfg.personas)}")
+        lines.append(f"personas ({len(cfg.personas)}): {_persona_list(cfg)}")
         for b in cfg.bases:
             conds = self.conditions[b.name]
             by_stage = Counter(c.stage for c in conds)
@@ -80,6 +80,11 @@ class Plan:
                 f"{', '.join(judged)}"
             )
         return "\n".join(lines)
+
+
+def _persona_list(cfg: RunConfig) -> str:
+    """The run's personas for the plan, each of the user's own marked as such."""
+    return ", ".join(p.name if p.bundled else f"{p.name} (own)" for p in cfg.personas)
 
 
 def _adapter_source(base: BaseSpec, stage: str, persona: str) -> AdapterSource:
@@ -106,10 +111,11 @@ def build_conditions(
         if stage == BASE_STAGE:
             conds.append(Condition(base.name, BASE_STAGE, None))
             continue
-        for p in cfg.personas:
+        for spec in cfg.personas:
+            p = spec.name
             if stage in (PROMPTED_STAGE, PROMPTED_EXPLICIT_STAGE):
                 sp = prompts.persona_system_prompt(
-                    p,
+                    spec,
                     cfg.persona_prompts.source,
                     cfg.persona_prompts.path,
                     explicit=stage == PROMPTED_EXPLICIT_STAGE,

@@ -13,6 +13,12 @@ pyplot, so nothing depends on a display or on global pyplot state.
   unit's macro-F1 excess on the chain's common items (top) and the excess lost per rung
   (bottom), conditional and ITT, every bar with its interval
 - pred_dist_<base>: the classifier's predicted-label shares per stage/unit
+- trajectory_<persona>: the persona's F1 excess over its own null across stages (base, then the
+  trained stages; the control left out), one line per unit with its interval band, one panel per
+  base
+- persona_unit_<base>: persona x unit heatmaps of trained minus base in F1 excess, one per trained
+  stage (the base's excess is 0 by construction, so each shows the stage's own excess)
+- depth: the cross-base summary, base/stage x persona, of `MetricsResult.depth`
 
 A flagged interval (too few clusters, resamples with nothing scored: `stats.Interval.flag`) is
 drawn hatched and faded, with a dagger; a figure fixed by construction has no error bar; an
@@ -35,6 +41,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from charshift.headline import chain_heading
+from charshift.ladder import split_unit
 from charshift.schema import BASE_STAGE, stable_hash
 from charshift.stats import CellMetrics, ChainDecomposition, Difference, Interval, MetricsResult
 
@@ -420,6 +427,161 @@ def _pred_dist_fig(result: MetricsResult, base: str, top: int = 8) -> Figure:
     return fig
 
 
+# -- per persona: trajectories, the persona x unit difference, depth ---------------------------
+
+TRAINED_MINUS_BASE = (
+    "trained minus base in F1 excess over its own null: the base stage's excess is 0 by "
+    "construction (each base output is paired with every persona), so this is the stage's own "
+    "per-persona excess"
+)
+
+
+def _plain_units(result: MetricsResult, base: str) -> list[str]:
+    """The base's units, each slice once (scoring variants and length controls left out)."""
+    return [u for u in result.slices if split_unit(u)[1] is None
+            and any(result.get(base, st, u) for st in result.stages)]  # fmt: skip
+
+
+def _persona_iv(result: MetricsResult, base: str, stage: str, unit: str, persona: str) -> Interval:
+    """The persona's F1 excess in a cell, from the stats result (NaN where it has none)."""
+    cell = result.get(base, stage, unit)
+    pm = next((p for p in cell.per_persona if p.persona == persona), None) if cell else None
+    return pm.f1_excess if pm is not None else _NAN_IV
+
+
+def _trajectory_panel(ax: Axes, result: MetricsResult, base: str, persona: str) -> None:
+    """One line per unit across the base's stages (the control left out), with its band."""
+    stages = [BASE_STAGE, *result.trained_stages(base)]
+    x = np.arange(len(stages))
+    for j, unit in enumerate(_plain_units(result, base)):
+        ivs = [_persona_iv(result, base, st, unit, persona) for st in stages]
+        est = np.array([i.estimate for i in ivs], dtype=float)
+        lo = np.array([i.lo if np.isfinite(i.lo) else i.estimate for i in ivs], dtype=float)
+        hi = np.array([i.hi if np.isfinite(i.hi) else i.estimate for i in ivs], dtype=float)
+        color, blind = _PALETTE[j % len(_PALETTE)], result.blind(base, unit)
+        ax.plot(x, est, marker="o", ms=3, color=color, ls="--" if blind else "-",
+                label=_tick(result, base, unit))  # fmt: skip
+        ax.fill_between(x, lo, hi, color=color, alpha=0.15, lw=0)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(x, [_t(s) for s in stages], rotation=20, fontsize=8)
+    ax.set_title(_t(base), fontsize=9)
+
+
+def _persona_bases(result: MetricsResult, persona: str) -> list[str]:
+    """The bases whose label set holds `persona` (a base may drop one: `LabelNote`)."""
+    return [b for b in result.bases if persona in result.labels.get(b, result.personas)]
+
+
+def _trajectory_fig(result: MetricsResult, persona: str) -> Figure:
+    bases = _persona_bases(result, persona)
+    fig = Figure(figsize=(4.2 * len(bases) + 2.0, 3.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(bases), sharey=True, squeeze=False)).ravel()
+    for ax, b in zip(axes, bases, strict=True):
+        _trajectory_panel(ax, result, b, persona)
+    axes[0].set_ylabel("F1 excess over own null")
+    axes[-1].legend(fontsize=6, bbox_to_anchor=(1.01, 1), loc="upper left")
+    fig.suptitle(
+        f"{_t(persona)}: F1 excess per unit across stages ({result.ci:.0%} CI bands; dashed, "
+        f"{BLIND}: scorer blind)",
+        fontsize=10,
+    )
+    return fig
+
+
+def _diverging(ax: Axes, data: np.ndarray, rows: list[str], cols: list[str],
+               marks: np.ndarray | None = None) -> None:  # fmt: skip
+    """A heatmap centred on 0 (no persona beyond chance); `marks`: cells to star."""
+    top = float(np.nanmax(np.abs(data))) if np.isfinite(data).any() else 0.0
+    v = max(0.1, top)
+    im = ax.imshow(np.ma.masked_invalid(data), vmin=-v, vmax=v, cmap="PuOr_r", aspect="auto")
+    ax.set_xticks(np.arange(len(cols)), cols, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(np.arange(len(rows)), rows, fontsize=7)
+    if data.size <= 400:
+        for (i, j), val in np.ndenumerate(data):
+            if np.isfinite(val):
+                star = "*" if marks is not None and marks[i, j] else ""
+                ax.text(j, i, f"{val:.2f}{star}", ha="center", va="center", fontsize=6)
+    ax.figure.colorbar(im, ax=ax, shrink=0.8)
+
+
+def persona_unit_matrix(
+    result: MetricsResult, base: str, stage: str
+) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """(personas, units, excess, above 0) of one (base, stage): the persona x unit figure's data,
+    read from the stats result."""
+    personas = list(result.labels.get(base, result.personas))
+    units = _plain_units(result, base)
+    ivs = [[_persona_iv(result, base, stage, u, p) for u in units] for p in personas]
+    data = np.array([[i.estimate for i in row] for row in ivs], dtype=float).reshape(
+        len(personas), len(units)
+    )
+    above = np.array([[i.above_zero for i in row] for row in ivs], dtype=bool).reshape(data.shape)
+    return personas, units, data, above
+
+
+def _persona_unit_fig(result: MetricsResult, base: str) -> Figure:
+    stages = result.trained_stages(base)
+    units = _plain_units(result, base)
+    k = len(result.labels.get(base, result.personas))
+    fig = Figure(figsize=(2.5 + 0.6 * len(units), (0.9 + 0.3 * k) * len(stages) + 0.8),
+                 layout="constrained")  # fmt: skip
+    axes = np.atleast_1d(fig.subplots(len(stages), 1, squeeze=False)).ravel()
+    for ax, st in zip(axes, stages, strict=True):
+        personas, units, data, above = persona_unit_matrix(result, base, st)
+        _diverging(ax, data, [_t(p) for p in personas],
+                   [_tick(result, base, u) for u in units], above)  # fmt: skip
+        ax.set_title(f"{_t(st)} minus {BASE_STAGE}", fontsize=9)
+    fig.suptitle(
+        f"{_t(base)}: per-persona F1 excess over own null (= trained minus base; *: interval "
+        f"above 0; {BLIND}: scorer blind)",
+        fontsize=10,
+    )
+    return fig
+
+
+def depth_matrix(result: MetricsResult) -> tuple[list[str], list[str], np.ndarray]:
+    """(rows base/stage, personas, depth): the cross-base summary's data, from `result.depth`."""
+    rows = list(dict.fromkeys(f"{d.base}/{d.stage}" for d in result.depth))
+    by = {(f"{d.base}/{d.stage}", d.persona): d.depth for d in result.depth}
+    data = np.array([[by.get((r, p), np.nan) for p in result.personas] for r in rows], dtype=float)
+    return rows, list(result.personas), data.reshape(len(rows), len(result.personas))
+
+
+def _depth_fig(result: MetricsResult) -> Figure:
+    rows, personas, data = depth_matrix(result)
+    fig = Figure(figsize=(2.5 + 0.6 * len(personas), 1.6 + 0.35 * len(rows)), layout="constrained")
+    ax = fig.subplots()
+    _diverging(ax, data, [_t(r) for r in rows], [_t(p) for p in personas])
+    ax.set_title("Depth: mean over units of the per-persona F1 excess (trained minus base)",
+                 fontsize=10)  # fmt: skip
+    return fig
+
+
+def _persona_specs(result: MetricsResult) -> Iterator[FigureSpec]:
+    for p in [p for p in result.personas if _persona_bases(result, p)]:
+        yield (
+            figure_stem("trajectory", p),
+            f"{p}: F1 excess over its own null per unit across stages, one panel per base "
+            "(bands: intervals; the positive control is left out; the base stage is 0 by "
+            "construction)",
+            lambda p=p: _trajectory_fig(result, p),
+        )
+    for b in result.bases:
+        if result.trained_stages(b):
+            yield (
+                figure_stem("persona_unit", b),
+                f"{b}: persona x unit, {TRAINED_MINUS_BASE}",
+                lambda b=b: _persona_unit_fig(result, b),
+            )
+    if result.depth:
+        yield (
+            "depth",
+            "Depth per base, stage and persona (depth.csv): the mean over units (each slice "
+            f"once) of the {TRAINED_MINUS_BASE}",
+            lambda: _depth_fig(result),
+        )
+
+
 FigureSpec = tuple[str, str, Callable[[], Figure]]
 
 
@@ -475,6 +637,7 @@ def figure_specs(result: MetricsResult) -> Iterator[FigureSpec]:
             lambda sl=sl: _persona_f1_fig(result, sl),
         )
     yield from _per_base_specs(result)
+    yield from _persona_specs(result)
 
 
 def make_figures(result: MetricsResult, out_dir: str | Path) -> list[tuple[str, Path, Path]]:

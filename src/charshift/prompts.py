@@ -16,6 +16,7 @@ Every selection is a pure function of the pool and the seed, so a run is reprodu
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from charshift.config import ALL_PERSONAS, ConfigError, IdPromptsConfig
+from charshift.config import ALL_PERSONAS, ConfigError, IdPromptsConfig, PersonaSpec, RunConfig
 from charshift.fileio import jsonl_values, read_jsonl
 
 SPLITS = ("train", "eval")
@@ -378,6 +379,15 @@ def load_constitution(folder: str | Path, persona: str) -> str:
     if path is None:
         looked = ", ".join(str(c) for c in candidates)
         raise PromptError(f"no constitution for {persona!r}: looked for {looked}")
+    return read_constitution(path)
+
+
+def read_constitution(path: str | Path) -> str:
+    """The system prompt made from one constitution file: a .jsonl of `{"trait", ...}` lines,
+    a .json list of them (or of strings), or a .txt/.md holding such a JSON list or free text."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise PromptError(f"constitution file not found: {path}")
     if path.suffix == ".jsonl":
         traits: list[str] | str = _traits_from_json(_read_jsonl(path), str(path))
     elif path.suffix == ".json":
@@ -422,21 +432,46 @@ def load_constitutions(folder: str | Path, personas: Iterable[str] | None = None
 
 
 def persona_system_prompt(
-    persona: str, source: str = "bundled", path: str | None = None, explicit: bool = False
+    persona: str | PersonaSpec,
+    source: str = "bundled",
+    path: str | None = None,
+    explicit: bool = False,
 ) -> str:
-    """The `prompted` stage's system prompt: the bundled description or an OCT constitution,
-    describing the persona only. `explicit` (the `prompted_explicit` stage) appends
-    EXPLICIT_FORMAT_SENTENCE."""
-    _check_persona(persona)
+    """The `prompted` stage's system prompt (`persona_prompt`), describing the persona only.
+    `explicit` (the `prompted_explicit` stage) appends EXPLICIT_FORMAT_SENTENCE."""
+    spec = persona if isinstance(persona, PersonaSpec) else PersonaSpec(name=persona)
     tail = f"\n{EXPLICIT_FORMAT_SENTENCE}" if explicit else ""
+    return persona_prompt(spec, source, path) + tail
+
+
+def persona_prompt(spec: PersonaSpec, source: str = "bundled", path: str | None = None) -> str:
+    """What describes a persona to the model: the entry's own constitution file, else its own
+    description, else (a bundled name) the run-wide source, the bundled description or the
+    constitution in the `persona_prompts.path` folder."""
+    if spec.constitution:
+        return read_constitution(spec.constitution)
+    if spec.description:
+        return spec.description.strip()
+    _check_persona(spec.name)
     if source == "bundled":
-        return load_persona_prompts()[persona] + tail
+        return load_persona_prompts()[spec.name]
     if source == "constitutions":
         if not path:
             raise PromptError(
                 "persona_prompts.path: required when persona_prompts.source is `constitutions`"
             )
-        return load_constitution(path, persona) + tail
+        return load_constitution(path, spec.name)
     raise PromptError(
         f"persona_prompts.source: must be `bundled` or `constitutions`, got {source!r}"
     )
+
+
+def persona_hashes(cfg: RunConfig) -> dict[str, str]:
+    """persona -> sha256 of the text that describes it to the model (`persona_prompt`): the
+    manifest records it, so a run whose description, constitution file or bundled text has
+    changed is never resumed into rows generated under the old one."""
+    src, path = cfg.persona_prompts.source, cfg.persona_prompts.path
+    return {
+        p.name: hashlib.sha256(persona_prompt(p, src, path).encode("utf-8")).hexdigest()
+        for p in cfg.personas
+    }

@@ -1135,6 +1135,17 @@ def _outcomes_section(doc: _Doc, rep: ReportContent) -> None:
                     md=True)  # fmt: skip
 
 
+def _depth_table(result: MetricsResult) -> Table:
+    head = ["base", "stage", "persona", "depth", "units", "depth (scorer not blind)", "units",
+            "units detected"]  # fmt: skip
+    rows = [
+        [d.base, d.stage, d.persona, _num(d.depth, 3), str(d.n_units),
+         _num(d.depth_not_blind, 3), str(d.n_units_not_blind), str(d.n_detected)]
+        for d in result.depth
+    ]  # fmt: skip
+    return head, rows
+
+
 def _persona_section(doc: _Doc, rep: ReportContent) -> None:
     res = rep.result
     doc.h2("personas", "Per-persona F1 (conditional)")
@@ -1145,6 +1156,14 @@ def _persona_section(doc: _Doc, rep: ReportContent) -> None:
     for m in res.cells.values():
         mark = f" {BLIND}" if m.scorer_blind else ""
         doc.details(f"{m.cell.label()}{mark}: per-persona details", _per_persona_detail(m))
+    doc.h3("Depth per base, stage and persona (depth.csv)")
+    doc.p(
+        "Mean over units (each slice once) of the persona's F1 excess over its own null: the "
+        "trained stage minus the base stage in excess, because the base stage's excess is 0 by "
+        "construction. A point summary without an interval; the second mean leaves out the "
+        f"units where the scorer is blind ({BLIND}), whose figures are not evidence."
+    )
+    doc.table(_depth_table(res), empty="No trained stage: no depth.")
     doc.h2("labels", "Predicted-label distribution")
     doc.p("Share of scored rows per predicted label (labels outside the run included).")
     doc.table(_pred_dist_table(res))

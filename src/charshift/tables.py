@@ -74,7 +74,8 @@ METRICS_COLUMNS = (
 )  # fmt: skip
 PER_PERSONA_COLUMNS = (
     "base", "stage", "slice", "persona", "precision", "recall", "f1", "f1_lo", "f1_hi",
-    "f1_reliable", "f1_null", "f1_itt", "n", "n_scored", "yield", "scorer_blind",
+    "f1_reliable", "f1_null", "f1_excess", "f1_excess_lo", "f1_excess_hi", "f1_itt", "n",
+    "n_scored", "yield", "scorer_blind",
 )  # fmt: skip
 DIFFERENCE_COLUMNS = (
     "kind", "chain", "base", "metric", "itt", "stage_a", "slice_a", "stage_b", "slice_b",
@@ -96,6 +97,25 @@ RETENTION_COLUMNS = (
     "base", "stage", "unit", "control", "itt", "retention", "lo", "hi", "reliable",
     "n_clusters", "k", "n_personas", "scorer_blind", "flag",
 )  # fmt: skip
+
+
+DEPTH_COLUMNS = (
+    "base", "stage", "persona", "depth", "n_units", "depth_not_blind", "n_units_not_blind",
+    "n_detected", "units", "definition",
+)  # fmt: skip
+DEPTH_DEFINITION = (
+    "mean over units (each slice once) of the persona's F1 excess over its own null = trained "
+    "minus base (the base stage's excess is 0 by construction); not_blind: the units where the "
+    "scorer is not blind; detected: units whose interval lies above 0"
+)
+
+
+def _depth_rows(result: MetricsResult) -> Iterable[list[Any]]:
+    for d in result.depth:
+        yield [
+            d.base, d.stage, d.persona, d.depth, d.n_units, d.depth_not_blind,
+            d.n_units_not_blind, d.n_detected, " ".join(d.units), DEPTH_DEFINITION,
+        ]  # fmt: skip
 
 
 def _flags(m: CellMetrics) -> str:
@@ -122,7 +142,7 @@ def _per_persona_rows(result: MetricsResult) -> Iterable[list[Any]]:
         for p in m.per_persona:
             yield [
                 *m.cell, p.persona, p.precision, p.recall, *_iv(p.f1), p.f1_null,
-                p.f1_itt.estimate, p.n, p.n_scored, p.yield_, m.scorer_blind,
+                *_iv(p.f1_excess)[:3], p.f1_itt.estimate, p.n, p.n_scored, p.yield_, m.scorer_blind,
             ]  # fmt: skip
 
 
@@ -200,7 +220,7 @@ def settings_json(result: MetricsResult) -> dict[str, Any]:
 
 def write_tables(result: MetricsResult, out_dir: str | Path) -> list[Path]:
     """Write metrics.csv, per_persona.csv, confusion.csv, pred_distribution.csv,
-    differences.csv, chains.csv, scorer_check.csv, retention.csv and stats.json (settings,
+    differences.csv, chains.csv, scorer_check.csv, retention.csv, depth.csv and stats.json (settings,
     label sets) into `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -226,5 +246,6 @@ def write_tables(result: MetricsResult, out_dir: str | Path) -> list[Path]:
         write_csv(out / "chains.csv", CHAIN_COLUMNS, _chain_rows(result)),
         write_csv(out / "scorer_check.csv", SCORER_CHECK_COLUMNS, _scorer_rows(result)),
         write_csv(out / "retention.csv", RETENTION_COLUMNS, _retention_rows(result)),
+        write_csv(out / "depth.csv", DEPTH_COLUMNS, _depth_rows(result)),
         write_atomic(out / "stats.json", json.dumps(settings_json(result), indent=2) + "\n"),
     ]

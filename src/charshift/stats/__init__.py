@@ -12,7 +12,7 @@ prediction files lives in `charshift.external`, writing tables in `charshift.tab
 
 Modules: `results` (the records), `counts` (records -> per-cluster counts -> statistics),
 `intervals` (draws, intervals, p-values, flags), `nulls` (the permutation null), `cells`,
-`differences`, `chains`, `family`, `scorer`, `compute` (the entry points).
+`differences`, `chains`, `family`, `scorer`, `depth`, `compute` (the entry points).
 
 Definitions (the only ones in the code base):
 
@@ -46,7 +46,9 @@ Definitions (the only ones in the code base):
   (tests/test_stats_simulation.py). `p_null`: one-sided permutation p-value of the excess, the
   true labels permuted within items (`n_perm` permutations; (1 + hits) / (1 + n_perm)).
   Accuracy's chance correction is Cohen's kappa (`kappa`): (accuracy - p_e) / (1 - p_e), p_e =
-  sum_j n_j m_j / N^2. "Persona detected" means an excess interval above 0 (or a small p_null),
+  sum_j n_j m_j / N^2. Per persona, `PersonaMetrics.f1_excess` = F1_j - F1null_j, with its
+  interval from the cell's bootstrap (not floored by the permutation null, unlike the cell's).
+  "Persona detected" means an excess interval above 0 (or a small p_null),
   never a difference from the base stage.
 * The base stage is an explicit null: it is generated once per item and sample (persona
   "__null__"), and each such output is paired with every persona of the label set as its true
@@ -55,6 +57,12 @@ Definitions (the only ones in the code base):
   0 and its accuracy is 1/K times the share of outputs predicted inside the label set, all
   `fixed_by_construction` (NaN ends). Its role is the scorer's format bias: the share of its
   most-predicted label per unit (`ScorerCheck.null_top_share`). Counts are per output.
+* Depth (`depth`, per base, trained stage and persona): the mean over the base's units (each
+  slice once: scoring variants and length controls left out) of the persona's conditional
+  `f1_excess` where it has a scored output, which is the stage minus the base stage in excess
+  (the base's is 0 by construction); also over the units where the scorer is not blind only
+  (`depth_not_blind`), and the count of units whose persona excess interval lies above 0. A
+  point summary: no interval.
 * Positive control (`control`, default `prompted_explicit`): its conditional excess in a unit is
   the scorer's `sensitivity` there; where its interval reaches 0 the scorer is blind in that
   unit (`scorer_blind`), and every figure of that unit is marked (`CellMetrics.scorer_blind`,
@@ -117,6 +125,7 @@ from charshift.stats.compute import (
     permutation_draws,
 )
 from charshift.stats.counts import expand_base_null, label_sets, score_labels
+from charshift.stats.depth import depth_rows
 from charshift.stats.family import holm
 from charshift.stats.results import (
     BLIND_TEXT,
@@ -136,6 +145,7 @@ from charshift.stats.results import (
     Cell,
     CellMetrics,
     ChainDecomposition,
+    Depth,
     Difference,
     Interval,
     LabelNote,
@@ -153,9 +163,9 @@ __all__ = [
     "ALL_PERSONAS", "BLIND_TEXT", "DEFAULT_CONTROL", "DEFAULT_SCORER", "FIXED_NULL_TEXT",
     "FIXED_TEXT", "HOME", "METRICS", "MIN_CLUSTERS", "NONE", "NULL_ROW", "N_PERM", "OTHER",
     "OWN_NULL", "PRIMARY", "STAGE_ORDER", "BootstrapDraws", "Cell", "CellMetrics",
-    "ChainDecomposition", "ChainDraws", "Difference", "Interval", "LabelNote", "Method",
+    "ChainDecomposition", "ChainDraws", "Depth", "Difference", "Interval", "LabelNote", "Method",
     "MetricsResult", "PersonaMetrics", "Retention", "ScorerCheck", "bootstrap_draws",
-    "chain_decomposition", "chain_draws", "compute_metrics", "expand_base_null", "holm",
+    "chain_decomposition", "chain_draws", "compute_metrics", "depth_rows", "expand_base_null", "holm",
     "infer_personas", "item_kind", "label_sets", "order_slices", "order_stages",
     "paired_difference", "permutation_draws", "score_labels",
 ]  # fmt: skip

@@ -3,6 +3,7 @@ p-value of its excess over its own null (pure)."""
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 
@@ -12,7 +13,16 @@ from charshift.schema import derive_seed
 from charshift.stats.counts import CellData, columns, safe_div
 from charshift.stats.intervals import Opts, Side, draw, scalar_iv, side, vector_iv
 from charshift.stats.nulls import EXCESS_NAMES, null_floor, null_test
-from charshift.stats.results import NONE, NULL_ROW, OTHER, Cell, CellMetrics, PersonaMetrics
+from charshift.stats.results import (
+    FIXED_NULL_TEXT,
+    NONE,
+    NULL_ROW,
+    OTHER,
+    Cell,
+    CellMetrics,
+    Interval,
+    PersonaMetrics,
+)
 
 # every statistic a cell reports with an interval (the CellMetrics field is the name, "yield_"
 # for "yield")
@@ -36,6 +46,7 @@ def _per_persona(data: CellData, s: Side, labels: Sequence[str], o: Opts) -> lis
     col = columns(len(labels))
     tot = data.counts.sum(axis=0)
     f1, f1_itt = vector_iv(s, "f1", o), vector_iv(s, "f1_itt", o)
+    excess = _excess_ivs(s, data, o)
     tp, pred = tot[col["tp"]], tot[col["pred"]]
     true_s, true_a = tot[col["true_s"]], tot[col["true_a"]]
     precision, recall = safe_div(tp, pred, 0.0), safe_div(tp, true_s, 0.0)
@@ -53,9 +64,20 @@ def _per_persona(data: CellData, s: Side, labels: Sequence[str], o: Opts) -> lis
             f1_itt=f1_itt[i],
             recall_itt=float(recall_itt[i]),
             f1_null=float(null[i]) if true_s[i] else float("nan"),
+            f1_excess=excess[i],
         )
         for i, pname in enumerate(labels)
     ]
+
+
+def _excess_ivs(s: Side, data: CellData, o: Opts) -> list[Interval]:
+    """Each persona's F1 excess over its own null with its interval; in a base-null cell it is
+    0 by construction (each output is paired with every persona), with no interval."""
+    ivs = vector_iv(s, "f1_excess", o)
+    if not data.null:
+        return ivs
+    return [Interval(iv.estimate, math.nan, math.nan, iv.n_clusters, 0, True, FIXED_NULL_TEXT)
+            for iv in ivs]  # fmt: skip
 
 
 def cell_metrics(data: CellData, labels: Sequence[str], o: Opts) -> CellMetrics:

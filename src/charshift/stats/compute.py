@@ -13,6 +13,7 @@ from charshift.schema import BASE_STAGE, PredictionRecord
 from charshift.stats.cells import cell_metrics, cell_seed
 from charshift.stats.chains import chain_fit, chain_results, universe
 from charshift.stats.counts import CellData, build_cells, group, make_label_sets, statistics
+from charshift.stats.depth import depth_rows
 from charshift.stats.differences import (
     DiffIv,
     contrast_rows,
@@ -314,4 +315,5 @@ def compute_metrics(
                 result.differences += stage_rows(data, b, u, o)
         result.retention = retention_rows(data, result, o)
     mark_blind(result)
+    result.depth = depth_rows(result)
     return result

@@ -278,7 +278,8 @@ def statistics(totals: np.ndarray) -> dict[str, np.ndarray]:
     Per persona j, with n_j its true rows, m_j the rows predicted j and N all rows (conditional:
     scored rows only; ITT: every row): F1_j = 2 tp_j / (n_j + m_j), and the F1 expected when
     predictions are independent of the true persona, F1null_j = 2 n_j m_j / (N (n_j + m_j))
-    (tp_j replaced by its expectation n_j m_j / N). Persona-averaged figures: `MACRO`.
+    (tp_j replaced by its expectation n_j m_j / N), and its excess F1_j - F1null_j (`f1_excess`).
+    Persona-averaged figures: `MACRO`.
     """
     col = columns(k_of(totals))
     tp, pred = totals[..., col["tp"]], totals[..., col["pred"]]
@@ -297,6 +298,7 @@ def statistics(totals: np.ndarray) -> dict[str, np.ndarray]:
     }
     st["f1"] = np.where(st["scored"], safe_div(2 * tp, pred + true_s, 0.0), np.nan)
     st["f1_itt"] = np.where(st["attempted"], safe_div(2 * tp, pred + true_a, 0.0), np.nan)
+    st["f1_excess"] = st["f1"] - st["f1_null"]  # per persona, NaN where it has no scored output
     st["n_personas_scored"] = st["scored"].sum(axis=-1).astype(np.float64)
     st["n_personas_attempted"] = st["attempted"].sum(axis=-1).astype(np.float64)
     for name in MACRO:

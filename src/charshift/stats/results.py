@@ -93,6 +93,9 @@ class PersonaMetrics:
     f1_itt: Interval  # NaN when this persona has no row in the cell (not averaged)
     recall_itt: float
     f1_null: float = math.nan  # F1 expected with predictions independent of the persona
+    # F1 - F1 null, with its interval from the cell's bootstrap (the null recomputed in each
+    # resample); fixed at 0 by construction in a base-null cell
+    f1_excess: Interval = field(default_factory=lambda: _NAN)
 
 
 @dataclass
@@ -296,6 +299,26 @@ class Retention:
         return not self.flag
 
 
+@dataclass(frozen=True)
+class Depth:
+    """How deep a persona goes in one (base, stage): the mean over the base's scored units (each
+    slice once, its scoring variants and length controls left out) of the persona's F1 excess
+    over its own null, the stage minus the base stage in excess (the base stage's is 0 by
+    construction). `depth_not_blind`: the same mean over the units where the scorer is not
+    marked blind, the only ones whose figures are evidence about the persona; `n_detected`: the
+    units where the persona's excess interval lies above 0."""
+
+    base: str
+    stage: str
+    persona: str
+    depth: float
+    n_units: int
+    depth_not_blind: float
+    n_units_not_blind: int
+    n_detected: int
+    units: tuple[str, ...]
+
+
 @dataclass
 class MetricsResult:
     personas: list[str]  # the run's personas
@@ -315,6 +338,7 @@ class MetricsResult:
     scorer_checks: list[ScorerCheck] = field(default_factory=list)
     retention: list[Retention] = field(default_factory=list)
     failed_only: list[Cell] = field(default_factory=list)  # cells whose every row failed
+    depth: list[Depth] = field(default_factory=list)  # per (base, trained stage, persona)
 
     @property
     def bases(self) -> list[str]:
