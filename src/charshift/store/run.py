@@ -287,54 +287,43 @@ class RunStore:
         cfg_dict: dict[str, Any],
         planned_keys: Callable[[], Iterable[str]] | None = None,
         normalise: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        identify: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     ) -> None:
-        """Write the resolved config; a resumed run must have the same config. If config.yaml is
-        missing from a folder that holds rows, the config is accepted only when it matches the
-        manifest's copy, or (no manifest) when every stored row is one of `planned_keys()`.
-        `normalise` re-resolves a stored config under this version (fields added since it was
-        written take their defaults), so a resume is not refused for a field it never set."""
+        """Record the resolved config, refusing one of another study (store/study.py): its
+        identity (`identify`, default every field) must be the run's, read from the manifest's
+        copy of the config (else config.yaml), and config.yaml must not have been edited by
+        hand. With neither, in a folder that holds rows, every stored row must be one of
+        `planned_keys()`. `normalise` re-resolves a stored config under this version (fields
+        added since it was written take their defaults), so a resume is not refused for a field
+        it never set."""
         self._require_writable()
-        if self.config_path.exists():
-            stored = self.read_config()
-            if normalise is not None:
-                try:
-                    stored = normalise(stored)
-                except ValueError:
-                    pass  # not valid under this version: it differs, said below
-            if stored != cfg_dict:
-                raise StoreError(
-                    f"{self.root} holds a run with a different config; use another --out or "
-                    f"delete it (diff the resolved config in {self.config_path})"
-                )
-            if self.read_config() != cfg_dict:  # same run, resolved by an older version
-                self._write_config_file(cfg_dict)
-        else:
-            if len(self.generations) or len(self.scores):
-                self._check_same_run(cfg_dict, planned_keys)
-            self._write_config_file(cfg_dict)
-        if self.manifest().get("config") != cfg_dict:
-            self.set_manifest(config=cfg_dict)
+        study.write_config(self, cfg_dict, study.ConfigRules(identify, normalise), planned_keys)
 
-    def _write_config_file(self, cfg_dict: dict[str, Any]) -> None:
+    def run_config(
+        self,
+        normalise: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        identify: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """`read_config`, refused (naming the fields) when config.yaml was edited by hand into
+        another study than the one the manifest records."""
+        cfg = self.read_config()
+        if self.config_path.exists():
+            study.check_not_edited(self, cfg, study.ConfigRules(identify, normalise))
+        return cfg
+
+    def say(self, msg: str) -> None:
+        """A warning about the run's data: printed, and kept in `notes` for the report."""
+        self._say(msg)
+
+    def write_config_file(self, cfg_dict: dict[str, Any]) -> None:
         text = yaml.safe_dump(cfg_dict, sort_keys=False, allow_unicode=True)
         with self._shared_files_lock():
             atomic_write_text(self.config_path, text, error=write_error)
 
-    def _check_same_run(
-        self, cfg_dict: dict[str, Any], planned_keys: Callable[[], Iterable[str]] | None
-    ) -> None:
+    def check_rows_belong(self, planned_keys: Callable[[], Iterable[str]] | None) -> None:
+        """No config.yaml and no manifest copy: accept a config only when every stored row is
+        one of its `planned_keys()`."""
         held = f"{self.root} holds {len(self.generations)} generations but no config.yaml"
-        copy = self.manifest().get("config")
-        if isinstance(copy, dict):
-            if copy != cfg_dict:
-                raise StoreError(
-                    f"{held}, and the config given differs from the run's (manifest.json keeps "
-                    "a copy under `config`); use another --out, or restore config.yaml"
-                )
-            self._say(
-                f"{held}; the config given matches manifest.json's copy: config.yaml written again"
-            )
-            return
         if planned_keys is None:
             raise StoreError(f"{held}; restore config.yaml (the run's resolved config)")
         planned = set(planned_keys())
