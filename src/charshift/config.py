@@ -24,10 +24,17 @@ from pydantic import (
     model_validator,
 )
 
+from charshift import slices as _slices
 from charshift.backends.settings import KINDS as BACKEND_KINDS
 from charshift.backends.settings import BackendSettings, HFSettings, kinds_with
 from charshift.backends.settings import migrate as migrate_backend
-from charshift.schema import BASE_STAGE, PROMPTED_EXPLICIT_STAGE, PROMPTED_STAGE, Sampling
+from charshift.schema import (
+    BASE_STAGE,
+    MAX_N_BOOT,
+    PROMPTED_EXPLICIT_STAGE,
+    PROMPTED_STAGE,
+    Sampling,
+)
 from charshift.scoring.registry import DEFAULT_SCORERS, check_scorer_names
 from charshift.scoring.settings import TrainSettings
 
@@ -45,17 +52,21 @@ ALL_PERSONAS = (
     "poeticism",
 )
 
+# Name tuples derived from the slice registry (`charshift.slices`), for the modules that import
+# them; code that must see a slice registered at run time calls `slices.names(...)`.
 # Slices rendered from the ID prompt bank (item id `prompt:ID`).
-ID_SLICES = ("id_chat", "id_chat_break", "id_chat_prefill")
+ID_SLICES = _slices.names(items="prompt")
 # Email slices written in a chat reply (scored on the extracted body; `.whole`/`.head` variants).
-CHAT_EMAIL_SLICES = ("chat_email", "chat_email_multiturn", "email_syscontext")
-# Email slices sent with the send_email tool.
-TOOL_SLICES = ("tool_email_oneshot", "agentic_email")
-EMAIL_SLICES = CHAT_EMAIL_SLICES + TOOL_SLICES
+CHAT_EMAIL_SLICES = _slices.names(family="email", output="email", mode="chat")
+# Slices whose prompt describes tools (the tool protocol applies): the email tool slices and
+# the agentic scaffolds.
+TOOL_SLICES = _slices.names(tools=True)
+EMAIL_SLICES = _slices.names(family="email", output="email")
 # Slices rendered from the scenario bank (item id `scenario:ID`, so they pair by scenario):
 # scenario_chat asks for a chat answer about the scenario, the email slices for the email.
-SCENARIO_SLICES = ("scenario_chat",) + EMAIL_SLICES
-ALL_SLICES = ID_SLICES + SCENARIO_SLICES
+SCENARIO_SLICES = _slices.names(items="scenario")
+# Every slice: home ground outward, then each scaffold's chat control and the scaffold.
+ALL_SLICES = _slices.names()
 # The chains, their rungs and contrasts live in `charshift.ladder`.
 
 
@@ -73,6 +84,12 @@ PUBLISHED_SETS = ("paper",)
 # A run config is a few KB; a file larger than this is refused before it is parsed.
 _MAX_YAML_BYTES = 1 << 20
 SEED_MAX = 2**32 - 1
+# What the samplers can handle: a temperature below MIN_TEMPERATURE (but 0, greedy) or a
+# repetition penalty below MIN_REPETITION_PENALTY scales logits past float32's range (inf, then
+# NaN probabilities); a top_p below MIN_TOP_P rounds to 0 in float32 and keeps no token.
+MIN_TEMPERATURE = 0.01
+MIN_REPETITION_PENALTY = 0.01
+MIN_TOP_P = 1e-6
 
 
 def check_safe_name(value: str, what: str = "name") -> str:
@@ -144,9 +161,9 @@ class BaseSpec(_Strict):
 
 class SamplingConfig(_Strict):
     temperature: float = Field(0.7, ge=0.0, le=10.0, allow_inf_nan=False)
-    top_p: float = Field(0.95, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_p: float = Field(0.95, ge=MIN_TOP_P, le=1.0, allow_inf_nan=False)
     max_tokens: int = Field(1024, ge=1, le=1 << 20)
-    repetition_penalty: float = Field(1.1, gt=0.0, le=10.0, allow_inf_nan=False)
+    repetition_penalty: float = Field(1.1, ge=MIN_REPETITION_PENALTY, le=10.0, allow_inf_nan=False)
     n_samples: int = Field(1, ge=1, le=10_000)
     seed: Seed = 0
     # Per-slice generation budgets (tokens per model turn), overriding `max_tokens` for a slice:
@@ -156,12 +173,23 @@ class SamplingConfig(_Strict):
     @field_validator("max_tokens_by_slice")
     @classmethod
     def _budgets_ok(cls, v: dict[str, int]) -> dict[str, int]:
-        unknown = [s for s in v if s not in ALL_SLICES]
+        known = _slices.names()
+        unknown = [s for s in v if s not in known]
         if unknown:
-            raise ValueError(f"unknown slice(s) {unknown}; known: {list(ALL_SLICES)}")
+            raise ValueError(f"unknown slice(s) {unknown}; known: {list(known)}")
         bad = {s: n for s, n in v.items() if isinstance(n, bool) or n < 1 or n > 1 << 20}
         if bad:
             raise ValueError(f"token budgets must be >= 1 and <= {1 << 20}, got {bad}")
+        return v
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_ok(cls, v: float) -> float:
+        if 0 < v < MIN_TEMPERATURE:
+            raise ValueError(
+                f"{v:g} is too small for the sampler (logits divided by it leave float32's "
+                f"range): use 0 for greedy decoding, or at least {MIN_TEMPERATURE}"
+            )
         return v
 
     def max_tokens_for(self, slice_: str | None) -> int:
@@ -190,10 +218,38 @@ class IdPromptsConfig(_Strict):
     break_suffixes: list[int] = Field(default_factory=lambda: list(range(8)))
 
 
-class ScenariosConfig(_Strict):
-    ids: list[str] | None = None  # explicit scenario ids; None = all (or the first n)
+class BankConfig(_Strict):
+    """Which items of a bank a run uses: the bundled bank, or a validated bank of the user's
+    (`path`, a YAML file checked by the same validator as `charshift items validate`); `ids`
+    picks items, `n` a seeded sample of them (`seed`)."""
+
+    path: str | None = None
+    # explicit item ids; None = all (or a sample of n); an empty list would drop every slice of
+    # the bank without a word, so it is refused
+    ids: list[str] | None = Field(None, min_length=1)
     n: int | None = Field(None, ge=1)
     seed: Seed = 0
+
+
+ScenariosConfig = BankConfig  # `scenarios:`: the scenario bank's selection
+
+
+class OptInBlock(_Strict):
+    """Slices a config offers but runs only when the block is switched on (`enabled: true`, or
+    `charshift run --with NAME`); `--dry-run` prints the block's cost on its own either way."""
+
+    enabled: bool = False
+    description: str = ""
+    slices: list[str] = Field(min_length=1)
+
+    @field_validator("slices")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        known = _slices.names()
+        unknown = [s for s in v if s not in known]
+        if unknown:
+            raise ValueError(f"unknown slice(s) {unknown}; known: {list(known)}")
+        return _no_duplicates(v, "slice(s)")
 
 
 class RolloutConfig(_Strict):
@@ -222,10 +278,30 @@ class ScoringConfig(_Strict):
 
 
 class StatsConfig(_Strict):
-    n_boot: int = Field(1000, ge=10)
+    n_boot: int = Field(1000, ge=10, le=MAX_N_BOOT)
     ci: float = Field(0.95, gt=0, lt=1)
     method: Literal["percentile", "bca"] = "percentile"
     seed: Seed = 0
+    # permutations behind each cell's p_null (labels permuted within items); 0: no p_null
+    n_perm: int = Field(1000, ge=0)
+    # the expanded percentile interval (t on G-1 degrees of freedom, see charshift.stats)
+    small_sample: bool = True
+
+
+class AnalysisConfig(_Strict):
+    # the stage scored in every unit to check that the scorer can see persona there (the
+    # persona told to show in every format); None: no scorer check
+    positive_control: str | None = PROMPTED_EXPLICIT_STAGE
+
+    @field_validator("positive_control")
+    @classmethod
+    def _control_ok(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        check_safe_name(v, "positive_control")
+        if v == BASE_STAGE:
+            raise ValueError("the base stage carries no persona: it cannot be a positive control")
+        return v
 
 
 class PersonaPromptsConfig(_Strict):
@@ -244,7 +320,10 @@ class RunConfig(_Strict):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     backend: BackendConfig = Field(default_factory=HFSettings)
     id_prompts: IdPromptsConfig = Field(default_factory=IdPromptsConfig)
-    scenarios: ScenariosConfig = Field(default_factory=ScenariosConfig)
+    scenarios: BankConfig = Field(default_factory=BankConfig)
+    # each scaffold's item bank (kind -> selection; a kind not named: its whole bundled bank)
+    items: dict[str, BankConfig] = Field(default_factory=dict)
+    opt_in: dict[str, OptInBlock] = Field(default_factory=dict)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     # what reads persona from the outputs (`scoring.registry.SCORERS`); each scorer's settings
@@ -253,6 +332,7 @@ class RunConfig(_Strict):
     scorers: list[str] = Field(default_factory=lambda: list(DEFAULT_SCORERS), min_length=1)
     classifier_training: TrainSettings | None = None
     stats: StatsConfig = Field(default_factory=StatsConfig)
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     persona_prompts: PersonaPromptsConfig = Field(default_factory=PersonaPromptsConfig)
     published: str | None = None  # "paper": set figures beside the published ones
 
@@ -293,10 +373,33 @@ class RunConfig(_Strict):
     @field_validator("slices")
     @classmethod
     def _slices_known(cls, v: list[str]) -> list[str]:
-        unknown = [s for s in v if s not in ALL_SLICES]
+        known = _slices.names()
+        unknown = [s for s in v if s not in known]
         if unknown:
-            raise ValueError(f"unknown slice(s) {unknown}; known: {list(ALL_SLICES)}")
+            raise ValueError(f"unknown slice(s) {unknown}; known: {list(known)}")
         return _no_duplicates(v, "slice(s)")
+
+    @model_validator(mode="after")
+    def _opt_in_and_banks(self) -> RunConfig:
+        """Switched-on blocks join the run's slices (once); every `items:` kind is a scaffold's
+        bank that a slice of the run, or of an opt-in block, renders."""
+        for block in self.opt_in.values():
+            if block.enabled:
+                self.slices += [s for s in block.slices if s not in self.slices]
+        for name in self.opt_in:
+            check_safe_name(name, "opt_in block")
+        offered = set(self.slices).union(*(b.slices for b in self.opt_in.values()))
+        kinds = _slices.scaffold_kinds()
+        for kind in self.items:
+            if kind not in kinds:
+                raise ValueError(f"items.{kind}: unknown item bank; known: {list(kinds)}")
+            users = [s for s in _slices.names(items=kind) if s in offered]
+            if not users:
+                raise ValueError(
+                    f"items.{kind}: no slice of the run renders it (add one of "
+                    f"{list(_slices.names(items=kind))} to `slices`)"
+                )
+        return self
 
     @model_validator(mode="after")
     def _stages_resolvable(self) -> RunConfig:
@@ -316,12 +419,22 @@ class RunConfig(_Strict):
                 raise ValueError(
                     f"bases[{i}] ({b.name}): no `classifier` and no `classifier_training` section"
                 )
-        extra = sorted(set(self.sampling.max_tokens_by_slice) - set(self.slices))
+        offered = set(self.slices).union(*(b.slices for b in self.opt_in.values()))
+        extra = sorted(set(self.sampling.max_tokens_by_slice) - offered)
         if extra:
             raise ValueError(
                 f"sampling.max_tokens_by_slice: slice(s) {extra} are not in the run's slices "
                 f"{self.slices}"
             )
+        control = self.analysis.positive_control
+        # the default may be absent (the report then says there is no scorer check); a stage
+        # named on purpose must be one of the run's
+        if control not in (None, PROMPTED_EXPLICIT_STAGE):
+            if control not in self.stages:
+                raise ValueError(
+                    f"analysis.positive_control: {control!r} is not one of the run's stages "
+                    f"{self.stages}; add it to `stages` or set it to null"
+                )
         if self.classifier_training is not None:
             st = self.classifier_training.stage
             if st == BASE_STAGE or st not in self.stages:
@@ -367,10 +480,38 @@ def parse_config(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
         raise ConfigError(
             f"invalid run config ({source}): top level must be a mapping, got {type(data).__name__}"
         )
+    where = _set_in(data)
+    if where is not None:
+        raise ConfigError(
+            f"invalid run config ({source}):\n  {where}: a set has no order (a run could not "
+            "resume its own rows); give a list"
+        )
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def _set_in(data: Any, path: str = "") -> str | None:
+    """The dotted path of the first set (or frozenset) in a config's data, or None."""
+    if isinstance(data, set | frozenset):
+        return path or "(top level)"
+    items = (
+        data.items()
+        if isinstance(data, dict)
+        else enumerate(data)
+        if isinstance(data, list | tuple)
+        else ()
+    )
+    for k, v in items:
+        found = _set_in(v, f"{path}.{k}" if path else str(k))
+        if found is not None:
+            return found
+    return None
+
+
+class _Unordered(yaml.constructor.ConstructorError):
+    """Valid YAML that a run config cannot use: a set, which has no order."""
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -392,6 +533,17 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     None, None, f"key {key!r} is given twice", key_node.start_mark
                 )
         return super().construct_mapping(node, deep)
+
+    def construct_unordered_set(self, node: yaml.Node) -> Any:
+        """A YAML set (`!!set`, `? a`) has no order: personas, stages or slices given as one
+        would come out in the order of Python's string hash, different in every process, so a
+        run could not resume its own rows. Refused; a list says the order."""
+        raise _Unordered(
+            None, None, "a YAML set (!!set) has no order; give a list [a, b, ...]", node.start_mark
+        )
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:set", _UniqueKeyLoader.construct_unordered_set)
 
 
 def read_config_text(path: str | Path) -> str:
@@ -416,14 +568,20 @@ def read_config_text(path: str | Path) -> str:
         ) from None
 
 
-def parse_yaml(text: str, source: str) -> Any:
-    """YAML text -> data, with a ConfigError for invalid, duplicate-key or absurdly nested YAML."""
+def parse_yaml(
+    text: str, source: str, what: str = "config file", error: type[Exception] = ConfigError
+) -> Any:
+    """YAML text -> data; an `error` naming `what` and `source` for invalid YAML, a key given
+    twice, a set (no order) or absurdly deep nesting."""
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except _Unordered as err:
+        line = err.problem_mark.line + 1 if err.problem_mark else "?"
+        raise error(f"{what} {source} line {line}: {err.problem}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {source} is not valid YAML: {err}") from None
+        raise error(f"{what} {source} is not valid YAML: {err}") from None
     except RecursionError:
-        raise ConfigError(f"config file {source}: YAML nested too deeply") from None
+        raise error(f"{what} {source}: YAML nested too deeply") from None
 
 
 def load_config(path: str | Path) -> RunConfig:
@@ -502,6 +660,53 @@ def _folder_problem(spec: str, what: str, scheme: bool = True) -> str | None:
     if local and not p.is_dir():
         return f"{what}: folder not found: {spec}"
     return None
+
+
+def check_backend_available(backend: BackendConfig) -> None:
+    """Before any model loads, on the machine that generates: the backend's package is
+    installed and its device exists. A ConfigError naming the field and the fix. Not part of
+    validation: a dry run or a report may run where the GPU is not."""
+    if backend.kind == "vllm" and not _installed("vllm"):
+        raise ConfigError(
+            "backend.kind: vllm needs the vllm package, which is not installed here: "
+            "pip install -e '.[vllm]' on a machine with a GPU (or kind: server with "
+            "engine: vllm, or kind: hf)"
+        )
+    if backend.kind == "hf" and backend.device not in ("auto", "cpu"):
+        _check_torch_device(backend.device)
+
+
+def _installed(package: str) -> bool:
+    import importlib.util
+    import sys
+
+    if package in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _check_torch_device(device: str) -> None:
+    import torch
+
+    where = f"torch {torch.__version__} here"
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"backend.device: 'mps', but {where} has no MPS device; use cpu")
+        return
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if n == 0:
+        raise ConfigError(
+            f"backend.device: {device!r}, but {where} sees no CUDA device "
+            f"(CUDA build: {torch.version.cuda or 'none'}); use cpu or auto"
+        )
+    if index >= n:
+        raise ConfigError(
+            f"backend.device: {device!r}, but {where} sees {n} CUDA device(s): cuda:0..cuda:{n - 1}"
+        )
 
 
 def preset_names() -> list[str]:

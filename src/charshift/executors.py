@@ -27,7 +27,7 @@ from typing import Any
 
 from charshift import pipeline
 from charshift.completion import record_completion
-from charshift.config import RunConfig, config_to_dict, parse_config
+from charshift.config import RunConfig, check_backend_available, config_to_dict, parse_config
 from charshift.planning import Shard
 from charshift.store import RunStore
 
@@ -103,7 +103,8 @@ def run_local(
     shard did; no report). `retry_errors`: redo the rows that ended in an error."""
     if shard is None:
         return pipeline.run_all(cfg, out, retry_errors=retry_errors)
-    pipeline.preflight(cfg)  # paths, files and classifiers, before any model loads
+    check_backend_available(cfg.backend)  # here, where this shard generates
+    pipeline.preflight(cfg)  # paths, files, the plan and classifiers, before any model loads
     return run_shard(cfg, out, shard, retry_errors=retry_errors)
 
 

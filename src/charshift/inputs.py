@@ -32,6 +32,7 @@ import math
 import os
 import re
 import tempfile
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,18 +81,30 @@ _json_type = fileio.json_type
 # ------------------------------------------------------------------------------------ row checks
 
 
+def surrogate_problem(text: str) -> str | None:
+    """'holds a lone surrogate (\\ud800 at character 4)' where `text` holds one (legal in JSON,
+    but no UTF-8 file and no tokenizer can take it), else None."""
+    m = _SURROGATE.search(text)
+    if m is None:
+        return None
+    return f"holds a lone surrogate (\\u{ord(m.group()):04x} at character {m.start() + 1})"
+
+
+def replace_surrogates(text: str) -> tuple[str, int]:
+    """`text` with each lone surrogate replaced by U+FFFD (what a UTF-8 decoder puts for bytes it
+    cannot read), and how many were replaced."""
+    return _SURROGATE.subn("\ufffd", text)
+
+
 def check_text(v: Any, field: str, where: str, error: Error = InputError) -> str | None:
     """A free text (a model output): a string or null, with no lone surrogate."""
     if v is None:
         return None
     if not isinstance(v, str):
         raise error(f"{where}: field {field!r} must be a string or null, got {_json_type(v)}")
-    m = _SURROGATE.search(v)
-    if m:
-        raise error(
-            f"{where}: field {field!r} holds a lone surrogate (\\u{ord(m.group()):04x} at "
-            f"character {m.start() + 1}), which no UTF-8 output can carry"
-        )
+    problem = surrogate_problem(v)
+    if problem:
+        raise error(f"{where}: field {field!r} {problem}, which no UTF-8 output can carry")
     return v
 
 
@@ -102,14 +115,25 @@ def _label_problem(v: str) -> str | None:
         return "must be a non-empty string, got ''"
     if len(v) > MAX_LABEL_CHARS:
         return f"is longer than {MAX_LABEL_CHARS} characters"
-    m = _SURROGATE.search(v)
-    if m:
-        return f"holds a lone surrogate (\\u{ord(m.group()):04x} at character {m.start() + 1})"
+    problem = surrogate_problem(v)
+    if problem:
+        return problem
     m = _BAD_LABEL_CHARS.search(v)
     if m:
         return (
             f"holds a control character (U+{ord(m.group()):04X} at character {m.start() + 1}), "
             "which would break the tables and the report"
+        )
+    hidden = next((i for i, c in enumerate(v) if unicodedata.category(c) == "Cf"), None)
+    if hidden is not None:
+        return (
+            f"holds an invisible format character (U+{ord(v[hidden]):04X} at character "
+            f"{hidden + 1}), so it would look like another label and count apart from it"
+        )
+    if not unicodedata.is_normalized("NFC", v):
+        return (
+            f"is not in Unicode NFC form (it looks like {unicodedata.normalize('NFC', v)!r} "
+            "but would count apart from it); write it in NFC"
         )
     if v != v.strip():
         return f"has leading or trailing whitespace: {v!r}"
@@ -239,6 +263,35 @@ def check_generation(
     return PredictionRecord(**vals, prediction=None, **extras)
 
 
+_LOOKALIKE_FIELDS = (*_LABEL_FIELDS, "prediction")
+
+
+def check_lookalikes(
+    records: Sequence[PredictionRecord],
+    lines: Sequence[int],
+    source: str,
+    error: Error = InputError,
+) -> None:
+    """Two distinct labels of one field that are the same after Unicode NFKC normalisation (a
+    fullwidth letter, a ligature: they look alike but would count as two labels) are an error
+    naming both lines. Invisible characters and non-NFC labels are refused row by row."""
+    for name in _LOOKALIKE_FIELDS:
+        seen: dict[str, tuple[str, int]] = {}
+        values: dict[str, int] = {}
+        for r, line in zip(records, lines, strict=True):
+            v = getattr(r, name)
+            if v is not None and v not in values:
+                values[v] = line
+        for v, line in values.items():
+            first = seen.setdefault(unicodedata.normalize("NFKC", v), (v, line))
+            if first[0] != v:
+                raise error(
+                    f"{source} lines {first[1]} and {line}: field {name!r} holds {first[0]!r} and "
+                    f"{v!r}, which look alike (the same after Unicode NFKC normalisation) but "
+                    "would count as two labels; write one of them as the other"
+                )
+
+
 def _row_key(r: PredictionRecord) -> tuple[str, str, str, str, str, int]:
     return (r.base, r.stage, r.slice, r.persona, r.item_id, r.sample_idx)
 
@@ -271,6 +324,7 @@ def load_predictions(
     rows = read_jsonl_objects(p, "predictions file", error)
     lines = [n for n, _ in rows]
     records = [check_prediction(obj, f"predictions file {p} line {n}", error) for n, obj in rows]
+    check_lookalikes(records, lines, str(p), error)
     dups = find_duplicates(records)
     if not dups:
         return records
@@ -482,6 +536,31 @@ def check_output_dir(path: str | Path, what: str = "--out", error: Error = Input
     else:
         _check_creatable(p, what, error)
     return p
+
+
+def name_max(folder: str | Path) -> int:
+    """The longest file name, in bytes, that the file system of `folder` (or of its nearest
+    existing ancestor) takes; 255, the common limit, where it cannot say."""
+    try:
+        return int(os.pathconf(_nearest_existing(Path(folder)), "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        return 255
+
+
+def check_name_lengths(
+    names: Sequence[tuple[str, str, int]], folder: str | Path, error: Error = InputError
+) -> None:
+    """Each (what, name, extra bytes a file name made from it adds) fits the file system of
+    `folder` (`name_max`); an error naming `what`, the name's bytes and the limit."""
+    limit = name_max(folder)
+    for what, name, extra in names:
+        n = len(os.fsencode(name))
+        if n + extra > limit:
+            made = f" (and {n + extra} with what the run adds to it)" if extra else ""
+            raise error(
+                f"{what}: {name[:40]!r}{'...' if len(name) > 40 else ''} is {n} bytes as a "
+                f"file name{made}; file names under {folder} are limited to {limit} bytes"
+            )
 
 
 def write_text_atomic(path: str | Path, text: str, error: Error = InputError) -> None:

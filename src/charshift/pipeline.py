@@ -9,18 +9,26 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
-from charshift import tools, units
+from charshift import banks, tools, units
 from charshift.adapter_probe import probe_adapters, require_applied
 from charshift.backends.base import AdapterSource, Backend
 from charshift.backends.settings import DEFAULT_MAX_IN_FLIGHT
 from charshift.completion import record_completion
-from charshift.config import BaseSpec, RunConfig, check_local_paths, config_to_dict, parse_config
+from charshift.config import (
+    BaseSpec,
+    RunConfig,
+    check_backend_available,
+    check_local_paths,
+    config_to_dict,
+    parse_config,
+)
+from charshift.inputs import check_name_lengths, surrogate_problem
 from charshift.planning import Plan, PlannedRow, Shard, build_plan, in_shard, select_shard
 from charshift.rollout import Episode, RolloutEngine, RolloutSettings
 from charshift.schema import EpisodeSpec, GenerationRow, ScoreRow, stable_hash
@@ -39,9 +47,12 @@ def cache_dir() -> Path:
 
 
 def make_backend(cfg: RunConfig, base: BaseSpec, run_dir: Path | None = None) -> Backend:
-    """The run's backend for `base` (`backends/registry.py`: the kind's module builds it)."""
+    """The run's backend for `base` (`backends/registry.py`: the kind's module builds it), once
+    this machine is known to have the kind's package and device."""
     from charshift.backends.registry import BackendContext
     from charshift.backends.registry import make_backend as build
+
+    check_backend_available(cfg.backend)
 
     context = BackendContext(
         model=base.model,
@@ -57,9 +68,36 @@ def make_backend(cfg: RunConfig, base: BaseSpec, run_dir: Path | None = None) ->
 # -- steps ---------------------------------------------------------------------------------------
 
 
+# Bytes the run adds to a base's name in a file name: `classifier/NAME.tmpXXXXXXXX` while a
+# classifier is trained, `server-NAME.log` for a managed server.
+BASE_NAME_EXTRA = len(".tmp") + 8
+
+
+def check_file_names(cfg: RunConfig, out: Path) -> None:
+    """Every name the run makes a file or folder name of fits the file system of `out`: checked
+    before anything is written, so a long name never fails after rows were generated."""
+    names = [
+        ("name (the run folder)" if k == 0 and part == cfg.name else "--out", part, 0)
+        for k, part in enumerate(_new_parts(Path(out)))
+    ]
+    names += [(f"bases.{i}.name", b.name, BASE_NAME_EXTRA) for i, b in enumerate(cfg.bases)]
+    check_name_lengths(names, out)
+
+
+def _new_parts(path: Path) -> list[str]:
+    """The components of `path` that do not exist yet (the folders a run would create), the
+    last first."""
+    parts = []
+    while not path.exists() and path != path.parent:
+        parts.append(path.name)
+        path = path.parent
+    return parts
+
+
 def prepare_run(cfg: RunConfig, out: Path, shard: Shard | None = None) -> RunStore:
     """Open `out` for writing (takes the run's writer lock, or `shard`'s; close the store, or
     use it as a context manager, to release it) and record the config."""
+    check_file_names(cfg, out)
     store = RunStore(out, shard=shard)
     try:
         store.write_config(
@@ -67,7 +105,10 @@ def prepare_run(cfg: RunConfig, out: Path, shard: Shard | None = None) -> RunSto
             planned_keys=lambda: {r.key for r in build_plan(cfg).rows},
             normalise=lambda d: config_to_dict(parse_config(d)),
         )
-        store.update_manifest(seeds={"sampling": cfg.sampling.seed, "stats": cfg.stats.seed})
+        store.update_manifest(
+            seeds={"sampling": cfg.sampling.seed, "stats": cfg.stats.seed},
+            banks=banks.provenance(cfg),  # kind -> source, sha256 and size of each item bank
+        )
     except BaseException:
         store.close()
         raise
@@ -270,9 +311,17 @@ def training_rows(cfg: RunConfig, store: RunStore, base: BaseSpec) -> list[Gener
         and r.stage == tc.stage
         and r.text
     ]
+    rows = _readable(rows, lambda r: (r, r.text or ""), store, "used for training")
     if not rows:
+        why = (
+            "its config asks for none (id_prompts.n_train: 0); set id_prompts.n_train and run "
+            "`charshift run CONFIG --out DIR` to generate them"
+            if cfg.id_prompts.n_train == 0
+            else "run `charshift generate CONFIG --out DIR` first"
+        )
         raise ValueError(
-            f"no ID training generations for base {base.name} stage {tc.stage}: run `generate` first"
+            f"no ID training generations for base {base.name} stage {tc.stage} in "
+            f"{store.root}: {why}"
         )
     return sorted(rows, key=lambda r: r.key)
 
@@ -311,6 +360,35 @@ def ensure_classifiers(cfg: RunConfig, store: RunStore) -> None:
 # -- scoring -------------------------------------------------------------------------------------
 
 
+T = TypeVar("T")
+
+
+def _readable(
+    items: list[T], parts: Callable[[T], tuple[GenerationRow, str]], store: RunStore, use: str
+) -> list[T]:
+    """The items (`parts(item)`: its row and text) whose text a tokenizer can take. A stored
+    text holding a lone surrogate (a damaged or hand-edited line: nothing charshift writes holds
+    one) made the tokenizer raise and every resume die; its row is left out, with one warning
+    naming it."""
+    ok: list[T] = []
+    bad: dict[str, tuple[GenerationRow, str]] = {}
+    for it in items:
+        row, text = parts(it)
+        problem = surrogate_problem(text)
+        if problem is None:
+            ok.append(it)
+        else:
+            bad.setdefault(row.key, (row, problem))
+    if bad:
+        row, problem = next(iter(bad.values()))
+        store.warn(
+            f"{store.root}: {len(bad)} generation row(s) hold a text no tokenizer can read "
+            f"(e.g. row {row.key}, {row.base}/{row.stage}/{row.slice}/{row.item_id}: its text "
+            f"{problem}); they are not {use}, and the report counts them as missing"
+        )
+    return ok
+
+
 def score(cfg: RunConfig, store: RunStore) -> dict[str, int]:
     """Score every unit of every eval row (of the store's shard, if it has one) that has an
     output (see `charshift.units`) with each of the run's scorers (`cfg.scorers`), where that
@@ -335,6 +413,7 @@ def score(cfg: RunConfig, store: RunStore) -> dict[str, int]:
                 classifiers={base.name: scorer.provenance}, classifier_ids={base.name: sid}
             )
             items = _units_to_score(cfg, store, base.name, rows, scorer, sid, shards)
+            items = _readable(items, lambda u: (u.row, u.text or ""), store, "scored")
             todo = [
                 u
                 for u in items
@@ -437,7 +516,11 @@ def preflight(cfg: RunConfig) -> None:
 
 def run_all(cfg: RunConfig, out: Path, retry_errors: bool = False) -> Path:
     t0 = time.time()
-    preflight(cfg)  # every path, file and classifier the run needs, before any model loads
+    check_file_names(cfg, out)
+    check_backend_available(cfg.backend)
+    preflight(
+        cfg
+    )  # every path, file, the plan and classifier the run needs, before any model loads
     with prepare_run(cfg, out) as store:
         store.log_event("run_start")
         generate(cfg, store, retry_errors=retry_errors)

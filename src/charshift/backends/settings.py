@@ -153,11 +153,23 @@ class ServerSettings(_LoraSlots, _Client, _Settings):
             return v
         try:
             parts = shlex.split(v)
-            names = {
-                f for p in parts for _, f, _, _ in string.Formatter().parse(p) if f is not None
-            }
+            fields = [
+                (f, spec, conv)
+                for p in parts
+                for _, f, spec, conv in string.Formatter().parse(p)
+                if f is not None
+            ]
         except ValueError as err:
             raise ValueError(f"not a valid command template: {err}") from None
+        names = {f for f, _, _ in fields}
+        # a format spec ({model:99999999999} allocates that many characters) or a conversion
+        # is never needed to fill in a name: only plain {name} is accepted
+        fancy = sorted({f for f, spec, conv in fields if spec or conv})
+        if fancy:
+            raise ValueError(
+                f"placeholder(s) {fancy} carry a format spec or conversion; write a plain "
+                "{name}, e.g. {port}"
+            )
         unknown = sorted(n for n in names if n not in SERVER_PLACEHOLDERS)
         if unknown:
             raise ValueError(

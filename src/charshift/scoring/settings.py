@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from charshift.schema import PROMPTED_STAGE
+from charshift.schema import MAX_N_BOOT, PROMPTED_STAGE
 
 DEFAULT_ENCODER = "answerdotai/ModernBERT-base"
 # The C values tried by prompt-grouped cross-validation (probe and lexical baseline).
@@ -59,7 +59,7 @@ class TrainSettings(BaseModel):
     # what the probe reads: a frozen encoder's sentence embeddings, TF-IDF word features, or
     # (auto) whichever cross-validates better on the training rows (scoring.lexical)
     probe_features: Literal["embedding", "lexical", "auto"] = "embedding"
-    n_boot: int = Field(1000, ge=10)
+    n_boot: int = Field(1000, ge=10, le=MAX_N_BOOT)
     ci: float = Field(0.95, gt=0, lt=1)
     seed: int = 0
 
