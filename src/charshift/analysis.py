@@ -25,6 +25,7 @@ from charshift.schema import (
 from charshift.slices import judge_units
 from charshift.store import TABLES, RunStore, StoreError, table_files
 from charshift.store import warn as store_warn
+from charshift.store.table import shard_problem
 
 if TYPE_CHECKING:
     from charshift.stats import MetricsResult
@@ -321,10 +322,13 @@ class ShardCompleteness:
         return self.generated >= self.planned and self.scored >= self.with_output
 
 
-def shard_counts(store: RunStore) -> list[int]:
-    """The shard counts N a run was written with: from its table files' names and the
-    `shard_start` events in its manifest."""
-    found = set()
+def shard_counts(store: RunStore) -> tuple[list[int], list[str]]:
+    """The shard counts N a run was written with, from its table files' names and the
+    `shard_start` events in its manifest; and a note for each event that names a shard no run
+    can have (count 0, more than MAX_SHARDS, an index past the count), which is not one (such
+    table files are not read: the store names them)."""
+    found: set[int] = set()
+    notes = []
     for stem in TABLES:
         for f in table_files(store.root, stem):
             m = re.search(r"\.shard-\d+-of-(\d+)\.jsonl$", f.name)
@@ -333,9 +337,16 @@ def shard_counts(store: RunStore) -> list[int]:
         label = (
             ev.get("shard") if isinstance(ev, dict) and ev.get("event") == "shard_start" else None
         )
-        if isinstance(label, str) and re.fullmatch(r"\d+/\d+", label):
-            found.add(int(label.split("/")[1]))
-    return sorted(found)
+        if isinstance(label, str) and re.fullmatch(r"\d{1,12}/\d{1,12}", label):
+            i, n = (int(p) for p in label.split("/"))
+            why = shard_problem(i, n)
+            if why:
+                notes.append(
+                    f"{store.manifest_path}: a shard_start event names shard {label}: {why}; ignored"
+                )
+            else:
+                found.add(n)
+    return sorted(found), notes
 
 
 def shard_completeness(
@@ -370,15 +381,14 @@ def shard_completeness(
 def shard_warnings(plan: Any, store: RunStore, cfg: RunConfig, cids: dict[str, str]) -> list[str]:
     """One line per incomplete shard, for each shard count the run was written with. `plan`
     may be a dry one: shards are assigned by item id, so PURE-DOVE prompts are read for theirs."""
-    counts = shard_counts(store)
+    counts, out = shard_counts(store)
     if counts and cfg.id_prompts.source == "pure_dove":
         from charshift.planning import build_plan
 
         try:
             plan = build_plan(cfg)
         except (ValueError, OSError) as err:
-            return [f"Could not check the run's shards (their PURE-DOVE item ids): {err}"]
-    out = []
+            return [*out, f"Could not check the run's shards (their PURE-DOVE item ids): {err}"]
     for n in counts:
         gaps = [s for s in shard_completeness(plan, store, cfg, cids, n) if not s.complete]
         if not gaps:

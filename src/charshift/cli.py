@@ -583,8 +583,11 @@ def score(
     _only_with("--generations", {"--classifier": classifier is not None, "--out": out is not None})
     if run_dir is None:
         _fail("give --run DIR (or --generations FILE --classifier C --out FILE)")
-    with _user_errors(), pipeline.RunStore(run_dir, create=False, shard=part) as store:
-        _redone_by_generate(store)
+    redo = {
+        "generations": "`charshift score` does not generate: their rows stay missing until "
+        f"`charshift run CONFIG --out {run_dir}` (or `charshift generate`) redoes them"
+    }
+    with _user_errors(), pipeline.RunStore(run_dir, create=False, shard=part, redo=redo) as store:
         cfg = pipeline.load_run_config(store)
         if part is None:
             pipeline.ensure_classifiers(cfg, store)
@@ -602,18 +605,6 @@ def _score_external(generations: Path, classifier: str | None, out: Path | None)
     with _user_errors():
         n = score_external(generations, classifier or "", out or Path())
     typer.echo(f"scored {n} rows -> {out}")
-
-
-def _redone_by_generate(store: RunStore) -> None:
-    """`score` opens the run for writing, so damaged generation lines are set aside (the store
-    says so); it does not generate, so say which command redoes their rows."""
-    n = len(store.generations.set_aside)
-    if n:
-        _warn(
-            f"`charshift score` does not generate: the {n} generation line(s) set aside leave "
-            f"their rows missing until `charshift run CONFIG --out {store.root}` (or "
-            "`charshift generate`) redoes them"
-        )
 
 
 def _no_training_in_shard(cfg: cfgmod.RunConfig, store: RunStore) -> None:

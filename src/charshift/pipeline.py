@@ -103,7 +103,7 @@ def prepare_run(cfg: RunConfig, out: Path, shard: Shard | None = None) -> RunSto
         store.write_config(
             config_to_dict(cfg),
             planned_keys=lambda: {r.key for r in build_plan(cfg).rows},
-            normalise=lambda d: config_to_dict(parse_config(d)),
+            normalise=_normalise,
         )
         store.update_manifest(
             seeds={"sampling": cfg.sampling.seed, "stats": cfg.stats.seed},
@@ -115,8 +115,15 @@ def prepare_run(cfg: RunConfig, out: Path, shard: Shard | None = None) -> RunSto
     return store
 
 
+def _normalise(d: dict[str, Any]) -> dict[str, Any]:
+    """A stored config resolved under this version (fields added since take their defaults)."""
+    return config_to_dict(parse_config(d))
+
+
 def load_run_config(store: RunStore) -> RunConfig:
-    return parse_config(store.read_config(), str(store.config_path))
+    """The run's config; refused, naming the fields, when config.yaml was edited by hand into
+    another study than the one the manifest records (store/study.py)."""
+    return parse_config(store.run_config(normalise=_normalise), str(store.config_path))
 
 
 def rollout_settings(cfg: RunConfig) -> RolloutSettings:

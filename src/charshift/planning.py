@@ -22,6 +22,7 @@ from charshift.render import render
 from charshift.rollout import step_budget
 from charshift.schema import (
     BASE_STAGE,
+    MAX_SHARDS,
     PROMPTED_EXPLICIT_STAGE,
     PROMPTED_STAGE,
     Condition,
@@ -300,7 +301,6 @@ def _check_size(
 # -- shards --------------------------------------------------------------------------------------
 
 Shard = tuple[int, int]  # (index, count), index from 0: the store's convention (RunStore(shard=))
-MAX_SHARDS = 1024
 
 
 def parse_shard(text: str, what: str = "--shard") -> Shard:

@@ -30,7 +30,9 @@ from typing import Any, TypeVar
 import yaml
 
 from charshift.fileio import atomic_write_text, remove_temps
+from charshift.inputs import check_probs
 from charshift.schema import GenerationRow, ScoreRow
+from charshift.store import study
 from charshift.store.common import LockHeldError, ModeLockError, StoreError, warn, write_error
 from charshift.store.locks import (
     SharedFlock,
@@ -45,7 +47,9 @@ from charshift.store.table import (
     JsonlTable,
     Shard,
     quarantine_path,
+    shard_problem,
     shard_suffix,
+    stray_table_files,
     table_files,
     table_path,
 )
@@ -65,12 +69,23 @@ def retryable(row: GenerationRow) -> bool:
     return row.outcome in RETRYABLE_OUTCOMES
 
 
+def score_problem(row: ScoreRow) -> str | None:
+    """Why a score row cannot be counted (its probabilities are not finite numbers in [0, 1]
+    summing to 1, as the predictions reader requires), or None."""
+    try:
+        check_probs(row.probs or None, "score", ValueError)  # {}: none given, as null there
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def _check_shard(shard: Shard | None) -> Shard | None:
     if shard is None:
         return None
     i, n = shard
-    if not (isinstance(i, int) and isinstance(n, int) and n >= 1 and 0 <= i < n):
-        raise StoreError(f"shard: expected (index, count) with 0 <= index < count, got {shard!r}")
+    why = shard_problem(i, n) if isinstance(i, int) and isinstance(n, int) else "not two integers"
+    if why:
+        raise StoreError(f"shard {shard!r}: {why}")
     return (i, n)
 
 
@@ -81,6 +96,8 @@ class RunStore:
     of `shard`), repairs damaged tables and may write; `writable=False` (reports): never changes a
     file and takes no lock. `create`: make the folder (writers only); otherwise it must hold a run.
     What opening found goes to `warn` (stderr by default) and into `notes` (for the report).
+    `redo`: table stem -> what redoes the rows of its lines set aside, where this command does
+    not (said in the messages; `charshift score` does not generate).
     """
 
     def __init__(
@@ -91,8 +108,10 @@ class RunStore:
         writable: bool = True,
         shard: Shard | None = None,
         warn: Callable[[str], None] = warn,
+        redo: dict[str, str] | None = None,
     ) -> None:
         self.root = Path(root)
+        self._redo = redo or {}
         self.writable = writable
         self.shard = _check_shard(shard)
         self.warn = warn
@@ -108,9 +127,14 @@ class RunStore:
             self.generations: JsonlTable[GenerationRow] = self._table(
                 "generations", GenerationRow, ("key",), retryable
             )
-            self.scores: JsonlTable[ScoreRow] = self._table("scores", ScoreRow, SCORE_KEY)
+            self.scores: JsonlTable[ScoreRow] = self._table(
+                "scores", ScoreRow, SCORE_KEY, check=score_problem
+            )
             for t in (self.generations, self.scores):
                 self._after_open(t)
+            for stem in TABLES:
+                for f, why in stray_table_files(self.root, stem):
+                    self._say(f"{f}: not read, not one of the run's table files ({why})")
         except BaseException:
             self.close()
             raise
@@ -168,6 +192,7 @@ class RunStore:
         record_type: type[R],
         key_fields: tuple[str, ...],
         replaceable: Callable[[R], bool] | None = None,
+        check: Callable[[Any], str | None] | None = None,
     ) -> JsonlTable:
         own = table_path(self.root, stem, self.shard if self.writable else None)
         return JsonlTable(
@@ -177,7 +202,15 @@ class RunStore:
             writable=self.writable,
             read_also=table_files(self.root, stem),
             replaceable=replaceable,
+            check=check,
+            redo=self._redo.get(stem) or self._default_redo(),
         )
+
+    def _default_redo(self) -> str:
+        """What redoes the rows of lines set aside, said in the store's messages."""
+        if self.writable:
+            return "rows that had no good copy are redone"
+        return f"`charshift run CONFIG --out {self.root}` redoes their rows"
 
     def _after_open(self, table: JsonlTable) -> None:
         """Say what opening `table` found, and log what it set aside."""

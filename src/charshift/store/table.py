@@ -33,13 +33,12 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from charshift.fileio import JsonLineError, atomic_write_bytes, decode_json_line
-from charshift.schema import GenerationRow, RecordError, ScoreRow
+from charshift.schema import MAX_SHARDS, GenerationRow, RecordError, ScoreRow
 from charshift.store.common import StoreError, now, write_error
 
 R = TypeVar("R", GenerationRow, ScoreRow)
 Shard = tuple[int, int]  # (index, count), index 0-based
 SHOWN_LINES = 8  # damaged lines named one by one in a message; the rest are counted
-MAX_SHARDS = 1024  # the most shards a run may be split into (`--shard I/N`, N <= MAX_SHARDS)
 Check = Callable[[Any], str | None]  # a record -> why it is refused, or None
 
 # -- table files ---------------------------------------------------------------------------------
