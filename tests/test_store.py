@@ -574,3 +574,120 @@ def test_resume_accepts_a_config_resolved_by_an_older_version(tmp_path):
         assert s.read_config() == cfg
         with pytest.raises(StoreError, match="different config"):
             s.write_config({**cfg, "name": "other"}, normalise=norm)
+
+
+# -- issue 18: one study per run folder, rows verified on read ----------------------------------
+
+
+def _edit_line(path, n, change):
+    """Rewrite line `n` (0-based) of a JSONL file through `change(dict)`."""
+    lines = path.read_bytes().splitlines(keepends=True)
+    d = json.loads(lines[n])
+    change(d)
+    lines[n] = json.dumps(d).encode() + b"\n"
+    path.write_bytes(b"".join(lines))
+
+
+def test_rows_not_in_the_plan_or_with_a_stale_key_are_set_aside_by_name(tmp_path):
+    """A row whose persona was edited (its key encodes another), a key with one hex digit
+    changed, and a row of a persona the config does not have: each is named, not counted, and
+    a writer moves exactly those lines (and their scores) to the quarantine files."""
+    from charshift import pipeline
+
+    cfg = load_preset("smoke")
+    plan = planning.build_plan(cfg)
+    root, gens = _smoke_store(tmp_path, plan, 200, 200)
+    path = root / "generations.jsonl"
+    a, b, c = [i for i, g in enumerate(gens) if g.persona and g.text][:3]
+    other = next(p for p in cfg.personas if p != gens[a].persona)
+    _edit_line(path, a, lambda d: d.update(persona=other))
+    flipped = gens[b].key[:-1] + ("0" if gens[b].key[-1] != "0" else "1")
+    _edit_line(path, b, lambda d: d.update(key=flipped))
+    _edit_line(path, c, lambda d: d.update(persona="pirate", key="f" * 24))
+    n_scores = len(RunStore(root, writable=False, warn=_quiet).scores)
+    seen: list[str] = []
+    reader = RunStore(root, writable=False, warn=seen.append)
+    pipeline.check_rows(cfg, reader)
+    assert len(reader.generations) == 197
+    assert {gens[a].key, flipped, "f" * 24}.isdisjoint(g.key for g in reader.generations)
+    msg = next(m for m in seen if "do not belong to this run's study" in m)
+    assert str(path) in msg and all(f"line {i + 1}:" in msg for i in (a, b, c)), msg
+    assert "persona" in msg and "does not recompute" in msg and "not a row of the run's plan" in msg
+    assert path.read_bytes().count(b"\n") == 200  # a reader changes nothing
+    with RunStore(root, warn=_quiet) as w:
+        pipeline.check_rows(cfg, w)
+        lost = n_scores - len(w.scores)
+    aside = read_quarantine(quarantine_path(path))
+    assert sorted(e.line for e in aside) == [a + 1, b + 1, c + 1]
+    assert path.read_bytes().count(b"\n") == 197
+    assert lost > 0 and len(read_quarantine(quarantine_path(root / "scores.jsonl"))) == lost
+    again: list[str] = []
+    pipeline.check_rows(cfg, RunStore(root, writable=False, warn=again.append))
+    assert not again  # what is left is the plan's own
+
+
+def test_a_config_of_another_study_is_refused_naming_the_fields(tmp_path):
+    """Editing config.yaml and the config file alike no longer slips a second study into the
+    folder: the manifest's copy is the run's identity, and the fields that differ are named."""
+    from charshift import pipeline
+    from charshift.config import parse_config
+
+    cfg = load_preset("smoke")
+    root = tmp_path / "run"
+    pipeline.prepare_run(cfg, root).close()
+    ident = json.loads((root / "manifest.json").read_text())["identity"]
+    assert len(ident["hash"]) == 16 and ident["fields"]["sampling.temperature"] == 0.7
+    data = config_to_dict(cfg)
+    data["sampling"]["temperature"] = 0.9
+    other = parse_config(data)
+    (root / "config.yaml").write_text(
+        (root / "config.yaml").read_text().replace("temperature: 0.7", "temperature: 0.9")
+    )
+    with pytest.raises(StoreError) as e:
+        pipeline.load_run_config(RunStore(root, writable=False, warn=_quiet))
+    assert "edited by hand" in str(e.value) and "sampling.temperature: 0.7 -> 0.9" in str(e.value)
+    with pytest.raises(StoreError) as e:
+        pipeline.prepare_run(other, root)
+    assert "sampling.temperature: 0.7 -> 0.9" in str(e.value) and "--out" in str(e.value)
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["config"]["sampling"]["temperature"] == 0.7  # not rewritten
+    pipeline.prepare_run(other, tmp_path / "run-new").close()  # a new folder takes it
+
+
+def test_a_stray_shard_file_is_named_and_never_read(tmp_path):
+    """Issue 18: a file naming shard 0 of 300,000,000 hung the report; shard count 0 blocked it
+    without naming the file. Neither is read; each is named with its bound."""
+    cfg = load_preset("smoke")
+    root, gens = _smoke_store(tmp_path, planning.build_plan(cfg), 10, 0)
+    (root / "generations.shard-0-of-300000000.jsonl").write_bytes(_line(gens[0]))
+    (root / "generations.shard-0-of-0.jsonl").write_bytes(_line(gens[1]))
+    seen: list[str] = []
+    s = RunStore(root, writable=False, warn=seen.append)
+    assert len(s.generations) == 10
+    assert any("shard-0-of-300000000" in m and "1..1024" in m for m in seen), seen
+    assert any("shard-0-of-0.jsonl" in m and "shard count 0" in m for m in seen), seen
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest.setdefault("events", []).append({"event": "shard_start", "shard": "0/300000000"})
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    counts, notes = analysis.shard_counts(RunStore(root, writable=False, warn=_quiet))
+    assert counts == [] and "0/300000000" in notes[0] and "1..1024" in notes[0]
+
+
+@pytest.mark.parametrize("probs", [{"humor": float("nan")}, {"humor": 7.5}, {"humor": -0.5}])
+def test_scores_with_impossible_probabilities_are_refused(tmp_path, probs):
+    """NaN, 7.5 or a negative probability in scores.jsonl: a damaged line, named, not counted
+    (as the predictions reader refuses them); a writer never appends one."""
+    root = tmp_path / "run"
+    good = ScoreRow("k1", "c", "text", "humor", {"humor": 1.0}, "id_chat", "h")
+    bad = ScoreRow("k2", "c", "text", "humor", probs, "id_chat", "h")
+    with RunStore(root, warn=_quiet) as s:
+        s.write_config({"name": "x"})
+        s.scores.append([good])
+        with pytest.raises(StoreError, match="probability|numbers"):
+            s.scores.append([bad])
+    with (root / "scores.jsonl").open("a") as f:
+        f.write(json.dumps(bad.to_dict()) + "\n")
+    seen: list[str] = []
+    s = RunStore(root, writable=False, warn=seen.append)
+    assert [r.key for r in s.scores] == ["k1"]
+    assert any("scores.jsonl" in m and "line 2" in m for m in seen), seen

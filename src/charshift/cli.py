@@ -588,7 +588,7 @@ def score(
         f"`charshift run CONFIG --out {run_dir}` (or `charshift generate`) redoes them"
     }
     with _user_errors(), pipeline.RunStore(run_dir, create=False, shard=part, redo=redo) as store:
-        cfg = pipeline.load_run_config(store)
+        cfg = pipeline.open_run_config(store)
         if part is None:
             pipeline.ensure_classifiers(cfg, store)
         else:
@@ -678,7 +678,7 @@ def report(
 
     with _user_errors():  # a reader: takes no lock and changes nothing in the tables
         store = pipeline.RunStore(run_dir, create=False, writable=False)
-        cfg = pipeline.load_run_config(store)
+        cfg = pipeline.open_run_config(store)
         path = pipeline.report(cfg, store, target)
     typer.echo(f"report: {path}")
 
@@ -728,7 +728,7 @@ def train_classifier_cmd(
     into_run = target.resolve().is_relative_to(run_dir.resolve())  # it writes the run: locks
     with _user_errors():
         store = pipeline.RunStore(run_dir, create=False, writable=into_run)
-        cfg = pipeline.load_run_config(store)
+        cfg = pipeline.open_run_config(store)
         if cfg.classifier_training is None:  # then no training rows were ever generated
             raise ValueError(
                 f"{run_dir} holds no ID training generations: its config has no "

@@ -29,7 +29,15 @@ from charshift.config import (
     parse_config,
 )
 from charshift.inputs import check_name_lengths, surrogate_problem
-from charshift.planning import Plan, PlannedRow, Shard, build_plan, in_shard, select_shard
+from charshift.planning import (
+    Plan,
+    PlannedRow,
+    Shard,
+    build_plan,
+    in_shard,
+    row_problems,
+    select_shard,
+)
 from charshift.rollout import Episode, RolloutEngine, RolloutSettings
 from charshift.schema import EpisodeSpec, GenerationRow, ScoreRow, stable_hash
 from charshift.scoring.base import ScoreInput, Scorer, ScorerContext, open_scorer
@@ -105,6 +113,7 @@ def prepare_run(cfg: RunConfig, out: Path, shard: Shard | None = None) -> RunSto
             planned_keys=lambda: {r.key for r in build_plan(cfg).rows},
             normalise=_normalise,
         )
+        check_rows(cfg, store)
         store.update_manifest(
             seeds={"sampling": cfg.sampling.seed, "stats": cfg.stats.seed},
             banks=banks.provenance(cfg),  # kind -> source, sha256 and size of each item bank
@@ -124,6 +133,29 @@ def load_run_config(store: RunStore) -> RunConfig:
     """The run's config; refused, naming the fields, when config.yaml was edited by hand into
     another study than the one the manifest records (store/study.py)."""
     return parse_config(store.run_config(normalise=_normalise), str(store.config_path))
+
+
+def open_run_config(store: RunStore) -> RunConfig:
+    """`load_run_config`, with the stored rows verified against the run's plan (`check_rows`)."""
+    cfg = load_run_config(store)
+    check_rows(cfg, store)
+    return cfg
+
+
+def check_rows(cfg: RunConfig, store: RunStore) -> None:
+    """Set aside (a writer: into the quarantine files) every stored row that is not one of the
+    plan of `cfg`, or whose key does not recompute from its own fields, and its scores: such a
+    row is never counted, and each is named (store.set_aside_rows)."""
+    if not len(store.generations):
+        return
+    try:
+        plan = build_plan(cfg)
+    except (ValueError, OSError) as err:  # e.g. an id_prompts file that has since moved
+        store.say(f"Could not rebuild the run's plan to verify its stored rows: {err}")
+        return
+    problems = row_problems(plan, store.generations)
+    if problems:
+        store.set_aside_rows(problems)
 
 
 def rollout_settings(cfg: RunConfig) -> RolloutSettings:

@@ -44,6 +44,7 @@ from charshift.store.locks import (
 )
 from charshift.store.provenance import SHARED_FILES, Manifest
 from charshift.store.table import (
+    SHOWN_LINES,
     JsonlTable,
     Shard,
     quarantine_path,
@@ -219,6 +220,31 @@ class RunStore:
         for what, found in (("set_aside", table.set_aside), ("replaced", table.replaced_aside)):
             if found:
                 self.log_event(what, file=table.path.name, lines=[d.line for d in found])
+
+    def set_aside_rows(self, reasons: dict[str, str]) -> None:
+        """Take the generation rows of `reasons` (key -> why: not in the run's plan, a key that
+        does not recompute) and the scores of those rows out of the tables: never counted. A
+        writer moves their lines of its own files to the quarantine files; each file is named."""
+        gens = {(k,): why for k, why in reasons.items() if (k,) in self.generations}
+        scores = {
+            k: f"scores generation {k[0]}, set aside in {self.generations.path.name}"
+            for k, _ in self.scores.keyed()
+            if k[0] in reasons
+        }
+        for table, rows in ((self.generations, gens), (self.scores, scores)):
+            if not rows:
+                continue
+            gone = table.exclude(rows)
+            for f in sorted({d.file for d in gone}):
+                mine = [d for d in gone if d.file == f]
+                shown = "; ".join(f"line {d.line}: {d.reason}" for d in mine[:SHOWN_LINES])
+                more = f"; and {len(mine) - SHOWN_LINES} more" if len(mine) > SHOWN_LINES else ""
+                self._say(
+                    f"{f}: {len(mine)} row(s) do not belong to this run's study and are not "
+                    f"counted ({shown}{more}). {table.aside_text(f)}"
+                )
+            if self.writable:
+                self.log_event("excluded", file=table.path.name, lines=len(gone))
 
     def compact(self) -> None:
         """After retries replaced rows: set the replaced lines aside now (see JsonlTable)."""
