@@ -691,3 +691,64 @@ def test_scores_with_impossible_probabilities_are_refused(tmp_path, probs):
     s = RunStore(root, writable=False, warn=seen.append)
     assert [r.key for r in s.scores] == ["k1"]
     assert any("scores.jsonl" in m and "line 2" in m for m in seen), seen
+
+
+def test_a_stale_report_never_overwrites_a_newer_one(tmp_path):
+    """Issue 18: a slow `report --run` that read the run before a resume finished overwrote the
+    finished report. A reader's report is written only if the run's files are as it read them;
+    otherwise it names what changed and writes nothing (the newer report stands)."""
+    from charshift import pipeline
+
+    cfg = load_preset("smoke")
+    plan = planning.build_plan(cfg)
+    root, gens = _smoke_store(tmp_path, plan, 60, 40)
+    stale = RunStore(root, writable=False, warn=_quiet)  # read before the "resume"
+    r = [r for r in plan.rows if r.spec.split == "eval"][60]
+    with RunStore(root, warn=_quiet) as w:  # the resume adds a row
+        fields = {"key": r.key, "item_id": r.spec.item_id, "stage": r.condition.stage,
+                  "persona": r.condition.persona, "slice": r.spec.slice,
+                  "sample_idx": r.sample_idx}  # fmt: skip
+        w.generations.append([GenerationRow(**{**gens[0].to_dict(), **fields})])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "report.md").write_text("the newer report")
+    wrote = []
+    with pytest.raises(StoreError) as e:
+        with stale.report_snapshot(tmp_path / "out"):
+            wrote.append(1)
+    assert not wrote and "changed while this report was computed" in str(e.value)
+    assert "generations.jsonl" in str(e.value) and "report --run" in str(e.value)
+    with pipeline.RunStore(root, writable=False, warn=_quiet).report_snapshot(tmp_path / "out"):
+        wrote.append(1)  # a fresh reader writes
+    assert wrote == [1]
+
+
+def test_a_refused_report_leaves_the_previous_one_whole(tmp_path):
+    """The report's files (tables, figures, page) are staged and moved into place only under
+    `publish`: when it refuses, not one file of the previous report changes."""
+    from charshift.analysis import AnalysisInput, analyse
+    from charshift.config import StatsConfig
+    from charshift.schema import PredictionRecord
+
+    recs = [
+        PredictionRecord(base="b", stage=st, slice="id_chat", persona=p, item_id=f"i{i}",
+                         prediction=p if i % 3 else "humor", outcome="reply")
+        for st in ("base", "prompted") for p in ("humor", "sarcasm") for i in range(6)
+    ]  # fmt: skip
+    inp = AnalysisInput(records=recs, personas=["humor", "sarcasm"],
+                        stats=StatsConfig(n_boot=20, seed=0), title="t", settings={})  # fmt: skip
+    out = tmp_path / "out"
+    analyse(inp, out)
+    before = _tree(out)
+
+    def refuse():
+        raise StoreError("changed")
+
+    with pytest.raises(StoreError):
+        analyse(inp, out, publish=refuse)
+    assert _tree(out) == before
+
+
+def _tree(folder):
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()
+    }

@@ -8,8 +8,11 @@ in `external` feeds it a predictions JSONL made elsewhere. Both end in `analyse`
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,28 +73,41 @@ def compute(inp: AnalysisInput) -> MetricsResult:
     )
 
 
-def analyse(inp: AnalysisInput, out_dir: Path, result: MetricsResult | None = None) -> Path:
-    """Statistics (unless `result` is given), tables, plots and the report, under `out_dir`."""
+def analyse(
+    inp: AnalysisInput,
+    out_dir: Path,
+    result: MetricsResult | None = None,
+    publish: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
+) -> Path:
+    """Statistics (unless `result` is given), tables, plots and the report, under `out_dir`.
+    Everything is written into a staging folder there first and moved into place in one short
+    step under `publish()` (a run's report: its report lock and the check that the run is
+    unchanged), so a report that is refused or fails leaves the previous one whole."""
     from charshift import report as report_mod
     from charshift import tables
 
     result = compute(inp) if result is None else result
     out = Path(out_dir)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        tables.write_tables(result, out)
-        return report_mod.write_report(
-            out,
-            inp.records,
-            result,
-            settings=inp.settings,
-            samples=inp.samples,
-            title=inp.title,
-            meaningless=inp.meaningless,
-            published=inp.published,
-            notes=[*inp.notes, *(n.text() for n in result.label_notes)],
-            warnings=inp.warnings,
-        )
+        with report_mod.staging(out) as staged:
+            written = tables.write_tables(result, staged)
+            report_mod.write_report(
+                staged,
+                inp.records,
+                result,
+                settings=inp.settings,
+                samples=inp.samples,
+                title=inp.title,
+                meaningless=inp.meaningless,
+                published=inp.published,
+                notes=[*inp.notes, *(n.text() for n in result.label_notes)],
+                warnings=inp.warnings,
+            )
+            with publish():
+                for p in written:
+                    os.replace(p, out / p.name)
+                report_mod.swap_in(staged, out)
+        return out / "report" / "index.html"
     except OSError as err:
         raise _naming_the_path(err, out) from None
 
@@ -446,7 +462,9 @@ def report_run(cfg: RunConfig, store: RunStore, out_dir: Path | None = None) -> 
         inp.settings["manifest"] = store.update_manifest(label_sets=label_sets)
     else:  # `charshift report --run` reads the run and changes nothing in it
         inp.settings["manifest"] = {**inp.settings["manifest"], "label_sets": label_sets}
-    return analyse(inp, Path(out_dir) if out_dir else store.root, result)
+    target = Path(out_dir) if out_dir else store.root
+    # written only if the run is as it was read, so a stale reader never overwrites a newer report
+    return analyse(inp, target, result, publish=lambda: store.report_snapshot(target))
 
 
 def _nothing_to_report(store: RunStore, cids: dict[str, str]) -> str:

@@ -299,3 +299,29 @@ def shared_files_lock(root: Path, names: tuple[str, ...]) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+REPORT_LOCK_WAIT = 120  # seconds a report waits for another process writing a report there
+
+
+@contextmanager
+def report_lock(out_dir: Path) -> Iterator[None]:
+    """Held while a report's outputs are written into `out_dir` (`report.lock` there), so a
+    report's check that its run is unchanged and its writes are one step."""
+    from filelock import FileLock, Timeout
+
+    path = Path(out_dir) / "report.lock"
+    lock = FileLock(str(path), timeout=REPORT_LOCK_WAIT, thread_local=False)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise StoreError(
+            f"{path}: another report has been writing into {out_dir} for over "
+            f"{REPORT_LOCK_WAIT} s; run the report again when it is done"
+        ) from None
+    except OSError as err:
+        raise write_error(path, err) from err
+    try:
+        yield
+    finally:
+        lock.release()

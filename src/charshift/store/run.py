@@ -22,8 +22,8 @@ is `retryable`: a later row of its key replaces it (`charshift generate --retry-
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,6 +39,7 @@ from charshift.store.locks import (
     WriterLock,
     live_shard_writers,
     mode_locks,
+    report_lock,
     shards_holding,
     shared_files_lock,
 )
@@ -124,6 +125,7 @@ class RunStore:
             self._require_run()
         if writable:
             self._open_for_writing(create)
+        self.snapshot = self.fingerprint()  # what the tables are read from (`report_snapshot`)
         try:
             self.generations: JsonlTable[GenerationRow] = self._table(
                 "generations", GenerationRow, ("key",), retryable
@@ -245,6 +247,43 @@ class RunStore:
                 )
             if self.writable:
                 self.log_event("excluded", file=table.path.name, lines=len(gone))
+
+    def fingerprint(self) -> dict[str, tuple[int, int, int]]:
+        """File name -> (size, mtime in ns, inode) of each table file and config.yaml: every
+        append or atomic rewrite changes it."""
+        out = {}
+        paths = [self.config_path, *(p for t in TABLES for p in table_files(self.root, t))]
+        for p in paths:
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            out[p.name] = (st.st_size, st.st_mtime_ns, st.st_ino)
+        return out
+
+    @contextmanager
+    def report_snapshot(self, out_dir: Path) -> Iterator[None]:
+        """Held while a report computed from this store is written into `out_dir`: under the
+        report lock there, and (a reader) only if the run's files are as they were when the
+        store was opened; otherwise a StoreError names what changed and nothing is written, so
+        a stale report never overwrites a newer one. A writer's own appends are its snapshot."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with report_lock(out_dir):
+            if not self.writable:
+                now_ = self.fingerprint()
+                changed = sorted(
+                    n
+                    for n in self.snapshot.keys() | now_.keys()
+                    if self.snapshot.get(n) != now_.get(n)
+                )
+                if changed:
+                    raise StoreError(
+                        f"{self.root} changed while this report was computed ({', '.join(changed)}"
+                        f" written since it was read): the report was not written, so it cannot "
+                        f"overwrite a newer one. Run `charshift report --run {self.root}` again "
+                        "(after the run that is writing it has finished)"
+                    )
+            yield
 
     def compact(self) -> None:
         """After retries replaced rows: set the replaced lines aside now (see JsonlTable)."""
