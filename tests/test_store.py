@@ -2,6 +2,7 @@ import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -752,3 +753,17 @@ def _tree(folder):
     return {
         str(p.relative_to(folder)): p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()
     }
+
+
+def test_lock_takeover_never_says_a_live_pid_no_longer_runs(tmp_path):
+    """The lock is free (the kernel released it) but its info names a pid that runs (here: this
+    process, as after pid reuse): the message says the pid no longer holds the lock."""
+    root = tmp_path / "run"
+    root.mkdir()
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "started": "t0"}
+    (root / "writer.lock.info").write_text(json.dumps(info))
+    seen: list[str] = []
+    with RunStore(root, warn=seen.append):
+        pass
+    msg = next(m for m in seen if "taking over the lock" in m)
+    assert "no longer runs" not in msg and f"pid {os.getpid()} runs, but not holding" in msg
