@@ -2,9 +2,10 @@
 manifest) and its identity.
 
 A run's identity is the part of its resolved config that decides which rows it holds and what
-they mean: a flat map of dotted field names to values (`identify` picks the fields; the run's
-is `charshift.study.identity_fields`, by default every field) and its hash, recorded in the
-manifest under `identity`. The store compares identities, never whole configs:
+they mean: a flat map of dotted field names to values (`identify` picks the fields; by default,
+and as the pipeline calls it, every field of the resolved config: every one is an input of the
+plan or of its figures) and its hash, recorded in the manifest under `identity`. The store
+compares identities, never raw configs:
 
 - a writer given a config whose identity differs from the run's is refused, naming each field
   that differs (run -> given); a config that differs only outside the identity (a batch size,
