@@ -20,15 +20,34 @@ defaults) before its identity is taken; a stored config it refuses counts as ano
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from charshift.schema import stable_hash
 from charshift.store.common import StoreError
 
-if TYPE_CHECKING:
-    from charshift.store.run import RunStore
+
+class RunStore(Protocol):
+    """What this module needs of a run's store (store/run.py's RunStore), named here so that
+    the two modules do not import each other."""
+
+    root: Path
+    generations: Sized
+    scores: Sized
+
+    @property
+    def config_path(self) -> Path: ...
+    @property
+    def manifest_path(self) -> Path: ...
+    def manifest(self) -> dict[str, Any]: ...
+    def set_manifest(self, **fields: Any) -> dict[str, Any]: ...
+    def read_config(self) -> dict[str, Any]: ...
+    def write_config_file(self, cfg_dict: dict[str, Any]) -> None: ...
+    def check_rows_belong(self, planned_keys: Callable[[], Iterable[str]] | None) -> None: ...
+    def say(self, msg: str) -> None: ...
+
 
 Fields = dict[str, Any]  # dotted field name -> value (a scalar, or a list of scalars)
 SHOWN_FIELDS = 8  # differing fields named one by one; the rest are counted
