@@ -641,6 +641,7 @@ def test_a_config_of_another_study_is_refused_naming_the_fields(tmp_path):
     data = config_to_dict(cfg)
     data["sampling"]["temperature"] = 0.9
     other = parse_config(data)
+    yaml_text = (root / "config.yaml").read_text()
     (root / "config.yaml").write_text(
         (root / "config.yaml").read_text().replace("temperature: 0.7", "temperature: 0.9")
     )
@@ -652,7 +653,12 @@ def test_a_config_of_another_study_is_refused_naming_the_fields(tmp_path):
     assert "sampling.temperature: 0.7 -> 0.9" in str(e.value) and "--out" in str(e.value)
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["config"]["sampling"]["temperature"] == 0.7  # not rewritten
-    pipeline.prepare_run(other, tmp_path / "run-new").close()  # a new folder takes it
+    (root / "config.yaml").write_text(yaml_text)  # restored
+    assert pipeline.study_folder(cfg, root) == root  # --new-folder: the same study stays
+    new = pipeline.study_folder(other, root)  # another goes beside it, named by its identity
+    assert new.parent == root.parent and new.name.startswith("run-") and len(new.name) == 12
+    pipeline.prepare_run(other, new).close()
+    assert pipeline.study_folder(other, new) == new
 
 
 def test_a_stray_shard_file_is_named_and_never_read(tmp_path):

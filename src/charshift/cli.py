@@ -238,6 +238,15 @@ RetryErrorsOpt = Annotated[
         "generations.quarantine.jsonl.",
     ),
 ]
+NewFolderOpt = Annotated[
+    bool,
+    typer.Option(
+        "--new-folder",
+        help="A run folder holds one study: when --out holds a run of another config (the "
+        "fields that differ are named), run into OUT-H beside it (H: this config's identity "
+        "hash) instead of refusing.",
+    ),
+]
 AllowSkippedOpt = Annotated[
     bool,
     typer.Option(
@@ -289,6 +298,7 @@ def run(
     expected_fraction: FractionOpt = None,
     retry_errors: RetryErrorsOpt = False,
     allow_skipped: AllowSkippedOpt = False,
+    new_folder: NewFolderOpt = False,
     with_: Annotated[
         list[str] | None,
         typer.Option(
@@ -303,7 +313,7 @@ def run(
     Exits 0 when every planned row is generated and scored; 3, with a summary of what is
     missing, when an adapter was skipped or rows were left out (unless --allow-skipped); 2 on a
     bad config or input, before any model loads."""
-    from charshift import executors
+    from charshift import executors, pipeline
 
     part = _shard(shard)
     cost = _CostArgs(throughput, throughput_from, throughput_path, calibrate_from)
@@ -317,6 +327,8 @@ def run(
             typer.echo(_dry_run(cfg, part, shards, cost, fraction))
             return
         target = _out_path(out) or _default_out(cfg)
+        if new_folder:
+            target = pipeline.study_folder(cfg, target)
         if executor == "ray":
             path = executors.run_ray(
                 cfg, target, shards, ray_address, echo=typer.echo, retry_errors=retry_errors
@@ -534,6 +546,7 @@ def generate(
     shard: ShardOpt = None,
     retry_errors: RetryErrorsOpt = False,
     allow_skipped: AllowSkippedOpt = False,
+    new_folder: NewFolderOpt = False,
 ) -> None:
     """Generate the rows of a run (or of one shard) that are not in its store yet. Exits 3,
     with a summary, when rows are left out (unless --allow-skipped)."""
@@ -544,6 +557,8 @@ def generate(
     target = _out_path(out)
     cfg = _load(config, preset, id_prompts)
     target = target or _default_out(cfg)
+    with _user_errors():
+        target = pipeline.study_folder(cfg, target) if new_folder else target
     with _user_errors(), pipeline.prepare_run(cfg, target, part) as store:
         summary = pipeline.generate(cfg, store, retry_errors=retry_errors)
         done = record_completion(cfg, store, scored=False)

@@ -41,7 +41,8 @@ from charshift.planning import (
 from charshift.rollout import Episode, RolloutEngine, RolloutSettings
 from charshift.schema import EpisodeSpec, GenerationRow, ScoreRow, stable_hash
 from charshift.scoring.base import ScoreInput, Scorer, ScorerContext, open_scorer
-from charshift.store import RunStore, retryable
+from charshift.store import RunStore, StoreError, StudyError, retryable
+from charshift.store import warn as store_warn
 
 
 def cache_dir() -> Path:
@@ -127,6 +128,30 @@ def prepare_run(cfg: RunConfig, out: Path, shard: Shard | None = None) -> RunSto
 def _normalise(d: dict[str, Any]) -> dict[str, Any]:
     """A stored config resolved under this version (fields added since take their defaults)."""
     return config_to_dict(parse_config(d))
+
+
+def study_folder(cfg: RunConfig, out: Path) -> Path:
+    """Where `cfg` runs when asked for a new run folder if `out` holds another study
+    (`--new-folder`): `out` itself when it holds no run or this study, else `OUT-H` beside it,
+    H the first 8 hex digits of the config's identity hash (said on stderr)."""
+    from charshift.store import study
+
+    try:
+        with RunStore(out, create=False, writable=False, warn=lambda _m: None) as held:
+            held.check_study(
+                config_to_dict(cfg),
+                planned_keys=lambda: {r.key for r in build_plan(cfg).rows},
+                normalise=_normalise,
+            )
+    except StudyError as err:
+        h = study.identity_hash(study.flatten(config_to_dict(cfg)))[:8]
+        new = out.with_name(f"{out.name}-{h}")
+        store_warn(f"{out} holds another study ({str(err).split(': ', 1)[-1][:300]}); "
+                   f"--new-folder: this config runs into {new}")  # fmt: skip
+        return new
+    except StoreError:  # no run there (yet), or one prepare_run names the trouble of
+        return out
+    return out
 
 
 def load_run_config(store: RunStore) -> RunConfig:

@@ -19,6 +19,7 @@ from charshift.store.common import (
     ModeLockError,
     StoreError,
     StoreWriteError,
+    StudyError,
     warn,
 )
 from charshift.store.locks import SHARDING, WriterLock, live_shard_writers
@@ -47,6 +48,7 @@ __all__ = [
     "RunStore",
     "StoreError",
     "StoreWriteError",
+    "StudyError",
     "WriterLock",
     "git_commit",
     "live_shard_writers",

@@ -33,7 +33,14 @@ from charshift.fileio import atomic_write_text, remove_temps
 from charshift.inputs import check_probs
 from charshift.schema import GenerationRow, ScoreRow
 from charshift.store import study
-from charshift.store.common import LockHeldError, ModeLockError, StoreError, warn, write_error
+from charshift.store.common import (
+    LockHeldError,
+    ModeLockError,
+    StoreError,
+    StudyError,
+    warn,
+    write_error,
+)
 from charshift.store.locks import (
     SharedFlock,
     WriterLock,
@@ -397,6 +404,15 @@ class RunStore:
         self._require_writable()
         study.write_config(self, cfg_dict, study.ConfigRules(identify, normalise), planned_keys)
 
+    def check_study(
+        self,
+        cfg_dict: dict[str, Any],
+        planned_keys: Callable[[], Iterable[str]] | None = None,
+        normalise: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> None:
+        """StudyError (naming the fields) unless `cfg_dict` is this run's study; writes nothing."""
+        study.check_config(self, cfg_dict, study.ConfigRules(None, normalise), planned_keys)
+
     def run_config(
         self,
         normalise: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
@@ -427,7 +443,7 @@ class RunStore:
         planned = set(planned_keys())
         stray = [r.key for r in self.generations if r.key not in planned]
         if stray:
-            raise StoreError(
+            raise StudyError(
                 f"{held}, and {len(stray)} of them are not rows of the config given (e.g. key "
                 f"{stray[0]}); use another --out, or restore the run's config.yaml"
             )

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from charshift.schema import stable_hash
-from charshift.store.common import StoreError
+from charshift.store.common import StudyError
 
 
 class RunStore(Protocol):
@@ -133,7 +133,7 @@ def check_not_edited(store: RunStore, on_disk: dict[str, Any], rules: ConfigRule
     try:
         disk = rules.identity(on_disk)
     except ValueError as err:
-        raise StoreError(
+        raise StudyError(
             f"{store.config_path} was edited by hand and is not a valid config "
             f"({_first_line(err)}); {restore}"
         ) from None
@@ -142,7 +142,7 @@ def check_not_edited(store: RunStore, on_disk: dict[str, Any], rules: ConfigRule
     except ValueError:
         return  # a copy this version cannot read: config.yaml is the reference
     if disk != recorded:
-        raise StoreError(
+        raise StudyError(
             f"{store.config_path} was edited by hand: it differs from the run's config recorded "
             f"in {store.manifest_path.name} ({differences(recorded, disk)}); {restore}"
         )
@@ -161,15 +161,37 @@ def check_same_study(
     try:
         old = rules.identity(ref)
     except ValueError as err:
-        raise StoreError(
+        raise StudyError(
             f"{store.root} holds a run with a different config: the run's {source} is not a "
             f"valid config of this version ({_first_line(err)}); {advice}"
         ) from None
     if old != new:
-        raise StoreError(
+        raise StudyError(
             f"{store.root} holds a run with a different config: the config given differs from "
             f"the run's ({source}) in {differences(old, new)}; {advice}"
         )
+
+
+def check_config(
+    store: RunStore,
+    cfg: dict[str, Any],
+    rules: ConfigRules,
+    planned_keys: Callable[[], Iterable[str]] | None = None,
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """Check that `cfg` (resolved) is the run's study (StudyError, naming the fields, if not);
+    returns (config.yaml as found, the run's reference config: the manifest's copy, else
+    config.yaml; None for a new run)."""
+    new = rules.identity(cfg)
+    on_disk = store.read_config() if store.config_path.exists() else None
+    if on_disk is not None:
+        check_not_edited(store, on_disk, rules)
+    copy = _manifest_copy(store)
+    ref, source = (copy, "copy in manifest.json") if copy is not None else (on_disk, "config.yaml")
+    if ref is not None:
+        check_same_study(store, ref, source, new, rules)
+    elif len(store.generations) or len(store.scores):
+        store.check_rows_belong(planned_keys)
+    return on_disk, ref
 
 
 def write_config(
@@ -180,16 +202,9 @@ def write_config(
 ) -> None:
     """Record `cfg` (resolved) as the run's config, after checking it is the run's study."""
     new = rules.identity(cfg)
-    on_disk = store.read_config() if store.config_path.exists() else None
-    if on_disk is not None:
-        check_not_edited(store, on_disk, rules)
-    copy = _manifest_copy(store)
-    ref, source = (copy, "copy in manifest.json") if copy is not None else (on_disk, "config.yaml")
+    on_disk, ref = check_config(store, cfg, rules, planned_keys)
     if ref is not None:
-        check_same_study(store, ref, source, new, rules)
         _note_changes(store, ref, cfg, rules)
-    elif len(store.generations) or len(store.scores):
-        store.check_rows_belong(planned_keys)
     if on_disk != cfg:
         if on_disk is None and ref is not None and len(store.generations):
             store.say(
