@@ -310,6 +310,7 @@ def test_score_says_who_redoes_damaged_generation_rows(mini, env, tmp_path):
         rc_ok=_zero,
         names=["`charshift score` does not generate", f"charshift run CONFIG --out {run}"],
     )
+    assert "rows that had no good copy are redone" not in out, out
     rc, out = _cli(["run", str(cfg), "--out", str(run)], env)
     _judge(
         "damaged generations: score, then run",
@@ -699,6 +700,144 @@ def test_second_run_on_the_same_folder(mini, env, tmp_path):
         out,
         rc_ok=_two,
         names=[f"pid {first.pid} on", "two writers would each redo every row"],
+        data_ok=_same_store(run, ref),
+    )
+
+
+# -- issue 18: one study per run folder --------------------------------------------------------
+
+
+def test_a_second_study_in_one_folder_is_refused(mini, env, tmp_path):
+    """Editing the run's config.yaml and the config file to another temperature used to run a
+    second study into the folder (every cell's n doubled). Now the run refuses, naming the
+    field; `report --run` on the hand-edited config.yaml refuses too; a new folder takes it."""
+    cfg, ref = mini
+    run = _copy(ref, tmp_path / "run")
+    other = tmp_path / "other.yaml"
+    other.write_text(cfg.read_text().replace("temperature: 0.7", "temperature: 0.9"))
+    edited = (run / "config.yaml").read_text().replace("temperature: 0.7", "temperature: 0.9")
+    (run / "config.yaml").write_text(edited)
+    before = _kept(run)
+    rc, out = _cli(["report", "--run", str(run)], env)
+    _judge(
+        "hand-edited config.yaml: report",
+        rc,
+        out,
+        rc_ok=lambda rc: rc != 0,
+        names=["config.yaml was edited by hand", "sampling.temperature: 0.7 -> 0.9"],
+        data_ok=_kept(run) == before,
+    )
+    rc, out = _cli(["run", str(other), "--out", str(run)], env)
+    _judge(
+        "second study (config.yaml and config edited alike): run",
+        rc,
+        out,
+        rc_ok=lambda rc: rc != 0,
+        names=["sampling.temperature: 0.7 -> 0.9", "a run folder holds one study"],
+        data_ok=_kept(run) == before,
+    )
+
+
+def _edit(path, n, change):
+    lines = path.read_bytes().splitlines(keepends=True)
+    d = json.loads(lines[n])
+    change(d)
+    lines[n] = json.dumps(d).encode() + b"\n"
+    path.write_bytes(b"".join(lines))
+
+
+def test_rows_of_another_study_are_set_aside(mini, env, tmp_path):
+    """A line appended with one hex digit of its key changed, a row whose persona was edited
+    (its key encodes the other one) and a row of a persona the config lacks: the report names
+    and leaves out each (its figures are the undamaged run's); the run quarantines them and
+    ends identical to the undamaged run."""
+    cfg, ref = mini
+    run = _copy(ref, tmp_path / "run")
+    path = run / "generations.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    rows = [json.loads(x) for x in lines]
+    a, b = [i for i, r in enumerate(rows) if r["persona"] == "humor"][:2]
+    last = rows[-1]
+    flipped = last["key"][:-1] + ("0" if last["key"][-1] != "0" else "1")
+    with path.open("ab") as f:
+        f.write(json.dumps({**last, "key": flipped}).encode() + b"\n")
+    _edit(path, a, lambda d: d.update(persona="sarcasm"))
+    _edit(path, b, lambda d: d.update(persona="pirate", key="f" * 24))
+    rc, out = _cli(["report", "--run", str(run), "--out", str(tmp_path / "rep")], env)
+    _judge(
+        "rows outside the plan (edited key, persona, unknown persona): report",
+        rc,
+        out,
+        rc_ok=_zero,
+        names=[
+            "3 row(s) do not belong to this run's study",
+            f"line {a + 1}: key",
+            "does not recompute from its own fields: persona 'sarcasm'",
+            "not a row of the run's plan",
+            f"line {len(lines) + 1}: key",
+        ],
+        data_ok=(tmp_path / "rep" / "metrics.csv").exists(),
+    )
+    rc, out = _cli(["run", str(cfg), "--out", str(run)], env)
+    aside = read_quarantine(run / "generations.quarantine.jsonl")
+    _judge(
+        "rows outside the plan: run",
+        rc,
+        out,
+        rc_ok=_zero,
+        names=["do not belong to this run's study", "Set aside, verbatim"],
+        data_ok=sorted(d.line for d in aside) == sorted([a + 1, b + 1, len(lines) + 1])
+        and _same_store(run, ref),
+    )
+
+
+def test_stray_shard_files_and_events(mini, env, tmp_path):
+    """A stray file naming shard 0 of 300,000,000 (and an event naming it) made the report hang;
+    shard count 0 blocked it without naming the file. Both are named and never read."""
+    cfg, ref = mini
+    run = _copy(ref, tmp_path / "run")
+    one = (run / "generations.jsonl").read_bytes().splitlines(keepends=True)[0]
+    (run / "generations.shard-0-of-300000000.jsonl").write_bytes(one)
+    (run / "scores.shard-0-of-0.jsonl").write_bytes(b"")
+    m = json.loads((run / "manifest.json").read_text())
+    m.setdefault("events", []).append({"event": "shard_start", "shard": "5/300000000"})
+    (run / "manifest.json").write_text(json.dumps(m))
+    rc, out = _cli(["report", "--run", str(run)], env, timeout=300)
+    _judge(
+        "stray shard files and events: report",
+        rc,
+        out,
+        rc_ok=_zero,
+        names=[
+            "generations.shard-0-of-300000000.jsonl: not read",
+            "scores.shard-0-of-0.jsonl: not read",
+            "shard count 0",
+            "names shard 5/300000000",
+        ],  # the stray file is never read: the figures are the run's own
+        data_ok=(run / "metrics.csv").read_bytes() == (ref / "metrics.csv").read_bytes(),
+    )
+
+
+@pytest.mark.parametrize("value", ["NaN", "7.5"])
+def test_impossible_probability_in_scores(mini, env, tmp_path, value):
+    """NaN or 7.5 as a probability in scores.jsonl was scored and counted; the line is named
+    as damaged, and the run rescores its row."""
+    cfg, ref = mini
+    run = _copy(ref, tmp_path / "run")
+    path = run / "scores.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    d = json.loads(lines[2])
+    label = next(iter(d["probs"]))
+    d["probs"][label] = float(value)
+    lines[2] = json.dumps(d).encode() + b"\n"
+    path.write_bytes(b"".join(lines))
+    rc, out = _cli(["run", str(cfg), "--out", str(run)], env)
+    _judge(
+        f"probability {value} in scores: run",
+        rc,
+        out,
+        rc_ok=_zero,
+        names=[f"{path}: 1 of", "line 3:", "probs"],
         data_ok=_same_store(run, ref),
     )
 

@@ -2,6 +2,7 @@ import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -574,3 +575,201 @@ def test_resume_accepts_a_config_resolved_by_an_older_version(tmp_path):
         assert s.read_config() == cfg
         with pytest.raises(StoreError, match="different config"):
             s.write_config({**cfg, "name": "other"}, normalise=norm)
+
+
+# -- issue 18: one study per run folder, rows verified on read ----------------------------------
+
+
+def _edit_line(path, n, change):
+    """Rewrite line `n` (0-based) of a JSONL file through `change(dict)`."""
+    lines = path.read_bytes().splitlines(keepends=True)
+    d = json.loads(lines[n])
+    change(d)
+    lines[n] = json.dumps(d).encode() + b"\n"
+    path.write_bytes(b"".join(lines))
+
+
+def test_rows_not_in_the_plan_or_with_a_stale_key_are_set_aside_by_name(tmp_path):
+    """A row whose persona was edited (its key encodes another), a key with one hex digit
+    changed, and a row of a persona the config does not have: each is named, not counted, and
+    a writer moves exactly those lines (and their scores) to the quarantine files."""
+    from charshift import pipeline
+
+    cfg = load_preset("smoke")
+    plan = planning.build_plan(cfg)
+    root, gens = _smoke_store(tmp_path, plan, 200, 200)
+    path = root / "generations.jsonl"
+    a, b, c = [i for i, g in enumerate(gens) if g.persona and g.text][:3]
+    other = next(p for p in cfg.personas if p != gens[a].persona)
+    _edit_line(path, a, lambda d: d.update(persona=other))
+    flipped = gens[b].key[:-1] + ("0" if gens[b].key[-1] != "0" else "1")
+    _edit_line(path, b, lambda d: d.update(key=flipped))
+    _edit_line(path, c, lambda d: d.update(persona="pirate", key="f" * 24))
+    n_scores = len(RunStore(root, writable=False, warn=_quiet).scores)
+    seen: list[str] = []
+    reader = RunStore(root, writable=False, warn=seen.append)
+    pipeline.check_rows(cfg, reader)
+    assert len(reader.generations) == 197
+    assert {gens[a].key, flipped, "f" * 24}.isdisjoint(g.key for g in reader.generations)
+    msg = next(m for m in seen if "do not belong to this run's study" in m)
+    assert str(path) in msg and all(f"line {i + 1}:" in msg for i in (a, b, c)), msg
+    assert "persona" in msg and "does not recompute" in msg and "not a row of the run's plan" in msg
+    assert path.read_bytes().count(b"\n") == 200  # a reader changes nothing
+    with RunStore(root, warn=_quiet) as w:
+        pipeline.check_rows(cfg, w)
+        lost = n_scores - len(w.scores)
+    aside = read_quarantine(quarantine_path(path))
+    assert sorted(e.line for e in aside) == [a + 1, b + 1, c + 1]
+    assert path.read_bytes().count(b"\n") == 197
+    assert lost > 0 and len(read_quarantine(quarantine_path(root / "scores.jsonl"))) == lost
+    again: list[str] = []
+    pipeline.check_rows(cfg, RunStore(root, writable=False, warn=again.append))
+    assert not again  # what is left is the plan's own
+
+
+def test_a_config_of_another_study_is_refused_naming_the_fields(tmp_path):
+    """Editing config.yaml and the config file alike no longer slips a second study into the
+    folder: the manifest's copy is the run's identity, and the fields that differ are named."""
+    from charshift import pipeline
+    from charshift.config import parse_config
+
+    cfg = load_preset("smoke")
+    root = tmp_path / "run"
+    pipeline.prepare_run(cfg, root).close()
+    ident = json.loads((root / "manifest.json").read_text())["identity"]
+    assert len(ident["hash"]) == 16 and ident["fields"]["sampling.temperature"] == 0.7
+    data = config_to_dict(cfg)
+    data["sampling"]["temperature"] = 0.9
+    other = parse_config(data)
+    yaml_text = (root / "config.yaml").read_text()
+    (root / "config.yaml").write_text(
+        (root / "config.yaml").read_text().replace("temperature: 0.7", "temperature: 0.9")
+    )
+    with pytest.raises(StoreError) as e:
+        pipeline.load_run_config(RunStore(root, writable=False, warn=_quiet))
+    assert "edited by hand" in str(e.value) and "sampling.temperature: 0.7 -> 0.9" in str(e.value)
+    with pytest.raises(StoreError) as e:
+        pipeline.prepare_run(other, root)
+    assert "sampling.temperature: 0.7 -> 0.9" in str(e.value) and "--out" in str(e.value)
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["config"]["sampling"]["temperature"] == 0.7  # not rewritten
+    (root / "config.yaml").write_text(yaml_text)  # restored
+    assert pipeline.study_folder(cfg, root) == root  # --new-folder: the same study stays
+    new = pipeline.study_folder(other, root)  # another goes beside it, named by its identity
+    assert new.parent == root.parent and new.name.startswith("run-") and len(new.name) == 12
+    pipeline.prepare_run(other, new).close()
+    assert pipeline.study_folder(other, new) == new
+
+
+def test_a_stray_shard_file_is_named_and_never_read(tmp_path):
+    """Issue 18: a file naming shard 0 of 300,000,000 hung the report; shard count 0 blocked it
+    without naming the file. Neither is read; each is named with its bound."""
+    cfg = load_preset("smoke")
+    root, gens = _smoke_store(tmp_path, planning.build_plan(cfg), 10, 0)
+    (root / "generations.shard-0-of-300000000.jsonl").write_bytes(_line(gens[0]))
+    (root / "generations.shard-0-of-0.jsonl").write_bytes(_line(gens[1]))
+    seen: list[str] = []
+    s = RunStore(root, writable=False, warn=seen.append)
+    assert len(s.generations) == 10
+    assert any("shard-0-of-300000000" in m and "1..1024" in m for m in seen), seen
+    assert any("shard-0-of-0.jsonl" in m and "shard count 0" in m for m in seen), seen
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest.setdefault("events", []).append({"event": "shard_start", "shard": "0/300000000"})
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    counts, notes = analysis.shard_counts(RunStore(root, writable=False, warn=_quiet))
+    assert counts == [] and "0/300000000" in notes[0] and "1..1024" in notes[0]
+
+
+@pytest.mark.parametrize("probs", [{"humor": float("nan")}, {"humor": 7.5}, {"humor": -0.5}])
+def test_scores_with_impossible_probabilities_are_refused(tmp_path, probs):
+    """NaN, 7.5 or a negative probability in scores.jsonl: a damaged line, named, not counted
+    (as the predictions reader refuses them); a writer never appends one."""
+    root = tmp_path / "run"
+    good = ScoreRow("k1", "c", "text", "humor", {"humor": 1.0}, "id_chat", "h")
+    bad = ScoreRow("k2", "c", "text", "humor", probs, "id_chat", "h")
+    with RunStore(root, warn=_quiet) as s:
+        s.write_config({"name": "x"})
+        s.scores.append([good])
+        with pytest.raises(StoreError, match="probability|numbers"):
+            s.scores.append([bad])
+    with (root / "scores.jsonl").open("a") as f:
+        f.write(json.dumps(bad.to_dict()) + "\n")
+    seen: list[str] = []
+    s = RunStore(root, writable=False, warn=seen.append)
+    assert [r.key for r in s.scores] == ["k1"]
+    assert any("scores.jsonl" in m and "line 2" in m for m in seen), seen
+
+
+def test_a_stale_report_never_overwrites_a_newer_one(tmp_path):
+    """Issue 18: a slow `report --run` that read the run before a resume finished overwrote the
+    finished report. A reader's report is written only if the run's files are as it read them;
+    otherwise it names what changed and writes nothing (the newer report stands)."""
+    from charshift import pipeline
+
+    cfg = load_preset("smoke")
+    plan = planning.build_plan(cfg)
+    root, gens = _smoke_store(tmp_path, plan, 60, 40)
+    stale = RunStore(root, writable=False, warn=_quiet)  # read before the "resume"
+    r = [r for r in plan.rows if r.spec.split == "eval"][60]
+    with RunStore(root, warn=_quiet) as w:  # the resume adds a row
+        fields = {"key": r.key, "item_id": r.spec.item_id, "stage": r.condition.stage,
+                  "persona": r.condition.persona, "slice": r.spec.slice,
+                  "sample_idx": r.sample_idx}  # fmt: skip
+        w.generations.append([GenerationRow(**{**gens[0].to_dict(), **fields})])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "report.md").write_text("the newer report")
+    wrote = []
+    with pytest.raises(StoreError) as e:
+        with stale.report_snapshot(tmp_path / "out"):
+            wrote.append(1)
+    assert not wrote and "changed while this report was computed" in str(e.value)
+    assert "generations.jsonl" in str(e.value) and "report --run" in str(e.value)
+    with pipeline.RunStore(root, writable=False, warn=_quiet).report_snapshot(tmp_path / "out"):
+        wrote.append(1)  # a fresh reader writes
+    assert wrote == [1]
+
+
+def test_a_refused_report_leaves_the_previous_one_whole(tmp_path):
+    """The report's files (tables, figures, page) are staged and moved into place only under
+    `publish`: when it refuses, not one file of the previous report changes."""
+    from charshift.analysis import AnalysisInput, analyse
+    from charshift.config import StatsConfig
+    from charshift.schema import PredictionRecord
+
+    recs = [
+        PredictionRecord(base="b", stage=st, slice="id_chat", persona=p, item_id=f"i{i}",
+                         prediction=p if i % 3 else "humor", outcome="reply")
+        for st in ("base", "prompted") for p in ("humor", "sarcasm") for i in range(6)
+    ]  # fmt: skip
+    inp = AnalysisInput(records=recs, personas=["humor", "sarcasm"],
+                        stats=StatsConfig(n_boot=20, seed=0), title="t", settings={})  # fmt: skip
+    out = tmp_path / "out"
+    analyse(inp, out)
+    before = _tree(out)
+
+    def refuse():
+        raise StoreError("changed")
+
+    with pytest.raises(StoreError):
+        analyse(inp, out, publish=refuse)
+    assert _tree(out) == before
+
+
+def _tree(folder):
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()
+    }
+
+
+def test_lock_takeover_never_says_a_live_pid_no_longer_runs(tmp_path):
+    """The lock is free (the kernel released it) but its info names a pid that runs (here: this
+    process, as after pid reuse): the message says the pid no longer holds the lock."""
+    root = tmp_path / "run"
+    root.mkdir()
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "started": "t0"}
+    (root / "writer.lock.info").write_text(json.dumps(info))
+    seen: list[str] = []
+    with RunStore(root, warn=seen.append):
+        pass
+    msg = next(m for m in seen if "taking over the lock" in m)
+    assert "no longer runs" not in msg and f"pid {os.getpid()} runs, but not holding" in msg

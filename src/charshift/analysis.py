@@ -8,8 +8,11 @@ in `external` feeds it a predictions JSONL made elsewhere. Both end in `analyse`
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +28,7 @@ from charshift.schema import (
 from charshift.slices import judge_units
 from charshift.store import TABLES, RunStore, StoreError, table_files
 from charshift.store import warn as store_warn
+from charshift.store.table import shard_problem
 
 if TYPE_CHECKING:
     from charshift.stats import MetricsResult
@@ -69,28 +73,41 @@ def compute(inp: AnalysisInput) -> MetricsResult:
     )
 
 
-def analyse(inp: AnalysisInput, out_dir: Path, result: MetricsResult | None = None) -> Path:
-    """Statistics (unless `result` is given), tables, plots and the report, under `out_dir`."""
+def analyse(
+    inp: AnalysisInput,
+    out_dir: Path,
+    result: MetricsResult | None = None,
+    publish: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
+) -> Path:
+    """Statistics (unless `result` is given), tables, plots and the report, under `out_dir`.
+    Everything is written into a staging folder there first and moved into place in one short
+    step under `publish()` (a run's report: its report lock and the check that the run is
+    unchanged), so a report that is refused or fails leaves the previous one whole."""
     from charshift import report as report_mod
     from charshift import tables
 
     result = compute(inp) if result is None else result
     out = Path(out_dir)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        tables.write_tables(result, out)
-        return report_mod.write_report(
-            out,
-            inp.records,
-            result,
-            settings=inp.settings,
-            samples=inp.samples,
-            title=inp.title,
-            meaningless=inp.meaningless,
-            published=inp.published,
-            notes=[*inp.notes, *(n.text() for n in result.label_notes)],
-            warnings=inp.warnings,
-        )
+        with report_mod.staging(out) as staged:
+            written = tables.write_tables(result, staged)
+            report_mod.write_report(
+                staged,
+                inp.records,
+                result,
+                settings=inp.settings,
+                samples=inp.samples,
+                title=inp.title,
+                meaningless=inp.meaningless,
+                published=inp.published,
+                notes=[*inp.notes, *(n.text() for n in result.label_notes)],
+                warnings=inp.warnings,
+            )
+            with publish():
+                for p in written:
+                    os.replace(p, out / p.name)
+                report_mod.swap_in(staged, out)
+        return out / "report" / "index.html"
     except OSError as err:
         raise _naming_the_path(err, out) from None
 
@@ -321,10 +338,13 @@ class ShardCompleteness:
         return self.generated >= self.planned and self.scored >= self.with_output
 
 
-def shard_counts(store: RunStore) -> list[int]:
-    """The shard counts N a run was written with: from its table files' names and the
-    `shard_start` events in its manifest."""
-    found = set()
+def shard_counts(store: RunStore) -> tuple[list[int], list[str]]:
+    """The shard counts N a run was written with, from its table files' names and the
+    `shard_start` events in its manifest; and a note for each event that names a shard no run
+    can have (count 0, more than MAX_SHARDS, an index past the count), which is not one (such
+    table files are not read: the store names them)."""
+    found: set[int] = set()
+    notes = []
     for stem in TABLES:
         for f in table_files(store.root, stem):
             m = re.search(r"\.shard-\d+-of-(\d+)\.jsonl$", f.name)
@@ -333,9 +353,16 @@ def shard_counts(store: RunStore) -> list[int]:
         label = (
             ev.get("shard") if isinstance(ev, dict) and ev.get("event") == "shard_start" else None
         )
-        if isinstance(label, str) and re.fullmatch(r"\d+/\d+", label):
-            found.add(int(label.split("/")[1]))
-    return sorted(found)
+        if isinstance(label, str) and re.fullmatch(r"\d{1,12}/\d{1,12}", label):
+            i, n = (int(p) for p in label.split("/"))
+            why = shard_problem(i, n)
+            if why:
+                notes.append(
+                    f"{store.manifest_path}: a shard_start event names shard {label}: {why}; ignored"
+                )
+            else:
+                found.add(n)
+    return sorted(found), notes
 
 
 def shard_completeness(
@@ -370,15 +397,14 @@ def shard_completeness(
 def shard_warnings(plan: Any, store: RunStore, cfg: RunConfig, cids: dict[str, str]) -> list[str]:
     """One line per incomplete shard, for each shard count the run was written with. `plan`
     may be a dry one: shards are assigned by item id, so PURE-DOVE prompts are read for theirs."""
-    counts = shard_counts(store)
+    counts, out = shard_counts(store)
     if counts and cfg.id_prompts.source == "pure_dove":
         from charshift.planning import build_plan
 
         try:
             plan = build_plan(cfg)
         except (ValueError, OSError) as err:
-            return [f"Could not check the run's shards (their PURE-DOVE item ids): {err}"]
-    out = []
+            return [*out, f"Could not check the run's shards (their PURE-DOVE item ids): {err}"]
     for n in counts:
         gaps = [s for s in shard_completeness(plan, store, cfg, cids, n) if not s.complete]
         if not gaps:
@@ -436,7 +462,9 @@ def report_run(cfg: RunConfig, store: RunStore, out_dir: Path | None = None) -> 
         inp.settings["manifest"] = store.update_manifest(label_sets=label_sets)
     else:  # `charshift report --run` reads the run and changes nothing in it
         inp.settings["manifest"] = {**inp.settings["manifest"], "label_sets": label_sets}
-    return analyse(inp, Path(out_dir) if out_dir else store.root, result)
+    target = Path(out_dir) if out_dir else store.root
+    # written only if the run is as it was read, so a stale reader never overwrites a newer report
+    return analyse(inp, target, result, publish=lambda: store.report_snapshot(target))
 
 
 def _nothing_to_report(store: RunStore, cids: dict[str, str]) -> str:

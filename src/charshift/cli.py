@@ -238,6 +238,15 @@ RetryErrorsOpt = Annotated[
         "generations.quarantine.jsonl.",
     ),
 ]
+NewFolderOpt = Annotated[
+    bool,
+    typer.Option(
+        "--new-folder",
+        help="A run folder holds one study: when --out holds a run of another config (the "
+        "fields that differ are named), run into OUT-H beside it (H: this config's identity "
+        "hash) instead of refusing.",
+    ),
+]
 AllowSkippedOpt = Annotated[
     bool,
     typer.Option(
@@ -289,6 +298,7 @@ def run(
     expected_fraction: FractionOpt = None,
     retry_errors: RetryErrorsOpt = False,
     allow_skipped: AllowSkippedOpt = False,
+    new_folder: NewFolderOpt = False,
     with_: Annotated[
         list[str] | None,
         typer.Option(
@@ -303,7 +313,7 @@ def run(
     Exits 0 when every planned row is generated and scored; 3, with a summary of what is
     missing, when an adapter was skipped or rows were left out (unless --allow-skipped); 2 on a
     bad config or input, before any model loads."""
-    from charshift import executors
+    from charshift import executors, pipeline
 
     part = _shard(shard)
     cost = _CostArgs(throughput, throughput_from, throughput_path, calibrate_from)
@@ -317,6 +327,8 @@ def run(
             typer.echo(_dry_run(cfg, part, shards, cost, fraction))
             return
         target = _out_path(out) or _default_out(cfg)
+        if new_folder:
+            target = pipeline.study_folder(cfg, target)
         if executor == "ray":
             path = executors.run_ray(
                 cfg, target, shards, ray_address, echo=typer.echo, retry_errors=retry_errors
@@ -536,6 +548,7 @@ def generate(
     shard: ShardOpt = None,
     retry_errors: RetryErrorsOpt = False,
     allow_skipped: AllowSkippedOpt = False,
+    new_folder: NewFolderOpt = False,
 ) -> None:
     """Generate the rows of a run (or of one shard) that are not in its store yet. Exits 3,
     with a summary, when rows are left out (unless --allow-skipped)."""
@@ -548,6 +561,7 @@ def generate(
     target = target or _default_out(cfg)
     with _user_errors():
         pipeline.preflight(cfg)  # the plan and every given classifier's labels, before any row
+        target = pipeline.study_folder(cfg, target) if new_folder else target
     with _user_errors(), pipeline.prepare_run(cfg, target, part) as store:
         summary = pipeline.generate(cfg, store, retry_errors=retry_errors)
         done = record_completion(cfg, store, scored=False)
@@ -587,9 +601,12 @@ def score(
     _only_with("--generations", {"--classifier": classifier is not None, "--out": out is not None})
     if run_dir is None:
         _fail("give --run DIR (or --generations FILE --classifier C --out FILE)")
-    with _user_errors(), pipeline.RunStore(run_dir, create=False, shard=part) as store:
-        _redone_by_generate(store)
-        cfg = pipeline.load_run_config(store)
+    redo = {
+        "generations": "`charshift score` does not generate: their rows stay missing until "
+        f"`charshift run CONFIG --out {run_dir}` (or `charshift generate`) redoes them"
+    }
+    with _user_errors(), pipeline.RunStore(run_dir, create=False, shard=part, redo=redo) as store:
+        cfg = pipeline.open_run_config(store)
         if part is None:
             pipeline.ensure_classifiers(cfg, store)
         else:
@@ -606,18 +623,6 @@ def _score_external(generations: Path, classifier: str | None, out: Path | None)
     with _user_errors():
         n = score_external(generations, classifier or "", out or Path())
     typer.echo(f"scored {n} rows -> {out}")
-
-
-def _redone_by_generate(store: RunStore) -> None:
-    """`score` opens the run for writing, so damaged generation lines are set aside (the store
-    says so); it does not generate, so say which command redoes their rows."""
-    n = len(store.generations.set_aside)
-    if n:
-        _warn(
-            f"`charshift score` does not generate: the {n} generation line(s) set aside leave "
-            f"their rows missing until `charshift run CONFIG --out {store.root}` (or "
-            "`charshift generate`) redoes them"
-        )
 
 
 def _no_training_in_shard(cfg: cfgmod.RunConfig, store: RunStore) -> None:
@@ -691,7 +696,7 @@ def report(
 
     with _user_errors():  # a reader: takes no lock and changes nothing in the tables
         store = pipeline.RunStore(run_dir, create=False, writable=False)
-        cfg = pipeline.load_run_config(store)
+        cfg = pipeline.open_run_config(store)
         path = pipeline.report(cfg, store, target)
     typer.echo(f"report: {path}")
 
@@ -741,7 +746,7 @@ def train_classifier_cmd(
     into_run = target.resolve().is_relative_to(run_dir.resolve())  # it writes the run: locks
     with _user_errors():
         store = pipeline.RunStore(run_dir, create=False, writable=into_run)
-        cfg = pipeline.load_run_config(store)
+        cfg = pipeline.open_run_config(store)
         if cfg.classifier_training is None:  # then no training rows were ever generated
             raise ValueError(
                 f"{run_dir} holds no ID training generations: its config has no "

@@ -29,11 +29,20 @@ from charshift.config import (
     parse_config,
 )
 from charshift.inputs import check_name_lengths, surrogate_problem
-from charshift.planning import Plan, PlannedRow, Shard, build_plan, in_shard, select_shard
+from charshift.planning import (
+    Plan,
+    PlannedRow,
+    Shard,
+    build_plan,
+    in_shard,
+    row_problems,
+    select_shard,
+)
 from charshift.rollout import Episode, RolloutEngine, RolloutSettings
 from charshift.schema import EpisodeSpec, GenerationRow, ScoreRow, stable_hash
 from charshift.scoring.base import ScoreInput, Scorer, ScorerContext, open_scorer
-from charshift.store import RunStore, StoreError, retryable, shard_suffix
+from charshift.store import RunStore, StoreError, StudyError, retryable, shard_suffix
+from charshift.store import warn as store_warn
 
 
 def cache_dir() -> Path:
@@ -107,9 +116,10 @@ def prepare_run(cfg: RunConfig, out: Path, shard: Shard | None = None) -> RunSto
         store.write_config(
             config_to_dict(cfg),
             planned_keys=lambda: {r.key for r in build_plan(cfg).rows},
-            normalise=lambda d: config_to_dict(parse_config(d)),
+            normalise=_normalise,
         )
         personas = check_persona_texts(store, prompts.persona_hashes(cfg))
+        check_rows(cfg, store)
         store.update_manifest(
             seeds={"sampling": cfg.sampling.seed, "stats": cfg.stats.seed},
             banks=banks.provenance(cfg),  # kind -> source, sha256 and size of each item bank
@@ -138,8 +148,62 @@ def check_persona_texts(store: RunStore, hashes: dict[str, str]) -> dict[str, st
     return hashes
 
 
+def _normalise(d: dict[str, Any]) -> dict[str, Any]:
+    """A stored config resolved under this version (fields added since take their defaults)."""
+    return config_to_dict(parse_config(d))
+
+
+def study_folder(cfg: RunConfig, out: Path) -> Path:
+    """Where `cfg` runs when asked for a new run folder if `out` holds another study
+    (`--new-folder`): `out` itself when it holds no run or this study, else `OUT-H` beside it,
+    H the first 8 hex digits of the config's identity hash (said on stderr)."""
+    from charshift.store import study
+
+    try:
+        with RunStore(out, create=False, writable=False, warn=lambda _m: None) as held:
+            held.check_study(
+                config_to_dict(cfg),
+                planned_keys=lambda: {r.key for r in build_plan(cfg).rows},
+                normalise=_normalise,
+            )
+    except StudyError as err:
+        h = study.identity_hash(study.flatten(config_to_dict(cfg)))[:8]
+        new = out.with_name(f"{out.name}-{h}")
+        store_warn(f"{out} holds another study ({str(err).split(': ', 1)[-1][:300]}); "
+                   f"--new-folder: this config runs into {new}")  # fmt: skip
+        return new
+    except StoreError:  # no run there (yet), or one prepare_run names the trouble of
+        return out
+    return out
+
+
 def load_run_config(store: RunStore) -> RunConfig:
-    return parse_config(store.read_config(), str(store.config_path))
+    """The run's config; refused, naming the fields, when config.yaml was edited by hand into
+    another study than the one the manifest records (store/study.py)."""
+    return parse_config(store.run_config(normalise=_normalise), str(store.config_path))
+
+
+def open_run_config(store: RunStore) -> RunConfig:
+    """`load_run_config`, with the stored rows verified against the run's plan (`check_rows`)."""
+    cfg = load_run_config(store)
+    check_rows(cfg, store)
+    return cfg
+
+
+def check_rows(cfg: RunConfig, store: RunStore) -> None:
+    """Set aside (a writer: into the quarantine files) every stored row that is not one of the
+    plan of `cfg`, or whose key does not recompute from its own fields, and its scores: such a
+    row is never counted, and each is named (store.set_aside_rows)."""
+    if not len(store.generations):
+        return
+    try:
+        plan = build_plan(cfg)
+    except (ValueError, OSError) as err:  # e.g. an id_prompts file that has since moved
+        store.say(f"Could not rebuild the run's plan to verify its stored rows: {err}")
+        return
+    problems = row_problems(plan, store.generations)
+    if problems:
+        store.set_aside_rows(problems)
 
 
 def rollout_settings(cfg: RunConfig) -> RolloutSettings:

@@ -22,6 +22,7 @@ from charshift.render import render
 from charshift.rollout import step_budget
 from charshift.schema import (
     BASE_STAGE,
+    MAX_SHARDS,
     PROMPTED_EXPLICIT_STAGE,
     PROMPTED_STAGE,
     Condition,
@@ -303,10 +304,62 @@ def _check_size(
         )
 
 
+# -- verifying stored rows -------------------------------------------------------------------
+
+
+def _row_fields(
+    base: str, stage: str, persona: str | None, slc: str, item: str, sample: int
+) -> dict[str, Any]:
+    return {
+        "base": base,
+        "stage": stage,
+        "persona": persona,
+        "slice": slc,
+        "item_id": item,
+        "sample_idx": sample,
+    }
+
+
+def _planned_fields(r: PlannedRow) -> dict[str, Any]:
+    c, s = r.condition, r.spec
+    return _row_fields(c.base, c.stage, c.persona, s.slice, s.item_id, r.sample_idx)
+
+
+def row_problems(plan: Plan, rows: Iterable[GenerationRow]) -> dict[str, str]:
+    """Key -> why, for each stored row that is not one of `plan`'s: its key is not planned (a
+    row of another config, or a key edited), or its key is planned but its own fields (base,
+    stage, persona, slice, item, sample) are not the ones its key encodes (a field edited)."""
+    planned = {r.key: r for r in plan.rows}
+    by_fields = {canonical_json(_planned_fields(r)): r.key for r in plan.rows}
+    out: dict[str, str] = {}
+    for g in rows:
+        own = _row_fields(g.base, g.stage, g.persona, g.slice, g.item_id, g.sample_idx)
+        p = planned.get(g.key)
+        if p is None:
+            twin = by_fields.get(canonical_json(own))
+            out[g.key] = (
+                f"key {g.key!r:.40} does not recompute from its own fields (the plan's row with "
+                f"them has key {twin})"
+                if twin
+                else f"not a row of the run's plan (key {g.key!r:.40}, {_fields_text(own)})"
+            )
+            continue
+        want = _planned_fields(p)
+        diff = [
+            f"{k} {own[k]!r:.40} (its key's row: {want[k]!r:.40})" for k in own if own[k] != want[k]
+        ]
+        if diff:
+            out[g.key] = f"key {g.key} does not recompute from its own fields: " + ", ".join(diff)
+    return out
+
+
+def _fields_text(fields: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v!r:.40}" for k, v in fields.items())
+
+
 # -- shards --------------------------------------------------------------------------------------
 
 Shard = tuple[int, int]  # (index, count), index from 0: the store's convention (RunStore(shard=))
-MAX_SHARDS = 1024
 
 
 def parse_shard(text: str, what: str = "--shard") -> Shard:

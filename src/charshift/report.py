@@ -1261,7 +1261,7 @@ def _write_utf8(path: Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def _staging(root: Path) -> Iterator[Path]:
+def staging(root: Path) -> Iterator[Path]:
     """A fresh folder beside the report, removed afterwards whatever happens."""
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -1274,7 +1274,7 @@ def _staging(root: Path) -> Iterator[Path]:
         shutil.rmtree(staged, ignore_errors=True)
 
 
-def _swap_in(staged: Path, root: Path) -> None:
+def swap_in(staged: Path, root: Path) -> None:
     """Move the staged report folder and report.md into place; the old folder goes into the
     staging folder (removed with it). If the folder move fails, the old one is put back."""
     new, cur, old = staged / "report", root / "report", staged / "previous-report"
@@ -1353,10 +1353,10 @@ def write_report(
         meaningless=meaningless, published=published, notes=notes, warnings=warnings,
         context=context, max_samples=max_samples,
     )  # fmt: skip
-    with _staging(root) as staged:
+    with staging(root) as staged:
         figures = make_figures(result, staged / "report" / "plots")
         page, md = render_report(content, figures)
         _write_utf8(staged / "report" / "index.html", page)
         _write_utf8(staged / "report.md", md)
-        _swap_in(staged, root)
+        swap_in(staged, root)
     return root / "report" / "index.html"

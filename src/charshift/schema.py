@@ -23,6 +23,9 @@ PROMPTED_STAGE = "prompted"
 # Bootstrap resamples: a (n_boot x clusters) draw is held in memory per interval, so the
 # config, the classifier's held-out report and `report --n-boot` are bounded by this.
 MAX_N_BOOT = 100_000
+# The most shards a run may be split into (`--shard I/N`, N <= MAX_SHARDS); a table file or a
+# manifest event that names a larger count is not one of the run's.
+MAX_SHARDS = 1024
 
 # The persona prompt plus an explicit instruction to keep the voice in every form of writing: an
 # instruction being followed, not a property being measured; never a default stage.

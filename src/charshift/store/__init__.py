@@ -1,10 +1,14 @@
-"""The run directory and everything it holds, in four parts (and `common`: their errors, warning
+"""The run directory and everything it holds, in five parts (and `common`: their errors, warning
 line and clock):
 
-- `table`: the keyed JSONL table (append-only, typed records, damaged lines quarantined);
-- `locks`: one writer per table, sharded and unsharded writers kept apart;
+- `table`: the keyed JSONL table (append-only, typed records, damaged lines quarantined, rows
+  taken out by `exclude`, stray shard files named and never read);
+- `locks`: one writer per table, sharded and unsharded writers kept apart, the report lock;
 - `provenance`: the manifest and the facts it records;
-- `run`: `RunStore`, the run directory (config, manifest, tables, writer lock).
+- `study`: one study per run folder (the run's identity from its resolved config; a config of
+  another study, or a hand-edited config.yaml, refused naming the fields);
+- `run`: `RunStore`, the run directory (config, manifest, tables, writer lock, rows set aside
+  that are not the study's, the snapshot a report is written against).
 
 Every file is written by `charshift.fileio`'s one atomic writer and every table line read by its
 one JSONL decoder. The names below are the store's public face.
@@ -15,6 +19,7 @@ from charshift.store.common import (
     ModeLockError,
     StoreError,
     StoreWriteError,
+    StudyError,
     warn,
 )
 from charshift.store.locks import SHARDING, WriterLock, live_shard_writers
@@ -43,6 +48,7 @@ __all__ = [
     "RunStore",
     "StoreError",
     "StoreWriteError",
+    "StudyError",
     "WriterLock",
     "git_commit",
     "live_shard_writers",

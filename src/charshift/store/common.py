@@ -14,6 +14,11 @@ class StoreError(RuntimeError):
     """A run directory that cannot be used as asked; the message names the file and the fix."""
 
 
+class StudyError(StoreError):
+    """A run directory that holds another study than the config given (or whose config.yaml was
+    edited by hand into another): the message names the fields that differ."""
+
+
 class StoreWriteError(StoreError, WriteError):
     """The OS refused a write (read-only file, full disk, ...); what was written before is kept."""
 

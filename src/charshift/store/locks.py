@@ -82,13 +82,28 @@ class WriterLock:
             raise
         atexit.register(self.release)
         if previous:
-            return (
-                f"{self.path}: taking over the lock of {self.what} left by pid "
-                f"{previous.get('pid')} on {previous.get('host')} (started "
-                f"{previous.get('started')}), which no longer runs; a cut-off last line it "
-                "left is set aside and its rows redone"
-            )
+            return self._takeover_message(previous)
         return None
+
+    def _takeover_message(self, previous: dict[str, Any]) -> str:
+        """What taking a lock left behind says: the kernel freed it, so its holder no longer
+        holds it; whether that pid still runs (reused, or a process that lost its lock) is said
+        only where it can be checked (the same host)."""
+        pid, host = previous.get("pid"), previous.get("host")
+        if host != socket.gethostname() or not isinstance(pid, int):
+            fate = "which no longer holds it"
+        elif _pid_alive(pid):
+            fate = (
+                f"which no longer holds it (a process with pid {pid} runs, but not holding this "
+                "lock: the pid was reused, or that process lost the lock)"
+            )
+        else:
+            fate = "which no longer runs"
+        return (
+            f"{self.path}: taking over the lock of {self.what} left by pid {pid} on {host} "
+            f"(started {previous.get('started')}), {fate}; a cut-off last line it left is set "
+            "aside (said below, with what redoes its row)"
+        )
 
     def _held_message(self) -> str:
         info: dict[str, Any] | None = None
@@ -281,6 +296,32 @@ def shared_files_lock(root: Path, names: tuple[str, ...]) -> Iterator[None]:
         raise write_error(path, err) from err
     try:
         remove_temps(Path(root), names)
+        yield
+    finally:
+        lock.release()
+
+
+REPORT_LOCK_WAIT = 120  # seconds a report waits for another process writing a report there
+
+
+@contextmanager
+def report_lock(out_dir: Path) -> Iterator[None]:
+    """Held while a report's outputs are written into `out_dir` (`report.lock` there), so a
+    report's check that its run is unchanged and its writes are one step."""
+    from filelock import FileLock, Timeout
+
+    path = Path(out_dir) / "report.lock"
+    lock = FileLock(str(path), timeout=REPORT_LOCK_WAIT, thread_local=False)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise StoreError(
+            f"{path}: another report has been writing into {out_dir} for over "
+            f"{REPORT_LOCK_WAIT} s; run the report again when it is done"
+        ) from None
+    except OSError as err:
+        raise write_error(path, err) from err
+    try:
         yield
     finally:
         lock.release()

@@ -22,30 +22,43 @@ is `retryable`: a later row of its key replaces it (`charshift generate --retry-
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
 from charshift.fileio import atomic_write_text, remove_temps
+from charshift.inputs import check_probs
 from charshift.schema import GenerationRow, ScoreRow
-from charshift.store.common import LockHeldError, ModeLockError, StoreError, warn, write_error
+from charshift.store import study
+from charshift.store.common import (
+    LockHeldError,
+    ModeLockError,
+    StoreError,
+    StudyError,
+    warn,
+    write_error,
+)
 from charshift.store.locks import (
     SharedFlock,
     WriterLock,
     live_shard_writers,
     mode_locks,
+    report_lock,
     shards_holding,
     shared_files_lock,
 )
 from charshift.store.provenance import SHARED_FILES, Manifest
 from charshift.store.table import (
+    SHOWN_LINES,
     JsonlTable,
     Shard,
     quarantine_path,
+    shard_problem,
     shard_suffix,
+    stray_table_files,
     table_files,
     table_path,
 )
@@ -65,12 +78,23 @@ def retryable(row: GenerationRow) -> bool:
     return row.outcome in RETRYABLE_OUTCOMES
 
 
+def score_problem(row: ScoreRow) -> str | None:
+    """Why a score row cannot be counted (its probabilities are not finite numbers in [0, 1]
+    summing to 1, as the predictions reader requires), or None."""
+    try:
+        check_probs(row.probs or None, "score", ValueError)  # {}: none given, as null there
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def _check_shard(shard: Shard | None) -> Shard | None:
     if shard is None:
         return None
     i, n = shard
-    if not (isinstance(i, int) and isinstance(n, int) and n >= 1 and 0 <= i < n):
-        raise StoreError(f"shard: expected (index, count) with 0 <= index < count, got {shard!r}")
+    why = shard_problem(i, n) if isinstance(i, int) and isinstance(n, int) else "not two integers"
+    if why:
+        raise StoreError(f"shard {shard!r}: {why}")
     return (i, n)
 
 
@@ -81,6 +105,8 @@ class RunStore:
     of `shard`), repairs damaged tables and may write; `writable=False` (reports): never changes a
     file and takes no lock. `create`: make the folder (writers only); otherwise it must hold a run.
     What opening found goes to `warn` (stderr by default) and into `notes` (for the report).
+    `redo`: table stem -> what redoes the rows of its lines set aside, where this command does
+    not (said in the messages; `charshift score` does not generate).
     """
 
     def __init__(
@@ -91,8 +117,10 @@ class RunStore:
         writable: bool = True,
         shard: Shard | None = None,
         warn: Callable[[str], None] = warn,
+        redo: dict[str, str] | None = None,
     ) -> None:
         self.root = Path(root)
+        self._redo = redo or {}
         self.writable = writable
         self.shard = _check_shard(shard)
         self.warn = warn
@@ -104,13 +132,19 @@ class RunStore:
             self._require_run()
         if writable:
             self._open_for_writing(create)
+        self.snapshot = self.fingerprint()  # what the tables are read from (`report_snapshot`)
         try:
             self.generations: JsonlTable[GenerationRow] = self._table(
                 "generations", GenerationRow, ("key",), retryable
             )
-            self.scores: JsonlTable[ScoreRow] = self._table("scores", ScoreRow, SCORE_KEY)
+            self.scores: JsonlTable[ScoreRow] = self._table(
+                "scores", ScoreRow, SCORE_KEY, check=score_problem
+            )
             for t in (self.generations, self.scores):
                 self._after_open(t)
+            for stem in TABLES:
+                for f, why in stray_table_files(self.root, stem):
+                    self._say(f"{f}: not read, not one of the run's table files ({why})")
         except BaseException:
             self.close()
             raise
@@ -168,6 +202,7 @@ class RunStore:
         record_type: type[R],
         key_fields: tuple[str, ...],
         replaceable: Callable[[R], bool] | None = None,
+        check: Callable[[Any], str | None] | None = None,
     ) -> JsonlTable:
         own = table_path(self.root, stem, self.shard if self.writable else None)
         return JsonlTable(
@@ -177,7 +212,15 @@ class RunStore:
             writable=self.writable,
             read_also=table_files(self.root, stem),
             replaceable=replaceable,
+            check=check,
+            redo=self._redo.get(stem) or self._default_redo(),
         )
+
+    def _default_redo(self) -> str:
+        """What redoes the rows of lines set aside, said in the store's messages."""
+        if self.writable:
+            return "rows that had no good copy are redone"
+        return f"`charshift run CONFIG --out {self.root}` redoes their rows"
 
     def _after_open(self, table: JsonlTable) -> None:
         """Say what opening `table` found, and log what it set aside."""
@@ -186,6 +229,68 @@ class RunStore:
         for what, found in (("set_aside", table.set_aside), ("replaced", table.replaced_aside)):
             if found:
                 self.log_event(what, file=table.path.name, lines=[d.line for d in found])
+
+    def set_aside_rows(self, reasons: dict[str, str]) -> None:
+        """Take the generation rows of `reasons` (key -> why: not in the run's plan, a key that
+        does not recompute) and the scores of those rows out of the tables: never counted. A
+        writer moves their lines of its own files to the quarantine files; each file is named."""
+        gens = {(k,): why for k, why in reasons.items() if (k,) in self.generations}
+        scores = {
+            k: f"scores generation {k[0]}, set aside in {self.generations.path.name}"
+            for k, _ in self.scores.keyed()
+            if k[0] in reasons
+        }
+        for table, rows in ((self.generations, gens), (self.scores, scores)):
+            if not rows:
+                continue
+            gone = table.exclude(rows)
+            for f in sorted({d.file for d in gone}):
+                mine = [d for d in gone if d.file == f]
+                shown = "; ".join(f"line {d.line}: {d.reason}" for d in mine[:SHOWN_LINES])
+                more = f"; and {len(mine) - SHOWN_LINES} more" if len(mine) > SHOWN_LINES else ""
+                self._say(
+                    f"{f}: {len(mine)} row(s) do not belong to this run's study and are not "
+                    f"counted ({shown}{more}). {table.aside_text(f)}"
+                )
+            if self.writable:
+                self.log_event("excluded", file=table.path.name, lines=len(gone))
+
+    def fingerprint(self) -> dict[str, tuple[int, int, int]]:
+        """File name -> (size, mtime in ns, inode) of each table file and config.yaml: every
+        append or atomic rewrite changes it."""
+        out = {}
+        paths = [self.config_path, *(p for t in TABLES for p in table_files(self.root, t))]
+        for p in paths:
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            out[p.name] = (st.st_size, st.st_mtime_ns, st.st_ino)
+        return out
+
+    @contextmanager
+    def report_snapshot(self, out_dir: Path) -> Iterator[None]:
+        """Held while a report computed from this store is written into `out_dir`: under the
+        report lock there, and (a reader) only if the run's files are as they were when the
+        store was opened; otherwise a StoreError names what changed and nothing is written, so
+        a stale report never overwrites a newer one. A writer's own appends are its snapshot."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with report_lock(out_dir):
+            if not self.writable:
+                now_ = self.fingerprint()
+                changed = sorted(
+                    n
+                    for n in self.snapshot.keys() | now_.keys()
+                    if self.snapshot.get(n) != now_.get(n)
+                )
+                if changed:
+                    raise StoreError(
+                        f"{self.root} changed while this report was computed ({', '.join(changed)}"
+                        f" written since it was read): the report was not written, so it cannot "
+                        f"overwrite a newer one. Run `charshift report --run {self.root}` again "
+                        "(after the run that is writing it has finished)"
+                    )
+            yield
 
     def compact(self) -> None:
         """After retries replaced rows: set the replaced lines aside now (see JsonlTable)."""
@@ -287,60 +392,58 @@ class RunStore:
         cfg_dict: dict[str, Any],
         planned_keys: Callable[[], Iterable[str]] | None = None,
         normalise: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        identify: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     ) -> None:
-        """Write the resolved config; a resumed run must have the same config. If config.yaml is
-        missing from a folder that holds rows, the config is accepted only when it matches the
-        manifest's copy, or (no manifest) when every stored row is one of `planned_keys()`.
-        `normalise` re-resolves a stored config under this version (fields added since it was
-        written take their defaults), so a resume is not refused for a field it never set."""
+        """Record the resolved config, refusing one of another study (store/study.py): its
+        identity (`identify`, default every field) must be the run's, read from the manifest's
+        copy of the config (else config.yaml), and config.yaml must not have been edited by
+        hand. With neither, in a folder that holds rows, every stored row must be one of
+        `planned_keys()`. `normalise` re-resolves a stored config under this version (fields
+        added since it was written take their defaults), so a resume is not refused for a field
+        it never set."""
         self._require_writable()
-        if self.config_path.exists():
-            stored = self.read_config()
-            if normalise is not None:
-                try:
-                    stored = normalise(stored)
-                except ValueError:
-                    pass  # not valid under this version: it differs, said below
-            if stored != cfg_dict:
-                raise StoreError(
-                    f"{self.root} holds a run with a different config; use another --out or "
-                    f"delete it (diff the resolved config in {self.config_path})"
-                )
-            if self.read_config() != cfg_dict:  # same run, resolved by an older version
-                self._write_config_file(cfg_dict)
-        else:
-            if len(self.generations) or len(self.scores):
-                self._check_same_run(cfg_dict, planned_keys)
-            self._write_config_file(cfg_dict)
-        if self.manifest().get("config") != cfg_dict:
-            self.set_manifest(config=cfg_dict)
+        study.write_config(self, cfg_dict, study.ConfigRules(identify, normalise), planned_keys)
 
-    def _write_config_file(self, cfg_dict: dict[str, Any]) -> None:
+    def check_study(
+        self,
+        cfg_dict: dict[str, Any],
+        planned_keys: Callable[[], Iterable[str]] | None = None,
+        normalise: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> None:
+        """StudyError (naming the fields) unless `cfg_dict` is this run's study; writes nothing."""
+        study.check_config(self, cfg_dict, study.ConfigRules(None, normalise), planned_keys)
+
+    def run_config(
+        self,
+        normalise: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        identify: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """`read_config`, refused (naming the fields) when config.yaml was edited by hand into
+        another study than the one the manifest records."""
+        cfg = self.read_config()
+        if self.config_path.exists():
+            study.check_not_edited(self, cfg, study.ConfigRules(identify, normalise))
+        return cfg
+
+    def say(self, msg: str) -> None:
+        """A warning about the run's data: printed, and kept in `notes` for the report."""
+        self._say(msg)
+
+    def write_config_file(self, cfg_dict: dict[str, Any]) -> None:
         text = yaml.safe_dump(cfg_dict, sort_keys=False, allow_unicode=True)
         with self._shared_files_lock():
             atomic_write_text(self.config_path, text, error=write_error)
 
-    def _check_same_run(
-        self, cfg_dict: dict[str, Any], planned_keys: Callable[[], Iterable[str]] | None
-    ) -> None:
+    def check_rows_belong(self, planned_keys: Callable[[], Iterable[str]] | None) -> None:
+        """No config.yaml and no manifest copy: accept a config only when every stored row is
+        one of its `planned_keys()`."""
         held = f"{self.root} holds {len(self.generations)} generations but no config.yaml"
-        copy = self.manifest().get("config")
-        if isinstance(copy, dict):
-            if copy != cfg_dict:
-                raise StoreError(
-                    f"{held}, and the config given differs from the run's (manifest.json keeps "
-                    "a copy under `config`); use another --out, or restore config.yaml"
-                )
-            self._say(
-                f"{held}; the config given matches manifest.json's copy: config.yaml written again"
-            )
-            return
         if planned_keys is None:
             raise StoreError(f"{held}; restore config.yaml (the run's resolved config)")
         planned = set(planned_keys())
         stray = [r.key for r in self.generations if r.key not in planned]
         if stray:
-            raise StoreError(
+            raise StudyError(
                 f"{held}, and {len(stray)} of them are not rows of the config given (e.g. key "
                 f"{stray[0]}); use another --out, or restore the run's config.yaml"
             )

@@ -11,6 +11,11 @@ batch by batch; a failed append is cut back to the last complete line.
 One row per key. A table may name rows that are `replaceable` (a row that ended in a server
 error): a later row of the same key replaces it, in an append and when a file is read, and
 `compact` (or the next writer's open) moves the replaced line into the quarantine file.
+
+A table may `check` each record (a score's probabilities): a record it refuses is a damaged line
+when read, and an append of one is refused. Rows found wrong later, against the run's plan, are
+set aside the same way by `exclude`. A table file whose name claims a shard no run can have (count
+0, more than MAX_SHARDS, an index past the count) is not read: `stray_table_files` names it.
 """
 
 from __future__ import annotations
@@ -28,16 +33,35 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from charshift.fileio import JsonLineError, atomic_write_bytes, decode_json_line
-from charshift.schema import GenerationRow, RecordError, ScoreRow
+from charshift.schema import MAX_SHARDS, GenerationRow, RecordError, ScoreRow
 from charshift.store.common import StoreError, now, write_error
 
 R = TypeVar("R", GenerationRow, ScoreRow)
 Shard = tuple[int, int]  # (index, count), index 0-based
 SHOWN_LINES = 8  # damaged lines named one by one in a message; the rest are counted
+Check = Callable[[Any], str | None]  # a record -> why it is refused, or None
 
 # -- table files ---------------------------------------------------------------------------------
 
 _TABLE_FILE = re.compile(r"^(?P<stem>[A-Za-z0-9_]+)(?:\.shard-(?P<i>\d+)-of-(?P<n>\d+))?\.jsonl$")
+
+
+def shard_problem(i: int, n: int) -> str | None:
+    """Why (i, n) is not a shard a run can have, or None."""
+    if not 1 <= n <= MAX_SHARDS:
+        return f"shard count {n} is not in 1..{MAX_SHARDS}"
+    if not 0 <= i < n:
+        return f"shard index {i} is not in 0..{n - 1}"
+    return None
+
+
+def _name_problem(m: re.Match[str]) -> str | None:
+    """Why a table file name that claims a shard names none charshift writes, or None."""
+    if m["i"] is None:
+        return None
+    if m["i"] != str(int(m["i"])) or m["n"] != str(int(m["n"])):
+        return "its shard numbers have leading zeros, which charshift never writes"
+    return shard_problem(int(m["i"]), int(m["n"]))
 
 
 def shard_suffix(shard: Shard | None) -> str:
@@ -60,13 +84,27 @@ def _file_order(path: Path) -> tuple[int, int, int]:
     return (1, int(m["n"]), int(m["i"]))
 
 
-def table_files(root: Path, stem: str) -> list[Path]:
-    """Every file of table `stem` in `root` (the run's own and each shard's), in reading order."""
+def _named_files(root: Path, stem: str) -> list[tuple[Path, re.Match[str]]]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if (m := _TABLE_FILE.match(p.name)) and m["stem"] == stem]
+    return [
+        (p, m) for p in root.iterdir() if (m := _TABLE_FILE.match(p.name)) and m["stem"] == stem
+    ]
+
+
+def table_files(root: Path, stem: str) -> list[Path]:
+    """Every file of table `stem` in `root` (the run's own and each shard's), in reading order;
+    files whose name claims a shard no run can have are left out (`stray_table_files`)."""
+    found = [p for p, m in _named_files(root, stem) if _name_problem(m) is None]
     return sorted(found, key=_file_order)
+
+
+def stray_table_files(root: Path, stem: str) -> list[tuple[Path, str]]:
+    """(file, why) for each file named like a shard's file of table `stem` whose shard no run can
+    have (`generations.shard-0-of-0.jsonl`, `...-of-300000000.jsonl`): never read."""
+    out = [(p, why) for p, m in _named_files(root, stem) if (why := _name_problem(m))]
+    return sorted(out, key=lambda x: x[0].name)
 
 
 # -- damaged lines and the quarantine file -------------------------------------------------------
@@ -200,6 +238,8 @@ class JsonlTable(Generic[R]):
     and later copies of a key are listed in `found` and skipped. `writable=False` never changes a
     file; `writable=True` moves what was found or replaced in `path` itself to its quarantine file
     (`set_aside`, `replaced_aside`) and rewrites `path` without it. Only `path` is appended to.
+    `check`: a record it refuses (it returns why) is a damaged line, and is never appended.
+    `redo`: what redoes the rows of set-aside lines, for the messages (e.g. which commands).
     """
 
     def __init__(
@@ -211,17 +251,22 @@ class JsonlTable(Generic[R]):
         writable: bool = True,
         read_also: Sequence[Path] = (),
         replaceable: Callable[[R], bool] | None = None,
+        check: Check | None = None,
+        redo: str = "a command that writes this run redoes their rows",
     ) -> None:
         self.path = Path(path)
         self.record_type = record_type
         self.key_fields = key_fields
         self.writable = writable
         self.replaceable = replaceable
+        self.check = check
+        self.redo = redo  # which commands redo what a set-aside line held (said in messages)
         self.files = sorted({self.path, *(Path(p) for p in read_also)}, key=_file_order)
         self.found: list[DamagedLine] = []
         self.replaced: list[DamagedLine] = []  # rows that gave way to a later copy of their key
         self.set_aside: list[DamagedLine] = []
         self.replaced_aside: list[DamagedLine] = []
+        self.excluded: list[DamagedLine] = []  # rows `exclude` took out (e.g. not in the plan)
         self.lines: dict[Path, int] = {}  # non-blank lines per file, as found
         self._rows: dict[tuple, R] = {}
         self._where: dict[tuple, tuple[Path, int, int]] = {}  # file, line, hash of the line
@@ -253,6 +298,8 @@ class JsonlTable(Generic[R]):
                 continue
             n_lines += 1
             parsed = _parse_line(line, self.record_type)
+            if not isinstance(parsed, str) and self.check is not None:
+                parsed = self.check(parsed) or parsed
             if isinstance(parsed, str):
                 if n == len(lines):  # the last line has no newline after it
                     parsed = "cut off: the last line has no newline (an interrupted write)"
@@ -301,9 +348,46 @@ class JsonlTable(Generic[R]):
             return
         if mine or gone:
             _quarantine(self.path, mine + gone, hashlib.sha256(raw).hexdigest())
-        good = [line for k, n, line in own if self._where[k][:2] == (self.path, n)]
-        atomic_write_bytes(self.path, b"".join(line + b"\n" for line in good), error=write_error)
+        good = [(k, line) for k, n, line in own if self._where[k][:2] == (self.path, n)]
+        self._rewrite(good)
         self.set_aside, self.replaced_aside = mine, gone
+
+    def _rewrite(self, good: list[tuple[tuple, bytes]]) -> None:
+        """Writers: replace `path` with the lines `good` (key, line), renumbering their rows."""
+        atomic_write_bytes(self.path, b"".join(line + b"\n" for _, line in good), error=write_error)
+        for n, (k, line) in enumerate(good, 1):
+            self._where[k] = (self.path, n, hash(line))
+
+    def exclude(self, reasons: dict[tuple, str]) -> list[DamagedLine]:
+        """Take the rows of `reasons` (key -> why) out of the table, as if their lines were
+        damaged; returns their lines. A writer moves the lines of its own file, verbatim, to the
+        quarantine file and rewrites the file without them; other files are left as they are.
+        Call it before appending (appended rows have no line number yet)."""
+        at: dict[Path, dict[int, tuple]] = {}
+        for k in reasons:
+            f, n, _ = self._where[k]
+            if n < 1:
+                raise StoreError(f"{self.path}: a row appended since opening cannot be excluded")
+            at.setdefault(f, {})[n] = k
+        out: list[DamagedLine] = []
+        for f, lines in at.items():
+            own = self.writable and f == self.path
+            raw = _read_bytes(f) if own else b""
+            split = raw.split(b"\n")
+            gone = [
+                DamagedLine(f, n, reasons[k], split[n - 1] if own else b"")
+                for n, k in lines.items()
+            ]
+            if own:
+                _quarantine(f, gone, hashlib.sha256(raw).hexdigest())
+                keep = sorted((n, k) for k, (g, n, _) in self._where.items() if g == f)
+                self._rewrite([(k, split[n - 1]) for n, k in keep if n not in lines])
+            out += sorted(gone, key=lambda d: d.line)
+        for k in reasons:
+            del self._rows[k], self._where[k]
+            self._raw.pop(k, None)
+        self.excluded += out
+        return out
 
     def compact(self) -> str | None:
         """Writers: after rows were replaced by appends, set the replaced lines aside and rewrite
@@ -344,18 +428,18 @@ class JsonlTable(Generic[R]):
         shown = "; ".join(f"line {d.line}: {d.reason}" for d in found[:SHOWN_LINES])
         more = f"; and {len(found) - SHOWN_LINES} more" if len(found) > SHOWN_LINES else ""
         head = f"{f}: {len(found)} of {self.lines.get(f, 0)} lines are damaged or repeat a key ({shown}{more})"
+        return f"{head}. {self.aside_text(f)}"
+
+    def aside_text(self, f: Path) -> str:
+        """What happened to lines of `f` taken out of the table, and what redoes their rows."""
         q = quarantine_path(f)
         if f == self.path and self.writable:
-            return (
-                f"{head}. Set aside, verbatim with their line numbers, in {q}; "
-                "rows that had no good copy are redone."
-            )
+            return f"Set aside, verbatim with their line numbers, in {q}; {self.redo}."
         if self.writable:  # another shard's file: its own writer repairs it
-            return f"{head}. Skipped; that file belongs to another shard's writer."
+            return f"Skipped; that file belongs to another shard's writer; {self.redo}."
         return (
-            f"{head}. Skipped; the file was not changed (a command that writes this run, such "
-            f"as `charshift run` or `charshift score`, sets them aside in {q.name} and redoes "
-            "their rows)."
+            f"Skipped; the file was not changed (a command that writes this run sets them aside "
+            f"in {q.name}; {self.redo})."
         )
 
     def __contains__(self, key: Any) -> bool:
@@ -370,6 +454,10 @@ class JsonlTable(Generic[R]):
     def rows(self) -> list[R]:
         return list(self._rows.values())
 
+    def keyed(self) -> Iterator[tuple[tuple, R]]:
+        """(key, row) for every row."""
+        return iter(self._rows.items())
+
     def __iter__(self) -> Iterator[R]:
         return iter(self._rows.values())
 
@@ -381,6 +469,9 @@ class JsonlTable(Generic[R]):
             raise StoreError(f"{self.path}: opened read-only")
         new: dict[tuple, R] = {}
         for r in rows:
+            why = self.check(r) if self.check is not None else None
+            if why:
+                raise StoreError(f"{self.path}: refused to write a row: {why}")
             k = self._key(r)
             old = self._rows.get(k)
             if k not in new and (old is None or self._can_replace(old)):
