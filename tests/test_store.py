@@ -600,7 +600,7 @@ def test_rows_not_in_the_plan_or_with_a_stale_key_are_set_aside_by_name(tmp_path
     root, gens = _smoke_store(tmp_path, plan, 200, 200)
     path = root / "generations.jsonl"
     a, b, c = [i for i, g in enumerate(gens) if g.persona and g.text][:3]
-    other = next(p for p in cfg.personas if p != gens[a].persona)
+    other = next(p for p in cfg.persona_names if p != gens[a].persona)
     _edit_line(path, a, lambda d: d.update(persona=other))
     flipped = gens[b].key[:-1] + ("0" if gens[b].key[-1] != "0" else "1")
     _edit_line(path, b, lambda d: d.update(key=flipped))
