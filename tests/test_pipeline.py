@@ -148,7 +148,11 @@ def _reached(phase, at, out, n_rows, n_scores):
 
 
 def _run_until_killed(cache, out, phase, at, n_rows, n_scores):
-    """Start `run`, SIGKILL its process group at the point; returns (killed, log)."""
+    """Start `run`, SIGKILL its process group at the point; returns (killed, log). A generate
+    point the rows already passed (a kill lands a batch late under load) moves to this run's
+    first new row, so the run has taken the lock, and said so, before it is killed."""
+    if phase == "generate":
+        at = max(at, _lines(out / "generations.jsonl") + 1)
     p = _cli(["run", "--preset", "smoke", "--out", str(out)], cache, start_new_session=True)
     deadline = time.time() + SMOKE_TIMEOUT
     while not _reached(phase, at, out, n_rows, n_scores):
