@@ -68,10 +68,13 @@ def _t(text: str) -> str:
 
 
 def _yerr(ivs: Sequence[Interval]) -> np.ndarray:
+    """Error bar lengths; NaN (matplotlib draws nothing, not even a cap) for a figure without
+    an interval (fewer than two clusters, `Interval.has_interval`; fixed by construction;
+    undefined), never a zero-width bar that reads as certainty."""
     est = np.array([i.estimate for i in ivs], dtype=float)
-    lo = np.array([i.lo for i in ivs], dtype=float)
-    hi = np.array([i.hi for i in ivs], dtype=float)
-    return np.nan_to_num(np.clip(np.vstack([est - lo, hi - est]), 0, None))
+    lo = np.array([i.lo if i.has_interval else np.nan for i in ivs], dtype=float)
+    hi = np.array([i.hi if i.has_interval else np.nan for i in ivs], dtype=float)
+    return np.clip(np.vstack([est - lo, hi - est]), 0, None)
 
 
 def _flagged(iv: Interval) -> bool:

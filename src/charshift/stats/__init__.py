@@ -127,6 +127,7 @@ from charshift.stats.results import (
     HOME,
     METRICS,
     MIN_CLUSTERS,
+    MIN_INTERVAL_CLUSTERS,
     NONE,
     NULL_ROW,
     OTHER,
@@ -144,18 +145,20 @@ from charshift.stats.results import (
     PersonaMetrics,
     Retention,
     ScorerCheck,
+    has_interval,
     infer_personas,
+    no_interval_text,
     order_slices,
     order_stages,
 )
 
 __all__ = [
     "ALL_PERSONAS", "BLIND_TEXT", "DEFAULT_CONTROL", "DEFAULT_SCORER", "FIXED_NULL_TEXT",
-    "FIXED_TEXT", "HOME", "METRICS", "MIN_CLUSTERS", "NONE", "NULL_ROW", "N_PERM", "OTHER",
+    "FIXED_TEXT", "HOME", "METRICS", "MIN_CLUSTERS", "MIN_INTERVAL_CLUSTERS", "NONE", "NULL_ROW", "N_PERM", "OTHER",
     "OWN_NULL", "PRIMARY", "STAGE_ORDER", "BootstrapDraws", "Cell", "CellMetrics",
     "ChainDecomposition", "ChainDraws", "Difference", "Interval", "LabelNote", "Method",
     "MetricsResult", "PersonaMetrics", "Retention", "ScorerCheck", "bootstrap_draws",
-    "chain_decomposition", "chain_draws", "compute_metrics", "expand_base_null", "holm",
-    "infer_personas", "item_kind", "label_sets", "order_slices", "order_stages",
+    "chain_decomposition", "chain_draws", "compute_metrics", "expand_base_null", "has_interval", "holm",
+    "infer_personas", "no_interval_text", "item_kind", "label_sets", "order_slices", "order_stages",
     "paired_difference", "permutation_draws", "score_labels",
 ]  # fmt: skip
