@@ -70,7 +70,7 @@ METRICS_COLUMNS = (
     "n_personas_scored", "n_personas_attempted", "n_personas",
     *(f"{stem}{s}" for stem, _ in _CELL_IVS for s in _IV),
     "macro_f1_null", "macro_f1_null_itt", "p_null", "p_null_itt", "n_perm",
-    "n_empty_resamples", "mean_p_true", "scorer_blind", "flags",
+    "n_empty_resamples", "mean_p_true", "scorer_blind", "flag",
 )  # fmt: skip
 PER_PERSONA_COLUMNS = (
     "base", "stage", "slice", "persona", "precision", "recall", "f1", "f1_lo", "f1_hi",
@@ -98,7 +98,8 @@ RETENTION_COLUMNS = (
 )  # fmt: skip
 
 
-def _flags(m: CellMetrics) -> str:
+def _cell_flag(m: CellMetrics) -> str:
+    """metrics.csv's `flag` column (not `flags`: that name is a pandas DataFrame attribute)."""
     named = [("yield", m.yield_), *((stem, getattr(m, f)) for stem, f in _CELL_IVS)]
     out = [f"{n}: {iv.flag}" for n, iv in named if iv.flag and not iv.fixed_by_construction]
     if m.scorer_blind:
@@ -113,7 +114,7 @@ def _metrics_rows(result: MetricsResult) -> Iterable[list[Any]]:
             + [m.n_personas_scored, m.n_personas_attempted, m.n_personas]
             + [v for _, f in _CELL_IVS for v in _iv(getattr(m, f))]
             + [m.macro_f1_null.estimate, m.macro_f1_null_itt.estimate, m.p_null, m.p_null_itt]
-            + [m.n_perm, m.macro_f1.n_empty_resamples, m.mean_p_true, m.scorer_blind, _flags(m)]
+            + [m.n_perm, m.macro_f1.n_empty_resamples, m.mean_p_true, m.scorer_blind, _cell_flag(m)]
         )  # fmt: skip
 
 
