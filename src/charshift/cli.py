@@ -320,6 +320,16 @@ SlicesOpt = Annotated[
 ]
 
 
+AllowUnknownOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-unknown-labels",
+        help="With --predictions: keep predictions that are none of the file's personas (e.g. a "
+        "classifier that knows more labels) as wrong, with a warning, instead of refusing the file.",
+    ),
+]
+
+
 def _overrides(
     sets: list[str] | None, limit: int | None, personas: str | None, slices: str | None
 ) -> Overrides:
@@ -761,15 +771,7 @@ def report(
             "scorer check (the persona told to show in every format); 'none' for none.",
         ),
     ] = "prompted_explicit",
-    allow_unknown_labels: Annotated[
-        bool,
-        typer.Option(
-            "--allow-unknown-labels",
-            help="With --predictions: keep predictions that are none of the file's personas "
-            "(e.g. a classifier that knows more labels) as wrong, with a warning, instead of "
-            "refusing the file.",
-        ),
-    ] = False,
+    allow_unknown_labels: AllowUnknownOpt = False,
 ) -> None:
     """Compute metrics, intervals, plots and the HTML/markdown report (of a run: its config's
     stats settings; of a predictions file: --n-boot and --seed)."""
