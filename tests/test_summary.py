@@ -124,6 +124,13 @@ def test_an_interval_behind_one_cluster_is_not_an_interval():
     # no error bar at all, not a zero-width one
     err = plots._yerr([one, two])
     assert np.isnan(err[:, 0]).all() and np.allclose(err[:, 1], [0.17, 0.13])
+    # its dagger sits on the bar, not on an end that is no interval
+    from matplotlib.figure import Figure
+
+    ax = Figure().subplots()
+    plots._daggers(ax, np.array([0.0]), [stats.Interval(0.5, 0.9, 0.9, n_clusters=1, flag="x")])
+    (mark,) = ax.texts
+    assert mark.get_position()[1] == pytest.approx(0.52)
 
 
 def test_one_item_unit_prints_na_and_claims_nothing():

@@ -85,7 +85,7 @@ def _daggers(ax: Axes, xs: np.ndarray, ivs: Sequence[Interval]) -> None:
     """A dagger above each flagged interval (not for figures fixed by construction)."""
     for x, iv in zip(xs, ivs, strict=True):
         if _flagged(iv):
-            top = iv.hi if np.isfinite(iv.hi) else iv.estimate
+            top = iv.hi if iv.has_interval else iv.estimate
             ax.text(x, min(max(top, iv.estimate, 0.0) + 0.02, 1.0), DAGGER, ha="center",
                     va="bottom", fontsize=8)  # fmt: skip
 
