@@ -305,6 +305,9 @@ def test_demo_quick_end_to_end(tmp_path):
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "Report:" in res.stdout
+    answer = (out / "report" / "summary.txt").read_text().rstrip("\n")
+    assert answer in res.stdout and "home ground (id_chat): excess" in answer  # printed first
+    assert res.stdout.index(answer) < res.stdout.index("Report:")
     rep = json.loads((out / "classifier" / "smollm2" / "train_report.json").read_text())
     lo, _hi = rep["macro_f1_interval"]
     assert rep["above_chance"] and lo > rep["chance"], rep["summary"]

@@ -169,11 +169,16 @@ def _load(
     return cfg
 
 
-def _finished(path: Path) -> None:
-    """The answer's tables (report/summary.txt, beside the page), then the report's path."""
+def _print_answer(path: Path) -> None:
+    """The answer's tables (report/summary.txt, beside the report's page at `path`)."""
     summary = Path(path).parent / "summary.txt"
     if summary.is_file():
         typer.echo(summary.read_text(encoding="utf-8").rstrip("\n") + "\n")
+
+
+def _finished(path: Path) -> None:
+    """The answer's tables, then the report's path."""
+    _print_answer(path)
     typer.echo(f"report: {path}")
 
 
@@ -902,6 +907,7 @@ def demo(
         cfgmod.check_local_paths(cfg)
         target = target or _default_out(cfg)
         path = pipeline.run_all(cfg, target)
+    _print_answer(path)
     typer.echo(
         f"\nDemo finished. Report: {path}\n  (markdown: {Path(path).parent.parent / 'report.md'})"
     )
