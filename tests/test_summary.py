@@ -173,3 +173,27 @@ def test_has_interval_rule():
     assert (
         stats.no_interval_text(1) == "n/a (1 item)" and stats.no_interval_text(0) == "n/a (0 items)"
     )
+
+
+def test_csv_leaves_the_ends_of_a_one_item_figure_empty(tmp_path):
+    import csv
+
+    from charshift import tables
+
+    recs = world(
+        {"id_chat": 0.9, "chat_email": 0.9, "agentic_email": 0.9}, one_item="agentic_email"
+    )
+    res = stats.compute_metrics(recs, PERSONAS, n_boot=50, n_perm=20)
+    tables.write_tables(res, tmp_path)
+    with open(tmp_path / "metrics.csv") as f:
+        rows = {(r["stage"], r["slice"]): r for r in csv.DictReader(f)}
+    one, many = rows[("prompted", "agentic_email")], rows[("prompted", "id_chat")]
+    assert (
+        one["macro_f1_excess"] != ""
+        and one["macro_f1_excess_lo"] == one["macro_f1_excess_hi"] == ""
+    )
+    assert many["macro_f1_excess_lo"] != "" and float(many["macro_f1_excess_lo"]) > 0
+    with open(tmp_path / "differences.csv") as f:
+        total = next(r for r in csv.DictReader(f) if r["family"] == "primary"
+                     and r["chain"] == "agentic")  # fmt: skip
+    assert total["estimate"] != "" and total["lo"] == total["lo_simul"] == ""

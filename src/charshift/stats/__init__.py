@@ -71,6 +71,10 @@ Definitions (the only ones in the code base):
   figure is undefined (nothing scored) is counted (`n_empty_resamples`) and left out. `p` of a
   difference: two-sided, from the bootstrap standard error SE (t = |estimate| / (SE
   sqrt(G/(G-1))) on G-1 degrees of freedom; `intervals.p_two_sided`).
+* A figure behind fewer than `MIN_INTERVAL_CLUSTERS` (2) clusters has no interval at all
+  (`Interval.has_interval`, `Difference.has_interval`): it is shown as "n/a (1 item)", drawn
+  without an error bar, written with empty ends, and supports no claim (a positive control
+  behind one item leaves its unit not checked).
 * An interval is flagged (`flag` non-empty, `reliable` False) when fewer than `MIN_CLUSTERS`
   clusters carry its estimate (for conditional figures: clusters with a scored output; for a
   difference: the fewer of its two sides), when its estimate is undefined, or when some
