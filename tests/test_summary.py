@@ -197,3 +197,21 @@ def test_csv_leaves_the_ends_of_a_one_item_figure_empty(tmp_path):
         total = next(r for r in csv.DictReader(f) if r["family"] == "primary"
                      and r["chain"] == "agentic")  # fmt: skip
     assert total["estimate"] != "" and total["lo"] == total["lo_simul"] == ""
+
+
+def test_two_bases_two_tables_one_legend(tmp_path):
+    import dataclasses
+
+    recs = world({"id_chat": 0.9}, n=10)
+    recs += [dataclasses.replace(r, base="qwen") for r in world({}, seed=4, n=10)]
+    res = stats.compute_metrics(recs, PERSONAS, n_boot=50, n_perm=20)
+    tables = summary.summary_tables(res)
+    assert [t.base for t in tables] == ["llama", "qwen"]
+    assert _row(tables[0], "prompted")["home ground (id_chat): excess"].endswith(" detected")
+    assert _row(tables[1], "prompted")["home ground (id_chat): excess"].endswith("not detected")
+    text = summary.summary_text(res)
+    assert text.count(summary.legend(res)) == 1 and text.index("llama") < text.index("qwen")
+    _, md = report.render_report(report.prepare_report(recs, res, settings={}, samples=None,
+                                                       title="t"))  # fmt: skip
+    answer = md[md.index("## The answer") : md.index("## Headline")]
+    assert answer.count("### ") == 2 and answer.count(summary.legend(res)) == 1

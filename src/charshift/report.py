@@ -89,7 +89,7 @@ from charshift.stats import (
     no_interval_text,
 )
 from charshift.stats.family import FAMILY_TEXT
-from charshift.summary import SummaryTable, summary_tables, summary_text
+from charshift.summary import legend, summary_tables, summary_text
 
 __all__ = [
     "DAGGER",
@@ -1045,7 +1045,7 @@ def _top(doc: _Doc, rep: ReportContent) -> None:
             "pipeline works.</div>"
         )
         doc.md_lines(["> **Smoke run: these numbers mean nothing.**"])
-    _answer(doc, summary_tables(rep.result))
+    _answer(doc, rep.result)
     sentences = headline_text(rep.result, rep.context)
     doc.raw_html(
         '<section id="headline" class="headline"><h2>Headline</h2>'
@@ -1055,8 +1055,9 @@ def _top(doc: _Doc, rep: ReportContent) -> None:
     doc.md += ["## Headline", ""] + [x for s in sentences for x in (_md_block(s), "")]
 
 
-def _answer(doc: _Doc, tables: Sequence[SummaryTable]) -> None:
-    """The answer first: one compact table per base (`charshift.summary`)."""
+def _answer(doc: _Doc, result: MetricsResult) -> None:
+    """The answer first: one compact table per base (`charshift.summary`), one legend."""
+    tables = summary_tables(result)
     doc.raw_html('<section id="answer" class="answer"><h2>The answer</h2>')
     doc.md += ["## The answer", ""]
     for t in tables:
@@ -1065,6 +1066,8 @@ def _answer(doc: _Doc, tables: Sequence[SummaryTable]) -> None:
             doc.table((t.head, t.rows))
         for note in t.notes:
             doc.p(note)
+    if tables:
+        doc.p(legend(result))
     doc.raw_html("</section>")
 
 

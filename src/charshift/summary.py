@@ -120,20 +120,22 @@ def _member(result: MetricsResult, base: str, stage: str, kind: str, chain: str 
     return "–" if d is None else f"{band_text(d)} {verdict(d)}"
 
 
+def legend(result: MetricsResult) -> str:
+    """The line under the answer's tables (once, whatever the number of bases)."""
+    return (
+        f"{result.ci:.0%} simultaneous bands over each base's primary family (declared before "
+        "looking); excess = macro-F1 minus the cell's own chance level; loss positive = persona "
+        f"lost. {DAGGER} rough, {BLIND} scorer blind."
+    )
+
+
 def _notes(result: MetricsResult, base: str) -> list[str]:
     rough = [
         f"{d.a.stage} {d.chain or HOME}: {d.flag}"
         for d in result.family
         if d.a.base == base and d.flag and d.has_interval
     ]
-    out = [
-        f"{result.ci:.0%} simultaneous bands over the base's primary family (declared before "
-        "looking); excess = macro-F1 minus the cell's own chance level, loss positive = persona "
-        f"lost. {DAGGER} rough, {BLIND} scorer blind."
-    ]
-    if rough:
-        out.append(f"Rough ({DAGGER}): " + "; ".join(rough) + ".")
-    return out
+    return [f"Rough ({DAGGER}): " + "; ".join(rough) + "."] if rough else []
 
 
 def summary_tables(result: MetricsResult) -> list[SummaryTable]:
@@ -173,4 +175,4 @@ def summary_text(result: MetricsResult) -> str:
             lines += ["  " + x for x in _text_table(t.head, t.rows)]
         lines += ["  " + n for n in t.notes]
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join([*lines, legend(result), ""])
