@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 
     from charshift.config import RunConfig
 
-PREDICTIONS_COPY = "predictions.jsonl"  # what `report --predictions` keeps beside its tables
 TABLES = ("metrics", "differences", "chains", "per_persona", "scorer_check", "retention")
 
 
@@ -105,10 +104,10 @@ def _run_rows(root: Path) -> pd.DataFrame:
 
 
 def _rows(root: Path) -> pd.DataFrame:
+    from charshift.external import PREDICTIONS_COPY, load_predictions_jsonl
+
     copy = root / PREDICTIONS_COPY
     if copy.is_file():
-        from charshift.external import load_predictions_jsonl
-
         return _record_rows(load_predictions_jsonl(copy))
     if (root / "config.yaml").is_file():
         return _run_rows(root)

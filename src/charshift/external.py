@@ -17,8 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from charshift import inputs
-from charshift.api import PREDICTIONS_COPY
 from charshift.schema import NULL_PERSONA_MARKERS, PROMPTED_EXPLICIT_STAGE, PredictionRecord
+
+PREDICTIONS_COPY = "predictions.jsonl"  # what `report --predictions` keeps beside its tables
 
 
 def score_external(generations: Path, classifier: str, out: Path, batch_size: int = 16) -> int:
