@@ -93,6 +93,24 @@ def test_smoke_writes_every_slice_with_outcomes(smoke_run):
     assert "report:" in log
 
 
+def test_run_prints_the_answer_and_load_results_reads_it(smoke_run):
+    """`charshift run` ends with the answer's table (the report's summary.txt), and a notebook
+    reads the run in one call: the CSVs and the generations joined with their predictions."""
+    import charshift
+
+    out, log = smoke_run
+    summary = (out / "report" / "summary.txt").read_text().rstrip("\n")
+    assert summary in log and "home ground (id_chat): excess" in summary
+    assert log.index(summary) < log.index("report: ")
+    res = charshift.load_results(out)
+    assert len(res.metrics) and {"macro_f1_excess", "flag"} <= set(res.metrics.columns)
+    rows = res.rows
+    assert len(rows) and {"prediction", "text", "messages", "outcome"} <= set(rows.columns)
+    keys = {json.loads(x)["key"] for x in (out / "generations.jsonl").read_text().splitlines()}
+    assert set(rows["key"]) <= keys  # every row is a generation of the run
+    assert rows["messages"].map(lambda m: isinstance(m, list) and len(m) > 0).all()
+
+
 def test_smoke_runs_every_scaffold_against_its_control(smoke_run):
     """Each scaffold and its chat control end to end: their rows pair by item, every bank's
     hash is in the manifest, each pair is a paired contrast, and the behaviour unit is reported
@@ -291,6 +309,9 @@ def test_demo_quick_end_to_end(tmp_path):
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "Report:" in res.stdout
+    answer = (out / "report" / "summary.txt").read_text().rstrip("\n")
+    assert answer in res.stdout and "home ground (id_chat): excess" in answer  # printed first
+    assert res.stdout.index(answer) < res.stdout.index("Report:")
     rep = json.loads((out / "classifier" / "smollm2" / "train_report.json").read_text())
     lo, _hi = rep["macro_f1_interval"]
     assert rep["above_chance"] and lo > rep["chance"], rep["summary"]

@@ -488,14 +488,18 @@ def test_headline_names_what_was_run_and_zero_yield_units(plain):
     assert "; agentic_email" not in yields.split("No output")[0]  # not among the partial ones
     m = res.get("llama", "full", "chat_email")
     assert f"chat_email {report.fmt_iv(m.yield_, 2)} ({m.n_scored} of {m.n_rows})" in yields
-    # home ground: the family's excess over the cell's own null, never "full minus base"
+    # home ground: the family's excess over the cell's own null, never "full minus base"; it is
+    # the answer's table (charshift.summary), and the prose does not repeat it
+    from charshift import summary
+
     d = next(d for d in res.family if d.kind == "excess")
-    home = next(s for s in lines if s.startswith("llama/full, id_chat: macro-F1 excess"))
-    assert f"{d.estimate:+.2f} [{d.lo_simul:+.2f}, {d.hi_simul:+.2f}] simultaneous" in home
-    assert "Holm p" in home and "persona detected on home ground" in home
+    (table,) = summary.summary_tables(res)
+    home = dict(zip(table.head, table.rows[0], strict=True))["home ground (id_chat): excess"]
+    assert home == f"{d.estimate:+.2f} [{d.lo_simul:+.2f}, {d.hi_simul:+.2f}] detected"
+    assert not any(home.removesuffix(" detected") in s for s in lines)
     assert not any("base stage" in s and "paired difference" in s for s in lines)
-    family = next(s for s in lines if s.startswith("Primary family, declared before looking"))
-    assert "(3 for llama)" in family and "exploratory" in family
+    family = next(s for s in lines if s.startswith("The table above is the primary family"))
+    assert "declared before looking" in family and "exploratory" in family
 
 
 def test_headline_caveats(plain):
@@ -530,26 +534,41 @@ def test_headline_low_yield_shows_conditional_and_itt():
 
 
 def test_headline_largest_rung_and_what_it_changes(ladder):
+    from charshift import summary
     from charshift.ladder import EMAIL_STEP_CHAIN, MAIN_CHAIN
 
     _, res = ladder
     lines = report.headline_text(res)
-    main = next(s for s in lines if s.startswith("llama/full, from a chat email to an agentic"))
+    main = next(s for s in lines if s.startswith("Exploratory, llama/full, from a chat email to"))
     # the largest rung is named as selected after looking, and exploratory
-    selected = "Exploratory: the rung largest in size, selected after looking"
+    selected = "the rung largest in size, selected after looking"
     assert f"{selected} (so its interval is not a test), is tool_email_oneshot -> agentic" in main
-    assert MAIN_CHAIN.rungs[2].changes in main
+    assert MAIN_CHAIN.rungs[2].changes in main and "which changes one thing: " in main
     step = next(s for s in lines if "split into topic, genre, length and scored unit" in s)
-    assert step.startswith("llama/full, the id_chat -> chat_email loss")
+    assert step.startswith("Exploratory, llama/full, the id_chat -> chat_email loss")
     assert "is scenario_chat -> chat_email.whole" in step and selected in step
     assert EMAIL_STEP_CHAIN.rungs[1].changes in step
     dec = next(d for d in res.chains if d.chain == "agentic" and d.stage == "full"
                and d.metric == "macro_f1_excess" and not d.itt)  # fmt: skip
-    # the chain's total is a family member: its simultaneous band and Holm p
+    # the chain's total is a family member: its simultaneous band is the answer's table, and
+    # the prose does not repeat it
     t = dec.total
-    assert t.family == "primary" and f"[{t.lo_simul:+.2f}, {t.hi_simul:+.2f}] simultaneous" in main
-    assert "persona lost" in main
-    assert not any(s.startswith("llama/base,") for s in lines)  # no chain sentence for the null
+    band = f"{t.estimate:+.2f} [{t.lo_simul:+.2f}, {t.hi_simul:+.2f}]"
+    (table,) = summary.summary_tables(res)
+    row = dict(zip(table.head, next(r for r in table.rows if r[0] == "full"), strict=True))
+    assert t.family == "primary" and row[f"agentic loss ({t.a.slice} -> {t.b.slice})"] == (
+        f"{band} lost"
+    )
+    assert not any(band in s for s in lines)
+    assert not any("llama/base," in s for s in lines)  # no chain sentence for the null
+
+
+def test_rung_over_a_missing_unit_says_it_in_plain_words():
+    from charshift.headline import _changes
+
+    plain = _changes("BUNDLE of 3 changes (a unit between is missing): topic; genre; length")
+    assert plain == "3 things at once, as a unit between is missing: topic; genre; length"
+    assert "BUNDLE" not in plain and _changes("genre") == "one thing: genre"
 
 
 def test_context_from_settings_is_defensive():
@@ -582,16 +601,16 @@ def test_ladder_tables_carry_changes_and_pairing(ladder):
             assert html_escaped(rung.changes) in page, rung
     for c in CONTRASTS:
         assert html_escaped(c.changes) in page
-    assert "the id_chat -&gt; chat_email loss split into topic, genre, length and scored unit" in md
+    assert "the id_chat -> chat_email loss split into topic, genre, length and scored unit" in md
     rungs = table_with(md, "rung", "what it changes", one=False)
-    full_step = [r for r in rungs if r["rung"].startswith(("id_chat -&gt;", "scenario_chat -&gt;",
+    full_step = [r for r in rungs if r["rung"].startswith(("id_chat ->", "scenario_chat ->",
                                                             "chat_email.whole", "chat_email.head"))]  # fmt: skip
     by = {}
     for r in full_step:
         by.setdefault(r["rung"], set()).add(r["paired"])
-    assert by["id_chat -&gt; scenario_chat"] == {"UNPAIRED"}
-    assert by["scenario_chat -&gt; chat_email.whole"] == {"paired"}
-    assert by["chat_email.head -&gt; chat_email"] == {"paired"}
+    assert by["id_chat -> scenario_chat"] == {"UNPAIRED"}
+    assert by["scenario_chat -> chat_email.whole"] == {"paired"}
+    assert by["chat_email.head -> chat_email"] == {"paired"}
     # the unit tables: every unit with its estimate on the common items, and the set's size
     units = table_with(md, "unit", "item kind", "common items", one=False)
     assert {"id_chat", "scenario_chat", "agentic_email"} <= {u["unit"] for u in units}
@@ -601,11 +620,11 @@ def test_ladder_tables_carry_changes_and_pairing(ladder):
     assert md_escape_iv(dec.estimates[-1]) in shown
     # every rung says how many personas both sides average over, and the scorer's format bias
     assert {r["personas"] for r in full_step} == {"3 of 3"}
-    assert all(" -&gt; " in r["base text: top label (from -&gt; to)"] for r in full_step)
+    assert all(" -> " in r["base text: top label (from -> to)"] for r in full_step)
     # the base stage (a null) is not laddered
     assert not any(h.startswith("llama / base:") for h in re.findall(r"### (.*)", md))
     contrasts = table_with(md, "base", "stage", "contrast")
-    assert any(r["contrast"] == "chat_email -&gt; chat_email_multiturn" for r in contrasts)
+    assert any(r["contrast"] == "chat_email -> chat_email_multiturn" for r in contrasts)
 
 
 def md_escape_iv(i: stats.Interval) -> str:
@@ -656,10 +675,10 @@ def test_outcomes_and_differential_censoring():
     assert cells[("base", "agentic_email")]["no_email"] == "3"
     hit = cells[("full", "agentic_email")]
     assert (hit["rows"], hit["max_steps"], hit["email"]) == ("60", "16", "44")
-    assert hit["verdict"] == "DIFFERENTIAL CENSORING" and float(hit["p (permutation)"]) < 0.01
+    assert hit["verdict"] == "DIFFERENTIAL CENSORING" and float(hit[report.P_PERM_HEAD]) < 0.01
     assert "sarcasm 0.20" in hit["yield per persona"] and "humor 1.00" in hit["yield per persona"]
     calm = cells[("full", "tool_email_oneshot")]
-    assert calm["verdict"] == "no evidence" and float(calm["p (permutation)"]) > 0.5
+    assert calm["verdict"] == "no evidence" and float(calm[report.P_PERM_HEAD]) > 0.5
     caveat = next(s for s in md.split("\n\n") if s.startswith("Differential censoring"))
     assert "1 of 2 tested cells" in caveat and "m/full/agentic_email (p = " in caveat
 
@@ -709,7 +728,10 @@ EVIL = "b`|<script>x</script>\n*y*_z_ [l](http://e) #h"
 
 def test_md_escape():
     got = report.md_escape("a|b`c<script>\nd*e_ f_g [x](u) & ~s~")
-    assert got == "a\\|b\\`c&lt;script&gt; d\\*e\\_ f_g [x\\](u) &amp; \\~s\\~"
+    assert got == "a\\|b\\`c\\<script> d\\*e\\_ f_g [x\\](u) & \\~s\\~"
+    # plain Markdown: no HTML entities; only what could open a tag or an entity is escaped
+    assert report.md_escape("a -> b < c & d") == "a -> b < c & d"
+    assert report.md_escape("&amp; &#60; <!-- x") == "\\&amp; &\\#60; \\<!-- x"
 
 
 def test_report_escapes_names_from_the_data():
@@ -724,10 +746,11 @@ def test_report_escapes_names_from_the_data():
     res = stats.compute_metrics(recs, PERSONAS, n_boot=30)
     page, md = render(recs, res, title=f"T {SCRIPT}", notes=[EVIL], warnings=[EVIL])
     for raw in ("<script", "<i>", "</script", "[l](http", "`|", "\n*y*"):
-        assert raw not in md, raw
+        assert not re.search(r"(?<!\\)" + re.escape(raw), md), raw  # only escaped
     assert report.md_escape(EVIL) in md
     md_tables(md)  # every row of every table has its header's number of cells
-    assert "s\\|\\`&lt;i&gt;\\` q" in md
+    assert "s\\|\\`\\<i>\\` q" in md
+    assert not re.search(r"&(lt|gt|amp|quot|#\d+);", md)  # plain Markdown: no entities
     assert "<i>" not in page and "<script>x" not in page
     assert len(re.findall(r"<script\b", page, re.I)) == 2
 

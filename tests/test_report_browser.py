@@ -199,31 +199,53 @@ def _top_children(driver) -> list[str]:
     )
 
 
-def test_warning_box_then_headline_open_the_page(page):
+def test_warning_box_then_answer_then_headline_open_the_page(page):
     driver, *_ = page
-    assert _top_children(driver) == ["h1", "warnings", "headline"]
+    assert _top_children(driver) == ["h1", "warnings", "answer", "headline", "figure"]
     box = driver.find_element("id", "warnings")
     items = [li.text for li in box.find_elements("css selector", "li")]
     assert items == WARNINGS  # shown literally, the payload as text
+    answer = driver.find_element("id", "answer")
     head = driver.find_element("id", "headline")
-    assert box.is_displayed() and head.is_displayed()
-    assert box.rect["y"] + box.rect["height"] <= head.rect["y"]
+    assert box.is_displayed() and answer.is_displayed() and head.is_displayed()
+    assert box.rect["y"] + box.rect["height"] <= answer.rect["y"]
+    assert answer.rect["y"] + answer.rect["height"] <= head.rect["y"]
     first = head.find_elements("css selector", "p")[0].text
     assert first.startswith("This run measured 3 personas")
-    # nothing else the page shows sits above the headline
-    later = driver.find_elements("css selector", "nav, h2:not(#headline h2), table, figure")
-    assert later and all(e.rect["y"] >= head.rect["y"] + head.rect["height"] for e in later)
+    # the main figure comes right after the prose; nothing else the page shows sits above it
+    fig = driver.find_element("css selector", "body > figure")
+    assert "macro-F1 excess over each cell" in fig.text
+    assert fig.rect["y"] >= head.rect["y"] + head.rect["height"]
+    later = driver.find_elements(
+        "css selector", "nav, h2:not(#headline h2):not(#answer h2), table:not(#answer table)"
+    )
+    assert later and all(e.rect["y"] >= fig.rect["y"] + fig.rect["height"] for e in later)
     assert driver.execute_script("return typeof window.__pwned") == "undefined"
 
 
-def test_without_warnings_the_headline_is_first(page):
+def test_the_answer_fits_the_first_screen(page):
+    """At 1400x900 (no warnings) the answer's table lies wholly within the first screen."""
+    driver, _, main, plain = page
+    try:
+        driver.set_window_size(1400, 900)
+        driver.get(plain.resolve().as_uri())
+        inner = driver.execute_script("return window.innerHeight")
+        table = driver.find_element("css selector", "#answer table")
+        cells = [c.text for c in table.find_elements("css selector", "tbody td")]
+        assert cells[0] == "full" and cells[1].endswith(("detected", "no claim"))
+        assert table.rect["y"] + table.rect["height"] <= inner, (table.rect, inner)
+    finally:
+        driver.get(main.resolve().as_uri())
+
+
+def test_without_warnings_the_answer_is_first(page):
     driver, _, main, plain = page
     try:
         driver.get(plain.resolve().as_uri())
         assert driver.find_elements("id", "warnings") == []
-        assert _top_children(driver) == ["h1", "headline"]
+        assert _top_children(driver) == ["h1", "answer", "headline", "figure"]
         h1 = driver.find_element("css selector", "h1")
-        head = driver.find_element("id", "headline")
-        assert h1.rect["y"] + h1.rect["height"] <= head.rect["y"]
+        answer = driver.find_element("id", "answer")
+        assert h1.rect["y"] + h1.rect["height"] <= answer.rect["y"]
     finally:
         driver.get(main.resolve().as_uri())

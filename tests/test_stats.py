@@ -728,7 +728,7 @@ def test_defect9_empty_resamples_are_counted(tmp_path):
     tables.write_tables(stats.compute_metrics(recs, [S, H], n_boot=400), tmp_path)
     with (tmp_path / "metrics.csv").open() as fh:
         (row,) = list(csv.DictReader(fh))
-    assert row["n_empty_resamples"] == str(empty) and "resamples had nothing" in row["flags"]
+    assert row["n_empty_resamples"] == str(empty) and "resamples had nothing" in row["flag"]
     d = stats.paired_difference(
         recs + [R("b", "full", "chat_email", r.persona, r.item_id, r.persona) for r in recs],
         ("b", "full", "chat_email"), ("b", "full", "agentic_email"), n_boot=400,
@@ -1095,9 +1095,7 @@ def test_scorer_check_flags_a_blind_unit_and_marks_its_figures(tmp_path):
     with (tmp_path / "metrics.csv").open() as fh:
         metrics = list(csv.DictReader(fh))
     blind = [m for m in metrics if m["slice"] == "agentic_email"]
-    assert blind and all(
-        m["scorer_blind"] == "True" and "SCORER BLIND" in m["flags"] for m in blind
-    )
+    assert blind and all(m["scorer_blind"] == "True" and "SCORER BLIND" in m["flag"] for m in blind)
     with (tmp_path / "differences.csv").open() as fh:
         diffs = list(csv.DictReader(fh))
     assert any(d["family"] == "primary" and d["scorer_blind"] == "True" for d in diffs)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from charshift import ladder, report, stats
+from charshift import ladder, report, stats, summary
 from charshift.schema import NULL_PERSONA
 from charshift.schema import PredictionRecord as R
 
@@ -351,6 +351,13 @@ def test_null_formula_matches_the_permutation_mean():
     assert abs(np.mean(perm["macro_f1_excess"])) < 0.01
 
 
+def _answer(res: stats.MetricsResult, stage: str = "prompted") -> dict[str, str]:
+    """The answer's table row of `stage` (`charshift.summary`), column -> text."""
+    (t,) = summary.summary_tables(res)
+    row = next(r for r in t.rows if r[0] == stage)
+    return dict(zip(t.head, row, strict=True))
+
+
 def test_case_a_no_persona_and_a_skewed_base_claims_nothing():
     """Issue 13, case 1: base predicted 87% one label, prompted uniform and unrelated to the
     persona, K = 4, 30 prompts. "Prompted minus base" clears 0 (the old claim); the excess
@@ -372,9 +379,8 @@ def test_case_a_no_persona_and_a_skewed_base_claims_nothing():
           f"mean prompted - base (raw) {np.mean(old):+.3f}")  # fmt: skip
     assert np.mean(old) > 0.05  # the trap: raw prompted beats the skewed base with no persona
     assert np.mean(cover) >= 0.9 and claims <= 0.06 * 150
-    lines = report.headline_text(res)
-    home_line = next(s for s in lines if s.startswith("sim/prompted, id_chat: macro-F1 excess"))
-    assert "persona not detected" in home_line
+    home = _answer(res)["home ground (id_chat): excess"]
+    assert home.endswith("not detected"), home
 
 
 def test_case_b_format_skewed_scorer_claims_no_loss():
@@ -393,9 +399,9 @@ def test_case_b_format_skewed_scorer_claims_no_loss():
     assert len(totals) == 2
     for t in totals:
         assert t.lo_simul <= 0 <= t.hi_simul, t
-    lines = report.headline_text(res)
-    assert sum("no loss shown" in s for s in lines) == 2
-    assert not any("persona lost" in s or "persona detected" in s for s in lines)
+    cells = [v for k, v in _answer(res).items() if " loss (" in k]
+    assert len(cells) == 2 and all(v.endswith("no loss shown") for v in cells), cells
+    assert _answer(res)["home ground (id_chat): excess"].endswith("not detected")
 
 
 def test_case_c_blind_scorer_is_flagged_by_the_positive_control():
@@ -412,8 +418,10 @@ def test_case_c_blind_scorer_is_flagged_by_the_positive_control():
     assert blind == {u: u == "agentic_email" for u in NULL_UNITS}
     total = next(d for d in res.family if d.chain == "agentic")
     assert total.blind == ("agentic_email",) and total.lo_simul > 0  # a "loss", but blind
-    main = next(s for s in report.headline_text(res) if "from a chat email to an agentic" in s)
-    assert stats.BLIND_TEXT in main and "persona lost" not in main
+    main = _answer(res)["agentic loss (chat_email -> agentic_email)"]
+    assert main.endswith(f"scorer blind {report.BLIND}"), main
+    scorer = next(s for s in report.headline_text(res) if s.startswith("Scorer check"))
+    assert stats.BLIND_TEXT in scorer and "agentic_email" in scorer
 
 
 @pytest.mark.parametrize("n_items", [300])
@@ -436,9 +444,9 @@ def test_case_d_planted_effects_and_losses_are_recovered(n_items):
             signal[("prompted", t.b.slice)], noise[t.b.slice]
         )
         assert t.estimate == pytest.approx(want, abs=0.04) and t.lo_simul > 0
-    lines = report.headline_text(res)
-    assert sum("persona lost" in s for s in lines) == 2
-    assert any("persona detected on home ground" in s for s in lines)
+    answer = _answer(res)
+    assert sum(v.endswith(" lost") for v in answer.values()) == 2
+    assert answer["home ground (id_chat): excess"].endswith(" detected")
 
 
 def familywise_error(

@@ -1,6 +1,9 @@
 """charshift: does a character-trained persona survive a change of format?
 
-Public helpers: `parse_tool_calls(text) -> list[ToolCall]`, `extract_email_body(text) -> str | None`.
+Public API: `load_results(path) -> Results` (a run directory or a `report --predictions` output
+as pandas DataFrames: `.metrics`, `.differences`, `.chains`, `.per_persona`, `.rows`),
+`run(config, out=...) -> Results`, and the helpers `parse_tool_calls(text) -> list[ToolCall]`,
+`extract_email_body(text) -> str | None`.
 """
 
 from __future__ import annotations
@@ -8,7 +11,15 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["ToolCall", "extract_email_body", "parse_tool_calls", "__version__"]
+__all__ = [
+    "Results",
+    "ToolCall",
+    "extract_email_body",
+    "load_results",
+    "parse_tool_calls",
+    "run",
+    "__version__",
+]
 
 
 def __getattr__(
@@ -18,6 +29,10 @@ def __getattr__(
         from charshift import toolcalls
 
         return getattr(toolcalls, name)
+    if name in ("Results", "load_results", "run"):
+        from charshift import api
+
+        return getattr(api, name)
     if name == "extract_email_body":
         from charshift.extraction import extract_email_body
 

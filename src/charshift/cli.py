@@ -12,9 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+import typer.core
 
+from charshift import __version__
 from charshift import config as cfgmod
 from charshift import slices as registry
+from charshift.overrides import Overrides, apply_overrides, split_list
 
 INCOMPLETE_EXIT = 3  # a run that left rows out (charshift.completion), unless --allow-skipped
 
@@ -47,6 +50,34 @@ items_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(items_app, name="items")
+
+_option_type = typer.core.TyperOption.display_type_rich
+
+
+def _no_type_for_flags(self: typer.core.TyperOption, ctx: Any) -> str | None:
+    """A flag takes no value: --help shows `--dry-run`, not `--dry-run <bool>`."""
+    return None if self.is_flag else _option_type(self, ctx)
+
+
+typer.core.TyperOption.display_type_rich = _no_type_for_flags  # type: ignore[method-assign]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"charshift {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """charshift: does a character-trained persona survive a change of format?"""
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -103,6 +134,7 @@ def _load(
     preset: str | None,
     id_prompts: Path | None,
     opt_in: list[str] | None = None,
+    overrides: Overrides | None = None,
 ) -> cfgmod.RunConfig:
     if (config is None) == (preset is None):
         _fail("give either a CONFIG.yaml or --preset NAME (see `charshift presets`)")
@@ -129,10 +161,25 @@ def _load(
             cfg = cfgmod.parse_config(data, "config with --id-prompts")
         if opt_in:
             cfg = _switch_on(cfg, opt_in)
+        if overrides:
+            cfg = apply_overrides(cfg, overrides)
         cfgmod.check_local_paths(cfg)
     except cfgmod.ConfigError as err:
         _fail(str(err))
     return cfg
+
+
+def _print_answer(path: Path) -> None:
+    """The answer's tables (report/summary.txt, beside the report's page at `path`)."""
+    summary = Path(path).parent / "summary.txt"
+    if summary.is_file():
+        typer.echo(summary.read_text(encoding="utf-8").rstrip("\n") + "\n")
+
+
+def _finished(path: Path) -> None:
+    """The answer's tables, then the report's path."""
+    _print_answer(path)
+    typer.echo(f"report: {path}")
 
 
 def _default_out(cfg: cfgmod.RunConfig) -> Path:
@@ -258,6 +305,58 @@ AllowSkippedOpt = Annotated[
 ]
 
 
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        metavar="KEY=VALUE",
+        help="KEY=VALUE: change one setting of the config (a dotted key, a YAML value: "
+        "--set stats.n_boot=200, --set bases.0.model=ID); repeatable; checked like the file.",
+    ),
+]
+LimitOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--limit", min=1, help="At most N items per bank (ID prompts, scenarios, scaffold items)."
+    ),
+]
+PersonasOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--personas", metavar="A,B,...", help="Comma-separated personas (replaces the config's)."
+    ),
+]
+SlicesOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--slices", help="Comma-separated slices (replaces the config's; `charshift slices`)."
+    ),
+]
+
+
+AllowUnknownOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-unknown-labels",
+        help="With --predictions: keep predictions that are none of the file's personas (e.g. a "
+        "classifier that knows more labels) as wrong, with a warning, instead of refusing the file.",
+    ),
+]
+
+
+def _overrides(
+    sets: list[str] | None, limit: int | None, personas: str | None, slices: str | None
+) -> Overrides:
+    try:
+        return Overrides(
+            tuple(sets or ()), limit, split_list(personas, "--personas"),
+            split_list(slices, "--slices"),
+        )  # fmt: skip
+    except cfgmod.ConfigError as err:
+        _fail(str(err))
+    raise AssertionError("unreachable")
+
+
 def _shard(text: str | None) -> tuple[int, int] | None:
     if text is None:
         return None
@@ -307,6 +406,10 @@ def run(
             "repeatable. --dry-run prints each block's cost on its own, on or off.",
         ),
     ] = None,
+    set_: SetOpt = None,
+    limit: LimitOpt = None,
+    personas: PersonasOpt = None,
+    slices: SlicesOpt = None,
 ) -> None:
     """Generate -> (train classifier) -> score -> report. Resumes an interrupted run.
 
@@ -320,7 +423,7 @@ def run(
     _check_dry_run_options(dry_run, cost, expected_fraction, retry_errors, allow_skipped)
     _check_executor(executor, part, None if dry_run else shards, ray_address)
     _out_path(out)
-    cfg = _load(config, preset, id_prompts, with_)
+    cfg = _load(config, preset, id_prompts, with_, _overrides(set_, limit, personas, slices))
     with _user_errors():
         if dry_run:
             fraction = 0.5 if expected_fraction is None else expected_fraction
@@ -340,7 +443,7 @@ def run(
                 _exit_status(target, f"shard {done.label}", allow_skipped)
                 return
             path = done
-    typer.echo(f"report: {path}")
+    _finished(path)
     _exit_status(target, "run", allow_skipped)
 
 
@@ -549,6 +652,10 @@ def generate(
     retry_errors: RetryErrorsOpt = False,
     allow_skipped: AllowSkippedOpt = False,
     new_folder: NewFolderOpt = False,
+    set_: SetOpt = None,
+    limit: LimitOpt = None,
+    personas: PersonasOpt = None,
+    slices: SlicesOpt = None,
 ) -> None:
     """Generate the rows of a run (or of one shard) that are not in its store yet. Exits 3,
     with a summary, when rows are left out (unless --allow-skipped)."""
@@ -557,7 +664,7 @@ def generate(
 
     part = _shard(shard)
     target = _out_path(out)
-    cfg = _load(config, preset, id_prompts)
+    cfg = _load(config, preset, id_prompts, None, _overrides(set_, limit, personas, slices))
     target = target or _default_out(cfg)
     with _user_errors():
         pipeline.preflight(cfg)  # the plan and every given classifier's labels, before any row
@@ -678,6 +785,7 @@ def report(
             "scorer check (the persona told to show in every format); 'none' for none.",
         ),
     ] = "prompted_explicit",
+    allow_unknown_labels: AllowUnknownOpt = False,
 ) -> None:
     """Compute metrics, intervals, plots and the HTML/markdown report (of a run: its config's
     stats settings; of a predictions file: --n-boot and --seed)."""
@@ -685,11 +793,15 @@ def report(
     if predictions is not None:
         _only_with("a run's report (not --predictions)", {"--run": run_dir is not None})
         control = None if positive_control == "none" else positive_control
-        _report_predictions(predictions, target, n_boot, seed, allow_duplicates, control)
+        flags = {"duplicates": allow_duplicates, "unknown": allow_unknown_labels}
+        _report_predictions(predictions, target, n_boot, seed, flags, control)
         return
     given = {"--n-boot": n_boot is not None, "--seed": seed is not None}
     _only_with("--predictions (a run's report uses its config's stats)", given)
-    _only_with("--predictions", {"--allow-duplicates": allow_duplicates})
+    _only_with(
+        "--predictions",
+        {"--allow-duplicates": allow_duplicates, "--allow-unknown-labels": allow_unknown_labels},
+    )
     if run_dir is None:
         _fail("give --run DIR or --predictions FILE --out DIR")
     from charshift import pipeline
@@ -698,7 +810,7 @@ def report(
         store = pipeline.RunStore(run_dir, create=False, writable=False)
         cfg = pipeline.open_run_config(store)
         path = pipeline.report(cfg, store, target)
-    typer.echo(f"report: {path}")
+    _finished(path)
 
 
 def _report_predictions(
@@ -706,7 +818,7 @@ def _report_predictions(
     out: Path | None,
     n_boot: int | None,
     seed: int | None,
-    dups: bool,
+    allow: dict[str, bool],
     control: str | None,
 ) -> None:
     from charshift.external import report_predictions
@@ -719,11 +831,12 @@ def _report_predictions(
             out or Path(),
             n_boot=1000 if n_boot is None else n_boot,
             seed=seed or 0,
-            allow_duplicates=dups,
+            allow_duplicates=allow["duplicates"],
             warn=_warn,
             positive_control=control,
+            allow_unknown_labels=allow["unknown"],
         )
-    typer.echo(f"report: {path}")
+    _finished(path)
 
 
 @app.command("train-classifier")
@@ -803,6 +916,7 @@ def demo(
         cfgmod.check_local_paths(cfg)
         target = target or _default_out(cfg)
         path = pipeline.run_all(cfg, target)
+    _print_answer(path)
     typer.echo(
         f"\nDemo finished. Report: {path}\n  (markdown: {Path(path).parent.parent / 'report.md'})"
     )

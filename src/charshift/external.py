@@ -19,6 +19,8 @@ from pathlib import Path
 from charshift import inputs
 from charshift.schema import NULL_PERSONA_MARKERS, PROMPTED_EXPLICIT_STAGE, PredictionRecord
 
+PREDICTIONS_COPY = "predictions.jsonl"  # what `report --predictions` keeps beside its tables
+
 
 def score_external(generations: Path, classifier: str, out: Path, batch_size: int = 16) -> int:
     """Classify the `text` of each row of a generations JSONL; write a predictions JSONL.
@@ -66,6 +68,7 @@ def report_predictions(
     allow_duplicates: bool = False,
     warn: Callable[[str], None] | None = None,
     positive_control: str | None = PROMPTED_EXPLICIT_STAGE,
+    allow_unknown_labels: bool = False,
 ) -> Path:
     """Every metric, plot and the report from a predictions JSONL (the run's analysis tail).
 
@@ -73,7 +76,9 @@ def report_predictions(
     so a bad file leaves an earlier report in `out` as it was. A cell that lacks rows of its
     grid (item x persona x sample) is a warning, through `warn` and at the top of the report.
     Rows of the stage `positive_control` (when present) are the positive control of the scorer
-    check."""
+    check. A prediction outside the file's personas is an error listing every such label
+    (`unknown_labels`); with `allow_unknown_labels` it counts as wrong, with a warning. A copy
+    of the file is kept as `out/predictions.jsonl` (`charshift.load_results` reads its rows)."""
     from charshift.analysis import AnalysisInput, analyse
     from charshift.config import StatsConfig
 
@@ -88,7 +93,8 @@ def report_predictions(
             f"{path}: need at least two distinct true personas, found {personas}"
         )
     _check_label_counts(path, personas, records)
-    gaps = inputs.completeness_warnings(inputs.incomplete_cells(records), path)
+    gaps = _check_unknown_labels(path, personas, records, allow_unknown_labels)
+    gaps += inputs.completeness_warnings(inputs.incomplete_cells(records), path)
     for line in gaps:
         if warn is not None:
             warn(line)
@@ -102,7 +108,44 @@ def report_predictions(
         control=positive_control,
         warnings=gaps,
     )  # fmt: skip
-    return analyse(inp, Path(out))
+    page = analyse(inp, Path(out))
+    inputs.write_text_atomic(Path(out) / PREDICTIONS_COPY, Path(path).read_text(encoding="utf-8"))
+    return page
+
+
+def unknown_labels(personas: list[str], records: list[PredictionRecord]) -> dict[str, int]:
+    """Predicted labels that are not personas of the file, with how many rows carry each."""
+    out: dict[str, int] = {}
+    for r in records:
+        if r.prediction is not None and r.prediction not in personas:
+            out[r.prediction] = out.get(r.prediction, 0) + 1
+    return out
+
+
+def _check_unknown_labels(
+    path: Path,
+    personas: list[str],
+    records: list[PredictionRecord],
+    allow: bool,
+) -> list[str]:
+    """A prediction that is no persona of the file ("Sarcasm" for "sarcasm") would silently
+    count as wrong and give a report of zeros: an error listing them, unless `allow` (then the
+    warning to show, through `warn` and at the top of the report)."""
+    found = unknown_labels(personas, records)
+    if not found:
+        return []
+    listed = ", ".join(f"{lab!r} ({n} rows)" for lab, n in sorted(found.items())[:20])
+    more = f" and {len(found) - 20} more" if len(found) > 20 else ""
+    text = (
+        f"{path}: {sum(found.values())} predictions name a label that is not one of the file's "
+        f"personas ({', '.join(personas)}): {listed}{more}"
+    )
+    if not allow:
+        raise inputs.InputError(
+            text + ". Fix the labels (case and spelling count), or pass --allow-unknown-labels "
+            "to keep them as wrong predictions (e.g. a classifier that knows more personas)"
+        )
+    return [text + "; kept as wrong predictions (--allow-unknown-labels)"]
 
 
 # The report draws a confusion matrix (personas x predicted labels) and figures per persona;

@@ -10,10 +10,9 @@ in this order:
 4. the scorer check: per base, the units where the positive control cannot be told from chance
    (the scorer is blind there, so a loss there is not evidence of persona loss) and the
    scorer's largest label share on neutral base text;
-5. the declared primary family and its claims, with family-adjusted figures (simultaneous band,
-   Holm p): per trained stage, persona detected on home ground (macro-F1 excess over the
-   cell's own null) and each chain's total loss in excess; a chain's largest rung is named as
-   exploratory and said to be selected; yields below 100%;
+5. the declared primary family, whose figures are the answer's table above the prose
+   (`charshift.summary`, not repeated here); each chain's largest rung, named as exploratory and
+   said to be selected; yields below 100%;
 6. the caveats that apply: a meaningless (smoke) run, flagged intervals, the constrained tool
    protocol, conditional vs intention-to-treat where yields are low, differential censoring,
    backend failures, classifier training warnings.
@@ -41,6 +40,7 @@ from charshift.stats import (
     Difference,
     Interval,
     MetricsResult,
+    no_interval_text,
 )
 
 DAGGER = "\u2020"  # marks an interval flagged as not to be trusted (see the method notes)
@@ -89,6 +89,8 @@ def fmt_iv(i: Interval, digits: int = 3) -> str:
         return "–"
     if i.fixed_by_construction:
         return f"{num(i.estimate, digits)} {FIXED}"
+    if not i.has_interval:
+        return f"{num(i.estimate, digits)}, interval {no_interval_text(i.n_clusters)}"
     dagger = "" if i.reliable else DAGGER
     return f"{num(i.estimate, digits)} [{num(i.lo, digits)}, {num(i.hi, digits)}]{dagger}"
 
@@ -98,6 +100,8 @@ def fmt_diff(d: Difference, digits: int = 3) -> str:
         return "–"
     if d.fixed_by_construction:
         return f"{d.estimate:+.{digits}f} {FIXED}"
+    if not d.has_interval:
+        return f"{d.estimate:+.{digits}f}, interval {no_interval_text(d.n_clusters)}"
     dagger = "" if d.reliable else DAGGER
     return f"{d.estimate:+.{digits}f} [{d.lo:+.{digits}f}, {d.hi:+.{digits}f}]{dagger}"
 
@@ -333,20 +337,6 @@ def run_sentence(result: MetricsResult, ctx: HeadlineContext) -> str:
 # --------------------------------------------------------------------------- findings
 
 
-def _band(d: Difference) -> str:
-    """A family member: estimate, simultaneous band and Holm p (two digits)."""
-    if d.estimate != d.estimate:
-        return "undefined (a side has no scored output)"
-    dagger = "" if d.reliable else DAGGER
-    band = (
-        f"[{d.lo_simul:+.2f}, {d.hi_simul:+.2f}] simultaneous"
-        if d.lo_simul == d.lo_simul
-        else "(no band)"
-    )
-    holm = p_phrase("Holm p", d.p_holm)
-    return f"{d.estimate:+.2f} {band}{dagger}, {holm}"
-
-
 def scorer_sentence(result: MetricsResult, base: str) -> str:
     """The scorer check of one base: where the positive control cannot be told from chance."""
     checks = [s for s in result.scorer_checks if s.base == base]
@@ -374,9 +364,10 @@ def scorer_sentence(result: MetricsResult, base: str) -> str:
     if blind:
         named = [f"{s.unit} (control excess {_iv_text(s.sensitivity)})" for s in blind]
         text += f"; it is blind in {_names(named)}: {BLIND_TEXT} {BLIND}"
-    unchecked = [s.unit for s in checks if s.scorer_blind is None]
+    unchecked = [f"{s.unit} ({s.note.removesuffix(': not checked')})" for s in checks
+                 if s.scorer_blind is None]  # fmt: skip
     if unchecked:
-        text += f"; not checked (no control output): {_names(unchecked)}"
+        text += f"; not checked: {_names(unchecked)}"
     return text + "." + bias
 
 
@@ -387,33 +378,12 @@ def family_sentence(result: MetricsResult) -> str:
             "No primary family: no trained stage with a home-ground unit or a chain. Every "
             "figure below is exploratory."
         )
-    per_base = _join([f"{sum(d.a.base == b for d in fam)} for {b}" for b in result.bases
-                      if any(d.a.base == b for d in fam)])  # fmt: skip
     return (
-        f"Primary family, declared before looking ({per_base}): per trained stage, the "
-        f"{HOME} macro-F1 excess over its own null (the figure expected if predictions ignored "
-        "the persona) and each chain's total loss in that excess. Their intervals here are "
-        f"simultaneous {result.ci:.0%} max-t bands and their p-values Holm-adjusted within "
-        "each base; every other figure in this report is exploratory."
+        "The table above is the primary family, declared before looking: per trained stage, "
+        f"the {HOME} macro-F1 excess over its own chance level and each chain's total loss in "
+        f"that excess, with simultaneous {result.ci:.0%} bands (Holm-adjusted p-values in the "
+        "Primary family section); every other figure in this report is exploratory."
     )
-
-
-def _home_sentence(result: MetricsResult, d: Difference) -> str:
-    cell = result.cells.get(d.a)
-    extra = ""
-    if cell is not None:
-        extra = (
-            f" (raw macro-F1 {num(cell.macro_f1.estimate, 2)} against its null "
-            f"{num(cell.macro_f1_null.estimate, 2)}; kappa {_iv_text(cell.kappa)}; "
-            f"{p_phrase('permutation p_null', cell.p_null)})"
-        )
-    if d.blind:
-        verdict = f"{BLIND} {BLIND_TEXT}"
-    elif d.lo_simul > 0:
-        verdict = "persona detected on home ground"
-    else:
-        verdict = "persona not detected on home ground (the band reaches 0)"
-    return f"{d.a.base}/{d.a.stage}, {d.a.slice}: macro-F1 excess {_band(d)}{extra}: {verdict}."
 
 
 def chain_heading(dec: ChainDecomposition) -> str:
@@ -428,56 +398,42 @@ def _largest_rung(dec: ChainDecomposition) -> Difference | None:
     return max(rungs, key=lambda r: abs(r.estimate)) if rungs else None
 
 
-def _total_verdict(t: Difference) -> str:
-    if t.estimate != t.estimate:
-        return "nothing to compare"
-    if t.blind:
-        return f"{BLIND} the scorer is blind in {_join(list(t.blind))}: {BLIND_TEXT}"
-    if t.lo_simul > 0:
-        return "persona lost"
-    if t.hi_simul < 0:
-        return "persona gained"
-    return "no loss shown (the band includes 0)"
-
-
-def chain_sentence(dec: ChainDecomposition) -> str:
-    """A chain's total loss in excess (family-adjusted when it is a family member) and, marked
-    exploratory and selected, its largest rung."""
-    t = dec.total
-    sets = _join([f"{n} {kind} items" for kind, n in dec.common.items()])
-    head = f"{dec.base}/{dec.stage}, {chain_heading(dec)}: "
-    figure = _band(t) if t.family else _diff_text(t)
-    text = (
-        f"{head}excess lost from {t.a.slice} to {t.b.slice} {figure} (positive: a loss; "
-        f"{sets}, {dec.k} of {dec.n_personas} personas in common): {_total_verdict(t)}"
-    )
+def rung_sentence(dec: ChainDecomposition) -> str:
+    """A chain's largest rung, named as exploratory and selected after looking ("" for a chain
+    of one rung: its total, in the table, is the rung)."""
     r = _largest_rung(dec)
     if r is None or len(dec.rungs) < 2:
-        return text + "."
+        return ""
     pairing = "paired" if r.paired else "unpaired"
     mark = f" {BLIND}" if r.blind else ""
     return (
-        f"{text}. Exploratory: the rung largest in size, selected after looking (so its "
-        f"interval is not a test), is {r.a.slice} -> {r.b.slice}, {_diff_text(r)}{mark} "
-        f"({pairing}), which changes one thing: {r.changes}."
+        f"Exploratory, {dec.base}/{dec.stage}, {chain_heading(dec)}: the rung largest in size, "
+        f"selected after looking (so its interval is not a test), is {r.a.slice} -> "
+        f"{r.b.slice}, {_diff_text(r)}{mark} ({pairing}), which changes {_changes(r.changes)}."
     )
 
 
+def _changes(text: str) -> str:
+    """What a rung changes, in plain words (a rung over a missing unit changes several)."""
+    if text.startswith("BUNDLE of "):
+        n, _, rest = text.removeprefix("BUNDLE of ").partition(" changes")
+        return f"{n} things at once, as a unit between is missing: " + rest.split(": ", 1)[-1]
+    return "one thing: " + text
+
+
 def claim_sentences(result: MetricsResult) -> list[str]:
-    """Per (base, trained stage): the home-ground excess, then each chain (excess, conditional)."""
+    """Per (base, trained stage) and chain: the largest rung, exploratory (the family's own
+    figures are the answer's table, `charshift.summary`)."""
     out = []
     for base in result.bases:
         for stage in result.trained_stages(base):
-            home = [d for d in result.family if d.kind == "excess" and d.a.base == base
-                    and d.a.stage == stage]  # fmt: skip
-            out += [_home_sentence(result, d) for d in home]
             out += [
-                chain_sentence(dec)
+                rung_sentence(dec)
                 for dec in result.chains
                 if dec.base == base and dec.stage == stage and dec.metric == EXCESS
                 and not dec.itt
             ]  # fmt: skip
-    return out
+    return [s for s in out if s]
 
 
 def _yield_sentence(base: str, stage: str, cells: list[CellMetrics]) -> str:

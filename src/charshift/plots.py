@@ -75,10 +75,13 @@ def _t(text: str) -> str:
 
 
 def _yerr(ivs: Sequence[Interval]) -> np.ndarray:
+    """Error bar lengths; NaN (matplotlib draws nothing, not even a cap) for a figure without
+    an interval (fewer than two clusters, `Interval.has_interval`; fixed by construction;
+    undefined), never a zero-width bar that reads as certainty."""
     est = np.array([i.estimate for i in ivs], dtype=float)
-    lo = np.array([i.lo for i in ivs], dtype=float)
-    hi = np.array([i.hi for i in ivs], dtype=float)
-    return np.nan_to_num(np.clip(np.vstack([est - lo, hi - est]), 0, None))
+    lo = np.array([i.lo if i.has_interval else np.nan for i in ivs], dtype=float)
+    hi = np.array([i.hi if i.has_interval else np.nan for i in ivs], dtype=float)
+    return np.clip(np.vstack([est - lo, hi - est]), 0, None)
 
 
 def _flagged(iv: Interval) -> bool:
@@ -89,7 +92,7 @@ def _daggers(ax: Axes, xs: np.ndarray, ivs: Sequence[Interval]) -> None:
     """A dagger above each flagged interval (not for figures fixed by construction)."""
     for x, iv in zip(xs, ivs, strict=True):
         if _flagged(iv):
-            top = iv.hi if np.isfinite(iv.hi) else iv.estimate
+            top = iv.hi if iv.has_interval else iv.estimate
             ax.text(x, min(max(top, iv.estimate, 0.0) + 0.02, 1.0), DAGGER, ha="center",
                     va="bottom", fontsize=8)  # fmt: skip
 

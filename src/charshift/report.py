@@ -1,7 +1,8 @@
 """The run report: one self-contained `report/index.html` and a `report.md` for a paper draft.
 
 Reading order: a warning box (what the caller says must be read first: an incomplete run, a
-persona left out of a label set), the smoke banner, the headline (`charshift.headline`), then
+persona left out of a label set), the smoke banner, the answer (`charshift.summary`: one
+compact table per base), the headline's prose (`charshift.headline`), the main figure, then
 the figures' sections: metrics per cell, the classifier, the ladder (every chain of
 `ladder.CHAINS` per base and stage, with what each rung changes), contrasts, stage differences,
 outcomes and differential censoring, per persona, predicted labels, confusion, figures, the
@@ -12,8 +13,9 @@ shown. HTML: `html.escape`; the sample browser's data sits in a `<script type="a
 block in which every `<`, `>` and `&` is a JSON unicode escape (so neither `</script>` nor `<!--`
 can occur inside it), and the page's script renders it with `textContent` only. A
 Content-Security-Policy allows no network access and runs only the page's own script (by hash).
-Markdown: HTML metacharacters become entities, markdown control characters are backslash-escaped
-and newlines become spaces (`md_escape`); the settings' JSON sits in a code fence with `<`, `>`,
+Markdown (plain, no HTML entities): a `<` that could open a tag and an `&` that could start an
+entity are backslash-escaped, as are markdown control characters, and newlines become spaces
+(`md_escape`); the settings' JSON sits in a code fence with `<`, `>`,
 `&` and backticks written as JSON unicode escapes.
 
 Writing is atomic as a whole: the report folder and report.md are built in a staging folder
@@ -23,6 +25,7 @@ text that is not valid Unicode) the previous report stays as it was.
 Layout written by `write_report(out_dir, ...)`:
   out_dir/report/index.html   the page (plots inlined as base64 PNG; CSS and JS inline)
   out_dir/report/plots/       every figure as PNG and SVG
+  out_dir/report/summary.txt  the answer's tables as plain text (printed by `run` and `report`)
   out_dir/report.md           the headline and the tables in markdown, with method notes
 """
 
@@ -82,8 +85,11 @@ from charshift.stats import (
     MetricsResult,
     Retention,
     ScorerCheck,
+    has_interval,
+    no_interval_text,
 )
 from charshift.stats.family import FAMILY_TEXT
+from charshift.summary import legend, summary_tables, summary_text
 
 __all__ = [
     "DAGGER",
@@ -126,23 +132,30 @@ def _e(x: Any) -> str:
 _MD_ALWAYS = re.compile(r"([\\`*|~#])")
 _MD_LINK_CLOSE = re.compile(r"\](?=[(\[])")
 _MD_UNDERSCORE = re.compile(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
-_MD_BLOCK_START = re.compile(r"^(\s*)([-+](?=\s|$)|\[|\d+[.)](?=\s|$))")
+_MD_BLOCK_START = re.compile(r"^(\s*)([-+](?=\s|$)|\[|>|\d+[.)](?=\s|$))")
+
+
+_MD_TAG_START = re.compile(r"<(?=[A-Za-z/!?])")  # could open an HTML tag, comment or autolink
+_MD_ENTITY = re.compile(r"&(?=#?[A-Za-z0-9]+;)")  # could read as an HTML entity
 
 
 def md_escape(text: Any) -> str:
-    """Text from the data, safe inside a markdown line or table cell: HTML metacharacters as
-    entities, markdown control characters backslash-escaped (an underscore inside a word, as in
-    `chat_email`, is left as it is: it cannot start emphasis), newlines as spaces."""
+    """Text from the data, safe inside a markdown line or table cell, and still plain text: no
+    HTML entities. A `<` that could open a tag and an `&` that could start an entity are
+    backslash-escaped (CommonMark shows them as themselves), as are markdown control characters
+    (an underscore inside a word, as in `chat_email`, is left as it is: it cannot start
+    emphasis); `->` and `a < b` stay as they are; newlines become spaces."""
     s = re.sub(r"[\r\n\u2028\u2029]+", " ", str(text))
-    s = s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     s = _MD_ALWAYS.sub(r"\\\1", s)
+    s = _MD_TAG_START.sub(r"\\<", s)
+    s = _MD_ENTITY.sub(r"\\&", s)
     s = _MD_LINK_CLOSE.sub(r"\\]", s)
     return _MD_UNDERSCORE.sub(r"\\_", s)
 
 
 def _md_block(text: Any) -> str:
-    """`md_escape`, plus a block-start character is escaped: a list marker, or the `[` of a
-    link reference definition (`[x]: url`)."""
+    """`md_escape`, plus a block-start character is escaped: a list marker, a `>` (a quote),
+    or the `[` of a link reference definition (`[x]: url`)."""
 
     def esc(m: re.Match[str]) -> str:
         mark = m.group(2)
@@ -315,6 +328,8 @@ def _retention_table(result: MetricsResult) -> Table:
 def _ratio_text(r: Retention) -> str:
     if r.estimate != r.estimate:
         return "undefined (the control's excess is not above 0)"
+    if not has_interval(r.n_clusters, r.lo, r.hi):
+        return f"{r.estimate:.2f}, interval {no_interval_text(r.n_clusters)}"
     dagger = "" if r.reliable else DAGGER
     return f"{r.estimate:.2f} [{_num(r.lo, 2)}, {_num(r.hi, 2)}]{dagger}"
 
@@ -326,7 +341,13 @@ def _family_table(result: MetricsResult) -> Table:
     for d in result.family:
         what = (f"{d.a.slice}: excess over its own null" if d.kind == "excess"
                 else f"{d.chain} total: {d.a.slice} -> {d.b.slice}")  # fmt: skip
-        band = f"[{d.lo_simul:+.3f}, {d.hi_simul:+.3f}]" if d.lo_simul == d.lo_simul else "–"
+        band = (
+            f"[{d.lo_simul:+.3f}, {d.hi_simul:+.3f}]"
+            if d.has_interval and d.lo_simul == d.lo_simul
+            else no_interval_text(d.n_clusters)
+            if not d.has_interval
+            else "–"
+        )
         marks = "".join(f" {BLIND} {u}" for u in d.blind)
         rows.append([d.a.base, d.a.stage, what + marks, _diff_text(d), band, fmt_p(d.p),
                      fmt_p(d.p_holm), f"{d.k} of {d.n_personas}", str(d.n_clusters),
@@ -337,6 +358,8 @@ def _family_table(result: MetricsResult) -> Table:
 def _family_verdict(d: Difference) -> str:
     if d.lo_simul != d.lo_simul:
         return "undefined"
+    if not d.has_interval:
+        return f"no claim: interval {no_interval_text(d.n_clusters)}"
     if d.blind:
         return f"{BLIND} not evidence: the scorer is blind in {', '.join(d.blind)}"
     if d.kind == "excess":
@@ -631,6 +654,9 @@ def _outcome_table(rows: Sequence[OutcomeRow]) -> Table:
 
 
 FAILED_HEAD = "backend failures (not persona misses)"
+# Both p-values of the censoring test sit side by side: the heads say which one decides.
+P_PERM_HEAD = "p (permutation: used for the verdict)"
+P_ASYM_HEAD = "p (asymptotic: for reference, not used)"
 
 
 def _censoring_cols(t: CensoringTest | None) -> list[str]:
@@ -657,7 +683,7 @@ def _outcome_summary(rows: Sequence[OutcomeRow], tests: Sequence[CensoringTest])
         cells.setdefault((str(r["base"]), str(r["stage"]), str(r["unit"])), []).append(r)
     by_test = {(t.base, t.stage, t.unit): t for t in tests}
     head = ["base", "stage", "unit", "rows", *used, FAILED_HEAD, "yield", "yield per persona",
-            "chi-square (dof)", "p (permutation)", "p (asymptotic)", "verdict"]  # fmt: skip
+            "chi-square (dof)", P_PERM_HEAD, P_ASYM_HEAD, "verdict"]  # fmt: skip
     body = []
     for key, group in cells.items():
         n = sum(_count(r, "n") for r in group)
@@ -994,7 +1020,7 @@ class ReportContent:
 
 
 _NAV = (
-    ("headline", "Headline"), ("metrics", "Metrics"), ("classifier", "Classifier"),
+    ("answer", "Answer"), ("headline", "Headline"), ("metrics", "Metrics"), ("classifier", "Classifier"),
     ("scorer", "Scorer check"), ("family", "Primary family"), ("ladder", "Ladder"), ("contrasts", "Contrasts"), ("stages", "Stages"),
     ("outcomes", "Outcomes"), ("personas", "Per persona"), ("labels", "Predicted labels"),
     ("confusion", "Confusion"), ("figures", "Figures"), ("samples", "Samples"),
@@ -1019,6 +1045,7 @@ def _top(doc: _Doc, rep: ReportContent) -> None:
             "pipeline works.</div>"
         )
         doc.md_lines(["> **Smoke run: these numbers mean nothing.**"])
+    _answer(doc, rep.result)
     sentences = headline_text(rep.result, rep.context)
     doc.raw_html(
         '<section id="headline" class="headline"><h2>Headline</h2>'
@@ -1026,6 +1053,25 @@ def _top(doc: _Doc, rep: ReportContent) -> None:
         + "</section>"
     )
     doc.md += ["## Headline", ""] + [x for s in sentences for x in (_md_block(s), "")]
+
+
+def _answer(doc: _Doc, result: MetricsResult) -> None:
+    """The answer first: one compact table per base (`charshift.summary`), one legend."""
+    tables = summary_tables(result)
+    doc.raw_html('<section id="answer" class="answer"><h2>The answer</h2>')
+    doc.md += ["## The answer", ""]
+    for t in tables:
+        doc.h3(t.base)
+        if t.rows:
+            doc.table((t.head, t.rows))
+        for note in t.notes:
+            doc.p(note)
+    if tables:
+        doc.p(legend(result))
+    doc.raw_html("</section>")
+
+
+def _nav(doc: _Doc, rep: ReportContent) -> None:
     nav = "".join(f'<a href="#{a}">{_e(t)}</a>' for a, t in _NAV)
     doc.raw_html(f"<nav>{nav}</nav>")
     if rep.notes:
@@ -1228,6 +1274,12 @@ def render_report(
     """(the HTML page, the markdown) of the report; `figures`: (caption, png, svg) to show."""
     doc = _Doc()
     _top(doc, rep)
+    main = [f for f in figures if f[1].stem.startswith("ladder_")]
+    for cap, png, svg in main:  # the main figure, right after the answer and its prose
+        doc.raw_html(_figure_html(cap, png))
+        doc.md += [f"- {_md_block(cap)}: `report/plots/{png.name}`, `report/plots/{svg.name}`", ""]
+    figures = [f for f in figures if f not in main]
+    _nav(doc, rep)
     for section in (_metrics_section, _classifier_section, _scorer_section, _family_section,
                     _ladder_section, _stage_section, _outcomes_section,
                     _persona_section):  # fmt: skip
@@ -1358,5 +1410,6 @@ def write_report(
         page, md = render_report(content, figures)
         _write_utf8(staged / "report" / "index.html", page)
         _write_utf8(staged / "report.md", md)
+        _write_utf8(staged / "report" / "summary.txt", summary_text(result))
         swap_in(staged, root)
     return root / "report" / "index.html"

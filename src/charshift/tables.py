@@ -21,7 +21,14 @@ from typing import Any
 import numpy as np
 
 from charshift.fileio import atomic_write_text as write_atomic
-from charshift.stats import BLIND_TEXT, CellMetrics, Interval, MetricsResult
+from charshift.stats import (
+    BLIND_TEXT,
+    CellMetrics,
+    Difference,
+    Interval,
+    MetricsResult,
+    has_interval,
+)
 from charshift.stats.family import FAMILY_TEXT
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -54,7 +61,15 @@ def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) 
 
 
 def _iv(i: Interval) -> list[Any]:
-    return [i.estimate, i.lo, i.hi, i.reliable]
+    """estimate, lo, hi, reliable; the ends are empty where there is no interval (fewer than two
+    clusters: `Interval.has_interval`), never a degenerate [x, x]."""
+    lo, hi = (i.lo, i.hi) if i.has_interval else (math.nan, math.nan)
+    return [i.estimate, lo, hi, i.reliable]
+
+
+def _ends(d: Difference) -> list[float]:
+    """lo, hi of a difference, empty where it has no interval (see `_iv`)."""
+    return [d.lo, d.hi] if d.has_interval else [math.nan, math.nan]
 
 
 _IV = ("", "_lo", "_hi", "_reliable")
@@ -70,7 +85,7 @@ METRICS_COLUMNS = (
     "n_personas_scored", "n_personas_attempted", "n_personas",
     *(f"{stem}{s}" for stem, _ in _CELL_IVS for s in _IV),
     "macro_f1_null", "macro_f1_null_itt", "p_null", "p_null_itt", "n_perm",
-    "n_empty_resamples", "mean_p_true", "scorer_blind", "flags",
+    "n_empty_resamples", "mean_p_true", "scorer_blind", "flag",
 )  # fmt: skip
 PER_PERSONA_COLUMNS = (
     "base", "stage", "slice", "persona", "precision", "recall", "f1", "f1_lo", "f1_hi",
@@ -118,7 +133,8 @@ def _depth_rows(result: MetricsResult) -> Iterable[list[Any]]:
         ]  # fmt: skip
 
 
-def _flags(m: CellMetrics) -> str:
+def _cell_flag(m: CellMetrics) -> str:
+    """metrics.csv's `flag` column (not `flags`: that name is a pandas DataFrame attribute)."""
     named = [("yield", m.yield_), *((stem, getattr(m, f)) for stem, f in _CELL_IVS)]
     out = [f"{n}: {iv.flag}" for n, iv in named if iv.flag and not iv.fixed_by_construction]
     if m.scorer_blind:
@@ -133,7 +149,7 @@ def _metrics_rows(result: MetricsResult) -> Iterable[list[Any]]:
             + [m.n_personas_scored, m.n_personas_attempted, m.n_personas]
             + [v for _, f in _CELL_IVS for v in _iv(getattr(m, f))]
             + [m.macro_f1_null.estimate, m.macro_f1_null_itt.estimate, m.p_null, m.p_null_itt]
-            + [m.n_perm, m.macro_f1.n_empty_resamples, m.mean_p_true, m.scorer_blind, _flags(m)]
+            + [m.n_perm, m.macro_f1.n_empty_resamples, m.mean_p_true, m.scorer_blind, _cell_flag(m)]
         )  # fmt: skip
 
 
@@ -165,8 +181,8 @@ def _difference_rows(result: MetricsResult) -> Iterable[list[Any]]:
     for d in result.differences:
         yield [
             d.kind, d.chain, d.a.base, d.metric, d.itt, d.a.stage, d.a.slice, d.b.stage,
-            d.b.slice, d.estimate, d.lo, d.hi, d.reliable, d.p, d.family, d.p_holm, d.lo_simul,
-            d.hi_simul, d.k or None, d.n_personas, d.n_clusters, d.paired, d.n_empty_resamples,
+            d.b.slice, d.estimate, *_ends(d), d.reliable, d.p, d.family, d.p_holm,
+            *((d.lo_simul, d.hi_simul) if d.has_interval else (math.nan, math.nan)), d.k or None, d.n_personas, d.n_clusters, d.paired, d.n_empty_resamples,
             bool(d.blind), " ".join(d.blind), d.changes, d.flag, d.note,
         ]  # fmt: skip
 
@@ -177,9 +193,8 @@ def _chain_rows(result: MetricsResult) -> Iterable[list[Any]]:
             kind = c.kinds[u]
             check = result.scorer_check(c.base, u)
             yield [
-                c.base, c.stage, c.chain, c.metric, c.itt, pos, u, kind, iv.estimate, iv.lo,
-                iv.hi, iv.reliable, c.k or None, c.n_personas, c.common[kind], c.dropped[u],
-                u in c.blind, check.null_top_share if check else None, iv.flag,
+                c.base, c.stage, c.chain, c.metric, c.itt, pos, u, kind, *_iv(iv), c.k or None,
+                c.n_personas, c.common[kind], c.dropped[u], u in c.blind, check.null_top_share if check else None, iv.flag,
             ]  # fmt: skip
 
 
@@ -194,7 +209,9 @@ def _scorer_rows(result: MetricsResult) -> Iterable[list[Any]]:
 def _retention_rows(result: MetricsResult) -> Iterable[list[Any]]:
     for r in result.retention:
         yield [
-            r.base, r.stage, r.unit, r.control, r.itt, r.estimate, r.lo, r.hi, r.reliable,
+            r.base, r.stage, r.unit, r.control, r.itt, r.estimate,
+            *((r.lo, r.hi) if has_interval(r.n_clusters, r.lo, r.hi) else (math.nan, math.nan)),
+            r.reliable,
             r.n_clusters, r.k, r.n_personas, r.scorer_blind, r.flag,
         ]  # fmt: skip
 

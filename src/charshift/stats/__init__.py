@@ -79,6 +79,10 @@ Definitions (the only ones in the code base):
   figure is undefined (nothing scored) is counted (`n_empty_resamples`) and left out. `p` of a
   difference: two-sided, from the bootstrap standard error SE (t = |estimate| / (SE
   sqrt(G/(G-1))) on G-1 degrees of freedom; `intervals.p_two_sided`).
+* A figure behind fewer than `MIN_INTERVAL_CLUSTERS` (2) clusters has no interval at all
+  (`Interval.has_interval`, `Difference.has_interval`): it is shown as "n/a (1 item)", drawn
+  without an error bar, written with empty ends, and supports no claim (a positive control
+  behind one item leaves its unit not checked).
 * An interval is flagged (`flag` non-empty, `reliable` False) when fewer than `MIN_CLUSTERS`
   clusters carry its estimate (for conditional figures: clusters with a scored output; for a
   difference: the fewer of its two sides), when its estimate is undefined, or when some
@@ -136,6 +140,7 @@ from charshift.stats.results import (
     HOME,
     METRICS,
     MIN_CLUSTERS,
+    MIN_INTERVAL_CLUSTERS,
     NONE,
     NULL_ROW,
     OTHER,
@@ -154,18 +159,21 @@ from charshift.stats.results import (
     PersonaMetrics,
     Retention,
     ScorerCheck,
+    has_interval,
     infer_personas,
+    no_interval_text,
     order_slices,
     order_stages,
 )
 
 __all__ = [
     "ALL_PERSONAS", "BLIND_TEXT", "DEFAULT_CONTROL", "DEFAULT_SCORER", "FIXED_NULL_TEXT",
-    "FIXED_TEXT", "HOME", "METRICS", "MIN_CLUSTERS", "NONE", "NULL_ROW", "N_PERM", "OTHER",
+    "FIXED_TEXT", "HOME", "METRICS", "MIN_CLUSTERS", "MIN_INTERVAL_CLUSTERS", "NONE", "NULL_ROW", "N_PERM", "OTHER",
     "OWN_NULL", "PRIMARY", "STAGE_ORDER", "BootstrapDraws", "Cell", "CellMetrics",
     "ChainDecomposition", "ChainDraws", "Depth", "Difference", "Interval", "LabelNote", "Method",
     "MetricsResult", "PersonaMetrics", "Retention", "ScorerCheck", "bootstrap_draws",
-    "chain_decomposition", "chain_draws", "compute_metrics", "depth_rows", "expand_base_null", "holm",
-    "infer_personas", "item_kind", "label_sets", "order_slices", "order_stages",
+    "chain_decomposition", "chain_draws", "compute_metrics", "depth_rows", "expand_base_null",
+    "has_interval", "holm", "infer_personas", "no_interval_text", "item_kind", "label_sets",
+    "order_slices", "order_stages",
     "paired_difference", "permutation_draws", "score_labels",
 ]  # fmt: skip

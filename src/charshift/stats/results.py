@@ -33,6 +33,7 @@ PRIMARY = "primary"  # `Difference.family` of a member of the declared primary f
 DEFAULT_SCORER = "classifier"  # `PredictionRecord` has no scorer field yet: every row is this
 DEFAULT_CONTROL = PROMPTED_EXPLICIT_STAGE
 MIN_CLUSTERS = 10  # fewer clusters than this behind an interval: flagged (package docstring)
+MIN_INTERVAL_CLUSTERS = 2  # fewer than this: no interval at all ("n/a (1 item)"), never drawn
 FIXED_TEXT = (
     "fixed by construction: the base null pairs each output with every persona, so accuracy is "
     "1/K times the share of outputs predicted inside the label set; no interval"
@@ -74,6 +75,12 @@ class Interval:
     @property
     def reliable(self) -> bool:
         return not self.flag
+
+    @property
+    def has_interval(self) -> bool:
+        """An interval exists: `MIN_INTERVAL_CLUSTERS` or more clusters carry it (a bootstrap
+        over one cluster only repeats it) and its ends are finite."""
+        return has_interval(self.n_clusters, self.lo, self.hi)
 
     @property
     def above_zero(self) -> bool:
@@ -187,6 +194,22 @@ class Difference:
     @property
     def reliable(self) -> bool:
         return not self.flag
+
+    @property
+    def has_interval(self) -> bool:
+        """See `Interval.has_interval` (`n_clusters`: the paired or the smaller side's)."""
+        return has_interval(self.n_clusters, self.lo, self.hi)
+
+
+def has_interval(n_clusters: int, lo: float, hi: float) -> bool:
+    """The one rule for "this figure has an interval": at least `MIN_INTERVAL_CLUSTERS`
+    clusters behind it and finite ends."""
+    return n_clusters >= MIN_INTERVAL_CLUSTERS and math.isfinite(lo) and math.isfinite(hi)
+
+
+def no_interval_text(n_clusters: int) -> str:
+    """How a figure without an interval says why: "n/a (1 item)"."""
+    return f"n/a ({n_clusters} item{'' if n_clusters == 1 else 's'})"
 
 
 @dataclass

@@ -27,6 +27,7 @@ from charshift.stats.results import (
     MetricsResult,
     Retention,
     ScorerCheck,
+    no_interval_text,
     order_slices,
 )
 
@@ -54,6 +55,11 @@ def scorer_check(
     sens = ctrl.macro_f1_excess
     if not math.isfinite(sens.estimate):
         note = "the positive control has no scored output here: not checked"
+        return ScorerCheck(base, scorer, unit, control, sens, label, share, dist, None, note)
+    if not sens.has_interval:  # one item: no interval, so neither "blind" nor "sees persona"
+        note = (
+            f"the positive control's interval is {no_interval_text(sens.n_clusters)}: not checked"
+        )
         return ScorerCheck(base, scorer, unit, control, sens, label, share, dist, None, note)
     blind = not sens.above_zero
     return ScorerCheck(base, scorer, unit, control, sens, label, share, dist, blind)
