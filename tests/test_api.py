@@ -148,7 +148,7 @@ def test_limit_personas_slices(tmp_path):
     cfg = cfgmod.load_preset("smoke")
     o = Overrides(limit=2, personas=("sarcasm", "humor"), slices=("id_chat", "chat_email"))
     new = apply_overrides(cfg, o)
-    assert new.personas == ["sarcasm", "humor"] and new.slices == ["id_chat", "chat_email"]
+    assert new.persona_names == ["sarcasm", "humor"] and new.slices == ["id_chat", "chat_email"]
     assert new.id_prompts.n_eval == 2 and new.scenarios.n == 2
     res = runner.invoke(app, ["run", "--preset", "smoke", "--dry-run", "--limit", "1",
                               "--personas", "sarcasm,humor", "--slices", "id_chat"])  # fmt: skip

@@ -165,6 +165,14 @@ def _reached(phase, at, out, n_rows, n_scores):
     return _lines(out / "scores.jsonl") >= n_scores  # report: after the last score
 
 
+def _holds_lock(out, pid):
+    """Does process `pid` hold the run's writer lock (writer.lock.info names the holder)?"""
+    try:
+        return json.loads((out / "writer.lock.info").read_text()).get("pid") == pid
+    except (OSError, ValueError):
+        return False
+
+
 def _run_until_killed(cache, out, phase, at, n_rows, n_scores):
     """Start `run`, SIGKILL its process group at the point; returns (killed, log). A generate
     point the rows already passed (a kill lands a batch late under load) moves to this run's
@@ -173,7 +181,9 @@ def _run_until_killed(cache, out, phase, at, n_rows, n_scores):
         at = max(at, _lines(out / "generations.jsonl") + 1)
     p = _cli(["run", "--preset", "smoke", "--out", str(out)], cache, start_new_session=True)
     deadline = time.time() + SMOKE_TIMEOUT
-    while not _reached(phase, at, out, n_rows, n_scores):
+    # a point counts once this run holds the writer lock (and has said it took it over): a
+    # point the store has already passed must not kill a run that is still starting up
+    while not (_holds_lock(out, p.pid) and _reached(phase, at, out, n_rows, n_scores)):
         if p.poll() is not None or time.time() > deadline:
             break
         time.sleep(0.02)
