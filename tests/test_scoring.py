@@ -52,16 +52,20 @@ def test_a_probe_folder_of_the_earlier_format_loads_and_scores_the_same(name):
 # ---------------------------------------------------------------------------- the registry
 
 
-def test_every_available_scorer_has_an_opener_and_the_rest_are_refused():
+def test_every_available_scorer_has_an_opener_and_the_rest_are_refused(monkeypatch):
     for kind in SCORERS.values():
         if kind.available:
             module, _, function = kind.opener.partition(":")
             assert callable(getattr(importlib.import_module(module), function))
-    assert [k.name for k in SCORERS.values() if k.available] == ["classifier"]
-    assert check_scorer_names(["classifier"]) == ["classifier"]
-    for reserved in ("judge", "persona_vector"):
-        with pytest.raises(ValueError, match=f"\\['{reserved}'\\] are not available yet"):
-            check_scorer_names(["classifier", reserved])
+    available = [k.name for k in SCORERS.values() if k.available]
+    assert available == ["classifier", "judge", "persona_vector"]
+    assert check_scorer_names(available) == available
+    from charshift.scoring import registry
+
+    reserved = registry.ScorerKind("telepathy", "a scorer not written yet")
+    monkeypatch.setitem(registry.SCORERS, "telepathy", reserved)
+    with pytest.raises(ValueError, match="\\['telepathy'\\] are not available yet"):
+        check_scorer_names(["classifier", "telepathy"])
     with pytest.raises(ValueError, match="unknown scorer"):
         check_scorer_names(["clasifier"])
     with pytest.raises(ValueError, match="given twice"):
@@ -75,8 +79,12 @@ def _smoke() -> dict:
 def test_config_scorers_default_and_validation():
     cfg = cfgmod.parse_config(_smoke())
     assert cfg.scorers == list(DEFAULT_SCORERS) == ["classifier"]
-    for bad, said in ((["judge"], "not available yet"), (["nope"], "unknown"), ([], "at least")):
-        with pytest.raises(cfgmod.ConfigError, match=f"scorers:.*{said}"):
+    for bad, said in (
+        (["judge"], "judge: `scorers` names judge, so the config needs a `judge` section"),
+        (["nope"], "scorers:.*unknown"),
+        ([], "scorers:.*at least"),
+    ):
+        with pytest.raises(cfgmod.ConfigError, match=said):
             cfgmod.parse_config({**_smoke(), "scorers": bad})
     with_training = cfgmod.parse_config({**_smoke(), "classifier_training": {"mode": "probe"}})
     assert isinstance(with_training.classifier_training, TrainSettings)
@@ -108,7 +116,7 @@ def test_the_run_opens_its_classifier_through_the_registry(tmp_path):
     assert isinstance(scorer, Classifier) and isinstance(scorer, Scorer)
     assert scorer.source == base.classifier and scorer.provenance["kind"] == "tiny"
     assert (scorer.batch_size, scorer.max_length) == (32, 256)  # the preset's `scoring`
-    with pytest.raises(ScorerError, match="not available"):
+    with pytest.raises(ScorerError, match="no `judge` section"):
         open_scorer("judge", ScorerContext(cfg, base, tmp_path))
     trained_here = cfg.bases[0].model_copy(update={"classifier": None})
     with pytest.raises(ScorerError, match="cannot load"):  # nothing trained in the run yet

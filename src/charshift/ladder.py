@@ -10,6 +10,8 @@ the whole reply; an email slice: the email body), or a scoring variant of a slic
   `id_chat.short` the id_chat reply cut to a chat_email body length of the same (base, stage,
                   persona), matched by rank so that the cut lengths follow the bodies' length
                   distribution: a length control on home ground
+  `SLICE.behaviour` a tool slice's actions (calls, arguments, results, order), without the
+                  email's text: read only by the LLM judge, with its own rubric
 
 Lengths are counted in the scorer's tokens (words for a scorer without a tokenizer), and a cut
 ends at a sentence end within 10% of its target where there is one (`charshift.units`). A cut
@@ -31,6 +33,9 @@ WHOLE = "whole"  # scoring variant: the whole chat reply instead of the extracte
 HEAD = "head"  # scoring variant: the whole reply cut to its own email body's length
 SHORT = "short"  # scoring variant: the id_chat reply cut to a rank-matched email body's length
 VARIANTS = (WHOLE, HEAD, SHORT)
+# A unit only the LLM judge reads: a tool slice's behaviour (its calls, arguments, results and
+# order, without the email's text), judged with its own rubric (scoring.judge_views).
+BEHAVIOUR = "behaviour"
 
 
 def unit_name(slice_: str, variant: str | None = None) -> str:

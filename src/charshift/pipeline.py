@@ -19,11 +19,19 @@ from tqdm.auto import tqdm
 from charshift import tools, units
 from charshift.adapter_probe import probe_adapters, require_applied
 from charshift.backends.base import AdapterSource, Backend
-from charshift.config import BaseSpec, RunConfig, config_to_dict, parse_config
+from charshift.config import BackendConfig, BaseSpec, RunConfig, config_to_dict, parse_config
 from charshift.planning import Plan, PlannedRow, Shard, build_plan, in_shard, select_shard
 from charshift.rollout import Episode, RolloutEngine, RolloutSettings
 from charshift.schema import EpisodeSpec, GenerationRow, ScoreRow, stable_hash
-from charshift.scoring.base import ScoreInput, Scorer, ScorerContext, open_scorer
+from charshift.scoring.base import (
+    ScoreInput,
+    Scorer,
+    ScorerContext,
+    UnitSource,
+    open_scorers,
+    scorer_name,
+    verdicts_of,
+)
 from charshift.store import RunStore
 
 
@@ -38,9 +46,17 @@ def cache_dir() -> Path:
 
 
 def make_backend(cfg: RunConfig, base: BaseSpec, run_dir: Path | None = None) -> Backend:
-    b = cfg.backend
+    """The run's backend (`cfg.backend`) for `base`."""
+    return backend_for(cfg.backend, base, run_dir, seed=cfg.sampling.seed)
+
+
+def backend_for(
+    b: BackendConfig, base: BaseSpec, run_dir: Path | None = None, seed: int = 0
+) -> Backend:
+    """A backend of settings `b` for the model of `base` (a run's own backend, or a judge's);
+    a managed server logs to `server-<base name>.log` in `run_dir` and is seeded with `seed`."""
     if b.kind == "server":
-        return _server_backend(cfg, base, run_dir)
+        return _server_backend(b, base, run_dir, seed)
     if b.kind == "hf":
         from charshift.backends.hf import HFBackend
 
@@ -81,12 +97,11 @@ def make_backend(cfg: RunConfig, base: BaseSpec, run_dir: Path | None = None) ->
     )
 
 
-def _server_backend(cfg: RunConfig, base: BaseSpec, run_dir: Path | None) -> Backend:
+def _server_backend(b: BackendConfig, base: BaseSpec, run_dir: Path | None, seed: int) -> Backend:
     """`kind: server`: the engine charshift starts with the base's adapters (backends/server.py)."""
     from charshift.backends.server import ServerBackend
     from charshift.models import resolve_model
 
-    b = cfg.backend
     assert b.engine is not None  # BackendConfig checked it
     return ServerBackend(
         resolve_model(base.model, cache_dir(), revision=base.revision).path,
@@ -97,7 +112,7 @@ def _server_backend(cfg: RunConfig, base: BaseSpec, run_dir: Path | None) -> Bac
         startup_timeout=b.startup_timeout,
         extra_args=b.extra_args,
         log_path=(run_dir or Path.cwd()) / f"server-{base.name}.log",
-        seed=cfg.sampling.seed,
+        seed=seed,
         revision=base.revision,
         max_model_len=b.max_model_len,
         gpu_memory_utilization=b.gpu_memory_utilization,
@@ -221,7 +236,7 @@ def _load_adapters(
     """Load the adapters `todo` needs; record provenance and skipped adapters in the manifest."""
     skipped = store.recorded("skipped_adapters")
     needed = sorted({r.adapter.name for r in todo if r.adapter}, key=str)
-    sources = _materialise_tiny_adapters(base, [plan.adapters[base.name][n] for n in needed])
+    sources = materialise_tiny_adapters(base, [plan.adapters[base.name][n] for n in needed])
     failed = backend.load_adapters(sources)
     for name, msg in failed.items():
         skipped[f"{base.name}/{name}"] = msg
@@ -250,7 +265,7 @@ def _episodes(cfg: RunConfig, plan: Plan, rows: list[PlannedRow]) -> Iterator[Ep
         )
 
 
-def _materialise_tiny_adapters(base: BaseSpec, sources: list[AdapterSource]) -> list[AdapterSource]:
+def materialise_tiny_adapters(base: BaseSpec, sources: list[AdapterSource]) -> list[AdapterSource]:
     """`path: tiny-lora:NAME` (smoke preset) -> a random-init LoRA for the tiny base, built once."""
     out = []
     for src in sources:
@@ -345,14 +360,34 @@ def ensure_classifiers(cfg: RunConfig, store: RunStore) -> None:
         store.log_event("train_classifier_end", base=base.name)
 
 
+def ensure_scorers(cfg: RunConfig, store: RunStore) -> None:
+    """Train what the run's scorers learn from the run itself, before scoring: the classifier
+    (`ensure_classifiers`) and, with `persona_vector` among the scorers, each base's persona
+    vectors (fitted again only when their training rows or settings changed)."""
+    ensure_classifiers(cfg, store)
+    if "persona_vector" not in cfg.scorers:
+        return
+    from charshift.scoring.persona_vector import ensure_vectors
+
+    for base in cfg.bases:
+        t0 = time.time()
+        if ensure_vectors(cfg, store, base, cache_dir()):
+            store.log_event(
+                "fit_persona_vectors", base=base.name, seconds=round(time.time() - t0, 1)
+            )
+
+
 # -- scoring -------------------------------------------------------------------------------------
 
 
 def score(cfg: RunConfig, store: RunStore) -> dict[str, int]:
     """Score every unit of every eval row (of the store's shard, if it has one) that has an
-    output (see `charshift.units`) with each of the run's scorers (`cfg.scorers`), where that
-    scorer has no score of the same text yet. The length controls are cut in the tokens of the
-    scorer's own tokenizer (`charshift.lengths`)."""
+    output (see `charshift.units`) with each of the run's scorers (`cfg.scorers`; a kind may
+    give several, e.g. persona vectors' text and state readings), where that scorer has no score
+    of the same text yet, plus the units a scorer judges on its own (the judge's
+    `SLICE.behaviour`). The length controls are cut in the tokens of the scorer's own tokenizer
+    (`charshift.lengths`). A scorer's resources (a judge's backend, the persona vectors' model)
+    are freed when the base is done."""
     counts = {"scored": 0, "already": 0}
     shards: dict[str, int] = {}
     by_base: dict[str, list[GenerationRow]] = {}
@@ -364,23 +399,61 @@ def score(cfg: RunConfig, store: RunStore) -> dict[str, int]:
         if not any(units.has_output(r) and in_shard(r.item_id, store.shard, shards) for r in rows):
             continue
         context = ScorerContext(cfg, base, store.root, cache_dir())
-        for name in cfg.scorers:
-            scorer = open_scorer(name, context)
-            scorer.check_personas(list(cfg.personas))
-            sid = scorer.identity
-            store.update_manifest(
-                classifiers={base.name: scorer.provenance}, classifier_ids={base.name: sid}
-            )
-            items = _units_to_score(cfg, store, base.name, rows, scorer, sid, shards)
-            todo = [
-                u
-                for u in items
-                if (u.row.key, sid, u.unit, units.text_hash(u.text or "")) not in store.scores
-            ]
-            counts["already"] += len(items) - len(todo)
-            if todo:
-                counts["scored"] += _score_items(cfg, store, scorer, todo, base.name)
+        opened: list[Scorer] = []
+        try:
+            for kind in cfg.scorers:
+                for scorer in open_scorers(kind, context):
+                    opened.append(scorer)
+                    todo, already = _todo(cfg, store, base.name, rows, kind, scorer, shards)
+                    counts["already"] += already
+                    if todo:
+                        counts["scored"] += _score_items(cfg, store, scorer, todo, base.name)
+        finally:
+            for scorer in opened:
+                close = getattr(scorer, "close", None)
+                if callable(close):
+                    close()
     return counts
+
+
+def _todo(
+    cfg: RunConfig,
+    store: RunStore,
+    base: str,
+    rows: list[GenerationRow],
+    kind: str,
+    scorer: Scorer,
+    shards: dict[str, int],
+) -> tuple[list[units.UnitText], int]:
+    """(the units `scorer` has not scored yet, how many it has) of `rows`, its identity
+    recorded in the manifest."""
+    scorer.check_personas(list(cfg.personas))
+    sid = scorer.identity
+    _record_scorer(store, base, kind, scorer)
+    items = _units_to_score(cfg, store, base, rows, scorer, sid, shards)
+    if isinstance(scorer, UnitSource):
+        own = scorer.extra_units([r for r in rows if in_shard(r.item_id, store.shard, shards)])
+        items += [u for u in own if u.text]
+    todo = [
+        u
+        for u in items
+        if (u.row.key, sid, u.unit, units.text_hash(u.text or "")) not in store.scores
+    ]
+    return todo, len(items) - len(todo)
+
+
+def _record_scorer(store: RunStore, base: str, kind: str, scorer: Scorer) -> None:
+    """The manifest's `scorers`: base -> scorer name -> its id, kind and provenance; and for the
+    classifier `classifiers` / `classifier_ids`, which the report reads its scores by."""
+    if kind == "classifier":
+        store.update_manifest(
+            classifiers={base: scorer.provenance}, classifier_ids={base: scorer.identity}
+        )
+    known = store.manifest().get("scorers")
+    mine = known.get(base) if isinstance(known, dict) else None
+    entry = {"id": scorer.identity, "kind": kind, "provenance": scorer.provenance}
+    merged = {**(mine if isinstance(mine, dict) else {}), scorer_name(scorer, kind): entry}
+    store.update_manifest(scorers={base: merged})
 
 
 def _units_to_score(
@@ -425,19 +498,20 @@ def _score_items(
     bar = tqdm(total=len(todo), desc=f"score {base}", unit="unit", dynamic_ncols=True)
     for i in range(0, len(todo), chunk):
         part = todo[i : i + chunk]
-        preds = scorer.score([ScoreInput(u.text or "", u.row, u.unit) for u in part])
+        found = verdicts_of(scorer, [ScoreInput(u.text or "", u.row, u.unit) for u in part])
         store.scores.append(
             ScoreRow(
                 u.row.key,
                 scorer.identity,
                 units.text_field(u.unit, raw),
-                pred.label,
-                pred.probs,
+                v.label,
+                v.probs,
                 unit=u.unit,
                 text_hash=units.text_hash(u.text or ""),
                 length=u.length,
+                **v.row_fields(),
             )
-            for u, pred in zip(part, preds, strict=True)
+            for u, v in zip(part, found, strict=True)
         )
         bar.update(len(part))
     bar.close()
@@ -473,7 +547,7 @@ def run_all(cfg: RunConfig, out: Path) -> Path:
     with prepare_run(cfg, out) as store:
         store.log_event("run_start")
         generate(cfg, store)
-        ensure_classifiers(cfg, store)
+        ensure_scorers(cfg, store)
         score(cfg, store)
         path = report(cfg, store)
         store.log_event("run_end", seconds=round(time.time() - t0, 1))

@@ -132,7 +132,7 @@ def build_episodes(cfg: RunConfig, dry: bool = False) -> tuple[list[EpisodeSpec]
             train, evalp = _placeholder_prompts(cfg)
         else:
             train, evalp = prompts.select_id_prompts(cfg.id_prompts)
-        if cfg.classifier_training is not None and "id_chat" in id_slices:
+        if cfg.train_stages() and "id_chat" in id_slices:
             for i, p in enumerate(train):
                 specs.append(formats.render_id("id_chat", p, i))
         for sl in id_slices:
@@ -202,7 +202,7 @@ def build_plan(cfg: RunConfig, dry: bool = False) -> Plan:
     rows: list[PlannedRow] = []
     conditions: dict[str, list[Condition]] = {}
     adapters: dict[str, dict[str, AdapterSource]] = {}
-    train_stage = cfg.classifier_training.stage if cfg.classifier_training else None
+    train_stages = cfg.train_stages()
     for base in cfg.bases:
         conds, adp = build_conditions(cfg, base)
         conditions[base.name] = conds
@@ -210,7 +210,7 @@ def build_plan(cfg: RunConfig, dry: bool = False) -> Plan:
         for cond in conds:
             src = adp.get(cond.adapter) if cond.adapter else None
             for spec in specs:
-                if spec.split == "train" and cond.stage != train_stage:
+                if spec.split == "train" and cond.stage not in train_stages:
                     continue
                 sampling = cfg.sampling.to_sampling(spec.slice)
                 for s in range(cfg.sampling.n_samples if spec.split == "eval" else 1):

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from charshift.config import ALL_SLICES, CHAT_EMAIL_SLICES
-from charshift.ladder import HEAD, SHORT, WHOLE, split_unit, unit_name
+from charshift.ladder import BEHAVIOUR, HEAD, SHORT, WHOLE, split_unit, unit_name
 from charshift.schema import SCORED_OUTCOMES, GenerationRow, stable_hash
 
 SHORT_SLICE = "id_chat"  # the slice that gets the length control
@@ -174,6 +174,8 @@ def text_field(unit: str, raw: bool = False) -> str:
         return "final_reply[:body length]"
     if variant == SHORT:
         return f"text[:rank-matched {SHORT_SOURCE} body length]"
+    if variant == BEHAVIOUR:
+        return "messages (the agent's actions)"
     return "final_reply" if raw else "text"
 
 
