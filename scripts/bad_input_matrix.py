@@ -84,7 +84,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--src", type=Path, default=ROOT / "src", help="the source tree to test")
     ap.add_argument("--timeout", type=int, default=180, help="seconds per case")
-    ap.add_argument("--only", default="", help="comma-separated areas: dry,real,predictions,gens")
+    ap.add_argument(
+        "--only", default="", help="comma-separated areas: dry,real,predictions,gens,cli"
+    )
     ap.add_argument("-v", "--verbose", action="store_true", help="one line per case")
     args = ap.parse_args()
     m = _load_matrix(args.src)
@@ -93,6 +95,7 @@ def main() -> None:
         "real": ("configs run for real", [c for c in m.CONFIG_CASES if c.real], False),
         "predictions": ("`report --predictions`", m.PREDICTION_CASES, True),
         "gens": ("`score --generations`", m.GENERATION_CASES, True),
+        "cli": ("other commands and options", m.CLI_CASES, False),
     }
     chosen = [a for a in args.only.split(",") if a] or list(areas)
     tmp = Path(tempfile.mkdtemp(prefix="bad-input-matrix-"))

@@ -15,6 +15,7 @@ import pytest
 
 from charshift import formats, scenarios
 from charshift.backends.scripted import ScriptedBackend
+from charshift.backends.settings import DEFAULT_MAX_IN_FLIGHT
 from charshift.prompts import load_bundled_prompts
 from charshift.rollout import Episode, RolloutEngine, RolloutSettings
 from charshift.schema import Condition, GenRequest, GenResult, Sampling, stable_hash
@@ -260,7 +261,7 @@ def test_pipeline_streams_on_a_server_backend_and_steps_in_lockstep_elsewhere(mo
     monkeypatch.setattr(pipeline, "_episodes", lambda cfg, plan, rows: iter(rows))
     todo: Any = ["r1", "r2", "r3"]
     list(pipeline._drive(cfg, None, engine_for(OutOfOrderBackend()), todo, wave=2))  # type: ignore[arg-type]
-    assert used == [("stream", cfg.backend.max_in_flight)]
+    assert used == [("stream", DEFAULT_MAX_IN_FLIGHT)]
     used.clear()
     list(pipeline._drive(cfg, None, engine_for(ScriptedBackend()), todo, wave=2))  # type: ignore[arg-type]
     assert used == [("run", 2), ("run", 1)]  # waves of `wave` rows

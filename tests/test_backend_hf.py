@@ -5,6 +5,7 @@ The weights are random, so the text is gibberish; every test compares generated 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -20,6 +21,7 @@ from charshift.backends.hf import (
     _hub_message,
     _pick_in_sorted,
     fetch_adapter,
+    nonfinite_rows,
     penalize,
     sample_next,
 )
@@ -133,6 +135,39 @@ def test_row_alone_equals_row_in_padded_batch(backend):
         batched = backend.generate([req(LONG_PROMPT, "b", sampling, seed=4), short])
         assert batched[0].prompt_tokens > alone[0].prompt_tokens + 50  # really padded
         assert signature(alone) == signature(batched[1:])
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"temperature": 1e-40},  # logits / 1e-40 leave float32's range: +inf, then NaN
+        {"repetition_penalty": 1e-300},  # 0 in float32: seen tokens' logits / 0
+    ],
+    ids=["temperature_1e-40", "repetition_penalty_1e-300"],
+)
+def test_non_finite_logits_end_their_row_only(backend, bad):
+    """Issue 18: one row whose logits are not finite ended the whole wave with a traceback. It
+    ends now with an error naming the step and its settings; its batch-mates are unchanged."""
+    good = req(PROMPTS[0], "a", SAMPLED, seed=3)
+    alone = backend.generate([good])
+    broken = req(PROMPTS[1], None, dataclasses.replace(SAMPLED, **bad), seed=4)
+    res = backend.generate([broken, good, dataclasses.replace(broken, adapter="b")])
+    assert signature(res[1:2]) == signature(alone)
+    for r in (res[0], res[2]):
+        assert r.finish_reason == "error" and r.error is not None
+        assert "non-finite logits at generated token" in r.error
+        assert f"{next(iter(bad.values())):g}" in r.error  # the setting is named
+    greedy = backend.generate([good, broken, req(PROMPTS[2], None, GREEDY)])
+    assert greedy[1].finish_reason == "error" and greedy[0].text == alone[0].text
+
+
+def test_nonfinite_rows():
+    inf, nan = float("inf"), float("nan")
+    logits = torch.tensor(
+        [[0.0, 1.0], [nan, 1.0], [inf, 1.0], [-inf, -inf], [-inf, 2.0], [0.5, 1.0]]
+    )
+    temp = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.7, 1e-40])
+    assert nonfinite_rows(logits, temp).tolist() == [False, True, True, True, False, True]
 
 
 def test_small_batch_size_gives_same_results(backend):
@@ -443,3 +478,19 @@ def test_packaged_smollm2_chat(one_thread):
     assert b.info().extra["provenance"]["gguf_sha256"]
     b.close()
     torch.set_num_threads(1)
+
+
+def test_auto_dtype_on_cpu_is_bfloat16_only_with_native_bf16():
+    """Emulated bfloat16 is several times slower than float32 on a CPU without AVX512-BF16/AMX
+    (the quick demo ran past CI's 30 minutes that way), so "auto" on cpu reads the CPU's flags."""
+    from charshift.backends.hf import cpu_has_native_bf16, pick_dtype
+
+    avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    bf16 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 avx512f avx512_bf16\n"
+    amx = "flags\t\t: avx2 amx_tile amx_bf16\n"
+    assert not cpu_has_native_bf16(avx2)
+    assert cpu_has_native_bf16(bf16) and cpu_has_native_bf16(amx)
+    assert not cpu_has_native_bf16("")
+    want = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    assert pick_dtype("auto", torch.device("cpu")) == want
+    assert pick_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16

@@ -13,6 +13,7 @@ import time
 import warnings
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -66,7 +67,10 @@ class Stub:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.wfile.write(data)
+                except BrokenPipeError:  # the client gave up (a timeout test)
+                    pass
 
             def do_GET(self) -> None:
                 if self.path == "/v1/models":
@@ -175,6 +179,43 @@ def test_persistent_server_error_becomes_error_result(stub):
     assert res.finish_reason == "error" and res.text == ""
     assert "HTTP 500" in res.error and "CUDA out of memory" in res.error
     assert len(stub.bodies) == 3  # one try + two retries
+
+
+def _from_settings(stub: Stub, **settings: Any) -> OpenAIBackend:
+    """The backend a run config builds (`backend: {kind: openai, ...}`), through the registry."""
+    from charshift.backends.registry import BackendContext, make_backend
+    from charshift.backends.settings import OpenAISettings
+
+    cfg = OpenAISettings(base_url=stub.url, **settings)
+    return make_backend(cfg, BackendContext(BASE, None, "b", 0, Path(".")))  # type: ignore[return-value]
+
+
+def test_timeout_retries_and_backoff_come_from_the_config(stub):
+    """A reply slower than `backend.timeout_s` is a timeout, retried `backend.retries` times
+    after `backend.backoff_s`; a long enough timeout lets the same reply through."""
+    slow = {1, 2, 3}  # these requests answer after 1.5 s
+
+    def reply(body, n):
+        if n in slow:
+            time.sleep(1.5)
+        return echo(body, n)
+
+    stub.reply = reply
+    b = _from_settings(stub, timeout_s=0.3, retries=1, backoff_s=0.2)
+    t0 = time.monotonic()
+    [res] = b.generate([req("x")])
+    b.close()
+    assert res.finish_reason == "error" and "ReadTimeout" in res.error
+    assert len(stub.bodies) == 2 and time.monotonic() - t0 >= 0.8  # 2 x 0.3 s + 0.2 s backoff
+    b = _from_settings(stub, timeout_s=0.3, retries=2, backoff_s=0.0)
+    [res] = b.generate([req("x")])  # the 3rd request: retried once, then answered
+    b.close()
+    assert res.finish_reason == "stop" and len(stub.bodies) == 4
+    b = _from_settings(stub, timeout_s=5)
+    slow.add(5)
+    [res] = b.generate([req("x")])
+    b.close()
+    assert res.finish_reason == "stop" and len(stub.bodies) == 5
 
 
 def test_connection_refused_is_an_error_result_not_an_exception():

@@ -14,6 +14,7 @@ outcomes in the issue's form (tried / clear error / traceback / silent wrong / d
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -231,6 +232,23 @@ CONFIG_CASES = [
     Case("id_prompts_option_empty", lambda d: [*cfg(lambda c, _: None)(d), "--id-prompts", str(pred_file(d, [], "p.jsonl"))], ("--id-prompts", "empty")),
     Case("id_prompts_path_not_utf8", cfg(lambda c, d: c.update(id_prompts={"source": "file", "n_eval": 1, "path": str(pred_file(d, [b'{"id": "a", "prompt": "\xff"}'], "p.jsonl"))})), ("id_prompts.path", "line 1", "UTF-8")),
     Case("id_prompts_option_missing", lambda d: [*cfg(lambda c, _: None)(d), "--id-prompts", str(d / "nope.jsonl")], ("--id-prompts",)),
+    # issue 18: sampling values the sampler cannot handle, sizes that cannot fit, lists that lose
+    # their order or their content, a command template that allocates without bound
+    Case("temperature_1e-40", cfg(_set("sampling.temperature", 1e-40)), ("sampling.temperature", "0.01"), real=True),
+    Case("temperature_1e-3", cfg(_set("sampling.temperature", 1e-3)), ("sampling.temperature", "greedy")),
+    Case("rep_penalty_1e-300", cfg(_set("sampling.repetition_penalty", 1e-300)), ("sampling.repetition_penalty", "0.01"), real=True),
+    Case("rep_penalty_1e-5", cfg(_set("sampling.repetition_penalty", 1e-5)), ("sampling.repetition_penalty",)),
+    Case("top_p_1e-300", cfg(_set("sampling.top_p", 1e-300)), ("sampling.top_p",)),
+    Case("stats_n_boot_1e12", cfg(_set("stats.n_boot", 10**12)), ("stats.n_boot", "100000"), real=True),
+    Case("stats_n_boot_yaml_1e12", raw_cfg(_GOOD_YAML.replace(b"n_boot: 20", b"n_boot: 1.0e+12")), ("stats.n_boot", "100000")),
+    Case("training_n_boot_huge", cfg(lambda c, d: (c["bases"][0].pop("classifier"), c.update(classifier_training={"mode": "probe", "n_boot": 10**9}))), ("classifier_training.n_boot", "100000")),
+    Case("n_samples_huge", cfg(_set("sampling.n_samples", 10**6)), ("sampling.n_samples",)),
+    Case("plan_too_large", cfg(lambda c, d: (c["sampling"].update(n_samples=10_000), c["id_prompts"].update(n_eval=100))), ("the plan has 3,000,000 rows", "2,000,000"), real=True),
+    Case("scenario_ids_empty", cfg(lambda c, d: c.update(slices=["id_chat", "chat_email"], scenarios={"ids": []})), ("scenarios.ids",), real=True),
+    Case("personas_yaml_set", raw_cfg(_GOOD_YAML.replace(b"personas:\n- sarcasm\n- humor\n", b"personas: !!set {sarcasm, humor}\n")), ("line 11", "set", "list")),
+    Case("slices_yaml_set", raw_cfg(_GOOD_YAML.replace(b"slices:\n- id_chat\n", b"slices: !!set\n  ? id_chat\n")), ("line 16", "set")),
+    Case("command_format_width", cfg(lambda c, d: c.update(backend={"kind": "server", "engine": "command", "command": "serve {model:99999999999} --port {port}"})), ("backend.command", "format spec"), real=True),
+    Case("command_conversion", cfg(lambda c, d: c.update(backend={"kind": "server", "engine": "command", "command": "serve {model!r} --port {port}"})), ("backend.command", "format spec")),
 ]  # fmt: skip
 
 
@@ -359,6 +377,20 @@ PREDICTION_CASES = [
     Case("out_under_a_file", preds_lines(GOOD_PRED_LINES, out="old.jsonl/sub"), ("--out",)),
     Case("out_unwritable", preds_lines(GOOD_PRED_LINES, out="/proc/charshift-out"), ("--out",)),
     Case("n_boot_zero", lambda d: [*preds_lines(GOOD_PRED_LINES)(d)[:-1], "0"], ("--n-boot",)),
+    # issue 18: labels that look alike but differ, sizes that cannot fit, --out ''
+    Case("persona_zero_width_space", preds(prow(20, persona="sarcasm\u200b")), ("line 3", "'persona'", "U+200B")),
+    Case("persona_word_joiner", preds(prow(20, persona="hu\u2060mor")), ("line 3", "'persona'", "U+2060")),
+    Case("persona_soft_hyphen", preds(prow(20, persona="sar\u00adcasm")), ("line 3", "'persona'", "U+00AD")),
+    Case("prediction_bom", preds(prow(20, prediction="\ufeffhumor")), ("line 3", "'prediction'", "U+FEFF")),
+    Case("item_id_zero_width_joiner", preds(prow(20, item_id="i0\u200d")), ("line 3", "'item_id'", "U+200D")),
+    Case("persona_nfd", preds_lines([*GOOD_PRED_LINES, prow(20, persona="cafe\u0301")]), ("line 9", "'persona'", "NFC")),
+    Case("persona_nfc_nfd_pair", preds_lines([*GOOD_PRED_LINES, prow(20, persona="caf\u00e9"), prow(21, persona="cafe\u0301")]), ("line 10", "'persona'", "NFC")),
+    Case("persona_fullwidth_lookalike", preds_lines([*GOOD_PRED_LINES, prow(20, persona="\uff53arcasm")]), ("lines 1 and 9", "'persona'", "look alike")),
+    Case("stage_ligature_lookalike", preds_lines([*GOOD_PRED_LINES, prow(20, stage="\ufb01ne"), prow(22, stage="fine")]), ("lines 9 and 10", "'stage'", "look alike")),
+    Case("personas_thousands", preds_lines([prow(i, persona=f"p{i:04d}", item_id=f"i{i}") for i in range(1000)]), ("1000 distinct personas", "at most 100")),
+    Case("predicted_labels_thousands", preds_lines([prow(i, prediction=f"l{i:04d}") for i in range(1000)]), ("1000 distinct predicted labels", "at most 100")),
+    Case("n_boot_1e9", lambda d: [*preds_lines(GOOD_PRED_LINES)(d)[:-1], "1000000000"], ("--n-boot", "100000")),
+    Case("out_empty", lambda d: [*preds_lines(GOOD_PRED_LINES)(d)[:3], "--out", ""], ("--out", "empty")),
 ]  # fmt: skip
 
 
@@ -424,6 +456,123 @@ GENERATION_CASES = [
     Case("classifier_encoder_only", gens(grow(9), clf="packaged:minilm"), ("packaged:minilm",)),
     Case("persona_not_a_label", gens(grow(9, persona="poeticism")), ("poeticism",)),
     Case("text_on_a_max_steps_row", gens(grow(9, outcome="max_steps")), ("line 3", "'text'", "'max_steps'")),
+    # issue 18
+    Case("persona_zero_width_space", gens(grow(9, persona="\u200bhumor")), ("line 3", "'persona'", "U+200B")),
+    Case("base_nfd", gens(grow(9, base="be\u0301")), ("line 3", "'base'", "NFC")),
+    Case("out_empty", lambda d: [*gens(grow(9))(d)[:-1], ""], ("--out", "empty")),
+]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------- other commands
+
+
+def _scenario_id() -> str:
+    from charshift.scenarios import load_bank
+
+    return load_bank()[0].id
+
+
+def bank_file(content: bytes) -> Callable[[Path], list[str]]:
+    """A `scenarios validate` case: a scenario bank file holding `content`."""
+
+    def make(d: Path) -> list[str]:
+        p = d / "bank.yaml"
+        p.write_bytes(content)
+        return ["scenarios", "validate", str(p)]
+
+    return make
+
+
+def _two_banks() -> bytes:
+    """A bank whose top-level `scenarios` key is given twice (YAML loaders keep the last)."""
+    from importlib import resources
+
+    bank = yaml.safe_load((resources.files("charshift") / "data" / "scenarios.yaml").read_text())
+    first, second = bank["scenarios"][:2]
+    return (
+        yaml.safe_dump({"scenarios": [first]}) + yaml.safe_dump({"scenarios": [second]})
+    ).encode()
+
+
+def empty_run(d: Path, **change: Any) -> Path:
+    """A run folder as `charshift generate` leaves it before its first row (config, manifest)."""
+    from charshift import config, pipeline
+
+    data = good_config()
+    data.update(change)
+    pipeline.prepare_run(config.parse_config(data), d / "run").close()
+    return d / "run"
+
+
+def finished_run(d: Path) -> Path:
+    """A finished run of the good config, built once under $CHARSHIFT_CACHE, copied to d/run
+    without its report outputs (so that a report written into it creates, not changes, files)."""
+    import shutil
+
+    built = Path(os.environ["CHARSHIFT_CACHE"]) / "bad-inputs-finished-run"
+    if not (built / "report.md").is_file():
+        shutil.rmtree(built, ignore_errors=True)
+        built.parent.mkdir(parents=True, exist_ok=True)
+        (built.parent / "bad-inputs.yaml").write_text(yaml.safe_dump(good_config()))
+        code, out, tb = cli_invoke(
+            ["run", str(built.parent / "bad-inputs.yaml"), "--out", str(built)]
+        )
+        assert code == 0 and not tb, out[-2000:]
+    skip = shutil.ignore_patterns("report", "*.md", "*.csv", "*.lock", "*.lock.info")
+    shutil.copytree(built, d / "run", ignore=skip)
+    return d / "run"
+
+
+def _cuda_count() -> int:
+    """CUDA devices here: `cuda:N` with N this count never exists."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _has_mps() -> bool:
+    import torch
+
+    return bool(torch.backends.mps.is_available())
+
+
+def _training(c: dict[str, Any], _: Path) -> None:
+    """The good config with a probe classifier trained in the run (classifier/<base>)."""
+    c["bases"][0].pop("classifier")
+    c["id_prompts"]["n_train"] = 4
+    c["classifier_training"] = {"mode": "probe", "probe_features": "lexical", "n_boot": 20}
+
+
+def _default(c: dict[str, Any], _: Path) -> None:
+    pass
+
+
+# Run as given (no --dry-run added): each either refuses before any work or is a dry run itself.
+CLI_CASES = [
+    Case("scenarios_show_unknown_persona", lambda d: ["scenarios", "show", _scenario_id(), "--persona", "grumpiness"], ("--persona", "grumpiness")),
+    Case("scenarios_show_zero_width_persona", lambda d: ["scenarios", "show", _scenario_id(), "--persona", "sarcasm\u200b"], ("--persona",)),
+    Case("scenarios_validate_not_utf8", bank_file(b"scenarios:\n  - id: caf\xe9\n"), ("not UTF-8", "line 2")),
+    Case("scenarios_validate_deep_nesting", bank_file(b"scenarios: " + b"[" * 5000 + b"]" * 5000 + b"\n"), ("nested too deeply",)),
+    Case("scenarios_validate_duplicate_key", bank_file(_two_banks()), ("'scenarios'", "twice")),
+    Case("scenarios_validate_python_tag", bank_file(b"scenarios: !!python/object/apply:os.system ['true']\n"), ("not valid YAML",)),
+    Case("train_classifier_no_training_stage", lambda d: ["train-classifier", "--run", str(empty_run(d, stages=["base", "prompted_explicit"])), "--out", str(d / "clf")], ("classifier_training", "id_prompts.n_train")),
+    Case("train_classifier_no_training_rows", lambda d: ["train-classifier", "--run", str(empty_run(d, classifier_training={"mode": "probe"})), "--out", str(d / "clf")], ("id_prompts.n_train: 0",)),
+    Case("train_classifier_out_empty", lambda d: ["train-classifier", "--run", str(empty_run(d)), "--out", ""], ("--out", "empty")),
+    Case("run_out_empty", lambda d: [*cfg(_default)(d), "--out", ""], ("--out", "empty")),
+    Case("report_run_beside_predictions", lambda d: ["report", "--run", str(finished_run(d)), "--predictions", str(pred_file(d, GOOD_PRED_LINES)), "--out", str(d / "r")], ("--run", "--predictions")),
+    Case("report_run_with_n_boot", lambda d: ["report", "--run", str(finished_run(d)), "--n-boot", "50"], ("--n-boot", "--predictions")),
+    Case("report_run_with_seed", lambda d: ["report", "--run", str(finished_run(d)), "--seed", "7"], ("--seed", "--predictions")),
+    Case("score_run_with_classifier", lambda d: ["score", "--run", str(finished_run(d)), "--classifier", TINY_CLF], ("--classifier", "--generations")),
+    Case("score_generations_beside_run", lambda d: [*gens(grow(9), out="p.jsonl")(d), "--run", str(finished_run(d))], ("--run", "--generations")),
+    Case("throughput_inf", lambda d: [*cfg(_default)(d), "--dry-run", "--throughput", "inf"], ("--throughput",)),
+    Case("throughput_nan", lambda d: [*cfg(_default)(d), "--dry-run", "--throughput", "nan"], ("--throughput",)),
+    Case("base_name_too_long_for_the_fs", cfg(lambda c, d: (_training(c, d), _set("bases.0.name", "\U0001d400" * 64)(c, d))), ("bases.0.name", "255 bytes")),
+    Case("run_name_too_long_for_the_fs", cfg(_set("name", "\U0001d400" * 64)), ("name", "255 bytes")),
+    # devices and packages this machine lacks: named before any model loads (a dry run, which
+    # loads none, may plan a GPU run on a laptop)
+    Case("device_cuda_absent", cfg(_set("backend.device", f"cuda:{_cuda_count()}")), ("backend.device", "CUDA")),
+    *([Case("device_mps_absent", cfg(_set("backend.device", "mps")), ("backend.device", "MPS"))] if not _has_mps() else []),
+    *([Case("vllm_not_installed", cfg(_set("backend", {"kind": "vllm"})), ("backend.kind", "pip install"))] if importlib.util.find_spec("vllm") is None else []),
 ]  # fmt: skip
 
 
@@ -504,9 +653,19 @@ def test_bad_generations(case: Case, case_env: Path) -> None:
     _check(case, case_env)
 
 
+@pytest.mark.parametrize("case", CLI_CASES, ids=lambda c: c.id)
+def test_bad_command_lines(case: Case, case_env: Path) -> None:
+    _check(case, case_env, dry=False)
+
+
 def test_matrix_size() -> None:
     """The issue asks for ~60 config, ~40 predictions and ~20 generations cases, named uniquely."""
-    for cases, least in ((CONFIG_CASES, 60), (PREDICTION_CASES, 40), (GENERATION_CASES, 20)):
+    for cases, least in (
+        (CONFIG_CASES, 60),
+        (PREDICTION_CASES, 40),
+        (GENERATION_CASES, 20),
+        (CLI_CASES, 15),
+    ):
         assert len(cases) >= least and len({c.id for c in cases}) == len(cases)
 
 
@@ -657,3 +816,18 @@ def test_end_to_end_one_line_error(case: Case, tmp_path: Path) -> None:
     assert all(s in lines[0] for s in case.expect) and not proc.stdout.strip()
     after = _snapshot(d)
     assert {k: v for k, v in after.items() if k in before} == before
+
+
+def test_labels_that_differ_visibly_are_kept(tmp_path: Path) -> None:
+    """The look-alike checks refuse invisible characters, non-NFC forms and NFKC twins only:
+    accented, non-Latin and case-distinct labels stay distinct labels."""
+    from charshift.inputs import load_predictions
+
+    extra = [
+        prow(20, persona="caf\u00e9"),
+        prow(22, persona="\u65e5\u672c"),
+        prow(24, persona="Sarcasm"),
+        prow(26, item_id="\u00e9t\u00e9"),
+    ]
+    recs = load_predictions(pred_file(tmp_path, [*GOOD_PRED_LINES, *extra]))
+    assert {r.persona for r in recs} == {*PERSONAS, "caf\u00e9", "\u65e5\u672c", "Sarcasm"}

@@ -106,8 +106,11 @@ def test_presets_budgets():
     for name in ("demo", "demo_quick"):
         cfg = c.load_preset(name)
         budgets = cfg.sampling.max_tokens_by_slice
-        assert set(budgets) == set(cfg.slices) & set(c.SCENARIO_SLICES)
-        assert min(budgets.values()) >= 160
+        # every scenario slice of the run has room for an email; scaffolds have their own
+        scenario = {s: n for s, n in budgets.items() if s in c.SCENARIO_SLICES}
+        assert set(scenario) == set(cfg.slices) & set(c.SCENARIO_SLICES)
+        assert min(scenario.values()) >= 160
+        assert set(budgets) <= set(cfg.slices)
     for name in ("smoke", "demo", "demo_quick"):
         assert "scenario_chat" in c.load_preset(name).slices
 
@@ -241,3 +244,24 @@ def test_local_model_folders_checked_without_hashing(tmp_path, tiny_llama):
         c.check_local_paths(c.parse_config(d))
     for name in c.preset_names():  # hub ids, tiny: and packaged: specs are the loaders' business
         c.check_local_paths(c.load_preset(name))
+
+
+def test_positive_control():
+    cfg = c.parse_config(_minimal())
+    assert cfg.analysis.positive_control == "prompted_explicit"  # the default, even if absent
+    for preset in ("paper", "demo", "demo_quick"):
+        p = c.load_preset(preset)
+        assert p.analysis.positive_control == "prompted_explicit" in p.stages, preset
+        assert p.classifier_training is None or p.classifier_training.stage != "prompted_explicit"
+    d = _minimal() | {"analysis": {"positive_control": None}}
+    assert c.parse_config(d).analysis.positive_control is None
+    d = _minimal() | {"stages": ["base", "prompted"], "analysis": {"positive_control": "prompted"}}
+    assert c.parse_config(d).analysis.positive_control == "prompted"
+    for bad, match in (("promted_explicit", "analysis.positive_control: 'promted_explicit' is "
+                        "not one of the run's stages"), ("base", "base stage carries no persona"),
+                       ("../x", "positive_control")):  # fmt: skip
+        with pytest.raises(c.ConfigError, match=re.escape(match) if "'" in match else match):
+            c.parse_config(_minimal() | {"analysis": {"positive_control": bad}})
+    # a resolved config (every default written out) reads back
+    again = c.parse_config(c.config_to_dict(cfg))
+    assert again.analysis.positive_control == "prompted_explicit"

@@ -136,6 +136,41 @@ def test_repeated_function_tags_give_the_last_one_empty_call() -> None:
     assert parse_tool_calls(t) == [ToolCall("send_email", {})]
 
 
+# Realistic hostile prefixes (issue 18): before, 4 KB of `[[...]]`, 12 KB of nested objects or a
+# line of unclosed `[` spent the whole budget (every bracket re-read the rest of the nest) or
+# swallowed the call after them. Each is read in a small share of the budget now.
+HOSTILE_PREFIXES = {
+    "brackets_balanced": lambda k: "[" * k + "]" * k,
+    "brackets_unclosed_line": lambda k: "[" * 2 * k,
+    "brackets_spaced_unclosed": lambda k: "[ " * k,
+    "objects_nested": lambda k: '{"a": ' * (k // 3) + "1" + "}" * (k // 3),
+    "objects_nested_unclosed": lambda k: '{"a": ' * (k // 3),
+    "objects_pretty_printed": lambda k: (
+        "".join("\n" + "  " * (j % 30) + '{"key":' for j in range(k // 30)) + "1" + "}" * (k // 30)
+    ),
+    "objects_with_members": lambda k: '{"a": 1, "b": ' * (k // 7) + "{}" + "}" * (k // 7),
+    "objects_with_members_unclosed": lambda k: '{"a": 1, "b": ' * (k // 7),
+    "lists_of_objects_unclosed": lambda k: '[{"k": ' * (k // 4),
+    "empty_objects_in_lists_unclosed": lambda k: "[{}, " * (k // 3),
+    "lists_of_numbers_unclosed": lambda k: "[1, " * (k // 2),
+    "repeated_empty_nests": lambda k: "[[]] " * (k // 3),
+    "brace_quote_run": lambda k: '{"' * k,
+}
+
+
+@pytest.mark.parametrize("size", [10_000, 60_000])
+@pytest.mark.parametrize("family", list(HOSTILE_PREFIXES))
+def test_a_call_after_a_hostile_prefix_is_found_within_the_budget(family: str, size: int) -> None:
+    prefix = HOSTILE_PREFIXES[family](size // 2)
+    assert size // 2 <= len(prefix) <= 2 * size
+    for sep in ("\n", " Sure, here it is: ", "\n```json\n"):
+        t = prefix + sep + CALL
+        stats = WorkStats()
+        got = parse_tool_calls(t, stats=stats)
+        assert got and got[-1] == ToolCall("send_email", {"to": "a@b.c", "body": "hi"}), sep
+        assert not stats.exhausted and stats.note(len(t)) is None
+
+
 # --------------------------------------------------------------------------------------------
 # Time: a ratio of CPU times at two sizes, measured side by side.
 

@@ -82,3 +82,21 @@ def test_collapse_compares_output_and_missing():
 def test_chi_square_known_values(table, stat):
     got, dof = outcomes.chi_square(np.array(table))
     assert got == pytest.approx(stat) and dof == 1
+
+
+def test_backend_failures_are_not_censoring():
+    """Sarcasm's rows hit a backend error on 16 of 20 scenarios (a server fault, not the
+    persona): counted as failures, left out of the yield and of the censoring test (before,
+    the test read them as sarcasm's missing outputs: differential censoring)."""
+    recs = _records(dict.fromkeys(PERSONAS, 0.0), 20, 0)
+    recs = [
+        PredictionRecord(r.base, r.stage, r.slice, r.persona, r.item_id, None, outcome="error")
+        if r.persona == "sarcasm" and int(r.item_id.split("s")[-1]) < 16
+        else r
+        for r in recs
+    ]
+    t = outcomes.censoring_test(recs, "b", "full", "agentic_email", collapse=True, n_perm=300)
+    assert t is not None and t.n_rows == 80 - 16 and t.dof == 0
+    by = {r["persona"]: r for r in outcomes.outcome_table(recs)}
+    assert (by["sarcasm"]["failed"], by["sarcasm"]["error"], by["sarcasm"]["n"]) == (16, 16, 20)
+    assert by["sarcasm"]["yield"] == 1.0 and by["humor"]["failed"] == 0

@@ -21,6 +21,9 @@ from charshift.config import ALL_SLICES, CHAT_EMAIL_SLICES, load_preset
 from charshift.store import read_quarantine
 
 REPO = Path(__file__).resolve().parents[1]
+# Seconds a whole smoke run may take: it runs every slice (the six scaffolds and their controls
+# too), about 10 minutes on 2 idle cores and more than 20 on a shared, loaded machine.
+SMOKE_TIMEOUT = 2400
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +60,7 @@ def _rows(run_dir):
 def smoke_run(cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke") / "run"
     p = _cli(["run", "--preset", "smoke", "--out", str(out)], cache)
-    log, _ = p.communicate(timeout=1200)
+    log, _ = p.communicate(timeout=SMOKE_TIMEOUT)
     assert p.returncode == 0, log
     return out, log
 
@@ -90,6 +93,34 @@ def test_smoke_writes_every_slice_with_outcomes(smoke_run):
     assert "report:" in log
 
 
+def test_smoke_runs_every_scaffold_against_its_control(smoke_run):
+    """Each scaffold and its chat control end to end: their rows pair by item, every bank's
+    hash is in the manifest, each pair is a paired contrast, and the behaviour unit is reported
+    as not scored."""
+    import hashlib
+    from importlib import resources
+
+    from charshift import items, slices
+
+    out, _ = smoke_run
+    rows = _rows(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    with open(out / "differences.csv") as f:
+        contrasts = {
+            (d["slice_a"], d["slice_b"]) for d in csv.DictReader(f) if d["kind"] == "contrast"
+        }
+    for kind in slices.scaffold_kinds():
+        pair = (kind + "_chat", kind)
+        ids = [{r["item_id"] for r in rows if r["slice"] == sl} for sl in pair]
+        assert ids[0] == ids[1] and all(i.startswith(f"{kind}:") for i in ids[0]), kind
+        assert pair in contrasts, kind
+        bundled = resources.files("charshift") / "data" / "items" / items.KINDS[kind].file
+        assert manifest["banks"][kind]["sha256"] == hashlib.sha256(bundled.read_bytes()).hexdigest()
+    actions = [r for r in rows if r["slice"] == "agentic_actions"]
+    assert all(r["tool_log"] or r["outcome"] == "malformed" for r in actions)
+    assert "Not scored: agentic_actions.behaviour" in (out / "report.md").read_text()
+
+
 def test_rerun_is_a_no_op(smoke_run, cache):
     out, _ = smoke_run
     before = (out / "generations.jsonl").read_bytes()
@@ -119,7 +150,7 @@ def _reached(phase, at, out, n_rows, n_scores):
 def _run_until_killed(cache, out, phase, at, n_rows, n_scores):
     """Start `run`, SIGKILL its process group at the point; returns (killed, log)."""
     p = _cli(["run", "--preset", "smoke", "--out", str(out)], cache, start_new_session=True)
-    deadline = time.time() + 900
+    deadline = time.time() + SMOKE_TIMEOUT
     while not _reached(phase, at, out, n_rows, n_scores):
         if p.poll() is not None or time.time() > deadline:
             break
@@ -129,7 +160,7 @@ def _run_until_killed(cache, out, phase, at, n_rows, n_scores):
             time.sleep(at)  # seconds into the step
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
-    log, _ = p.communicate(timeout=900)
+    log, _ = p.communicate(timeout=SMOKE_TIMEOUT)
     assert p.returncode in (0, -signal.SIGKILL), log
     return p.returncode == -signal.SIGKILL, log
 
@@ -170,7 +201,7 @@ def test_sigkill_at_random_points_then_resume_gives_the_same_store(smoke_run, ca
     print(f"kill seed {KILL_SEED}: points {points}, killed in {killed}")
     assert killed[:2] == ["generate", "generate"], (KILL_SEED, points, killed)
     p = _cli(["run", "--preset", "smoke", "--out", str(out)], cache)
-    log, _ = p.communicate(timeout=1200)
+    log, _ = p.communicate(timeout=SMOKE_TIMEOUT)
     assert p.returncode == 0, log
     assert ("taking over the lock" in log) == bool(killed[-1]), log
     gens, scores = _store_files(out, "generations"), _store_files(out, "scores")
@@ -194,6 +225,15 @@ def test_dry_run_paper_loads_no_model():
     assert res.exit_code == 0, res.output
     assert "generations in all" in res.output
     assert "agentic_email" in res.output and "llama" in res.output
+    # the scaffolds are an opt-in block: off, their cost is printed on its own
+    main, block = res.output.split("opt-in block 'scaffolds' (off")
+    assert "code_review" not in main and "agentic_actions" in block and "total" in block
+    on = CliRunner().invoke(app, ["run", "--preset", "paper", "--with", "scaffolds", "--dry-run"])
+    assert on.exit_code == 0, on.output
+    assert "opt-in block 'scaffolds' (on)" in on.output
+    assert "not scored until the judge" in on.output
+    bad = CliRunner().invoke(app, ["run", "--preset", "paper", "--with", "nope", "--dry-run"])
+    assert bad.exit_code == 2 and "no opt-in block 'nope'" in bad.output
 
 
 def test_bad_config_named_before_any_model(tmp_path):
@@ -225,13 +265,16 @@ def test_help_lists_commands():
 
 @pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path):
-    """The embedded default shows what the tool measures (issue 8): a classifier above chance,
-    prompted above base on id_chat with the paired interval above 0, an output in every chat slice
-    of the prompted stage, and the prompted ladder with intervals. These are the figures of one
-    real run of SmolLM2 + MiniLM, not timings. The tool slices are run and their outcomes
-    tabulated, but their yield is not asserted: under the constrained envelope SmolLM2-135M still
-    writes invented addresses and bodies that are not emails (0 of 6 and 0 of 6 in the preset's
-    run, 0 of 12 and 2 of 12 with two scenarios), so a yield there is luck at this size."""
+    """The embedded default shows what the tool measures (issues 8 and 13): a classifier above
+    chance; persona detected on home ground by the prompted stage's chance-corrected figure
+    (its macro-F1 excess over its own null, the family's simultaneous band above 0), never by
+    "prompted minus base"; the scorer check from the positive control in every unit; the
+    declared primary family with Holm p-values and simultaneous bands; an output in every chat
+    slice of the prompted stage; and the report opening with those. These are the figures of
+    one real run of SmolLM2 + MiniLM, not timings. The tool slices are run and their outcomes
+    tabulated, but their yield is not asserted: under the constrained envelope SmolLM2-135M
+    still writes invented addresses and bodies that are not emails, so a yield there is luck at
+    this size."""
     out = tmp_path / "demo"
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     res = subprocess.run(
@@ -248,37 +291,63 @@ def test_demo_quick_end_to_end(tmp_path):
     lo, _hi = rep["macro_f1_interval"]
     assert rep["above_chance"] and lo > rep["chance"], rep["summary"]
 
-    with open(out / "metrics.csv") as f:
-        metrics = {(m["stage"], m["slice"]): m for m in csv.DictReader(f)}
+    def table(name: str) -> list[dict[str, str]]:
+        with open(out / name) as f:
+            return list(csv.DictReader(f))
+
+    metrics = {(m["stage"], m["slice"]): m for m in table("metrics.csv")}
     cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["analysis"]["positive_control"] == "prompted_explicit" in cfg["stages"]
     for sl in cfg["slices"]:
         assert int(metrics[("prompted", sl)]["n_rows"]) > 0, f"prompted {sl}: not run"
+        assert int(metrics[("prompted_explicit", sl)]["n_rows"]) > 0, f"control {sl}: not run"
         if sl not in ("tool_email_oneshot", "agentic_email"):
             assert int(metrics[("prompted", sl)]["n_scored"]) > 0, f"prompted {sl}: no output"
-    assert "Outcomes and differential censoring" in (out / "report.md").read_text()
+    home = metrics[("prompted", "id_chat")]
+    assert float(home["macro_f1_excess_lo"]) > 0, home  # above its own null
+    assert float(home["macro_f1_excess"]) == pytest.approx(
+        float(home["macro_f1"]) - float(home["macro_f1_null"]), abs=1e-5
+    )
+    assert float(home["kappa"]) > 0 and float(home["p_null"]) < 0.05, home
+    assert abs(float(metrics[("base", "id_chat")]["macro_f1_excess"])) < 1e-9  # the null itself
 
-    with open(out / "differences.csv") as f:
-        diffs = list(csv.DictReader(f))
-    (stage,) = [
-        d
-        for d in diffs
-        if d["kind"] == "stage"
-        and d["metric"] == "macro_f1"
-        and d["itt"] == "False"
-        and (d["stage_a"], d["slice_a"], d["stage_b"]) == ("prompted", "id_chat", "base")
-    ]
-    assert stage["reliable"] == "True" and float(stage["lo"]) > 0, stage
+    checks = {c["unit"]: c for c in table("scorer_check.csv")}
+    assert set(checks) == {m[1] for m in metrics}  # every unit checked
+    assert checks["id_chat"]["scorer_blind"] == "False" and checks["id_chat"]["scorer"]
+    assert float(checks["id_chat"]["sensitivity_lo"]) > 0
+    assert all(0 < float(c["null_top_share"]) <= 1 for c in checks.values() if c["null_top_share"])
 
-    with open(out / "chains.csv") as f:
-        ladder = [
-            c
-            for c in csv.DictReader(f)
-            if c["stage"] == "prompted" and c["chain"] == "agentic" and c["metric"] == "macro_f1"
-        ]
+    diffs = table("differences.csv")
+    assert not any(d["stage_b"] == "base" for d in diffs)  # prompted minus base is not evidence
+    family = [d for d in diffs if d["family"] == "primary"]
+    assert {(d["kind"], d["chain"]) for d in family} == {
+        ("excess", ""),
+        ("total", "email_step"),
+        ("total", "agentic"),
+    }
+    assert all(d["stage_a"] == "prompted" and d["metric"] == "macro_f1_excess" for d in family)
+    (excess,) = [d for d in family if d["kind"] == "excess"]
+    assert float(excess["lo_simul"]) > 0 and float(excess["p_holm"]) < 0.05, excess
+    for d in family:  # (a total whose far unit has no output at all is undefined: blank)
+        if d["estimate"]:
+            assert float(d["lo_simul"]) <= float(d["lo"]) and float(d["p"]) <= float(d["p_holm"])
+    assert any(d["metric"] == "macro_f1_excess" and d["kind"] == "rung" for d in diffs)
+
+    ladder = [c for c in table("chains.csv") if c["stage"] == "prompted"
+              and c["chain"] == "agentic" and c["metric"] == "macro_f1_excess"]  # fmt: skip
     assert {c["slice"] for c in ladder} >= {"chat_email", "agentic_email"}
     assert all(c["lo"] != "" and c["hi"] != "" for c in ladder if c["estimate"] != "")
+
+    md = (out / "report.md").read_text()
+    head = md[md.index("## Headline") : md.index("## Metrics per cell")]
+    assert "Scorer check for smollm2" in head and "Primary family, declared before looking" in head
+    assert "persona detected on home ground" in head
+    claim = head.index("smollm2/prompted, id_chat: macro-F1 excess")
+    assert head.index("Scorer check") < head.index("Primary family") < claim
+    assert "Outcomes and differential censoring" in md
     html = (out / "report" / "index.html").read_text()
-    assert "Headline" in html and html.index("Headline") < html.index("Metrics per cell")
+    assert html.index("Headline") < html.index("Metrics per cell")
+    assert html.index('id="scorer"') < html.index('id="family"') < html.index('id="ladder"')
 
 
 def test_id_prompts_file_is_used_whole(tmp_path):

@@ -82,3 +82,32 @@ def test_item_ids_pair_scenario_slices_and_never_prompts():
     assert ids["scenario_chat"] == ids["chat_email"] == ids["agentic_email"]
     assert all(i.startswith("scenario:") for i in ids["chat_email"])
     assert all(i.startswith("prompt:") for i in ids["id_chat"])
+
+
+def test_row_keys_equal_row_key_for_every_sample_and_slice():
+    """`build_plan` hashes the shared part of a row's identity once per episode (issue 18: the
+    dry run of n_samples: 10000 ran for minutes); every key must still be `row_key`'s, or every
+    stored row of an earlier run would count as new."""
+    cfg = _cfg(
+        stages=["base", "prompted"],
+        sampling={"n_samples": 12, "max_tokens_by_slice": {"chat_email": 300}},
+    )
+    plan = planning.build_plan(cfg)
+    base = cfg.bases[0]
+    assert len(plan.rows) == 3 * (3 + 4 * 4) * 12
+    for r in plan.rows:
+        assert r.key == planning.row_key(cfg, base, r.condition, r.spec, r.sample_idx, r.adapter)
+    assert len({r.key for r in plan.rows}) == len(plan.rows)
+
+
+def test_a_plan_too_large_is_refused_before_it_is_built(monkeypatch):
+    import pytest
+
+    from charshift.config import ConfigError
+
+    built = []
+    monkeypatch.setattr(planning, "row_keys", lambda *a: built.append(a) or [])
+    cfg = _cfg(sampling={"n_samples": 10_000}, id_prompts={"n_eval": 100})
+    with pytest.raises(ConfigError, match=r"3,480,000 rows .* sampling.n_samples 10000"):
+        planning.build_plan(cfg)
+    assert not built  # counted, not built

@@ -141,7 +141,7 @@ def test_prompts_file_errors_name_line_and_field(tmp_path, bad, pattern):
 def test_prompts_file_missing_or_empty(tmp_path):
     with pytest.raises(P.PromptError, match="not found"):
         P.load_prompts_file(tmp_path / "nope.jsonl")
-    with pytest.raises(P.PromptError, match="no prompts"):
+    with pytest.raises(P.PromptError, match="holds no rows"):
         P.load_prompts_file(_write(tmp_path, ["", "  "]))
 
 

@@ -275,7 +275,7 @@ def test_corrupt_lines_in_the_middle_of_generations(mini, env, tmp_path):
         names=[
             f"{run / 'generations.jsonl'}: 3 of",
             "line 3: not valid UTF-8",
-            "line 8: not a JSON object (null)",
+            "line 8: expected a JSON object, got null",
             "line 12: GenerationRow: missing required field 'key'",
             "This run is incomplete: 2 of",
         ],
@@ -291,6 +291,33 @@ def test_corrupt_lines_in_the_middle_of_generations(mini, env, tmp_path):
         rc_ok=_zero,
         names=["Set aside, verbatim", "generations.quarantine.jsonl"],
         data_ok=aside == bad and _same_store(run, ref),
+    )
+
+
+def test_score_says_who_redoes_damaged_generation_rows(mini, env, tmp_path):
+    """Issue 18: `score --run` set damaged generation lines aside and said their rows "are
+    redone", which score never does. It names the command that does; the run then does it."""
+    cfg, ref = mini
+    run = _copy(ref, tmp_path / "run")
+    lines = (run / "generations.jsonl").read_bytes().splitlines(keepends=True)
+    lines[4] = b"{not json\n"
+    (run / "generations.jsonl").write_bytes(b"".join(lines))
+    rc, out = _cli(["score", "--run", str(run)], env)
+    _judge(
+        "damaged generations: score",
+        rc,
+        out,
+        rc_ok=_zero,
+        names=["`charshift score` does not generate", f"charshift run CONFIG --out {run}"],
+    )
+    rc, out = _cli(["run", str(cfg), "--out", str(run)], env)
+    _judge(
+        "damaged generations: score, then run",
+        rc,
+        out,
+        rc_ok=_zero,
+        names=[],
+        data_ok=_same_store(run, ref),
     )
 
 
@@ -337,6 +364,33 @@ def test_deleted_generations(mini, env, tmp_path):
         names=["generations.jsonl is missing or empty", "charshift run CONFIG"],
         data_ok=_kept(run) == before,
     )
+
+
+def test_lone_surrogate_in_a_stored_text(mini, env, tmp_path):
+    """Issue 18: a stored text holding a lone surrogate (legal JSON, "\\ud800") made every resume
+    end in the tokenizer's TypeError. The row is left unscored, named, and the run finishes."""
+    cfg, ref = mini
+    run = _copy(ref, tmp_path / "run")
+    lines = (run / "generations.jsonl").read_bytes().splitlines(keepends=True)
+    i, row = next(
+        (i, r)
+        for i, r in enumerate(json.loads(x) for x in lines)
+        if r["split"] == "eval" and r["text"]
+    )
+    row["text"] = row["text"][:3] + "\ud800" + row["text"][3:]
+    lines[i] = json.dumps(row).encode() + b"\n"  # ensure_ascii: the escape, valid JSON
+    (run / "generations.jsonl").write_bytes(b"".join(lines))
+    before = _kept(run)["generations.jsonl"]
+    for cmd in (["run", str(cfg), "--out", str(run)], ["score", "--run", str(run)]):
+        rc, out = _cli(cmd, env)
+        _judge(
+            f"lone surrogate in a stored text: {cmd[0]}",
+            rc,
+            out,
+            rc_ok=_zero,
+            names=["hold a text no tokenizer can read", row["key"], "\\ud800 at character 4"],
+            data_ok=(run / "generations.jsonl").read_bytes() == before,
+        )
 
 
 # -- the OS refuses a write: read-only file, full disk -------------------------------------------
@@ -462,9 +516,12 @@ def test_file_size_limit_mid_generation(mini, env, tmp_path):
     no cut-off line is left, and the resumed run equals the undamaged one."""
     cfg, ref = mini
     run = tmp_path / "run"
-    dropped = _fewer_generations(ref, run, 12)
+    dropped = _fewer_generations(ref, run, 4)
     size = (run / "generations.jsonl").stat().st_size
     limit = size + len(dropped[0]) + 10  # room for one more row, not for the whole batch
+    # the limit binds every file the run writes: the manifest must fit under it with room to spare,
+    # or the case trips on the manifest instead of mid-table (it did when 12 of 18 rows were dropped)
+    assert (run / "manifest.json").stat().st_size * 2 < limit
     rc, out = _cli(["run", str(cfg), "--out", str(run)], env, preexec_fn=_file_size_limit(limit))
     after = (run / "generations.jsonl").read_bytes()
     _judge(
@@ -483,6 +540,58 @@ def test_file_size_limit_mid_generation(mini, env, tmp_path):
         rc_ok=_zero,
         names=[],
         data_ok=_same_store(run, ref),
+    )
+
+
+REPORT_FULL_DISK = """
+set -u
+mount -t tmpfs -o size=8m tmpfs "$DISK"
+cp -a "$SRC"/. "$DISK"/
+dd if=/dev/zero of="$DISK/filler" bs=4k 2>/dev/null
+truncate -s -"$FREE" "$DISK/filler"
+"$PY" -m charshift.cli report --run "$DISK" > "$LOG1" 2>&1; echo $? > "$RC1"
+"""
+
+
+def test_full_disk_during_the_report(mini, env, tmp_path):
+    """Issue 18: a full disk while the report was written printed a bare `[Errno 28]`, naming
+    no path (a write that fails carries none). The error names the run folder now."""
+    cfg, ref = mini
+    flags = ("--user", "--map-root-user", "--mount") if os.geteuid() else ("--mount",)
+    if not _can_unshare(*flags):
+        pytest.skip("no mount namespace here to mount a small tmpfs in")
+    src = _copy(ref, tmp_path / "src")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    log, rc_file = tmp_path / "log", tmp_path / "rc"
+    script_env = dict(
+        env, DISK=str(disk), SRC=str(src), PY=sys.executable, FREE="16K",
+        LOG1=str(log), RC1=str(rc_file),
+    )  # fmt: skip
+    subprocess.run(["unshare", *flags, "sh", "-c", REPORT_FULL_DISK], env=script_env, cwd=REPO)
+    rc, out = int(rc_file.read_text()), log.read_text()
+    _judge(
+        "full disk: report",
+        rc,
+        out,
+        rc_ok=_two,
+        names=[f"error: {disk}", "No space left on device"],
+    )
+
+
+def test_file_size_limit_during_the_report(mini, env, tmp_path):
+    """The same through RLIMIT_FSIZE (EFBIG): the path is named, the tables and store are kept."""
+    cfg, ref = mini
+    run = _copy(ref, tmp_path / "run")
+    before = _kept(run)
+    rc, out = _cli(["report", "--run", str(run)], env, preexec_fn=_file_size_limit(20_000))
+    _judge(
+        "file size limit: report",
+        rc,
+        out,
+        rc_ok=_two,
+        names=[f"error: {run}", "File too large"],
+        data_ok=_kept(run) == before and not (run / "report" / "index.html").exists(),
     )
 
 

@@ -488,11 +488,14 @@ def test_headline_names_what_was_run_and_zero_yield_units(plain):
     assert "; agentic_email" not in yields.split("No output")[0]  # not among the partial ones
     m = res.get("llama", "full", "chat_email")
     assert f"chat_email {report.fmt_iv(m.yield_, 2)} ({m.n_scored} of {m.n_rows})" in yields
-    # the stage comparison on home ground, with the paired difference from the result
-    d = next(d for d in res.differences if d.kind == "stage" and not d.itt
-             and d.metric == "macro_f1" and d.a.slice == "id_chat" and d.b.stage == "base")  # fmt: skip
-    stage = next(s for s in lines if s.startswith("llama/full: id_chat macro-F1"))
-    assert report.fmt_diff(d, 2) in stage and "paired difference" in stage
+    # home ground: the family's excess over the cell's own null, never "full minus base"
+    d = next(d for d in res.family if d.kind == "excess")
+    home = next(s for s in lines if s.startswith("llama/full, id_chat: macro-F1 excess"))
+    assert f"{d.estimate:+.2f} [{d.lo_simul:+.2f}, {d.hi_simul:+.2f}] simultaneous" in home
+    assert "Holm p" in home and "persona detected on home ground" in home
+    assert not any("base stage" in s and "paired difference" in s for s in lines)
+    family = next(s for s in lines if s.startswith("Primary family, declared before looking"))
+    assert "(3 for llama)" in family and "exploratory" in family
 
 
 def test_headline_caveats(plain):
@@ -522,7 +525,8 @@ def test_headline_low_yield_shows_conditional_and_itt():
     lines = report.headline_text(res)
     low = next(s for s in lines if s.startswith("Where yield is below 50%"))
     c = res.get("m", "full", "agentic_email")
-    assert f"conditional {c.macro_f1.estimate:.2f}, ITT {c.macro_f1_itt.estimate:.2f}" in low
+    want = f"conditional {c.macro_f1_excess.estimate:.2f}, ITT {c.macro_f1_excess_itt.estimate:.2f}"
+    assert want in low
 
 
 def test_headline_largest_rung_and_what_it_changes(ladder):
@@ -531,15 +535,20 @@ def test_headline_largest_rung_and_what_it_changes(ladder):
     _, res = ladder
     lines = report.headline_text(res)
     main = next(s for s in lines if s.startswith("llama/full, from a chat email to an agentic"))
-    assert "largest rung is tool_email_oneshot -> agentic_email" in main
+    # the largest rung is named as selected after looking, and exploratory
+    selected = "Exploratory: the rung largest in size, selected after looking"
+    assert f"{selected} (so its interval is not a test), is tool_email_oneshot -> agentic" in main
     assert MAIN_CHAIN.rungs[2].changes in main
     step = next(s for s in lines if "split into topic, genre, length and scored unit" in s)
     assert step.startswith("llama/full, the id_chat -> chat_email loss")
-    assert "largest rung is scenario_chat -> chat_email.whole" in step
+    assert "is scenario_chat -> chat_email.whole" in step and selected in step
     assert EMAIL_STEP_CHAIN.rungs[1].changes in step
     dec = next(d for d in res.chains if d.chain == "agentic" and d.stage == "full"
-               and d.metric == "macro_f1" and not d.itt)  # fmt: skip
-    assert report.fmt_diff(dec.total, 2) in main
+               and d.metric == "macro_f1_excess" and not d.itt)  # fmt: skip
+    # the chain's total is a family member: its simultaneous band and Holm p
+    t = dec.total
+    assert t.family == "primary" and f"[{t.lo_simul:+.2f}, {t.hi_simul:+.2f}] simultaneous" in main
+    assert "persona lost" in main
     assert not any(s.startswith("llama/base,") for s in lines)  # no chain sentence for the null
 
 
@@ -587,9 +596,14 @@ def test_ladder_tables_carry_changes_and_pairing(ladder):
     units = table_with(md, "unit", "item kind", "common items", one=False)
     assert {"id_chat", "scenario_chat", "agentic_email"} <= {u["unit"] for u in units}
     dec = next(d for d in res.chains if d.chain == "agentic" and d.stage == "full"
-               and d.metric == "macro_f1" and not d.itt)  # fmt: skip
-    shown = {u["macro-F1 on common items"] for u in units if u["unit"] == "agentic_email"}
+               and d.metric == "macro_f1_excess" and not d.itt)  # fmt: skip
+    shown = {u["excess on common items"] for u in units if u["unit"] == "agentic_email"}
     assert md_escape_iv(dec.estimates[-1]) in shown
+    # every rung says how many personas both sides average over, and the scorer's format bias
+    assert {r["personas"] for r in full_step} == {"3 of 3"}
+    assert all(" -&gt; " in r["base text: top label (from -&gt; to)"] for r in full_step)
+    # the base stage (a null) is not laddered
+    assert not any(h.startswith("llama / base:") for h in re.findall(r"### (.*)", md))
     contrasts = table_with(md, "base", "stage", "contrast")
     assert any(r["contrast"] == "chat_email -&gt; chat_email_multiturn" for r in contrasts)
 
@@ -744,7 +758,9 @@ def test_plot_files_are_distinct_for_distinct_names(twins):
     for n, stem in zip(names, stems, strict=True):
         png = (out / "report" / "plots" / f"{stem}.png").read_bytes()
         fig = re.search(
-            r'<img alt="' + re.escape(html_escaped(f"{n}: macro-F1 per unit and stage"))
+            r'<img alt="'
+            + re.escape(html_escaped(f"{n}: macro-F1 excess over each cell's own null, per unit "
+                                     "and stage"))  # fmt: skip
             + r'" src="data:image/png;base64,([^"]+)"', page)  # fmt: skip
         assert fig is not None and base64.b64decode(fig.group(1)) == png
     pngs = [(out / "report" / "plots" / f"{s}.png").read_bytes() for s in stems]
@@ -840,3 +856,37 @@ def test_chain_figure_with_nothing_scored(tmp_path):
     fig.savefig(tmp_path / "chain.png", dpi=110)
     fig.savefig(tmp_path / "chain.svg")
     assert (tmp_path / "chain.png").stat().st_size > 0
+
+
+def test_report_predictions_uses_control_rows_when_present(tmp_path):
+    """`report --predictions`: rows of prompted_explicit are the positive control of the scorer
+    check (scorer_check.csv, retention.csv); `--positive-control none` turns it off."""
+    from typer.testing import CliRunner
+
+    from charshift.cli import app
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for stage, hit in (("full", 0.7), ("prompted_explicit", 0.9)):
+        for i in range(12):
+            for t in PERSONAS:
+                pred = t if rng.random() < hit else PERSONAS[rng.integers(3)]
+                rows.append({"base": "b", "stage": stage, "slice": "id_chat", "persona": t,
+                             "item_id": f"p{i}", "prediction": pred})  # fmt: skip
+    rows += [{"base": "b", "stage": "base", "slice": "id_chat", "persona": None,
+              "item_id": f"p{i}", "prediction": "humor"} for i in range(12)]  # fmt: skip
+    src = tmp_path / "preds.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for extra, control in (([], "prompted_explicit"), (["--positive-control", "none"], "")):
+        out = tmp_path / f"out{bool(extra)}"
+        res = CliRunner().invoke(app, ["report", "--predictions", str(src), "--out", str(out),
+                                       "--n-boot", "50", *extra])  # fmt: skip
+        assert res.exit_code == 0, res.output
+        with (out / "scorer_check.csv").open() as fh:
+            (check,) = list(csv.DictReader(fh))
+        assert check["control"] == control and check["null_top_share"] == "1"
+        assert check["scorer_blind"] == ("False" if control else "")
+        retention = (out / "retention.csv").read_text().splitlines()
+        assert len(retention) == (3 if control else 1)  # header, conditional, ITT
+        md = (out / "report.md").read_text()
+        assert ("Scorer check for b" in md) == bool(control)

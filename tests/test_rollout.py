@@ -351,3 +351,38 @@ def test_lockstep_progress_counts_every_model_call(scenario):
     rows = [r for step in engine.run(eps, progress=counted.append) for r in step]
     assert {r.key: r.n_steps for r in rows} == {"a": 2, "b": 2}
     assert sum(counted) == 4
+
+
+def test_a_lone_surrogate_in_a_reply_is_replaced_recorded_and_storable(scenario, tmp_path):
+    """Issue 18: a server's JSON reply can hold half a surrogate pair ("\\ud83d"), and a tool
+    call's JSON can escape one; no UTF-8 file or tokenizer takes it, so writing the row (or the
+    next prompt) died. Each becomes U+FFFD, as a UTF-8 decoder does with bytes it cannot read;
+    the engine records how many the reply's own text held."""
+    from charshift.store import RunStore
+
+    body = "Hello Priya,\n\nThe order is late \ud83d, sorry.\n\nBest,\nDana"
+    rows = run(ScriptedBackend([body]), [episode(scenario, "chat_email", key="chat")])
+    rows |= run(ScriptedBackend([send(scenario, body)]), [episode(scenario, key="agent")])
+    assert rows["chat"].meta["surrogates_replaced"] == 1  # in the reply's own text
+    # in the tool call, escaped as JSON ("\\ud83d"): the parser's calls hold none either
+    assert "\\ud83d" in rows["agent"].final_reply
+    for row in rows.values():
+        assert row.outcome == "email"
+        assert row.text is not None and "late \ufffd, sorry" in row.text
+        text = json.dumps(row.to_dict(), ensure_ascii=False)
+        assert not any(0xD800 <= ord(c) < 0xE000 for c in text)
+    with RunStore(tmp_path / "run") as store:
+        assert store.generations.append(list(rows.values())) == 2
+
+
+def test_calls_left_unread_are_recorded_in_the_row(scenario):
+    """Issue 18: calls after the 64th of a turn were dropped without a trace. The row's meta
+    says which turn left calls unread and where."""
+    one = {"name": "search_directory", "arguments": {"query": "x"}}
+    lookups = "\n".join(json.dumps(one, separators=(",", ":")) for _ in range(70))  # 70 words
+    rows = run(ScriptedBackend([lookups, send(scenario)]), [episode(scenario)])
+    (row,) = rows.values()
+    (unread,) = row.meta["unread_tool_text"]
+    assert unread["turn"] == 0 and "more than 64 tool calls" in unread["note"]
+    assert "was not read" in unread["note"] and row.outcome == "email"
+    assert row.meta["non_send_calls"] == 64

@@ -135,6 +135,7 @@ def test_a_run_trains_its_classifier_and_scores_through_the_registry(tmp_path):
         "stages": ["base", "prompted"],
         "personas": ["sarcasm", "humor", "remorse"],
         "slices": ["id_chat"],
+        "items": {},  # the preset's scaffold banks: no slice of this run renders them
         "id_prompts": {"source": "bundled", "n_eval": 4, "n_train": 12, "seed": 0},
         "classifier_training": {
             "mode": "probe", "probe_features": "lexical", "probe_c_grid": [1.0], "n_boot": 50,

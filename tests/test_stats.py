@@ -4,6 +4,7 @@ writers (charshift.tables) and the predictions reader (charshift.external)."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 
@@ -13,7 +14,7 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from charshift import ladder, stats, tables
 from charshift.external import PredictionsError, load_predictions_jsonl
-from charshift.schema import NULL_PERSONA
+from charshift.schema import NULL_PERSONA, derive_seed
 from charshift.schema import PredictionRecord as R
 from charshift.stats import Cell
 
@@ -45,8 +46,10 @@ def test_hand_computed_small_case():
     assert m.macro_f1.estimate == pytest.approx(1 / 3)
     assert (m.n_personas_scored, m.n_personas) == (3, 4)
     assert m.accuracy.estimate == pytest.approx(2 / 6)
-    # ITT: 8 rows. sarcasm tp1 fp1 fn2 -> 2/5 = 0.4; humor tp1 fp1 fn2 -> 0.4; others 0.
-    assert m.macro_f1_itt.estimate == pytest.approx(0.2)
+    # ITT: 8 rows. sarcasm tp1 fp1 fn2 -> 2/5 = 0.4; humor tp1 fp1 fn2 -> 0.4; remorse 0;
+    # loving has no row in this unit: left out of the ITT average too (3 personas attempted)
+    assert m.macro_f1_itt.estimate == pytest.approx(0.8 / 3)
+    assert m.n_personas_attempted == 3
     assert m.accuracy_itt.estimate == pytest.approx(2 / 8)
     assert m.yield_.estimate == pytest.approx(6 / 8)
     assert (m.n_rows, m.n_scored, m.n_none) == (8, 6, 2)
@@ -58,7 +61,7 @@ def test_hand_computed_small_case():
     assert per[RM].yield_ == pytest.approx(1.0)
     assert per[L].n == 0 and math.isnan(per[L].yield_)
     assert math.isnan(per[L].f1.estimate) and per[L].precision == 0.0
-    assert per[L].f1_itt.estimate == 0.0
+    assert math.isnan(per[L].f1_itt.estimate)
     # confusion row for sarcasm: S, H, R, L, other, none
     assert m.confusion_cols == [S, H, RM, L, "other", "none"]
     assert m.confusion[0].tolist() == [1, 1, 0, 0, 0, 1]
@@ -99,7 +102,10 @@ def test_metrics_match_sklearn_on_random_data(seed):
         assert [got[p] for p in scored] == pytest.approx(list(per), abs=1e-12)
         assert all(math.isnan(got[p]) for p in personas if p not in scored)
     ya, ypa = [r.persona for r in recs], [r.prediction or "__none__" for r in recs]
-    want_itt = f1_score(ya, ypa, labels=personas, average="macro", zero_division=0)
+    # ITT: averaged over the personas with a row in the cell (every row counts)
+    attempted = [p for p in personas if p in set(ya)]
+    want_itt = f1_score(ya, ypa, labels=attempted, average="macro", zero_division=0)
+    assert m.n_personas_attempted == len(attempted)
     assert m.macro_f1_itt.estimate == pytest.approx(want_itt, abs=1e-12)
     assert m.accuracy_itt.estimate == pytest.approx(accuracy_score(ya, ypa), abs=1e-12)
 
@@ -324,7 +330,8 @@ def test_chain_decomposition_paired_and_unpaired_rungs():
     assert step is not None and step.units == ["id_chat", "chat_email"]
     assert step.kinds == {"id_chat": "prompt", "chat_email": "scenario"}
     (rung,) = step.rungs
-    assert not rung.paired and "unpaired" in rung.note and rung.n_clusters == 40 + 25
+    # unpaired: the smaller side's clusters govern its reliability, and are reported
+    assert not rung.paired and "unpaired" in rung.note and rung.n_clusters == 25
     # the three units between are missing: the rung bundles their changes, and says so
     assert rung.changes.startswith("BUNDLE of 4 changes")
     assert all(r.changes in rung.changes for r in ladder.EMAIL_STEP_CHAIN.rungs)
@@ -355,11 +362,10 @@ def test_compute_metrics_differences_cover_chains_and_stages():
     recs += [R("llama", "base", r.slice, NULL_PERSONA, r.item_id, S) for r in recs[::3]]
     res = stats.compute_metrics(recs, [S, H, RM], n_boot=100)
     kinds = {d.kind for d in res.differences}
-    assert kinds == {"rung", "total", "stage"}
-    stage_rows = [d for d in res.differences if d.kind == "stage"]
-    assert all(d.a.stage == "full" and d.b.stage == "base" and d.paired for d in stage_rows)
-    # 2 stages x 2 chains x 2 metrics x (conditional, ITT)
-    assert len(res.chains) == 2 * 2 * 2 * 2
+    # no "full minus base" stage row: the base stage is a null, not evidence
+    assert kinds == {"rung", "total", "excess"}
+    # 2 stages x 2 chains x 3 metrics x (conditional, ITT)
+    assert len(res.chains) == 2 * 2 * 3 * 2
     # both sides the base null: accuracy differences are fixed by construction
     base_acc = [d for d in res.differences if d.a.stage == "base" and d.metric == "accuracy"]
     assert base_acc and all(d.fixed_by_construction and math.isnan(d.lo) for d in base_acc)
@@ -400,7 +406,7 @@ def test_write_tables(tmp_path):
     paths = tables.write_tables(res, tmp_path)
     assert {p.name for p in paths} == {
         "metrics.csv", "per_persona.csv", "confusion.csv", "pred_distribution.csv",
-        "differences.csv", "chains.csv", "stats.json",
+        "differences.csv", "chains.csv", "scorer_check.csv", "retention.csv", "stats.json",
     }  # fmt: skip
     with (tmp_path / "metrics.csv").open() as fh:
         rows = list(csv.DictReader(fh))
@@ -419,8 +425,8 @@ def test_write_tables(tmp_path):
     assert sum(int(r["count"]) for r in conf if r["slice"] == "id_chat") == 120
     with (tmp_path / "differences.csv").open() as fh:
         diffs = list(csv.DictReader(fh))
-    assert {d["kind"] for d in diffs} == {"rung", "total"}
-    assert {d["chain"] for d in diffs} == {"email_step", "agentic"}
+    assert {d["kind"] for d in diffs} == {"rung", "total", "excess"}
+    assert {d["chain"] for d in diffs if d["kind"] != "excess"} == {"email_step", "agentic"}
     with (tmp_path / "chains.csv").open() as fh:
         chains = list(csv.DictReader(fh))
     assert {(c["chain"], c["slice"]) for c in chains} >= {("agentic", "tool_email_oneshot")}
@@ -464,8 +470,10 @@ def test_tables_are_written_atomically(tmp_path, monkeypatch):
     def broken(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(tables.os, "replace", broken)
-    with pytest.raises(OSError, match="disk full"):
+    from charshift import fileio  # the package's one atomic writer, which tables uses
+
+    monkeypatch.setattr(fileio.os, "replace", broken)
+    with pytest.raises(fileio.WriteError, match="disk full"):
         tables.write_csv(target, ["a"], [[2]])
     assert target.read_text() == before  # the old table stands, whole
     assert [p.name for p in tmp_path.iterdir()] == ["t.csv"]  # no temporary file left
@@ -633,7 +641,7 @@ def test_defect3_every_resample_telescopes_with_one_draw_per_item_kind():
     dec = stats.chain_decomposition(recs, "b", "full", chain="email_step", n_boot=100)
     assert dec is not None
     assert [r.paired for r in dec.rungs] == [False, True]  # prompt -> scenario is unpaired
-    assert dec.rungs[0].n_clusters == 30 + 15 and dec.rungs[1].n_clusters == 15
+    assert dec.rungs[0].n_clusters == 15 and dec.rungs[1].n_clusters == 15
     assert dec.rungs[0].changes == ladder.EMAIL_STEP_CHAIN.rungs[0].changes
     assert dec.rungs[1].changes.startswith("BUNDLE of 3 changes")
     assert dec.missing == ["chat_email.whole", "chat_email.head"]
@@ -653,7 +661,7 @@ def test_contrasts_are_paired_and_name_what_they_change():
              for r in recs if r.slice == "chat_email"]  # fmt: skip
     res = stats.compute_metrics(recs, [S, H, RM], n_boot=100)
     con = [d for d in res.differences if d.kind == "contrast"]
-    assert len(con) == 4  # one contrast x 2 metrics x 2 views (no id_chat.short here)
+    assert len(con) == 6  # one contrast x 3 metrics x 2 views (no id_chat.short here)
     assert all(d.paired and d.changes == ladder.CONTRASTS[0].changes for d in con)
     assert {(d.a.slice, d.b.slice) for d in con} == {("chat_email", "chat_email_multiturn")}
 
@@ -789,3 +797,316 @@ def test_load_predictions_bad_json_and_empty(tmp_path):
         load_predictions_jsonl(empty)
     with pytest.raises(PredictionsError, match="not found"):
         load_predictions_jsonl(tmp_path / "nope.jsonl")
+
+
+# --------------------------------------------------------------------------- issue 13
+
+
+def _perfect(unit: str, personas: list[str], items: int, prefix: str = "i") -> list[R]:
+    return [R("b", "full", unit, p, f"{prefix}{i}", p) for i in range(items) for p in personas]
+
+
+def test_defect13_persona_absent_by_design_leaves_the_itt_label_set():
+    """id_chat.short exists only where the condition wrote an email body: remorse has none. A
+    perfect scorer then loses nothing on the length contrast, in ITT as in conditional (the
+    ITT contrast read +0.25: remorse's absent rows averaged in as F1 0)."""
+    p4 = [S, H, RM, L]
+    recs = _perfect("id_chat", p4, 12) + _perfect("id_chat.short", [S, H, L], 12)
+    res = stats.compute_metrics(recs, p4, n_boot=100)
+    short = res.get("b", "full", "id_chat.short")
+    assert short.macro_f1_itt.estimate == pytest.approx(1.0)
+    assert (short.n_personas_attempted, short.n_personas) == (3, 4)
+    length = [d for d in res.differences if d.kind == "contrast" and d.metric == "macro_f1"]
+    assert {d.itt for d in length} == {False, True}
+    for d in length:
+        assert d.estimate == pytest.approx(0.0, abs=1e-12), d
+        assert (d.k, d.n_personas) == (3, 4)
+
+
+def test_defect13_conditional_differences_compare_the_same_personas():
+    """In agentic_email remorse never produces an output; in chat_email it does, and is
+    classified badly (as a label outside the run). Both units classify sarcasm, humor and loving perfectly: comparing the
+    same three personas, nothing is lost (before: chat_email averaged remorse's 0 in, so the
+    rung read a gain of 0.25)."""
+    p4 = [S, H, RM, L]
+    recs = [
+        R("b", "full", u, p, f"scenario:s{i}",
+          ("goodness" if u == "chat_email" else None) if p == RM else p)
+        for u in ("chat_email", "agentic_email") for i in range(12) for p in p4
+    ]  # fmt: skip
+    res = stats.compute_metrics(recs, p4, n_boot=100)
+    dec = next(d for d in res.chains if d.chain == "agentic" and d.metric == "macro_f1"
+               and not d.itt)  # fmt: skip
+    assert dec.total.estimate == pytest.approx(0.0, abs=1e-12)
+    assert (dec.k, dec.n_personas) == (3, 4) and (dec.total.k, dec.total.n_personas) == (3, 4)
+    assert "3 of 4 personas" in dec.note
+    # the unit estimates are over those three personas too, so the rungs still add up
+    assert [iv.estimate for iv in dec.estimates] == pytest.approx([1.0, 1.0])
+    # per resample: a paired difference of two cells averages over the personas scored in both
+    d = stats.paired_difference(
+        recs, ("b", "full", "chat_email"), ("b", "full", "agentic_email"), personas=p4,
+        n_boot=100,
+    )  # fmt: skip
+    assert (d.estimate, d.lo, d.hi, d.k) == (0.0, 0.0, 0.0, 3)
+
+
+def test_defect13_backend_failures_are_not_persona_misses():
+    """A backend error or a context overflow says nothing about the persona: left out of the
+    ITT figures (before: counted as misses, 2 of 12 sarcasm rows) and counted on their own."""
+    rows = _perfect("chat_email", [S, H], 12)
+    rows = [
+        dataclasses.replace(r, prediction=None, outcome=["error", "context_overflow"][i % 2])
+        if r.persona == S and i < 2 else r
+        for i, r in enumerate(sorted(rows, key=lambda r: r.persona != S))
+    ]  # fmt: skip
+    m = stats.compute_metrics(rows, [S, H], n_boot=50).get("b", "full", "chat_email")
+    assert m.macro_f1_itt.estimate == pytest.approx(1.0) and m.yield_.estimate == 1.0
+    assert (m.n_rows, m.n_failed) == (22, 2)
+    only_failed = [dataclasses.replace(r, outcome="error", prediction=None) for r in rows[:4]]
+    res = stats.compute_metrics(
+        rows + [dataclasses.replace(r, slice="agentic_email") for r in only_failed], [S, H],
+        n_boot=20,
+    )  # fmt: skip
+    assert res.failed_only == [Cell("b", "full", "agentic_email")]
+    assert res.get("b", "full", "agentic_email") is None
+
+
+def test_defect13_small_sample_intervals_use_the_expanded_tails():
+    """With G clusters the interval cuts Phi(-sqrt(G/(G-1)) t_{G-1}(0.975)) of the resamples at
+    each end (10 clusters: 0.86%, not 2.5%), so 10 clusters cover at least 0.93
+    (scripts/coverage_min_clusters.py); without the correction, the plain percentile."""
+    from scipy.stats import norm
+    from scipy.stats import t as student_t
+
+    from charshift.stats.intervals import tail
+
+    want = norm.cdf(-math.sqrt(10 / 9) * student_t.ppf(0.975, 9))
+    assert tail(0.95, 10) == pytest.approx(want) and 0.0085 < want < 0.0087
+    assert tail(0.95, 10, small_sample=False) == pytest.approx(0.025)
+    assert tail(0.95, 1000) == pytest.approx(0.025, abs=0.0005)
+    recs = _clustered_accuracy_cell(np.random.default_rng(3), n_clusters=10)
+    draws = stats.bootstrap_draws(recs, [S, H], ("b", "s", "id_chat"), n_boot=400)
+    for small, level in ((True, want), (False, 0.025)):
+        m = stats.compute_metrics(recs, [S, H], n_boot=400, differences=False,
+                                  small_sample=small).get("b", "s", "id_chat")  # fmt: skip
+        lo, hi = np.quantile(draws.values["accuracy"], [level, 1 - level])
+        assert (m.accuracy.lo, m.accuracy.hi) == pytest.approx((lo, hi))
+
+
+def test_null_and_excess_by_hand_and_in_every_resample():
+    """Per persona F1null = 2 n m / (N (n + m)); excess = F1 - F1null, averaged; recomputed
+    from each resample's own counts."""
+    rows = [(S, S), (S, S), (S, H), (H, H), (H, S), (H, "goodness"), (RM, H), (RM, None)]
+    recs = [R("b", "full", "id_chat", t, f"i{i % 4}", p) for i, (t, p) in enumerate(rows)]
+    m = stats.compute_metrics(recs, [S, H, RM], n_boot=200, differences=False).get(
+        "b", "full", "id_chat"
+    )
+    # scored: 7 rows; true n = (3, 3, 1); predicted m = (3, 3, 0) (+1 other)
+    n, mm, big_n = np.array([3, 3, 1]), np.array([3, 3, 0]), 7
+    null = 2 * n * mm / (big_n * (n + mm))
+    f1 = np.array([2 * 2 / 6, 2 * 1 / 6, 0.0])
+    assert m.macro_f1_null.estimate == pytest.approx(null.mean())
+    assert m.macro_f1_excess.estimate == pytest.approx((f1 - null).mean())
+    assert [p.f1_null for p in m.per_persona] == pytest.approx(list(null))
+    draws = stats.bootstrap_draws(recs, [S, H, RM], ("b", "full", "id_chat"), n_boot=200)
+    v = draws.values
+    assert np.allclose(v["macro_f1_excess"], v["macro_f1"] - v["macro_f1_null"], equal_nan=True)
+    assert np.nanstd(v["macro_f1_null"]) > 0  # the null moves with each resample's shares
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_kappa_matches_sklearn(seed):
+    from sklearn.metrics import cohen_kappa_score
+
+    rng = np.random.default_rng(seed)
+    labels = [S, H, RM, "goodness", None]
+    recs = [
+        R("b", "s", "id_chat", t, f"i{i}", t if rng.random() < 0.5 else labels[rng.integers(5)])
+        for i in range(60) for t in (S, H, RM)
+    ]  # fmt: skip
+    m = stats.compute_metrics(recs, [S, H, RM], n_boot=20, differences=False).get(
+        "b", "s", "id_chat"
+    )
+    sc = [r for r in recs if r.prediction is not None]
+    want = cohen_kappa_score([r.persona for r in sc], [r.prediction for r in sc])
+    assert m.kappa.estimate == pytest.approx(want, abs=1e-12)
+    want_itt = cohen_kappa_score([r.persona for r in recs], [r.prediction or "-" for r in recs])
+    assert m.kappa_itt.estimate == pytest.approx(want_itt, abs=1e-12)
+
+
+def test_base_null_is_fixed_by_construction_and_gives_the_brief_formula():
+    """Base macro-F1 = (1/K) sum 2q/(1 + Kq); it is its own null, so its excess and kappa are 0,
+    fixed by construction."""
+    preds = [S] * 26 + [H] * 2 + [RM] * 1 + [L] * 1  # 87% one label
+    recs = [R("b", "base", "id_chat", NULL_PERSONA, f"i{i}", p) for i, p in enumerate(preds)]
+    recs += _perfect("id_chat", [S, H, RM, L], 30)
+    m = stats.compute_metrics(recs, [S, H, RM, L], n_boot=50).get("b", "base", "id_chat")
+    q = np.array([26, 2, 1, 1]) / 30
+    assert m.macro_f1.estimate == pytest.approx(np.mean(2 * q / (1 + 4 * q)))
+    assert m.macro_f1_null.estimate == pytest.approx(m.macro_f1.estimate)
+    for iv in (m.macro_f1_excess, m.macro_f1_excess_itt, m.kappa, m.kappa_itt):
+        assert iv.estimate == pytest.approx(0.0, abs=1e-12) and iv.fixed_by_construction
+        assert math.isnan(iv.lo) and "fixed by construction" in iv.flag
+    assert math.isnan(m.p_null) and m.n_perm == 0
+
+
+def test_permutations_stay_within_items_and_equal_a_plain_recomputation():
+    rng = np.random.default_rng(4)
+    p3 = [S, H, RM]
+    recs = [
+        R("b", "s", "id_chat", t, f"i{i}", [S, H, RM, None, "goodness"][rng.integers(5)])
+        for i in range(9) for t in p3 for _ in range(1 + i % 2)
+    ]  # fmt: skip
+    perm = stats.permutation_draws(recs, p3, ("b", "s", "id_chat"), n_perm=30, seed=2)
+    from charshift.stats.compute import prepare
+    from charshift.stats.counts import encode_counts, statistics
+    from charshift.stats.nulls import _groups
+
+    data = prepare(recs, p3).cells[Cell("b", "s", "id_chat")]
+    cid, t, p = data.rows
+    labels, valid, order = _groups(cid, t)
+    keys = np.random.default_rng(
+        derive_seed("charshift.stats.perm", 2, "b", "s", "id_chat")
+    ).random((30, *labels.shape), dtype=np.float32)
+    keys[:, ~valid] = 2.0
+    for b in range(30):
+        shuffled = np.take_along_axis(labels, np.argsort(keys[b], axis=-1), -1)[valid]
+        tb = np.empty_like(t)
+        tb[order] = shuffled
+        # within items: each item keeps its own multiset of true labels
+        for c in np.unique(cid):
+            assert sorted(tb[cid == c]) == sorted(t[cid == c])
+        st = statistics(encode_counts(tb, p, cid, len(data.clusters), 3).sum(axis=0))
+        for name in ("macro_f1", "macro_f1_itt", "macro_f1_excess", "kappa", "accuracy_itt"):
+            assert perm[name][b] == pytest.approx(float(st[name]), nan_ok=True), name
+
+
+def test_p_null_is_small_for_a_real_persona_and_not_for_none():
+    rng = np.random.default_rng(8)
+    p4 = [S, H, RM, L]
+    real = [R("b", "full", "id_chat", t, f"i{i}", t if rng.random() < 0.6 else p4[rng.integers(4)])
+            for i in range(20) for t in p4]  # fmt: skip
+    none = [R("b", "full", "chat_email", t, f"s{i}", p4[rng.integers(4)])
+            for i in range(20) for t in p4]  # fmt: skip
+    res = stats.compute_metrics(real + none, p4, n_boot=50, differences=False, n_perm=500)
+    assert res.get("b", "full", "id_chat").p_null < 0.01
+    assert res.get("b", "full", "chat_email").p_null > 0.05
+    assert res.get("b", "full", "id_chat").n_perm == 500
+
+
+def test_holm_by_hand():
+    assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert stats.holm([0.5, float("nan"), 0.01]) == pytest.approx([0.5, float("nan"), 0.02],
+                                                                  nan_ok=True)  # fmt: skip
+    assert stats.holm([0.9, 0.8]) == pytest.approx([1.0, 1.0])
+
+
+def _family_records() -> list[R]:
+    """Two trained stages and the control, id_chat and two units of each chain."""
+    rng = np.random.default_rng(12)
+    p3 = [S, H, RM]
+    out = []
+    for st, hit in (("prompted", 0.7), ("full", 0.8), ("prompted_explicit", 0.9)):
+        for unit, loss in (("id_chat", 0), ("scenario_chat", 0.1), ("chat_email", 0.2),
+                           ("agentic_email", 0.4)):  # fmt: skip
+            kind = "prompt" if unit == "id_chat" else "scenario"
+            for i in range(14):
+                for t in p3:
+                    ok = rng.random() < hit - loss
+                    out.append(R("b", st, unit, t, f"{kind}:{i}", t if ok else p3[rng.integers(3)]))
+        out += [R("b", "base", "id_chat", NULL_PERSONA, f"prompt:{i}", S) for i in range(14)]
+    return out
+
+
+def test_primary_family_is_declared_joint_and_adjusted():
+    res = stats.compute_metrics(_family_records(), [S, H, RM], n_boot=300)
+    fam = res.family
+    # per trained stage (not base, not the control): the home excess and each chain's total
+    want = {(st, kind, chain) for st in ("prompted", "full")
+            for kind, chain in (("excess", ""), ("total", "email_step"), ("total", "agentic"))}  # fmt: skip
+    assert {(d.a.stage, d.kind, d.chain) for d in fam} == want
+    assert all(d.metric == "macro_f1_excess" and not d.itt for d in fam)
+    for d in fam:
+        assert d.lo_simul <= d.lo <= d.estimate <= d.hi <= d.hi_simul  # simultaneous is wider
+        assert d.p <= d.p_holm <= 1
+    assert stats.holm([d.p for d in fam]) == pytest.approx([d.p_holm for d in fam])
+    others = [d for d in res.differences if d.family != "primary"]
+    assert others and all(math.isnan(d.p_holm) and math.isnan(d.lo_simul) for d in others)
+    assert all(0 <= d.p <= 1 for d in others if not d.fixed_by_construction)
+    # joint draws: both stages' chains use the base's one draw per item kind
+    a = stats.chain_draws(_family_records(), "b", "prompted", n_boot=50)
+    b = stats.chain_draws(_family_records(), "b", "full", n_boot=50)
+    assert np.array_equal(a.weights["scenario"], b.weights["scenario"])
+    home = next(d for d in fam if d.kind == "excess" and d.a.stage == "full")
+    cell = res.get("b", "full", "id_chat")
+    assert home.estimate == pytest.approx(cell.macro_f1_excess.estimate)
+    assert (home.b.stage, home.k, home.n_personas) == (stats.OWN_NULL, 3, 3)
+
+
+def test_scorer_check_flags_a_blind_unit_and_marks_its_figures(tmp_path):
+    """The control shows its persona in id_chat and chat_email; in agentic_email the scorer's
+    verdicts are noise: blind there, and every figure of agentic_email says so."""
+    rng = np.random.default_rng(1)
+    p3 = [S, H, RM]
+    recs = []
+    for st in ("full", "prompted_explicit"):
+        for unit in ("id_chat", "chat_email", "agentic_email"):
+            kind = "prompt" if unit == "id_chat" else "scenario"
+            for i in range(15):
+                for t in p3:
+                    seen = unit != "agentic_email" and rng.random() < 0.9
+                    recs.append(
+                        R("b", st, unit, t, f"{kind}:{i}", t if seen else p3[rng.integers(3)])
+                    )
+        recs += [R("b", "base", u, NULL_PERSONA, f"{k}:{i}", S if u == "agentic_email" or i % 3
+                   else H) for u, k in (("id_chat", "prompt"), ("agentic_email", "scenario"))
+                 for i in range(15)]  # fmt: skip
+    res = stats.compute_metrics(recs, p3, n_boot=200)
+    checks = {s.unit: s for s in res.scorer_checks}
+    assert checks["agentic_email"].scorer_blind is True
+    assert checks["id_chat"].scorer_blind is False and checks["chat_email"].scorer_blind is False
+    assert checks["agentic_email"].null_top_share == pytest.approx(1.0)
+    assert checks["agentic_email"].null_top_label == S
+    assert checks["id_chat"].null_top_share == pytest.approx(10 / 15)
+    assert res.get("b", "full", "agentic_email").scorer_blind is True
+    assert res.get("b", "full", "chat_email").scorer_blind is False
+    total = next(d for d in res.family if d.chain == "agentic")
+    assert total.blind == ("agentic_email",)
+    ret = {(r.unit, r.itt): r for r in res.retention}
+    assert "control's excess interval reaches 0" in ret[("agentic_email", False)].flag
+    full_id = res.get("b", "full", "id_chat").macro_f1_excess.estimate
+    ctrl_id = res.get("b", "prompted_explicit", "id_chat").macro_f1_excess.estimate
+    assert ret[("id_chat", False)].estimate == pytest.approx(full_id / ctrl_id)
+    tables.write_tables(res, tmp_path)
+    with (tmp_path / "scorer_check.csv").open() as fh:
+        rows = {r["unit"]: r for r in csv.DictReader(fh)}
+    assert tuple(next(iter(rows.values()))) == tables.SCORER_CHECK_COLUMNS
+    assert (
+        rows["agentic_email"]["scorer_blind"] == "True"
+        and rows["id_chat"]["scorer_blind"] == "False"
+    )
+    assert (
+        float(rows["agentic_email"]["sensitivity_lo"])
+        <= 0
+        < float(rows["id_chat"]["sensitivity_lo"])
+    )
+    assert rows["agentic_email"]["scorer"] == "classifier"
+    with (tmp_path / "metrics.csv").open() as fh:
+        metrics = list(csv.DictReader(fh))
+    blind = [m for m in metrics if m["slice"] == "agentic_email"]
+    assert blind and all(
+        m["scorer_blind"] == "True" and "SCORER BLIND" in m["flags"] for m in blind
+    )
+    with (tmp_path / "differences.csv").open() as fh:
+        diffs = list(csv.DictReader(fh))
+    assert any(d["family"] == "primary" and d["scorer_blind"] == "True" for d in diffs)
+    assert {d["metric"] for d in diffs} == {"macro_f1", "accuracy", "macro_f1_excess"}
+
+
+def test_without_a_control_nothing_is_marked_blind():
+    recs = [r for r in _family_records() if r.stage != "prompted_explicit"]
+    res = stats.compute_metrics(recs, [S, H, RM], n_boot=50)
+    assert not res.has_control("b") and res.retention == []
+    assert all(s.scorer_blind is None and "not checked" in s.note for s in res.scorer_checks)
+    res = stats.compute_metrics(_family_records(), [S, H, RM], n_boot=50, control=None)
+    assert {d.a.stage for d in res.family} == {"prompted", "full", "prompted_explicit"}

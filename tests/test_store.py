@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from charshift import analysis, planning, store, units
+from charshift import analysis, fileio, planning, units
 from charshift.config import config_to_dict, load_preset
 from charshift.schema import GenerationRow, RecordError, ScoreRow
 from charshift.store import (
@@ -21,6 +21,7 @@ from charshift.store import (
     quarantine_path,
     read_quarantine,
 )
+from charshift.store import table as table_mod
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,8 +100,8 @@ def test_a_good_last_line_without_newline_is_kept(tmp_path):
 
 DAMAGE = [
     (b"{not json", "not valid JSON"),
-    (b"null", "not a JSON object (null)"),
-    (b"[1, 2]", "not a JSON object (list)"),
+    (b"null", "expected a JSON object, got null"),
+    (b"[1, 2]", "expected a JSON object, got an array"),
     (b'{"text": "no key"}', "missing required field 'key'"),
     (b'{"key": "z", "base": 3}', "field 'base' must be str"),
     (b'{"key": "\xff\xfe"}', "not valid UTF-8 (byte 0xff"),
@@ -156,17 +157,17 @@ def test_duplicate_key_keeps_the_first_and_reports_it(tmp_path):
 def test_an_interrupted_repair_does_not_repeat_quarantine_entries(tmp_path, monkeypatch):
     p = tmp_path / "g.jsonl"
     p.write_bytes(_line(_g("a")) + b"garbage\n" + _line(_g("b")))
-    real = store.atomic_write_bytes
+    real = table_mod.atomic_write_bytes
 
-    def fail_on_table(path, data):
+    def fail_on_table(path, data, **kw):
         if Path(path) == p:
             raise StoreWriteError("simulated crash")
-        real(path, data)
+        real(path, data, **kw)
 
-    monkeypatch.setattr(store, "atomic_write_bytes", fail_on_table)
+    monkeypatch.setattr(table_mod, "atomic_write_bytes", fail_on_table)
     with pytest.raises(StoreWriteError):
         _table(p)  # the quarantine was written, the table not yet rewritten
-    monkeypatch.setattr(store, "atomic_write_bytes", real)
+    monkeypatch.setattr(table_mod, "atomic_write_bytes", real)
     t = _table(p)
     assert len(t) == 2
     assert [d.raw for d in read_quarantine(quarantine_path(p))] == [b"garbage"]
@@ -211,13 +212,13 @@ def test_a_failed_manifest_write_leaves_no_temp_file(tmp_path, monkeypatch):
 
 def test_atomic_writes_use_unique_temp_names_and_keep_the_mode(tmp_path, monkeypatch):
     target = tmp_path / "f.txt"
-    store.atomic_write_text(target, "one")
+    fileio.atomic_write_text(target, "one")
     os.chmod(target, 0o640)
     names = []
     real = os.replace
     monkeypatch.setattr(os, "replace", lambda a, b: (names.append(a), real(a, b)))
-    store.atomic_write_text(target, "two")
-    store.atomic_write_text(target, "three")
+    fileio.atomic_write_text(target, "two")
+    fileio.atomic_write_text(target, "three")
     assert len(set(names)) == 2 and all(Path(n).parent == tmp_path for n in names)
     assert target.read_text() == "three" and target.stat().st_mode & 0o777 == 0o640
 

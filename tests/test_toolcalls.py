@@ -542,3 +542,80 @@ def test_property_never_raises(text: str) -> None:
     assert msg is None or isinstance(msg, str)
     if not result:
         assert msg  # a turn without a call always gets an explanation
+
+
+def test_escaped_lone_surrogates_never_reach_a_call():
+    """Issue 18: "\\ud800" is legal JSON, but no UTF-8 file or tokenizer takes the lone surrogate
+    it decodes to; every one in a call's name, keys and strings (at any depth) is U+FFFD, order
+    kept, and a proper pair still decodes to its character."""
+    deep = '{"k": ' * 200 + '"\\udfff"' + "}" * 200
+    text = (
+        '{"name": "send\\ud800", "arguments": {"a\\udc00": ["\\ud83d", {"b": "\\udfff"}], '
+        f'"z": "\\ud83d\\ude00", "deep": {deep}}}}}'
+    )
+    (call,) = parse_tool_calls(text)
+    assert call.name == "send\ufffd"
+    assert list(call.arguments) == ["a\ufffd", "z", "deep"]
+    assert call.arguments["a\ufffd"] == ["\ufffd", {"b": "\ufffd"}]
+    assert call.arguments["z"] == "\U0001f600"
+    node = call.arguments["deep"]
+    for _ in range(199):
+        node = node["k"]
+    assert node == {"k": "\ufffd"}
+
+
+ONE_CALL = '{"name": "send_email", "arguments": {"to": "a@b.c", "body": "hi"}}'
+
+
+def test_calls_past_the_limit_are_said_to_be_left_out():
+    """Issue 18: calls after the 64th were dropped without a word. The first 64 are kept and
+    WorkStats says the rest were not (the rollout records it in the row)."""
+    from charshift.toolcalls import MAX_CALLS, WorkStats
+
+    lines = "\n".join([ONE_CALL] * (MAX_CALLS + 6))
+    stats = WorkStats()
+    assert len(parse_tool_calls(lines, stats=stats)) == MAX_CALLS
+    at = (len(ONE_CALL) + 1) * MAX_CALLS
+    assert stats.calls_cut and stats.read_to == at - 1 and stats.unread_call_at == at + 1
+    note = stats.note(len(lines))
+    assert note is not None and f"more than {MAX_CALLS} tool calls" in note
+    assert f"a tool call at character {at + 2} was not read" in note
+    listed = "[" + ", ".join([ONE_CALL] * (MAX_CALLS + 1)) + "]"
+    stats = WorkStats()
+    assert len(parse_tool_calls(listed, stats=stats)) == MAX_CALLS and stats.calls_cut
+    exactly = "\n".join([ONE_CALL] * MAX_CALLS) + "\nAll sent."
+    stats = WorkStats()
+    assert len(parse_tool_calls(exactly, stats=stats)) == MAX_CALLS
+    assert stats.note(len(exactly)) is None  # nothing was left out
+
+
+def test_a_call_the_budget_did_not_reach_is_named(monkeypatch):
+    """When the budget does run out (here made small), the call it did not reach is named by
+    its position, in the stats and in the diagnosis sent back to the model."""
+    from charshift import toolcalls
+    from charshift.toolcalls import WorkStats
+
+    monkeypatch.setattr(toolcalls, "BASE_UNITS", 2_000)
+    text = '{"' * 3000 + "\n" + ONE_CALL
+    stats = WorkStats()
+    assert parse_tool_calls(text, stats=stats) == []
+    at = text.index('"name"')
+    assert stats.exhausted and stats.read_to is not None and stats.read_to < at
+    assert stats.unread_call_at == at
+    message = diagnose_tool_turn(text, TOOLS)
+    assert message is not None and "could not be read to the end" in message
+    assert f"a tool call at character {at + 1} was not read" in message
+
+
+def test_calls_inside_nested_or_unclosed_structures_are_found():
+    """A call inside lists at any depth, or after an opener left unclosed (whose closers the end
+    of the text supplies), is found; a quote run in a key no longer swallows the call after it."""
+    call = ToolCall("send_email", {"to": "a@b.c", "body": "hi"})
+    for text in (
+        "[" * 8 + ONE_CALL + "]" * 8,
+        "[" * 40 + "\n" + ONE_CALL,
+        '{"a": {"b": [' + ONE_CALL,
+        '{"a": 1, "b": {"c": ' + ONE_CALL,
+        '{"{"{"{"\n' + ONE_CALL,
+    ):
+        assert parse_tool_calls(text) == [call], text

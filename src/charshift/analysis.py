@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from charshift.config import RunConfig, StatsConfig, config_to_dict
-from charshift.schema import NULL_PERSONA, GenerationRow, PredictionRecord, Sample
+from charshift.schema import (
+    NULL_PERSONA,
+    PROMPTED_EXPLICIT_STAGE,
+    GenerationRow,
+    PredictionRecord,
+    Sample,
+)
+from charshift.slices import judge_units
 from charshift.store import TABLES, RunStore, StoreError, table_files
 from charshift.store import warn as store_warn
 
@@ -39,6 +46,8 @@ class AnalysisInput:
     # What a reader must see before anything else (an incomplete run, a label-set change): the
     # report shows these first, in a warning box at the very top.
     warnings: list[str] = field(default_factory=list)
+    # the positive-control stage (the scorer check); None: none
+    control: str | None = PROMPTED_EXPLICIT_STAGE
 
 
 def compute(inp: AnalysisInput) -> MetricsResult:
@@ -54,6 +63,9 @@ def compute(inp: AnalysisInput) -> MetricsResult:
         ci=inp.stats.ci,
         method=inp.stats.method,
         seed=inp.stats.seed,
+        n_perm=inp.stats.n_perm,
+        small_sample=inp.stats.small_sample,
+        control=inp.control,
     )
 
 
@@ -64,20 +76,38 @@ def analyse(inp: AnalysisInput, out_dir: Path, result: MetricsResult | None = No
 
     result = compute(inp) if result is None else result
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tables.write_tables(result, out)
-    return report_mod.write_report(
-        out,
-        inp.records,
-        result,
-        settings=inp.settings,
-        samples=inp.samples,
-        title=inp.title,
-        meaningless=inp.meaningless,
-        published=inp.published,
-        notes=[*inp.notes, *(n.text() for n in result.label_notes)],
-        warnings=inp.warnings,
-    )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tables.write_tables(result, out)
+        return report_mod.write_report(
+            out,
+            inp.records,
+            result,
+            settings=inp.settings,
+            samples=inp.samples,
+            title=inp.title,
+            meaningless=inp.meaningless,
+            published=inp.published,
+            notes=[*inp.notes, *(n.text() for n in result.label_notes)],
+            warnings=inp.warnings,
+        )
+    except OSError as err:
+        raise _naming_the_path(err, out) from None
+
+
+def _naming_the_path(err: OSError, out: Path) -> OSError:
+    """The same error, naming where it happened: a write that fails on a full disk (or past a
+    file size limit) carries no file name, and the message was a bare `[Errno 28]`. A path in
+    the report's staging folder is shown where the file was going."""
+    from charshift.report import STAGING_PREFIX
+
+    if err.filename is None:
+        return OSError(
+            err.errno, f"{err.strerror or err} (writing the tables and report)", str(out)
+        )
+    parts = Path(str(err.filename)).parts
+    shown = Path(*(p for p in parts if not p.startswith(STAGING_PREFIX)))
+    return OSError(err.errno, err.strerror or str(err), str(shown))
 
 
 # --------------------------------------------------------------------------- a run directory
@@ -259,7 +289,20 @@ def _completeness_notes(cfg: RunConfig, store: RunStore, cids: dict[str, str]) -
     except (ValueError, OSError) as err:  # e.g. an id_prompts file that has since moved
         return [f"Could not rebuild the run's plan to check it is complete: {err}"]
     notes = completeness_warnings(completeness(plan, store, cfg, cids), store.root)
-    return notes + shard_warnings(plan, store, cfg, cids)
+    return notes + _skip_warnings(notes, store) + shard_warnings(plan, store, cfg, cids)
+
+
+def _skip_warnings(notes: list[str], store: RunStore) -> list[str]:
+    """Where rows are missing because adapters were skipped, a resume alone cannot bring them:
+    say so, naming the adapters."""
+    skipped = sorted(store.recorded("skipped_adapters"))
+    if not notes or not skipped:
+        return []
+    return [
+        f"The rows of skipped adapter(s) {', '.join(skipped)} are generated only once the "
+        "adapter loads (see its message below): fix the adapter or drop its stage or persona "
+        "from the config; rerunning alone will not bring them. `--allow-skipped` accepts the gap."
+    ]
 
 
 @dataclass(frozen=True)
@@ -370,6 +413,12 @@ def report_run(cfg: RunConfig, store: RunStore, out_dir: Path | None = None) -> 
     notes = [
         f"Skipped adapter {name}: {msg}" for name, msg in store.recorded("skipped_adapters").items()
     ]
+    notes += [
+        f"Not scored: {unit} (the judge's behaviour rubric scores it; no text scorer can, and "
+        "the run's scorers have no judge)"
+        for unit in judge_units(cfg.slices)
+        if "judge" not in cfg.scorers
+    ]
     inp = AnalysisInput(
         records=records,
         personas=list(cfg.personas),
@@ -381,6 +430,7 @@ def report_run(cfg: RunConfig, store: RunStore, out_dir: Path | None = None) -> 
         published=cfg.published,
         notes=notes,
         warnings=warnings,
+        control=cfg.analysis.positive_control,
     )
     result = compute(inp)
     label_sets = {"labels": result.labels, "notes": [n.text() for n in result.label_notes]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,8 +14,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from charshift import config as cfgmod
+from charshift import slices as registry
+
+INCOMPLETE_EXIT = 3  # a run that left rows out (charshift.completion), unless --allow-skipped
 
 if TYPE_CHECKING:
+    from charshift.completion import Completion
     from charshift.executors import ShardResult
     from charshift.planning import Calibration, Throughput
     from charshift.store import RunStore
@@ -36,6 +41,12 @@ scenarios_app = typer.Typer(
     help="Inspect and validate the email scenario bank.", no_args_is_help=True
 )
 app.add_typer(scenarios_app, name="scenarios")
+items_app = typer.Typer(
+    help="Inspect and validate the scaffolds' item banks (one per scaffold, shared with its chat "
+    "control).",
+    no_args_is_help=True,
+)
+app.add_typer(items_app, name="items")
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -77,7 +88,22 @@ def _user_errors() -> Iterator[None]:
         _fail(f"{err.filename}: {err.strerror}" if err.filename else str(err))
 
 
-def _load(config: Path | None, preset: str | None, id_prompts: Path | None) -> cfgmod.RunConfig:
+def _switch_on(cfg: cfgmod.RunConfig, blocks: list[str]) -> cfgmod.RunConfig:
+    """`--with NAME`: the config with its opt-in block NAME switched on."""
+    data = cfg.model_dump(mode="json")
+    for name in blocks:
+        if name not in data["opt_in"]:
+            _fail(f"--with: the config has no opt-in block {name!r}; it has {list(data['opt_in'])}")
+        data["opt_in"][name]["enabled"] = True
+    return cfgmod.parse_config(data, "config with --with " + " ".join(blocks))
+
+
+def _load(
+    config: Path | None,
+    preset: str | None,
+    id_prompts: Path | None,
+    opt_in: list[str] | None = None,
+) -> cfgmod.RunConfig:
     if (config is None) == (preset is None):
         _fail("give either a CONFIG.yaml or --preset NAME (see `charshift presets`)")
     try:
@@ -101,6 +127,8 @@ def _load(config: Path | None, preset: str | None, id_prompts: Path | None) -> c
                 n_train=min(n_train, data["id_prompts"]["n_train"]),
             )
             cfg = cfgmod.parse_config(data, "config with --id-prompts")
+        if opt_in:
+            cfg = _switch_on(cfg, opt_in)
         cfgmod.check_local_paths(cfg)
     except cfgmod.ConfigError as err:
         _fail(str(err))
@@ -111,14 +139,33 @@ def _default_out(cfg: cfgmod.RunConfig) -> Path:
     return Path("runs") / cfg.name
 
 
+def _out_path(value: str | None, what: str = "--out") -> Path | None:
+    """An output path given on the command line, or None; an empty one is refused (as a path it
+    would be '.', and the outputs would land in the current folder)."""
+    if value is None:
+        return None
+    if not value.strip():
+        _fail(f"{what}: the path is empty; give a folder or file name (`.` for this folder)")
+    return Path(value)
+
+
+def _only_with(owner: str, given: dict[str, bool]) -> None:
+    """Options given without the option they belong to are refused, never silently ignored."""
+    stray = [name for name, on in given.items() if on]
+    if stray:
+        _fail(f"{', '.join(stray)} only go(es) with {owner}; it would be ignored here")
+
+
 ConfigArg = Annotated[
     Path | None, typer.Argument(help="Run config YAML (or use --preset).", show_default=False)
 ]
 PresetOpt = Annotated[
     str | None, typer.Option("--preset", "-p", help="Built-in preset (`charshift presets`).")
 ]
+# Paths a command writes to are taken as text: `--out ''` (an unset shell variable) must be
+# refused, and as a Path it would already be '.', the current folder.
 OutOpt = Annotated[
-    Path | None, typer.Option("--out", "-o", help="Run directory (default: runs/<config name>).")
+    str | None, typer.Option("--out", "-o", help="Run directory (default: runs/<config name>).")
 ]
 IdPromptsOpt = Annotated[
     Path | None,
@@ -176,9 +223,28 @@ CalibrateOpt = Annotated[
     ),
 ]
 FractionOpt = Annotated[
-    float,
+    float | None,
     typer.Option(
-        "--expected-fraction", help="With --dry-run: share of each call's budget assumed used."
+        "--expected-fraction",
+        help="With --dry-run: share of each call's budget assumed used (default 0.5).",
+    ),
+]
+RetryErrorsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--retry-errors",
+        help="Also redo the rows that ended in an error (a server error, a timeout, an "
+        "engine's `error` finish); each new row replaces its error row, which is kept in "
+        "generations.quarantine.jsonl.",
+    ),
+]
+AllowSkippedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-skipped",
+        help="Exit 0 even when the run left rows out (a skipped adapter, e.g. a gated one; rows "
+        "not generated, ended in an error or not scored). Without it such a run exits "
+        f"{INCOMPLETE_EXIT} with a summary of what is missing.",
     ),
 ]
 
@@ -220,29 +286,95 @@ def run(
     throughput_from: ThroughputFromOpt = None,
     throughput_path: ThroughputPathOpt = None,
     calibrate_from: CalibrateOpt = None,
-    expected_fraction: FractionOpt = 0.5,
+    expected_fraction: FractionOpt = None,
+    retry_errors: RetryErrorsOpt = False,
+    allow_skipped: AllowSkippedOpt = False,
+    with_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--with",
+            help="Switch on an opt-in block of the config (the paper preset's `scaffolds`); "
+            "repeatable. --dry-run prints each block's cost on its own, on or off.",
+        ),
+    ] = None,
 ) -> None:
-    """Generate -> (train classifier) -> score -> report. Resumes an interrupted run."""
+    """Generate -> (train classifier) -> score -> report. Resumes an interrupted run.
+
+    Exits 0 when every planned row is generated and scored; 3, with a summary of what is
+    missing, when an adapter was skipped or rows were left out (unless --allow-skipped); 2 on a
+    bad config or input, before any model loads."""
     from charshift import executors
 
     part = _shard(shard)
+    cost = _CostArgs(throughput, throughput_from, throughput_path, calibrate_from)
+    _check_dry_run_options(dry_run, cost, expected_fraction, retry_errors, allow_skipped)
     _check_executor(executor, part, None if dry_run else shards, ray_address)
-    cfg = _load(config, preset, id_prompts)
+    _out_path(out)
+    cfg = _load(config, preset, id_prompts, with_)
     with _user_errors():
         if dry_run:
-            cost = _CostArgs(throughput, throughput_from, throughput_path, calibrate_from)
-            typer.echo(_dry_run(cfg, part, shards, cost, expected_fraction))
+            fraction = 0.5 if expected_fraction is None else expected_fraction
+            typer.echo(_dry_run(cfg, part, shards, cost, fraction))
             return
-        target = out or _default_out(cfg)
+        target = _out_path(out) or _default_out(cfg)
         if executor == "ray":
-            path = executors.run_ray(cfg, target, shards, ray_address, echo=typer.echo)
+            path = executors.run_ray(
+                cfg, target, shards, ray_address, echo=typer.echo, retry_errors=retry_errors
+            )
         else:
-            done = executors.run_local(cfg, target, part)
+            done = executors.run_local(cfg, target, part, retry_errors=retry_errors)
             if isinstance(done, executors.ShardResult):
                 typer.echo(_shard_message(done, target))
+                _exit_status(target, f"shard {done.label}", allow_skipped)
                 return
             path = done
     typer.echo(f"report: {path}")
+    _exit_status(target, "run", allow_skipped)
+
+
+def _check_dry_run_options(
+    dry_run: bool,
+    cost: _CostArgs,
+    fraction: float | None,
+    retry_errors: bool,
+    allow_skipped: bool,
+) -> None:
+    """The cost-estimate options only go with --dry-run, and the options of a real run not."""
+    given = {
+        "--throughput": cost.throughput is not None,
+        "--throughput-from": cost.throughput_from is not None,
+        "--throughput-path": cost.throughput_path is not None,
+        "--calibrate-from": cost.calibrate_from is not None,
+        "--expected-fraction": fraction is not None,
+    }
+    named = [name for name, on in given.items() if on]
+    if named and not dry_run:
+        _fail(
+            f"{', '.join(named)}: cost-estimate option(s), they go with --dry-run (which runs "
+            "nothing); without --dry-run this command would start the run"
+        )
+    real = [
+        n for n, on in (("--retry-errors", retry_errors), ("--allow-skipped", allow_skipped)) if on
+    ]
+    if real and dry_run:
+        _fail(f"{', '.join(real)}: option(s) of a real run; --dry-run runs nothing")
+
+
+def _exit_status(root: Path, scope: str, allow_skipped: bool) -> None:
+    """Exit INCOMPLETE_EXIT, with a summary, when `scope` of the run in `root` recorded gaps
+    (charshift.completion); a warning only with --allow-skipped."""
+    from charshift.completion import recorded_completion
+
+    _report_gaps(recorded_completion(root, scope), root, allow_skipped)
+
+
+def _report_gaps(done: Completion | None, root: Path, allow_skipped: bool) -> None:
+    if done is None or done.complete:
+        return
+    for line in done.summary(str(root)):
+        typer.secho(line, fg=typer.colors.YELLOW, err=True)
+    if not allow_skipped:
+        raise typer.Exit(INCOMPLETE_EXIT)
 
 
 def _check_executor(
@@ -307,7 +439,37 @@ def _dry_run(
         throughput=throughput,
         n_shards=None if shard else shards,
     )
-    return "\n".join([*lines, est.text()])
+    lines.append(est.text())
+    for name in cfg.opt_in:
+        lines += _block_cost(cfg, name, shard, fraction, calibration, throughput)
+    return "\n".join(lines)
+
+
+def _block_cost(
+    cfg: cfgmod.RunConfig,
+    name: str,
+    shard: tuple[int, int] | None,
+    fraction: float,
+    calibration: Calibration | None,
+    throughput: Throughput | None,
+) -> list[str]:
+    """The cost of one opt-in block's slices on their own: within the plan when the block is
+    on, else what switching it on (`--with NAME`) would add."""
+    from charshift import planning
+
+    block = cfg.opt_in[name]
+    on = block.enabled
+    plan = planning.build_plan(cfg if on else _switch_on(cfg, [name]), dry=True)
+    extra = set(block.slices) if on else set(block.slices) - set(cfg.slices)
+    rows = [r for r in planning.select_shard(plan.rows, shard) if r.spec.slice in extra]
+    state = "on" if on else f"off; `--with {name}` adds it"
+    head = f"opt-in block {name!r} ({state}): {len(rows)} rows. {block.description}".rstrip()
+    if not rows:
+        return ["", head]
+    est = planning.estimate_cost(
+        plan, rows, fraction=fraction, calibration=calibration, throughput=throughput
+    )
+    return ["", head, est.text()]
 
 
 def _throughput(cost: _CostArgs) -> Throughput | None:
@@ -316,8 +478,11 @@ def _throughput(cost: _CostArgs) -> Throughput | None:
     if cost.throughput is not None and cost.throughput_from is not None:
         _fail("give --throughput or --throughput-from, not both")
     if cost.throughput is not None:
-        if cost.throughput <= 0:
-            _fail("--throughput: must be a positive number of tokens per second")
+        if not 0 < cost.throughput < math.inf:
+            _fail(
+                f"--throughput: must be a positive, finite number of tokens per second, "
+                f"got {cost.throughput:g}"
+            )
         return planning.Throughput(cost.throughput, "--throughput")
     if cost.throughput_from is None:
         if cost.throughput_path:
@@ -367,15 +532,23 @@ def generate(
     out: OutOpt = None,
     id_prompts: IdPromptsOpt = None,
     shard: ShardOpt = None,
+    retry_errors: RetryErrorsOpt = False,
+    allow_skipped: AllowSkippedOpt = False,
 ) -> None:
-    """Generate the rows of a run (or of one shard) that are not in its store yet."""
+    """Generate the rows of a run (or of one shard) that are not in its store yet. Exits 3,
+    with a summary, when rows are left out (unless --allow-skipped)."""
     from charshift import pipeline
+    from charshift.completion import record_completion
 
     part = _shard(shard)
+    target = _out_path(out)
     cfg = _load(config, preset, id_prompts)
-    with _user_errors(), pipeline.prepare_run(cfg, out or _default_out(cfg), part) as store:
-        summary = pipeline.generate(cfg, store)
+    target = target or _default_out(cfg)
+    with _user_errors(), pipeline.prepare_run(cfg, target, part) as store:
+        summary = pipeline.generate(cfg, store, retry_errors=retry_errors)
+        done = record_completion(cfg, store, scored=False)
     typer.echo(json.dumps(summary))
+    _report_gaps(done, target, allow_skipped)
 
 
 @app.command()
@@ -392,7 +565,7 @@ def score(
         typer.Option("--classifier", help="Classifier id or folder (with --generations)."),
     ] = None,
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Predictions JSONL (with --generations).")
+        str | None, typer.Option("--out", "-o", help="Predictions JSONL (with --generations).")
     ] = None,
     shard: ShardOpt = None,
     scorer: Annotated[
@@ -443,16 +616,21 @@ def score(
 
     part = _shard(shard)
     if generations is not None:
+        _only_with(
+            "a run (not --generations)", {"--run": run_dir is not None, "--shard": part is not None}
+        )
         judge = None
         if scorer == "judge":
             judge = _judge_settings(
                 judge_base_url, judge_model, judge_samples, judge_mode, judge_api_key_env
             )
-        _score_generations(generations, out, scorer, classifier, judge)
+        _score_generations(generations, _out_path(out), scorer, classifier, judge)
         return
+    _only_with("--generations", {"--classifier": classifier is not None, "--out": out is not None})
     if run_dir is None:
         _fail("give --run DIR (or --generations FILE --classifier C --out FILE)")
     with _user_errors(), pipeline.RunStore(run_dir, create=False, shard=part) as store:
+        _redone_by_generate(store)
         cfg = pipeline.load_run_config(store)
         if part is None:
             pipeline.ensure_scorers(cfg, store)
@@ -505,6 +683,18 @@ def _score_generations(
     typer.echo(f"scored {n} rows -> {out}")
 
 
+def _redone_by_generate(store: RunStore) -> None:
+    """`score` opens the run for writing, so damaged generation lines are set aside (the store
+    says so); it does not generate, so say which command redoes their rows."""
+    n = len(store.generations.set_aside)
+    if n:
+        _warn(
+            f"`charshift score` does not generate: the {n} generation line(s) set aside leave "
+            f"their rows missing until `charshift run CONFIG --out {store.root}` (or "
+            "`charshift generate`) redoes them"
+        )
+
+
 def _no_training_in_shard(cfg: cfgmod.RunConfig, store: RunStore) -> None:
     from charshift.executors import untrained_classifiers
 
@@ -524,13 +714,25 @@ def report(
         Path | None,
         typer.Option("--predictions", help="JSONL of predictions made elsewhere (README schema)."),
     ] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder.")] = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="Output folder.")] = None,
     n_boot: Annotated[
-        int, typer.Option(min=10, help="Bootstrap resamples (with --predictions).")
-    ] = 1000,
+        int | None,
+        typer.Option(
+            min=10,
+            max=cfgmod.MAX_N_BOOT,
+            help="Bootstrap resamples (with --predictions; default 1000).",
+            show_default=False,
+        ),
+    ] = None,
     seed: Annotated[
-        int, typer.Option(min=0, max=cfgmod.SEED_MAX, help="Bootstrap seed (with --predictions).")
-    ] = 0,
+        int | None,
+        typer.Option(
+            min=0,
+            max=cfgmod.SEED_MAX,
+            help="Bootstrap seed (with --predictions; default 0).",
+            show_default=False,
+        ),
+    ] = None,
     allow_duplicates: Annotated[
         bool,
         typer.Option(
@@ -539,24 +741,25 @@ def report(
             "slice, persona, item_id, sample_idx) and warn, instead of refusing the file.",
         ),
     ] = False,
+    positive_control: Annotated[
+        str,
+        typer.Option(
+            help="With --predictions: the stage whose rows are the positive control of the "
+            "scorer check (the persona told to show in every format); 'none' for none.",
+        ),
+    ] = "prompted_explicit",
 ) -> None:
-    """Compute metrics, intervals, plots and the HTML/markdown report."""
+    """Compute metrics, intervals, plots and the HTML/markdown report (of a run: its config's
+    stats settings; of a predictions file: --n-boot and --seed)."""
+    target = _out_path(out)
     if predictions is not None:
-        from charshift.external import report_predictions
-
-        if out is None:
-            _fail("--predictions needs --out DIR")
-        with _user_errors():
-            path = report_predictions(
-                predictions,
-                out or Path(),
-                n_boot=n_boot,
-                seed=seed,
-                allow_duplicates=allow_duplicates,
-                warn=_warn,
-            )
-        typer.echo(f"report: {path}")
+        _only_with("a run's report (not --predictions)", {"--run": run_dir is not None})
+        control = None if positive_control == "none" else positive_control
+        _report_predictions(predictions, target, n_boot, seed, allow_duplicates, control)
         return
+    given = {"--n-boot": n_boot is not None, "--seed": seed is not None}
+    _only_with("--predictions (a run's report uses its config's stats)", given)
+    _only_with("--predictions", {"--allow-duplicates": allow_duplicates})
     if run_dir is None:
         _fail("give --run DIR or --predictions FILE --out DIR")
     from charshift import pipeline
@@ -564,14 +767,39 @@ def report(
     with _user_errors():  # a reader: takes no lock and changes nothing in the tables
         store = pipeline.RunStore(run_dir, create=False, writable=False)
         cfg = pipeline.load_run_config(store)
-        path = pipeline.report(cfg, store, out)
+        path = pipeline.report(cfg, store, target)
+    typer.echo(f"report: {path}")
+
+
+def _report_predictions(
+    predictions: Path,
+    out: Path | None,
+    n_boot: int | None,
+    seed: int | None,
+    dups: bool,
+    control: str | None,
+) -> None:
+    from charshift.external import report_predictions
+
+    if out is None:
+        _fail("--predictions needs --out DIR")
+    with _user_errors():
+        path = report_predictions(
+            predictions,
+            out or Path(),
+            n_boot=1000 if n_boot is None else n_boot,
+            seed=seed or 0,
+            allow_duplicates=dups,
+            warn=_warn,
+            positive_control=control,
+        )
     typer.echo(f"report: {path}")
 
 
 @app.command("train-classifier")
 def train_classifier_cmd(
     run_dir: RunOpt,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the trained classifier.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder for the trained classifier.")],
     encoder: Annotated[
         str | None,
         typer.Option(help="Encoder id or folder (default: the config's, else ModernBERT-base)."),
@@ -580,28 +808,33 @@ def train_classifier_cmd(
         str | None, typer.Option(help="Which base's generations (default: the first).")
     ] = None,
 ) -> None:
-    """Fine-tune an encoder on a run's ID generations (held-out split by prompt)."""
+    """Train the run's classifier again (its config's `classifier_training`, e.g. with another
+    --encoder) on its ID training generations, into --out (held-out split by prompt)."""
     from charshift import pipeline
 
-    into_run = out.resolve().is_relative_to(run_dir.resolve())  # then it writes the run: locks
+    target = _out_path(out) or Path()
+    into_run = target.resolve().is_relative_to(run_dir.resolve())  # it writes the run: locks
     with _user_errors():
         store = pipeline.RunStore(run_dir, create=False, writable=into_run)
         cfg = pipeline.load_run_config(store)
-    if cfg.classifier_training is None:
-        data = cfg.model_dump(mode="json")
-        data["classifier_training"] = {}
-        cfg = cfgmod.parse_config(data)
-    if encoder:
-        data = cfg.model_dump(mode="json")
-        data["classifier_training"]["encoder"] = encoder
-        cfg = cfgmod.parse_config(data)
+        if cfg.classifier_training is None:  # then no training rows were ever generated
+            raise ValueError(
+                f"{run_dir} holds no ID training generations: its config has no "
+                "`classifier_training` section, so it generated none (they are planned only "
+                "with one, and with id_prompts.n_train > 0). Add both to the config and run "
+                "`charshift run CONFIG --out DIR`: it generates them and trains the classifier"
+            )
+        if encoder:
+            data = cfg.model_dump(mode="json")
+            data["classifier_training"]["encoder"] = encoder
+            cfg = cfgmod.parse_config(data, "the run's config with --encoder")
     b = next((x for x in cfg.bases if base in (None, x.name)), None)
     if b is None:
         _fail(f"--base: no base named {base!r} in the run")
     with _user_errors(), store:
-        rep = pipeline.train_run_classifier(cfg, store, b, out)
+        rep = pipeline.train_run_classifier(cfg, store, b, target)
     typer.echo(json.dumps(rep.to_dict(), indent=2))
-    typer.echo(f"classifier saved to {out}")
+    typer.echo(f"classifier saved to {target}")
 
 
 @app.command()
@@ -611,7 +844,8 @@ def demo(
         typer.Option(
             "--quick",
             help="The small demo: id_chat and the email chain on one scenario (about 5.5 min "
-            "on 2 CPU cores); without it, every slice on three scenarios (about 18 min).",
+            "on 2 CPU cores); without it, every email-family slice on three scenarios and one "
+            "scaffold per family against its chat control on three items (about 22 min).",
         ),
     ] = False,
     out: OutOpt = None,
@@ -623,11 +857,13 @@ def demo(
         ),
     ] = None,
 ) -> None:
-    """Run the offline demo end to end: SmolLM2-135M, base vs prompted personas, a probe
-    classifier (MiniLM embeddings or TF-IDF, chosen by CV) trained in the run."""
+    """Run the offline demo end to end: SmolLM2-135M, the base stage, persona-prompted and the
+    positive control (the persona told to show in every format), a probe classifier (MiniLM
+    embeddings or TF-IDF, chosen by CV) trained in the run."""
     from charshift import pipeline
 
     name = "demo_quick" if quick else "demo"
+    target = _out_path(out)
     cfg = cfgmod.load_preset(name)
     with _user_errors():
         if model:
@@ -635,10 +871,12 @@ def demo(
             data["bases"][0]["model"] = model
             cfg = cfgmod.parse_config(data, f"preset {name} with --model")
         cfgmod.check_local_paths(cfg)
-        path = pipeline.run_all(cfg, out or _default_out(cfg))
+        target = target or _default_out(cfg)
+        path = pipeline.run_all(cfg, target)
     typer.echo(
         f"\nDemo finished. Report: {path}\n  (markdown: {Path(path).parent.parent / 'report.md'})"
     )
+    _exit_status(target, "run", allow_skipped=True)  # a demo says what it left out, exits 0
 
 
 @scenarios_app.command("list")
@@ -651,24 +889,58 @@ def scenarios_list() -> None:
         typer.echo(f"{sc.id:<36} {sc.domain:<20} to {to}: {sc.goal}")
 
 
+def _validated(kind: str, path: Path | None, scenarios_path: Path | None = None) -> Any:
+    """`banks.load`: the one validator of the run and these commands; a bad bank fails here."""
+    from charshift import banks
+    from charshift.scenarios import ScenarioError
+
+    try:
+        return banks.load(kind, path, scenarios_path=scenarios_path)
+    except ScenarioError as err:
+        _fail(str(err))
+
+
+def _ok_line(bank: Any, what: str) -> str:
+    sl = ", ".join(registry.names(items=bank.kind))
+    return (
+        f"ok: {len(bank.items)} {what} across {len(bank.domains)} domains render in every "
+        f"slice of their kind ({sl}); {bank.source.source}, sha256 {bank.source.sha256[:16]}"
+    )
+
+
 @scenarios_app.command("validate")
 def scenarios_validate(
     path: Annotated[
         Path | None, typer.Argument(help="A scenario bank YAML (default: the bundled one).")
     ] = None,
 ) -> None:
-    """Validate a scenario bank and render every scenario in every slice."""
-    from charshift import formats, scenarios
+    """Validate a scenario bank and render every scenario in every slice (the run's validator:
+    `scenarios: {path: FILE}` in a config runs the same checks)."""
+    bank = _validated("scenario", path)
+    typer.echo(_ok_line(bank, "scenarios"))
 
-    try:
-        bank = scenarios.load_bank(path)
-        for sc in bank:
-            for sl in cfgmod.SCENARIO_SLICES:
-                formats.render_scenario(sl, sc)
-    except scenarios.ScenarioError as err:
-        _fail(str(err))
-    domains = sorted({sc.domain for sc in bank})
-    typer.echo(f"ok: {len(bank)} scenarios across {len(domains)} domains render in all slices")
+
+def _check_persona(persona: str | None) -> None:
+    if persona is not None and persona not in cfgmod.ALL_PERSONAS:
+        _fail(f"--persona: unknown persona {persona!r}; known: {', '.join(cfgmod.ALL_PERSONAS)}")
+
+
+def _print_messages(ep: Any, persona: str | None) -> None:
+    from charshift import formats, prompts
+
+    pp = prompts.persona_system_prompt(persona) if persona else None
+    for m in formats.preview(ep, pp):
+        typer.secho(f"--- {m['role']}{' ' + m['note'] if m.get('note') else ''}", bold=True)
+        typer.echo(m["content"])
+    if ep.tools and ep.mode != "chat":
+        typer.secho(f"--- tools: {', '.join(t['function']['name'] for t in ep.tools)}", bold=True)
+    if ep.response_schema:
+        typer.secho("--- the answer must match the JSON schema shown above", bold=True)
+
+
+PersonaOpt = Annotated[
+    str | None, typer.Option(help="Show it under the prompted stage of this persona.")
+]
 
 
 @scenarios_app.command("show")
@@ -677,25 +949,110 @@ def scenarios_show(
     slice_: Annotated[
         str, typer.Option("--slice", help="Which scenario slice (scenario_chat or an email slice).")
     ] = "chat_email",
-    persona: Annotated[
-        str | None, typer.Option(help="Show it under the prompted stage of this persona.")
-    ] = None,
+    persona: PersonaOpt = None,
 ) -> None:
     """Print the exact messages a slice sends for one scenario."""
-    from charshift import formats, prompts, scenarios
+    from charshift import formats, scenarios
 
     if slice_ not in cfgmod.SCENARIO_SLICES:
         _fail(f"--slice: {slice_!r} is not a scenario slice; one of {list(cfgmod.SCENARIO_SLICES)}")
     bank = {sc.id: sc for sc in scenarios.load_bank()}
     if scenario_id not in bank:
         _fail(f"no scenario {scenario_id!r}; see `charshift scenarios list`")
-    ep = formats.render_scenario(slice_, bank[scenario_id])
-    pp = prompts.persona_system_prompt(persona) if persona else None
-    for m in formats.preview(ep, pp):
-        typer.secho(f"--- {m['role']}{' ' + m['note'] if m.get('note') else ''}", bold=True)
-        typer.echo(m["content"])
-    if ep.tools and ep.mode != "chat":
-        typer.secho(f"--- tools: {', '.join(t['function']['name'] for t in ep.tools)}", bold=True)
+    _check_persona(persona)
+    _print_messages(formats.render_scenario(slice_, bank[scenario_id]), persona)
+
+
+KindArg = Annotated[
+    str, typer.Argument(help="The item bank: a scaffold's name (`charshift slices`).")
+]
+ScenariosPathOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--scenarios",
+        help="The scenario bank the agentic items' worlds come from (default: bundled).",
+    ),
+]
+
+
+def _kind(kind: str) -> str:
+    from charshift import items
+
+    if kind not in items.KINDS:
+        _fail(f"unknown item bank {kind!r}; one of {list(items.KINDS)}")
+    return kind
+
+
+@items_app.command("list")
+def items_list(
+    kind: Annotated[str | None, typer.Argument(help="A bank; without one, every bank.")] = None,
+) -> None:
+    """Every scaffold's bank (items, domains, slices), or one line per item of one bank."""
+    from charshift import items
+
+    if kind is None:
+        for k in items.KINDS:
+            bank = _validated(k, None)
+            sl = ", ".join(registry.names(items=k))
+            typer.echo(f"{k:<22} {len(bank.items):>3} items, {len(bank.domains)} domains ({sl})")
+        return
+    for it in _validated(_kind(kind), None).items:
+        typer.echo(f"{it.id:<28} {it.domain:<22} {_gist(it)}")
+
+
+def _gist(it: Any) -> str:
+    for name in ("title", "form", "motion", "scene", "question", "task"):
+        if hasattr(it, name):
+            return str(getattr(it, name))
+    return ""
+
+
+@items_app.command("validate")
+def items_validate(
+    kind: KindArg,
+    path: Annotated[
+        Path | None, typer.Argument(help="An item bank YAML (default: the bundled one).")
+    ] = None,
+    scenarios_path: ScenariosPathOpt = None,
+) -> None:
+    """Validate an item bank and render every item in every slice of its kind (the run's
+    validator: `items: {KIND: {path: FILE}}` in a config runs the same checks)."""
+    bank = _validated(_kind(kind), path, scenarios_path)
+    typer.echo(_ok_line(bank, f"{kind} items"))
+
+
+@items_app.command("show")
+def items_show(
+    kind: KindArg,
+    item_id: Annotated[str, typer.Argument(help="Item id (`charshift items list KIND`).")],
+    slice_: Annotated[
+        str | None, typer.Option("--slice", help="The scaffold (default) or its NAME_chat control.")
+    ] = None,
+    persona: PersonaOpt = None,
+) -> None:
+    """Print the exact messages a scaffold (or its chat control) sends for one item."""
+    from charshift import render
+    from charshift.slices import RenderContext
+
+    _check_persona(persona)
+    bank = _validated(_kind(kind), None)
+    slice_ = slice_ or kind
+    if slice_ not in registry.names(items=kind):
+        _fail(f"--slice: {slice_!r} does not render {kind} items; one of "
+              f"{list(registry.names(items=kind))}")  # fmt: skip
+    found = [it for it in bank.items if it.id == item_id]
+    if not found:
+        _fail(f"no {kind} item {item_id!r}; see `charshift items list {kind}`")
+    _print_messages(render.render(slice_, found[0], RenderContext(worlds=bank.worlds)), persona)
+
+
+@app.command("slices")
+def slices_cmd() -> None:
+    """The slice registry: each slice's family, mode, item bank, scored output, and the one
+    thing that changes from its control."""
+    for e in registry.SLICES.values():
+        rung = f"{e.control} -> {e.name}: {e.changes}" if e.control else e.changes
+        typer.echo(f"{e.name:<26} {e.family:<9} {e.mode:<13} {e.items:<21} {e.output:<7} {rung}")
 
 
 def main() -> None:  # pragma: no cover

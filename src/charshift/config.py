@@ -7,6 +7,7 @@ than or equal to 1`). Presets are YAML files shipped in charshift/data/presets/.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -15,14 +16,26 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
 )
 
-from charshift.schema import BASE_STAGE, PROMPTED_EXPLICIT_STAGE, PROMPTED_STAGE, Sampling
+from charshift import slices as _slices
+from charshift.backends.settings import KINDS as BACKEND_KINDS
+from charshift.backends.settings import BackendSettings, HFSettings, kinds_with
+from charshift.backends.settings import migrate as migrate_backend
+from charshift.schema import (
+    BASE_STAGE,
+    MAX_N_BOOT,
+    PROMPTED_EXPLICIT_STAGE,
+    PROMPTED_STAGE,
+    Sampling,
+)
 from charshift.scoring.registry import DEFAULT_SCORERS, check_scorer_names
 from charshift.scoring.settings import JudgeSettings, PersonaVectorSettings, TrainSettings
 
@@ -40,17 +53,21 @@ ALL_PERSONAS = (
     "poeticism",
 )
 
+# Name tuples derived from the slice registry (`charshift.slices`), for the modules that import
+# them; code that must see a slice registered at run time calls `slices.names(...)`.
 # Slices rendered from the ID prompt bank (item id `prompt:ID`).
-ID_SLICES = ("id_chat", "id_chat_break", "id_chat_prefill")
+ID_SLICES = _slices.names(items="prompt")
 # Email slices written in a chat reply (scored on the extracted body; `.whole`/`.head` variants).
-CHAT_EMAIL_SLICES = ("chat_email", "chat_email_multiturn", "email_syscontext")
-# Email slices sent with the send_email tool.
-TOOL_SLICES = ("tool_email_oneshot", "agentic_email")
-EMAIL_SLICES = CHAT_EMAIL_SLICES + TOOL_SLICES
+CHAT_EMAIL_SLICES = _slices.names(family="email", output="email", mode="chat")
+# Slices whose prompt describes tools (the tool protocol applies): the email tool slices and
+# the agentic scaffolds.
+TOOL_SLICES = _slices.names(tools=True)
+EMAIL_SLICES = _slices.names(family="email", output="email")
 # Slices rendered from the scenario bank (item id `scenario:ID`, so they pair by scenario):
 # scenario_chat asks for a chat answer about the scenario, the email slices for the email.
-SCENARIO_SLICES = ("scenario_chat",) + EMAIL_SLICES
-ALL_SLICES = ID_SLICES + SCENARIO_SLICES
+SCENARIO_SLICES = _slices.names(items="scenario")
+# Every slice: home ground outward, then each scaffold's chat control and the scaffold.
+ALL_SLICES = _slices.names()
 # The chains, their rungs and contrasts live in `charshift.ladder`.
 
 
@@ -68,6 +85,12 @@ PUBLISHED_SETS = ("paper",)
 # A run config is a few KB; a file larger than this is refused before it is parsed.
 _MAX_YAML_BYTES = 1 << 20
 SEED_MAX = 2**32 - 1
+# What the samplers can handle: a temperature below MIN_TEMPERATURE (but 0, greedy) or a
+# repetition penalty below MIN_REPETITION_PENALTY scales logits past float32's range (inf, then
+# NaN probabilities); a top_p below MIN_TOP_P rounds to 0 in float32 and keeps no token.
+MIN_TEMPERATURE = 0.01
+MIN_REPETITION_PENALTY = 0.01
+MIN_TOP_P = 1e-6
 
 
 def check_safe_name(value: str, what: str = "name") -> str:
@@ -86,22 +109,6 @@ def _no_duplicates(values: list[str], what: str) -> list[str]:
     if dup:
         raise ValueError(f"duplicate {what} {dup}: each may appear once")
     return values
-
-
-_DEVICE = re.compile(r"(auto|cpu|mps|cuda(:\d+)?)\Z")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def _check_device(v: str) -> str:
-    if not _DEVICE.match(v):
-        raise ValueError(f"unknown device {v!r}; use auto, cpu, cuda, cuda:N or mps")
-    return v
-
-
-def _check_dtype(v: str) -> str:
-    if v not in DTYPES:
-        raise ValueError(f"unknown dtype {v!r}; use one of {list(DTYPES)}")
-    return v
 
 
 def _check_model_spec(v: str) -> str:
@@ -155,9 +162,9 @@ class BaseSpec(_Strict):
 
 class SamplingConfig(_Strict):
     temperature: float = Field(0.7, ge=0.0, le=10.0, allow_inf_nan=False)
-    top_p: float = Field(0.95, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_p: float = Field(0.95, ge=MIN_TOP_P, le=1.0, allow_inf_nan=False)
     max_tokens: int = Field(1024, ge=1, le=1 << 20)
-    repetition_penalty: float = Field(1.1, gt=0.0, le=10.0, allow_inf_nan=False)
+    repetition_penalty: float = Field(1.1, ge=MIN_REPETITION_PENALTY, le=10.0, allow_inf_nan=False)
     n_samples: int = Field(1, ge=1, le=10_000)
     seed: Seed = 0
     # Per-slice generation budgets (tokens per model turn), overriding `max_tokens` for a slice:
@@ -167,12 +174,23 @@ class SamplingConfig(_Strict):
     @field_validator("max_tokens_by_slice")
     @classmethod
     def _budgets_ok(cls, v: dict[str, int]) -> dict[str, int]:
-        unknown = [s for s in v if s not in ALL_SLICES]
+        known = _slices.names()
+        unknown = [s for s in v if s not in known]
         if unknown:
-            raise ValueError(f"unknown slice(s) {unknown}; known: {list(ALL_SLICES)}")
+            raise ValueError(f"unknown slice(s) {unknown}; known: {list(known)}")
         bad = {s: n for s, n in v.items() if isinstance(n, bool) or n < 1 or n > 1 << 20}
         if bad:
             raise ValueError(f"token budgets must be >= 1 and <= {1 << 20}, got {bad}")
+        return v
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_ok(cls, v: float) -> float:
+        if 0 < v < MIN_TEMPERATURE:
+            raise ValueError(
+                f"{v:g} is too small for the sampler (logits divided by it leave float32's "
+                f"range): use 0 for greedy decoding, or at least {MIN_TEMPERATURE}"
+            )
         return v
 
     def max_tokens_for(self, slice_: str | None) -> int:
@@ -186,108 +204,10 @@ class SamplingConfig(_Strict):
         )
 
 
-# Placeholders a `backend.command` template may use (see backends/server.py).
-SERVER_PLACEHOLDERS = (
-    "model",
-    "host",
-    "port",
-    "adapters",
-    "seed",
-    "max_lora_rank",
-    "max_loras",
-    "max_cpu_loras",
-)
-
-
-class BackendConfig(_Strict):
-    kind: Literal["hf", "vllm", "openai", "server"] = "hf"
-    batch_size: int = Field(16, ge=1)
-    max_batch_tokens: int = Field(16384, ge=64)  # hf: padded prompt tokens per prefill
-    kv_cache_mb: float = Field(1024, ge=0)  # hf: keys/values kept between an episode's steps; 0=off
-    device: Annotated[str, AfterValidator(_check_device)] = "auto"  # auto|cpu|cuda|cuda:N|mps
-    dtype: Annotated[str, AfterValidator(_check_dtype)] = "auto"  # auto|float32|bfloat16|float16
-    base_url: str | None = None  # openai backend
-    api_key_env: str = "OPENAI_API_KEY"
-    max_concurrency: int = Field(8, ge=1)  # openai/server: requests in flight per batch call
-    max_model_len: int | None = None  # vllm
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)  # vllm
-    # vllm (offline and served), sglang: LoRA slots. max_lora_rank must be one of vLLM's ranks;
-    # None = the smallest allowed rank that holds every adapter of the run. max_loras: adapters
-    # in one batch; max_cpu_loras: adapters held at once (None = every adapter of the run, so
-    # none is evicted and reloaded inside an engine step).
-    max_lora_rank: int | None = None
-    max_loras: int = Field(8, ge=1)
-    max_cpu_loras: int | None = Field(None, ge=1)
-    # openai/server: how a request selects an adapter ("auto": SGLang's "base:adapter" when the
-    # server says it is SGLang, else the adapter's own model name, as vLLM serves it).
-    adapter_syntax: Literal["auto", "model", "base:adapter"] = "auto"
-    # openai/server: requests in flight at once in the streaming rollout (no step barrier).
-    max_in_flight: int = Field(256, ge=1)
-    # server: the serving engine charshift starts and stops itself (backends/server.py).
-    engine: Literal["vllm", "sglang", "command"] | None = None
-    command: str | None = None  # engine=command: a template, placeholders SERVER_PLACEHOLDERS
-    host: str = "127.0.0.1"
-    port: int = Field(0, ge=0, le=65535)  # 0 = a free port
-    startup_timeout: float = Field(900.0, gt=0)  # seconds to wait for the server's health
-    extra_args: list[str] = Field(default_factory=list)  # appended to the engine's command line
-    # server: batch-invariant engines, so a seeded row's text does not depend on what it was
-    # batched with (vLLM: VLLM_BATCH_INVARIANT=1; SGLang: --enable-deterministic-inference).
-    deterministic: bool = True
-
-    @field_validator("max_lora_rank")
-    @classmethod
-    def _rank_allowed(cls, v: int | None) -> int | None:
-        from charshift.backends.vllm import VLLM_LORA_RANKS
-
-        if v is not None and v not in VLLM_LORA_RANKS:
-            raise ValueError(f"must be one of vLLM's LoRA ranks {list(VLLM_LORA_RANKS)}, not {v}")
-        return v
-
-    @field_validator("command")
-    @classmethod
-    def _command_placeholders(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        import shlex
-        import string
-
-        try:
-            parts = shlex.split(v)
-            names = {
-                f for p in parts for _, f, _, _ in string.Formatter().parse(p) if f is not None
-            }
-        except ValueError as err:
-            raise ValueError(f"not a valid command template: {err}") from None
-        unknown = sorted(n for n in names if n not in SERVER_PLACEHOLDERS)
-        if unknown:
-            raise ValueError(
-                f"unknown placeholder(s) {unknown}; known: {list(SERVER_PLACEHOLDERS)}"
-            )
-        if not parts:
-            raise ValueError("is empty")
-        return v
-
-    @model_validator(mode="after")
-    def _server_fields(self) -> BackendConfig:
-        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
-            raise ValueError(
-                f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})"
-            )
-        if self.kind == "server":
-            if self.engine is None:
-                raise ValueError("engine: required for kind: server (vllm | sglang | command)")
-            if (self.engine == "command") != (self.command is not None):
-                raise ValueError(
-                    "command: required for engine: command, and only used with it"
-                    f" (engine is {self.engine!r})"
-                )
-            if self.base_url is not None:
-                raise ValueError("base_url: not used with kind: server (it starts its own server)")
-        elif self.engine is not None or self.command is not None or self.extra_args:
-            raise ValueError(
-                f"engine/command/extra_args: only used with kind: server (kind is {self.kind!r})"
-            )
-        return self
+# `backend:` is one of the backend kinds' settings (backends/settings.py), keyed on `kind`; a
+# stored config of an older version (a flat dump of every kind's fields) is migrated on the way in.
+BackendConfig = Annotated[BackendSettings, BeforeValidator(migrate_backend)]
+_BACKEND_ADAPTER: TypeAdapter[BackendSettings] = TypeAdapter(BackendConfig)
 
 
 class IdPromptsConfig(_Strict):
@@ -300,10 +220,38 @@ class IdPromptsConfig(_Strict):
     break_suffixes: list[int] = Field(default_factory=lambda: list(range(8)))
 
 
-class ScenariosConfig(_Strict):
-    ids: list[str] | None = None  # explicit scenario ids; None = all (or the first n)
+class BankConfig(_Strict):
+    """Which items of a bank a run uses: the bundled bank, or a validated bank of the user's
+    (`path`, a YAML file checked by the same validator as `charshift items validate`); `ids`
+    picks items, `n` a seeded sample of them (`seed`)."""
+
+    path: str | None = None
+    # explicit item ids; None = all (or a sample of n); an empty list would drop every slice of
+    # the bank without a word, so it is refused
+    ids: list[str] | None = Field(None, min_length=1)
     n: int | None = Field(None, ge=1)
     seed: Seed = 0
+
+
+ScenariosConfig = BankConfig  # `scenarios:`: the scenario bank's selection
+
+
+class OptInBlock(_Strict):
+    """Slices a config offers but runs only when the block is switched on (`enabled: true`, or
+    `charshift run --with NAME`); `--dry-run` prints the block's cost on its own either way."""
+
+    enabled: bool = False
+    description: str = ""
+    slices: list[str] = Field(min_length=1)
+
+    @field_validator("slices")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        known = _slices.names()
+        unknown = [s for s in v if s not in known]
+        if unknown:
+            raise ValueError(f"unknown slice(s) {unknown}; known: {list(known)}")
+        return _no_duplicates(v, "slice(s)")
 
 
 class RolloutConfig(_Strict):
@@ -332,10 +280,30 @@ class ScoringConfig(_Strict):
 
 
 class StatsConfig(_Strict):
-    n_boot: int = Field(1000, ge=10)
+    n_boot: int = Field(1000, ge=10, le=MAX_N_BOOT)
     ci: float = Field(0.95, gt=0, lt=1)
     method: Literal["percentile", "bca"] = "percentile"
     seed: Seed = 0
+    # permutations behind each cell's p_null (labels permuted within items); 0: no p_null
+    n_perm: int = Field(1000, ge=0)
+    # the expanded percentile interval (t on G-1 degrees of freedom, see charshift.stats)
+    small_sample: bool = True
+
+
+class AnalysisConfig(_Strict):
+    # the stage scored in every unit to check that the scorer can see persona there (the
+    # persona told to show in every format); None: no scorer check
+    positive_control: str | None = PROMPTED_EXPLICIT_STAGE
+
+    @field_validator("positive_control")
+    @classmethod
+    def _control_ok(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        check_safe_name(v, "positive_control")
+        if v == BASE_STAGE:
+            raise ValueError("the base stage carries no persona: it cannot be a positive control")
+        return v
 
 
 class PersonaPromptsConfig(_Strict):
@@ -352,9 +320,12 @@ class RunConfig(_Strict):
     personas: list[str]
     slices: list[str] = Field(default_factory=lambda: ["id_chat"], min_length=1)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
-    backend: BackendConfig = Field(default_factory=BackendConfig)
+    backend: BackendConfig = Field(default_factory=HFSettings)
     id_prompts: IdPromptsConfig = Field(default_factory=IdPromptsConfig)
-    scenarios: ScenariosConfig = Field(default_factory=ScenariosConfig)
+    scenarios: BankConfig = Field(default_factory=BankConfig)
+    # each scaffold's item bank (kind -> selection; a kind not named: its whole bundled bank)
+    items: dict[str, BankConfig] = Field(default_factory=dict)
+    opt_in: dict[str, OptInBlock] = Field(default_factory=dict)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     # what reads persona from the outputs (`scoring.registry.SCORERS`); each scorer's settings
@@ -365,6 +336,7 @@ class RunConfig(_Strict):
     judge: JudgeSettings | None = None  # the `judge` scorer's model, backend and questions
     persona_vector: PersonaVectorSettings | None = None  # None: the defaults, where it is used
     stats: StatsConfig = Field(default_factory=StatsConfig)
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     persona_prompts: PersonaPromptsConfig = Field(default_factory=PersonaPromptsConfig)
     published: str | None = None  # "paper": set figures beside the published ones
 
@@ -405,10 +377,33 @@ class RunConfig(_Strict):
     @field_validator("slices")
     @classmethod
     def _slices_known(cls, v: list[str]) -> list[str]:
-        unknown = [s for s in v if s not in ALL_SLICES]
+        known = _slices.names()
+        unknown = [s for s in v if s not in known]
         if unknown:
-            raise ValueError(f"unknown slice(s) {unknown}; known: {list(ALL_SLICES)}")
+            raise ValueError(f"unknown slice(s) {unknown}; known: {list(known)}")
         return _no_duplicates(v, "slice(s)")
+
+    @model_validator(mode="after")
+    def _opt_in_and_banks(self) -> RunConfig:
+        """Switched-on blocks join the run's slices (once); every `items:` kind is a scaffold's
+        bank that a slice of the run, or of an opt-in block, renders."""
+        for block in self.opt_in.values():
+            if block.enabled:
+                self.slices += [s for s in block.slices if s not in self.slices]
+        for name in self.opt_in:
+            check_safe_name(name, "opt_in block")
+        offered = set(self.slices).union(*(b.slices for b in self.opt_in.values()))
+        kinds = _slices.scaffold_kinds()
+        for kind in self.items:
+            if kind not in kinds:
+                raise ValueError(f"items.{kind}: unknown item bank; known: {list(kinds)}")
+            users = [s for s in _slices.names(items=kind) if s in offered]
+            if not users:
+                raise ValueError(
+                    f"items.{kind}: no slice of the run renders it (add one of "
+                    f"{list(_slices.names(items=kind))} to `slices`)"
+                )
+        return self
 
     @model_validator(mode="after")
     def _stages_resolvable(self) -> RunConfig:
@@ -428,12 +423,22 @@ class RunConfig(_Strict):
                 raise ValueError(
                     f"bases[{i}] ({b.name}): no `classifier` and no `classifier_training` section"
                 )
-        extra = sorted(set(self.sampling.max_tokens_by_slice) - set(self.slices))
+        offered = set(self.slices).union(*(b.slices for b in self.opt_in.values()))
+        extra = sorted(set(self.sampling.max_tokens_by_slice) - offered)
         if extra:
             raise ValueError(
                 f"sampling.max_tokens_by_slice: slice(s) {extra} are not in the run's slices "
                 f"{self.slices}"
             )
+        control = self.analysis.positive_control
+        # the default may be absent (the report then says there is no scorer check); a stage
+        # named on purpose must be one of the run's
+        if control not in (None, PROMPTED_EXPLICIT_STAGE):
+            if control not in self.stages:
+                raise ValueError(
+                    f"analysis.positive_control: {control!r} is not one of the run's stages "
+                    f"{self.stages}; add it to `stages` or set it to null"
+                )
         if self.classifier_training is not None:
             st = self.classifier_training.stage
             if st == BASE_STAGE or st not in self.stages:
@@ -485,20 +490,13 @@ def _check_persona_vector(cfg: RunConfig) -> None:
             "persona_vector: its directions are fitted on the ID training rows of the base "
             f"stage and persona_vector.stage; the config needs {'; '.join(missing)}"
         )
-    for field, check in (("device", _check_device), ("dtype", _check_dtype)):
-        value = getattr(pv, field)
-        if value is not None:
-            try:
-                check(value)
-            except ValueError as err:
-                raise ValueError(f"persona_vector.{field}: {err}") from None
 
 
 def judge_backend(judge: JudgeSettings) -> BackendConfig:
     """The judge's backend settings (`judge.backend`) checked as a run's `backend:` section; a
     ValueError naming `judge.backend.FIELD`."""
     try:
-        b = BackendConfig.model_validate(judge.backend)
+        b = _BACKEND_ADAPTER.validate_python(judge.backend)
     except ValidationError as err:
         e = err.errors()[0]
         loc = ".".join(str(p) for p in ("judge", "backend", *e["loc"]))
@@ -506,7 +504,7 @@ def judge_backend(judge: JudgeSettings) -> BackendConfig:
         if e["type"] == "extra_forbidden" and "key" in str(e["loc"][-1]).lower():
             msg += " (give `api_key_env`, the NAME of the environment variable with the key)"
         raise ValueError(f"{loc}: {msg.removeprefix('Value error, ')}") from None
-    if b.kind == "openai" and not b.base_url:
+    if b.kind == "openai" and not getattr(b, "base_url", None):
         raise ValueError("judge.backend.base_url: required for a judge on kind: openai")
     return b
 
@@ -514,10 +512,7 @@ def judge_backend(judge: JudgeSettings) -> BackendConfig:
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid run config ({source}):"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field"
+        loc, msg = _located(e)
         if not loc:  # a whole-config check: its message names the field itself
             lines.append(f"  {msg.removeprefix('Value error, ')}")
             continue
@@ -525,15 +520,63 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _located(e: Any) -> tuple[str, str]:
+    """(dotted location, message) of one validation error. A backend field's location loses the
+    union's tag (`backend.hf.device` -> `backend.device`); an unknown backend kind, and a field
+    that belongs to another kind, say so."""
+    parts, msg, kind = list(e["loc"]), e["msg"], None
+    if parts[:1] == ["backend"] and e["type"] == "union_tag_invalid":
+        ctx = e.get("ctx") or {}
+        return "backend.kind", f"unknown kind {ctx.get('tag')!r}; one of {ctx.get('expected_tags')}"
+    if parts[:1] == ["backend"] and len(parts) > 1 and parts[1] in BACKEND_KINDS:
+        kind = parts.pop(1)
+    if e["type"] == "extra_forbidden":
+        owners = kinds_with(str(parts[-1])) if kind and len(parts) == 2 else []
+        msg = (
+            f"not a setting of kind: {kind} (a setting of kind: {', '.join(owners)})"
+            if owners
+            else "unknown field"
+        )
+    return ".".join(str(p) for p in parts), msg
+
+
 def parse_config(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
     if not isinstance(data, dict):
         raise ConfigError(
             f"invalid run config ({source}): top level must be a mapping, got {type(data).__name__}"
         )
+    where = _set_in(data)
+    if where is not None:
+        raise ConfigError(
+            f"invalid run config ({source}):\n  {where}: a set has no order (a run could not "
+            "resume its own rows); give a list"
+        )
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def _set_in(data: Any, path: str = "") -> str | None:
+    """The dotted path of the first set (or frozenset) in a config's data, or None."""
+    if isinstance(data, set | frozenset):
+        return path or "(top level)"
+    items = (
+        data.items()
+        if isinstance(data, dict)
+        else enumerate(data)
+        if isinstance(data, list | tuple)
+        else ()
+    )
+    for k, v in items:
+        found = _set_in(v, f"{path}.{k}" if path else str(k))
+        if found is not None:
+            return found
+    return None
+
+
+class _Unordered(yaml.constructor.ConstructorError):
+    """Valid YAML that a run config cannot use: a set, which has no order."""
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -555,6 +598,17 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     None, None, f"key {key!r} is given twice", key_node.start_mark
                 )
         return super().construct_mapping(node, deep)
+
+    def construct_unordered_set(self, node: yaml.Node) -> Any:
+        """A YAML set (`!!set`, `? a`) has no order: personas, stages or slices given as one
+        would come out in the order of Python's string hash, different in every process, so a
+        run could not resume its own rows. Refused; a list says the order."""
+        raise _Unordered(
+            None, None, "a YAML set (!!set) has no order; give a list [a, b, ...]", node.start_mark
+        )
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:set", _UniqueKeyLoader.construct_unordered_set)
 
 
 def read_config_text(path: str | Path) -> str:
@@ -579,14 +633,20 @@ def read_config_text(path: str | Path) -> str:
         ) from None
 
 
-def parse_yaml(text: str, source: str) -> Any:
-    """YAML text -> data, with a ConfigError for invalid, duplicate-key or absurdly nested YAML."""
+def parse_yaml(
+    text: str, source: str, what: str = "config file", error: type[Exception] = ConfigError
+) -> Any:
+    """YAML text -> data; an `error` naming `what` and `source` for invalid YAML, a key given
+    twice, a set (no order) or absurdly deep nesting."""
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except _Unordered as err:
+        line = err.problem_mark.line + 1 if err.problem_mark else "?"
+        raise error(f"{what} {source} line {line}: {err.problem}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {source} is not valid YAML: {err}") from None
+        raise error(f"{what} {source} is not valid YAML: {err}") from None
     except RecursionError:
-        raise ConfigError(f"config file {source}: YAML nested too deeply") from None
+        raise error(f"{what} {source}: YAML nested too deeply") from None
 
 
 def load_config(path: str | Path) -> RunConfig:
@@ -598,25 +658,122 @@ def load_config(path: str | Path) -> RunConfig:
 
 
 def check_local_paths(cfg: RunConfig) -> None:
-    """Before a run starts: every model or classifier given as a local path is a model folder of
-    the right kind (reads config.json only; nothing is hashed), and an ID prompts file is JSONL
-    that can be read. A ConfigError names the field.
+    """The preflight of every command that runs a config, dry run included, before any model
+    loads: every local path the config names exists and is what it should be. Model and
+    classifier folders are model folders of the right kind (config.json only is read), each
+    adapter folder of a `path:` stage (after `{persona}` is filled in, for every persona of the
+    run) holds adapter_config.json, an ID prompts file is JSONL that can be read, a classifier
+    encoder and a constitutions folder given as paths exist. One ConfigError names every problem
+    with its field.
 
     Not part of validation, because a finished run's stored config is read again (`report --run`)
     after its model folders may be gone."""
+    problems = [p for p in _local_path_problems(cfg) if p]
+    if len(problems) == 1:
+        raise ConfigError(f"invalid run config: {problems[0]}")
+    if problems:
+        raise ConfigError("invalid run config:\n  " + "\n  ".join(problems))
+
+
+def _local_path_problems(cfg: RunConfig) -> Iterator[str | None]:
     from charshift.inputs import InputError, check_model_source, read_jsonl_objects
 
+    def attempt(check: Any, *args: Any, **kwargs: Any) -> str | None:
+        try:
+            check(*args, **kwargs)
+        except InputError as err:
+            return str(err)
+        return None
+
+    if cfg.id_prompts.source == "file" and cfg.id_prompts.path:
+        yield attempt(read_jsonl_objects, cfg.id_prompts.path, "id_prompts.path: file")
+    for i, b in enumerate(cfg.bases):
+        yield attempt(check_model_source, b.model, f"bases.{i}.model", classifier=False)
+        if b.classifier is not None:
+            what = f"bases.{i}.classifier"
+            yield attempt(check_model_source, b.classifier, what, classifier=True)
+        yield from _adapter_problems(cfg, i, b)
+    if cfg.classifier_training is not None:
+        yield _folder_problem(cfg.classifier_training.encoder, "classifier_training.encoder")
+    if cfg.persona_prompts.source == "constitutions" and cfg.persona_prompts.path:
+        yield _folder_problem(cfg.persona_prompts.path, "persona_prompts.path", scheme=False)
+    if cfg.judge is not None and judge_backend(cfg.judge).kind != "openai":
+        yield attempt(check_model_source, cfg.judge.model, "judge.model", classifier=False)
+
+
+def _adapter_problems(cfg: RunConfig, i: int, base: BaseSpec) -> Iterator[str]:
+    """Each local adapter folder the run loads: one per persona of each adapter stage it runs."""
+    for stage in cfg.stages:
+        src = base.adapters.get(stage)
+        if src is None or not src.path or src.path.startswith("tiny-lora:"):
+            continue  # a hub repo (checked when it downloads), or a tiny adapter built in the run
+        for persona in cfg.personas:
+            folder = Path(src.path.replace("{persona}", persona)).expanduser()
+            what = f"bases.{i}.adapters.{stage}.path ({persona})"
+            if not folder.is_dir():
+                yield f"{what}: adapter folder not found: {folder}"
+            elif not (folder / "adapter_config.json").is_file():
+                yield f"{what}: {folder} is not an adapter folder (no adapter_config.json)"
+
+
+def _folder_problem(spec: str, what: str, scheme: bool = True) -> str | None:
+    """A spec that names a local folder must be a folder. With `scheme`, the spec may also be a
+    hub id or a `packaged:`/`tiny:`/`hub:` spec (the loaders' to check): only one that looks like
+    a path (absolute, ./, ../, ~) or names something that exists here is checked."""
+    if scheme and ":" in spec and spec.partition(":")[0] in ("tiny", "packaged", "hub"):
+        return None
+    p = Path(spec).expanduser()
+    local = not scheme or spec.startswith(("/", "./", "../", "~")) or p.exists()
+    if local and not p.is_dir():
+        return f"{what}: folder not found: {spec}"
+    return None
+
+
+def check_backend_available(backend: BackendConfig) -> None:
+    """Before any model loads, on the machine that generates: the backend's package is
+    installed and its device exists. A ConfigError naming the field and the fix. Not part of
+    validation: a dry run or a report may run where the GPU is not."""
+    if backend.kind == "vllm" and not _installed("vllm"):
+        raise ConfigError(
+            "backend.kind: vllm needs the vllm package, which is not installed here: "
+            "pip install -e '.[vllm]' on a machine with a GPU (or kind: server with "
+            "engine: vllm, or kind: hf)"
+        )
+    if backend.kind == "hf" and backend.device not in ("auto", "cpu"):
+        _check_torch_device(backend.device)
+
+
+def _installed(package: str) -> bool:
+    import importlib.util
+    import sys
+
+    if package in sys.modules:
+        return True
     try:
-        if cfg.id_prompts.source == "file" and cfg.id_prompts.path:
-            read_jsonl_objects(cfg.id_prompts.path, "id_prompts.path: file")
-        for i, b in enumerate(cfg.bases):
-            check_model_source(b.model, f"bases.{i}.model", classifier=False)
-            if b.classifier is not None:
-                check_model_source(b.classifier, f"bases.{i}.classifier", classifier=True)
-        if cfg.judge is not None and judge_backend(cfg.judge).kind != "openai":
-            check_model_source(cfg.judge.model, "judge.model", classifier=False)
-    except InputError as err:
-        raise ConfigError(f"invalid run config: {err}") from None
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _check_torch_device(device: str) -> None:
+    import torch
+
+    where = f"torch {torch.__version__} here"
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"backend.device: 'mps', but {where} has no MPS device; use cpu")
+        return
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if n == 0:
+        raise ConfigError(
+            f"backend.device: {device!r}, but {where} sees no CUDA device "
+            f"(CUDA build: {torch.version.cuda or 'none'}); use cpu or auto"
+        )
+    if index >= n:
+        raise ConfigError(
+            f"backend.device: {device!r}, but {where} sees {n} CUDA device(s): cuda:0..cuda:{n - 1}"
+        )
 
 
 def preset_names() -> list[str]:

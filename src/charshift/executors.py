@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from charshift import pipeline
-from charshift.config import RunConfig, config_to_dict, parse_config
-from charshift.planning import Shard, build_plan
+from charshift.completion import record_completion
+from charshift.config import RunConfig, check_backend_available, config_to_dict, parse_config
+from charshift.planning import Shard
 from charshift.store import RunStore
 
 EXECUTORS = ("local", "ray")
@@ -65,13 +66,21 @@ def untrained_classifiers(cfg: RunConfig, store: RunStore) -> list[str]:
     ]
 
 
-def run_shard(cfg: RunConfig, out: Path, shard: Shard, steps: Sequence[str] = STEPS) -> ShardResult:
-    """Run `steps` ("generate", "score") for the rows of `shard` in run directory `out`."""
+def run_shard(
+    cfg: RunConfig,
+    out: Path,
+    shard: Shard,
+    steps: Sequence[str] = STEPS,
+    retry_errors: bool = False,
+) -> ShardResult:
+    """Run `steps` ("generate", "score") for the rows of `shard` in run directory `out`
+    (`retry_errors`: redo its rows that ended in an error). What the shard left undone is
+    recorded in the manifest (`completion`, scope `shard I/N`)."""
     result = ShardResult(shard)
     with pipeline.prepare_run(cfg, out, shard) as store:
         store.log_event("shard_start", shard=result.label, steps=list(steps))
         if "generate" in steps:
-            result.generated = pipeline.generate(cfg, store)
+            result.generated = pipeline.generate(cfg, store, retry_errors=retry_errors)
         if "score" in steps:
             untrained = untrained_classifiers(cfg, store)
             if untrained:
@@ -82,18 +91,21 @@ def run_shard(cfg: RunConfig, out: Path, shard: Shard, steps: Sequence[str] = ST
                 )
             else:
                 result.scored = pipeline.score(cfg, store)
+        record_completion(cfg, store, scored=False)
         store.log_event("shard_end", **result.to_dict())
     return result
 
 
-def run_local(cfg: RunConfig, out: Path, shard: Shard | None = None) -> Path | ShardResult:
+def run_local(
+    cfg: RunConfig, out: Path, shard: Shard | None = None, retry_errors: bool = False
+) -> Path | ShardResult:
     """The whole run here (returns the report's path), or one shard of it (returns what the
-    shard did; no report)."""
+    shard did; no report). `retry_errors`: redo the rows that ended in an error."""
     if shard is None:
-        return pipeline.run_all(cfg, out)
-    build_plan(cfg)  # scenario, prompt and persona files are validated before any model loads
-    pipeline.preflight(cfg)
-    return run_shard(cfg, out, shard)
+        return pipeline.run_all(cfg, out, retry_errors=retry_errors)
+    check_backend_available(cfg.backend)  # here, where this shard generates
+    pipeline.preflight(cfg)  # paths, files, the plan and classifiers, before any model loads
+    return run_shard(cfg, out, shard, retry_errors=retry_errors)
 
 
 # -- Ray ------------------------------------------------------------------------------------------
@@ -110,12 +122,18 @@ def _ray() -> Any:
 
 
 def _shard_task(
-    cfg_dict: dict[str, Any], out: str, shard: Shard, steps: list[str], cwd: str
+    cfg_dict: dict[str, Any],
+    out: str,
+    shard: Shard,
+    steps: list[str],
+    cwd: str,
+    retry_errors: bool = False,
 ) -> ShardResult:
     """One shard's steps in a Ray worker (the config travels as its resolved dict)."""
     if Path(cwd).is_dir():  # relative paths in the config mean what they meant to the driver
         os.chdir(cwd)
-    return run_shard(parse_config(cfg_dict, "run config"), Path(out), shard, steps)
+    cfg = parse_config(cfg_dict, "run config")
+    return run_shard(cfg, Path(out), shard, steps, retry_errors)
 
 
 def _train_task(cfg_dict: dict[str, Any], out: str, cwd: str) -> list[str]:
@@ -198,12 +216,13 @@ def run_ray(
     n_shards: int | None = None,
     address: str | None = None,
     echo: Any = print,
+    retry_errors: bool = False,
 ) -> Path:
     """The whole run as Ray tasks over `n_shards` shards (default: one per GPU of the cluster);
-    returns the report's path. The run directory must be on a file system every node sees."""
+    returns the report's path. The run directory must be on a file system every node sees.
+    `retry_errors`: the shards redo their rows that ended in an error."""
     ray = _ray()
     out = Path(out).resolve()
-    build_plan(cfg)
     pipeline.preflight(cfg)
     with pipeline.prepare_run(cfg, out) as store:  # the config is written once, before any task
         store.log_event("run_start", executor="ray", address=address)
@@ -211,18 +230,24 @@ def run_ray(
     try:
         cluster = dict(ray.cluster_resources())
         n = n_shards or default_shards(cluster)
-        return _ray_steps(ray, cfg, out, n, task_resources(cluster), echo)
+        return _ray_steps(ray, cfg, out, n, task_resources(cluster), echo, retry_errors)
     finally:
         if started:
             ray.shutdown()
 
 
 def _ray_steps(
-    ray: Any, cfg: RunConfig, out: Path, n: int, resources: dict[str, float], echo: Any
+    ray: Any,
+    cfg: RunConfig,
+    out: Path,
+    n: int,
+    resources: dict[str, float],
+    echo: Any,
+    retry_errors: bool = False,
 ) -> Path:
     cfg_dict, cwd = config_to_dict(cfg), os.getcwd()
     echo(f"[charshift] {n} shard(s) as Ray tasks, each with {resources}")
-    shards = [(cfg_dict, str(out), (i, n), ["generate"], cwd) for i in range(n)]
+    shards = [(cfg_dict, str(out), (i, n), ["generate"], cwd, retry_errors) for i in range(n)]
     for res in _wave(ray, _shard_task, resources, shards):
         echo(f"[charshift] shard {res.label} generated: {res.generated}")
     with RunStore(out, writable=False, create=False, warn=lambda _m: None) as store:

@@ -20,7 +20,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from charshift import inputs
-from charshift.schema import NULL_PERSONA_MARKERS, GenerationRow, PredictionRecord
+from charshift.schema import (
+    NULL_PERSONA_MARKERS,
+    PROMPTED_EXPLICIT_STAGE,
+    GenerationRow,
+    PredictionRecord,
+)
 from charshift.scoring.base import ScoreInput
 from charshift.scoring.settings import JudgeSettings
 
@@ -41,6 +46,7 @@ def score_external(generations: Path, classifier: str, out: Path, batch_size: in
         raise inputs.InputError(f"--out {out} is the generations file itself; give another file")
     rows = inputs.read_jsonl_objects(gen, "generations file")
     recs = [inputs.check_generation(obj, f"generations file {gen} line {n}") for n, obj in rows]
+    inputs.check_lookalikes(recs, [n for n, _ in rows], str(gen))
     inputs.check_model_source(classifier, "--classifier", classifier=True)
     clf = load_classifier(classifier)
     clf.check_personas(sorted({r.persona for r in recs} - set(NULL_PERSONA_MARKERS)))
@@ -148,12 +154,15 @@ def report_predictions(
     *,
     allow_duplicates: bool = False,
     warn: Callable[[str], None] | None = None,
+    positive_control: str | None = PROMPTED_EXPLICIT_STAGE,
 ) -> Path:
     """Every metric, plot and the report from a predictions JSONL (the run's analysis tail).
 
     `out` and every row are checked before anything is computed or written (`charshift.inputs`),
     so a bad file leaves an earlier report in `out` as it was. A cell that lacks rows of its
-    grid (item x persona x sample) is a warning, through `warn` and at the top of the report."""
+    grid (item x persona x sample) is a warning, through `warn` and at the top of the report.
+    Rows of the stage `positive_control` (when present) are the positive control of the scorer
+    check."""
     from charshift.analysis import AnalysisInput, analyse
     from charshift.config import StatsConfig
 
@@ -167,6 +176,7 @@ def report_predictions(
         raise inputs.InputError(
             f"{path}: need at least two distinct true personas, found {personas}"
         )
+    _check_label_counts(path, personas, records)
     gaps = inputs.completeness_warnings(inputs.incomplete_cells(records), path)
     for line in gaps:
         if warn is not None:
@@ -176,10 +186,27 @@ def report_predictions(
         personas=personas,
         stats=StatsConfig(n_boot=n_boot, seed=seed),
         title=f"charshift report: {Path(path).name}",
-        settings={"predictions": str(path), "n_boot": n_boot, "seed": seed, "personas": personas},
+        settings={"predictions": str(path), "n_boot": n_boot, "seed": seed, "personas": personas,
+                  "positive_control": positive_control},
+        control=positive_control,
         warnings=gaps,
-    )
+    )  # fmt: skip
     return analyse(inp, Path(out))
+
+
+# The report draws a confusion matrix (personas x predicted labels) and figures per persona;
+# beyond this many neither can be read, and drawing them takes minutes.
+MAX_LABELS = 100
+
+
+def _check_label_counts(path: Path, personas: list[str], records: list[PredictionRecord]) -> None:
+    predicted = {r.prediction for r in records if r.prediction is not None}
+    for what, n in (("personas", len(personas)), ("predicted labels", len(predicted))):
+        if n > MAX_LABELS:
+            raise inputs.InputError(
+                f"{path}: {n} distinct {what}; the report draws a confusion matrix and figures "
+                f"per persona, readable with at most {MAX_LABELS}"
+            )
 
 
 # --------------------------------------------------------------------------- predictions file

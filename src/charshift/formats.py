@@ -1,5 +1,9 @@
 """Render one item in one slice into an `EpisodeSpec`: the exact user turns, system prompt, tools.
 
+This module holds the renderers of the ID and scenario slices (`RENDERERS`, one per slice of
+the registry `charshift.slices`) and the template pieces they share with the scaffolds'
+renderers (`charshift.scaffolds`); `charshift.render` dispatches a slice to its renderer.
+
 The scenario slices are built from the same template pieces, so the wording is identical by
 construction except for the one element each rung of `charshift.ladder` names:
 
@@ -18,8 +22,8 @@ personality: anything of the kind would confound the persona being measured. For
 no rung shows an example email: the JSON protocol's example call has a placeholder body, so the
 tool rungs carry no style exemplar that the chat rungs lack.
 
-Item ids are namespaced by kind (`prompt:ID`, `scenario:ID`): rows pair across slices only
-within a kind, by construction.
+Item ids are namespaced by kind (`prompt:ID`, `scenario:ID`, `KIND:ID` for a scaffold's bank):
+rows pair across slices only within a kind, by construction.
 """
 
 from __future__ import annotations
@@ -27,10 +31,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from charshift import slices
 from charshift.config import ID_SLICES, SCENARIO_SLICES
 from charshift.prompts import BREAK_SUFFIXES, IdPrompt, break_prompt
 from charshift.scenarios import Person, Scenario
 from charshift.schema import EpisodeSpec, Message
+from charshift.slices import RenderContext, Renderers, SliceDef
 from charshift.tools import (
     REGISTRY,
     REQUIRED_ARGS,
@@ -53,8 +59,9 @@ SCENARIO_ITEM = "scenario"
 
 
 def item_id(kind: str, raw_id: str) -> str:
-    """The namespaced item id: `prompt:ID` for ID prompts, `scenario:ID` for scenarios."""
-    if kind not in (PROMPT_ITEM, SCENARIO_ITEM):
+    """The namespaced item id `KIND:ID`: `prompt:ID` for ID prompts, `scenario:ID` for
+    scenarios, `code_review:ID` and so on for a scaffold's bank (`slices.item_kinds`)."""
+    if kind not in slices.item_kinds():
         raise ValueError(f"unknown item kind {kind!r}")
     return f"{kind}:{raw_id}"
 
@@ -259,61 +266,82 @@ def _join(*parts: str) -> str:
     return "\n\n".join(parts)
 
 
-def _chat_spec(slice_: str, scenario: Scenario, common: dict[str, Any]) -> EpisodeSpec | None:
-    """The slices without tools, or None for a tool slice."""
-    request, details = request_text(scenario), details_text(scenario)
-    if slice_ == "scenario_chat":
-        turn = _join(request, details, SCENARIO_CHAT_INSTRUCTION)
-        return EpisodeSpec(user_turns=[turn], **{**common, "output": "reply"})
-    if slice_ == "chat_email":
-        return EpisodeSpec(user_turns=[_join(request, details, CHAT_INSTRUCTION)], **common)
-    if slice_ == "chat_email_multiturn":
-        turns = [_join(request, MULTITURN_FIRST_CLOSE), details, CHAT_INSTRUCTION]
-        return EpisodeSpec(user_turns=turns, **common)
-    if slice_ == "email_syscontext":
-        return EpisodeSpec(
-            user_turns=[_join(request, details, CHAT_INSTRUCTION)],
-            system=operational_prompt(scenario),
-            **common,
-        )
-    return None
+# -- the scenario slices' renderers (one per slice; `charshift.render` dispatches) ---------------
+
+RENDERERS = Renderers()
+
+
+def _scenario_spec(sl: SliceDef, scenario: Scenario, turns: list[str], **kw: Any) -> EpisodeSpec:
+    return EpisodeSpec(
+        slice=sl.name,
+        item_id=item_id(SCENARIO_ITEM, scenario.id),
+        scenario_id=scenario.id,
+        user_turns=turns,
+        mode=sl.engine_mode,  # type: ignore[arg-type]
+        output=sl.output,
+        split="eval",
+        **kw,
+    )
+
+
+@RENDERERS.register("scenario_chat")
+def _scenario_chat(sl: SliceDef, sc: Scenario, ctx: RenderContext) -> EpisodeSpec:
+    return _scenario_spec(
+        sl, sc, [_join(request_text(sc), details_text(sc), SCENARIO_CHAT_INSTRUCTION)]
+    )
+
+
+@RENDERERS.register("chat_email")
+def _chat_email(sl: SliceDef, sc: Scenario, ctx: RenderContext) -> EpisodeSpec:
+    return _scenario_spec(sl, sc, [_join(request_text(sc), details_text(sc), CHAT_INSTRUCTION)])
+
+
+@RENDERERS.register("chat_email_multiturn")
+def _chat_email_multiturn(sl: SliceDef, sc: Scenario, ctx: RenderContext) -> EpisodeSpec:
+    turns = [_join(request_text(sc), MULTITURN_FIRST_CLOSE), details_text(sc), CHAT_INSTRUCTION]
+    return _scenario_spec(sl, sc, turns)
+
+
+@RENDERERS.register("email_syscontext")
+def _email_syscontext(sl: SliceDef, sc: Scenario, ctx: RenderContext) -> EpisodeSpec:
+    turn = _join(request_text(sc), details_text(sc), CHAT_INSTRUCTION)
+    return _scenario_spec(sl, sc, [turn], system=operational_prompt(sc))
+
+
+def _tool_spec(sl: SliceDef, sc: Scenario, turn: str, ctx: RenderContext) -> EpisodeSpec:
+    """A tool slice: every registered tool's schema (`tools.tool_specs()`) in both protocols
+    (the rollout engine reads the tool names from it and passes the schemas to the backend only
+    in native mode) and `needed_calls`; in native mode the system prompt has a short tool
+    section without the JSON protocol text. The step budget (`max_steps`) is set by planning
+    from the run config."""
+    section = native_tool_text() if ctx.native_tools else tool_protocol_text()
+    return _scenario_spec(
+        sl,
+        sc,
+        [turn],
+        system=operational_prompt(sc, section),
+        tools=tool_specs(),
+        needed_calls=needed_calls(sl.name, sc),
+    )
+
+
+@RENDERERS.register("tool_email_oneshot")
+def _tool_email_oneshot(sl: SliceDef, sc: Scenario, ctx: RenderContext) -> EpisodeSpec:
+    turn = _join(request_text(sc), details_text(sc), ONESHOT_INSTRUCTION)
+    return _tool_spec(sl, sc, turn, ctx)
+
+
+@RENDERERS.register("agentic_email")
+def _agentic_email(sl: SliceDef, sc: Scenario, ctx: RenderContext) -> EpisodeSpec:
+    return _tool_spec(sl, sc, _join(request_text(sc), AGENTIC_INSTRUCTION), ctx)
 
 
 def render_scenario(slice: str, scenario: Scenario, native_tools: bool = False) -> EpisodeSpec:
-    """One scenario in one scenario slice (scenario_chat or an email slice).
-
-    Tool slices carry every registered tool's schema (`tools.tool_specs()`) in both protocols (the rollout engine reads the tool
-    names from it and passes the schemas to the backend only in native mode) and
-    `needed_calls`; in native mode the system prompt has a short tool section without the JSON
-    protocol text. The step budget (`max_steps`) is set by planning from the run config.
-    """
-    common: dict[str, Any] = {
-        "slice": slice,
-        "item_id": item_id(SCENARIO_ITEM, scenario.id),
-        "scenario_id": scenario.id,
-        "output": "email",
-        "split": "eval",
-    }
-    chat = _chat_spec(slice, scenario, common)
-    if chat is not None:
-        return chat
-    if slice not in ("tool_email_oneshot", "agentic_email"):
+    """One scenario in one scenario slice (scenario_chat or an email slice)."""
+    entry = slices.SLICES.get(slice)
+    if entry is None or entry.items != SCENARIO_ITEM:
         raise ValueError(f"unknown scenario slice {slice!r}; known: {list(SCENARIO_SLICE_NAMES)}")
-    tool_section = native_tool_text() if native_tools else tool_protocol_text()
-    if slice == "tool_email_oneshot":
-        turn = _join(request_text(scenario), details_text(scenario), ONESHOT_INSTRUCTION)
-        mode = "tool_oneshot"
-    else:
-        turn = _join(request_text(scenario), AGENTIC_INSTRUCTION)
-        mode = "agentic"
-    return EpisodeSpec(
-        user_turns=[turn],
-        system=operational_prompt(scenario, tool_section),
-        mode=mode,
-        tools=tool_specs(),
-        needed_calls=needed_calls(slice, scenario),
-        **common,
-    )
+    return RENDERERS[slice](entry, scenario, RenderContext(native_tools=native_tools))
 
 
 render_email = render_scenario  # the older name: it renders every scenario slice
@@ -333,6 +361,34 @@ def break_suffix_index(index: int, suffixes: Sequence[int] | None = None) -> int
     return allowed[index % len(allowed)]
 
 
+def _id_spec(sl: SliceDef, prompt: IdPrompt, turns: list[str], **kw: Any) -> EpisodeSpec:
+    return EpisodeSpec(
+        slice=sl.name,
+        item_id=item_id(PROMPT_ITEM, prompt.id),
+        user_turns=turns,
+        mode="chat",
+        output="reply",
+        split=prompt.split,
+        **kw,
+    )
+
+
+@RENDERERS.register("id_chat")
+def _id_chat(sl: SliceDef, p: IdPrompt, ctx: RenderContext) -> EpisodeSpec:
+    return _id_spec(sl, p, [p.prompt])
+
+
+@RENDERERS.register("id_chat_break")
+def _id_chat_break(sl: SliceDef, p: IdPrompt, ctx: RenderContext) -> EpisodeSpec:
+    k = break_suffix_index(ctx.index, ctx.suffixes)
+    return _id_spec(sl, p, [break_prompt(p.prompt, k)])
+
+
+@RENDERERS.register("id_chat_prefill")
+def _id_chat_prefill(sl: SliceDef, p: IdPrompt, ctx: RenderContext) -> EpisodeSpec:
+    return _id_spec(sl, p, [p.prompt, PREFILL_FOLLOW_UP], base_turns=(0,))
+
+
 def render_id(
     slice: str, prompt: IdPrompt, index: int = 0, suffixes: Sequence[int] | None = None
 ) -> EpisodeSpec:
@@ -342,21 +398,11 @@ def render_id(
     For `id_chat_break`, `index` (the prompt's position in the selection) picks the suffix, so the
     allowed suffixes are used evenly; `break_suffix_index` tells which one it was.
     """
-    common: dict[str, Any] = {
-        "slice": slice,
-        "item_id": item_id(PROMPT_ITEM, prompt.id),
-        "mode": "chat",
-        "output": "reply",
-        "split": prompt.split,
-    }
-    if slice == "id_chat":
-        return EpisodeSpec(user_turns=[prompt.prompt], **common)
-    if slice == "id_chat_break":
-        k = break_suffix_index(index, suffixes)
-        return EpisodeSpec(user_turns=[break_prompt(prompt.prompt, k)], **common)
-    if slice == "id_chat_prefill":
-        return EpisodeSpec(user_turns=[prompt.prompt, PREFILL_FOLLOW_UP], base_turns=(0,), **common)
-    raise ValueError(f"unknown ID slice {slice!r}; known: {list(ID_SLICE_NAMES)}")
+    entry = slices.SLICES.get(slice)
+    if entry is None or entry.items != PROMPT_ITEM:
+        raise ValueError(f"unknown ID slice {slice!r}; known: {list(ID_SLICE_NAMES)}")
+    ctx = RenderContext(index=index, suffixes=None if suffixes is None else tuple(suffixes))
+    return RENDERERS[slice](entry, prompt, ctx)
 
 
 # -- preview -------------------------------------------------------------------------------------
@@ -375,7 +421,8 @@ def preview(episode: EpisodeSpec, persona_prompt: str | None = None) -> list[Mes
     """The exact initial messages of an episode, with its later scripted user turns marked.
 
     Later user turns carry `scripted: True` and a `note` saying they are sent after the model's
-    live reply; user turns answered by the base model (prefill) are noted too.
+    live reply; user turns answered by the base model (prefill) are noted too, and so are the
+    pre-written turns of a transcript the episode continues (`episode.context`).
     """
     out: list[Message] = []
     system = compose_system(persona_prompt, episode.system)
@@ -385,6 +432,8 @@ def preview(episode: EpisodeSpec, persona_prompt: str | None = None) -> list[Mes
         if note and episode.system:
             msg["note"] = note
         out.append(msg)
+    for m in episode.context:
+        out.append({**m, "note": "(pre-written: part of the transcript, not generated)"})
     for i, turn in enumerate(episode.user_turns):
         msg = {"role": "user", "content": turn}
         notes = []

@@ -7,17 +7,21 @@ in this order:
    figures from that classifier cannot be read as persona retention;
 2. what was run: bases, stages, personas, units, items, samples and the tool protocol;
 3. each trained classifier's held-out quality against chance 1/K, beside its lexical baseline;
-4. where persona is kept and lost: per base and non-base stage, the home unit's macro-F1 against
-   the base stage with the paired stage difference; per chain, the total and its largest rung
-   with what that rung changes; yields below 100%, naming units with no output at all;
-5. the caveats that apply: a meaningless (smoke) run, flagged intervals, the constrained tool
+4. the scorer check: per base, the units where the positive control cannot be told from chance
+   (the scorer is blind there, so a loss there is not evidence of persona loss) and the
+   scorer's largest label share on neutral base text;
+5. the declared primary family and its claims, with family-adjusted figures (simultaneous band,
+   Holm p): per trained stage, persona detected on home ground (macro-F1 excess over the
+   cell's own null) and each chain's total loss in excess; a chain's largest rung is named as
+   exploratory and said to be selected; yields below 100%;
+6. the caveats that apply: a meaningless (smoke) run, flagged intervals, the constrained tool
    protocol, conditional vs intention-to-treat where yields are low, differential censoring,
-   classifier training warnings.
+   backend failures, classifier training warnings.
 
 Every persona figure comes from the `MetricsResult`; the classifier's quality, the tool protocol
 and the number of samples come from the `HeadlineContext` (read from the run's config and
 manifest, defensively: an older run lacks some keys). Every number carries its interval, or says
-why it has none.
+why it has none. "Detected" is never "above the base stage".
 """
 
 from __future__ import annotations
@@ -29,12 +33,20 @@ from typing import Any
 from charshift.config import ID_SLICES, TOOL_SLICES
 from charshift.ladder import split_unit
 from charshift.outcomes import CensoringTest
-from charshift.schema import BASE_STAGE
-from charshift.stats import CellMetrics, ChainDecomposition, Difference, Interval, MetricsResult
+from charshift.stats import (
+    BLIND_TEXT,
+    HOME,
+    CellMetrics,
+    ChainDecomposition,
+    Difference,
+    Interval,
+    MetricsResult,
+)
 
 DAGGER = "\u2020"  # marks an interval flagged as not to be trusted (see the method notes)
+BLIND = "\u2021"  # marks a figure in a unit where the scorer cannot see persona
 FIXED = "(fixed by construction)"
-HOME = "id_chat"  # the home-ground unit the stage comparison reads
+EXCESS = "macro_f1_excess"
 LOW_YIELD = 0.5  # below this, conditional and ITT figures describe different things
 CENSORING_ALPHA = 0.05
 _LIST_MAX = 6  # at most this many cells named in one caveat sentence
@@ -55,6 +67,20 @@ def num(x: float | None, digits: int = 3) -> str:
     if x is None or x != x:  # None or NaN
         return "–"
     return f"{x:.{digits}f}"
+
+
+def fmt_p(p: float) -> str:
+    """A p-value: three digits, "< 0.001" below that, "–" when undefined."""
+    if p != p:
+        return "–"
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def p_phrase(name: str, p: float) -> str:
+    """`name = 0.012`, `name < 0.001`, or `name undefined`."""
+    if p != p:
+        return f"{name} undefined"
+    return f"{name} {fmt_p(p)}" if p < 0.001 else f"{name} = {fmt_p(p)}"
 
 
 def fmt_iv(i: Interval, digits: int = 3) -> str:
@@ -307,49 +333,87 @@ def run_sentence(result: MetricsResult, ctx: HeadlineContext) -> str:
 # --------------------------------------------------------------------------- findings
 
 
-def _stage_diff(result: MetricsResult, base: str, stage: str, unit: str) -> Difference | None:
-    for d in result.differences:
-        if (
-            d.kind == "stage" and d.metric == "macro_f1" and not d.itt
-            and d.a.base == base and d.a.stage == stage and d.b.stage == BASE_STAGE
-            and d.a.slice == unit
-        ):  # fmt: skip
-            return d
-    return None
+def _band(d: Difference) -> str:
+    """A family member: estimate, simultaneous band and Holm p (two digits)."""
+    if d.estimate != d.estimate:
+        return "undefined (a side has no scored output)"
+    dagger = "" if d.reliable else DAGGER
+    band = (
+        f"[{d.lo_simul:+.2f}, {d.hi_simul:+.2f}] simultaneous"
+        if d.lo_simul == d.lo_simul
+        else "(no band)"
+    )
+    holm = p_phrase("Holm p", d.p_holm)
+    return f"{d.estimate:+.2f} {band}{dagger}, {holm}"
 
 
-def _verdict(d: Difference, positive: str, negative: str, none: str) -> str:
-    if d.estimate != d.estimate or d.lo != d.lo:
-        return ""
-    if d.lo > 0:
-        return f": its interval lies above 0, {positive}"
-    if d.hi < 0:
-        return f": its interval lies below 0, {negative}"
-    return f": its interval includes 0, {none}"
+def scorer_sentence(result: MetricsResult, base: str) -> str:
+    """The scorer check of one base: where the positive control cannot be told from chance."""
+    checks = [s for s in result.scorer_checks if s.base == base]
+    tops = [s for s in checks if s.null_top_share == s.null_top_share]
+    bias = ""
+    if tops:
+        top = max(tops, key=lambda s: s.null_top_share)
+        bias = (
+            f" On neutral base text the scorer names one label for up to "
+            f"{top.null_top_share:.0%} of outputs ({top.null_top_label} in {top.unit}): its "
+            "format bias, shown beside every rung."
+        )
+    if not result.has_control(base):
+        return (
+            f"{base}: no positive control (stage {result.control or 'none'} has no rows), so a "
+            "fall in a format cannot be told from a scorer that cannot see persona there." + bias
+        )
+    checked = [s for s in checks if s.scorer_blind is not None]
+    blind = [s for s in checked if s.scorer_blind]
+    text = (
+        f"Scorer check for {base} (positive control {result.control}: the persona told to "
+        f"show in every format): the scorer sees persona in {len(checked) - len(blind)} of "
+        f"{len(checked)} checked units"
+    )
+    if blind:
+        named = [f"{s.unit} (control excess {_iv_text(s.sensitivity)})" for s in blind]
+        text += f"; it is blind in {_names(named)}: {BLIND_TEXT} {BLIND}"
+    unchecked = [s.unit for s in checks if s.scorer_blind is None]
+    if unchecked:
+        text += f"; not checked (no control output): {_names(unchecked)}"
+    return text + "." + bias
 
 
-def stage_sentences(result: MetricsResult) -> list[str]:
-    out = []
-    for base in result.bases:
-        null = result.get(base, BASE_STAGE, HOME)
-        for stage in result.stages:
-            cell = result.get(base, stage, HOME)
-            if stage == BASE_STAGE or cell is None:
-                continue
-            text = f"{base}/{stage}: {HOME} macro-F1 {_iv_text(cell.macro_f1)}"
-            d = _stage_diff(result, base, stage, HOME)
-            if null is None or d is None:
-                out.append(text + " (no base stage on shared items to compare with).")
-                continue
-            verdict = _verdict(
-                d, "persona is detected on home ground", "below the null",
-                "not distinguishable from the null",
-            )  # fmt: skip
-            out.append(
-                f"{text} against the base stage's {_iv_text(null.macro_f1)}, a paired "
-                f"difference of {_diff_text(d)}{verdict}."
-            )
-    return out
+def family_sentence(result: MetricsResult) -> str:
+    fam = result.family
+    if not fam:
+        return (
+            "No primary family: no trained stage with a home-ground unit or a chain. Every "
+            "figure below is exploratory."
+        )
+    per_base = _join([f"{sum(d.a.base == b for d in fam)} for {b}" for b in result.bases
+                      if any(d.a.base == b for d in fam)])  # fmt: skip
+    return (
+        f"Primary family, declared before looking ({per_base}): per trained stage, the "
+        f"{HOME} macro-F1 excess over its own null (the figure expected if predictions ignored "
+        "the persona) and each chain's total loss in that excess. Their intervals here are "
+        f"simultaneous {result.ci:.0%} max-t bands and their p-values Holm-adjusted within "
+        "each base; every other figure in this report is exploratory."
+    )
+
+
+def _home_sentence(result: MetricsResult, d: Difference) -> str:
+    cell = result.cells.get(d.a)
+    extra = ""
+    if cell is not None:
+        extra = (
+            f" (raw macro-F1 {num(cell.macro_f1.estimate, 2)} against its null "
+            f"{num(cell.macro_f1_null.estimate, 2)}; kappa {_iv_text(cell.kappa)}; "
+            f"{p_phrase('permutation p_null', cell.p_null)})"
+        )
+    if d.blind:
+        verdict = f"{BLIND} {BLIND_TEXT}"
+    elif d.lo_simul > 0:
+        verdict = "persona detected on home ground"
+    else:
+        verdict = "persona not detected on home ground (the band reaches 0)"
+    return f"{d.a.base}/{d.a.stage}, {d.a.slice}: macro-F1 excess {_band(d)}{extra}: {verdict}."
 
 
 def chain_heading(dec: ChainDecomposition) -> str:
@@ -364,37 +428,56 @@ def _largest_rung(dec: ChainDecomposition) -> Difference | None:
     return max(rungs, key=lambda r: abs(r.estimate)) if rungs else None
 
 
+def _total_verdict(t: Difference) -> str:
+    if t.estimate != t.estimate:
+        return "nothing to compare"
+    if t.blind:
+        return f"{BLIND} the scorer is blind in {_join(list(t.blind))}: {BLIND_TEXT}"
+    if t.lo_simul > 0:
+        return "persona lost"
+    if t.hi_simul < 0:
+        return "persona gained"
+    return "no loss shown (the band includes 0)"
+
+
 def chain_sentence(dec: ChainDecomposition) -> str:
+    """A chain's total loss in excess (family-adjusted when it is a family member) and, marked
+    exploratory and selected, its largest rung."""
     t = dec.total
     sets = _join([f"{n} {kind} items" for kind, n in dec.common.items()])
     head = f"{dec.base}/{dec.stage}, {chain_heading(dec)}: "
-    if t.estimate == t.estimate:
-        text = (
-            f"{head}macro-F1 lost from {t.a.slice} to {t.b.slice} {_diff_text(t)} (positive = "
-            f"persona lost), on the chain's {sets} in common"
-        )
-    else:
-        text = (
-            f"{head}the loss from {t.a.slice} to {t.b.slice} is undefined, a unit has no "
-            f"scored output ({sets} in common)"
-        )
+    figure = _band(t) if t.family else _diff_text(t)
+    text = (
+        f"{head}excess lost from {t.a.slice} to {t.b.slice} {figure} (positive: a loss; "
+        f"{sets}, {dec.k} of {dec.n_personas} personas in common): {_total_verdict(t)}"
+    )
     r = _largest_rung(dec)
     if r is None or len(dec.rungs) < 2:
         return text + "."
-    which = "the largest rung" if t.estimate == t.estimate else "of the rungs defined, the largest"
     pairing = "paired" if r.paired else "unpaired"
+    mark = f" {BLIND}" if r.blind else ""
     return (
-        f"{text}; {which} is {r.a.slice} -> {r.b.slice}, {_diff_text(r)} ({pairing}), which "
-        f"changes one thing: {r.changes}."
+        f"{text}. Exploratory: the rung largest in size, selected after looking (so its "
+        f"interval is not a test), is {r.a.slice} -> {r.b.slice}, {_diff_text(r)}{mark} "
+        f"({pairing}), which changes one thing: {r.changes}."
     )
 
 
-def chain_sentences(result: MetricsResult) -> list[str]:
-    return [
-        chain_sentence(d)
-        for d in result.chains
-        if d.metric == "macro_f1" and not d.itt and d.stage != BASE_STAGE
-    ]
+def claim_sentences(result: MetricsResult) -> list[str]:
+    """Per (base, trained stage): the home-ground excess, then each chain (excess, conditional)."""
+    out = []
+    for base in result.bases:
+        for stage in result.trained_stages(base):
+            home = [d for d in result.family if d.kind == "excess" and d.a.base == base
+                    and d.a.stage == stage]  # fmt: skip
+            out += [_home_sentence(result, d) for d in home]
+            out += [
+                chain_sentence(dec)
+                for dec in result.chains
+                if dec.base == base and dec.stage == stage and dec.metric == EXCESS
+                and not dec.itt
+            ]  # fmt: skip
+    return out
 
 
 def _yield_sentence(base: str, stage: str, cells: list[CellMetrics]) -> str:
@@ -440,8 +523,8 @@ def yield_sentences(result: MetricsResult) -> list[str]:
 def _flagged_count(result: MetricsResult) -> tuple[int, int]:
     ivs: list[Interval | Difference] = []
     for c in result.cells.values():
-        ivs += [c.macro_f1, c.macro_f1_itt]
-    ivs += [d for d in result.differences if d.metric == "macro_f1"]
+        ivs += [c.macro_f1_excess, c.macro_f1_excess_itt]
+    ivs += [d for d in result.differences if d.metric == EXCESS]
     shown = [i for i in ivs if not i.fixed_by_construction]
     return sum(1 for i in shown if not i.reliable), len(shown)
 
@@ -452,9 +535,10 @@ def flag_caveat(result: MetricsResult) -> str:
         return ""
     fewest = min((c.n_clusters for c in result.cells.values()), default=0)
     return (
-        f"{n} of {total} macro-F1 intervals and differences are flagged {DAGGER}: fewer than "
-        f"{result.min_clusters} clusters (items) carry them (the smallest cell has {fewest}), "
-        "or some resamples had nothing scored, or the figure is undefined; read them as rough."
+        f"{n} of {total} macro-F1 excess intervals and differences are flagged {DAGGER}: fewer "
+        f"than {result.min_clusters} clusters (items) carry them (the smallest cell has "
+        f"{fewest}), or some resamples had nothing scored, or the figure is undefined; read "
+        "them as rough."
     )
 
 
@@ -467,8 +551,8 @@ def low_yield_caveat(result: MetricsResult) -> str:
     if not cells:
         return ""
     named = [
-        f"{c.cell.label()} (conditional {num(c.macro_f1.estimate, 2)}, ITT "
-        f"{num(c.macro_f1_itt.estimate, 2)})"
+        f"{c.cell.label()} (excess conditional {num(c.macro_f1_excess.estimate, 2)}, ITT "
+        f"{num(c.macro_f1_excess_itt.estimate, 2)})"
         for c in cells
     ]
     return (
@@ -476,6 +560,20 @@ def low_yield_caveat(result: MetricsResult) -> str:
         f"intention-to-treat figure (a missing output is a miss) differ: {_names(named)}; a "
         "conditional figure there describes the outputs that exist, not the condition."
     )
+
+
+def failure_caveat(result: MetricsResult) -> str:
+    failed = sum(c.n_failed for c in result.cells.values())
+    if not failed and not result.failed_only:
+        return ""
+    text = (
+        f"{failed} scored rows failed in the backend (error or context overflow): not persona "
+        "misses, so they are left out of every figure, conditional and ITT, and counted in the "
+        "outcomes table"
+    )
+    if result.failed_only:
+        text += f"; every row failed in {_names([c.label() for c in result.failed_only])}"
+    return text
 
 
 def censoring_caveat(tests: Sequence[CensoringTest]) -> str:
@@ -507,7 +605,7 @@ def caveat_sentences(
             "enforced during decoding, so tool-slice yields say what the model writes when it "
             "cannot break the call format, not whether it can make the call unaided."
         )
-    out += [low_yield_caveat(result), censoring_caveat(ctx.censoring)]
+    out += [low_yield_caveat(result), censoring_caveat(ctx.censoring), failure_caveat(result)]
     for q in quals:
         out += [f"Classifier training for {q.base} warned: {w}" for w in q.warnings]
     return [s if s.endswith((".", "!", "?")) else s + "." for s in out if s]
@@ -525,8 +623,9 @@ def headline_text(result: MetricsResult, context: HeadlineContext | None = None)
     out += [_quality_sentence(q) for q in quals if not q.at_chance]
     given = _given_sentence(result, ctx, {q.base for q in quals})
     out += [given] if given else []
-    out += stage_sentences(result)
-    out += chain_sentences(result)
+    out += [scorer_sentence(result, b) for b in result.bases]
+    out.append(family_sentence(result))
+    out += claim_sentences(result)
     out += yield_sentences(result)
     out += caveat_sentences(result, ctx, quals)
     return out

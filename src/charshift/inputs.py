@@ -3,10 +3,8 @@
 Every problem is an `InputError` (a ValueError) that names the file, the line and the field, raised
 before a classifier loads or a metric is computed, and before any output is written:
 
-- `read_jsonl_objects(path, what)`: the objects of a JSONL file, one per non-blank line. Refused:
-  a missing file, a folder, an empty file, bytes that are not UTF-8, a line that is not one JSON
-  object (a truncated last line included), a key given twice in one object, NaN/Infinity or a
-  number too large for a float, nesting deeper than `MAX_DEPTH`, a line over `MAX_LINE_BYTES`.
+- `read_jsonl_objects(path, what)`: the objects of a JSONL file, one per non-blank line, read by
+  the package's one strict reader (`fileio.read_jsonl`: see there what it refuses).
 - `check_prediction(obj, where)`: one row of a predictions file (README "Bring your own data") ->
   a `PredictionRecord`; `check_generation(obj, where)`: one row of a generations file -> the same
   record with no prediction and the text to classify.
@@ -22,7 +20,7 @@ before a classifier loads or a metric is computed, and before any output is writ
   hold every item x persona x sample of its grid; what is missing is a warning naming the cell
   and the counts (the figures then cover only the rows given).
 - `check_output_file` / `check_output_dir`: an output path that can be written, checked up front;
-  `write_text_atomic`: the output itself, complete or not at all.
+  `write_text_atomic`: the output itself, complete or not at all (`fileio`'s atomic writer).
 - `check_model_source(spec, what)`: a local model or classifier folder is a model folder.
 
 Texts holding a lone surrogate (`"\\ud800"` is legal JSON but no UTF-8 text can hold it) are
@@ -38,11 +36,13 @@ import math
 import os
 import re
 import tempfile
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from charshift import fileio
 from charshift.schema import (
     BASE_STAGE,
     JUDGE_OUTCOMES,
@@ -53,8 +53,6 @@ from charshift.schema import (
     PredictionRecord,
 )
 
-MAX_LINE_BYTES = 64 << 20  # one JSONL row; a text of tens of MB is not a model output
-MAX_DEPTH = 32  # JSON nesting of one row (the schema needs 2)
 MAX_LABEL_CHARS = 200  # base, stage, slice, persona, item_id, prediction, outcome, probs labels
 PROBS_SUM_TOLERANCE = 0.01  # |sum(probs) - 1|: rounding to 3 decimals over 11 labels stays inside
 _LABEL_FIELDS = ("base", "stage", "slice", "persona", "item_id")
@@ -75,137 +73,35 @@ class InputError(ValueError):
     """An input file, row or path that cannot be used, naming the file, line and field."""
 
 
-class _Refused(ValueError):
-    """Raised inside the JSON decoder's hooks; turned into an InputError naming the line."""
-
-
 # --------------------------------------------------------------------------------------- reading
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):  # JSON allows it, Python keeps the last: refuse, naming the key
-        seen: set[str] = set()
-        for k, _ in pairs:
-            if k in seen:
-                raise _Refused(f"key {k!r} is given twice in one object")
-            seen.add(k)
-    return obj
-
-
-def _no_constant(name: str) -> Any:
-    raise _Refused(f"{name} is not a JSON number")
-
-
-def _finite_float(text: str) -> float:
-    v = float(text)
-    if not math.isfinite(v):
-        raise _Refused(f"number {text[:40]} is too large for a float")
-    return v
-
-
-def _depth(obj: Any) -> int:
-    """Nesting depth of parsed JSON, without recursion (only containers are visited)."""
-    depth, level = 0, [obj]
-    while level:
-        depth += 1
-        nxt: list[Any] = []
-        for o in level:
-            if isinstance(o, dict):
-                nxt.extend(v for v in o.values() if isinstance(v, dict | list))
-            elif isinstance(o, list):
-                nxt.extend(v for v in o if isinstance(v, dict | list))
-        level = nxt
-    return depth
-
-
-# One strict decoder for every line (json.loads with hooks would build a decoder per call).
-_DECODER = json.JSONDecoder(
-    object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant, parse_float=_finite_float
-)
-
-
-def parse_json_line(raw: bytes, where: str, error: Error = InputError) -> Any:
-    """One line of a JSONL file (bytes, without the newline) -> the JSON value; errors name `where`."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise error(
-            f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
-        ) from None
-    try:
-        obj = _DECODER.decode(text)
-    except json.JSONDecodeError as err:
-        raise error(f"{where}: not valid JSON ({err.msg}, column {err.colno})") from None
-    except _Refused as err:
-        raise error(f"{where}: {err}") from None
-    except RecursionError:
-        raise error(f"{where}: JSON nested too deeply (more than {MAX_DEPTH} levels)") from None
-    except ValueError as err:  # e.g. an integer of more digits than Python converts
-        raise error(f"{where}: unreadable number ({err})") from None
-    # fewer brackets than the limit cannot nest past it (a C-speed count spares the walk)
-    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth(obj) > MAX_DEPTH:
-        raise error(f"{where}: JSON nested too deeply (more than {MAX_DEPTH} levels)")
-    return obj
-
-
-def _open_input(path: Path, what: str, error: Error) -> Any:
-    if path.is_dir():
-        raise error(f"{what} {path} is a folder, not a JSONL file")
-    if not path.exists():
-        raise error(f"{what} not found: {path}")
-    try:  # a pipe (`<(...)`, /dev/stdin) reads like a file
-        return path.open("rb")
-    except OSError as err:
-        raise error(f"{what} {path} cannot be read: {err.strerror or err}") from None
 
 
 def read_jsonl_objects(
     path: str | Path, what: str = "input file", error: Error = InputError
 ) -> list[tuple[int, dict[str, Any]]]:
-    """(1-based line number, object) for every non-blank line of a JSONL file; see the module doc.
-
-    `what` names the file in messages ("predictions file", "generations file").
-    """
-    p = Path(path)
-    out: list[tuple[int, dict[str, Any]]] = []
-    with _open_input(p, what, error) as fh:
-        n = 0
-        while raw := fh.readline(MAX_LINE_BYTES + 1):
-            n += 1
-            where = f"{what} {p} line {n}"
-            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
-                raise error(f"{where}: longer than {MAX_LINE_BYTES} bytes")
-            cut = not raw.endswith(b"\n")  # only the last line can lack its newline
-            raw = raw.rstrip(b"\r\n")
-            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]  # a UTF-8 byte order mark
-            if not raw.strip():
-                continue
-            try:
-                obj = parse_json_line(raw, where, error)
-            except error as err:
-                if cut:
-                    raise error(
-                        f"{err}; it is the last line and has no newline: cut off?"
-                    ) from None
-                raise
-            if not isinstance(obj, dict):
-                raise error(f"{where}: expected a JSON object, got {_json_type(obj)}")
-            out.append((n, obj))
-    if not out:
-        raise error(f"{what} {p} holds no rows (the file is empty)")
-    return out
+    """`fileio.read_jsonl_objects` with InputError: the one strict JSONL reader (see fileio)."""
+    return fileio.read_jsonl_objects(path, what, error)
 
 
-def _json_type(v: Any) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "true/false"}
-    if v is None:
-        return "null"
-    return names.get(type(v), "a number")
+_json_type = fileio.json_type
 
 
 # ------------------------------------------------------------------------------------ row checks
+
+
+def surrogate_problem(text: str) -> str | None:
+    """'holds a lone surrogate (\\ud800 at character 4)' where `text` holds one (legal in JSON,
+    but no UTF-8 file and no tokenizer can take it), else None."""
+    m = _SURROGATE.search(text)
+    if m is None:
+        return None
+    return f"holds a lone surrogate (\\u{ord(m.group()):04x} at character {m.start() + 1})"
+
+
+def replace_surrogates(text: str) -> tuple[str, int]:
+    """`text` with each lone surrogate replaced by U+FFFD (what a UTF-8 decoder puts for bytes it
+    cannot read), and how many were replaced."""
+    return _SURROGATE.subn("\ufffd", text)
 
 
 def check_text(v: Any, field: str, where: str, error: Error = InputError) -> str | None:
@@ -214,12 +110,9 @@ def check_text(v: Any, field: str, where: str, error: Error = InputError) -> str
         return None
     if not isinstance(v, str):
         raise error(f"{where}: field {field!r} must be a string or null, got {_json_type(v)}")
-    m = _SURROGATE.search(v)
-    if m:
-        raise error(
-            f"{where}: field {field!r} holds a lone surrogate (\\u{ord(m.group()):04x} at "
-            f"character {m.start() + 1}), which no UTF-8 output can carry"
-        )
+    problem = surrogate_problem(v)
+    if problem:
+        raise error(f"{where}: field {field!r} {problem}, which no UTF-8 output can carry")
     return v
 
 
@@ -230,14 +123,25 @@ def _label_problem(v: str) -> str | None:
         return "must be a non-empty string, got ''"
     if len(v) > MAX_LABEL_CHARS:
         return f"is longer than {MAX_LABEL_CHARS} characters"
-    m = _SURROGATE.search(v)
-    if m:
-        return f"holds a lone surrogate (\\u{ord(m.group()):04x} at character {m.start() + 1})"
+    problem = surrogate_problem(v)
+    if problem:
+        return problem
     m = _BAD_LABEL_CHARS.search(v)
     if m:
         return (
             f"holds a control character (U+{ord(m.group()):04X} at character {m.start() + 1}), "
             "which would break the tables and the report"
+        )
+    hidden = next((i for i, c in enumerate(v) if unicodedata.category(c) == "Cf"), None)
+    if hidden is not None:
+        return (
+            f"holds an invisible format character (U+{ord(v[hidden]):04X} at character "
+            f"{hidden + 1}), so it would look like another label and count apart from it"
+        )
+    if not unicodedata.is_normalized("NFC", v):
+        return (
+            f"is not in Unicode NFC form (it looks like {unicodedata.normalize('NFC', v)!r} "
+            "but would count apart from it); write it in NFC"
         )
     if v != v.strip():
         return f"has leading or trailing whitespace: {v!r}"
@@ -423,6 +327,35 @@ def check_generation(
     return PredictionRecord(**vals, prediction=None, **extras)
 
 
+_LOOKALIKE_FIELDS = (*_LABEL_FIELDS, "prediction")
+
+
+def check_lookalikes(
+    records: Sequence[PredictionRecord],
+    lines: Sequence[int],
+    source: str,
+    error: Error = InputError,
+) -> None:
+    """Two distinct labels of one field that are the same after Unicode NFKC normalisation (a
+    fullwidth letter, a ligature: they look alike but would count as two labels) are an error
+    naming both lines. Invisible characters and non-NFC labels are refused row by row."""
+    for name in _LOOKALIKE_FIELDS:
+        seen: dict[str, tuple[str, int]] = {}
+        values: dict[str, int] = {}
+        for r, line in zip(records, lines, strict=True):
+            v = getattr(r, name)
+            if v is not None and v not in values:
+                values[v] = line
+        for v, line in values.items():
+            first = seen.setdefault(unicodedata.normalize("NFKC", v), (v, line))
+            if first[0] != v:
+                raise error(
+                    f"{source} lines {first[1]} and {line}: field {name!r} holds {first[0]!r} and "
+                    f"{v!r}, which look alike (the same after Unicode NFKC normalisation) but "
+                    "would count as two labels; write one of them as the other"
+                )
+
+
 def _row_key(r: PredictionRecord) -> tuple[str, str, str, str, str, int]:
     return (r.base, r.stage, r.slice, r.persona, r.item_id, r.sample_idx)
 
@@ -455,6 +388,7 @@ def load_predictions(
     rows = read_jsonl_objects(p, "predictions file", error)
     lines = [n for n, _ in rows]
     records = [check_prediction(obj, f"predictions file {p} line {n}", error) for n, obj in rows]
+    check_lookalikes(records, lines, str(p), error)
     dups = find_duplicates(records)
     if not dups:
         return records
@@ -668,22 +602,37 @@ def check_output_dir(path: str | Path, what: str = "--out", error: Error = Input
     return p
 
 
+def name_max(folder: str | Path) -> int:
+    """The longest file name, in bytes, that the file system of `folder` (or of its nearest
+    existing ancestor) takes; 255, the common limit, where it cannot say."""
+    try:
+        return int(os.pathconf(_nearest_existing(Path(folder)), "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        return 255
+
+
+def check_name_lengths(
+    names: Sequence[tuple[str, str, int]], folder: str | Path, error: Error = InputError
+) -> None:
+    """Each (what, name, extra bytes a file name made from it adds) fits the file system of
+    `folder` (`name_max`); an error naming `what`, the name's bytes and the limit."""
+    limit = name_max(folder)
+    for what, name, extra in names:
+        n = len(os.fsencode(name))
+        if n + extra > limit:
+            made = f" (and {n + extra} with what the run adds to it)" if extra else ""
+            raise error(
+                f"{what}: {name[:40]!r}{'...' if len(name) > 40 else ''} is {n} bytes as a "
+                f"file name{made}; file names under {folder} are limited to {limit} bytes"
+            )
+
+
 def write_text_atomic(path: str | Path, text: str, error: Error = InputError) -> None:
-    """Write `text` (UTF-8) to `path` through a temporary file beside it and a rename: the file
-    is either the old one or the complete new one, never a partial write."""
+    """Write `text` (UTF-8) to `path` all at once (`fileio.atomic_write_text`): the file is the
+    old one or the complete new one, never a partial write; a failure is `error` naming it."""
     p = Path(path)
-    tmp: str | None = None
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-        tmp = None
     except OSError as err:
-        raise error(f"cannot write {p}: {err.strerror or err}") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+        raise error(fileio.write_error_text(p, err)) from None
+    fileio.atomic_write_text(p, text, error=lambda q, err: error(fileio.write_error_text(q, err)))

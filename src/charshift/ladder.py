@@ -10,16 +10,20 @@ the whole reply; an email slice: the email body), or a scoring variant of a slic
   `id_chat.short` the id_chat reply cut to a chat_email body length of the same (base, stage,
                   persona), matched by rank so that the cut lengths follow the bodies' length
                   distribution: a length control on home ground
-  `SLICE.behaviour` a tool slice's actions (calls, arguments, results, order), without the
-                  email's text: read only by the LLM judge, with its own rubric
+  `agentic_actions.behaviour`  the tool loop's actions (which tools, in what order, with what
+                  arguments), scored only by the judge's behaviour rubric
 
 Lengths are counted in the scorer's tokens (words for a scorer without a tokenizer), and a cut
 ends at a sentence end within 10% of its target where there is one (`charshift.units`). A cut
 keeps a text's opening, so besides length it drops the text's end: the rung labels say so.
 
 Chains are read from home ground outward; each rung changes exactly one thing, stated in
-`changes`, and the report prints it. The rungs of one chain are estimated on the chain's common
-items, so they sum exactly to the chain's total. Contrasts are single comparisons outside a chain.
+`changes` (a rung between two slices is worded once, in the slice registry `charshift.slices`),
+and the report prints it. The rungs of one chain are estimated on the chain's common items, so
+they sum exactly to the chain's total. Contrasts are single comparisons outside a chain:
+`CONTRASTS` (the email family's) and, read from the registry, each other slice against its
+control (`registry_contrasts`: every scaffold against its chat control); `ALL_CONTRASTS` holds
+both.
 
 This module is the one home of these definitions: stats, plots and the report read them.
 """
@@ -28,14 +32,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from charshift import slices
+from charshift.slices import BEHAVIOUR, HEAD, SHORT, WHOLE
+
 VARIANT_SEP = "."
-WHOLE = "whole"  # scoring variant: the whole chat reply instead of the extracted email body
-HEAD = "head"  # scoring variant: the whole reply cut to its own email body's length
-SHORT = "short"  # scoring variant: the id_chat reply cut to a rank-matched email body's length
-VARIANTS = (WHOLE, HEAD, SHORT)
-# A unit only the LLM judge reads: a tool slice's behaviour (its calls, arguments, results and
-# order, without the email's text), judged with its own rubric (scoring.judge_views).
-BEHAVIOUR = "behaviour"
+# WHOLE: the whole chat reply instead of the extracted email body; HEAD: the whole reply cut to
+# its own email body's length; SHORT: the id_chat reply cut to a rank-matched email body's
+# length; BEHAVIOUR: a tool loop's actions, scored by the judge's behaviour rubric only. (The
+# names live in the slice registry, `charshift.slices`.)
+VARIANTS = (WHOLE, HEAD, SHORT, BEHAVIOUR)
 
 
 def unit_name(slice_: str, variant: str | None = None) -> str:
@@ -69,26 +74,21 @@ class Chain:
         return [self.rungs[0].frm] + [r.to for r in self.rungs]
 
 
+def registry_rung(slice_: str) -> Rung:
+    """The rung from a slice's control to it, worded as its registry entry states it."""
+    entry = slices.get(slice_)
+    if entry.control is None:
+        raise ValueError(f"slice {slice_!r} has no control (home ground or a control itself)")
+    return Rung(entry.control, unit_name(slice_, entry.rung_variant), entry.changes)
+
+
 MAIN_CHAIN = Chain(
     "agentic",
     "From a chat email to an agentic email",
     (
-        Rung(
-            "chat_email",
-            "email_syscontext",
-            "adds the agent's long operational system prompt (same user turn, no tools)",
-        ),
-        Rung(
-            "email_syscontext",
-            "tool_email_oneshot",
-            "the email goes out through a send_email tool call (tool descriptions in the system "
-            "prompt; all facts still given)",
-        ),
-        Rung(
-            "tool_email_oneshot",
-            "agentic_email",
-            "the facts must be found with tools in a multi-turn loop before send_email",
-        ),
+        registry_rung("email_syscontext"),
+        registry_rung("tool_email_oneshot"),
+        registry_rung("agentic_email"),
     ),
 )
 
@@ -96,17 +96,8 @@ EMAIL_STEP_CHAIN = Chain(
     "email_step",
     "Splitting the step from a chat reply to a chat email",
     (
-        Rung(
-            "id_chat",
-            "scenario_chat",
-            "topic: a business scenario with its facts instead of a general prompt (a chat "
-            "answer, not an email; whole reply scored)",
-        ),
-        Rung(
-            "scenario_chat",
-            unit_name("chat_email", WHOLE),
-            "genre: the user asks for an email instead of a chat answer (whole reply scored)",
-        ),
+        registry_rung("scenario_chat"),
+        registry_rung("chat_email"),
         Rung(
             unit_name("chat_email", WHOLE),
             unit_name("chat_email", HEAD),
@@ -126,11 +117,7 @@ EMAIL_STEP_CHAIN = Chain(
 CHAINS: tuple[Chain, ...] = (EMAIL_STEP_CHAIN, MAIN_CHAIN)
 
 CONTRASTS: tuple[Rung, ...] = (
-    Rung(
-        "chat_email",
-        "chat_email_multiturn",
-        "the situation arrives over three live user turns instead of one",
-    ),
+    registry_rung("chat_email_multiturn"),
     Rung(
         "id_chat",
         unit_name("id_chat", SHORT),
@@ -141,3 +128,22 @@ CONTRASTS: tuple[Rung, ...] = (
         "whole",
     ),
 )
+
+
+def registry_contrasts(
+    chains: tuple[Chain, ...] = CHAINS, contrasts: tuple[Rung, ...] = CONTRASTS
+) -> tuple[Rung, ...]:
+    """The rung of every registered slice from its control that no chain or contrast above
+    already compares: each scaffold against its chat control, the ID variants against
+    id_chat. Read from the registry, so a new slice needs no entry here."""
+    done = [*(r for c in chains for r in c.rungs), *contrasts]
+    taken = {(split_unit(r.frm)[0], split_unit(r.to)[0]) for r in done}
+    return tuple(
+        registry_rung(e.name)
+        for e in slices.SLICES.values()
+        if e.control is not None and (e.control, e.name) not in taken
+    )
+
+
+# Every contrast the statistics compute: the email family's, then the registry's.
+ALL_CONTRASTS: tuple[Rung, ...] = CONTRASTS + registry_contrasts()

@@ -70,7 +70,7 @@ def counter_for(clf: Any) -> tuple[LengthCounter, str | None]:
 def record_counter(store: Any, cid: str, counter: LengthCounter, why: str | None) -> None:
     """Write `counter` into the run (a token counter's JSON, once) and record it in the
     manifest under classifier id `cid`."""
-    from charshift.store import atomic_write_text
+    from charshift.fileio import atomic_write_text
 
     entry: dict[str, Any] = {"name": counter.name, "file": None}
     if isinstance(counter, TokenCounter):

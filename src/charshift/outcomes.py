@@ -5,7 +5,8 @@ A row's outcome says whether it produced an output (`reply`, `email`) or why not
 verbosity runs out of steps, its style breaks the tool format), conditional metrics compare
 different subsets of items: that is a finding to report, not noise to drop. This module counts
 outcomes per (base, stage, persona, unit) and tests, within one (base, stage, unit), whether the
-outcome depends on the persona.
+outcome depends on the persona. A backend failure (`error`, `context_overflow`) is not the
+persona's doing: it is counted on its own and left out of the yield and of the test.
 
 The test: Pearson's chi-square statistic of the outcome x persona table, with a permutation
 p-value that permutes the persona labels *within* each item and sample (the rows of one scenario
@@ -22,7 +23,13 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import chi2
 
-from charshift.schema import NULL_PERSONA_MARKERS, OUTCOMES, SCORED_OUTCOMES, PredictionRecord
+from charshift.schema import (
+    FAILED_OUTCOMES,
+    NULL_PERSONA_MARKERS,
+    OUTCOMES,
+    SCORED_OUTCOMES,
+    PredictionRecord,
+)
 
 OUTPUT = "output"
 MISSING = "missing"
@@ -30,8 +37,10 @@ MISSING = "missing"
 
 def outcome_table(records: Iterable[PredictionRecord]) -> list[dict[str, object]]:
     """One row per (base, stage, persona, unit): the count of each outcome (every outcome in
-    `schema.OUTCOMES` is a column, plus any unknown one seen), `n` and `yield` (share of rows
-    with an output). Base-stage rows keep their null persona: count them before any expansion."""
+    `schema.OUTCOMES` is a column, plus any unknown one seen), `n`, `failed` (backend failures,
+    `schema.FAILED_OUTCOMES`: not persona misses) and `yield` (share of the rows that did not
+    fail with an output; NaN when every row failed). Base-stage rows keep their null persona:
+    count them before any expansion."""
     counts: dict[tuple[str, str, str, str], Counter[str]] = defaultdict(Counter)
     for r in records:
         counts[(r.base, r.stage, str(r.persona), r.slice)][r.outcome] += 1
@@ -42,8 +51,11 @@ def outcome_table(records: Iterable[PredictionRecord]) -> list[dict[str, object]
         n = sum(c.values())
         row: dict[str, object] = {"base": base, "stage": stage, "persona": persona, "unit": unit}
         row.update({o: c.get(o, 0) for o in columns})
+        failed = sum(c.get(o, 0) for o in FAILED_OUTCOMES)
         row["n"] = n
-        row["yield"] = sum(c.get(o, 0) for o in SCORED_OUTCOMES) / n
+        row["failed"] = failed
+        outputs = sum(c.get(o, 0) for o in SCORED_OUTCOMES)
+        row["yield"] = outputs / (n - failed) if n > failed else float("nan")
         rows.append(row)
     return rows
 
@@ -93,7 +105,8 @@ def censoring_test(
     seed: int = 0,
 ) -> CensoringTest | None:
     """Does the outcome depend on the persona in this (base, stage, unit)? `collapse`: compare
-    output vs missing instead of every outcome. None when the cell has no rows or a single
+    output vs missing instead of every outcome. Backend failures (`schema.FAILED_OUTCOMES`) are
+    not the persona's doing: they are left out. None when the cell has no rows or a single
     persona (the base stage's null persona has nothing to compare)."""
     rows = [
         r
@@ -102,6 +115,7 @@ def censoring_test(
         and r.stage == stage
         and r.slice == unit
         and r.persona not in NULL_PERSONA_MARKERS
+        and r.outcome not in FAILED_OUTCOMES
     ]
     personas = list(dict.fromkeys(r.persona for r in rows))
     if len(personas) < 2:

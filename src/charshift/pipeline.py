@@ -8,18 +8,28 @@ What to generate comes from `planning.build_plan` (pure); the analysis tail (rec
 from __future__ import annotations
 
 import functools
-import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
-from charshift import tools, units
+from charshift import banks, tools, units
 from charshift.adapter_probe import probe_adapters, require_applied
 from charshift.backends.base import AdapterSource, Backend
-from charshift.config import BackendConfig, BaseSpec, RunConfig, config_to_dict, parse_config
+from charshift.backends.settings import DEFAULT_MAX_IN_FLIGHT
+from charshift.completion import record_completion
+from charshift.config import (
+    BackendConfig,
+    BaseSpec,
+    RunConfig,
+    check_backend_available,
+    check_local_paths,
+    config_to_dict,
+    parse_config,
+)
+from charshift.inputs import check_name_lengths, surrogate_problem
 from charshift.planning import Plan, PlannedRow, Shard, build_plan, in_shard, select_shard
 from charshift.rollout import Episode, RolloutEngine, RolloutSettings
 from charshift.schema import EpisodeSpec, GenerationRow, ScoreRow, stable_hash
@@ -32,7 +42,7 @@ from charshift.scoring.base import (
     scorer_name,
     verdicts_of,
 )
-from charshift.store import RunStore
+from charshift.store import RunStore, retryable
 
 
 def cache_dir() -> Path:
@@ -53,87 +63,59 @@ def make_backend(cfg: RunConfig, base: BaseSpec, run_dir: Path | None = None) ->
 def backend_for(
     b: BackendConfig, base: BaseSpec, run_dir: Path | None = None, seed: int = 0
 ) -> Backend:
-    """A backend of settings `b` for the model of `base` (a run's own backend, or a judge's);
-    a managed server logs to `server-<base name>.log` in `run_dir` and is seeded with `seed`."""
-    if b.kind == "server":
-        return _server_backend(b, base, run_dir, seed)
-    if b.kind == "hf":
-        from charshift.backends.hf import HFBackend
+    """A backend of settings `b` for the model of `base` (a run's own backend, or a judge's;
+    `backends/registry.py`: the kind's module builds it), once this machine is known to have the
+    kind's package and device; a managed server logs to `server-<base name>.log` in `run_dir`
+    and is seeded with `seed`."""
+    from charshift.backends.registry import BackendContext
+    from charshift.backends.registry import make_backend as build
 
-        return HFBackend(
-            base.model,
-            revision=base.revision,
-            device=b.device,
-            dtype=b.dtype,
-            batch_size=b.batch_size,
-            cache_dir=cache_dir(),
-            max_batch_tokens=b.max_batch_tokens,
-            kv_cache_mb=b.kv_cache_mb,
-        )
-    if b.kind == "openai":
-        from charshift.backends.openai import OpenAIBackend
+    check_backend_available(b)
 
-        if not b.base_url:
-            raise ValueError("backend.base_url: required for the openai backend")
-        return OpenAIBackend(
-            b.base_url,
-            base.model,
-            api_key=os.environ.get(b.api_key_env),
-            max_concurrency=b.max_concurrency,
-            max_in_flight=b.max_in_flight,
-            adapter_syntax=b.adapter_syntax,
-        )
-    from charshift.backends.vllm import VLLMBackend
-
-    return VLLMBackend(
-        base.model,
+    context = BackendContext(
+        model=base.model,
         revision=base.revision,
-        max_model_len=b.max_model_len,
-        gpu_memory_utilization=b.gpu_memory_utilization,
-        max_lora_rank=b.max_lora_rank,
-        max_loras=b.max_loras,
-        max_cpu_loras=b.max_cpu_loras,
-        dtype=b.dtype,
-    )
-
-
-def _server_backend(b: BackendConfig, base: BaseSpec, run_dir: Path | None, seed: int) -> Backend:
-    """`kind: server`: the engine charshift starts with the base's adapters (backends/server.py)."""
-    from charshift.backends.server import ServerBackend
-    from charshift.models import resolve_model
-
-    assert b.engine is not None  # BackendConfig checked it
-    return ServerBackend(
-        resolve_model(base.model, cache_dir(), revision=base.revision).path,
-        engine=b.engine,
-        command=b.command,
-        host=b.host,
-        port=b.port,
-        startup_timeout=b.startup_timeout,
-        extra_args=b.extra_args,
-        log_path=(run_dir or Path.cwd()) / f"server-{base.name}.log",
+        name=base.name,
         seed=seed,
-        revision=base.revision,
-        max_model_len=b.max_model_len,
-        gpu_memory_utilization=b.gpu_memory_utilization,
-        dtype=b.dtype,
-        max_lora_rank=b.max_lora_rank,
-        max_loras=b.max_loras,
-        max_cpu_loras=b.max_cpu_loras,
-        deterministic=b.deterministic,
-        adapter_syntax=b.adapter_syntax,
-        api_key=os.environ.get(b.api_key_env),
-        max_concurrency=b.max_concurrency,
-        max_in_flight=b.max_in_flight,
+        cache_dir=cache_dir(),
+        run_dir=run_dir,
     )
+    return build(b, context)
 
 
 # -- steps ---------------------------------------------------------------------------------------
 
 
+# Bytes the run adds to a base's name in a file name: `classifier/NAME.tmpXXXXXXXX` while a
+# classifier is trained, `server-NAME.log` for a managed server.
+BASE_NAME_EXTRA = len(".tmp") + 8
+
+
+def check_file_names(cfg: RunConfig, out: Path) -> None:
+    """Every name the run makes a file or folder name of fits the file system of `out`: checked
+    before anything is written, so a long name never fails after rows were generated."""
+    names = [
+        ("name (the run folder)" if k == 0 and part == cfg.name else "--out", part, 0)
+        for k, part in enumerate(_new_parts(Path(out)))
+    ]
+    names += [(f"bases.{i}.name", b.name, BASE_NAME_EXTRA) for i, b in enumerate(cfg.bases)]
+    check_name_lengths(names, out)
+
+
+def _new_parts(path: Path) -> list[str]:
+    """The components of `path` that do not exist yet (the folders a run would create), the
+    last first."""
+    parts = []
+    while not path.exists() and path != path.parent:
+        parts.append(path.name)
+        path = path.parent
+    return parts
+
+
 def prepare_run(cfg: RunConfig, out: Path, shard: Shard | None = None) -> RunStore:
     """Open `out` for writing (takes the run's writer lock, or `shard`'s; close the store, or
     use it as a context manager, to release it) and record the config."""
+    check_file_names(cfg, out)
     store = RunStore(out, shard=shard)
     try:
         store.write_config(
@@ -141,7 +123,10 @@ def prepare_run(cfg: RunConfig, out: Path, shard: Shard | None = None) -> RunSto
             planned_keys=lambda: {r.key for r in build_plan(cfg).rows},
             normalise=lambda d: config_to_dict(parse_config(d)),
         )
-        store.update_manifest(seeds={"sampling": cfg.sampling.seed, "stats": cfg.stats.seed})
+        store.update_manifest(
+            seeds={"sampling": cfg.sampling.seed, "stats": cfg.stats.seed},
+            banks=banks.provenance(cfg),  # kind -> source, sha256 and size of each item bank
+        )
     except BaseException:
         store.close()
         raise
@@ -163,20 +148,35 @@ def rollout_settings(cfg: RunConfig) -> RolloutSettings:
     )
 
 
-def generate(cfg: RunConfig, store: RunStore, wave_size: int | None = None) -> dict[str, Any]:
+def generate(
+    cfg: RunConfig, store: RunStore, wave_size: int | None = None, retry_errors: bool = False
+) -> dict[str, Any]:
     """Generate every planned row (of the store's shard, if it has one) the store does not hold
-    yet. Returns counts."""
+    yet; with `retry_errors`, also every row that ended in an error (a server error, a timeout,
+    an engine's `error` finish): its new row replaces it, and the replaced line goes to the
+    table's quarantine file. Returns counts."""
     plan = build_plan(cfg)
     wave = wave_size or max(cfg.backend.batch_size * 8, 64)
     mine = select_shard(plan.rows, store.shard)
     summary: dict[str, Any] = {"planned": len(mine), "done_before": 0, "generated": 0}
+    if retry_errors:
+        summary["retried"] = 0
     for base in cfg.bases:
         rows = [r for r in mine if r.condition.base == base.name]
-        todo = [r for r in rows if r.key not in store.generations]
+        todo = [r for r in rows if _to_generate(store, r.key, retry_errors)]
         summary["done_before"] += len(rows) - len(todo)
+        if retry_errors:
+            summary["retried"] += sum(r.key in store.generations for r in todo)
         if todo:
             summary["generated"] += _generate_base(cfg, store, plan, base, todo, wave)
+    if retry_errors:
+        store.compact()
     return summary
+
+
+def _to_generate(store: RunStore, key: str, retry_errors: bool) -> bool:
+    row = store.generations.get(key)
+    return row is None or (retry_errors and retryable(row))
 
 
 def _generate_base(
@@ -220,9 +220,8 @@ def _drive(
     lazily), else lockstep in waves of `wave` rows (`calls` counts the model calls of a step
     as they finish)."""
     if engine.backend.async_capable:
-        yield from engine.run_streaming(
-            _episodes(cfg, plan, todo), max_in_flight=cfg.backend.max_in_flight
-        )
+        in_flight = getattr(cfg.backend, "max_in_flight", DEFAULT_MAX_IN_FLIGHT)
+        yield from engine.run_streaming(_episodes(cfg, plan, todo), max_in_flight=in_flight)
         return
     for start in range(0, len(todo), wave):
         yield from engine.run(
@@ -234,22 +233,30 @@ def _load_adapters(
     store: RunStore, plan: Plan, base: BaseSpec, backend: Backend, todo: list[PlannedRow]
 ) -> dict[str, str]:
     """Load the adapters `todo` needs; record provenance and skipped adapters in the manifest."""
-    skipped = store.recorded("skipped_adapters")
     needed = sorted({r.adapter.name for r in todo if r.adapter}, key=str)
     sources = materialise_tiny_adapters(base, [plan.adapters[base.name][n] for n in needed])
     failed = backend.load_adapters(sources)
     for name, msg in failed.items():
-        skipped[f"{base.name}/{name}"] = msg
         tqdm.write(f"[charshift] skipping adapter {base.name}/{name}: {msg}")
+    store.modify_manifest(functools.partial(_note_skipped, base.name, needed, failed))
     probe = probe_adapters(backend, [n for n in needed if n not in failed])
     info = backend.info()
-    store.update_manifest(
-        backends={base.name: info.__dict__},
-        skipped_adapters=skipped or {},
-        adapter_probe={base.name: probe},
-    )
+    store.update_manifest(backends={base.name: info.__dict__}, adapter_probe={base.name: probe})
     require_applied(probe)  # an adapter that changes nothing stops the run, naming it
     return failed
+
+
+def _note_skipped(
+    base: str, needed: list[str], failed: dict[str, str], manifest: dict[str, Any]
+) -> None:
+    """The manifest's `skipped_adapters` (base/adapter -> why) after loading `needed`: the ones
+    that failed now are in it, the ones that loaded now are not (a skip a rerun repaired)."""
+    skipped = manifest.get("skipped_adapters")
+    skipped = skipped if isinstance(skipped, dict) else {}
+    for name in needed:
+        skipped.pop(f"{base}/{name}", None)
+    skipped.update({f"{base}/{name}": msg for name, msg in failed.items()})
+    manifest["skipped_adapters"] = skipped
 
 
 def _episodes(cfg: RunConfig, plan: Plan, rows: list[PlannedRow]) -> Iterator[Episode]:
@@ -322,9 +329,17 @@ def training_rows(cfg: RunConfig, store: RunStore, base: BaseSpec) -> list[Gener
         and r.stage == tc.stage
         and r.text
     ]
+    rows = _readable(rows, lambda r: (r, r.text or ""), store, "used for training")
     if not rows:
+        why = (
+            "its config asks for none (id_prompts.n_train: 0); set id_prompts.n_train and run "
+            "`charshift run CONFIG --out DIR` to generate them"
+            if cfg.id_prompts.n_train == 0
+            else "run `charshift generate CONFIG --out DIR` first"
+        )
         raise ValueError(
-            f"no ID training generations for base {base.name} stage {tc.stage}: run `generate` first"
+            f"no ID training generations for base {base.name} stage {tc.stage} in "
+            f"{store.root}: {why}"
         )
     return sorted(rows, key=lambda r: r.key)
 
@@ -378,6 +393,35 @@ def ensure_scorers(cfg: RunConfig, store: RunStore) -> None:
 
 
 # -- scoring -------------------------------------------------------------------------------------
+
+
+T = TypeVar("T")
+
+
+def _readable(
+    items: list[T], parts: Callable[[T], tuple[GenerationRow, str]], store: RunStore, use: str
+) -> list[T]:
+    """The items (`parts(item)`: its row and text) whose text a tokenizer can take. A stored
+    text holding a lone surrogate (a damaged or hand-edited line: nothing charshift writes holds
+    one) made the tokenizer raise and every resume die; its row is left out, with one warning
+    naming it."""
+    ok: list[T] = []
+    bad: dict[str, tuple[GenerationRow, str]] = {}
+    for it in items:
+        row, text = parts(it)
+        problem = surrogate_problem(text)
+        if problem is None:
+            ok.append(it)
+        else:
+            bad.setdefault(row.key, (row, problem))
+    if bad:
+        row, problem = next(iter(bad.values()))
+        store.warn(
+            f"{store.root}: {len(bad)} generation row(s) hold a text no tokenizer can read "
+            f"(e.g. row {row.key}, {row.base}/{row.stage}/{row.slice}/{row.item_id}: its text "
+            f"{problem}); they are not {use}, and the report counts them as missing"
+        )
+    return ok
 
 
 def score(cfg: RunConfig, store: RunStore) -> dict[str, int]:
@@ -434,6 +478,7 @@ def _todo(
     if isinstance(scorer, UnitSource):
         own = scorer.extra_units([r for r in rows if in_shard(r.item_id, store.shard, shards)])
         items += [u for u in own if u.text]
+    items = _readable(items, lambda u: (u.row, u.text or ""), store, "scored")
     todo = [
         u
         for u in items
@@ -525,6 +570,8 @@ def report(cfg: RunConfig, store: RunStore, out_dir: Path | None = None) -> Path
     """The analysis tail over a run directory (see `analysis.report_run`)."""
     from charshift import analysis
 
+    if store.writable:  # what the run left undone, for its exit status (charshift.completion)
+        record_completion(cfg, store, scored=True)
     path = analysis.report_run(cfg, store, out_dir)
     if store.writable:  # a report of a run opened read-only changes nothing in it
         store.log_event("report", path=str(path))
@@ -532,21 +579,28 @@ def report(cfg: RunConfig, store: RunStore, out_dir: Path | None = None) -> Path
 
 
 def preflight(cfg: RunConfig) -> None:
-    """Cheap checks before any generation: every given classifier knows every persona."""
+    """Cheap checks before any generation, in this order: every local path the config names is
+    there (`config.check_local_paths`, all of them named at once), the plan builds (scenario,
+    prompt and persona files are read), every given classifier knows every persona."""
     from charshift.scoring.classifier import load_classifier
 
+    check_local_paths(cfg)
+    build_plan(cfg)
     for base in cfg.bases:
         if base.classifier:
             load_classifier(base.classifier, cache_dir=cache_dir()).check_personas(cfg.personas)
 
 
-def run_all(cfg: RunConfig, out: Path) -> Path:
+def run_all(cfg: RunConfig, out: Path, retry_errors: bool = False) -> Path:
     t0 = time.time()
-    build_plan(cfg)  # scenario, prompt and persona files are validated here
-    preflight(cfg)
+    check_file_names(cfg, out)
+    check_backend_available(cfg.backend)
+    preflight(
+        cfg
+    )  # every path, file, the plan and classifier the run needs, before any model loads
     with prepare_run(cfg, out) as store:
         store.log_event("run_start")
-        generate(cfg, store)
+        generate(cfg, store, retry_errors=retry_errors)
         ensure_scorers(cfg, store)
         score(cfg, store)
         path = report(cfg, store)

@@ -15,9 +15,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from charshift import formats, prompts, scenarios
+from charshift import banks, formats, prompts, slices
 from charshift.backends.base import AdapterSource
-from charshift.config import ID_SLICES, SCENARIO_SLICES, BaseSpec, RunConfig
+from charshift.config import BaseSpec, ConfigError, RunConfig
+from charshift.render import render
 from charshift.rollout import step_budget
 from charshift.schema import (
     BASE_STAGE,
@@ -27,8 +28,10 @@ from charshift.schema import (
     EpisodeSpec,
     GenerationRow,
     Sampling,
+    canonical_json,
     stable_hash,
 )
+from charshift.slices import RenderContext
 
 
 @dataclass
@@ -47,7 +50,7 @@ class Plan:
     rows: list[PlannedRow]
     conditions: dict[str, list[Condition]]
     adapters: dict[str, dict[str, AdapterSource]]  # base -> adapter name -> source
-    scenario_bank: dict[str, Any]
+    scenario_bank: dict[str, Any]  # the worlds of tool episodes: scenario id -> Scenario
 
     def rows_for(self, base: str) -> list[PlannedRow]:
         return [r for r in self.rows if r.condition.base == base]
@@ -67,9 +70,18 @@ class Plan:
         per_slice = Counter((r.spec.slice, r.spec.split) for r in self.rows)
         lines.append("rows per slice:")
         for (sl, split), n in sorted(per_slice.items()):
-            lines.append(f"  {sl:<22} {split:<5} {n:>7}")
+            lines.append(f"  {sl:<26} {split:<5} {n:>7}")
         calls = sum(max_calls(r, cfg.rollout.max_steps) for r in self.rows)
         lines.append(f"generations in all: {len(self.rows)} rows, at most {calls} model calls")
+        judged = slices.judge_units(cfg.slices)
+        if judged:
+            how = (
+                "scored by the judge's behaviour rubric"
+                if "judge" in cfg.scorers
+                else "not scored (only the judge's behaviour rubric reads them; add judge to "
+                "`scorers`)"
+            )
+            lines.append(f"units {', '.join(judged)}: {how}")
         return "\n".join(lines)
 
 
@@ -124,32 +136,39 @@ def _placeholder_prompts(cfg: RunConfig) -> tuple[list[Any], list[Any]]:
 
 
 def build_episodes(cfg: RunConfig, dry: bool = False) -> tuple[list[EpisodeSpec], dict[str, Any]]:
-    specs: list[EpisodeSpec] = []
-    bank: dict[str, Any] = {}
-    id_slices = [s for s in cfg.slices if s in ID_SLICES]
-    if id_slices:
-        if dry and cfg.id_prompts.source == "pure_dove":
-            train, evalp = _placeholder_prompts(cfg)
-        else:
-            train, evalp = prompts.select_id_prompts(cfg.id_prompts)
-        if cfg.train_stages() and "id_chat" in id_slices:
-            for i, p in enumerate(train):
-                specs.append(formats.render_id("id_chat", p, i))
-        for sl in id_slices:
-            for i, p in enumerate(evalp):
-                specs.append(formats.render_id(sl, p, i, cfg.id_prompts.break_suffixes))
-    scenario_slices = [s for s in cfg.slices if s in SCENARIO_SLICES]
-    if scenario_slices:
-        chosen = scenarios.select_scenarios(
-            scenarios.load_bank(), ids=cfg.scenarios.ids, n=cfg.scenarios.n, seed=cfg.scenarios.seed
-        )
-        native = cfg.rollout.tool_protocol == "native"
-        for sc in chosen:
-            bank[sc.id] = sc
-            for sl in scenario_slices:
-                spec = formats.render_scenario(sl, sc, native_tools=native)
+    """Every item of the run rendered in every slice of its kind, and the worlds (scenarios by
+    id) that tool episodes run their simulator over. Banks are validated first (`banks`)."""
+    specs = _id_episodes(cfg, dry)
+    worlds: dict[str, Any] = {}
+    native = cfg.rollout.tool_protocol == "native"
+    for kind, bank in banks.for_run(cfg).items():
+        ctx = RenderContext(native_tools=native, worlds=bank.worlds)
+        kind_slices = [s for s in cfg.slices if s in slices.names(items=kind)]
+        for it in banks.select(bank, banks.selection(cfg, kind)):
+            for sl in kind_slices:
+                spec = render(sl, it, ctx)
                 specs.append(with_step_budget(cfg, spec))
-    return specs, bank
+                if spec.scenario_id is not None:
+                    worlds[spec.scenario_id] = bank.worlds.get(spec.scenario_id, it)
+    return specs, worlds
+
+
+def _id_episodes(cfg: RunConfig, dry: bool) -> list[EpisodeSpec]:
+    specs: list[EpisodeSpec] = []
+    id_slices = [s for s in cfg.slices if s in slices.names(items="prompt")]
+    if not id_slices:
+        return specs
+    if dry and cfg.id_prompts.source == "pure_dove":
+        train, evalp = _placeholder_prompts(cfg)
+    else:
+        train, evalp = prompts.select_id_prompts(cfg.id_prompts)
+    if cfg.train_stages() and "id_chat" in id_slices:
+        for i, p in enumerate(train):
+            specs.append(formats.render_id("id_chat", p, i))
+    for sl in id_slices:
+        for i, p in enumerate(evalp):
+            specs.append(formats.render_id(sl, p, i, cfg.id_prompts.break_suffixes))
+    return specs
 
 
 def with_step_budget(cfg: RunConfig, spec: EpisodeSpec) -> EpisodeSpec:
@@ -164,17 +183,15 @@ def with_step_budget(cfg: RunConfig, spec: EpisodeSpec) -> EpisodeSpec:
     )
 
 
-def row_key(
+def _key_parts(
     cfg: RunConfig,
     base: BaseSpec,
     cond: Condition,
     spec: EpisodeSpec,
     sample_idx: int,
     adapter: AdapterSource | None,
-    sampling: Sampling | None = None,
-) -> str:
-    """The row's identity: everything that shapes its generation (`sampling`: the row's own,
-    by default the run-wide settings for its slice)."""
+    sampling: Sampling | None,
+) -> dict[str, Any]:
     sampling = sampling or cfg.sampling.to_sampling(spec.slice)
     parts: dict[str, Any] = {
         "model": base.model,
@@ -190,7 +207,46 @@ def row_key(
     }
     if spec.mode != "chat":
         parts["rollout"] = cfg.rollout.model_dump()
-    return stable_hash(parts, 24)
+    return parts
+
+
+def row_key(
+    cfg: RunConfig,
+    base: BaseSpec,
+    cond: Condition,
+    spec: EpisodeSpec,
+    sample_idx: int,
+    adapter: AdapterSource | None,
+    sampling: Sampling | None = None,
+) -> str:
+    """The row's identity: everything that shapes its generation (`sampling`: the row's own,
+    by default the run-wide settings for its slice)."""
+    return stable_hash(_key_parts(cfg, base, cond, spec, sample_idx, adapter, sampling), 24)
+
+
+def row_keys(
+    cfg: RunConfig,
+    base: BaseSpec,
+    cond: Condition,
+    spec: EpisodeSpec,
+    n: int,
+    adapter: AdapterSource | None,
+    sampling: Sampling | None = None,
+) -> list[str]:
+    """`row_key` of samples 0..n-1, the same keys at a fraction of the cost: the canonical JSON
+    is written once and hashed up to the value of "sample_idx"; each sample hashes only the rest
+    (the episode, often kilobytes, is not encoded and hashed n times)."""
+    blob = canonical_json(_key_parts(cfg, base, cond, spec, 0, adapter, sampling))
+    # keys sort, so the top-level "sample_idx" is the last one (every string escapes its quotes)
+    cut = blob.rindex('"sample_idx":0') + len('"sample_idx":')
+    head = hashlib.sha256(blob[:cut].encode())
+    tail = blob[cut + 1 :].encode()
+    keys = []
+    for s in range(n):
+        h = head.copy()
+        h.update(str(s).encode() + tail)
+        keys.append(h.hexdigest()[:24])
+    return keys
 
 
 def build_plan(cfg: RunConfig, dry: bool = False) -> Plan:
@@ -203,8 +259,10 @@ def build_plan(cfg: RunConfig, dry: bool = False) -> Plan:
     conditions: dict[str, list[Condition]] = {}
     adapters: dict[str, dict[str, AdapterSource]] = {}
     train_stages = cfg.train_stages()
+    built = {b.name: build_conditions(cfg, b) for b in cfg.bases}
+    _check_size(cfg, specs, [c for conds, _ in built.values() for c in conds], train_stages)
     for base in cfg.bases:
-        conds, adp = build_conditions(cfg, base)
+        conds, adp = built[base.name]
         conditions[base.name] = conds
         adapters[base.name] = adp
         for cond in conds:
@@ -213,10 +271,33 @@ def build_plan(cfg: RunConfig, dry: bool = False) -> Plan:
                 if spec.split == "train" and cond.stage not in train_stages:
                     continue
                 sampling = cfg.sampling.to_sampling(spec.slice)
-                for s in range(cfg.sampling.n_samples if spec.split == "eval" else 1):
-                    key = row_key(cfg, base, cond, spec, s, src, sampling)
-                    rows.append(PlannedRow(key, cond, spec, s, src, sampling))
+                n = cfg.sampling.n_samples if spec.split == "eval" else 1
+                keys = row_keys(cfg, base, cond, spec, n, src, sampling)
+                rows.extend(PlannedRow(k, cond, spec, s, src, sampling) for s, k in enumerate(keys))
     return Plan(cfg, rows, conditions, adapters, bank)
+
+
+# A plan holds every row in memory (a few hundred bytes each, more for long episodes), and a run
+# this size takes weeks of GPU time: a config beyond it is a slip (n_samples: 10000), not a study.
+MAX_PLAN_ROWS = 2_000_000
+
+
+def _check_size(
+    cfg: RunConfig, specs: list[EpisodeSpec], conds: list[Condition], train_stages: list[str]
+) -> None:
+    """Count the plan's rows before building them; past MAX_PLAN_ROWS, a ConfigError naming the
+    factors (every base's conditions x episodes x samples)."""
+    n_eval = sum(s.split == "eval" for s in specs)
+    n_train = len(specs) - n_eval
+    total = len(conds) * n_eval * cfg.sampling.n_samples
+    total += sum(c.stage in train_stages for c in conds) * n_train
+    if total > MAX_PLAN_ROWS:
+        raise ConfigError(
+            f"the plan has {total:,} rows ({len(conds)} conditions over {len(cfg.bases)} "
+            f"base(s) x {n_eval} episodes (items x slices) x sampling.n_samples "
+            f"{cfg.sampling.n_samples}), more than the {MAX_PLAN_ROWS:,} a run may hold; "
+            "lower sampling.n_samples, the personas, the stages or the number of items"
+        )
 
 
 # -- shards --------------------------------------------------------------------------------------
@@ -509,19 +590,19 @@ def _hours(h: float | None) -> str:
 
 
 def _cost_lines(est: CostEstimate) -> list[str]:
-    head = f"  {'base':<10} {'slice':<22} {'rows':>7} {'budget':>6} {'calls<=':>8} {'tokens<=':>9}"
+    head = f"  {'base':<10} {'slice':<26} {'rows':>7} {'budget':>6} {'calls<=':>8} {'tokens<=':>9}"
     head += f" {'calls~':>9} {'tok/call~':>9} {'tokens~':>9}  basis"
     lines = ["cost estimate: generated tokens (prompt tokens and scoring not counted)", head]
     for c in est.cells:
         lines.append(
-            f"  {c.base:<10} {c.slice:<22} {c.rows:>7} {c.budget:>6} {c.max_calls:>8} "
+            f"  {c.base:<10} {c.slice:<26} {c.rows:>7} {c.budget:>6} {c.max_calls:>8} "
             f"{_tokens(c.max_tokens):>9} {c.expected_calls:>9.0f} {c.tokens_per_call:>9.1f} "
             f"{_tokens(c.expected_tokens):>9}  {c.basis}"
         )
     rows = sum(c.rows for c in est.cells)
     calls = sum(c.max_calls for c in est.cells)
     lines.append(
-        f"  {'total':<33} {rows:>7} {'':>6} {calls:>8} {_tokens(est.max_tokens):>9} "
+        f"  {'total':<37} {rows:>7} {'':>6} {calls:>8} {_tokens(est.max_tokens):>9} "
         f"{sum(c.expected_calls for c in est.cells):>9.0f} {'':>9} "
         f"{_tokens(est.expected_tokens):>9}"
     )

@@ -3,20 +3,21 @@
 Figures are built with matplotlib's object API (`matplotlib.figure.Figure`, Agg canvas), never
 pyplot, so nothing depends on a display or on global pyplot state.
 
-- ladder_<base>: macro-F1 per unit (bars per stage, interval error bars, chance line),
-  conditional and intention-to-treat side by side
-- stages: macro-F1 per stage, one panel per unit, one line per base
+- ladder_<base>: macro-F1 excess over each cell's own null per unit (bars per stage, interval
+  error bars, a line at 0: no persona), conditional and intention-to-treat side by side
+- stages: macro-F1 excess per stage, one panel per unit, one line per base
 - persona_f1_<unit>: per-persona F1 heatmap, rows base/stage, columns personas
 - confusion_<base>_<unit>: row-normalised confusion matrices, one panel per stage
 - yield_<base>: share of rows with an output, per persona, rows stage/unit
-- chain_<base>_<chain>: one chain of `ladder.CHAINS` for every stage of a base: each unit's
-  macro-F1 on the chain's common items (top, with the chance line) and the loss of each rung
+- chain_<base>_<chain>: one chain of `ladder.CHAINS` for every trained stage of a base: each
+  unit's macro-F1 excess on the chain's common items (top) and the excess lost per rung
   (bottom), conditional and ITT, every bar with its interval
 - pred_dist_<base>: the classifier's predicted-label shares per stage/unit
 
 A flagged interval (too few clusters, resamples with nothing scored: `stats.Interval.flag`) is
 drawn hatched and faded, with a dagger; a figure fixed by construction has no error bar; an
-undefined one (nothing scored) is marked n/a.
+undefined one (nothing scored) is marked n/a. A unit where the scorer is blind (the positive
+control's excess interval reaches 0) is marked with a double dagger in its tick label.
 
 File names: a readable slug of the names a figure is about, then a short hash of the exact
 names, so distinct names (`b c` and `b_c`) never share a file. Names from the data reach the
@@ -34,7 +35,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from charshift.headline import chain_heading
-from charshift.schema import stable_hash
+from charshift.schema import BASE_STAGE, stable_hash
 from charshift.stats import CellMetrics, ChainDecomposition, Difference, Interval, MetricsResult
 
 _PALETTE = [
@@ -44,6 +45,7 @@ _PALETTE = [
 _SVG_META = {"Date": None}
 _NAN_IV = Interval(float("nan"), float("nan"), float("nan"))
 DAGGER = "\u2020"
+BLIND = "\u2021"  # a unit where the scorer is blind
 _SLUG_MAX = 48
 
 
@@ -115,12 +117,20 @@ def _persona_values(c: CellMetrics, personas: list[str], attr: str) -> list[floa
     return out
 
 
-def _chance(ax: Axes, k: int) -> None:
-    ax.axhline(1.0 / k, color="grey", ls="--", lw=1, label=f"chance (1/{k})")
-
-
 def _offsets(n: int, width: float) -> np.ndarray:
     return (np.arange(n) - (n - 1) / 2) * width
+
+
+def _tick(result: MetricsResult, base: str, unit: str) -> str:
+    """A unit's tick label, with a double dagger where the scorer is blind."""
+    return _t(unit) + (f" {BLIND}" if result.blind(base, unit) else "")
+
+
+def _excess_limits(ax: Axes, ivs: Sequence[Interval]) -> None:
+    ends = [0.0, 0.1] + [v for i in ivs for v in (i.estimate, i.lo, i.hi) if np.isfinite(v)]
+    pad = 0.05 * (max(ends) - min(ends))
+    ax.set_ylim(min(ends) - pad, max(ends) + pad)
+    ax.axhline(0, color="black", lw=0.8)
 
 
 def _ladder_fig(result: MetricsResult, base: str) -> Figure:
@@ -132,18 +142,22 @@ def _ladder_fig(result: MetricsResult, base: str) -> Figure:
     bar = 0.8 / max(1, len(stages))
     x = np.arange(len(slices))
     for ax, itt in zip(axes, (False, True), strict=True):
+        shown: list[Interval] = []
         for j, (st, off) in enumerate(zip(stages, _offsets(len(stages), bar), strict=True)):
             cells = [result.get(base, st, s) for s in slices]
-            ivs = [(c.macro_f1_itt if itt else c.macro_f1) if c else _NAN_IV for c in cells]
+            ivs = [(c.macro_f1_excess_itt if itt else c.macro_f1_excess) if c else _NAN_IV
+                   for c in cells]  # fmt: skip
             _bars(ax, x + off, ivs, bar, _PALETTE[j % len(_PALETTE)], st)
-        _chance(ax, len(result.labels.get(base, result.personas)))
-        ax.set_ylim(0, 1.05)
+            shown += ivs
+        _excess_limits(ax, shown)
         ax.set_title("intention-to-treat" if itt else "conditional (outputs only)", fontsize=10)
-        ax.set_ylabel("macro-F1")
-    axes[1].set_xticks(x, [_t(s) for s in slices], rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("macro-F1 excess over own null")
+    axes[1].set_xticks(x, [_tick(result, base, s) for s in slices], rotation=30, ha="right",
+                       fontsize=8)  # fmt: skip
     axes[0].legend(fontsize=8, loc="upper right")
     fig.suptitle(
-        f"{_t(base)}: macro-F1 per unit ({result.ci:.0%} CI; hatched, {DAGGER}: interval flagged)",
+        f"{_t(base)}: macro-F1 excess per unit ({result.ci:.0%} CI; hatched, {DAGGER}: interval "
+        f"flagged; {BLIND}: scorer blind in that unit)",
         fontsize=11,
     )
     return fig
@@ -160,7 +174,7 @@ def _stages_fig(result: MetricsResult) -> Figure:
     for ax, sl in zip(axes, slices, strict=False):
         for j, b in enumerate(result.bases):
             cells = [result.get(b, st, sl) for st in stages]
-            ivs = [c.macro_f1 if c else _NAN_IV for c in cells]
+            ivs = [c.macro_f1_excess if c else _NAN_IV for c in cells]
             color, xs = _PALETTE[j % len(_PALETTE)], x + 0.05 * j
             ax.errorbar(xs, [i.estimate for i in ivs], yerr=_yerr(ivs), marker="o", capsize=2,
                         label=_t(b), color=color)  # fmt: skip
@@ -172,13 +186,14 @@ def _stages_fig(result: MetricsResult) -> Figure:
                    if (c := result.get(b, st, sl)) is not None):  # fmt: skip
             ax.text(0.5, 0.5, "no scored output", transform=ax.transAxes, ha="center",
                     color="grey")  # fmt: skip
-        _chance(ax, len(result.personas))
+        ax.axhline(0, color="black", lw=0.8)
         ax.set_xticks(x, [_t(s) for s in stages], rotation=20, fontsize=8)
-        ax.set_ylim(0, 1.05)
-        ax.set_title(_t(sl), fontsize=9)
+        ax.set_ylim(-0.3, 1.0)
+        blind = [b for b in result.bases if result.blind(b, sl)]
+        ax.set_title(_t(sl) + (f" ({BLIND} scorer blind)" if blind else ""), fontsize=9)
     for ax in axes[len(slices) :]:
         ax.set_visible(False)
-    axes[0].set_ylabel("macro-F1 (conditional)")
+    axes[0].set_ylabel("macro-F1 excess (conditional)")
     axes[0].legend(fontsize=7)
     fig.suptitle(f"Stage progression per unit (open marker, {DAGGER}: flagged)", fontsize=11)
     return fig
@@ -222,7 +237,9 @@ def _persona_f1_fig(result: MetricsResult, slice_: str) -> Figure:
     )
     ax = fig.subplots()
     _heatmap(ax, data, rows, result.personas)
-    ax.set_title(f"Per-persona F1 (conditional): {_t(slice_)}", fontsize=10)
+    blind = [b for b in result.bases if result.blind(b, slice_)]
+    mark = f" {BLIND} scorer blind for {', '.join(map(_t, blind))}" if blind else ""
+    ax.set_title(f"Per-persona F1 (conditional): {_t(slice_)}{mark}", fontsize=10)
     return fig
 
 
@@ -238,7 +255,8 @@ def _confusion_fig(result: MetricsResult, base: str, slice_: str) -> Figure:
         ax.set_title(f"{_t(c.cell.stage)} (n={c.n_rows})", fontsize=9)
         ax.set_xlabel("predicted", fontsize=8)
     axes[0].set_ylabel("true persona", fontsize=8)
-    fig.suptitle(f"{_t(base)} / {_t(slice_)}: confusion (row share)", fontsize=10)
+    mark = f" ({BLIND} scorer blind here)" if result.blind(base, slice_) else ""
+    fig.suptitle(f"{_t(base)} / {_t(slice_)}: confusion (row share){mark}", fontsize=10)
     return fig
 
 
@@ -249,7 +267,10 @@ def _yield_fig(result: MetricsResult, base: str) -> Figure:
         for sl in result.slices
         if (c := result.get(base, st, sl)) is not None
     ]
-    rows = [f"{c.cell.stage}/{c.cell.slice}" for c in cells]
+    rows = [  # _heatmap escapes them
+        f"{c.cell.stage}/{c.cell.slice}" + (f" {BLIND}" if result.blind(base, c.cell.slice) else "")
+        for c in cells
+    ]
     data = np.array([_persona_values(c, result.personas, "yield_") for c in cells])
     fig = Figure(
         figsize=(max(5.0, 2.5 + 0.55 * len(result.personas)), 1.8 + 0.3 * len(rows)),
@@ -282,17 +303,20 @@ def _rung_labels(decs: Sequence[ChainDecomposition]) -> list[str]:
     return labels
 
 
-def _chain_levels(ax: Axes, decs: list[ChainDecomposition], units: list[str], k: int) -> None:
+def _chain_levels(ax: Axes, decs: list[ChainDecomposition], units: list[str]) -> None:
     """Each stage's units on the chain's common items, grouped by unit."""
     width = 0.8 / max(1, len(decs))
     x = np.arange(len(units))
+    shown: list[Interval] = []
     for j, (d, off) in enumerate(zip(decs, _offsets(len(decs), width), strict=True)):
         by = dict(zip(d.units, d.estimates, strict=True))
-        _bars(ax, x + off, [by.get(u, _NAN_IV) for u in units], width,
-              _PALETTE[j % len(_PALETTE)], d.stage)  # fmt: skip
-    _chance(ax, k)
-    ax.set_xticks(x, [_t(u) for u in units], rotation=25, ha="right", fontsize=7)
-    ax.set_ylim(0, 1.05)
+        ivs = [by.get(u, _NAN_IV) for u in units]
+        _bars(ax, x + off, ivs, width, _PALETTE[j % len(_PALETTE)], d.stage)
+        shown += ivs
+    _excess_limits(ax, shown)
+    blind = {u for d in decs for u in d.blind}
+    ticks = [_t(u) + (f" {BLIND}" if u in blind else "") for u in units]
+    ax.set_xticks(x, ticks, rotation=25, ha="right", fontsize=7)
 
 
 def _chain_rungs(ax: Axes, decs: list[ChainDecomposition], labels: list[str]) -> None:
@@ -324,27 +348,26 @@ def _diff_iv(d: Difference) -> Interval:
 
 
 def _chain_fig(result: MetricsResult, base: str, decs: list[ChainDecomposition]) -> Figure:
-    """decs: the chain's macro-F1 decompositions of every stage of `base`, both views."""
+    """decs: the chain's excess decompositions of every trained stage of `base`, both views."""
     units, labels = _chain_units(decs), _rung_labels(decs)
-    k = len(result.labels.get(base, result.personas))
     fig = Figure(figsize=(max(7.0, 1.1 * len(units)) * 2, 7.6), layout="constrained")
     axes = fig.subplots(2, 2)
     for col, itt in enumerate((False, True)):
         view = [d for d in decs if d.itt == itt]
         if not view:
             continue
-        _chain_levels(axes[0, col], view, units, k)
+        _chain_levels(axes[0, col], view, units)
         _chain_rungs(axes[1, col], view, labels)
         name = "intention-to-treat" if itt else "conditional (outputs only)"
-        axes[0, col].set_title(f"{name}: macro-F1 on the chain's common items", fontsize=9)
-        axes[1, col].set_title(f"{name}: loss per rung (positive = persona lost)", fontsize=9)
-    axes[0, 0].set_ylabel("macro-F1")
-    axes[1, 0].set_ylabel("macro-F1 lost")
+        axes[0, col].set_title(f"{name}: excess on the chain's common items", fontsize=9)
+        axes[1, col].set_title(f"{name}: excess lost per rung (positive = lost)", fontsize=9)
+    axes[0, 0].set_ylabel("macro-F1 excess")
+    axes[1, 0].set_ylabel("macro-F1 excess lost")
     axes[0, 1].legend(fontsize=7, loc="upper right")
     heading = chain_heading(decs[0])
     fig.suptitle(
         f"{_t(base)}: {_t(heading[0].upper() + heading[1:])} ({result.ci:.0%} CI; hatched, "
-        f"{DAGGER}: flagged)",
+        f"{DAGGER}: flagged; {BLIND}: scorer blind)",
         fontsize=10,
     )
     return fig
@@ -387,7 +410,8 @@ def _pred_dist_fig(result: MetricsResult, base: str, top: int = 8) -> Figure:
         color = "#DDDDDD" if lab == "(no output)" else _PALETTE[j % len(_PALETTE)]
         ax.barh(y, vals, left=left, label=_t(lab), color=color)
         left += np.array(vals)
-    ax.set_yticks(y, [_t(f"{c.cell.stage}/{c.cell.slice}") for c in cells], fontsize=7)
+    ax.set_yticks(y, [f"{_t(c.cell.stage)}/{_tick(result, base, c.cell.slice)}" for c in cells],
+                  fontsize=7)  # fmt: skip
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
     ax.set_xlabel("share of attempted rows")
@@ -402,12 +426,13 @@ FigureSpec = tuple[str, str, Callable[[], Figure]]
 def _chain_specs(result: MetricsResult) -> Iterator[FigureSpec]:
     groups: dict[tuple[str, str], list[ChainDecomposition]] = {}
     for dec in result.chains:
-        if dec.metric == "macro_f1":
+        if dec.metric == "macro_f1_excess" and dec.stage != BASE_STAGE:
             groups.setdefault((dec.base, dec.chain), []).append(dec)
     for (b, ch), decs in groups.items():
         yield (
             figure_stem("chain", b, ch),
-            f"{b}: {chain_heading(decs[0])} (macro-F1 on the common items, and the loss per rung)",
+            f"{b}: {chain_heading(decs[0])} (macro-F1 excess on the common items, and the "
+            "excess lost per rung)",
             lambda b=b, decs=decs: _chain_fig(result, b, decs),
         )
 
@@ -439,7 +464,7 @@ def figure_specs(result: MetricsResult) -> Iterator[FigureSpec]:
     for b in result.bases:
         yield (
             figure_stem("ladder", b),
-            f"{b}: macro-F1 per unit and stage",
+            f"{b}: macro-F1 excess over each cell's own null, per unit and stage",
             lambda b=b: _ladder_fig(result, b),
         )
     yield "stages", "Stage progression per unit", lambda: _stages_fig(result)

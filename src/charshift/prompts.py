@@ -28,7 +28,7 @@ import numpy as np
 import yaml
 
 from charshift.config import ALL_PERSONAS, ConfigError, IdPromptsConfig
-from charshift.store import jsonl_objects
+from charshift.fileio import jsonl_values, read_jsonl
 
 SPLITS = ("train", "eval")
 PROMPT_FIELDS = ("prompt", "text", "input")  # accepted names of the prompt text in a JSONL file
@@ -62,11 +62,12 @@ def _data_file(name: str) -> Any:
 # JSONL prompt files (bundled and user-supplied)
 
 
-def _parse_prompt_lines(lines: Iterable[str], source: str) -> list[IdPrompt]:
-    """Parse JSONL prompt records; every error names `source`, the 1-based line and the field."""
+def _parse_prompt_lines(records: Iterable[tuple[int, Any]], source: str) -> list[IdPrompt]:
+    """Check JSONL prompt records ((line number, object) from the one JSONL reader, `fileio`);
+    every error names `source`, the 1-based line and the field."""
     prompts: list[IdPrompt] = []
     seen: dict[str, int] = {}
-    for n, rec in jsonl_objects(lines, source, PromptError):
+    for n, rec in records:
         where = f"{source} line {n}"
         field = next((f for f in PROMPT_FIELDS if f in rec), None)
         if field is None:
@@ -105,16 +106,14 @@ def load_prompts_file(path: str | Path) -> list[IdPrompt]:
     A line without `id` gets `line{n}`; a line without `split` is an eval prompt.
     """
     p = Path(path)
-    if not p.is_file():
-        raise PromptError(f"prompts file not found: {p}")
-    with p.open(encoding="utf-8") as fh:
-        return _parse_prompt_lines(fh, str(p))
+    return _parse_prompt_lines(read_jsonl(p, "prompts file", PromptError), str(p))
 
 
 @lru_cache(maxsize=1)
 def _bundled_prompts() -> tuple[IdPrompt, ...]:
     text = _data_file("id_prompts.jsonl").read_text(encoding="utf-8")
-    return tuple(_parse_prompt_lines(text.splitlines(), "bundled id_prompts.jsonl"))
+    source = "bundled id_prompts.jsonl"
+    return tuple(_parse_prompt_lines(jsonl_values(text.splitlines(), source, PromptError), source))
 
 
 def load_bundled_prompts() -> list[IdPrompt]:
@@ -338,14 +337,7 @@ def _traits_from_json(data: Any, where: str) -> list[str]:
 
 
 def _read_jsonl(path: Path) -> list[Any]:
-    items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                items.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise PromptError(f"{path} line {n}: not valid JSON ({err.msg})") from None
-    return items
+    return [v for _, v in read_jsonl(path, "constitution", PromptError, objects=False)]
 
 
 # The format-explicit sentence of the `prompted_explicit` stage (never the default): it tells the

@@ -43,7 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from charshift.fileio import atomic_write_bytes, write_error_text
 from charshift.headline import (
+    BLIND,
     CENSORING_ALPHA,
     DAGGER,
     FIXED,
@@ -54,6 +56,7 @@ from charshift.headline import (
     context_from_settings,
     fmt_diff,
     fmt_iv,
+    fmt_p,
     headline_text,
     num,
 )
@@ -71,7 +74,16 @@ from charshift.schema import (
     Sample,
     stable_hash,
 )
-from charshift.stats import CellMetrics, ChainDecomposition, Difference, MetricsResult
+from charshift.stats import (
+    BLIND_TEXT,
+    CellMetrics,
+    ChainDecomposition,
+    Difference,
+    MetricsResult,
+    Retention,
+    ScorerCheck,
+)
+from charshift.stats.family import FAMILY_TEXT
 
 __all__ = [
     "DAGGER",
@@ -104,6 +116,7 @@ class ReportError(ValueError):
 # --------------------------------------------------------------------------- formatting
 
 _num, _iv, _diff_text = num, fmt_iv, fmt_diff
+EXCESS = "macro_f1_excess"
 
 
 def _e(x: Any) -> str:
@@ -161,27 +174,48 @@ _CENSORING_NOTE = (
 )
 
 
-def method_notes(result: MetricsResult) -> list[str]:
-    """How every figure in the report is formed (shown in both the HTML and the markdown)."""
+def _measure_notes(result: MetricsResult) -> list[str]:
+    """What each figure measures: the label set, the chance correction, the two views."""
     k = len(result.personas)
     return [
         f"Label set: the run's {k} personas ({', '.join(result.personas)}), less, per base, any "
         "persona with no rows at all in one of its stages (a skipped adapter; listed in the notes "
-        "above). A classifier prediction outside the label set counts as wrong. Chance level is "
-        f"about 1/K = {1 / k:.3f} for K = {k}.",
-        "Conditional metrics use only rows with an output (a reply, an extracted or sent email); "
-        "conditional macro-F1 averages per-persona F1 over the personas with at least one scored "
-        "output in the cell (how many of K is shown), in the estimate and in every resample. "
-        "Intention-to-treat (ITT) metrics use every attempted row, count a missing output as a "
-        "wrong prediction and average over all K personas (scikit-learn `f1_score(..., "
-        "labels=personas, average='macro', zero_division=0)`). Yield = rows with an output / rows "
-        "attempted, also given per persona: missing outputs are not random, so read the two views "
-        "together.",
+        "above). A classifier prediction outside the label set counts as wrong.",
+        "Chance correction: each cell has its own null, the macro-F1 expected if the "
+        "predictions were independent of the true persona given the cell's own prediction "
+        "shares and persona counts (per persona 2 n m / (N (n + m)); for the base null this is "
+        "(1/K) sum 2q/(1 + Kq), lower the more skewed the scorer). The macro-F1 excess is "
+        "macro-F1 minus that null, recomputed in every resample; p_null is its one-sided "
+        f"permutation p-value ({result.n_perm} permutations of the persona labels within "
+        "items); kappa is accuracy's chance correction. Persona is 'detected' where the "
+        "excess interval lies above 0, never by comparison with the base stage. Raw macro-F1 "
+        "stays, labelled raw.",
+        "Conditional metrics use only rows with an output (a reply, an extracted or sent email) "
+        "and average per-persona figures over the personas with a scored output (how many of K "
+        "is shown); intention-to-treat (ITT) metrics use every attempted row, count a missing "
+        "output as a wrong prediction and average over the personas with a row in the unit. A "
+        "difference averages both sides over the same personas (scored on both sides, per "
+        "resample: 'k of K'). Yield = rows with an output / rows attempted; backend failures "
+        "(error, context overflow) are not persona misses: left out and counted on their own.",
+    ]
+
+
+def method_notes(result: MetricsResult) -> list[str]:
+    """How every figure in the report is formed (shown in both the HTML and the markdown)."""
+    small = (
+        " With the small-sample correction (on): the expanded percentile interval, its tails cut "
+        "at Phi(-sqrt(G/(G-1)) t_{G-1}) instead of alpha/2, G the clusters behind the figure."
+        if result.small_sample
+        else ""
+    )
+    return [
+        *_measure_notes(result),
         f"Intervals: {result.ci:.0%} {result.method} cluster bootstrap with {result.n_boot} "
         "resamples. The cluster is the item (an ID prompt or an email scenario): all rows of an "
         "item (every persona and sample) are resampled together. Each cell has its own random "
-        f"stream, seeded from (seed={result.seed}, base, stage, unit), so a figure does not "
-        "depend on what else was computed."
+        f"stream, seeded from (seed={result.seed}, base, stage, unit); chains, their rungs and "
+        "the primary family share one draw per (base, item kind)."
+        + small
         + (
             " BCa uses a jackknife over clusters for the acceleration."
             if result.method == "bca"
@@ -189,24 +223,25 @@ def method_notes(result: MetricsResult) -> list[str]:
         ),
         f"{DAGGER} marks an interval not to be trusted: fewer than {result.min_clusters} clusters "
         "carry it (for conditional figures, items with a scored output; for a difference, the "
-        "fewer of its two sides), or some resamples had nothing scored (counted, and left out of "
-        "the interval); the tables give the reason in their `flag` column, and the figures draw "
-        "such a bar hatched and faded.",
+        "fewer of its two sides; an unpaired difference reports the smaller side's count), or "
+        "some resamples had nothing scored (counted, and left out of the interval), or it is "
+        "undefined; the tables give the reason in their `flag` column, and the figures draw "
+        f"such a bar hatched and faded. {BLIND} marks a unit where the positive control's "
+        f"excess interval reaches 0: {BLIND_TEXT}.",
+        f"Primary family, declared before looking: {FAMILY_TEXT}. A 'largest rung' named in "
+        "the headline is selected after looking: its interval is not a test.",
         "Chains: every unit of a chain is estimated on the items common to all the chain's units "
-        "of the same kind (prompts or scenarios), so the rungs add up exactly to the total; the "
-        "size of that set and the items left out are stated with each chain. One bootstrap draw "
-        "per item kind serves every unit, so the rungs are paired, except a rung from prompt "
-        "items to scenario items, which is an independent (unpaired) bootstrap, marked as such. "
-        "Rungs and contrasts are closer-to-home minus further unit (positive = persona lost); "
-        "stage differences are later minus earlier stage (positive = persona gained), paired on "
-        "the shared items.",
+        "of the same kind (prompts or scenarios) and on the personas defined in all of them, so "
+        "the rungs add up exactly to the total; the size of those sets and the items left out "
+        "are stated with each chain. A rung from prompt items to scenario items is an "
+        "independent (unpaired) bootstrap, marked as such. Rungs and contrasts are "
+        "closer-to-home minus further unit (positive = persona lost); stage differences are "
+        "later minus earlier trained stage (positive = persona gained).",
         "The base stage (no adapter, no persona prompt) is an explicit null: it is generated once "
         "per item and sample, and each output is paired with every persona of the label set as "
-        "its true label for F1. Its per-persona recall is the share of base outputs the "
-        "classifier gives that persona; its macro-F1 is what the classifier scores when nothing "
-        "carries a persona. Its counts (n, confusion, label shares, outcomes) count each output "
-        f"once. Its accuracy is {FIXED}: 1/K times the share of outputs predicted inside the "
-        "label set, shown without an interval.",
+        "its true label. Its predictions are independent of the persona by construction, so its "
+        f"excess, kappa and accuracy are {FIXED}. Its role is the scorer's format bias: the share "
+        "of its most-predicted label per unit, shown beside every rung.",
         _CENSORING_NOTE,
         "The predicted-label distribution shows what the classifier says per format, including "
         "labels outside the run's personas: a label that dominates a format in every stage "
@@ -220,30 +255,95 @@ def method_notes(result: MetricsResult) -> list[str]:
 Table = tuple[list[str], list[list[str]]]
 
 
+def _unit(result: MetricsResult, base: str, unit: str) -> str:
+    """A unit's name, marked where the scorer is blind."""
+    return f"{unit} {BLIND}" if result.blind(base, unit) else unit
+
+
 def _metrics_table(result: MetricsResult, paper: bool) -> Table:
     head = [
-        "base", "stage", "unit", "n", "yield", "macro-F1", "personas scored", "macro-F1 ITT",
-        "accuracy", "accuracy ITT", "mean p(true)",
+        "base", "stage", "unit", "n", "yield", "macro-F1 excess [CI]", "p_null", "kappa [CI]",
+        "macro-F1 (raw)", "its null", "personas scored", "excess ITT [CI]", "macro-F1 ITT (raw)",
+        "accuracy", "accuracy ITT", "mean p(true)", "backend failures",
     ]  # fmt: skip
     if paper:
-        head.append("published")
+        head.append("published (raw)")
     rows = []
     for m in result.cells.values():
         row = [
-            *m.cell,
-            f"{m.n_scored}/{m.n_rows}",
-            _iv(m.yield_, 2),
-            _iv(m.macro_f1),
-            f"{m.n_personas_scored}/{m.n_personas}",
-            _iv(m.macro_f1_itt),
-            _iv(m.accuracy),
-            _iv(m.accuracy_itt),
-            _num(m.mean_p_true),
-        ]
+            m.cell.base, m.cell.stage, _unit(result, m.cell.base, m.cell.slice),
+            f"{m.n_scored}/{m.n_rows}", _iv(m.yield_, 2), _iv(m.macro_f1_excess),
+            fmt_p(m.p_null), _iv(m.kappa), _iv(m.macro_f1), _num(m.macro_f1_null.estimate),
+            f"{m.n_personas_scored}/{m.n_personas}", _iv(m.macro_f1_excess_itt),
+            _iv(m.macro_f1_itt), _iv(m.accuracy), _iv(m.accuracy_itt), _num(m.mean_p_true),
+            str(m.n_failed),
+        ]  # fmt: skip
         if paper:
             row.append(published_text(*m.cell))
         rows.append(row)
     return head, rows
+
+
+def _scorer_table(result: MetricsResult) -> Table:
+    head = ["base", "scorer", "unit", "positive control", "sensitivity: control excess [CI]",
+            "scorer blind", "base text: top label", "its share", "note"]  # fmt: skip
+    rows = []
+    for s in result.scorer_checks:
+        blind = {True: f"YES {BLIND}", False: "no", None: "not checked"}[s.scorer_blind]
+        rows.append([s.base, s.scorer, s.unit, s.control or "none", _iv(s.sensitivity), blind,
+                     s.null_top_label or "–", _num(s.null_top_share, 2), _scorer_note(s)])  # fmt: skip
+    return head, rows
+
+
+def _scorer_note(s: ScorerCheck) -> str:
+    if s.scorer_blind:
+        return BLIND_TEXT
+    return s.note or s.sensitivity.flag
+
+
+def _retention_table(result: MetricsResult) -> Table:
+    head = ["base", "stage", "unit", "view", "retention: excess / control's [CI]",
+            "personas", "clusters", "flag"]  # fmt: skip
+    rows = [
+        [r.base, r.stage, _unit(result, r.base, r.unit), "ITT" if r.itt else "conditional",
+         _ratio_text(r), f"{r.k} of {r.n_personas}", str(r.n_clusters), r.flag]
+        for r in result.retention
+    ]  # fmt: skip
+    return head, rows
+
+
+def _ratio_text(r: Retention) -> str:
+    if r.estimate != r.estimate:
+        return "undefined (the control's excess is not above 0)"
+    dagger = "" if r.reliable else DAGGER
+    return f"{r.estimate:.2f} [{_num(r.lo, 2)}, {_num(r.hi, 2)}]{dagger}"
+
+
+def _family_table(result: MetricsResult) -> Table:
+    head = ["base", "stage", "figure", "estimate [CI]", "simultaneous band", "p", "Holm p",
+            "personas", "clusters", "verdict"]  # fmt: skip
+    rows = []
+    for d in result.family:
+        what = (f"{d.a.slice}: excess over its own null" if d.kind == "excess"
+                else f"{d.chain} total: {d.a.slice} -> {d.b.slice}")  # fmt: skip
+        band = f"[{d.lo_simul:+.3f}, {d.hi_simul:+.3f}]" if d.lo_simul == d.lo_simul else "–"
+        marks = "".join(f" {BLIND} {u}" for u in d.blind)
+        rows.append([d.a.base, d.a.stage, what + marks, _diff_text(d), band, fmt_p(d.p),
+                     fmt_p(d.p_holm), f"{d.k} of {d.n_personas}", str(d.n_clusters),
+                     _family_verdict(d)])  # fmt: skip
+    return head, rows
+
+
+def _family_verdict(d: Difference) -> str:
+    if d.lo_simul != d.lo_simul:
+        return "undefined"
+    if d.blind:
+        return f"{BLIND} not evidence: the scorer is blind in {', '.join(d.blind)}"
+    if d.kind == "excess":
+        return "persona detected" if d.lo_simul > 0 else "not detected"
+    if d.lo_simul > 0:
+        return "persona lost"
+    return "persona gained" if d.hi_simul < 0 else "no loss shown"
 
 
 def _published_table(result: MetricsResult) -> Table:
@@ -281,58 +381,82 @@ def _flags(*items: tuple[str, Difference | None]) -> str:
     return "; ".join(f"{view}: {d.flag}" for view, d in items if d is not None and d.flag)
 
 
-def _decomp_pairs(result: MetricsResult) -> list[tuple[ChainDecomposition | None, ...]]:
-    """(conditional, ITT) macro-F1 decompositions per (base, stage, chain), in result order."""
-    groups: dict[tuple[str, str, str], dict[bool, ChainDecomposition]] = {}
+Decs = dict[tuple[str, bool], ChainDecomposition]  # (metric, itt) -> one chain's decomposition
+
+
+def _decomp_groups(result: MetricsResult) -> list[Decs]:
+    """Every metric and view of each (base, stage, chain), in result order; the base stage is
+    left out (a null: its excess is 0 by construction, its role the scorer's format bias)."""
+    groups: dict[tuple[str, str, str], Decs] = {}
     for dec in result.chains:
-        if dec.metric == "macro_f1":
-            groups.setdefault((dec.base, dec.stage, dec.chain), {})[dec.itt] = dec
-    return [(g.get(False), g.get(True)) for g in groups.values()]
+        if dec.stage != BASE_STAGE:
+            groups.setdefault((dec.base, dec.stage, dec.chain), {})[(dec.metric, dec.itt)] = dec
+    return list(groups.values())
 
 
-def _chain_units_table(cond: ChainDecomposition | None, itt: ChainDecomposition | None) -> Table:
-    head = ["unit", "item kind", "common items", "items left out", "macro-F1 on common items",
-            "macro-F1 ITT on common items"]  # fmt: skip
-    ref = cond or itt
-    assert ref is not None
+def _bias(result: MetricsResult, base: str, unit: str) -> str:
+    """The scorer's top label on neutral base text in `unit`, with its share."""
+    check = result.scorer_check(base, unit)
+    if check is None or check.null_top_label is None:
+        return "–"
+    return f"{check.null_top_label} {check.null_top_share:.0%}"
+
+
+def _est(decs: Decs, key: tuple[str, bool], i: int) -> str:
+    dec = decs.get(key)
+    return _iv(dec.estimates[i]) if dec else ""
+
+
+def _chain_units_table(result: MetricsResult, decs: Decs) -> Table:
+    head = ["unit", "item kind", "common items", "items left out", "excess on common items",
+            "excess ITT", "macro-F1 (raw)", "base text: top label"]  # fmt: skip
+    ref = next(iter(decs.values()))
     rows = []
     for i, u in enumerate(ref.units):
         kind = ref.kinds.get(u, "")
         rows.append([
-            u, kind, str(ref.common.get(kind, "")), str(ref.dropped.get(u, 0)),
-            _iv(cond.estimates[i]) if cond else "", _iv(itt.estimates[i]) if itt else "",
+            _unit(result, ref.base, u), kind, str(ref.common.get(kind, "")),
+            str(ref.dropped.get(u, 0)), _est(decs, (EXCESS, False), i),
+            _est(decs, (EXCESS, True), i), _est(decs, ("macro_f1", False), i),
+            _bias(result, ref.base, u),
         ])  # fmt: skip
-    rows += [[u, "", "", "no records", "", ""] for u in ref.missing]
+    rows += [[u, "", "", "no records", "", "", "", ""] for u in ref.missing]
     return head, rows
 
 
-_RUNG_HEAD = ["rung", "what it changes", "loss, conditional", "loss, ITT", "paired", "clusters",
-              "flag"]  # fmt: skip
+_RUNG_HEAD = ["rung", "what it changes", "excess lost, conditional", "excess lost, ITT",
+              "macro-F1 (raw) lost", "personas", "paired", "clusters",
+              "base text: top label (from -> to)", "flag"]  # fmt: skip
 
 
-def _rung_row(
-    label: str, ref: Difference, cond: Difference | None, itt: Difference | None
-) -> list[str]:
+def _rung_cells(decs: Decs, j: int | None) -> list[Difference | None]:
+    out: list[Difference | None] = []
+    for key in ((EXCESS, False), (EXCESS, True), ("macro_f1", False)):
+        dec = decs.get(key)
+        out.append(None if dec is None else (dec.total if j is None else dec.rungs[j]))
+    return out
+
+
+def _rung_row(result: MetricsResult, label: str, cells: list[Difference | None]) -> list[str]:
+    cond, itt, raw = cells
+    ref = next(d for d in cells if d is not None)
+    texts = [(_diff_text(d) + (f" {BLIND}" if d.blind else "")) if d else "" for d in cells]
+    k = f"{cond.k} of {cond.n_personas}" if cond else ""
+    bias = f"{_bias(result, ref.a.base, ref.a.slice)} -> {_bias(result, ref.a.base, ref.b.slice)}"
     return [
-        label, ref.changes, _diff_text(cond) if cond else "", _diff_text(itt) if itt else "",
-        "paired" if ref.paired else "UNPAIRED", str(ref.n_clusters),
-        _flags(("conditional", cond), ("ITT", itt)),
+        label, ref.changes, *texts, k, "paired" if ref.paired else "UNPAIRED",
+        str(ref.n_clusters), bias, _flags(("conditional", cond), ("ITT", itt), ("raw", raw)),
     ]  # fmt: skip
 
 
-def _chain_rungs_table(cond: ChainDecomposition | None, itt: ChainDecomposition | None) -> Table:
-    ref = cond or itt
-    assert ref is not None
+def _chain_rungs_table(result: MetricsResult, decs: Decs) -> Table:
+    ref = next(iter(decs.values()))
     rows = [
-        _rung_row(f"{r.a.slice} -> {r.b.slice}", r, cond.rungs[j] if cond else None,
-                  itt.rungs[j] if itt else None)
+        _rung_row(result, f"{r.a.slice} -> {r.b.slice}", _rung_cells(decs, j))
         for j, r in enumerate(ref.rungs)
-    ]  # fmt: skip
+    ]
     t = ref.total
-    rows.append(
-        _rung_row(f"total: {t.a.slice} -> {t.b.slice}", t, cond.total if cond else None,
-                  itt.total if itt else None)
-    )  # fmt: skip
+    rows.append(_rung_row(result, f"total: {t.a.slice} -> {t.b.slice}", _rung_cells(decs, None)))
     return _RUNG_HEAD, rows
 
 
@@ -351,22 +475,25 @@ def _pairing_text(ref: ChainDecomposition) -> str:
 
 
 def _contrast_table(result: MetricsResult) -> Table:
-    head = ["base", "stage", "contrast", "what it changes", "loss, conditional", "loss, ITT",
-            "paired", "clusters", "flag"]  # fmt: skip
+    head = ["base", "stage", "contrast", "what it changes", "excess lost, conditional",
+            "excess lost, ITT", "macro-F1 (raw) lost", "personas", "paired", "clusters",
+            "flag"]  # fmt: skip
+    col = {(EXCESS, False): 4, (EXCESS, True): 5, ("macro_f1", False): 6}
     rows: dict[tuple, list[str]] = {}
     for d in result.differences:
-        if d.kind != "contrast" or d.metric != "macro_f1":
+        if d.kind != "contrast" or (d.metric, d.itt) not in col:
             continue
         key = (d.a.base, d.a.stage, f"{d.a.slice} -> {d.b.slice}")
         row = rows.setdefault(
-            key, [*key, d.changes, "", "", "paired" if d.paired else "UNPAIRED",
+            key, [*key, d.changes, "", "", "", "", "paired" if d.paired else "UNPAIRED",
                   str(d.n_clusters), ""],
         )  # fmt: skip
-        row[5 if d.itt else 4] = _diff_text(d)
+        row[col[(d.metric, d.itt)]] = _diff_text(d) + (f" {BLIND}" if d.blind else "")
+        if (d.metric, d.itt) == (EXCESS, False):
+            row[7] = f"{d.k} of {d.n_personas}"
         if d.flag:
-            row[8] = "; ".join(
-                x for x in (row[8], f"{'ITT' if d.itt else 'conditional'}: {d.flag}") if x
-            )
+            view = "ITT" if d.itt else "conditional"
+            row[10] = "; ".join(x for x in (row[10], f"{d.metric} {view}: {d.flag}") if x)
     return head, list(rows.values())
 
 
@@ -377,7 +504,7 @@ def _stage_table(result: MetricsResult) -> Table:
     for d in result.differences:
         if d.kind != "stage":
             continue
-        key = (d.a.base, d.a.slice, d.a.stage, d.b.stage, d.metric)
+        key = (d.a.base, _unit(result, d.a.base, d.a.slice), d.a.stage, d.b.stage, d.metric)
         row = rows.setdefault(key, [*key, "", "", str(d.n_clusters), ""])
         row[6 if d.itt else 5] = _diff_text(d)
         if d.flag:
@@ -421,7 +548,8 @@ def _pred_dist_table(result: MetricsResult) -> Table:
             _num(m.pred_distribution.get(lab, 0) / m.n_scored, 2) if m.n_scored else "–"
             for lab in labels
         ]
-        rows.append([*m.cell, *shares, _num(m.n_none / m.n_rows, 2) if m.n_rows else "–"])
+        rows.append([m.cell.base, m.cell.stage, _unit(result, m.cell.base, m.cell.slice),
+                     *shares, _num(m.n_none / m.n_rows, 2) if m.n_rows else "–"])  # fmt: skip
     return head, rows
 
 
@@ -457,7 +585,7 @@ def outcome_records(records: Iterable[PredictionRecord]) -> list[PredictionRecor
 
 
 OutcomeRow = dict[str, object]
-_OUTCOME_KEYS = ("base", "stage", "persona", "unit", "n", "yield")
+_OUTCOME_KEYS = ("base", "stage", "persona", "unit", "n", "failed", "yield")
 
 
 def _outcome_rows(recs: Sequence[PredictionRecord], result: MetricsResult) -> list[OutcomeRow]:
@@ -489,16 +617,20 @@ def _count(r: OutcomeRow, key: str) -> int:
 
 def _outcome_table(rows: Sequence[OutcomeRow]) -> Table:
     used = _outcome_columns(rows)
-    head = ["base", "stage", "persona", "unit", "rows", "yield", *used]
+    head = ["base", "stage", "persona", "unit", "rows", FAILED_HEAD, "yield", *used]
     body = []
     for r in rows:
         share = r["yield"]
         body.append(
             [str(r["base"]), str(r["stage"]), _persona_shown(r["persona"]), str(r["unit"]),
-             str(r["n"]), _num(share if isinstance(share, float) else None, 2),
+             str(r["n"]), str(_count(r, "failed")),
+             _num(share if isinstance(share, float) else None, 2),
              *(str(_count(r, o)) for o in used)]
         )  # fmt: skip
     return head, body
+
+
+FAILED_HEAD = "backend failures (not persona misses)"
 
 
 def _censoring_cols(t: CensoringTest | None) -> list[str]:
@@ -524,14 +656,16 @@ def _outcome_summary(rows: Sequence[OutcomeRow], tests: Sequence[CensoringTest])
     for r in rows:
         cells.setdefault((str(r["base"]), str(r["stage"]), str(r["unit"])), []).append(r)
     by_test = {(t.base, t.stage, t.unit): t for t in tests}
-    head = ["base", "stage", "unit", "rows", *used, "yield", "yield per persona",
+    head = ["base", "stage", "unit", "rows", *used, FAILED_HEAD, "yield", "yield per persona",
             "chi-square (dof)", "p (permutation)", "p (asymptotic)", "verdict"]  # fmt: skip
     body = []
     for key, group in cells.items():
         n = sum(_count(r, "n") for r in group)
+        failed = sum(_count(r, "failed") for r in group)
         out = sum(_count(r, o) for r in group for o in SCORED_OUTCOMES)
         counts = [str(sum(_count(r, o) for r in group)) for o in used]
-        body.append([*key, str(n), *counts, _num(out / n if n else None, 2),
+        share = out / (n - failed) if n > failed else None
+        body.append([*key, str(n), *counts, str(failed), _num(share, 2),
                      *_censoring_cols(by_test.get(key))])  # fmt: skip
     return head, body
 
@@ -861,7 +995,7 @@ class ReportContent:
 
 _NAV = (
     ("headline", "Headline"), ("metrics", "Metrics"), ("classifier", "Classifier"),
-    ("ladder", "Ladder"), ("contrasts", "Contrasts"), ("stages", "Stages"),
+    ("scorer", "Scorer check"), ("family", "Primary family"), ("ladder", "Ladder"), ("contrasts", "Contrasts"), ("stages", "Stages"),
     ("outcomes", "Outcomes"), ("personas", "Per persona"), ("labels", "Predicted labels"),
     ("confusion", "Confusion"), ("figures", "Figures"), ("samples", "Samples"),
     ("method", "Method"), ("settings", "Settings"),
@@ -903,8 +1037,12 @@ def _metrics_section(doc: _Doc, rep: ReportContent) -> None:
     doc.h2("metrics", "Metrics per cell")
     doc.p(
         f"{len(res.personas)} personas; {res.ci:.0%} cluster-bootstrap intervals in brackets "
-        f"({DAGGER}: flagged). n = rows with an output / rows attempted; a unit is a slice or "
-        "a scoring variant SLICE.VARIANT."
+        f"({DAGGER}: flagged; {BLIND}: a unit where the scorer is blind, {BLIND_TEXT}). n = "
+        "rows with an output / rows attempted; a unit is a slice or a scoring variant "
+        "SLICE.VARIANT. The chance-corrected figures come first: macro-F1 excess over the "
+        "cell's own null (the macro-F1 expected if predictions ignored the persona, given the "
+        "cell's own prediction shares), its permutation p-value and Cohen's kappa; raw "
+        "macro-F1 is not chance-corrected."
     )
     doc.table(_metrics_table(res, rep.paper))
     if rep.paper:
@@ -922,29 +1060,50 @@ def _classifier_section(doc: _Doc, rep: ReportContent) -> None:
     doc.table(_classifier_table(rep.result, rep.context))
 
 
-def _chain_block(
-    doc: _Doc, cond: ChainDecomposition | None, itt: ChainDecomposition | None
-) -> None:
-    ref = cond or itt
-    assert ref is not None
-    doc.h3(f"{ref.base} / {ref.stage}: {chain_heading(ref)}")
-    doc.p(_pairing_text(ref))
-    doc.table(_chain_units_table(cond, itt))
-    doc.table(_chain_rungs_table(cond, itt))
+def _scorer_section(doc: _Doc, rep: ReportContent) -> None:
+    res = rep.result
+    doc.h2("scorer", "Scorer check")
+    doc.p(
+        f"Can the scorer see persona in each unit? The positive control ({res.control or 'none'}"
+        ": the persona told to show in every format) is scored in every unit; its macro-F1 "
+        "excess is the scorer's sensitivity there. Where that interval reaches 0 the scorer is "
+        f"blind ({BLIND}): {BLIND_TEXT}. The base stage (no persona) shows the scorer's format "
+        "bias: the share of its most-predicted label on neutral text."
+    )
+    doc.table(_scorer_table(res), empty="No cells.")
+    doc.h3("Retention relative to the positive control")
+    doc.p(
+        "Each stage's excess divided by the control's in the same unit, paired on shared items; "
+        "flagged where the control's excess interval reaches 0."
+    )
+    doc.table(_retention_table(res), empty="No positive control in this run: no retention.")
+
+
+def _family_section(doc: _Doc, rep: ReportContent) -> None:
+    doc.h2("family", "Primary family")
+    doc.p(f"Declared before looking: {FAMILY_TEXT}. The verdicts read the simultaneous band.")
+    doc.table(_family_table(rep.result), empty="No trained stage: no primary family.")
 
 
 def _ladder_section(doc: _Doc, rep: ReportContent) -> None:
     doc.h2("ladder", "Ladder decomposition")
     doc.p(
-        "Every chain, per base and stage: each unit's macro-F1 on the chain's common items, then "
-        "each rung (what it changes, the macro-F1 lost with its interval, paired or not) and the "
-        "total. Positive = persona lost. Conditional and intention-to-treat (ITT) side by side."
+        "Every chain, per base and trained stage (exploratory, except the totals of the primary "
+        "family): each unit's macro-F1 excess on the chain's common items and the personas "
+        "defined in all of them, then each rung (what it changes, the excess lost with its "
+        "interval, paired or not) and the total. Positive = persona lost. Beside each unit, "
+        "the scorer's top label on neutral base text. The base stage is not laddered: it "
+        "carries no persona (its excess is 0 by construction)."
     )
-    pairs = _decomp_pairs(rep.result)
-    if not pairs:
+    groups = _decomp_groups(rep.result)
+    if not groups:
         doc.p("Fewer than two units of any chain in this run: no decomposition.")
-    for cond, itt in pairs:
-        _chain_block(doc, cond, itt)
+    for decs in groups:
+        ref = next(iter(decs.values()))
+        doc.h3(f"{ref.base} / {ref.stage}: {chain_heading(ref)}")
+        doc.p(_pairing_text(decs.get((EXCESS, False), ref)))
+        doc.table(_chain_units_table(rep.result, decs))
+        doc.table(_chain_rungs_table(rep.result, decs))
     doc.h2("contrasts", "Contrasts")
     doc.p("Single comparisons outside a chain, paired on the items the two units share.")
     doc.table(_contrast_table(rep.result), empty="No contrast has both of its units in this run.")
@@ -952,7 +1111,11 @@ def _ladder_section(doc: _Doc, rep: ReportContent) -> None:
 
 def _stage_section(doc: _Doc, rep: ReportContent) -> None:
     doc.h2("stages", "Stage differences")
-    doc.p("Later minus earlier stage (positive = persona gained), paired on the shared items.")
+    doc.p(
+        "Later minus earlier trained stage (positive = persona gained), paired on the shared "
+        "items; exploratory. No stage is compared with the base stage: its excess is 0 by "
+        "construction, so a cell's own excess (Metrics) already is that comparison."
+    )
     doc.table(_stage_table(rep.result), empty="Only one stage per unit: no stage difference.")
 
 
@@ -976,10 +1139,12 @@ def _persona_section(doc: _Doc, rep: ReportContent) -> None:
     res = rep.result
     doc.h2("personas", "Per-persona F1 (conditional)")
     for sl in res.slices:
-        doc.h3(sl)
+        blind = [b for b in res.bases if res.blind(b, sl)]
+        doc.h3(sl + (f" {BLIND} (scorer blind for {', '.join(blind)})" if blind else ""))
         doc.table(_per_persona_pivot(res, sl))
     for m in res.cells.values():
-        doc.details(f"{m.cell.label()}: per-persona details", _per_persona_detail(m))
+        mark = f" {BLIND}" if m.scorer_blind else ""
+        doc.details(f"{m.cell.label()}{mark}: per-persona details", _per_persona_detail(m))
     doc.h2("labels", "Predicted-label distribution")
     doc.p("Share of scored rows per predicted label (labels outside the run included).")
     doc.table(_pred_dist_table(res))
@@ -1044,8 +1209,9 @@ def render_report(
     """(the HTML page, the markdown) of the report; `figures`: (caption, png, svg) to show."""
     doc = _Doc()
     _top(doc, rep)
-    for section in (_metrics_section, _classifier_section, _ladder_section, _stage_section,
-                    _outcomes_section, _persona_section):  # fmt: skip
+    for section in (_metrics_section, _classifier_section, _scorer_section, _family_section,
+                    _ladder_section, _stage_section, _outcomes_section,
+                    _persona_section):  # fmt: skip
         section(doc, rep)
     _closing_sections(doc, rep, figures)
     page = (
@@ -1072,7 +1238,7 @@ def _write_utf8(path: Path, text: str) -> None:
             f"({err.reason}, near {near!r}); the previous report is left as it was"
         ) from None
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    atomic_write_bytes(path, data, error=lambda p, err: ReportError(write_error_text(p, err)))
 
 
 @contextlib.contextmanager

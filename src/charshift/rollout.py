@@ -21,6 +21,15 @@ Termination of tool episodes (outcome in brackets):
     tool_email_oneshot one such turn ends it, as a chat reply without an email ends a chat row;
   - a prompt that no longer fits the context ("context_overflow");
   - a reply that the backend failed or the engine aborted ("error", unless an email was sent).
+A tool loop scored on its free text (`output: final`, agentic_actions) is not ended by a send:
+`finish` ends it, with outcome "reply" (the bodies it sent and its finish message, joined) or
+"empty" (neither); the step budget and malformed turns end it as above.
+
+Chat episodes may continue a transcript: `spec.context` (pre-written turns) goes before the
+first user turn. A structured answer (`output: fields`) is read from the reply by
+`forms.read_answer` ("reply" with its free-text fields, "empty" or "malformed"); under the
+constrained protocol its turn decodes under the grammar of `spec.response_schema`.
+
 A reply the engine cut short for repetition is used like one cut at max_tokens; its turn index is
 recorded in the row's `meta["repetition_turns"]`.
 
@@ -50,6 +59,8 @@ from charshift.backends.base import Backend, BackendDead
 from charshift.constrain import tool_call_schema
 from charshift.extraction import scored_email
 from charshift.formats import compose_system
+from charshift.forms import read_answer
+from charshift.inputs import replace_surrogates
 from charshift.schema import (
     Condition,
     EpisodeSpec,
@@ -60,8 +71,8 @@ from charshift.schema import (
     Sampling,
     derive_seed,
 )
-from charshift.toolcalls import diagnose_tool_turn, parse_tool_calls
-from charshift.tools import FINISH_TOOL, SEND_TOOL
+from charshift.toolcalls import WorkStats, diagnose_tool_turn, parse_tool_calls
+from charshift.tools import FINISH_TOOL, SEND_TOOL, result_message
 from charshift.tools import required_args as tools_required
 
 
@@ -105,6 +116,7 @@ class Episode:
     body: str | None = None  # the scored email body (`extraction.scored_email`)
     outcome: str | None = None
     final_reply: str | None = None
+    output_text: str | None = None  # the scored text of a "fields" or "final" output
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -120,12 +132,6 @@ class Episode:
         sys_prompt = self.system_prompt(base_turn=False)
         head = [{"role": "system", "content": sys_prompt}] if sys_prompt else []
         return head + self.messages
-
-
-def _tool_result_message(name: str, content: str, native: bool) -> Message:
-    if native:
-        return {"role": "tool", "name": name, "content": content}
-    return {"role": "user", "content": f"[tool result: {name}]\n{content}"}
 
 
 class RolloutEngine:
@@ -144,6 +150,8 @@ class RolloutEngine:
     # -- requests ----------------------------------------------------------------------------
     def _request(self, ep: Episode) -> GenRequest:
         if ep.spec.mode == "chat":
+            if not ep.messages:  # a transcript the episode continues (pre-written turns)
+                ep.messages.extend(dict(m) for m in ep.spec.context)
             ep.messages.append({"role": "user", "content": ep.spec.user_turns[ep.next_turn]})
             base_turn = ep.next_turn in ep.spec.base_turns
         else:
@@ -154,16 +162,25 @@ class RolloutEngine:
         msgs = ([{"role": "system", "content": sys_prompt}] if sys_prompt else []) + list(
             ep.messages
         )
-        constrained = self.settings.constrained and ep.spec.mode != "chat" and bool(ep.spec.tools)
         return GenRequest(
             messages=msgs,
             adapter=None if base_turn else ep.condition.adapter,
             sampling=ep.sampling,
             seed=derive_seed(ep.run_seed, ep.key, ep.steps),
             tools=ep.spec.tools if self.settings.native_tools else None,
-            json_schema=tool_call_schema(ep.spec.tools) if constrained else None,
+            json_schema=self._json_schema(ep, base_turn),
             session=ep.key,
         )
+
+    def _json_schema(self, ep: Episode, base_turn: bool) -> dict[str, Any] | None:
+        """Under the constrained protocol: a tool turn's call envelope, or the schema of a
+        structured answer on the turn that gives it; chat turns are otherwise free."""
+        if not self.settings.constrained or base_turn:
+            return None
+        if ep.spec.mode != "chat":
+            return tool_call_schema(ep.spec.tools) if ep.spec.tools else None
+        last = ep.next_turn == len(ep.spec.user_turns) - 1
+        return ep.spec.response_schema if last else None
 
     # -- advancing ---------------------------------------------------------------------------
     def _advance_chat(self, ep: Episode, text: str) -> None:
@@ -172,7 +189,12 @@ class RolloutEngine:
         if ep.next_turn < len(ep.spec.user_turns):
             return
         ep.final_reply = text
-        if ep.spec.output == "reply":
+        if ep.spec.output == "fields":
+            answer = read_answer(text, ep.spec.response_schema or {})
+            ep.outcome, ep.output_text = answer.outcome, answer.text
+            if answer.values is not None:
+                ep.meta["form"] = answer.values
+        elif ep.spec.output != "email":
             ep.outcome = "reply" if text.strip() else "empty"
         else:
             found = scored_email(text)
@@ -193,7 +215,10 @@ class RolloutEngine:
     def _ended(ep: Episode, otherwise: str) -> str:
         """The outcome of a tool episode that stops now: "email" if what was sent is an email
         by the one rule (its scored body goes to `ep.body`), "no_email" if something else was
-        sent, else `otherwise`."""
+        sent, else `otherwise`. A "final" output (agentic_actions) ends with its free text when
+        `finish` ended it."""
+        if ep.spec.output == "final":
+            return _final_outcome(ep, otherwise)
         if ep.email is None:
             return otherwise
         subject = ep.email.get("subject")
@@ -211,7 +236,13 @@ class RolloutEngine:
         ep.messages.append({"role": "assistant", "content": text})
         ep.final_reply = text
         ep.meta["step_budget"] = self._budget(ep)
-        calls = parse_tool_calls(text)
+        read = WorkStats()
+        calls = parse_tool_calls(text, stats=read)
+        unread = read.note(len(text))
+        if unread:  # the parser stopped early: a call after that point was not run
+            ep.meta.setdefault("unread_tool_text", []).append(
+                {"turn": ep.steps - 1, "note": unread}
+            )
         if not calls:
             ep.malformed_run += 1
             ep.meta.setdefault("malformed_turns", []).append(ep.steps - 1)
@@ -244,9 +275,11 @@ class RolloutEngine:
                 ep.meta["non_send_calls"] = ep.meta.get("non_send_calls", 0) + 1
             if call.name == SEND_TOOL and res.ok and ep.email is None:
                 ep.email = dict(res.email or {})
-            if res.terminal:
-                finished = call.name == FINISH_TOOL or s.stop_on_send
-            ep.messages.append(_tool_result_message(call.name, res.content, s.native_tools))
+            if res.terminal:  # a "final" output goes on after a send, until finish
+                finished = call.name == FINISH_TOOL or (
+                    s.stop_on_send and ep.spec.output != "final"
+                )
+            ep.messages.append(result_message(call.name, res.content, s.native_tools))
             if finished:
                 break
         if len(calls) > 1:
@@ -255,6 +288,10 @@ class RolloutEngine:
 
     def _advance(self, ep: Episode, text: str, finish_reason: str) -> None:
         ep.steps += 1
+        if text:  # a server's JSON can hold half a surrogate pair, which no file can store
+            text, n_bad = replace_surrogates(text)
+            if n_bad:
+                ep.meta["surrogates_replaced"] = ep.meta.get("surrogates_replaced", 0) + n_bad
         if finish_reason == "context_overflow":
             ep.outcome = self._ended(ep, "context_overflow")
             return
@@ -359,9 +396,28 @@ def _future_result(fut: Future[GenResult]) -> GenResult:
         return GenResult("", "error", error=f"{type(exc).__name__}: {exc}")
 
 
+def _final_outcome(ep: Episode, otherwise: str) -> str:
+    """A tool loop scored on its free text: when `finish` ended it ("no_email" passed for a
+    terminal call), "reply" with the bodies it sent and its finish message, or "empty" without
+    any; otherwise how it stopped (max_steps, malformed, ...)."""
+    if otherwise != "no_email":
+        return otherwise
+    sim = ep.simulator
+    parts = [str(e.get("body") or "").strip() for e in getattr(sim, "sent", [])]
+    finish = [c for c in getattr(sim, "log", []) if c.get("tool") == FINISH_TOOL and c.get("ok")]
+    if finish:
+        summary = finish[-1]["arguments"].get("summary")
+        parts.append(summary.strip() if isinstance(summary, str) else "")
+    text = "\n\n".join(p for p in parts if p)
+    ep.output_text = text or None
+    return "reply" if text else "empty"
+
+
 def to_row(ep: Episode) -> GenerationRow:
     spec = ep.spec
-    if ep.outcome == "email":
+    if ep.output_text is not None and ep.outcome in ("reply", "email"):
+        text: str | None = ep.output_text
+    elif ep.outcome == "email":
         text = ep.body or None
     elif spec.output == "reply" and ep.outcome == "reply":
         text = ep.final_reply

@@ -12,13 +12,14 @@ model, not from the situation.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeVar
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from charshift.config import parse_yaml
 from charshift.schema import stable_hash
 
 ToolName = Literal["directory", "calendar", "documents", "chat", "tickets", "policies"]
@@ -28,6 +29,14 @@ DEFAULT_DATE = "Tuesday, 3 June 2025"
 
 _EMAIL_RE = re.compile(r"^[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}$")
 _SLUG_RE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+
+
+class _HasId(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+_T = TypeVar("_T", bound=_HasId)
 
 
 class ScenarioError(ValueError):
@@ -203,14 +212,27 @@ def load_bank(path: Path | None = None) -> list[Scenario]:
         text, source = f.read_text(encoding="utf-8"), "bundled scenarios.yaml"
     else:
         p = Path(path)
+        if p.is_dir():
+            raise ScenarioError(f"scenario bank {p} is a folder, not a YAML file")
         if not p.is_file():
             raise ScenarioError(f"scenario bank not found: {p}")
-        text, source = p.read_text(encoding="utf-8"), str(p)
+        text, source = _read_text(p), str(p)
+    return parse_bank(parse_yaml(text, source, "scenario bank", ScenarioError), source)
+
+
+def _read_text(p: Path) -> str:
+    """A bank file's text; a ScenarioError naming the line of a byte that is not UTF-8."""
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ScenarioError(f"scenario bank {source} is not valid YAML: {err}") from None
-    return parse_bank(data, source)
+        raw = p.read_bytes()
+    except OSError as err:
+        raise ScenarioError(f"scenario bank {p} cannot be read: {err.strerror or err}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ScenarioError(
+            f"scenario bank {p} is not UTF-8 text (byte 0x{raw[err.start]:02x} on line {line})"
+        ) from None
 
 
 def select_scenarios(
@@ -219,22 +241,29 @@ def select_scenarios(
     n: int | None = None,
     seed: int = 0,
 ) -> list[Scenario]:
-    """Pick scenarios deterministically.
+    """Pick scenarios deterministically (`select_items`)."""
+    return select_items(bank, ids, n, seed, "scenario")
 
-    `ids` picks those scenarios (in the order given). `n` then takes a seeded sample of that size,
-    chosen by a per-scenario hash of (seed, id) so the choice does not depend on the bank's order;
-    the sample is returned in bank order.
+
+def select_items(
+    bank: Sequence[_T], ids: list[str] | None, n: int | None, seed: int, what: str
+) -> list[_T]:
+    """Pick items (anything with an `id`) of a bank deterministically.
+
+    `ids` picks those items (in the order given). `n` then takes a seeded sample of that size,
+    chosen by a per-item hash of (seed, id) so the choice does not depend on the bank's order;
+    the sample is returned in bank order. `what` names the bank in errors.
     """
     chosen = list(bank)
     if ids is not None:
         by_id = {s.id: s for s in bank}
         unknown = [i for i in ids if i not in by_id]
         if unknown:
-            raise ScenarioError(f"unknown scenario id(s) {unknown}")
+            raise ScenarioError(f"unknown {what} id(s) {unknown}")
         chosen = [by_id[i] for i in dict.fromkeys(ids)]
     if n is not None:
         if n < 1 or n > len(chosen):
-            raise ScenarioError(f"cannot select n={n} scenarios from {len(chosen)}")
+            raise ScenarioError(f"cannot select n={n} {what}s from {len(chosen)}")
         keep = set(sorted((s.id for s in chosen), key=lambda i: stable_hash([seed, i]))[:n])
         chosen = [s for s in chosen if s.id in keep]
     return chosen

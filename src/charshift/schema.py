@@ -20,6 +20,10 @@ Message = dict[str, Any]  # {"role": "system"|"user"|"assistant"|"tool", "conten
 
 BASE_STAGE = "base"
 PROMPTED_STAGE = "prompted"
+# Bootstrap resamples: a (n_boot x clusters) draw is held in memory per interval, so the
+# config, the classifier's held-out report and `report --n-boot` are bounded by this.
+MAX_N_BOOT = 100_000
+
 # The persona prompt plus an explicit instruction to keep the voice in every form of writing: an
 # instruction being followed, not a property being measured; never a default stage.
 PROMPTED_EXPLICIT_STAGE = "prompted_explicit"
@@ -47,6 +51,9 @@ NO_LABEL = ""
 # What a judge's answer may be besides a persona: it names none of them (identify mode).
 JUDGE_NONE = "none"
 JUDGE_OUTCOMES = ("ok", "unparseable", "error")
+# The backend failed (an error, or the prompt did not fit the context): says nothing about the
+# persona, so such a row is not a persona miss; statistics leave it out and count it on its own.
+FAILED_OUTCOMES = ("error", "context_overflow")
 
 
 class RecordError(ValueError):
@@ -112,10 +119,14 @@ def record_from_dict(cls: type, data: Any, where: str = "record") -> Any:
     return cls(**kwargs)
 
 
+def canonical_json(obj: Any) -> str:
+    """The JSON `stable_hash` hashes: sorted keys, ASCII, no spaces."""
+    return json.dumps(obj, sort_keys=True, ensure_ascii=True, separators=(",", ":"), default=str)
+
+
 def stable_hash(obj: Any, n: int = 16) -> str:
     """Hex digest of the canonical JSON of `obj` (sorted keys): the same value -> the same key."""
-    blob = json.dumps(obj, sort_keys=True, ensure_ascii=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:n]
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:n]
 
 
 def derive_seed(*parts: Any) -> int:
@@ -206,8 +217,14 @@ class EpisodeSpec:
       - "agentic": the model loops over tool calls against the simulated tools until send_email.
     `base_turns`: indices of assistant turns generated under the base condition (no adapter, no
     persona prompt) instead of the row's condition (the prefill attack generates turn 0 this way).
-    `output`: what the row's scored text is: "reply" (the final reply as is) or "email" (an email
-    extracted from the final reply, or the body sent with send_email).
+    `output`: what the row's scored text is: "reply" (the final reply as is), "email" (an email
+    extracted from the final reply, or the body sent with send_email), "fields" (the free-text
+    fields of a JSON answer to `response_schema`, see charshift.forms) or "final" (a tool loop's
+    free text: the bodies it sent and its `finish` message).
+    `context`: pre-written messages (a transcript, a ReAct trajectory) that come before the
+    first user turn as if already said; never generated, shown in the row's messages.
+    `response_schema`: the JSON schema a structured answer must match (enforced during decoding
+    under `rollout.tool_protocol: constrained`).
     `needed_calls`: tool slices: the model turns a perfect agent needs (see formats.needed_calls);
     `max_steps`: the episode's step budget (set by planning from needed_calls and the config;
     None: the engine's default).
@@ -218,16 +235,27 @@ class EpisodeSpec:
     user_turns: list[str]
     system: str | None = None
     mode: Literal["chat", "tool_oneshot", "agentic"] = "chat"
-    output: Literal["reply", "email"] = "reply"
+    output: Literal["reply", "email", "fields", "final"] = "reply"
     base_turns: tuple[int, ...] = ()
     scenario_id: str | None = None
     tools: list[dict[str, Any]] | None = None  # tool schemas (name, description, parameters)
     split: str = "eval"  # "train" rows feed classifier training only; "eval" rows are measured
     needed_calls: int | None = None
     max_steps: int | None = None
+    context: list[Message] = field(default_factory=list)
+    response_schema: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The spec as JSON (part of a row's key). The fields added for the scaffolds are left
+        out where unused, so the keys of rows rendered before they existed do not change."""
+        out = dataclasses.asdict(self)
+        for name in _SCAFFOLD_SPEC_FIELDS:
+            if not out[name]:
+                del out[name]
+        return out
+
+
+_SCAFFOLD_SPEC_FIELDS = ("context", "response_schema")
 
 
 @dataclass

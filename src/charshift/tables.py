@@ -1,7 +1,8 @@
 """The CSV tables (and stats.json) of a `stats.MetricsResult`: the I/O half of the statistics.
 
-Every file is written atomically (a temporary file in the same folder, then `os.replace`), so a
-reader never sees half a table. Model output and classifier labels are data: a string cell that
+Every file is written atomically (`fileio.atomic_write_text`: a temporary file in the same
+folder, then a rename; the user's umask decides who may read it), so a reader never sees half a
+table. Model output and classifier labels are data: a string cell that
 a spreadsheet would read as a formula (starting with `=`, `+`, `-`, `@`, a tab or a carriage
 return) gets a leading `'`. Numbers are formatted here, never neutralised, so a negative
 difference stays a number.
@@ -9,20 +10,19 @@ difference stays a number.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from charshift.stats import CellMetrics, ChainDecomposition, Interval, MetricsResult
+from charshift.fileio import atomic_write_text as write_atomic
+from charshift.stats import BLIND_TEXT, CellMetrics, Interval, MetricsResult
+from charshift.stats.family import FAMILY_TEXT
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
@@ -44,21 +44,6 @@ def _cell(x: Any) -> str:
     return neutralise(str(x))
 
 
-def write_atomic(path: Path, text: str) -> Path:
-    """Write `text` to `path` through a temporary file in the same folder and `os.replace`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -73,45 +58,62 @@ def _iv(i: Interval) -> list[Any]:
 
 
 _IV = ("", "_lo", "_hi", "_reliable")
+# (column stem, CellMetrics field) of each cell figure with an interval; macro_f1 is raw
+_CELL_IVS = (
+    ("macro_f1", "macro_f1"), ("macro_f1_excess", "macro_f1_excess"), ("kappa", "kappa"),
+    ("accuracy", "accuracy"), ("macro_f1_itt", "macro_f1_itt"),
+    ("macro_f1_excess_itt", "macro_f1_excess_itt"), ("kappa_itt", "kappa_itt"),
+    ("accuracy_itt", "accuracy_itt"),
+)  # fmt: skip
 METRICS_COLUMNS = (
-    "base", "stage", "slice", "n_rows", "n_scored", "n_clusters", "yield",
-    "n_personas_scored", "n_personas",
-    *(f"{m}{s}" for m in ("macro_f1", "accuracy", "macro_f1_itt", "accuracy_itt") for s in _IV),
-    "n_empty_resamples", "mean_p_true", "flags",
+    "base", "stage", "slice", "scorer", "n_rows", "n_scored", "n_failed", "n_clusters", "yield",
+    "n_personas_scored", "n_personas_attempted", "n_personas",
+    *(f"{stem}{s}" for stem, _ in _CELL_IVS for s in _IV),
+    "macro_f1_null", "macro_f1_null_itt", "p_null", "p_null_itt", "n_perm",
+    "n_empty_resamples", "mean_p_true", "scorer_blind", "flags",
 )  # fmt: skip
 PER_PERSONA_COLUMNS = (
     "base", "stage", "slice", "persona", "precision", "recall", "f1", "f1_lo", "f1_hi",
-    "f1_reliable", "f1_itt", "n", "n_scored", "yield",
+    "f1_reliable", "f1_null", "f1_itt", "n", "n_scored", "yield", "scorer_blind",
 )  # fmt: skip
 DIFFERENCE_COLUMNS = (
     "kind", "chain", "base", "metric", "itt", "stage_a", "slice_a", "stage_b", "slice_b",
-    "estimate", "lo", "hi", "reliable", "n_clusters", "paired", "n_empty_resamples",
+    "estimate", "lo", "hi", "reliable", "p", "family", "p_holm", "lo_simul", "hi_simul", "k",
+    "n_personas", "n_clusters", "paired", "n_empty_resamples", "scorer_blind", "blind_units",
     "changes", "flag", "note",
 )  # fmt: skip
 CHAIN_COLUMNS = (
     "base", "stage", "chain", "metric", "itt", "position", "slice", "item_kind", "estimate",
-    "lo", "hi", "reliable", "common_items", "dropped_items", "flag",
+    "lo", "hi", "reliable", "k", "n_personas", "common_items", "dropped_items", "scorer_blind",
+    "null_top_share", "flag",
+)  # fmt: skip
+SCORER_CHECK_COLUMNS = (
+    "base", "scorer", "unit", "control", "sensitivity", "sensitivity_lo", "sensitivity_hi",
+    "sensitivity_reliable", "n_clusters", "null_top_label", "null_top_share", "scorer_blind",
+    "flag",
+)  # fmt: skip
+RETENTION_COLUMNS = (
+    "base", "stage", "unit", "control", "itt", "retention", "lo", "hi", "reliable",
+    "n_clusters", "k", "n_personas", "scorer_blind", "flag",
 )  # fmt: skip
 
 
 def _flags(m: CellMetrics) -> str:
-    named = (
-        ("yield", m.yield_),
-        ("macro_f1", m.macro_f1),
-        ("accuracy", m.accuracy),
-        ("macro_f1_itt", m.macro_f1_itt),
-        ("accuracy_itt", m.accuracy_itt),
-    )
-    return "; ".join(f"{n}: {iv.flag}" for n, iv in named if iv.flag)
+    named = [("yield", m.yield_), *((stem, getattr(m, f)) for stem, f in _CELL_IVS)]
+    out = [f"{n}: {iv.flag}" for n, iv in named if iv.flag and not iv.fixed_by_construction]
+    if m.scorer_blind:
+        out.insert(0, f"SCORER BLIND: {BLIND_TEXT}")
+    return "; ".join(out)
 
 
 def _metrics_rows(result: MetricsResult) -> Iterable[list[Any]]:
     for m in result.cells.values():
         yield (
-            [*m.cell, m.n_rows, m.n_scored, m.n_clusters, m.yield_.estimate]
-            + [m.n_personas_scored, m.n_personas]
-            + [v for iv in (m.macro_f1, m.accuracy, m.macro_f1_itt, m.accuracy_itt) for v in _iv(iv)]
-            + [m.macro_f1.n_empty_resamples, m.mean_p_true, _flags(m)]
+            [*m.cell, m.scorer, m.n_rows, m.n_scored, m.n_failed, m.n_clusters, m.yield_.estimate]
+            + [m.n_personas_scored, m.n_personas_attempted, m.n_personas]
+            + [v for _, f in _CELL_IVS for v in _iv(getattr(m, f))]
+            + [m.macro_f1_null.estimate, m.macro_f1_null_itt.estimate, m.p_null, m.p_null_itt]
+            + [m.n_perm, m.macro_f1.n_empty_resamples, m.mean_p_true, m.scorer_blind, _flags(m)]
         )  # fmt: skip
 
 
@@ -119,8 +121,8 @@ def _per_persona_rows(result: MetricsResult) -> Iterable[list[Any]]:
     for m in result.cells.values():
         for p in m.per_persona:
             yield [
-                *m.cell, p.persona, p.precision, p.recall, *_iv(p.f1), p.f1_itt.estimate,
-                p.n, p.n_scored, p.yield_,
+                *m.cell, p.persona, p.precision, p.recall, *_iv(p.f1), p.f1_null,
+                p.f1_itt.estimate, p.n, p.n_scored, p.yield_, m.scorer_blind,
             ]  # fmt: skip
 
 
@@ -143,19 +145,38 @@ def _difference_rows(result: MetricsResult) -> Iterable[list[Any]]:
     for d in result.differences:
         yield [
             d.kind, d.chain, d.a.base, d.metric, d.itt, d.a.stage, d.a.slice, d.b.stage,
-            d.b.slice, d.estimate, d.lo, d.hi, d.reliable, d.n_clusters, d.paired,
-            d.n_empty_resamples, d.changes, d.flag, d.note,
+            d.b.slice, d.estimate, d.lo, d.hi, d.reliable, d.p, d.family, d.p_holm, d.lo_simul,
+            d.hi_simul, d.k or None, d.n_personas, d.n_clusters, d.paired, d.n_empty_resamples,
+            bool(d.blind), " ".join(d.blind), d.changes, d.flag, d.note,
         ]  # fmt: skip
 
 
-def _chain_rows(chains: Sequence[ChainDecomposition]) -> Iterable[list[Any]]:
-    for c in chains:
+def _chain_rows(result: MetricsResult) -> Iterable[list[Any]]:
+    for c in result.chains:
         for pos, (u, iv) in enumerate(zip(c.units, c.estimates, strict=True)):
             kind = c.kinds[u]
+            check = result.scorer_check(c.base, u)
             yield [
                 c.base, c.stage, c.chain, c.metric, c.itt, pos, u, kind, iv.estimate, iv.lo,
-                iv.hi, iv.reliable, c.common[kind], c.dropped[u], iv.flag,
+                iv.hi, iv.reliable, c.k or None, c.n_personas, c.common[kind], c.dropped[u],
+                u in c.blind, check.null_top_share if check else None, iv.flag,
             ]  # fmt: skip
+
+
+def _scorer_rows(result: MetricsResult) -> Iterable[list[Any]]:
+    for s in result.scorer_checks:
+        yield [
+            s.base, s.scorer, s.unit, s.control, *_iv(s.sensitivity), s.sensitivity.n_clusters,
+            s.null_top_label, s.null_top_share, s.scorer_blind, s.flag,
+        ]  # fmt: skip
+
+
+def _retention_rows(result: MetricsResult) -> Iterable[list[Any]]:
+    for r in result.retention:
+        yield [
+            r.base, r.stage, r.unit, r.control, r.itt, r.estimate, r.lo, r.hi, r.reliable,
+            r.n_clusters, r.k, r.n_personas, r.scorer_blind, r.flag,
+        ]  # fmt: skip
 
 
 def settings_json(result: MetricsResult) -> dict[str, Any]:
@@ -166,6 +187,10 @@ def settings_json(result: MetricsResult) -> dict[str, Any]:
         "method": result.method,
         "seed": result.seed,
         "min_clusters": result.min_clusters,
+        "small_sample": result.small_sample,
+        "n_perm": result.n_perm,
+        "positive_control": result.control,
+        "primary_family": FAMILY_TEXT,
         "personas": result.personas,
         "label_sets": result.labels,
         "label_notes": [n.text() for n in result.label_notes],
@@ -175,7 +200,8 @@ def settings_json(result: MetricsResult) -> dict[str, Any]:
 
 def write_tables(result: MetricsResult, out_dir: str | Path) -> list[Path]:
     """Write metrics.csv, per_persona.csv, confusion.csv, pred_distribution.csv,
-    differences.csv, chains.csv and stats.json (settings, label sets) into `out_dir`."""
+    differences.csv, chains.csv, scorer_check.csv, retention.csv and stats.json (settings,
+    label sets) into `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dist_head = (
@@ -197,6 +223,8 @@ def write_tables(result: MetricsResult, out_dir: str | Path) -> list[Path]:
         ),
         write_csv(out / "pred_distribution.csv", dist_head, _distribution_rows(result)),
         write_csv(out / "differences.csv", DIFFERENCE_COLUMNS, _difference_rows(result)),
-        write_csv(out / "chains.csv", CHAIN_COLUMNS, _chain_rows(result.chains)),
+        write_csv(out / "chains.csv", CHAIN_COLUMNS, _chain_rows(result)),
+        write_csv(out / "scorer_check.csv", SCORER_CHECK_COLUMNS, _scorer_rows(result)),
+        write_csv(out / "retention.csv", RETENTION_COLUMNS, _retention_rows(result)),
         write_atomic(out / "stats.json", json.dumps(settings_json(result), indent=2) + "\n"),
     ]

@@ -17,10 +17,13 @@ The protocol shown to models (`FORMAT_HINT`): a call is
 - ``<tool_call>``/``<function_call>``/``<tool_use>`` tags, also left unclosed at the end; Llama's
   ``<function=NAME>{...}</function>``; Python call syntax ``send_email(to="a", body="b")`` inside
   a ```tool_code fence or a tool-call tag (Gemma's convention);
-- bare JSON objects or lists of calls anywhere in prose, several per turn, JSON Lines;
+- bare JSON objects or lists of calls anywhere in prose, several per turn, JSON Lines; calls in
+  lists nested at any depth, and the calls written inside a value left unclosed at the end (a
+  line of ``[`` or ``{"a":`` before the call, closed by the end of the text);
 - JSON with raw newlines/tabs in strings, trailing commas, missing closing brackets at the very
-  end, stray unescaped quotes inside a string (a quote closes a string only where the next
-  character is structural: ``, : } ]`` or the end), Python literals (single quotes, True, None);
+  end, stray unescaped quotes inside a string value (a quote closes it only where the next
+  character is structural: ``, : } ]`` or the end; a key closes at its first quote), Python
+  literals (single quotes, True, None);
 - key names: ``name``/``tool``/``tool_name``/``function``/``function_name``/``action`` for the
   tool, ``arguments``/``args``/``parameters``/``input``/``params``/``action_input``/``tool_input``
   for its arguments (a JSON string is decoded); OpenAI's ``{"type": "function", "function":
@@ -37,9 +40,14 @@ that fails. Time is linear in the length of the text, whatever the text: every p
 regex search by the distance it scans, each bracket attempt, each reader step, each character
 the JSON decoder reads) is charged to one work budget per text, `BASE_UNITS` plus one unit per
 `CHARS_PER_UNIT` characters of the text, and when it is spent the parser returns what it found
-so far (`WorkStats` tells a caller how much was spent and whether it ran out). Searches for a
-closing tag or fence are remembered, so repeated openers never rescan the rest of the text, and
-regions (tag and fence contents) are read in place, never copied. No input string raises.
+so far (`WorkStats` tells a caller how much was spent, whether it ran out, where the scan
+stopped and whether a call lies in what it did not read). Searches for a closing tag or fence are
+remembered, so repeated openers never rescan the rest of the text, and regions (tag and fence
+contents) are read in place, never copied. Hostile prefixes cost little of the budget: a value
+nested past `MAX_DEPTH` is refused at once (one bounded match) and the scan goes on at its
+innermost opener, not at the next bracket of the nest; where the exact decoder read to the end of
+an unclosed value, the starts inside it go to the lenient reader alone. At most `MAX_CALLS` calls
+are kept per text; `WorkStats` says when there were more. No input string raises.
 """
 
 from __future__ import annotations
@@ -51,6 +59,8 @@ import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from charshift.inputs import replace_surrogates
 
 FORMAT_HINT = (
     'To call a tool, reply with a JSON object {"name": "<tool>", "arguments": {...}}, '
@@ -93,9 +103,10 @@ _PYCALL_TAGS = frozenset(
 # one Python-level step (a reader step, a scanner iteration); characters scanned by C code
 # (a regex search, the JSON decoder, a copy) cost a unit per SCAN_CHARS_PER_UNIT, and each
 # object, list, item or key the JSON decoder builds a TOKENS_PER_UNIT-th of one. BASE_UNITS is
-# far above what any real turn needs; the per-character share keeps 5 MB of hostile text under
-# a second.
-BASE_UNITS = 200_000
+# far above what any real turn needs (a few hundred units): it reads tens of KB of the densest
+# hostile text (a bracket attempt every two characters, about 6 units a character) before a
+# call, and 5 MB of it in about a second; the per-character share keeps that linear.
+BASE_UNITS = 500_000
 CHARS_PER_UNIT = 16
 SCAN_CHARS_PER_UNIT = 128
 TOKENS_PER_UNIT = 4
@@ -110,11 +121,34 @@ _CALL_TICKS = _TICKS // 4  # the fixed cost of one call into C code
 @dataclass
 class WorkStats:
     """What one call spent: `units` of work out of `limit`; `exhausted` when the budget ran out
-    (the result is then what was found before). Pass one as `stats=` to read it."""
+    (the result is then what was found before). Pass one as `stats=` to read it.
+
+    Where the scan did not read the whole text (the budget ran out, or MAX_CALLS calls were
+    found before more), `read_to` is where it stopped and `unread_call_at` where a tool-name key
+    (`"name"`, `"tool"`, ...) or call tag lies in the unread rest, if one does: a call that was
+    not read; `calls_cut` when more than MAX_CALLS calls were found or seen. `note` says it in
+    one sentence, which a caller records (the rollout, in the row's meta)."""
 
     units: int = 0
     limit: int = 0
     exhausted: bool = False
+    read_to: int | None = None  # None: the whole text was read
+    unread_call_at: int | None = None
+    calls_cut: bool = False  # more than MAX_CALLS calls: the rest were not kept
+
+    def note(self, length: int) -> str | None:
+        """One sentence on what was not read or not kept, or None when nothing was left out."""
+        parts = []
+        if self.calls_cut:
+            parts.append(
+                f"it makes more than {MAX_CALLS} tool calls; only the first {MAX_CALLS} were kept"
+            )
+        if self.read_to is not None:
+            why = ", where the parser's work budget ran out" if self.exhausted else ""
+            parts.append(f"it was read to character {self.read_to + 1} of {length}{why}")
+        if self.unread_call_at is not None:
+            parts.append(f"a tool call at character {self.unread_call_at + 1} was not read")
+        return "; ".join(parts) or None
 
 
 @dataclass(frozen=True)
@@ -133,10 +167,15 @@ class ToolCall:
 
 
 class _ParseError(Exception):
-    def __init__(self, msg: str, pos: int) -> None:
+    def __init__(self, msg: str, pos: int, resume: int | None = None, deep: bool = False) -> None:
         super().__init__(msg)
         self.msg = msg
         self.pos = pos
+        self.deep = deep  # nested past MAX_DEPTH
+        # where a scan goes on after a value nested too deeply: the last opener before the depth
+        # was passed (a read from it reaches that point at depth 1, and may end; one from any
+        # opener before it reaches it deeper)
+        self.resume = resume
 
 
 class _OutOfBudget(Exception):
@@ -250,6 +289,8 @@ class _Reader:
         self.budget = budget
         self.call_mode = call_mode  # inside `name(kw=...)`: ')' and `kw=` also close a string
         self.stray_quotes = stray_quotes  # False: every unescaped quote closes (plain quoting)
+        self.strayed = False  # whether a quote was read as text (else plain quoting reads alike)
+        self.truncated = False  # whether the region's end closed a container
 
     def ws(self, i: int) -> int:
         return _skip_ws(self.s, i, self.n, self.budget)
@@ -279,15 +320,18 @@ class _Reader:
     def value(self, i: int, depth: int = 0) -> tuple[Any, int]:
         self.budget.spend()
         if depth > MAX_DEPTH:
-            raise _ParseError("the JSON is nested too deeply", i)
+            raise _ParseError(_TOO_DEEP, i, deep=True)
         i = self.ws(i)
         if i >= self.n:
             raise _ParseError("expected a value but the text ended", i)
         c = self.s[i]
-        if c == "{":
-            return self.obj(i, depth)
-        if c == "[":
-            return self.arr(i, depth)
+        if c in "{[":
+            try:
+                return self.obj(i, depth) if c == "{" else self.arr(i, depth)
+            except _ParseError as err:
+                if err.deep and err.resume is None:
+                    err.resume = i  # the innermost opener: see _ParseError.resume
+                raise
         if c in "\"'":
             return self.string(i)
         m = self.number(i)
@@ -303,6 +347,11 @@ class _Reader:
             return _KEYWORDS[m.group()], m.end()
         raise _ParseError(f"expected a value, found {_show(self.s[i])}", i)
 
+    def _closed(self, out: Any, i: int) -> tuple[Any, int]:
+        """A container the region's end closes (its closers are missing)."""
+        self.truncated = True
+        return out, i
+
     def obj(self, i: int, depth: int) -> tuple[dict[str, Any], int]:
         out: dict[str, Any] = {}
         i += 1
@@ -310,7 +359,7 @@ class _Reader:
             self.budget.spend()
             i = self.ws(i)
             if i >= self.n:  # missing closers at the very end of the region: close them
-                return out, i
+                return self._closed(out, i)
             c = self.s[i]
             if c == "}":
                 return out, i + 1
@@ -319,7 +368,7 @@ class _Reader:
                 continue
             if c not in "\"'":
                 raise _ParseError(f"expected a quoted key or '}}', found {_show(c)}", i)
-            key, i = self.string(i)
+            key, i = self.string(i, plain=True)
             i = self.ws(i)
             if i >= self.n or self.s[i] != ":":
                 found = "the end" if i >= self.n else _show(self.s[i])
@@ -327,7 +376,7 @@ class _Reader:
             out[key], i = self.value(i + 1, depth + 1)
             i = self.ws(i)
             if i >= self.n:
-                return out, i
+                return self._closed(out, i)
             c = self.s[i]
             if c == ",":
                 i += 1
@@ -345,7 +394,7 @@ class _Reader:
             self.budget.spend()
             i = self.ws(i)
             if i >= self.n:
-                return out, i
+                return self._closed(out, i)
             c = self.s[i]
             if c == "]":
                 return out, i + 1
@@ -356,7 +405,7 @@ class _Reader:
             out.append(item)
             i = self.ws(i)
             if i >= self.n:
-                return out, i
+                return self._closed(out, i)
             c = self.s[i]
             if c == ",":
                 i += 1
@@ -389,7 +438,10 @@ class _Reader:
             return True
         return self.call_mode and (s[k] == ")" or self.kwarg(k) is not None)
 
-    def string(self, i: int) -> tuple[str, int]:
+    def string(self, i: int, plain: bool = False) -> tuple[str, int]:
+        """The string at s[i]. `plain` (keys): every unescaped quote closes it; the stray-quote
+        rule is for values (a key never holds a quote, and reading one on past a quote let a
+        run of `{"` swallow the call after it)."""
         s = self.s
         start = i
         q = s[i]
@@ -405,10 +457,11 @@ class _Reader:
                 raise _ParseError("unterminated string (a closing quote is missing)", start)
             j = m.start()
             if s[j] == q:
-                if self._closes(j + 1):
+                if plain or self._closes(j + 1):
                     parts.append(s[seg:j])
                     return "".join(parts), j + 1
                 i = j + 1  # a quote inside the text: keep it
+                self.strayed = True
                 continue
             parts.append(s[seg:j])
             text, i = self._escape(j)
@@ -452,8 +505,35 @@ _WINDOW = 1024  # first window of text the JSON decoder sees (doubled while it i
 _MARGIN = 64  # an error this close to a window's end may be the window's, not the text's
 
 
+class _GaveUp(ValueError):
+    """The exact decoder read to `reach` without finding where the value ends: the text ran out
+    (an unclosed value), or the nesting passed Python's recursion limit."""
+
+    def __init__(self, reach: int) -> None:
+        super().__init__("the exact decoder gave up")
+        self.reach = reach
+
+
+class _StrictMemo:
+    """Per region end, how far the exact decoder read before it gave up (`_GaveUp`). A start
+    before that point would make it read the same text again (inside an unclosed value, every
+    start reads to the end: quadratic work), so such starts go to the lenient reader alone,
+    which reads valid JSON alike and stops at MAX_DEPTH."""
+
+    def __init__(self) -> None:
+        self.until: dict[int, int] = {}
+
+    def worth(self, i: int, hi: int) -> bool:
+        return i >= self.until.get(hi, -1)
+
+    def gave_up(self, hi: int, reach: int) -> None:
+        self.until[hi] = max(self.until.get(hi, -1), reach)
+
+
 def _json_at(s: str, i: int, hi: int, budget: _Budget) -> tuple[Any, int]:
-    """`raw_decode` of the value at s[i] within s[:hi]; raises ValueError or RecursionError.
+    """`raw_decode` of the value at s[i] within s[:hi]; raises ValueError (`_GaveUp` where it
+    read to the region's end without finding the value's end, or nested past the recursion
+    limit).
 
     The stdlib's error counts the lines of everything before the error (O(position)), so the
     decoder sees a window s[i:i+w] instead of the whole text; an error that may come from the
@@ -471,33 +551,82 @@ def _json_at(s: str, i: int, hi: int, budget: _Budget) -> tuple[Any, int]:
         except json.JSONDecodeError as exc:
             budget.decode(chunk, exc.pos)
             cut = exc.pos >= len(chunk) - _MARGIN or exc.msg.startswith("Unterminated")
-            if stop >= hi or not cut:
+            if not cut:
                 raise
+            if stop >= hi:
+                raise _GaveUp(hi) from None
             w *= 2
             continue
-        except (ValueError, RecursionError):  # a number beyond int's digit limit; too deep
+        except RecursionError:
+            budget.decode(chunk, len(chunk))
+            raise _GaveUp(stop) from None
+        except ValueError:  # a number beyond int's digit limit
             budget.decode(chunk, len(chunk))
             raise
         budget.decode(chunk, end)
         return value, i + end
 
 
-def _read_value(s: str, i: int, budget: _Budget, hi: int | None = None) -> tuple[Any, int]:
-    """Exact JSON first; the lenient reader only where that fails. Raises _ParseError."""
+# Up to MAX_DEPTH + 1 openers, each right inside the one before (a short key between them
+# allowed; keys hold no bracket, so the brackets in a match count its levels): all of them means
+# a value nested past what the lenient reader reads. Possessive, so it never backtracks and
+# costs what it matched; bounded, so it never reads a long run twice.
+_LEVEL = r"""[\[{]\s*+(?:"[^"\\\n\[\]{}]{0,64}"\s*+:\s*+)?+"""
+_NEST = re.compile(f"(?:{_LEVEL}){{0,{MAX_DEPTH + 1}}}+")
+_TOO_DEEP = "the JSON is nested too deeply"
+
+
+def _too_deep(s: str, i: int, hi: int, budget: _Budget) -> int | None:
+    """Where the value at s[i] starts with MAX_DEPTH + 1 directly nested openers (so it is
+    nested past MAX_DEPTH): the last opener before the one past that depth, the resume point of
+    `_ParseError`. Else None. Charged for what it read."""
+    end = _NEST.match(s, i, hi).end()  # type: ignore[union-attr]
+    budget.scan(end - i + 1)
+    if s.count("[", i, end) + s.count("{", i, end) <= MAX_DEPTH:
+        return None
+    last = max(s.rfind("[", i, end), s.rfind("{", i, end))
+    return max(s.rfind("[", i, last), s.rfind("{", i, last))
+
+
+# How a value was read: exact JSON, leniently, or leniently with containers the end closed.
+STRICT, LENIENT, TRUNCATED = "strict", "lenient", "truncated"
+
+
+def _read_value(
+    s: str, i: int, budget: _Budget, hi: int | None = None, memo: _StrictMemo | None = None
+) -> tuple[Any, int, str]:
+    """(value, index after it, how it was read): exact JSON first (unless `memo` says
+    the exact decoder would only read again what it gave up on), the lenient reader where that
+    fails. Raises _ParseError; for a value nested past MAX_DEPTH, at once, with `resume` at the
+    opener past that depth: every opener before it starts a value at least as deep, and
+    retrying each (a run of 40 KB of `[`) read the rest of the run again, quadratic work that
+    spent the budget before a later call."""
     hi = len(s) if hi is None else hi
+    past = _too_deep(s, i, hi, budget)
+    if past is not None:
+        raise _ParseError(_TOO_DEEP, i, resume=past)
+    if memo is None or memo.worth(i, hi):
+        try:
+            value, end = _json_at(s, i, hi, budget)
+            return value, end, STRICT
+        except _GaveUp as gave_up:
+            budget.spend()
+            if memo is not None:
+                memo.gave_up(hi, gave_up.reach)
+        except ValueError:
+            budget.spend()  # a raised error costs about a step
+    reader = _Reader(s, budget, end=hi)
     try:
-        return _json_at(s, i, hi, budget)
-    except ValueError:
-        budget.spend()  # a raised error costs about a step
-    except RecursionError as exc:  # deeper than MAX_DEPTH, so the lenient reader fails too
-        raise _ParseError("the JSON is nested too deeply", i) from exc
-    try:
-        return _Reader(s, budget, end=hi).value(i)
-    except _ParseError:
+        value, end = reader.value(i)
+    except _ParseError as err:
+        if err.deep or not reader.strayed:  # plain quoting would read it the same way
+            raise
         budget.spend()
         # Plain quoting: recovers the rare case the stray-quote rule misreads, and its error
         # (where normal quoting first breaks) is the one worth showing to the model.
-        return _Reader(s, budget, stray_quotes=False, end=hi).value(i)
+        reader = _Reader(s, budget, stray_quotes=False, end=hi)
+        value, end = reader.value(i)
+    return value, end, TRUNCATED if reader.truncated else LENIENT
 
 
 def _decode_text(s: str, budget: _Budget) -> Any:
@@ -601,11 +730,7 @@ def _calls_from_value(v: Any, budget: _Budget, depth: int = 0) -> tuple[list[Too
     if depth > 4:
         return [], "it is nested too deeply"
     if isinstance(v, list):
-        calls: list[ToolCall] = []
-        for item in v:
-            if isinstance(item, (dict, list)):
-                calls.extend(_calls_from_value(item, budget, depth + 1)[0])
-        return calls, "" if calls else "list"
+        return _calls_in_lists(v, budget, depth)
     if isinstance(v, dict):
         call, why = _interpret(v, budget)
         if call is not None:
@@ -618,6 +743,52 @@ def _calls_from_value(v: Any, budget: _Budget, depth: int = 0) -> tuple[list[Too
                         return inner, ""
         return [], why
     return [], "scalar"
+
+
+def _calls_in_lists(v: list[Any], budget: _Budget, depth: int) -> tuple[list[ToolCall], str]:
+    """The calls of the objects in a list and in the lists inside it, at any depth, in textual
+    order: `[[[{call}]]]`, or a call after a line of unclosed `[` (which the lenient reader
+    closes at the end of the text), is still a call. Iterative: a list can nest past Python's
+    recursion limit."""
+    calls: list[ToolCall] = []
+    stack = [iter(v)]
+    while stack:
+        item = next(stack[-1], _END)
+        if item is _END:
+            stack.pop()
+        elif isinstance(item, list):
+            budget.spend(1 + len(item) // 8)
+            stack.append(iter(item))
+        elif isinstance(item, dict):
+            calls.extend(_calls_from_value(item, budget, depth + 1)[0])
+    return calls, "" if calls else "list"
+
+
+_END = object()
+
+
+def _calls_anywhere(v: Any, budget: _Budget) -> list[ToolCall]:
+    """The calls among the objects at any depth of a value whose closers the end of the text
+    supplied (`{"a": [` left open, then a call): what was written after the unclosed opener,
+    in textual order. An object that is a call is not searched further. Iterative."""
+    calls: list[ToolCall] = []
+    stack: list[Any] = [iter([v])]
+    while stack:
+        item = next(stack[-1], _END)
+        if item is _END:
+            stack.pop()
+            continue
+        if isinstance(item, dict):
+            budget.spend(1 + len(item) // 8)
+            call, _ = _interpret(item, budget)
+            if call is not None:
+                calls.append(call)
+            else:
+                stack.append(iter(item.values()))
+        elif isinstance(item, list):
+            budget.spend(1 + len(item) // 8)
+            stack.append(iter(item))
+    return calls
 
 
 # --------------------------------------------------------------------------------------------
@@ -661,6 +832,7 @@ class _Attempt:
     end: int = 0  # index just after the parsed value
     note: str = ""  # a ready explanation (e.g. tags with no JSON inside)
     limit: int = -1  # end of the region it was read in (-1: the whole source)
+    how: str = STRICT  # how the value was read (`_read_value`)
 
     @property
     def stop(self) -> int:
@@ -680,6 +852,10 @@ class _Scanner:
         self.budget = _Budget(len(s))
         self.calls: list[ToolCall] = []
         self.attempts: list[_Attempt] = []
+        self._strict = _StrictMemo()
+        self.frontier = 0  # the furthest candidate the scan started to read
+        self.cut_at: int | None = None  # where MAX_CALLS stopped it
+        self.dropped = 0  # calls of one value (a list of calls) past MAX_CALLS
         # (pattern, region end) -> (searched from, first match): a later search from a position
         # between the two gives the same match, so repeated openers never rescan.
         self._found: dict[tuple[re.Pattern[str], int], tuple[int, re.Match[str] | None]] = {}
@@ -688,6 +864,8 @@ class _Scanner:
         for c in calls:
             if len(self.calls) < MAX_CALLS:
                 self.calls.append(c)
+            else:  # a list of calls past the limit: the rest are not kept
+                self.dropped += 1
 
     def _search(self, pattern: re.Pattern[str], pos: int, hi: int) -> re.Match[str] | None:
         key = (pattern, hi)
@@ -704,12 +882,16 @@ class _Scanner:
 
     def scan(self, lo: int, hi: int, container: str | None = None, tags: bool = True) -> None:
         s, pos = self.s, lo
-        while pos < hi and len(self.calls) < MAX_CALLS:  # more calls would be dropped anyway
+        while pos < hi:
+            if len(self.calls) >= MAX_CALLS:  # more would not be run: stop, and say where
+                self.cut_at = pos if self.cut_at is None else self.cut_at
+                return
             self.budget.spend()
             m = _OPEN.search(s, pos, hi)
             self.budget.scan((m.start() if m else hi) - pos + 1)
             if m is None:
                 return
+            self.frontier = max(self.frontier, m.start())
             tok = m.group(0)
             if tok == "```":
                 pos = self._fence(m.end(), hi, tags)
@@ -721,21 +903,25 @@ class _Scanner:
     def _try(self, i: int, hi: int, container: str | None) -> _Attempt:
         self.budget.spend(ATTEMPT_UNITS)
         try:
-            value, end = _read_value(self.s, i, self.budget, hi)
+            value, end, how = _read_value(self.s, i, self.budget, hi, self._strict)
         except _ParseError as exc:
             exc.__traceback__ = exc.__context__ = exc.__cause__ = None  # keep no frames alive
             att = _Attempt(self.s, i, container, ok=False, error=exc, limit=hi)
             self.attempts.append(att)
             return att
         att = _Attempt(self.s, i, container, ok=True, value=value, end=end, limit=hi)
+        att.how = how
         self.attempts.append(att)
         return att
 
     def _bare(self, i: int, hi: int, container: str | None) -> int:
         att = self._try(i, hi, container)
-        if not att.ok:
-            return i + 1
+        if not att.ok:  # past a value nested too deeply: every opener before it is as deep
+            resume = att.error.resume if att.error is not None else None
+            return resume if resume is not None and resume > i else i + 1
         calls, att.why = _calls_from_value(att.value, self.budget)
+        if not calls and att.how == TRUNCATED:  # an unclosed value holds what came after it
+            calls = _calls_anywhere(att.value, self.budget)
         self._add(calls)
         return att.end
 
@@ -775,7 +961,7 @@ class _Scanner:
         while i < hi and s[i] in "{[":
             self.budget.spend()
             try:
-                value, end = _read_value(s, i, self.budget, hi)
+                value, end, _ = _read_value(s, i, self.budget, hi, self._strict)
             except _ParseError:
                 return None
             values.append(value)
@@ -901,6 +1087,14 @@ def _pycall_args(reader: _Reader, i: int) -> tuple[dict[str, Any] | None, int]:
     return args, i
 
 
+# Where a call may start in text the scan did not read: a tool-name key, a call tag. Possessive,
+# so a long run of spaces after a quote is read once, never backtracked into.
+_CALLISH = re.compile(
+    r"""["']\s*+(?i:name|tool|tool_name|function|function_name|action)\s*+["']\s*+:"""
+    r"|<(?i:tool_call|function_call|tool_use)\s*+>|<(?i:function)\s*+="
+)
+
+
 def _scan(text: str) -> _Scanner:
     scanner = _Scanner(text)
     try:
@@ -908,6 +1102,25 @@ def _scan(text: str) -> _Scanner:
     except (_OutOfBudget, RecursionError):
         pass  # keep what was found before the budget ran out
     return scanner
+
+
+def _unread(scanner: _Scanner, stats: WorkStats | None) -> None:
+    """Fill in what the scan left out: where it stopped early (the budget ran out, or MAX_CALLS
+    calls were found and more text follows), whether a call lies in the unread rest (one search,
+    tallied, never cut short), and whether calls past MAX_CALLS were found or seen."""
+    if stats is None:
+        return
+    exhausted = scanner.budget.exhausted
+    stop = scanner.frontier if exhausted else scanner.cut_at
+    m = None
+    if stop is not None:
+        m = _CALLISH.search(scanner.s, stop)
+        scanner.budget.tally(0, chars=len(scanner.s) - stop + _CALL_TICKS)
+    seen_more = scanner.cut_at is not None and m is not None
+    stats.calls_cut = scanner.dropped > 0 or (seen_more and not exhausted)
+    if exhausted or seen_more:
+        stats.read_to = stop
+        stats.unread_call_at = m.start() if m else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -924,8 +1137,52 @@ def parse_tool_calls(text: str, *, stats: WorkStats | None = None) -> list[ToolC
         scanner = _scan(text)
     except Exception:  # a bug here must not crash a rollout; the turn counts as malformed
         return []
+    _unread(scanner, stats)
     scanner.budget.report(stats)
-    return list(scanner.calls)
+    return [_no_surrogates(c) for c in scanner.calls]
+
+
+def _no_surrogates(call: ToolCall) -> ToolCall:
+    """`call` with every lone surrogate in its name, keys and strings replaced by U+FFFD. A JSON
+    escape such as "\\ud83d" decodes to one; it would end up in a stored row (no UTF-8 file can
+    hold it) or in the next prompt (no tokenizer takes it). Iterative: arguments nest deeply."""
+    name, _ = replace_surrogates(call.name)
+    args = dict(call.arguments)
+    stack: list[dict[Any, Any] | list[Any]] = [args]
+    while stack:
+        node = stack.pop()
+        pairs = list(node.items()) if isinstance(node, dict) else list(enumerate(node))
+        if isinstance(node, dict):
+            node.clear()
+        for k, v in pairs:
+            if isinstance(v, str):
+                v = replace_surrogates(v)[0]
+            elif isinstance(v, dict | list):
+                v = dict(v) if isinstance(v, dict) else list(v)
+                stack.append(v)
+            node[replace_surrogates(k)[0] if isinstance(k, str) else k] = v
+    return ToolCall(name, args)
+
+
+def parse_json_objects(text: str, *, stats: WorkStats | None = None) -> list[dict[str, Any]]:
+    """Every top-level JSON object in a text, in textual order, read as leniently as tool calls
+    are (fences, tags, raw newlines in strings, trailing commas, Python literals, a missing
+    closing bracket at the end); objects inside a list count too. [] when there is none; never
+    raises. The same scan and work budget as `parse_tool_calls`, so time is linear in len(text)."""
+    if not isinstance(text, str) or not text:
+        return []
+    try:
+        scanner = _scan(text)
+    except Exception:  # a bug here must not crash a rollout; the reply has no object then
+        return []
+    scanner.budget.report(stats)
+    out: list[dict[str, Any]] = []
+    for att in scanner.attempts:
+        if not att.ok:
+            continue
+        values = att.value if isinstance(att.value, list) else [att.value]
+        out += [v for v in values if isinstance(v, dict)]
+    return out
 
 
 def json_objects(text: str) -> list[dict[str, Any]]:
@@ -1120,7 +1377,15 @@ def _diagnose(
     if not isinstance(text, str) or not text or text.isspace():
         return f"Your message was empty. {FORMAT_HINT}{tools_note}"
     scanner = _scan(text)
+    unread = stats if stats is not None else WorkStats()
     try:
+        _unread(scanner, unread)
+        scanner.budget.report(unread)
+        if not scanner.calls and unread.read_to is not None:
+            return (
+                f"Your message could not be read to the end: {unread.note(len(text))}. Put "
+                f"the tool call first and keep the message short. {FORMAT_HINT}{tools_note}"
+            )
         return _explain(scanner, text, known, required, tools_note)
     finally:
         scanner.budget.report(stats)

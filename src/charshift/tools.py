@@ -219,6 +219,14 @@ def source_tool() -> dict[str, str]:
     return {t.source: t.name for t in REGISTRY.values() if t.source}
 
 
+def result_message(name: str, content: str, native: bool) -> dict[str, Any]:
+    """How a tool's result goes back to the model: a `tool` message in the native protocol, else
+    a user message marked `[tool result: NAME]` (the rollout and pre-written trajectories alike)."""
+    if native:
+        return {"role": "tool", "name": name, "content": content}
+    return {"role": "user", "content": f"[tool result: {name}]\n{content}"}
+
+
 def run_tool(sim: ToolSimulator, name: str, args: dict[str, Any]) -> ToolResult:
     """Run registered tool `name` on `sim` with arguments already checked against `required`."""
     return REGISTRY[name].run(sim, name, args)

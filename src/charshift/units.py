@@ -4,9 +4,11 @@ A unit is a slice (scored on its default text) or a scoring variant `SLICE.VARIA
 `charshift.ladder`). The variants are computed from the stored rows at scoring time; they need no
 extra generation:
 
-  SLICE (default)  id and scenario_chat slices: the whole reply; email slices: the email body
-                   (extracted from a chat reply, or sent with send_email). With
-                   `scoring.text: raw`, the whole final reply instead.
+  SLICE (default)  the row's output (`slices.SliceDef.output`): id, scenario_chat and most
+                   scaffold slices: the whole reply; email slices: the email body (extracted
+                   from a chat reply, or sent with send_email); structured_form: the answer's
+                   free-text fields; agentic_actions: the bodies it sent and its finish message.
+                   With `scoring.text: raw`, the whole final reply instead.
   SLICE.whole      chat-email slices: the whole final reply.
   SLICE.head       chat-email slices: the whole final reply cut to the length of that row's own
                    extracted body (the reply's opening, at the body's length).
@@ -51,9 +53,10 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from charshift.config import ALL_SLICES, CHAT_EMAIL_SLICES
+from charshift.config import ALL_SLICES
 from charshift.ladder import BEHAVIOUR, HEAD, SHORT, WHOLE, split_unit, unit_name
 from charshift.schema import SCORED_OUTCOMES, GenerationRow, stable_hash
+from charshift.slices import SLICES
 
 SHORT_SLICE = "id_chat"  # the slice that gets the length control
 SHORT_SOURCE = "chat_email"  # whose email bodies set its length
@@ -111,12 +114,11 @@ class UnitText:
 
 
 def units_of(slice_: str, with_short: bool = True) -> list[str]:
-    """The units a row of `slice_` is scored as: its slice first, then its variants."""
-    if slice_ in CHAT_EMAIL_SLICES:
-        return [slice_, unit_name(slice_, WHOLE), unit_name(slice_, HEAD)]
-    if slice_ == SHORT_SLICE and with_short:
-        return [slice_, unit_name(slice_, SHORT)]
-    return [slice_]
+    """The units a row of `slice_` is scored as by a text scorer: its slice first, then its
+    text variants (the registry's, `charshift.slices`; judge-only variants are not text)."""
+    entry = SLICES.get(slice_)
+    variants = entry.text_variants if entry else ()
+    return [slice_] + [unit_name(slice_, v) for v in variants if v != SHORT or with_short]
 
 
 def unit_order(slices: Iterable[str] = ALL_SLICES) -> list[str]:

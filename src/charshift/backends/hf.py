@@ -33,7 +33,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -46,13 +46,17 @@ from charshift.backends.base import (
 )
 from charshift.backends.kvreuse import KVEntry, SessionKV, cache_blocker, common_prefix
 from charshift.backends.lora_batched import BASE_ADAPTER, LoraRunner
+from charshift.backends.settings import HFSettings as Settings
 from charshift.constrain import ConstraintError, RowConstraint, row_constraint
 from charshift.models import ResolvedModel, file_hash, resolve_model
 from charshift.schema import GenRequest, GenResult
 
+if TYPE_CHECKING:
+    from charshift.backends.registry import BackendContext
+
 log = logging.getLogger(__name__)
 
-# Default byte budget of the per-session KV store (BackendConfig.kv_cache_mb).
+# Default byte budget of the per-session KV store (backend.kv_cache_mb).
 DEFAULT_KV_CACHE_MB = 1024
 LORA_IMPLS = ("grouped", "peft")
 # End-of-turn tokens of common chat templates, used as extra stop tokens when present.
@@ -76,12 +80,27 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16, from /proc/cpuinfo's
+    flags). Without it torch emulates bfloat16, several times slower than float32 (6x measured on
+    an AVX2-only EPYC), so "auto" picks float32 there."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    flags = {w for line in cpuinfo.splitlines() if line.startswith("flags") for w in line.split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """The torch dtype: "auto" = bfloat16 on cuda (float16 without bf16), float32 on cpu."""
+    """The torch dtype: "auto" = bfloat16 on cuda (float16 without bf16); on cpu, bfloat16 where
+    the CPU has native bf16 (`cpu_has_native_bf16`), else float32."""
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in names:
         raise ValueError(f"unknown dtype {dtype!r}; use auto, {', '.join(names)}")
@@ -337,7 +356,8 @@ class _Row:
     generator: torch.Generator
     session: str | None = None  # GenRequest.session: whose stored keys/values may be reused
     out: list[int] = field(default_factory=list)
-    finish: str | None = None
+    finish: str | None = None  # "stop", "length", or "error" (then `error` says why)
+    error: str | None = None
     constraint: RowConstraint | None = None  # grammar of `GenRequest.json_schema`, if any
     reuse: KVEntry | None = None  # the session's entry, taken from the store for this batch
     reuse_len: int = 0  # prompt tokens it covers (the common token prefix, < len(prompt))
@@ -436,6 +456,20 @@ def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) ->
     """
     scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, scaled, logits)
+
+
+def nonfinite_rows(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """[rows] bool: rows whose next-token distribution is undefined. A row's logits, divided by
+    its temperature where it samples, hold a NaN or +inf, or every token is -inf: a model whose
+    weights went non-finite, or a temperature or repetition penalty (see `penalize`) that scales
+    logits past float32's range. Such a row cannot be sampled; it is ended, the others go on."""
+    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    scaled = logits / t[:, None]
+    return (
+        torch.isnan(scaled).any(-1)
+        | torch.isposinf(scaled).any(-1)
+        | torch.isneginf(scaled).all(-1)
+    )
 
 
 # Nucleus sampling first looks at this many most likely tokens; only rows whose nucleus is wider
@@ -820,7 +854,7 @@ class HFBackend(Backend):
         # a row ends on a stop token, or (constrained) right after the grammar's last token
         out = row.out[:-1] if row.out and row.out[-1] in self._stop_ids else row.out
         text = self.tokenizer.decode(out, skip_special_tokens=True)
-        problem = row.constraint.error if row.constraint is not None else None
+        problem = row.error or (row.constraint.error if row.constraint is not None else None)
         return GenResult(
             text=text,
             finish_reason="error" if problem else "stop" if row.finish == "stop" else "length",
@@ -1007,12 +1041,25 @@ class HFBackend(Backend):
         return logits
 
     def _advance_rows(self, state: _Batch, tokens: torch.Tensor) -> tuple[list[int], list[int]]:
-        """Append each row's token; (indices of rows that finished, indices that go on)."""
+        """Append each row's token; (indices of rows that finished, indices that go on). A token
+        of -1 marks a row whose logits were not finite (`nonfinite_rows`): it ends with an error
+        naming the step and its settings, and nothing is appended."""
         if state.seen is not None:
-            state.seen.scatter_(1, tokens[:, None], True)
+            state.seen.scatter_(1, tokens.clamp(min=0)[:, None], True)
         done: list[int] = []
         keep: list[int] = []
         for i, (row, tok) in enumerate(zip(state.active, tokens.tolist(), strict=True)):
+            if tok < 0:
+                row.finish, row.error = (
+                    "error",
+                    (
+                        f"non-finite logits at generated token {len(row.out) + 1} (temperature "
+                        f"{row.temperature:g}, top_p {row.top_p:g}, repetition penalty "
+                        f"{row.repetition_penalty:g}): the row was ended there"
+                    ),
+                )
+                done.append(i)
+                continue
             row.out.append(tok)
             if row.constraint is not None:
                 row.constraint.accept(tok)
@@ -1030,7 +1077,7 @@ class HFBackend(Backend):
         """Keep a finished row's keys/values (prompt and reply but its last token) for its
         session's next step."""
         row = state.active[i]
-        if row.session is None or self._kv_why_not is not None:
+        if row.session is None or self._kv_why_not is not None or row.finish == "error":
             return
         start = state.starts[i]
         ids = row.prompt + row.out[:-1]  # the last token was sampled, never fed
@@ -1052,9 +1099,12 @@ class HFBackend(Backend):
         while True:
             logits = self._next_logits(out, state)
             logits = self._mask_logits(state.active, logits)
+            bad = nonfinite_rows(logits, state.temp)
+            logits = torch.where(bad[:, None], torch.zeros_like(logits), logits)  # safe to sample
             tokens = sample_next(
                 logits, state.temp, state.top_p, state.uniforms[:, state.step], state.sampling
             )
+            tokens = torch.where(bad, torch.full_like(tokens, -1), tokens)
             done, keep = self._advance_rows(state, tokens)
             for i in done:
                 self._store_session(state, i, cache)
@@ -1088,6 +1138,20 @@ class HFBackend(Backend):
         return int(_text_config(self.model.config).vocab_size)
 
 
+def from_config(settings: Settings, context: BackendContext) -> HFBackend:
+    """The backend of `backend: {kind: hf, ...}` for one base of a run (backends/registry.py)."""
+    return HFBackend(
+        context.model,
+        revision=context.revision,
+        device=settings.device,
+        dtype=settings.dtype,
+        batch_size=settings.batch_size,
+        cache_dir=context.cache_dir,
+        max_batch_tokens=settings.max_batch_tokens,
+        kv_cache_mb=settings.kv_cache_mb,
+    )
+
+
 @contextlib.contextmanager
 def hf_backend(model: str, **kwargs: Any) -> Iterator[HFBackend]:
     """`with hf_backend(spec) as b:` - an HFBackend that frees its model on exit."""
@@ -1100,10 +1164,14 @@ def hf_backend(model: str, **kwargs: Any) -> Iterator[HFBackend]:
 
 __all__ = [
     "HFBackend",
+    "Settings",
+    "from_config",
     "fetch_adapter",
     "hf_backend",
+    "nonfinite_rows",
     "penalize",
     "pick_device",
+    "cpu_has_native_bf16",
     "pick_dtype",
     "plan_adapter",
     "sample_next",

@@ -73,12 +73,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import threading
 import warnings
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 try:  # httpx is a declared dependency; httpx2 (its successor, pulled in by huggingface_hub) also fits
     import httpx
@@ -86,8 +87,12 @@ except ImportError:  # pragma: no cover - depends on the environment
     import httpx2 as httpx  # type: ignore[no-redef]
 
 from charshift.backends.base import AdapterSource, Backend, BackendInfo, report_progress
+from charshift.backends.settings import OpenAISettings as Settings
 from charshift.constrain import response_format
 from charshift.schema import GenRequest, GenResult
+
+if TYPE_CHECKING:
+    from charshift.backends.registry import BackendContext
 
 log = logging.getLogger(__name__)
 
@@ -532,6 +537,28 @@ class OpenAIBackend(Backend):
                 loop.submit(self._aclient.aclose()).result(timeout=30)
             loop.stop()
             self._aclient = None
+
+
+def client_options(settings: Any) -> dict[str, Any]:
+    """The client's keyword arguments from a kind's settings (openai and server share them)."""
+    return {
+        "api_key": os.environ.get(settings.api_key_env),
+        "max_concurrency": settings.max_concurrency,
+        "max_in_flight": settings.max_in_flight,
+        "retries": settings.retries,
+        "backoff": settings.backoff_s,
+        "timeout": settings.timeout_s,
+    }
+
+
+def from_config(settings: Settings, context: BackendContext) -> OpenAIBackend:
+    """The backend of `backend: {kind: openai, ...}` for one base of a run (backends/registry.py)."""
+    return OpenAIBackend(
+        settings.base_url,
+        context.model,
+        adapter_syntax=settings.adapter_syntax,
+        **client_options(settings),
+    )
 
 
 def detect_adapter_syntax(listed: dict[str, dict[str, Any]], model: str) -> str:

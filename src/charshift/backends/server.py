@@ -54,14 +54,18 @@ import time
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 
 from charshift.backends.base import AdapterSource, BackendDead, BackendInfo
-from charshift.backends.openai import OpenAIBackend
+from charshift.backends.openai import OpenAIBackend, client_options
+from charshift.backends.settings import ServerSettings as Settings
 from charshift.backends.vllm import folder_digest, read_adapter_rank, resolve_adapter_folder
 from charshift.schema import GenRequest, GenResult
+
+if TYPE_CHECKING:
+    from charshift.backends.registry import BackendContext
 
 log = logging.getLogger(__name__)
 
@@ -521,3 +525,32 @@ class ServerBackend(OpenAIBackend):
             "deterministic": self.spec.deterministic,
         }
         return info
+
+
+def from_config(settings: Settings, context: BackendContext) -> ServerBackend:
+    """The backend of `backend: {kind: server, ...}` for one base of a run: the engine started
+    with the base's model folder, its log in the run directory (backends/registry.py)."""
+    from charshift.models import resolve_model
+
+    assert settings.engine is not None  # ServerSettings checked it
+    return ServerBackend(
+        resolve_model(context.model, context.cache_dir, revision=context.revision).path,
+        engine=settings.engine,
+        command=settings.command,
+        host=settings.host,
+        port=settings.port,
+        startup_timeout=settings.startup_timeout,
+        extra_args=settings.extra_args,
+        log_path=(context.run_dir or Path.cwd()) / f"server-{context.name}.log",
+        seed=context.seed,
+        revision=context.revision,
+        max_model_len=settings.max_model_len,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        dtype=settings.dtype,
+        max_lora_rank=settings.max_lora_rank,
+        max_loras=settings.max_loras,
+        max_cpu_loras=settings.max_cpu_loras,
+        deterministic=settings.deterministic,
+        adapter_syntax=settings.adapter_syntax,
+        **client_options(settings),
+    )

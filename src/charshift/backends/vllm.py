@@ -47,7 +47,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from charshift.backends.base import (
     AdapterSource,
@@ -56,12 +56,15 @@ from charshift.backends.base import (
     BackendInfo,
     report_progress,
 )
+from charshift.backends.settings import VLLM_LORA_RANKS
+from charshift.backends.settings import VLLMSettings as Settings
 from charshift.schema import GenRequest, GenResult
+
+if TYPE_CHECKING:
+    from charshift.backends.registry import BackendContext
 
 log = logging.getLogger(__name__)
 
-# vLLM's allowed LoRA ranks (vllm.config.lora.MaxLoRARanks in 0.33.0).
-VLLM_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _FINISH = {"stop", "length", "abort", "error", "repetition"}
 
 
@@ -418,6 +421,20 @@ class VLLMBackend(Backend):
 
     def close(self) -> None:
         self._llm = None
+
+
+def from_config(settings: Settings, context: BackendContext) -> VLLMBackend:
+    """The backend of `backend: {kind: vllm, ...}` for one base of a run (backends/registry.py)."""
+    return VLLMBackend(
+        context.model,
+        revision=context.revision,
+        max_model_len=settings.max_model_len,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        max_lora_rank=settings.max_lora_rank,
+        max_loras=settings.max_loras,
+        max_cpu_loras=settings.max_cpu_loras,
+        dtype=settings.dtype,
+    )
 
 
 def _engine_died(exc: BaseException) -> bool:

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from charshift.fileio import atomic_write_text
+
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary sibling and rename it into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    """Write JSON with the package's one atomic writer (`fileio.atomic_write_text`)."""
+    atomic_write_text(path, json.dumps(obj, indent=2))
 
 
 def file_sha256(path: Path) -> str:

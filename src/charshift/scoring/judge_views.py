@@ -6,8 +6,8 @@
   for every row. For a tool slice the context is the trajectory: each tool call with its
   arguments, each tool result, each error the harness sent back; the judged email body appears
   in it only as a placeholder (it is the judged text).
-- `behaviour_view(row)`: the unit `SLICE.behaviour` of a tool slice: the task, then only what
-  the agent did (calls, arguments, results, errors, how it ended); the email body is reduced to
+- `behaviour_view(row)`: the unit `SLICE.behaviour` of a slice whose registry entry has that
+  judge variant (`slices.SliceDef.judge_variants`): the task, then only what the agent did (calls, arguments, results, errors, how it ended); the email body is reduced to
   its length, so the behaviour rubric never reads the text the text rubric reads.
 
 A message longer than `max_chars` is shortened in its middle with a marker saying how much was
@@ -21,6 +21,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from charshift import slices
 from charshift.config import TOOL_SLICES
 from charshift.ladder import BEHAVIOUR, split_unit, unit_name
 from charshift.schema import GenerationRow, Message
@@ -34,6 +35,12 @@ _TOOL_RESULT = "[tool result: "
 
 def is_behaviour(unit: str | None) -> bool:
     return unit is not None and split_unit(unit)[1] == BEHAVIOUR
+
+
+def has_behaviour(slice_: str) -> bool:
+    """Whether `slice_` has a `SLICE.behaviour` unit (its entry in the slice registry)."""
+    entry = slices.SLICES.get(slice_)
+    return entry is not None and BEHAVIOUR in entry.judge_variants
 
 
 def shorten(text: str, max_chars: int) -> str:
@@ -115,10 +122,10 @@ def context_view(row: GenerationRow | None, max_chars: int = 4000) -> str:
 
 
 def behaviour_view(row: GenerationRow, max_chars: int = 4000) -> str | None:
-    """The agent's actions in a tool-slice row, and how the episode ended; None for a row of
-    another slice or one in which the model never took a turn."""
+    """The agent's actions in a row of a slice with a behaviour unit, and how the episode ended;
+    None for a row of another slice or one in which the model never took a turn."""
     msgs = _unsystem(row)
-    if row.slice not in TOOL_SLICES or not any(m.get("role") == "assistant" for m in msgs):
+    if not has_behaviour(row.slice) or not any(m.get("role") == "assistant" for m in msgs):
         return None
     lines = _trajectory_lines(msgs, max_chars, body_words=True)
     budget = row.meta.get("step_budget")
@@ -128,7 +135,8 @@ def behaviour_view(row: GenerationRow, max_chars: int = 4000) -> str | None:
 
 
 def behaviour_units(rows: Sequence[GenerationRow], max_chars: int = 4000) -> list[UnitText]:
-    """The `SLICE.behaviour` unit of every tool-slice row in which the model took a turn."""
+    """The `SLICE.behaviour` unit of every row of a slice that has one (`has_behaviour`) in
+    which the model took a turn."""
     out = []
     for row in rows:
         view = behaviour_view(row, max_chars)

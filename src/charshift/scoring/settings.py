@@ -14,7 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from charshift.schema import PROMPTED_STAGE
+from charshift.backends.settings import Device, Dtype
+from charshift.schema import MAX_N_BOOT, PROMPTED_STAGE
 
 DEFAULT_ENCODER = "answerdotai/ModernBERT-base"
 # The C values tried by prompt-grouped cross-validation (probe and lexical baseline).
@@ -60,7 +61,7 @@ class TrainSettings(BaseModel):
     # what the probe reads: a frozen encoder's sentence embeddings, TF-IDF word features, or
     # (auto) whichever cross-validates better on the training rows (scoring.lexical)
     probe_features: Literal["embedding", "lexical", "auto"] = "embedding"
-    n_boot: int = Field(1000, ge=10)
+    n_boot: int = Field(1000, ge=10, le=MAX_N_BOOT)
     ci: float = Field(0.95, gt=0, lt=1)
     seed: int = 0
 
@@ -178,8 +179,8 @@ class PersonaVectorSettings(BaseModel):
     stage: str = PROMPTED_STAGE
     heldout_fraction: float = Field(0.25, gt=0.0, lt=1.0)
     layers: list[int] | None = None
-    device: str | None = None
-    dtype: str | None = None
+    device: Device | None = None
+    dtype: Dtype | None = None
     batch_size: int = Field(8, ge=1)
     seed: int = Field(0, ge=0)
 
