@@ -158,3 +158,55 @@ def test_a_run_trains_its_classifier_and_scores_through_the_registry(tmp_path):
     assert sid == stable_hash(manifest["classifiers"]["tinyllama"], 12)
     assert first["scored"] == len(scores) > 0 and {s.classifier for s in scores} == {sid}
     assert again == {"scored": 0, "already": len(scores)}
+
+
+def test_a_run_scores_with_the_classifier_the_judge_and_persona_vectors(tmp_path, tiny_llama):
+    """scorers: [classifier, judge, persona_vector] on a tiny Llama: the vectors are fitted from
+    the run's own training rows, every eval unit is scored by each reading and mode (the judge
+    also scores the tool loop's behaviour unit), each under the id the manifest records; a
+    rerun asks nothing, and a judge answer is never a score unless it parsed."""
+    from charshift.schema import JUDGE_OUTCOMES, ScoreRow
+
+    data = {
+        **_smoke(),
+        "stages": ["base", "prompted"],
+        "personas": ["sarcasm", "humor"],
+        "slices": ["id_chat", "agentic_actions"],
+        "items": {"agentic_actions": {"n": 1}},
+        "id_prompts": {"source": "bundled", "n_eval": 2, "n_train": 8, "seed": 0},
+        "scorers": ["classifier", "judge", "persona_vector"],
+        "judge": {
+            "model": str(tiny_llama), "backend": {"kind": "hf", "device": "cpu", "dtype": "float32"},
+            "samples": 2, "retries": 0, "max_tokens": 12,
+        },
+    }  # fmt: skip
+    data["sampling"] = {**data["sampling"], "max_tokens": 12, "n_samples": 1}
+    data["bases"] = [{**data["bases"][0], "classifier": "tiny:modernbert:sarcasm,humor"}]
+    cfg = cfgmod.parse_config(data)
+    with pipeline.prepare_run(cfg, tmp_path / "run") as store:
+        pipeline.generate(cfg, store)
+        pipeline.ensure_scorers(cfg, store)
+        first = pipeline.score(cfg, store)
+        again = pipeline.score(cfg, store)
+        manifest = store.manifest()
+        scores: list[ScoreRow] = list(store.scores)
+        eval_rows = [r for r in store.generations if r.split == "eval" and r.slice == "id_chat"]
+    ids = {name: e["id"] for name, e in manifest["scorers"]["tinyllama"].items()}
+    assert set(ids) == {
+        "classifier", "judge_likert", "judge_identify", "persona_vector_text",
+        "persona_vector_state",
+    }  # fmt: skip
+    by = {name: [s for s in scores if s.classifier == sid] for name, sid in ids.items()}
+    n_chat = sum(bool(r.text) for r in eval_rows)
+    for name in ids:  # every reading and mode scored every id_chat reply
+        assert sum(s.unit == "id_chat" for s in by[name]) == n_chat > 0, name
+    assert any(s.unit == "agentic_actions.behaviour" for s in by["judge_likert"])
+    assert not any(s.unit.endswith(".behaviour") for s in by["classifier"])
+    vec = manifest["persona_vectors"]["tinyllama"]
+    assert (tmp_path / "run" / vec["file"]).is_file() and vec["rows"]["fit"]["humor"] > 0
+    for s in by["persona_vector_text"]:
+        assert set(s.scores or {}) == {"sarcasm", "humor"} and s.prediction in s.scores
+    for s in by["judge_likert"] + by["judge_identify"]:
+        assert s.judge_outcome in JUDGE_OUTCOMES
+        assert (s.judge_outcome == "ok") == bool(s.scores or s.prediction), s
+    assert first["scored"] == len(scores) and again == {"scored": 0, "already": len(scores)}
