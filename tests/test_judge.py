@@ -9,6 +9,7 @@ garbage unless its decoding is constrained to the answer's JSON schema.
 
 from __future__ import annotations
 
+import json
 import re
 import statistics
 from collections import Counter
@@ -92,7 +93,7 @@ def test_adversarial_answers_are_unparseable_not_hung(text):
 # ---------------------------------------------------------------------------- scripted judge
 
 
-class ScriptedBackend(Backend):
+class AnswerScript(Backend):
     """Answers each request with `script(user message, the n-th time this question came)`;
     records every request."""
 
@@ -146,9 +147,9 @@ def _row(persona: str | None, item: str = "p0") -> GenerationRow:
 
 def _judges(
     script: Callable[[str, int], str | None], tmp_path: Path | None, **kw: Any
-) -> tuple[list[Judge], ScriptedBackend]:
+) -> tuple[list[Judge], AnswerScript]:
     settings = JudgeSettings(model="scripted", **kw)
-    backend = ScriptedBackend(script)
+    backend = AnswerScript(script)
     cache = None if tmp_path is None else tmp_path / "judge_cache.jsonl"
     return open_judges(settings, PERSONAS, cache, factory=lambda: backend), backend
 
@@ -328,3 +329,85 @@ def test_the_judge_runs_on_the_hf_backend_and_constrained_answers_parse(tiny_lla
         free.close()
         constrained.close()
     assert free.counts["asked"] == 4 and (tmp_path / "cFalse.jsonl").is_file()
+
+
+# ---------------------------------------------------------------------------- external texts
+
+
+def _generations(tmp_path: Path) -> Path:
+    rows = [
+        {"base": "m", "stage": stage, "slice": "id_chat", "persona": persona, "item_id": f"i{i}",
+         "sample_idx": 0, "text": f"reply {i} {persona or 'plain'}"}
+        for i in range(3)
+        for stage, persona in (("base", None), ("prompted", "sarcasm"), ("prompted", "humor"))
+    ]  # fmt: skip
+    path = tmp_path / "gen.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_score_generations_with_a_judge_and_report_predictions_reads_it(tiny_llama, tmp_path):
+    """The identify judge (the tiny Llama, answers constrained to the schema) on an external
+    file: every row gets its label, every sample and the outcome; a rerun asks nothing; the
+    file is a predictions file `report --predictions` reads."""
+    from charshift.external import report_predictions, score_external_judge
+
+    gen, out = _generations(tmp_path), tmp_path / "pred.jsonl"
+    settings = JudgeSettings(
+        model=str(tiny_llama), backend={"kind": "hf", "device": "cpu", "dtype": "float32"},
+        modes=["identify"], samples=3, retries=0, max_tokens=24, constrained=True,
+    )  # fmt: skip
+    assert score_external_judge(gen, settings, out) == 9
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    cache = tmp_path / "pred.jsonl.judge_cache.jsonl"
+    n_cached = len(cache.read_text().splitlines())
+    assert n_cached == 9 * 3
+    for r in rows:
+        assert r["judge_outcome"] == "ok" and len(r["judge_scores"]["identify"]) == 3
+        assert r["prediction"] in [*PERSONAS, JUDGE_NONE]
+        assert r["probs"][r["prediction"]] == max(r["probs"].values())
+    assert score_external_judge(gen, settings, out) == 9
+    assert len(cache.read_text().splitlines()) == n_cached  # nothing asked again
+    assert [json.loads(line) for line in out.read_text().splitlines()] == rows
+    report = report_predictions(out, tmp_path / "report", n_boot=50, positive_control=None)
+    assert report.is_file()
+
+
+def test_the_score_command_refuses_judge_flags_without_the_judge(tmp_path):
+    from typer.testing import CliRunner
+
+    from charshift.cli import app
+
+    gen = _generations(tmp_path)
+    args = ["score", "--generations", str(gen), "--out", str(tmp_path / "p.jsonl")]
+    res = CliRunner().invoke(app, [*args, "--classifier", "x", "--judge-model", "m"])
+    assert res.exit_code != 0 and "--judge-model only go(es) with --scorer judge" in res.output
+    res = CliRunner().invoke(app, [*args, "--scorer", "judge", "--judge-model", "m"])
+    assert res.exit_code != 0 and "--judge-base-url URL and --judge-model NAME" in res.output
+
+
+@pytest.mark.slow
+def test_score_generations_against_a_real_transformers_serve(transformers_server, tmp_path):
+    """`charshift score --generations --scorer judge` on an OpenAI-compatible endpoint (a real
+    `transformers serve` of the tiny Llama): the median of N per row, every sample stored, a
+    garbage answer an outcome and never a score."""
+    from typer.testing import CliRunner
+
+    from charshift.cli import app
+
+    base_url, model = transformers_server
+    gen, out = _generations(tmp_path), tmp_path / "pred.jsonl"
+    args = ["score", "--generations", str(gen), "--scorer", "judge", "--judge-base-url",
+            base_url, "--judge-model", model, "--judge-samples", "2", "--out", str(out)]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 9
+    for r in rows:
+        assert r["judge_outcome"] in ("ok", "unparseable")
+        samples = [x for xs in r["judge_scores"].values() for x in xs]
+        assert len(samples) == 2 * (2 if r["persona"] is None else 1)
+        if r["judge_outcome"] == "ok":
+            assert r["judge_score"] == statistics.median(samples)
+        else:
+            assert r["judge_score"] is None and None in samples

@@ -624,9 +624,19 @@ def score(
             judge = _judge_settings(
                 judge_base_url, judge_model, judge_samples, judge_mode, judge_api_key_env
             )
+        else:
+            _only_with("--scorer judge", _judge_flags(judge_base_url, judge_model))
         _score_generations(generations, _out_path(out), scorer, classifier, judge)
         return
-    _only_with("--generations", {"--classifier": classifier is not None, "--out": out is not None})
+    _only_with(
+        "--generations",
+        {
+            "--classifier": classifier is not None,
+            "--out": out is not None,
+            "--scorer": scorer != "classifier",
+            **_judge_flags(judge_base_url, judge_model),
+        },
+    )
     if run_dir is None:
         _fail("give --run DIR (or --generations FILE --classifier C --out FILE)")
     with _user_errors(), pipeline.RunStore(run_dir, create=False, shard=part) as store:
@@ -638,6 +648,10 @@ def score(
             _no_training_in_shard(cfg, store)
         counts = pipeline.score(cfg, store)
     typer.echo(json.dumps(counts))
+
+
+def _judge_flags(base_url: str | None, model: str | None) -> dict[str, bool]:
+    return {"--judge-base-url": base_url is not None, "--judge-model": model is not None}
 
 
 def _judge_settings(
