@@ -17,11 +17,11 @@ from tqdm.auto import tqdm
 
 from charshift import banks, tools, units
 from charshift.adapter_probe import probe_adapters, require_applied
-from charshift.backends.base import AdapterSource, Backend
+from charshift.backends.base import Backend
+from charshift.backends.build import backend_for, cache_dir, materialise_tiny_adapters
 from charshift.backends.settings import DEFAULT_MAX_IN_FLIGHT
 from charshift.completion import record_completion
 from charshift.config import (
-    BackendConfig,
     BaseSpec,
     RunConfig,
     check_backend_available,
@@ -32,7 +32,7 @@ from charshift.config import (
 from charshift.inputs import check_name_lengths, surrogate_problem
 from charshift.planning import Plan, PlannedRow, Shard, build_plan, in_shard, select_shard
 from charshift.rollout import Episode, RolloutEngine, RolloutSettings
-from charshift.schema import EpisodeSpec, GenerationRow, ScoreRow, stable_hash
+from charshift.schema import EpisodeSpec, GenerationRow, ScoreRow
 from charshift.scoring.base import (
     ScoreInput,
     Scorer,
@@ -44,43 +44,12 @@ from charshift.scoring.base import (
 )
 from charshift.store import RunStore, retryable
 
-
-def cache_dir() -> Path:
-    """The cache of built and converted models (`$CHARSHIFT_CACHE`, see models.default_cache_dir)."""
-    from charshift.models import default_cache_dir
-
-    return default_cache_dir()
-
-
 # -- backends ------------------------------------------------------------------------------------
 
 
 def make_backend(cfg: RunConfig, base: BaseSpec, run_dir: Path | None = None) -> Backend:
     """The run's backend (`cfg.backend`) for `base`."""
     return backend_for(cfg.backend, base, run_dir, seed=cfg.sampling.seed)
-
-
-def backend_for(
-    b: BackendConfig, base: BaseSpec, run_dir: Path | None = None, seed: int = 0
-) -> Backend:
-    """A backend of settings `b` for the model of `base` (a run's own backend, or a judge's;
-    `backends/registry.py`: the kind's module builds it), once this machine is known to have the
-    kind's package and device; a managed server logs to `server-<base name>.log` in `run_dir`
-    and is seeded with `seed`."""
-    from charshift.backends.registry import BackendContext
-    from charshift.backends.registry import make_backend as build
-
-    check_backend_available(b)
-
-    context = BackendContext(
-        model=base.model,
-        revision=base.revision,
-        name=base.name,
-        seed=seed,
-        cache_dir=cache_dir(),
-        run_dir=run_dir,
-    )
-    return build(b, context)
 
 
 # -- steps ---------------------------------------------------------------------------------------
@@ -270,31 +239,6 @@ def _episodes(cfg: RunConfig, plan: Plan, rows: list[PlannedRow]) -> Iterator[Ep
             sampling=r.sampling,
             simulator=_simulator(plan, r.spec),
         )
-
-
-def materialise_tiny_adapters(base: BaseSpec, sources: list[AdapterSource]) -> list[AdapterSource]:
-    """`path: tiny-lora:NAME` (smoke preset) -> a random-init LoRA for the tiny base, built once."""
-    out = []
-    for src in sources:
-        if src.path and src.path.startswith("tiny-lora:"):
-            from charshift import models
-
-            tag = src.path.split(":", 1)[1]
-            model_dir = Path(models.resolve_model(base.model, cache_dir()).path)
-            folder = cache_dir() / "tiny-lora" / stable_hash([base.model, tag], 12)
-            if not (folder / "adapter_config.json").exists():  # built once, atomically
-                seed = int(stable_hash(tag, 6), 16)
-                models.build_cached(folder, functools.partial(_tiny_lora, model_dir, seed))
-            src = AdapterSource(name=src.name, path=str(folder))
-        out.append(src)
-    return out
-
-
-def _tiny_lora(model_dir: Path, seed: int, out: Path) -> dict[str, Any]:
-    from charshift import tiny
-
-    tiny.build_tiny_lora(model_dir, out, seed=seed)
-    return {"tiny_lora_seed": seed}
 
 
 def _simulator(plan: Plan, spec: EpisodeSpec) -> Any:

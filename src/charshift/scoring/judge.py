@@ -1,7 +1,7 @@
 """The `judge` scorer: an LLM asked about the persona in each text, on any backend charshift has.
 
 One `Judge` per mode (`judge.modes`), each a scorer of its own (`judge_likert`,
-`judge_identify`), sharing one lazily opened backend (`pipeline.backend_for` of `judge.backend`:
+`judge_identify`), sharing one lazily opened backend (`backends.build.backend_for` of `judge.backend`:
 a local HF model, vLLM offline, an OpenAI-compatible server (the API key read from the
 environment variable `api_key_env` names, never stored), or a managed server).
 
@@ -363,9 +363,9 @@ def _rationale_of(verdicts: list[Any], rationales: list[str | None], kept: Any) 
 
 
 def open_backend(settings: JudgeSettings, run_dir: Path | None = None, seed: int = 0) -> Backend:
-    """The judge's backend: `judge.backend` through the pipeline's backend construction."""
+    """The judge's backend: `judge.backend`, built as a run's backend is (`backends.build`)."""
+    from charshift.backends.build import backend_for
     from charshift.config import BaseSpec, judge_backend
-    from charshift.pipeline import backend_for
 
     base = BaseSpec(name="judge", model=settings.model, revision=settings.revision)
     return backend_for(judge_backend(settings), base, run_dir, seed)

@@ -112,7 +112,7 @@ class PVModel:
         return self._adapters.get((row.stage, row.persona))
 
     def _load_adapters(self) -> dict[tuple[str, str | None], str]:
-        from charshift.pipeline import materialise_tiny_adapters
+        from charshift.backends.build import materialise_tiny_adapters
         from charshift.planning import build_conditions
 
         conds, sources = build_conditions(self.cfg, self.base)
