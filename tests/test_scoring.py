@@ -191,6 +191,7 @@ def test_a_run_scores_with_the_classifier_the_judge_and_persona_vectors(tmp_path
         manifest = store.manifest()
         scores: list[ScoreRow] = list(store.scores)
         eval_rows = [r for r in store.generations if r.split == "eval" and r.slice == "id_chat"]
+        pipeline.report(cfg, store)
     ids = {name: e["id"] for name, e in manifest["scorers"]["tinyllama"].items()}
     assert set(ids) == {
         "classifier", "judge_likert", "judge_identify", "persona_vector_text",
@@ -210,3 +211,19 @@ def test_a_run_scores_with_the_classifier_the_judge_and_persona_vectors(tmp_path
         assert s.judge_outcome in JUDGE_OUTCOMES
         assert (s.judge_outcome == "ok") == bool(s.scores or s.prediction), s
     assert first["scored"] == len(scores) and again == {"scored": 0, "already": len(scores)}
+    # each label-giving scorer's cells, against their own null, in metrics_by_scorer.csv
+    import csv
+
+    with (tmp_path / "run" / "metrics_by_scorer.csv").open() as fh:
+        table = list(csv.DictReader(fh))
+    cells = {(r["scorer"], r["stage"], r["slice"]): r for r in table}
+    for name in ("persona_vector_text", "persona_vector_state"):
+        cell = cells[(name, "prompted", "id_chat")]
+        assert int(cell["n_scored"]) == int(cell["n_rows"]) > 0
+        assert cell["macro_f1_null"] != "" and cell["macro_f1_excess"] != ""
+    ident = [s for s in by["judge_identify"] if s.unit == "id_chat"]
+    verdicts = sum(s.judge_outcome == "ok" for s in ident)
+    if ("judge_identify", "prompted", "id_chat") in cells:  # only where a verdict was given
+        row = cells[("judge_identify", "prompted", "id_chat")]
+        assert int(row["n_scored"]) <= verdicts  # no verdict is a missing prediction
+    assert "persona_vector_text" in (tmp_path / "run" / "report.md").read_text()
