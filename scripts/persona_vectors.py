@@ -9,7 +9,7 @@ the share of prompted replies whose highest projection is their own persona (cha
 the held-out separation of every layer the fit tried (the kept layer's figure is the best of
 them, so it is optimistic; the eval figures are not).
 
-    python scripts/persona_vectors.py --out runs/pv_smollm2            # ~5 min on 2 CPU cores
+    python scripts/persona_vectors.py --out runs/pv_smollm2            # 62 min on 2 shared cores (load ~8)
     python scripts/persona_vectors.py --out runs/pv_smollm2 --report   # figures of a done run
 """
 
