@@ -3,11 +3,20 @@
 Everything is built on first use, once per test session, under pytest's temporary folder, so
 tests run offline and never touch the user's model cache. Ask for a model with
 `tiny_model_dir("llama")` and an adapter with `tiny_lora_dir("llama", seed=1)`; the `tiny_*`
-fixtures below are shortcuts for the common cases.
+fixtures below are shortcuts for the common cases. `transformers_server` is a real
+`transformers serve` of the packaged tiny Llama (`tiny_llama_dir`), shared by the backend
+contract and the judge's tests.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -71,3 +80,80 @@ def tiny_gemma3(tiny_model_dir: TinyModelFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gemma3_mm(tiny_model_dir: TinyModelFactory) -> Path:
     return tiny_model_dir("gemma3_mm")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    from charshift.models import resolve_model
+
+    return Path(resolve_model("tiny:llama", cache_dir=tmp_path_factory.mktemp("model-cache")).path)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_until_up(proc: subprocess.Popen, url: str, log_path: Path, timeout_s: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"transformers serve exited early:\n{log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(
+        f"transformers serve not up after {timeout_s}s:\n{log_path.read_text()[-3000:]}"
+    )
+
+
+@pytest.fixture(scope="session")
+def transformers_server(tiny_llama_dir, tmp_path_factory):
+    """A real `transformers serve` on a free loopback port, serving a sampling copy of the tiny model."""
+    pytest.importorskip("fastapi", reason="transformers serve needs `transformers[serving]`")
+    pytest.importorskip("uvicorn", reason="transformers serve needs `transformers[serving]`")
+    cli = Path(sys.executable).parent / "transformers"
+    if not cli.exists():
+        cli = Path(shutil.which("transformers") or "")
+    if not cli.is_file():
+        pytest.skip("the `transformers` command is not installed")
+    work = tmp_path_factory.mktemp("serve")
+    folder = work / "tiny_llama"
+    shutil.copytree(tiny_llama_dir, folder)
+    gen_path = folder / "generation_config.json"
+    gen = json.loads(gen_path.read_text())
+    gen["do_sample"] = True  # see the module docstring: a temperature alone does not sample
+    gen_path.write_text(json.dumps(gen))
+    port = _free_port()
+    log_path = work / "serve.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    cmd = [
+        str(cli),
+        "serve",
+        str(folder),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+    ]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_up(proc, url, log_path, timeout_s=180)
+        yield f"{url}/v1", str(folder)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)

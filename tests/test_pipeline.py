@@ -263,7 +263,7 @@ def test_dry_run_paper_loads_no_model():
     on = CliRunner().invoke(app, ["run", "--preset", "paper", "--with", "scaffolds", "--dry-run"])
     assert on.exit_code == 0, on.output
     assert "opt-in block 'scaffolds' (on)" in on.output
-    assert "not scored until the judge" in on.output
+    assert "agentic_actions.behaviour: not scored (only the judge's behaviour rubric" in on.output
     bad = CliRunner().invoke(app, ["run", "--preset", "paper", "--with", "nope", "--dry-run"])
     assert bad.exit_code == 2 and "no opt-in block 'nope'" in bad.output
 

@@ -52,16 +52,20 @@ def test_a_probe_folder_of_the_earlier_format_loads_and_scores_the_same(name):
 # ---------------------------------------------------------------------------- the registry
 
 
-def test_every_available_scorer_has_an_opener_and_the_rest_are_refused():
+def test_every_available_scorer_has_an_opener_and_the_rest_are_refused(monkeypatch):
     for kind in SCORERS.values():
         if kind.available:
             module, _, function = kind.opener.partition(":")
             assert callable(getattr(importlib.import_module(module), function))
-    assert [k.name for k in SCORERS.values() if k.available] == ["classifier"]
-    assert check_scorer_names(["classifier"]) == ["classifier"]
-    for reserved in ("judge", "persona_vector"):
-        with pytest.raises(ValueError, match=f"\\['{reserved}'\\] are not available yet"):
-            check_scorer_names(["classifier", reserved])
+    available = [k.name for k in SCORERS.values() if k.available]
+    assert available == ["classifier", "judge", "persona_vector"]
+    assert check_scorer_names(available) == available
+    from charshift.scoring import registry
+
+    reserved = registry.ScorerKind("telepathy", "a scorer not written yet")
+    monkeypatch.setitem(registry.SCORERS, "telepathy", reserved)
+    with pytest.raises(ValueError, match="\\['telepathy'\\] are not available yet"):
+        check_scorer_names(["classifier", "telepathy"])
     with pytest.raises(ValueError, match="unknown scorer"):
         check_scorer_names(["clasifier"])
     with pytest.raises(ValueError, match="given twice"):
@@ -75,8 +79,12 @@ def _smoke() -> dict:
 def test_config_scorers_default_and_validation():
     cfg = cfgmod.parse_config(_smoke())
     assert cfg.scorers == list(DEFAULT_SCORERS) == ["classifier"]
-    for bad, said in ((["judge"], "not available yet"), (["nope"], "unknown"), ([], "at least")):
-        with pytest.raises(cfgmod.ConfigError, match=f"scorers:.*{said}"):
+    for bad, said in (
+        (["judge"], "judge: `scorers` names judge, so the config needs a `judge` section"),
+        (["nope"], "scorers:.*unknown"),
+        ([], "scorers:.*at least"),
+    ):
+        with pytest.raises(cfgmod.ConfigError, match=said):
             cfgmod.parse_config({**_smoke(), "scorers": bad})
     with_training = cfgmod.parse_config({**_smoke(), "classifier_training": {"mode": "probe"}})
     assert isinstance(with_training.classifier_training, TrainSettings)
@@ -108,7 +116,7 @@ def test_the_run_opens_its_classifier_through_the_registry(tmp_path):
     assert isinstance(scorer, Classifier) and isinstance(scorer, Scorer)
     assert scorer.source == base.classifier and scorer.provenance["kind"] == "tiny"
     assert (scorer.batch_size, scorer.max_length) == (32, 256)  # the preset's `scoring`
-    with pytest.raises(ScorerError, match="not available"):
+    with pytest.raises(ScorerError, match="no `judge` section"):
         open_scorer("judge", ScorerContext(cfg, base, tmp_path))
     trained_here = cfg.bases[0].model_copy(update={"classifier": None})
     with pytest.raises(ScorerError, match="cannot load"):  # nothing trained in the run yet
@@ -127,6 +135,7 @@ def test_a_run_trains_its_classifier_and_scores_through_the_registry(tmp_path):
         "stages": ["base", "prompted"],
         "personas": ["sarcasm", "humor", "remorse"],
         "slices": ["id_chat"],
+        "items": {},  # the preset's scaffold banks: no slice of this run renders them
         "id_prompts": {"source": "bundled", "n_eval": 4, "n_train": 12, "seed": 0},
         "classifier_training": {
             "mode": "probe", "probe_features": "lexical", "probe_c_grid": [1.0], "n_boot": 50,
@@ -149,3 +158,72 @@ def test_a_run_trains_its_classifier_and_scores_through_the_registry(tmp_path):
     assert sid == stable_hash(manifest["classifiers"]["tinyllama"], 12)
     assert first["scored"] == len(scores) > 0 and {s.classifier for s in scores} == {sid}
     assert again == {"scored": 0, "already": len(scores)}
+
+
+def test_a_run_scores_with_the_classifier_the_judge_and_persona_vectors(tmp_path, tiny_llama):
+    """scorers: [classifier, judge, persona_vector] on a tiny Llama: the vectors are fitted from
+    the run's own training rows, every eval unit is scored by each reading and mode (the judge
+    also scores the tool loop's behaviour unit), each under the id the manifest records; a
+    rerun asks nothing, and a judge answer is never a score unless it parsed."""
+    from charshift.schema import JUDGE_OUTCOMES, ScoreRow
+
+    data = {
+        **_smoke(),
+        "stages": ["base", "prompted"],
+        "personas": ["sarcasm", "humor"],
+        "slices": ["id_chat", "agentic_actions"],
+        "items": {"agentic_actions": {"n": 1}},
+        "id_prompts": {"source": "bundled", "n_eval": 2, "n_train": 8, "seed": 0},
+        "scorers": ["classifier", "judge", "persona_vector"],
+        "judge": {
+            "model": str(tiny_llama), "backend": {"kind": "hf", "device": "cpu", "dtype": "float32"},
+            "samples": 2, "retries": 0, "max_tokens": 12,
+        },
+    }  # fmt: skip
+    data["sampling"] = {**data["sampling"], "max_tokens": 12, "n_samples": 1}
+    data["bases"] = [{**data["bases"][0], "classifier": "tiny:modernbert:sarcasm,humor"}]
+    cfg = cfgmod.parse_config(data)
+    with pipeline.prepare_run(cfg, tmp_path / "run") as store:
+        pipeline.generate(cfg, store)
+        pipeline.ensure_scorers(cfg, store)
+        first = pipeline.score(cfg, store)
+        again = pipeline.score(cfg, store)
+        manifest = store.manifest()
+        scores: list[ScoreRow] = list(store.scores)
+        eval_rows = [r for r in store.generations if r.split == "eval" and r.slice == "id_chat"]
+        pipeline.report(cfg, store)
+    ids = {name: e["id"] for name, e in manifest["scorers"]["tinyllama"].items()}
+    assert set(ids) == {
+        "classifier", "judge_likert", "judge_identify", "persona_vector_text",
+        "persona_vector_state",
+    }  # fmt: skip
+    by = {name: [s for s in scores if s.classifier == sid] for name, sid in ids.items()}
+    n_chat = sum(bool(r.text) for r in eval_rows)
+    for name in ids:  # every reading and mode scored every id_chat reply
+        assert sum(s.unit == "id_chat" for s in by[name]) == n_chat > 0, name
+    assert any(s.unit == "agentic_actions.behaviour" for s in by["judge_likert"])
+    assert not any(s.unit.endswith(".behaviour") for s in by["classifier"])
+    vec = manifest["persona_vectors"]["tinyllama"]
+    assert (tmp_path / "run" / vec["file"]).is_file() and vec["rows"]["fit"]["humor"] > 0
+    for s in by["persona_vector_text"]:
+        assert set(s.scores or {}) == {"sarcasm", "humor"} and s.prediction in s.scores
+    for s in by["judge_likert"] + by["judge_identify"]:
+        assert s.judge_outcome in JUDGE_OUTCOMES
+        assert (s.judge_outcome == "ok") == bool(s.scores or s.prediction), s
+    assert first["scored"] == len(scores) and again == {"scored": 0, "already": len(scores)}
+    # each label-giving scorer's cells, against their own null, in metrics_by_scorer.csv
+    import csv
+
+    with (tmp_path / "run" / "metrics_by_scorer.csv").open() as fh:
+        table = list(csv.DictReader(fh))
+    cells = {(r["scorer"], r["stage"], r["slice"]): r for r in table}
+    for name in ("persona_vector_text", "persona_vector_state"):
+        cell = cells[(name, "prompted", "id_chat")]
+        assert int(cell["n_scored"]) == int(cell["n_rows"]) > 0
+        assert cell["macro_f1_null"] != "" and cell["macro_f1_excess"] != ""
+    ident = [s for s in by["judge_identify"] if s.unit == "id_chat"]
+    verdicts = sum(s.judge_outcome == "ok" for s in ident)
+    if ("judge_identify", "prompted", "id_chat") in cells:  # only where a verdict was given
+        row = cells[("judge_identify", "prompted", "id_chat")]
+        assert int(row["n_scored"]) <= verdicts  # no verdict is a missing prediction
+    assert "persona_vector_text" in (tmp_path / "run" / "report.md").read_text()

@@ -190,7 +190,7 @@ def prediction_records(
                 slice=unit,
                 persona=r.persona or NULL_PERSONA,
                 item_id=r.item_id,
-                prediction=sc.prediction if sc else None,
+                prediction=(sc.prediction or None) if sc else None,  # "": no verdict (a judge)
                 sample_idx=r.sample_idx,
                 probs=sc.probs if sc else None,
                 outcome=r.outcome,
@@ -440,8 +440,10 @@ def report_run(cfg: RunConfig, store: RunStore, out_dir: Path | None = None) -> 
         f"Skipped adapter {name}: {msg}" for name, msg in store.recorded("skipped_adapters").items()
     ]
     notes += [
-        f"Not scored: {unit} (the judge's behaviour rubric scores it; no text scorer can)"
+        f"Not scored: {unit} (the judge's behaviour rubric scores it; no text scorer can, and "
+        "the run's scorers have no judge)"
         for unit in judge_units(cfg.slices)
+        if "judge" not in cfg.scorers
     ]
     inp = AnalysisInput(
         records=records,
@@ -456,15 +458,66 @@ def report_run(cfg: RunConfig, store: RunStore, out_dir: Path | None = None) -> 
         warnings=warnings,
         control=cfg.analysis.positive_control,
     )
+    by_scorer = scorer_results(cfg, store)
+    if by_scorer:
+        inp.notes.append(
+            f"Per-scorer figures ({', '.join(by_scorer)}), each against its own null: "
+            f"{SCORER_METRICS}; the tables and this report read the classifier"
+        )
     result = compute(inp)
     label_sets = {"labels": result.labels, "notes": [n.text() for n in result.label_notes]}
     if store.writable:
         inp.settings["manifest"] = store.update_manifest(label_sets=label_sets)
     else:  # `charshift report --run` reads the run and changes nothing in it
         inp.settings["manifest"] = {**inp.settings["manifest"], "label_sets": label_sets}
-    target = Path(out_dir) if out_dir else store.root
+    out = Path(out_dir) if out_dir else store.root
     # written only if the run is as it was read, so a stale reader never overwrites a newer report
-    return analyse(inp, target, result, publish=lambda: store.report_snapshot(target))
+    path = analyse(inp, out, result, publish=lambda: store.report_snapshot(out))
+    if by_scorer:
+        from charshift import tables
+
+        tables.write_scorer_metrics(by_scorer, out / SCORER_METRICS)
+    return path
+
+
+# The scorers besides the classifier that name a persona, so that the classifier's machinery
+# (macro-F1 against each cell's own null) reads them as it reads the classifier.
+LABEL_SCORERS = ("judge_identify", "persona_vector_text", "persona_vector_state")
+SCORER_METRICS = "metrics_by_scorer.csv"
+
+
+def scorer_ids(store: RunStore, name: str) -> dict[str, str]:
+    """base -> the id of scorer `name` (a reading or mode) that the manifest records."""
+    known = store.manifest().get("scorers")
+    if not isinstance(known, dict):
+        return {}
+    out = {}
+    for base, entries in known.items():
+        entry = entries.get(name) if isinstance(entries, dict) else None
+        if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+            out[base] = entry["id"]
+    return out
+
+
+def scorer_results(cfg: RunConfig, store: RunStore) -> dict[str, MetricsResult]:
+    """The statistics of each label-giving scorer of `LABEL_SCORERS` the run has, computed from
+    its own verdicts exactly as the classifier's (a judge left without a verdict is a missing
+    prediction); without a positive control (its check reads the classifier)."""
+    out: dict[str, MetricsResult] = {}
+    for name in LABEL_SCORERS:
+        ids = scorer_ids(store, name)
+        records = prediction_records(cfg, store, ids) if ids else []
+        if any(r.prediction is not None for r in records):
+            inp = AnalysisInput(
+                records=records,
+                personas=cfg.persona_names,
+                stats=cfg.stats,
+                title=name,
+                settings={},
+                control=None,
+            )
+            out[name] = compute(inp)
+    return out
 
 
 def _nothing_to_report(store: RunStore, cids: dict[str, str]) -> str:

@@ -693,9 +693,50 @@ def score(
         str | None, typer.Option("--out", "-o", help="Predictions JSONL (with --generations).")
     ] = None,
     shard: ShardOpt = None,
+    scorer: Annotated[
+        str,
+        typer.Option(
+            "--scorer",
+            help="With --generations: classifier (--classifier) or judge (an LLM judge on an "
+            "OpenAI-compatible server: --judge-base-url, --judge-model).",
+        ),
+    ] = "classifier",
+    judge_base_url: Annotated[
+        str | None,
+        typer.Option(
+            "--judge-base-url", help="With --scorer judge: the server, e.g. http://host:8000/v1."
+        ),
+    ] = None,
+    judge_model: Annotated[
+        str | None,
+        typer.Option("--judge-model", help="With --scorer judge: the served model name."),
+    ] = None,
+    judge_samples: Annotated[
+        int,
+        typer.Option("--judge-samples", min=1, max=99, help="Answers per question (median kept)."),
+    ] = 3,
+    judge_mode: Annotated[
+        str,
+        typer.Option(
+            "--judge-mode",
+            help="likert (how strongly the text expresses its row's persona, 1-5) or identify "
+            "(which persona wrote it, or none).",
+        ),
+    ] = "likert",
+    judge_api_key_env: Annotated[
+        str,
+        typer.Option(
+            "--judge-api-key-env",
+            help="The NAME of the environment variable holding the server's API key (the key "
+            "is read from it and never written anywhere).",
+        ),
+    ] = "OPENAI_API_KEY",
 ) -> None:
-    """Score a run's outputs, or one shard's (training its classifier first if the config says
-    so; a shard never trains it: that needs every shard's rows)."""
+    """Score a run's outputs, or one shard's (training its classifier and fitting its persona
+    vectors first where the config says so; a shard never does: that needs every shard's rows).
+    With --generations, score an external JSONL of texts instead: with a classifier, or with an
+    LLM judge (each row gets judge_score, the median of --judge-samples answers, judge_scores,
+    judge_rationale; answers are cached beside --out, so a rerun asks only what is missing)."""
     from charshift import pipeline
 
     part = _shard(shard)
@@ -703,9 +744,24 @@ def score(
         _only_with(
             "a run (not --generations)", {"--run": run_dir is not None, "--shard": part is not None}
         )
-        _score_external(generations, classifier, _out_path(out))
+        judge = None
+        if scorer == "judge":
+            judge = _judge_settings(
+                judge_base_url, judge_model, judge_samples, judge_mode, judge_api_key_env
+            )
+        else:
+            _only_with("--scorer judge", _judge_flags(judge_base_url, judge_model))
+        _score_generations(generations, _out_path(out), scorer, classifier, judge)
         return
-    _only_with("--generations", {"--classifier": classifier is not None, "--out": out is not None})
+    _only_with(
+        "--generations",
+        {
+            "--classifier": classifier is not None,
+            "--out": out is not None,
+            "--scorer": scorer != "classifier",
+            **_judge_flags(judge_base_url, judge_model),
+        },
+    )
     if run_dir is None:
         _fail("give --run DIR (or --generations FILE --classifier C --out FILE)")
     redo = {
@@ -715,20 +771,57 @@ def score(
     with _user_errors(), pipeline.RunStore(run_dir, create=False, shard=part, redo=redo) as store:
         cfg = pipeline.open_run_config(store)
         if part is None:
-            pipeline.ensure_classifiers(cfg, store)
+            pipeline.ensure_scorers(cfg, store)
         else:
             _no_training_in_shard(cfg, store)
         counts = pipeline.score(cfg, store)
     typer.echo(json.dumps(counts))
 
 
-def _score_external(generations: Path, classifier: str | None, out: Path | None) -> None:
-    from charshift.external import score_external
+def _judge_flags(base_url: str | None, model: str | None) -> dict[str, bool]:
+    return {"--judge-base-url": base_url is not None, "--judge-model": model is not None}
 
-    if not classifier or out is None:
-        _fail("--generations needs --classifier and --out")
-    with _user_errors():
-        n = score_external(generations, classifier or "", out or Path())
+
+def _judge_settings(
+    base_url: str | None, model: str | None, samples: int, mode: str, key_env: str
+) -> Any:
+    """The judge of `score --generations --scorer judge`, from its flags."""
+    from pydantic import ValidationError
+
+    from charshift.config import judge_backend
+    from charshift.scoring.settings import JudgeSettings
+
+    if not base_url or not model:
+        _fail("--scorer judge needs --judge-base-url URL and --judge-model NAME")
+    if mode not in ("likert", "identify"):
+        _fail(f"--judge-mode: {mode!r} is not likert or identify")
+    backend = {"kind": "openai", "base_url": base_url, "api_key_env": key_env}
+    try:
+        settings = JudgeSettings(model=model or "", backend=backend, modes=[mode], samples=samples)
+        judge_backend(settings)
+    except (ValidationError, ValueError) as err:
+        _fail(f"--judge-*: {err}")
+    return settings
+
+
+def _score_generations(
+    generations: Path, out: Path | None, scorer: str, classifier: str | None, judge: Any
+) -> None:
+    """`score --generations`: with the classifier or the judge, into `out`."""
+    from charshift.external import score_external, score_external_judge
+
+    if scorer not in ("classifier", "judge"):
+        _fail(f"--scorer: {scorer!r} scores a run only; with --generations use classifier or judge")
+    if not out:
+        _fail("--generations needs --out")
+    if scorer == "classifier":
+        if not classifier:
+            _fail("--generations needs --classifier (or --scorer judge)")
+        with _user_errors():
+            n = score_external(generations, classifier or "", out or Path())
+    else:
+        with _user_errors():
+            n = score_external_judge(generations, judge, out or Path())
     typer.echo(f"scored {n} rows -> {out}")
 
 

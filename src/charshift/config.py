@@ -19,6 +19,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_serializer,
@@ -37,7 +38,7 @@ from charshift.schema import (
     Sampling,
 )
 from charshift.scoring.registry import DEFAULT_SCORERS, check_scorer_names
-from charshift.scoring.settings import TrainSettings
+from charshift.scoring.settings import JudgeSettings, PersonaVectorSettings, TrainSettings
 
 ALL_PERSONAS = (
     "sarcasm",
@@ -207,6 +208,7 @@ class SamplingConfig(_Strict):
 # `backend:` is one of the backend kinds' settings (backends/settings.py), keyed on `kind`; a
 # stored config of an older version (a flat dump of every kind's fields) is migrated on the way in.
 BackendConfig = Annotated[BackendSettings, BeforeValidator(migrate_backend)]
+_BACKEND_ADAPTER: TypeAdapter[BackendSettings] = TypeAdapter(BackendConfig)
 
 
 class IdPromptsConfig(_Strict):
@@ -399,6 +401,8 @@ class RunConfig(_Strict):
     # in the run is trained; a base's `classifier` needs none)
     scorers: list[str] = Field(default_factory=lambda: list(DEFAULT_SCORERS), min_length=1)
     classifier_training: TrainSettings | None = None
+    judge: JudgeSettings | None = None  # the `judge` scorer's model, backend and questions
+    persona_vector: PersonaVectorSettings | None = None  # None: the defaults, where it is used
     stats: StatsConfig = Field(default_factory=StatsConfig)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     persona_prompts: PersonaPromptsConfig = Field(default_factory=PersonaPromptsConfig)
@@ -529,6 +533,67 @@ class RunConfig(_Strict):
                     f"classifier_training.stage: {st!r} must be one of the run's non-base stages"
                 )
         return self
+
+    @model_validator(mode="after")
+    def _scorer_sections(self) -> RunConfig:
+        """The judge's section and backend, and what persona vectors are fitted on."""
+        if "judge" in self.scorers and self.judge is None:
+            raise ValueError("judge: `scorers` names judge, so the config needs a `judge` section")
+        if self.judge is not None:
+            judge_backend(self.judge)
+        if "persona_vector" in self.scorers:
+            _check_persona_vector(self)
+        return self
+
+    @property
+    def persona_vector_settings(self) -> PersonaVectorSettings:
+        """The `persona_vector` section, or its defaults."""
+        return self.persona_vector or PersonaVectorSettings()
+
+    def train_stages(self) -> list[str]:
+        """The stages whose ID training rows are generated: the classifier's training stage, and
+        the two stages persona vectors are fitted on."""
+        out = [self.classifier_training.stage] if self.classifier_training else []
+        if "persona_vector" in self.scorers:
+            out += [BASE_STAGE, self.persona_vector_settings.stage]
+        return list(dict.fromkeys(out))
+
+
+def _check_persona_vector(cfg: RunConfig) -> None:
+    """Persona vectors are fitted on the ID training rows of the base stage and
+    `persona_vector.stage`: a ValueError saying what the config lacks for that."""
+    pv = cfg.persona_vector_settings
+    missing = []
+    if "id_chat" not in cfg.slices:
+        missing.append(f"id_chat in `slices` (have {cfg.slices})")
+    if cfg.id_prompts.n_train < 2:
+        missing.append(f"id_prompts.n_train >= 2 (have {cfg.id_prompts.n_train})")
+    if pv.stage == BASE_STAGE:
+        missing.append(f"persona_vector.stage other than {BASE_STAGE!r}")
+    elif BASE_STAGE not in cfg.stages or pv.stage not in cfg.stages:
+        missing.append(f"stages {BASE_STAGE!r} and {pv.stage!r} (have {cfg.stages})")
+    if missing:
+        raise ValueError(
+            "persona_vector: its directions are fitted on the ID training rows of the base "
+            f"stage and persona_vector.stage; the config needs {'; '.join(missing)}"
+        )
+
+
+def judge_backend(judge: JudgeSettings) -> BackendConfig:
+    """The judge's backend settings (`judge.backend`) checked as a run's `backend:` section; a
+    ValueError naming `judge.backend.FIELD`."""
+    try:
+        b = _BACKEND_ADAPTER.validate_python(judge.backend)
+    except ValidationError as err:
+        e = err.errors()[0]
+        loc = ".".join(str(p) for p in ("judge", "backend", *e["loc"]))
+        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
+        if e["type"] == "extra_forbidden" and "key" in str(e["loc"][-1]).lower():
+            msg += " (give `api_key_env`, the NAME of the environment variable with the key)"
+        raise ValueError(f"{loc}: {msg.removeprefix('Value error, ')}") from None
+    if b.kind == "openai" and not getattr(b, "base_url", None):
+        raise ValueError("judge.backend.base_url: required for a judge on kind: openai")
+    return b
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
@@ -722,6 +787,8 @@ def _local_path_problems(cfg: RunConfig) -> Iterator[str | None]:
     for i, p in enumerate(cfg.personas):
         if p.constitution and not Path(p.constitution).expanduser().is_file():
             yield f"personas.{i}.constitution ({p.name}): file not found: {p.constitution}"
+    if cfg.judge is not None and judge_backend(cfg.judge).kind != "openai":
+        yield attempt(check_model_source, cfg.judge.model, "judge.model", classifier=False)
 
 
 def _adapter_problems(cfg: RunConfig, i: int, base: BaseSpec) -> Iterator[str]:

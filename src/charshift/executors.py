@@ -139,13 +139,14 @@ def _shard_task(
 
 
 def _train_task(cfg_dict: dict[str, Any], out: str, cwd: str) -> list[str]:
-    """Train the run's classifiers (on every shard's rows) in a Ray worker."""
+    """Train the run's classifiers and fit its persona vectors (on every shard's rows) in a Ray
+    worker."""
     if Path(cwd).is_dir():
         os.chdir(cwd)
     cfg = parse_config(cfg_dict, "run config")
     with pipeline.prepare_run(cfg, Path(out)) as store:
         todo = untrained_classifiers(cfg, store)
-        pipeline.ensure_classifiers(cfg, store)
+        pipeline.ensure_scorers(cfg, store)
     return todo
 
 
@@ -277,9 +278,9 @@ def _ray_steps(
         echo(f"[charshift] shard {res.label} generated: {res.generated}")
     with RunStore(out, writable=False, create=False, warn=lambda _m: None) as store:
         untrained = untrained_classifiers(cfg, store)
-    if untrained:
+    if untrained or "persona_vector" in cfg.scorers:  # persona vectors: fitted if not yet
         _wave(ray, _train_task, resources, [(cfg_dict, str(out), cwd)])
-        echo(f"[charshift] trained the classifier(s) of {', '.join(untrained)}")
+        echo(f"[charshift] trained the classifier(s) of {', '.join(untrained) or '(none)'}")
     shards = [(cfg_dict, str(out), (i, n), ["score"], cwd) for i in range(n)]
     for res in _wave(ray, _shard_task, resources, shards):
         echo(f"[charshift] shard {res.label} scored: {res.scored}")

@@ -6,6 +6,9 @@ Predictions JSONL (one object per line; README "Bring your own data"):
 Generations JSONL for `charshift score --generations`: the same fields without prediction/probs,
 and `text` (null or "" = no output). The output is a predictions JSONL: each input row with
 `prediction` (null where there is no text) and, for scored rows, `probs`.
+`charshift score --generations --scorer judge` writes the same file from an LLM judge: each
+scored row also carries `judge_score`, `judge_scores`, `judge_rationale` and `judge_outcome`
+(see `score_external_judge`).
 Reading and checking both files is `charshift.inputs`.
 """
 
@@ -17,7 +20,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from charshift import inputs
-from charshift.schema import NULL_PERSONA_MARKERS, PROMPTED_EXPLICIT_STAGE, PredictionRecord
+from charshift.schema import (
+    NULL_PERSONA_MARKERS,
+    PROMPTED_EXPLICIT_STAGE,
+    GenerationRow,
+    PredictionRecord,
+)
+from charshift.scoring.base import ScoreInput
+from charshift.scoring.settings import JudgeSettings
 
 PREDICTIONS_COPY = "predictions.jsonl"  # what `report --predictions` keeps beside its tables
 
@@ -57,6 +67,85 @@ def score_external(generations: Path, classifier: str, out: Path, batch_size: in
     text = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in result)
     inputs.write_text_atomic(out, text)
     return len(idx)
+
+
+def score_external_judge(
+    generations: Path, settings: JudgeSettings, out: Path, cache: Path | None = None
+) -> int:
+    """Judge the `text` of each row of a generations JSONL with an LLM judge (`settings`, one
+    mode); write a predictions JSONL whose scored rows carry `judge_score` (Likert: the median
+    for the row's persona), `judge_scores` (every sample), `judge_rationale`, `judge_outcome`
+    and, for identify, `prediction` and `probs` (a Likert row's prediction is null: its figure
+    is the number; a base-stage row is judged for every persona, its medians in `scores`).
+
+    Checked before the judge is asked anything: `--out`, every row, and that each persona has a
+    description to show the judge. Answers are cached in `cache` (default: beside `out`), so a
+    rerun asks only what is missing. Returns the number of texts judged."""
+    from charshift.scoring.judge import open_judges
+
+    gen, out = Path(generations), inputs.check_output_file(out, "--out")
+    if out.exists() and gen.exists() and out.resolve() == gen.resolve():
+        raise inputs.InputError(f"--out {out} is the generations file itself; give another file")
+    if len(settings.modes) != 1:
+        raise inputs.InputError(f"judge one mode at a time, not {settings.modes}")
+    rows = inputs.read_jsonl_objects(gen, "generations file")
+    recs = [inputs.check_generation(obj, f"generations file {gen} line {n}") for n, obj in rows]
+    personas = _judged_personas(recs, gen)
+    cache = cache or out.with_name(out.name + ".judge_cache.jsonl")
+    (judge,) = open_judges(settings, personas, inputs.check_output_file(cache, "judge cache"))
+    idx = [i for i, r in enumerate(recs) if r.text]
+    try:
+        verdicts = judge.verdicts(
+            [ScoreInput(recs[i].text or "", _as_row(recs[i], rows[i][0])) for i in idx],
+            progress=True,
+        )
+    finally:
+        judge.close()
+    result = [dict(obj, prediction=None) for _, obj in rows]
+    for i, v in zip(idx, verdicts, strict=True):
+        fields = v.row_fields()
+        if v.label:  # identify: the label the judge named, its share of the samples
+            fields.update(prediction=v.label, probs=v.probs)
+        result[i].update(fields)
+    text = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in result)
+    inputs.write_text_atomic(out, text)
+    return len(idx)
+
+
+def _judged_personas(recs: list[PredictionRecord], path: Path) -> list[str]:
+    """The file's true personas, in the OCT order; each needs a description for the judge."""
+    from charshift.config import ALL_PERSONAS
+
+    seen = {r.persona for r in recs} - set(NULL_PERSONA_MARKERS)
+    unknown = sorted(seen - set(ALL_PERSONAS))
+    if unknown:
+        raise inputs.InputError(
+            f"{path}: personas {unknown} have no description to show the judge; known: "
+            f"{list(ALL_PERSONAS)}"
+        )
+    if len(seen) < 2:
+        raise inputs.InputError(f"{path}: need at least two distinct true personas, found {seen}")
+    return [p for p in ALL_PERSONAS if p in seen]
+
+
+def _as_row(rec: PredictionRecord, line: int) -> GenerationRow:
+    """An external row as the generation row the judge reads (no conversation: the text is
+    judged on its own)."""
+    return GenerationRow(
+        key=f"line-{line}",
+        base=rec.base,
+        stage=rec.stage,
+        persona=None if rec.persona in NULL_PERSONA_MARKERS else rec.persona,
+        slice=rec.slice,
+        item_id=rec.item_id,
+        sample_idx=rec.sample_idx,
+        split="eval",
+        seed=0,
+        outcome=rec.outcome,
+        messages=[],
+        final_reply=rec.text,
+        text=rec.text,
+    )
 
 
 def report_predictions(

@@ -8,6 +8,10 @@ before a classifier loads or a metric is computed, and before any output is writ
 - `check_prediction(obj, where)`: one row of a predictions file (README "Bring your own data") ->
   a `PredictionRecord`; `check_generation(obj, where)`: one row of a generations file -> the same
   record with no prediction and the text to classify.
+  A judged row (`score --generations --scorer judge`) may also carry `judge_score`,
+  `judge_scores`, `judge_rationale`, `judge_outcome` and `scores`, each checked
+  (`check_judge_fields`) and kept on the record; with a `judge_outcome` an output row may have
+  no prediction (a Likert judge's figure is a number).
 - `load_predictions(path)`: a whole predictions file, duplicates refused (or kept once, on request).
   A row is consistent or refused: a prediction on a row whose `outcome` says there was no output
   (`no_email`, `malformed`, `max_steps`, ...), or no prediction on a row whose outcome is an
@@ -41,6 +45,7 @@ from typing import Any
 from charshift import fileio
 from charshift.schema import (
     BASE_STAGE,
+    JUDGE_OUTCOMES,
     NULL_PERSONA,
     NULL_PERSONA_MARKERS,
     OUTCOMES,
@@ -55,6 +60,9 @@ _LABEL_FIELDS = ("base", "stage", "slice", "persona", "item_id")
 # and bidirectional overrides, any of which breaks or disguises what a table shows.
 _BAD_LABEL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
+# A judged row's fields (`score --generations --scorer judge`), and the Likert scale's ends.
+JUDGE_FIELDS = ("judge_score", "judge_scores", "judge_rationale", "judge_outcome", "scores")
+JUDGE_MIN, JUDGE_MAX = 1.0, 5.0
 # The outcomes that say a row produced nothing to score (schema.OUTCOMES less the outputs).
 NO_OUTPUT_OUTCOMES = tuple(o for o in OUTCOMES if o not in SCORED_OUTCOMES)
 
@@ -206,10 +214,64 @@ def check_probs(v: Any, where: str, error: Error = InputError) -> dict[str, floa
     return out
 
 
+def _number(v: Any, field: str, where: str, error: Error, lo: float | None = None) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise error(f"{where}: field {field!r} must be a finite number, got {v!r:.40}")
+    if lo is not None and not lo <= v <= JUDGE_MAX:
+        raise error(f"{where}: field {field!r} must lie in [{lo:g}, {JUDGE_MAX:g}], got {v}")
+    return float(v)
+
+
+def _label_map(v: Any, field: str, where: str, error: Error) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise error(f"{where}: field {field!r} must map labels to values, got {_json_type(v)}")
+    for k in v:
+        check_label(k, field, where, error)
+    return v
+
+
+def check_judge_fields(
+    obj: dict[str, Any], where: str, error: Error = InputError
+) -> dict[str, Any]:
+    """The optional fields of a judged row (`score --generations --scorer judge`): `judge_score`
+    (a Likert median, 1-5, or null), `judge_scores` (label -> list of samples: a Likert number,
+    a label, or null for an unparseable one), `judge_rationale` (label -> text or null),
+    `judge_outcome` (one of schema.JUDGE_OUTCOMES) and `scores` (label -> a finite number)."""
+    out: dict[str, Any] = {}
+    if obj.get("judge_score") is not None:
+        out["judge_score"] = _number(obj["judge_score"], "judge_score", where, error, JUDGE_MIN)
+    if obj.get("judge_scores") is not None:
+        samples = _label_map(obj["judge_scores"], "judge_scores", where, error)
+        for k, vals in samples.items():
+            if not isinstance(vals, list):
+                raise error(f"{where}: field 'judge_scores': {k!r} must hold a list of samples")
+            for x in vals:
+                if isinstance(x, str):
+                    check_label(x, "judge_scores", where, error)
+                elif x is not None:
+                    _number(x, "judge_scores", where, error, JUDGE_MIN)
+        out["judge_scores"] = samples
+    if obj.get("judge_rationale") is not None:
+        why = _label_map(obj["judge_rationale"], "judge_rationale", where, error)
+        out["judge_rationale"] = {
+            k: check_text(t, "judge_rationale", where, error) for k, t in why.items()
+        }
+    if obj.get("judge_outcome") is not None:
+        if obj["judge_outcome"] not in JUDGE_OUTCOMES:
+            raise error(f"{where}: field 'judge_outcome' must be one of {list(JUDGE_OUTCOMES)}")
+        out["judge_outcome"] = obj["judge_outcome"]
+    if obj.get("scores") is not None:
+        scores = _label_map(obj["scores"], "scores", where, error)
+        out["scores"] = {k: _number(x, "scores", where, error) for k, x in scores.items()}
+    return out
+
+
 def check_prediction(
     obj: dict[str, Any], where: str, error: Error = InputError
 ) -> PredictionRecord:
-    """One predictions row -> its record. A base-stage row's null persona becomes NULL_PERSONA."""
+    """One predictions row -> its record. A base-stage row's null persona becomes NULL_PERSONA.
+    A judged row (`judge_outcome` given) may have an output and no prediction: a Likert judge
+    gives a number, and an unparseable answer is no prediction."""
     vals = _labels(obj, where, error)
     if "prediction" not in obj:
         raise error(f"{where}: missing required field 'prediction' (null = no output)")
@@ -217,10 +279,12 @@ def check_prediction(
     if pred is not None:
         pred = check_label(pred, "prediction", where, error)
     extras = _row_extras(obj, where, error)
-    extras.setdefault("outcome", "reply" if pred is not None else "empty")
-    _check_consistent(pred is not None, extras["outcome"], "prediction", where, error)
+    judged = check_judge_fields(obj, where, error)
+    extras.setdefault("outcome", "reply" if pred is not None or judged else "empty")
+    given = pred is not None or "judge_outcome" in judged
+    _check_consistent(given, extras["outcome"], "prediction", where, error)
     probs = check_probs(obj.get("probs"), where, error)
-    return PredictionRecord(**vals, prediction=pred, probs=probs, **extras)
+    return PredictionRecord(**vals, prediction=pred, probs=probs, **extras, **judged)
 
 
 def _check_consistent(given: bool, outcome: str, field: str, where: str, error: Error) -> None:
@@ -250,7 +314,7 @@ def check_generation(
     vals = _labels(obj, where, error)
     if "text" not in obj:
         raise error(f"{where}: missing required field 'text' (null = no output)")
-    for name in ("prediction", "probs"):
+    for name in ("prediction", "probs", *JUDGE_FIELDS):
         if name in obj:
             raise error(
                 f"{where}: field {name!r} is set; a generations file carries texts to score, "

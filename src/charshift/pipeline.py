@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from charshift import banks, prompts, tools, units
 from charshift.adapter_probe import not_applied, probe_adapters, require_applied
-from charshift.backends.base import AdapterSource, Backend, SteppedBackend
+from charshift.backends.base import Backend, SteppedBackend
+from charshift.backends.build import backend_for, cache_dir, materialise_tiny_adapters
 from charshift.backends.settings import DEFAULT_MAX_IN_FLIGHT
 from charshift.completion import record_completion
 from charshift.config import (
@@ -39,18 +40,18 @@ from charshift.planning import (
     select_shard,
 )
 from charshift.rollout import Episode, RolloutEngine, RolloutSettings
-from charshift.schema import EpisodeSpec, GenerationRow, ScoreRow, stable_hash
-from charshift.scoring.base import ScoreInput, Scorer, ScorerContext, open_scorer
+from charshift.schema import EpisodeSpec, GenerationRow, ScoreRow
+from charshift.scoring.base import (
+    ScoreInput,
+    Scorer,
+    ScorerContext,
+    UnitSource,
+    open_scorers,
+    scorer_name,
+    verdicts_of,
+)
 from charshift.store import RunStore, StoreError, StudyError, retryable, shard_suffix
 from charshift.store import warn as store_warn
-
-
-def cache_dir() -> Path:
-    """The cache of built and converted models (`$CHARSHIFT_CACHE`, see models.default_cache_dir)."""
-    from charshift.models import default_cache_dir
-
-    return default_cache_dir()
-
 
 # -- backends ------------------------------------------------------------------------------------
 
@@ -58,24 +59,11 @@ def cache_dir() -> Path:
 def make_backend(
     cfg: RunConfig, base: BaseSpec, run_dir: Path | None = None, shard: Shard | None = None
 ) -> Backend:
-    """The run's backend for `base` (`backends/registry.py`: the kind's module builds it), once
-    this machine is known to have the kind's package and device; a shard's managed server
-    writes a log of its own."""
-    from charshift.backends.registry import BackendContext
-    from charshift.backends.registry import make_backend as build
-
-    check_backend_available(cfg.backend)
-
-    context = BackendContext(
-        model=base.model,
-        revision=base.revision,
-        name=base.name,
-        seed=cfg.sampling.seed,
-        cache_dir=cache_dir(),
-        run_dir=run_dir,
-        log_suffix=shard_suffix(shard),
+    """The run's backend (`cfg.backend`) for `base`; a shard's managed server writes a log of
+    its own."""
+    return backend_for(
+        cfg.backend, base, run_dir, seed=cfg.sampling.seed, log_suffix=shard_suffix(shard)
     )
-    return build(cfg.backend, context)
 
 
 # -- steps ---------------------------------------------------------------------------------------
@@ -315,7 +303,7 @@ def _load_adapters(
     the probe and the skipped adapters (those that failed to load, and under `warn` those the
     probe found not applied) in the manifest. Returns the skipped ones, with why."""
     needed = sorted({r.adapter.name for r in todo if r.adapter}, key=str)
-    sources = _materialise_tiny_adapters(base, [plan.adapters[base.name][n] for n in needed])
+    sources = materialise_tiny_adapters(base, [plan.adapters[base.name][n] for n in needed])
     failed = backend.load_adapters(sources)
     loaded = [n for n in needed if n not in failed]
     if cfg.adapter_probe == "off":
@@ -362,31 +350,6 @@ def _episodes(cfg: RunConfig, plan: Plan, rows: list[PlannedRow]) -> Iterator[Ep
             sampling=r.sampling,
             simulator=_simulator(plan, r.spec),
         )
-
-
-def _materialise_tiny_adapters(base: BaseSpec, sources: list[AdapterSource]) -> list[AdapterSource]:
-    """`path: tiny-lora:NAME` (smoke preset) -> a random-init LoRA for the tiny base, built once."""
-    out = []
-    for src in sources:
-        if src.path and src.path.startswith("tiny-lora:"):
-            from charshift import models
-
-            tag = src.path.split(":", 1)[1]
-            model_dir = Path(models.resolve_model(base.model, cache_dir()).path)
-            folder = cache_dir() / "tiny-lora" / stable_hash([base.model, tag], 12)
-            if not (folder / "adapter_config.json").exists():  # built once, atomically
-                seed = int(stable_hash(tag, 6), 16)
-                models.build_cached(folder, functools.partial(_tiny_lora, model_dir, seed))
-            src = AdapterSource(name=src.name, path=str(folder))
-        out.append(src)
-    return out
-
-
-def _tiny_lora(model_dir: Path, seed: int, out: Path) -> dict[str, Any]:
-    from charshift import tiny
-
-    tiny.build_tiny_lora(model_dir, out, seed=seed)
-    return {"tiny_lora_seed": seed}
 
 
 def _simulator(plan: Plan, spec: EpisodeSpec) -> Any:
@@ -467,6 +430,23 @@ def ensure_classifiers(cfg: RunConfig, store: RunStore) -> None:
         store.log_event("train_classifier_end", base=base.name)
 
 
+def ensure_scorers(cfg: RunConfig, store: RunStore) -> None:
+    """Train what the run's scorers learn from the run itself, before scoring: the classifier
+    (`ensure_classifiers`) and, with `persona_vector` among the scorers, each base's persona
+    vectors (fitted again only when their training rows or settings changed)."""
+    ensure_classifiers(cfg, store)
+    if "persona_vector" not in cfg.scorers:
+        return
+    from charshift.scoring.persona_vector import ensure_vectors
+
+    for base in cfg.bases:
+        t0 = time.time()
+        if ensure_vectors(cfg, store, base, cache_dir()):
+            store.log_event(
+                "fit_persona_vectors", base=base.name, seconds=round(time.time() - t0, 1)
+            )
+
+
 # -- scoring -------------------------------------------------------------------------------------
 
 
@@ -501,9 +481,12 @@ def _readable(
 
 def score(cfg: RunConfig, store: RunStore) -> dict[str, int]:
     """Score every unit of every eval row (of the store's shard, if it has one) that has an
-    output (see `charshift.units`) with each of the run's scorers (`cfg.scorers`), where that
-    scorer has no score of the same text yet. The length controls are cut in the tokens of the
-    scorer's own tokenizer (`charshift.lengths`)."""
+    output (see `charshift.units`) with each of the run's scorers (`cfg.scorers`; a kind may
+    give several, e.g. persona vectors' text and state readings), where that scorer has no score
+    of the same text yet, plus the units a scorer judges on its own (the judge's
+    `SLICE.behaviour`). The length controls are cut in the tokens of the scorer's own tokenizer
+    (`charshift.lengths`). A scorer's resources (a judge's backend, the persona vectors' model)
+    are freed when the base is done."""
     counts = {"scored": 0, "already": 0}
     shards: dict[str, int] = {}
     by_base: dict[str, list[GenerationRow]] = {}
@@ -515,24 +498,62 @@ def score(cfg: RunConfig, store: RunStore) -> dict[str, int]:
         if not any(units.has_output(r) and in_shard(r.item_id, store.shard, shards) for r in rows):
             continue
         context = ScorerContext(cfg, base, store.root, cache_dir())
-        for name in cfg.scorers:
-            scorer = open_scorer(name, context)
-            scorer.check_personas(cfg.persona_names)
-            sid = scorer.identity
-            store.update_manifest(
-                classifiers={base.name: scorer.provenance}, classifier_ids={base.name: sid}
-            )
-            items = _units_to_score(cfg, store, base.name, rows, scorer, sid, shards)
-            items = _readable(items, lambda u: (u.row, u.text or ""), store, "scored")
-            todo = [
-                u
-                for u in items
-                if (u.row.key, sid, u.unit, units.text_hash(u.text or "")) not in store.scores
-            ]
-            counts["already"] += len(items) - len(todo)
-            if todo:
-                counts["scored"] += _score_items(cfg, store, scorer, todo, base.name)
+        opened: list[Scorer] = []
+        try:
+            for kind in cfg.scorers:
+                for scorer in open_scorers(kind, context):
+                    opened.append(scorer)
+                    todo, already = _todo(cfg, store, base.name, rows, kind, scorer, shards)
+                    counts["already"] += already
+                    if todo:
+                        counts["scored"] += _score_items(cfg, store, scorer, todo, base.name)
+        finally:
+            for scorer in opened:
+                close = getattr(scorer, "close", None)
+                if callable(close):
+                    close()
     return counts
+
+
+def _todo(
+    cfg: RunConfig,
+    store: RunStore,
+    base: str,
+    rows: list[GenerationRow],
+    kind: str,
+    scorer: Scorer,
+    shards: dict[str, int],
+) -> tuple[list[units.UnitText], int]:
+    """(the units `scorer` has not scored yet, how many it has) of `rows`, its identity
+    recorded in the manifest."""
+    scorer.check_personas(cfg.persona_names)
+    sid = scorer.identity
+    _record_scorer(store, base, kind, scorer)
+    items = _units_to_score(cfg, store, base, rows, scorer, sid, shards)
+    if isinstance(scorer, UnitSource):
+        own = scorer.extra_units([r for r in rows if in_shard(r.item_id, store.shard, shards)])
+        items += [u for u in own if u.text]
+    items = _readable(items, lambda u: (u.row, u.text or ""), store, "scored")
+    todo = [
+        u
+        for u in items
+        if (u.row.key, sid, u.unit, units.text_hash(u.text or "")) not in store.scores
+    ]
+    return todo, len(items) - len(todo)
+
+
+def _record_scorer(store: RunStore, base: str, kind: str, scorer: Scorer) -> None:
+    """The manifest's `scorers`: base -> scorer name -> its id, kind and provenance; and for the
+    classifier `classifiers` / `classifier_ids`, which the report reads its scores by."""
+    if kind == "classifier":
+        store.update_manifest(
+            classifiers={base: scorer.provenance}, classifier_ids={base: scorer.identity}
+        )
+    known = store.manifest().get("scorers")
+    mine = known.get(base) if isinstance(known, dict) else None
+    entry = {"id": scorer.identity, "kind": kind, "provenance": scorer.provenance}
+    merged = {**(mine if isinstance(mine, dict) else {}), scorer_name(scorer, kind): entry}
+    store.update_manifest(scorers={base: merged})
 
 
 def _units_to_score(
@@ -577,19 +598,20 @@ def _score_items(
     bar = tqdm(total=len(todo), desc=f"score {base}", unit="unit", dynamic_ncols=True)
     for i in range(0, len(todo), chunk):
         part = todo[i : i + chunk]
-        preds = scorer.score([ScoreInput(u.text or "", u.row, u.unit) for u in part])
+        found = verdicts_of(scorer, [ScoreInput(u.text or "", u.row, u.unit) for u in part])
         store.scores.append(
             ScoreRow(
                 u.row.key,
                 scorer.identity,
                 units.text_field(u.unit, raw),
-                pred.label,
-                pred.probs,
+                v.label,
+                v.probs,
                 unit=u.unit,
                 text_hash=units.text_hash(u.text or ""),
                 length=u.length,
+                **v.row_fields(),
             )
-            for u, pred in zip(part, preds, strict=True)
+            for u, v in zip(part, found, strict=True)
         )
         bar.update(len(part))
     bar.close()
@@ -636,7 +658,7 @@ def run_all(cfg: RunConfig, out: Path, retry_errors: bool = False) -> Path:
     with prepare_run(cfg, out) as store:
         store.log_event("run_start")
         generate(cfg, store, retry_errors=retry_errors)
-        ensure_classifiers(cfg, store)
+        ensure_scorers(cfg, store)
         score(cfg, store)
         path = report(cfg, store)
         store.log_event("run_end", seconds=round(time.time() - t0, 1))

@@ -76,10 +76,13 @@ class Plan:
         lines.append(f"generations in all: {len(self.rows)} rows, at most {calls} model calls")
         judged = slices.judge_units(cfg.slices)
         if judged:
-            lines.append(
-                f"planned but not scored until the judge's behaviour rubric lands: "
-                f"{', '.join(judged)}"
+            how = (
+                "scored by the judge's behaviour rubric"
+                if "judge" in cfg.scorers
+                else "not scored (only the judge's behaviour rubric reads them; add judge to "
+                "`scorers`)"
             )
+            lines.append(f"units {', '.join(judged)}: {how}")
         return "\n".join(lines)
 
 
@@ -166,7 +169,7 @@ def _id_episodes(cfg: RunConfig, dry: bool) -> list[EpisodeSpec]:
         train, evalp = _placeholder_prompts(cfg)
     else:
         train, evalp = prompts.select_id_prompts(cfg.id_prompts)
-    if cfg.classifier_training is not None and "id_chat" in id_slices:
+    if cfg.train_stages() and "id_chat" in id_slices:
         for i, p in enumerate(train):
             specs.append(formats.render_id("id_chat", p, i))
     for sl in id_slices:
@@ -262,9 +265,9 @@ def build_plan(cfg: RunConfig, dry: bool = False) -> Plan:
     rows: list[PlannedRow] = []
     conditions: dict[str, list[Condition]] = {}
     adapters: dict[str, dict[str, AdapterSource]] = {}
-    train_stage = cfg.classifier_training.stage if cfg.classifier_training else None
+    train_stages = cfg.train_stages()
     built = {b.name: build_conditions(cfg, b) for b in cfg.bases}
-    _check_size(cfg, specs, [c for conds, _ in built.values() for c in conds], train_stage)
+    _check_size(cfg, specs, [c for conds, _ in built.values() for c in conds], train_stages)
     for base in cfg.bases:
         conds, adp = built[base.name]
         conditions[base.name] = conds
@@ -272,7 +275,7 @@ def build_plan(cfg: RunConfig, dry: bool = False) -> Plan:
         for cond in conds:
             src = adp.get(cond.adapter) if cond.adapter else None
             for spec in specs:
-                if spec.split == "train" and cond.stage != train_stage:
+                if spec.split == "train" and cond.stage not in train_stages:
                     continue
                 sampling = cfg.sampling.to_sampling(spec.slice)
                 n = cfg.sampling.n_samples if spec.split == "eval" else 1
@@ -287,14 +290,14 @@ MAX_PLAN_ROWS = 2_000_000
 
 
 def _check_size(
-    cfg: RunConfig, specs: list[EpisodeSpec], conds: list[Condition], train_stage: str | None
+    cfg: RunConfig, specs: list[EpisodeSpec], conds: list[Condition], train_stages: list[str]
 ) -> None:
     """Count the plan's rows before building them; past MAX_PLAN_ROWS, a ConfigError naming the
     factors (every base's conditions x episodes x samples)."""
     n_eval = sum(s.split == "eval" for s in specs)
     n_train = len(specs) - n_eval
     total = len(conds) * n_eval * cfg.sampling.n_samples
-    total += sum(c.stage == train_stage for c in conds) * n_train
+    total += sum(c.stage in train_stages for c in conds) * n_train
     if total > MAX_PLAN_ROWS:
         raise ConfigError(
             f"the plan has {total:,} rows ({len(conds)} conditions over {len(cfg.bases)} "

@@ -48,6 +48,12 @@ OUTCOMES = (
     "error",
 )
 SCORED_OUTCOMES = ("reply", "email")
+# The prediction of a score that names no persona: a Likert judge (its figure is a number), or a
+# judge whose every answer stayed unparseable (`ScoreRow.judge_outcome` says which).
+NO_LABEL = ""
+# What a judge's answer may be besides a persona: it names none of them (identify mode).
+JUDGE_NONE = "none"
+JUDGE_OUTCOMES = ("ok", "unparseable", "error")
 # The backend failed (an error, or the prompt did not fit the context): says nothing about the
 # persona, so such a row is not a persona miss; statistics leave it out and count it on its own.
 FAILED_OUTCOMES = ("error", "context_overflow")
@@ -295,7 +301,7 @@ class GenerationRow:
 
 @dataclass
 class ScoreRow:
-    """One classifier verdict in scores.jsonl, keyed by (generation key, classifier, unit, hash of
+    """One scorer's verdict in scores.jsonl, keyed by (generation key, scorer id, unit, hash of
     the scored text): a unit whose text changes (the `id_chat.short` cut after more chat_email
     rows arrive) is scored again, never reused. `unit` is the slice or `SLICE.VARIANT` scored (see
     charshift.units); rows written before units existed have unit "" and are not reused.
@@ -303,13 +309,25 @@ class ScoreRow:
     or words), and for a length control its target and how it was cut (`units.UnitText`)."""
 
     key: str  # the GenerationRow.key
-    classifier: str  # classifier identity (id or folder hash)
+    classifier: str  # the scorer's identity (a classifier's id or folder hash, a judge's, ...)
     text_field: str  # "text" (extracted, default) or "final_reply" (raw): the default unit's rule
     prediction: str
     probs: dict[str, float]
     unit: str = ""
     text_hash: str = ""
     length: dict[str, Any] | None = None
+    # Scorers that give numbers (charshift.scoring: the LLM judge, persona vectors); None for a
+    # classifier, and on rows written before they existed. `scores`: persona -> number (a Likert
+    # median, a projection) for every persona the unit was scored against. `prediction` is
+    # NO_LABEL where the scorer names no persona (a Likert judge; a judge left unparseable).
+    scores: dict[str, float] | None = None
+    # The judge (JudgeRecord fields): the median Likert score for the row's own persona; every
+    # sample's verdict and the kept verdict's rationale per target (a persona, or "identify");
+    # the outcome ("ok", "unparseable", "error").
+    judge_score: float | None = None
+    judge_scores: dict[str, list[Any]] | None = None
+    judge_rationale: dict[str, str | None] | None = None
+    judge_outcome: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -339,6 +357,12 @@ class PredictionRecord:
     outcome: str = "reply"
     text: str | None = None
     key: str | None = None
+    # the numbers and the judge's record of scorers that give them (see ScoreRow)
+    scores: dict[str, float] | None = None
+    judge_score: float | None = None
+    judge_scores: dict[str, list[Any]] | None = None
+    judge_rationale: dict[str, str | None] | None = None
+    judge_outcome: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -47,8 +47,8 @@ ENGINE_MODES: dict[str, str] = {
 }
 
 # Scoring variants (the `VARIANT` of a `SLICE.VARIANT` unit). Text variants are scored by every
-# text scorer; judge variants only by the judge's rubric (until it lands they are planned and
-# reported as not scored).
+# text scorer; judge variants only by the judge's behaviour rubric (a run without the judge
+# among its scorers reports them as not scored).
 WHOLE = "whole"
 HEAD = "head"
 SHORT = "short"
@@ -310,7 +310,7 @@ def scaffold_kinds() -> tuple[str, ...]:
 
 
 def judge_units(slice_names: Iterable[str]) -> list[str]:
-    """The units of `slice_names` that only the judge scores (not scored until it lands)."""
+    """The units of `slice_names` that only the judge scores (its behaviour rubric)."""
     return [f"{s}.{v}" for s in slice_names if s in SLICES for v in SLICES[s].judge_variants]
 
 

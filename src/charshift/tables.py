@@ -14,7 +14,7 @@ import csv
 import io
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +151,17 @@ def _metrics_rows(result: MetricsResult) -> Iterable[list[Any]]:
             + [m.macro_f1_null.estimate, m.macro_f1_null_itt.estimate, m.p_null, m.p_null_itt]
             + [m.n_perm, m.macro_f1.n_empty_resamples, m.mean_p_true, m.scorer_blind, _cell_flag(m)]
         )  # fmt: skip
+
+
+def write_scorer_metrics(results: Mapping[str, MetricsResult], path: Path) -> Path:
+    """metrics.csv's columns for the cells of several scorers' results, the `scorer` column
+    naming each (`analysis.scorer_results`)."""
+    rows = [
+        [*row[:3], name, *row[4:]]
+        for name, result in results.items()
+        for row in _metrics_rows(result)
+    ]
+    return write_csv(path, METRICS_COLUMNS, rows)
 
 
 def _per_persona_rows(result: MetricsResult) -> Iterable[list[Any]]:

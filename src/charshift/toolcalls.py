@@ -33,7 +33,8 @@ The protocol shown to models (`FORMAT_HINT`): a call is
   ``{"name": "send_email", "to": "a", "body": "b"}`` keeps its arguments.
 
 Safety and cost: model output is data. Nothing is evaluated: Python-style literals go through
-this module's own small parser (no `eval`, no `ast.literal_eval`). The first attempt at each
+this module's own small parser (no `eval`, no `ast.literal_eval`). `json_objects` hands the
+same reader's objects to other callers (the LLM judge's answers). The first attempt at each
 bracket uses the stdlib JSON decoder (exact for valid JSON); the lenient reader runs only where
 that fails. Time is linear in the length of the text, whatever the text: every piece of work (each
 regex search by the distance it scans, each bracket attempt, each reader step, each character
@@ -1181,6 +1182,26 @@ def parse_json_objects(text: str, *, stats: WorkStats | None = None) -> list[dic
             continue
         values = att.value if isinstance(att.value, list) else [att.value]
         out += [v for v in values if isinstance(v, dict)]
+    return out
+
+
+def json_objects(text: str) -> list[dict[str, Any]]:
+    """Every JSON object the tool-call scanner reads in `text`, in textual order (fenced, tagged
+    or bare in prose, with the same lenient reading and the same linear work budget as
+    `parse_tool_calls`); a list's objects are included. Never raises. For other answers asked
+    for as JSON (the LLM judge's verdicts)."""
+    if not isinstance(text, str) or not text:
+        return []
+    try:
+        attempts = _scan(text).attempts
+    except Exception:  # a bug here must not crash a caller: nothing was read
+        return []
+    out: list[dict[str, Any]] = []
+    for att in attempts:
+        if not att.ok:
+            continue
+        values = att.value if isinstance(att.value, list) else [att.value]
+        out.extend(v for v in values if isinstance(v, dict))
     return out
 
 

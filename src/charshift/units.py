@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from charshift.config import ALL_SLICES
-from charshift.ladder import HEAD, SHORT, WHOLE, split_unit, unit_name
+from charshift.ladder import BEHAVIOUR, HEAD, SHORT, WHOLE, split_unit, unit_name
 from charshift.schema import SCORED_OUTCOMES, GenerationRow, stable_hash
 from charshift.slices import SLICES
 
@@ -176,6 +176,8 @@ def text_field(unit: str, raw: bool = False) -> str:
         return "final_reply[:body length]"
     if variant == SHORT:
         return f"text[:rank-matched {SHORT_SOURCE} body length]"
+    if variant == BEHAVIOUR:
+        return "messages (the agent's actions)"
     return "final_reply" if raw else "text"
 
 

@@ -917,13 +917,38 @@ class HFBackend(Backend):
 
     def _forward(self, rows: list[_Row], **inputs: Any) -> Any:
         """One forward of the batch's rows, each under its own adapter."""
+        return self._forward_as([r.adapter for r in rows], **inputs)
+
+    def _forward_as(self, adapters: list[str], **inputs: Any) -> Any:
+        """One forward of a batch whose row i runs under `adapters[i]` (grouped by adapter)."""
         if self._peft is None:
             return self.model(**inputs)
-        adapters = [r.adapter for r in rows]
         if self._running is not None:
             self._running.set_rows(adapters)
             return self.model(**inputs)
         return self._peft(adapter_names=adapters, **inputs)
+
+    @torch.inference_mode()
+    def hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapter: str | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """Every layer's hidden states for one batch of token ids (the embeddings' output first,
+        then each block's: transformers' `output_hidden_states`), every row under `adapter`
+        (None: the bare model). No sampling and no cache: for reading activations (the
+        persona-vector scorer). Right padding keeps each row's positions as a lone row's."""
+        if adapter is not None and adapter not in self._adapters:
+            why = self._adapter_errors.get(adapter, "it was never loaded")
+            raise ValueError(f"adapter {adapter!r} unavailable: {why}")
+        adapters = [adapter or BASE_ADAPTER] * int(input_ids.shape[0])
+        with self._lora_applied():
+            out = self._forward_as(
+                adapters,
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention_mask.to(self.device),
+                output_hidden_states=True,
+                use_cache=False,
+            )
+        return tuple(out.hidden_states)
 
     def _attach_sessions(self, batch: list[_Row]) -> None:
         """Take each row's session entry out of the store and find how much of it is reusable."""

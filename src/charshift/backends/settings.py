@@ -53,6 +53,7 @@ def _check_dtype(v: str) -> str:
 
 
 Dtype = Annotated[str, AfterValidator(_check_dtype)]  # auto|float32|bfloat16|float16
+Device = Annotated[str, AfterValidator(_check_device)]  # auto|cpu|cuda|cuda:N|mps
 
 
 class _Settings(BaseModel):
@@ -70,7 +71,7 @@ class HFSettings(_Settings):
     kind: Literal["hf"] = "hf"
     max_batch_tokens: int = Field(16384, ge=64)  # padded prompt tokens per prefill
     kv_cache_mb: float = Field(1024, ge=0)  # keys/values kept between an episode's steps; 0=off
-    device: Annotated[str, AfterValidator(_check_device)] = "auto"  # auto|cpu|cuda|cuda:N|mps
+    device: Device = "auto"
     dtype: Dtype = "auto"
 
 

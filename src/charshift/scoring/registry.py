@@ -37,10 +37,16 @@ SCORERS: dict[str, ScorerKind] = {
             "trained in the run from `classifier_training` (probe or fine-tune)",
             "charshift.scoring.classifier:open_run_classifier",
         ),
-        ScorerKind("judge", "an LLM judge of persona expression (Likert or identify)"),
+        ScorerKind(
+            "judge",
+            "an LLM judge of persona expression (Likert and/or identify), settings in `judge`",
+            "charshift.scoring.judge:open_run_judge",
+        ),
         ScorerKind(
             "persona_vector",
-            "persona vectors: residual-stream activations projected on each persona's direction",
+            "persona vectors: residual-stream activations projected on each persona's direction "
+            "(a text and a state reading), settings in `persona_vector`",
+            "charshift.scoring.persona_vector:open_run_persona_vectors",
         ),
     )
 }

@@ -1,6 +1,7 @@
-"""How a classifier is trained: `TrainSettings` (the run config's `classifier_training` section,
-the `classifier` scorer's settings) and `TrainData` (the labelled texts), in place of long
-argument lists.
+"""The scorers' settings: how a classifier is trained (`TrainSettings`, the run config's
+`classifier_training` section) and `TrainData` (the labelled texts), in place of long argument
+lists; the judge's (`JudgeSettings`, the `judge` section) and the persona vectors'
+(`PersonaVectorSettings`, the `persona_vector` section).
 
 Pure (pydantic and the record types only): the run config imports this module.
 """
@@ -9,10 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from charshift.backends.settings import Device, Dtype
 from charshift.schema import MAX_N_BOOT, PROMPTED_STAGE
 
 DEFAULT_ENCODER = "answerdotai/ModernBERT-base"
@@ -112,3 +114,79 @@ class TrainData:
     def names(self) -> list[str]:
         """The label names, as a list in label order."""
         return list(self.label_names)
+
+
+JUDGE_MODES = ("likert", "identify")
+
+
+class JudgeSettings(BaseModel):
+    """The `judge` scorer: an LLM asked about persona expression (the run config's `judge`
+    section; `charshift score --generations --scorer judge` builds one from its flags).
+
+    `model`: the judge model, in the form its backend takes: an HF id, a local folder or
+    `packaged:smollm2` for `hf`, `vllm` and `server`; the served model name for `openai`.
+    `backend`: the judge's own backend, in the fields of the run's `backend:` section (`kind`,
+    `base_url`, `api_key_env` (the NAME of the environment variable that holds the API key; the
+    key itself is never written anywhere), `device`, `engine`, ...); checked as one when the
+    config loads. `modes`: `likert` (how strongly the text expresses its persona, 1-5) and/or
+    `identify` (which persona wrote it, or none); each mode is a scorer of its own. `samples`
+    answers per question at `temperature` / `top_p` / `max_tokens`; an unparseable answer is
+    asked again up to `retries` times. `behaviour`: tool slices also get a judged unit
+    `SLICE.behaviour` (the agent's actions, not its text). `context_chars`: each message of the
+    conversation shown is shortened to this many characters (the judged text never is).
+    `constrained`: ask the backend to enforce the answer's JSON shape (a grammar on `hf`,
+    structured outputs on servers)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(min_length=1)
+    revision: str | None = None
+    backend: dict[str, Any] = Field(default_factory=lambda: {"kind": "hf"})
+    modes: list[Literal["likert", "identify"]] = Field(
+        default_factory=lambda: list(JUDGE_MODES), min_length=1
+    )
+    samples: int = Field(3, ge=1, le=99)
+    temperature: float = Field(0.1, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_tokens: int = Field(256, ge=8)
+    retries: int = Field(2, ge=0, le=10)
+    behaviour: bool = True
+    context_chars: int = Field(4000, ge=200)
+    constrained: bool = False
+    seed: int = Field(0, ge=0)
+
+    @field_validator("modes")
+    @classmethod
+    def _modes_once(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"each mode may appear once: {v}")
+        return v
+
+
+class PersonaVectorSettings(BaseModel):
+    """The `persona_vector` scorer (the run config's `persona_vector` section).
+
+    Each persona's direction is the mean residual-stream activation over the response tokens of
+    `stage`'s ID training rows of that persona minus that of the base stage's (the base model,
+    each row read in its own context); `heldout_fraction` of the training prompts are held out
+    and the layer whose directions separate their texts best is kept (`layers`: the candidate
+    layers, 1 = the first block's output; None = every layer). Activations are read with the HF
+    backend on `device` / `dtype` (None: the run's `backend` where it is `hf`, else auto),
+    `batch_size` texts at a time."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    stage: str = PROMPTED_STAGE
+    heldout_fraction: float = Field(0.25, gt=0.0, lt=1.0)
+    layers: list[int] | None = None
+    device: Device | None = None
+    dtype: Dtype | None = None
+    batch_size: int = Field(8, ge=1)
+    seed: int = Field(0, ge=0)
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_ok(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or min(v) < 1 or len(set(v)) != len(v)):
+            raise ValueError(f"give distinct layer numbers >= 1 (1 = the first block), got {v}")
+        return None if v is None else sorted(v)
