@@ -315,7 +315,7 @@ def test_demo_quick_end_to_end(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=1800,
+        timeout=2700,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "Report:" in res.stdout
