@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from charshift.config import RunConfig, StatsConfig, config_to_dict
+from charshift.inputs import surrogate_problem
 from charshift.schema import (
     NULL_PERSONA,
     PROMPTED_EXPLICIT_STAGE,
@@ -163,6 +164,10 @@ def run_classifier_ids(cfg: RunConfig, store: RunStore) -> tuple[dict[str, str],
     return ids, notes
 
 
+def _row_text(r: GenerationRow) -> str:
+    return (r.text or "") + (r.final_reply or "")
+
+
 def prediction_records(
     cfg: RunConfig, store: RunStore, cids: dict[str, str] | None = None
 ) -> list[PredictionRecord]:
@@ -177,7 +182,10 @@ def prediction_records(
         cids = run_classifier_ids(cfg, store)[0]
     out: list[PredictionRecord] = []
     counters = lengths.run_counters(store, cids)
-    for r, unit, text in units.row_units(store.generations, raw, counters):
+    # a stored text no tokenizer can take (a lone surrogate) is left out here as in scoring (the
+    # score step named it), so it is a unit not scored, not a crash of the length counter
+    rows = [r for r in store.generations if surrogate_problem(_row_text(r)) is None]
+    for r, unit, text in units.row_units(rows, raw, counters):
         if r.base not in cids:
             continue
         sc = store.scores.get((r.key, cids[r.base], unit, units.text_hash(text))) if text else None

@@ -529,6 +529,8 @@ def _todo(
     scorer.check_personas(cfg.persona_names)
     sid = scorer.identity
     _record_scorer(store, base, kind, scorer)
+    # before the length counter tokenizes anything: a stored text no tokenizer can take
+    rows = _readable(rows, lambda r: (r, (r.text or "") + (r.final_reply or "")), store, "scored")
     items = _units_to_score(cfg, store, base, rows, scorer, sid, shards)
     if isinstance(scorer, UnitSource):
         own = scorer.extra_units([r for r in rows if in_shard(r.item_id, store.shard, shards)])

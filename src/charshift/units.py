@@ -287,6 +287,10 @@ def _unit_texts(
     return out
 
 
+def _lone_surrogate(r: GenerationRow) -> bool:
+    return any("\ud800" <= c <= "\udfff" for c in (r.text or "") + (r.final_reply or ""))
+
+
 def unit_texts(
     rows: Iterable[GenerationRow],
     raw: bool = False,
@@ -295,7 +299,9 @@ def unit_texts(
     """Every unit of every eval row, with the text it scores and its length record.
     `counters`: base -> the counter of its scorer (default `WORDS`); the `id_chat.short`
     targets come from the same rows (`short_targets`), per base with its own counter."""
-    eval_rows = [r for r in rows if r.split == "eval"]
+    # a stored text holding a lone surrogate (a damaged or hand-edited line) is one no tokenizer
+    # can take: its row has no units here (the score step names it; the report counts it missing)
+    eval_rows = [r for r in rows if r.split == "eval" and not _lone_surrogate(r)]
     by_base: dict[str, list[GenerationRow]] = defaultdict(list)
     for r in eval_rows:
         by_base[r.base].append(r)
