@@ -22,10 +22,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from charshift.config import ConfigError, parse_yaml
-from charshift.scenarios import ScenarioError
+from charshift.scenarios import (  # one strict base and one blank check for every bank
+    ScenarioError,
+    _nonblank,
+    _Strict,
+)
 from charshift.tools import REGISTRY
 
 _SLUG = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
@@ -35,16 +39,6 @@ MAX_BANK_BYTES = 8 << 20
 
 class ItemError(ScenarioError):
     """A problem in an item bank, naming the bank, the item id and the field."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _nonblank(v: str) -> str:
-    if not v or not v.strip():
-        raise ValueError("must not be empty")
-    return v.strip()
 
 
 class Item(_Strict):
