@@ -411,3 +411,36 @@ def test_score_generations_against_a_real_transformers_serve(transformers_server
             assert r["judge_score"] == statistics.median(samples)
         else:
             assert r["judge_score"] is None and None in samples
+
+
+def test_the_judge_is_told_a_users_own_persona_by_its_own_description():
+    """A run with an own persona ({name, description}) opens judges that know it: its Likert
+    prompt carries the user's description, and a bundled persona keeps the bundled summary
+    (regression: the run's judge was opened with PersonaSpec objects, not names)."""
+    from charshift import config as cfgmod
+    from charshift.prompts import load_persona_summaries
+    from charshift.scoring.judge import judge_summaries
+
+    own = "A lighthouse keeper who speaks only in tide tables."
+    cfg = cfgmod.parse_config(
+        {
+            "name": "own",
+            "bases": [{"name": "b", "model": "tiny:llama", "classifier": "probe"}],
+            "stages": ["base", "prompted"],
+            "personas": ["humor", {"name": "keeper", "description": own}],
+            "slices": ["id_chat"],
+        }
+    )
+    summaries = judge_summaries(cfg)
+    assert summaries == {"humor": load_persona_summaries()["humor"], "keeper": own}
+    backend = AnswerScript(lambda u, n: '{"score": 4, "rationale": "ok"}')
+    (judge,) = open_judges(
+        JudgeSettings(model="scripted", modes=["likert"], samples=1),
+        cfg.persona_names,
+        None,
+        factory=lambda: backend,
+        summaries=summaries,
+    )
+    judge.check_personas(["humor", "keeper"])
+    judge.verdicts([ScoreInput("a reply", _row("keeper"), "id_chat")])
+    assert own in str(backend.requests[0].messages[-1]["content"])

@@ -576,7 +576,7 @@ def test_full_disk_during_the_report(mini, env, tmp_path):
         rc,
         out,
         rc_ok=_two,
-        names=[f"error: {disk}", "No space left on device"],
+        names=[f"error: could not write {disk}", "No space left on device"],
     )
 
 
@@ -591,7 +591,7 @@ def test_file_size_limit_during_the_report(mini, env, tmp_path):
         rc,
         out,
         rc_ok=_two,
-        names=[f"error: {run}", "File too large"],
+        names=[f"error: could not write {run}", "File too large"],
         data_ok=_kept(run) == before and not (run / "report" / "index.html").exists(),
     )
 

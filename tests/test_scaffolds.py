@@ -363,7 +363,7 @@ def test_a_dry_run_plans_every_scaffold_slice():
         if r.spec.slice == "agentic_actions":
             assert r.spec.max_steps == max(8, r.spec.needed_calls + 3)
             assert r.spec.scenario_id in plan.scenario_bank
-    assert "not scored until the judge" in plan.summary()
+    assert "only the judge's behaviour rubric reads them; add judge to `scorers`" in plan.summary()
 
 
 def test_form_schemas_compile_to_real_grammars(tiny_model_dir):

@@ -96,6 +96,7 @@ def _user_errors() -> Iterator[None]:
     from charshift.backends.base import BackendDead
     from charshift.backends.server import ServerStartError
     from charshift.executors import ExecutorError
+    from charshift.fileio import WriteError
     from charshift.scenarios import ScenarioError
     from charshift.scoring.base import ScorerError
     from charshift.store import StoreError
@@ -106,6 +107,7 @@ def _user_errors() -> Iterator[None]:
         ExecutorError,
         ScenarioError,
         StoreError,
+        WriteError,  # the OS refused a write (full disk, size limit): the message names the file
         ValueError,
         AdapterNotApplied,  # an adapter the backend does not apply: named, with the backend
         BackendDead,  # an engine or server that died mid-run: the store resumes later

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from charshift.backends.base import Backend
+from charshift.config import RunConfig
 from charshift.schema import (
     JUDGE_NONE,
     NO_LABEL,
@@ -376,12 +377,14 @@ def open_judges(
     personas: Sequence[str],
     cache_path: Path | None,
     factory: Callable[[], Backend] | None = None,
+    summaries: Mapping[str, str] | None = None,
 ) -> list[Judge]:
     """One `Judge` per mode of `settings`, sharing one backend (`factory`, by default
-    `open_backend`) and one answer cache at `cache_path`."""
+    `open_backend`) and one answer cache at `cache_path`; `summaries` (persona -> description,
+    by default the bundled ones) is what the judge is told about each persona."""
     backend = JudgeBackend(factory or functools.partial(open_backend, settings))
     cache = JudgeCache(cache_path)
-    return [Judge(settings, mode, personas, backend, cache) for mode in settings.modes]
+    return [Judge(settings, mode, personas, backend, cache, summaries) for mode in settings.modes]
 
 
 def open_run_judge(context: ScorerContext) -> list[Judge]:
@@ -392,4 +395,19 @@ def open_run_judge(context: ScorerContext) -> list[Judge]:
     run_dir = context.run_dir
     factory = functools.partial(open_backend, settings, run_dir, context.cfg.sampling.seed)
     cache = None if run_dir is None else Path(run_dir) / CACHE_NAME
-    return open_judges(settings, context.cfg.personas, cache, factory)
+    cfg = context.cfg
+    return open_judges(settings, cfg.persona_names, cache, factory, judge_summaries(cfg))
+
+
+def judge_summaries(cfg: RunConfig) -> dict[str, str]:
+    """persona -> what the judge is told about it: the bundled summary for a bundled name, the
+    user's own description (or constitution text) for their own persona."""
+    from charshift.prompts import load_persona_summaries, persona_prompt
+
+    bundled = load_persona_summaries()
+    return {
+        p.name: bundled[p.name]
+        if p.bundled and p.name in bundled
+        else persona_prompt(p, cfg.persona_prompts.source, cfg.persona_prompts.path)
+        for p in cfg.personas
+    }

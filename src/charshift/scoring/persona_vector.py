@@ -322,7 +322,7 @@ def ensure_vectors(cfg: RunConfig, store: Any, base: BaseSpec, cache_dir: Path |
             return False
     model = PVModel(cfg, base, cache_dir)
     try:
-        vs = fit_vectors(model, rows, list(cfg.personas))
+        vs = fit_vectors(model, rows, cfg.persona_names)
     finally:
         model.close()
     path.parent.mkdir(parents=True, exist_ok=True)
