@@ -207,6 +207,59 @@ def test_one_scorer_compares_nothing():
     recs = _kappa_records(np.random.default_rng(0), 0.5, n_items=4)
     one = ag.compute_agreement({"classifier": recs["classifier"]}, {}, OPTS)
     assert one.scorers == ["classifier"] and not one.compared and not one.readings
-    silent = [_rec(0, j, None) for j in range(4)]  # a judge that never answered: not present
+    # a judge that never answered is present: every row is left out, and counted
+    silent = [_rec(i, j, None) for i in range(4) for j in range(4)]
     two = ag.compute_agreement({**recs, "judge_identify": silent}, {}, OPTS)
-    assert two.scorers == ["classifier"] and not two.compared
+    assert two.scorers == ["classifier", "judge_identify"] and two.compared
+    (row,) = two.readings
+    assert (row.n_pairs, row.n_left_out, row.missing_b) == (0, 16, 16)
+    assert math.isnan(row.value.estimate) and row.value.flag == "undefined: no paired rows"
+
+
+EVIL = "b<i>|`x"
+
+
+def _ladder_records(good: str, rng: np.random.Generator) -> list[PredictionRecord]:
+    """Persona rows of base EVIL in id_chat and id_chat.short (a contrast): the scorer names
+    the persona on every row of unit `good` and guesses at random in the other."""
+    out = []
+    for unit in ("id_chat", "id_chat.short"):
+        for i in range(20):
+            for j in range(2):
+                p = PERSONAS[j]
+                pred = p if unit == good else PERSONAS[int(rng.integers(2))]
+                out.append(PredictionRecord(EVIL, "full", unit, p, f"q{i}", pred))
+    return out
+
+
+def test_a_disagreement_reaches_the_report_and_the_headline(tmp_path):
+    """Simulated: the classifier reads persona at id_chat and not in the short cut (a loss);
+    the judge the other way round (a gain). The statistics find both, the pair disagrees, and
+    the report's section and the headline's one line name it, every name escaped."""
+    from charshift import report, stats
+
+    rng = np.random.default_rng(0)
+    recs = {"classifier": _ladder_records("id_chat", rng),
+            "judge_identify": _ladder_records("id_chat.short", rng)}  # fmt: skip
+    res = {n: stats.compute_metrics(r, list(PERSONAS), n_boot=200, n_perm=0, control=None)
+           for n, r in recs.items()}  # fmt: skip
+    agreement = ag.compute_agreement(recs, res, OPTS)
+    (sign,) = [s for s in agreement.signs if s.to == "id_chat.short"]
+    assert (sign.verdict_a, sign.verdict_b, sign.agreement) == ("loss", "gain", "disagree")
+    line = report.headline_text(res["classifier"], report.HeadlineContext(agreement=agreement))
+    said = [s for s in line if s.startswith("The scorers disagree")]
+    assert len(said) == 1 and "classifier loses persona" in said[0]
+    assert "judge_identify gains persona" in said[0] and "id_chat -> id_chat.short" in said[0]
+    path = report.write_report(tmp_path, recs["classifier"], res["classifier"], settings={},
+                               samples=None, title="t", agreement=agreement)  # fmt: skip
+    page, md = path.read_text(encoding="utf-8"), (tmp_path / "report.md").read_text()
+    assert 'id="agreement"' in page and "Do the scorers agree?" in md
+    assert EVIL not in page and "b&lt;i&gt;|`x" in page
+    assert report.md_escape(EVIL) in md and EVIL not in md
+    assert "disagree" in page[page.index('id="agreement"') :]
+    alone = ag.compute_agreement({"classifier": recs["classifier"]}, res, OPTS)
+    report.write_report(tmp_path, recs["classifier"], res["classifier"], settings={},
+                        samples=None, title="t", agreement=alone)  # fmt: skip
+    md = (tmp_path / "report.md").read_text()
+    assert "One scorer (classifier) gave these figures" in md
+    assert "The scorers disagree" not in md

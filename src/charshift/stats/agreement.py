@@ -397,13 +397,10 @@ def compute_agreement(
     o: Opts,
 ) -> Agreement:
     """The run's agreement: `records` (scorer -> records) of every scorer, `results` (scorer ->
-    statistics) of those with a label. Scorers with no reading at all are not present; with
-    fewer than two present nothing is compared."""
-    present = [
-        name
-        for name, recs in records.items()
-        if any(r.prediction is not None or own_score(r) is not None for r in recs)
-    ]
+    statistics) of those with a label. A scorer with records is present even where it gave no
+    reading at all (a judge whose every answer was unparseable: its rows are all left out, and
+    counted); with fewer than two present nothing is compared."""
+    present = [name for name, recs in records.items() if recs]
     agreement = Agreement(present)
     if agreement.compared:
         agreement.readings = reading_agreement({n: records[n] for n in present}, o)
