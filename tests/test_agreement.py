@@ -232,6 +232,24 @@ def _ladder_records(good: str, rng: np.random.Generator) -> list[PredictionRecor
     return out
 
 
+def _analyse(out, records, result, agreement):
+    from charshift import analysis
+    from charshift.config import StatsConfig
+
+    inp = analysis.AnalysisInput(records=records, personas=list(PERSONAS), stats=StatsConfig(),
+                                 title="t", settings={}, control=None, agreement=agreement)  # fmt: skip
+    return analysis.analyse(inp, out, result)
+
+
+def test_bca_intervals_come_from_the_cluster_jackknife():
+    recs = _spearman_records(np.random.default_rng(2), True)
+    bca = Opts(n_boot=400, ci=0.95, method="bca", seed=0, min_clusters=10)
+    v = _only(ag.reading_agreement(recs, bca), ag.SPEARMAN).value
+    p = _only(ag.reading_agreement(recs, OPTS), ag.SPEARMAN).value
+    assert v.estimate == p.estimate and v.lo < v.estimate < v.hi and v.reliable
+    assert (v.lo, v.hi) != (p.lo, p.hi)
+
+
 def test_a_disagreement_reaches_the_report_and_the_headline(tmp_path):
     """Simulated: the classifier reads persona at id_chat and not in the short cut (a loss);
     the judge the other way round (a gain). The statistics find both, the pair disagrees, and
@@ -250,16 +268,17 @@ def test_a_disagreement_reaches_the_report_and_the_headline(tmp_path):
     said = [s for s in line if s.startswith("The scorers disagree")]
     assert len(said) == 1 and "classifier loses persona" in said[0]
     assert "judge_identify gains persona" in said[0] and "id_chat -> id_chat.short" in said[0]
-    path = report.write_report(tmp_path, recs["classifier"], res["classifier"], settings={},
-                               samples=None, title="t", agreement=agreement)  # fmt: skip
+    path = _analyse(tmp_path, recs["classifier"], res["classifier"], agreement)
     page, md = path.read_text(encoding="utf-8"), (tmp_path / "report.md").read_text()
+    assert (tmp_path / "agreement.csv").is_file() and (tmp_path / "agreement_signs.csv").is_file()
     assert 'id="agreement"' in page and "Do the scorers agree?" in md
     assert EVIL not in page and "b&lt;i&gt;|`x" in page
     assert report.md_escape(EVIL) in md and EVIL not in md
     assert "disagree" in page[page.index('id="agreement"') :]
     alone = ag.compute_agreement({"classifier": recs["classifier"]}, res, OPTS)
-    report.write_report(tmp_path, recs["classifier"], res["classifier"], settings={},
-                        samples=None, title="t", agreement=alone)  # fmt: skip
-    md = (tmp_path / "report.md").read_text()
+    alone_dir = tmp_path / "alone"
+    _analyse(alone_dir, recs["classifier"], res["classifier"], alone)
+    md = (alone_dir / "report.md").read_text()
+    assert not (alone_dir / "agreement.csv").exists()  # one scorer: nothing written
     assert "One scorer (classifier) gave these figures" in md
     assert "The scorers disagree" not in md
