@@ -227,3 +227,36 @@ def test_a_run_scores_with_the_classifier_the_judge_and_persona_vectors(tmp_path
         row = cells[("judge_identify", "prompted", "id_chat")]
         assert int(row["n_scored"]) <= verdicts  # no verdict is a missing prediction
     assert "persona_vector_text" in (tmp_path / "run" / "report.md").read_text()
+    _assert_agreement(tmp_path / "run", eval_rows)
+
+
+def _assert_agreement(run: Path, eval_rows: list) -> None:
+    """The run's agreement tables: kappa (classifier ~ identify judge) and Spearman (classifier
+    p(true) ~ Likert score ~ text projection) over the persona rows of id_chat, every row either
+    paired or counted as left out; the sign table; the report's section."""
+    import csv
+
+    from charshift.tables import AGREEMENT_COLUMNS, SIGN_COLUMNS
+
+    with (run / "agreement.csv").open() as fh:
+        reader = csv.DictReader(fh)
+        assert tuple(reader.fieldnames or ()) == AGREEMENT_COLUMNS
+        table = list(reader)
+    with (run / "agreement_signs.csv").open() as fh:
+        assert tuple(csv.DictReader(fh).fieldnames or ()) == SIGN_COLUMNS
+    pairs = {
+        (r["statistic"], r["scorer_a"], r["scorer_b"]): r for r in table if r["unit"] == "id_chat"
+    }
+    assert set(pairs) == {
+        ("kappa", "classifier", "judge_identify"),
+        ("spearman", "classifier", "judge_likert"),
+        ("spearman", "classifier", "persona_vector_text"),
+        ("spearman", "judge_likert", "persona_vector_text"),
+    }
+    persona_rows = sum(r.stage == "prompted" for r in eval_rows)  # the base stage has no persona
+    for row in pairs.values():
+        assert int(row["n_pairs"]) + int(row["n_left_out"]) == persona_rows > 0, row
+        assert row["stages"] == "prompted"
+    text = pairs[("spearman", "classifier", "persona_vector_text")]
+    assert int(text["n_pairs"]) == sum(r.stage == "prompted" and bool(r.text) for r in eval_rows)
+    assert "Do the scorers agree?" in (run / "report.md").read_text()

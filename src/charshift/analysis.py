@@ -33,6 +33,7 @@ from charshift.store.table import shard_problem
 
 if TYPE_CHECKING:
     from charshift.stats import MetricsResult
+    from charshift.stats.agreement import Agreement
 
 
 @dataclass
@@ -53,6 +54,8 @@ class AnalysisInput:
     warnings: list[str] = field(default_factory=list)
     # the positive-control stage (the scorer check); None: none
     control: str | None = PROMPTED_EXPLICIT_STAGE
+    # whether the run's scorers agree (`stats.agreement`); None: not computed (one source)
+    agreement: Agreement | None = None
 
 
 def compute(inp: AnalysisInput) -> MetricsResult:
@@ -92,6 +95,8 @@ def analyse(
     try:
         with report_mod.staging(out) as staged:
             written = tables.write_tables(result, staged)
+            if inp.agreement is not None and inp.agreement.compared:
+                written += tables.write_agreement(inp.agreement, staged)
             report_mod.write_report(
                 staged,
                 inp.records,
@@ -103,6 +108,7 @@ def analyse(
                 published=inp.published,
                 notes=[*inp.notes, *(n.text() for n in result.label_notes)],
                 warnings=inp.warnings,
+                agreement=inp.agreement,
             )
             with publish():
                 for p in written:
@@ -204,6 +210,9 @@ def prediction_records(
                 outcome=r.outcome,
                 text=text,
                 key=r.key,
+                scores=sc.scores if sc else None,
+                judge_score=sc.judge_score if sc else None,
+                judge_outcome=sc.judge_outcome if sc else None,
             )
         )
     return out
@@ -430,6 +439,19 @@ def shard_warnings(plan: Any, store: RunStore, cfg: RunConfig, cids: dict[str, s
     return out
 
 
+def _run_notes(cfg: RunConfig, store: RunStore) -> list[str]:
+    """The report's notes on a run: skipped adapters, units no scorer of the run can score."""
+    notes = [
+        f"Skipped adapter {name}: {msg}" for name, msg in store.recorded("skipped_adapters").items()
+    ]
+    return notes + [
+        f"Not scored: {unit} (the judge's behaviour rubric scores it; no text scorer can, and "
+        "the run's scorers have no judge)"
+        for unit in judge_units(cfg.slices)
+        if "judge" not in cfg.scorers
+    ]
+
+
 def report_run(cfg: RunConfig, store: RunStore, out_dir: Path | None = None) -> Path:
     """The analysis tail over a run directory; the report goes to `out_dir` or the run's root.
     Warnings (an incomplete run, damage found in the store, a recovered classifier id) are
@@ -444,15 +466,6 @@ def report_run(cfg: RunConfig, store: RunStore, out_dir: Path | None = None) -> 
     for w in warnings:
         store_warn(w)
     warnings += store.notes  # damage found when the store was opened (already printed)
-    notes = [
-        f"Skipped adapter {name}: {msg}" for name, msg in store.recorded("skipped_adapters").items()
-    ]
-    notes += [
-        f"Not scored: {unit} (the judge's behaviour rubric scores it; no text scorer can, and "
-        "the run's scorers have no judge)"
-        for unit in judge_units(cfg.slices)
-        if "judge" not in cfg.scorers
-    ]
     inp = AnalysisInput(
         records=records,
         personas=cfg.persona_names,
@@ -462,17 +475,19 @@ def report_run(cfg: RunConfig, store: RunStore, out_dir: Path | None = None) -> 
         samples=browser_samples(records, store),
         meaningless=cfg.meaningless,
         published=cfg.published,
-        notes=notes,
+        notes=_run_notes(cfg, store),
         warnings=warnings,
         control=cfg.analysis.positive_control,
     )
-    by_scorer = scorer_results(cfg, store)
+    by_records = scorer_records(cfg, store)
+    by_scorer = scorer_results(cfg, store, by_records)
     if by_scorer:
         inp.notes.append(
             f"Per-scorer figures ({', '.join(by_scorer)}), each against its own null: "
             f"{SCORER_METRICS}; the tables and this report read the classifier"
         )
     result = compute(inp)
+    inp.agreement = run_agreement(inp, result, by_records, by_scorer)
     label_sets = {"labels": result.labels, "notes": [n.text() for n in result.label_notes]}
     if store.writable:
         inp.settings["manifest"] = store.update_manifest(label_sets=label_sets)
@@ -491,6 +506,8 @@ def report_run(cfg: RunConfig, store: RunStore, out_dir: Path | None = None) -> 
 # The scorers besides the classifier that name a persona, so that the classifier's machinery
 # (macro-F1 against each cell's own null) reads them as it reads the classifier.
 LABEL_SCORERS = ("judge_identify", "persona_vector_text", "persona_vector_state")
+# The scorers that give only a number (no persona): read by the agreement, not by the metrics.
+NUMBER_SCORERS = ("judge_likert",)
 SCORER_METRICS = "metrics_by_scorer.csv"
 
 
@@ -507,14 +524,28 @@ def scorer_ids(store: RunStore, name: str) -> dict[str, str]:
     return out
 
 
-def scorer_results(cfg: RunConfig, store: RunStore) -> dict[str, MetricsResult]:
+def scorer_records(cfg: RunConfig, store: RunStore) -> dict[str, list[PredictionRecord]]:
+    """Each scorer of `NUMBER_SCORERS` and `LABEL_SCORERS` the manifest records -> its records
+    (`prediction_records` under its own ids; their `scores` and `judge_score` hold its numbers)."""
+    out = {}
+    for name in (*NUMBER_SCORERS, *LABEL_SCORERS):
+        ids = scorer_ids(store, name)
+        if ids:
+            out[name] = prediction_records(cfg, store, ids)
+    return out
+
+
+def scorer_results(
+    cfg: RunConfig, store: RunStore, records: dict[str, list[PredictionRecord]] | None = None
+) -> dict[str, MetricsResult]:
     """The statistics of each label-giving scorer of `LABEL_SCORERS` the run has, computed from
     its own verdicts exactly as the classifier's (a judge left without a verdict is a missing
-    prediction); without a positive control (its check reads the classifier)."""
+    prediction); without a positive control (its check reads the classifier). `records`: as
+    `scorer_records` gives them (default: read here)."""
+    records_of = scorer_records(cfg, store) if records is None else records
     out: dict[str, MetricsResult] = {}
     for name in LABEL_SCORERS:
-        ids = scorer_ids(store, name)
-        records = prediction_records(cfg, store, ids) if ids else []
+        records = records_of.get(name, [])
         if any(r.prediction is not None for r in records):
             inp = AnalysisInput(
                 records=records,
@@ -526,6 +557,26 @@ def scorer_results(cfg: RunConfig, store: RunStore) -> dict[str, MetricsResult]:
             )
             out[name] = compute(inp)
     return out
+
+
+def run_agreement(
+    inp: AnalysisInput,
+    result: MetricsResult,
+    records: dict[str, list[PredictionRecord]],
+    results: dict[str, MetricsResult],
+) -> Agreement:
+    """Whether the run's scorers agree (`stats.agreement`): the classifier's records and
+    statistics (`inp`, `result`) beside every other scorer's, on the run's interval settings."""
+    from charshift.stats import DEFAULT_SCORER
+    from charshift.stats.agreement import compute_agreement
+    from charshift.stats.compute import make_opts
+
+    s = inp.stats
+    o = make_opts(s.n_boot, s.ci, s.method, s.seed, result.min_clusters,
+                  small_sample=s.small_sample, n_perm=0, control=None)  # fmt: skip
+    return compute_agreement(
+        {DEFAULT_SCORER: inp.records, **records}, {DEFAULT_SCORER: result, **results}, o
+    )
 
 
 def _nothing_to_report(store: RunStore, cids: dict[str, str]) -> str:

@@ -12,7 +12,9 @@ in this order:
    scorer's largest label share on neutral base text;
 5. the declared primary family, whose figures are the answer's table above the prose
    (`charshift.summary`, not repeated here); each chain's largest rung, named as exploratory and
-   said to be selected; yields below 100%;
+   said to be selected; where the run has several scorers, one line naming the rungs where they
+   disagree on the sign of the loss, or where one finds a change the other cannot confirm
+   (`stats.agreement`); yields below 100%;
 6. the caveats that apply: a meaningless (smoke) run, flagged intervals, the constrained tool
    protocol, conditional vs intention-to-treat where yields are low, differential censoring,
    backend failures, classifier training warnings.
@@ -42,6 +44,7 @@ from charshift.stats import (
     MetricsResult,
     no_interval_text,
 )
+from charshift.stats.agreement import DISAGREE, GAIN, LOSS, Agreement, SignAgreement
 
 DAGGER = "\u2020"  # marks an interval flagged as not to be trusted (see the method notes)
 BLIND = "\u2021"  # marks a figure in a unit where the scorer cannot see persona
@@ -167,6 +170,7 @@ class HeadlineContext:
     classifier_sources: Mapping[str, str] = field(default_factory=dict)  # base -> given classifier
     meaningless: bool = False
     censoring: Sequence[CensoringTest] = ()
+    agreement: Agreement | None = None  # whether the run's scorers agree (`stats.agreement`)
 
 
 def context_from_settings(
@@ -436,6 +440,44 @@ def claim_sentences(result: MetricsResult) -> list[str]:
     return [s for s in out if s]
 
 
+_SIGN_VERBS = {LOSS: "loses persona", GAIN: "gains persona"}
+
+
+def _sign_side(scorer: str, verdict: str, d: Difference | None) -> str:
+    figure = "" if d is None else f" ({_diff_text(d)})"
+    return f"{scorer} {_SIGN_VERBS.get(verdict, 'cannot tell')}{figure}"
+
+
+def _sign_place(s: SignAgreement) -> str:
+    where = f"{s.base}/{s.stage} {s.frm} -> {s.to}"
+    where += " (chain total)" if s.kind == "total" else ""
+    a, b = _sign_side(s.scorer_a, s.verdict_a, s.a), _sign_side(s.scorer_b, s.verdict_b, s.b)
+    return f"{where}: {a}, {b}"
+
+
+def agreement_sentence(agreement: Agreement | None) -> str:
+    """One line on whether the scorers agree on the sign of the loss ("" with one scorer):
+    the rungs where they disagree (opposite signs), then those where one finds a change and the
+    other's interval contains 0 (not a disagreement: that interval does not show no change)."""
+    if agreement is None or not agreement.compared or not agreement.signs:
+        return ""
+    dis = [_sign_place(s) for s in agreement.signs if s.agreement == DISAGREE]
+    one = [_sign_place(s) for s in agreement.signs if s.one_sided]
+    names = _join(agreement.scorers)
+    if not dis and not one:
+        n_agree = sum(s.agreement == "agree" for s in agreement.signs)
+        return (
+            f"The scorers ({names}) never disagree on the sign of a loss: {n_agree} of "
+            f"{len(agreement.signs)} rung comparisons agree, the others are inconclusive "
+            "(both intervals contain 0, or a figure has no interval)."
+        )
+    parts = [f"The scorers disagree on the sign of the loss at {_names(dis, 3)}"] if dis else []
+    if one:
+        parts.append(f"one scorer finds a change the other cannot confirm at {_names(one, 3)}")
+    text = "; ".join(parts)
+    return text[0].upper() + text[1:] + " (agreement_signs.csv has every rung)."
+
+
 def _yield_sentence(base: str, stage: str, cells: list[CellMetrics]) -> str:
     partial = [c for c in cells if c.n_scored > 0]
     zero = [f"{c.cell.slice} (0 of {c.n_rows})" for c in cells if c.n_scored == 0]
@@ -582,6 +624,8 @@ def headline_text(result: MetricsResult, context: HeadlineContext | None = None)
     out += [scorer_sentence(result, b) for b in result.bases]
     out.append(family_sentence(result))
     out += claim_sentences(result)
+    agree = agreement_sentence(ctx.agreement)
+    out += [agree] if agree else []
     out += yield_sentences(result)
     out += caveat_sentences(result, ctx, quals)
     return out

@@ -3,7 +3,8 @@
 Reading order: a warning box (what the caller says must be read first: an incomplete run, a
 persona left out of a label set), the smoke banner, the answer (`charshift.summary`: one
 compact table per base), the headline's prose (`charshift.headline`), the main figure, then
-the figures' sections: metrics per cell, the classifier, the ladder (every chain of
+the figures' sections: metrics per cell, the classifier, the scorer check, whether the scorers
+agree (`stats.agreement`, where the run has several), the ladder (every chain of
 `ladder.CHAINS` per base and stage, with what each rung changes), contrasts, stage differences,
 outcomes and differential censoring, per persona, predicted labels, confusion, figures, the
 sample browser, method notes and the settings (the tool protocol named first).
@@ -88,6 +89,7 @@ from charshift.stats import (
     has_interval,
     no_interval_text,
 )
+from charshift.stats.agreement import Agreement, ReadingAgreement, SignAgreement
 from charshift.stats.family import FAMILY_TEXT
 from charshift.summary import legend, summary_tables, summary_text
 
@@ -1017,11 +1019,12 @@ class ReportContent:
     censoring: list[CensoringTest]
     samples: list[Sample]
     sample_note: str
+    agreement: Agreement | None = None
 
 
 _NAV = (
     ("answer", "Answer"), ("headline", "Headline"), ("metrics", "Metrics"), ("classifier", "Classifier"),
-    ("scorer", "Scorer check"), ("family", "Primary family"), ("ladder", "Ladder"), ("contrasts", "Contrasts"), ("stages", "Stages"),
+    ("scorer", "Scorer check"), ("agreement", "Scorers agree?"), ("family", "Primary family"), ("ladder", "Ladder"), ("contrasts", "Contrasts"), ("stages", "Stages"),
     ("outcomes", "Outcomes"), ("personas", "Per persona"), ("labels", "Predicted labels"),
     ("confusion", "Confusion"), ("figures", "Figures"), ("samples", "Samples"),
     ("method", "Method"), ("settings", "Settings"),
@@ -1123,6 +1126,75 @@ def _scorer_section(doc: _Doc, rep: ReportContent) -> None:
         "flagged where the control's excess interval reaches 0."
     )
     doc.table(_retention_table(res), empty="No positive control in this run: no retention.")
+
+
+def _reading_table(rows: Sequence[ReadingAgreement]) -> Table:
+    head = ["base", "unit", "statistic", "between", "estimate [interval]", "rows paired",
+            "rows left out (no reading: a / b)", "stages pooled"]  # fmt: skip
+    out = []
+    for r in rows:
+        v = r.value
+        shown = fmt_iv(v) if v.estimate == v.estimate else v.flag
+        out.append([
+            r.base, r.unit, r.statistic, f"{r.scorer_a} {r.reading_a} ~ {r.scorer_b} {r.reading_b}",
+            shown, str(r.n_pairs), f"{r.n_left_out} ({r.missing_a} / {r.missing_b})",
+            ", ".join(r.stages),
+        ])  # fmt: skip
+    return head, out
+
+
+def _sign_table(rows: Sequence[SignAgreement]) -> Table:
+    head = ["base / stage", "rung", "scorers", "a: excess lost", "b: excess lost", "verdicts",
+            "agreement"]  # fmt: skip
+    out = [
+        [f"{s.base} / {s.stage}", f"{s.frm} -> {s.to}" + (" (total)" if s.kind == "total" else ""),
+         f"{s.scorer_a} / {s.scorer_b}", fmt_diff(s.a) if s.a else "–",
+         fmt_diff(s.b) if s.b else "–", f"{s.verdict_a} / {s.verdict_b}",
+         s.agreement + (f" ({s.one_sided} only)" if s.one_sided else "")]
+        for s in rows
+    ]  # fmt: skip
+    return head, out
+
+
+def _agreement_section(doc: _Doc, rep: ReportContent) -> None:
+    ag = rep.agreement
+    doc.h2("agreement", "Do the scorers agree?")
+    if ag is None or not ag.compared:
+        who = f" ({', '.join(ag.scorers)})" if ag is not None and ag.scorers else ""
+        doc.p(
+            f"One scorer{who} gave these figures: there is nothing to compare it with, and no "
+            "agreement.csv. A run with `scorers: [classifier, judge, persona_vector]` compares "
+            "them here."
+        )
+        return
+    doc.p(
+        f"Scorers present: {', '.join(ag.scorers)}. Per base and unit, over the persona rows "
+        "(the base stage has no true persona) both scorers read: Cohen's kappa between two "
+        "scorers' correctness, Spearman's correlation between their numbers (the classifier's "
+        "p(true), the Likert judge's score, the text projection on the row's persona), each "
+        f"with a {rep.result.ci:.0%} cluster-bootstrap interval over items. Undefined (never 0) "
+        "where a reading is constant. Rows without both readings are left out and counted."
+    )
+    doc.table(_reading_table(ag.readings), empty="No pair of these scorers reads a shared unit.")
+    doc.h3("The sign of the loss, per rung")
+    doc.p(
+        "For each pair of scorers with their own statistics, each rung, chain total and contrast "
+        "in macro-F1 excess (positive = persona lost): agree = both intervals exclude 0 on the "
+        "same side; disagree = on opposite sides; inconclusive = anything else (an interval "
+        "contains 0, there is none, or a scorer is blind there). 'X only': X finds a change the "
+        "other cannot confirm, which is not a disagreement."
+    )
+    if not ag.signs:
+        doc.p("No rung, chain total or contrast of this run has statistics from two scorers.")
+        return
+    counts = {k: sum(s.agreement == k for s in ag.signs) for k in ("agree", "disagree")}
+    doc.p(
+        f"{len(ag.signs)} comparisons: {counts['agree']} agree, {counts['disagree']} disagree, "
+        f"{len(ag.signs) - sum(counts.values())} inconclusive."
+    )
+    shown = [s for s in ag.signs if s.agreement != "inconclusive" or s.one_sided]
+    doc.table(_sign_table(shown), empty="No rung where either scorer finds a change.")
+    doc.details("Every rung and pair of scorers", _sign_table(ag.signs))
 
 
 def _family_section(doc: _Doc, rep: ReportContent) -> None:
@@ -1280,7 +1352,8 @@ def render_report(
         doc.md += [f"- {_md_block(cap)}: `report/plots/{png.name}`, `report/plots/{svg.name}`", ""]
     figures = [f for f in figures if f not in main]
     _nav(doc, rep)
-    for section in (_metrics_section, _classifier_section, _scorer_section, _family_section,
+    for section in (_metrics_section, _classifier_section, _scorer_section, _agreement_section,
+                    _family_section,
                     _ladder_section, _stage_section, _outcomes_section,
                     _persona_section):  # fmt: skip
         section(doc, rep)
@@ -1355,6 +1428,7 @@ def prepare_report(
     warnings: Sequence[str] = (),
     context: HeadlineContext | None = None,
     max_samples: int = MAX_SAMPLES,
+    agreement: Agreement | None = None,
 ) -> ReportContent:
     """Everything the report shows besides the figures (see `write_report` for the arguments);
     computes the outcome counts and the differential-censoring tests."""
@@ -1366,11 +1440,12 @@ def prepare_report(
     tests = censoring_tests(
         outcomes, collapse=True, n_perm=CENSORING_PERMUTATIONS, seed=result.seed
     )
-    ctx = dataclasses.replace(ctx, censoring=tests, meaningless=ctx.meaningless or meaningless)
+    ctx = dataclasses.replace(ctx, censoring=tests, meaningless=ctx.meaningless or meaningless,
+                              agreement=agreement)  # fmt: skip
     pool = samples_from_records(records) if samples is None else samples
     shown, note = select_samples(pool, max_samples)
     return ReportContent(result, title, settings, meaningless, published == "paper", notes,
-                         list(warnings), ctx, outcomes, tests, shown, note)  # fmt: skip
+                         list(warnings), ctx, outcomes, tests, shown, note, agreement)  # fmt: skip
 
 
 def write_report(
@@ -1387,6 +1462,7 @@ def write_report(
     warnings: Sequence[str] = (),
     context: HeadlineContext | None = None,
     max_samples: int = MAX_SAMPLES,
+    agreement: Agreement | None = None,
 ) -> Path:
     """Write report/index.html (self-contained), report/plots/* and report.md; return the HTML path.
 
@@ -1394,7 +1470,8 @@ def write_report(
     count each base output once). `samples`: `schema.Sample`s for the sample
     browser; None builds minimal ones from `records`. `warnings` are shown first, in a box at
     the top. `context`: facts for the headline (tool protocol, trained classifiers, ...); None
-    reads them from `settings` ({"config": ..., "manifest": ...}). `published="paper"` sets the
+    reads them from `settings` ({"config": ..., "manifest": ...}). `agreement`: whether the
+    run's scorers agree (`stats.agreement`; None: one source). `published="paper"` sets the
     published OCT/DCT figures beside the run's own. The whole report is replaced atomically;
     on any failure the previous one is left as it was (ReportError for bad text or a folder
     that cannot be written).
@@ -1403,7 +1480,7 @@ def write_report(
     content = prepare_report(
         records, result, settings=settings, samples=samples, title=title,
         meaningless=meaningless, published=published, notes=notes, warnings=warnings,
-        context=context, max_samples=max_samples,
+        context=context, max_samples=max_samples, agreement=agreement,
     )  # fmt: skip
     with staging(root) as staged:
         figures = make_figures(result, staged / "report" / "plots")

@@ -29,6 +29,7 @@ from charshift.stats import (
     MetricsResult,
     has_interval,
 )
+from charshift.stats.agreement import Agreement
 from charshift.stats.family import FAMILY_TEXT
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -162,6 +163,52 @@ def write_scorer_metrics(results: Mapping[str, MetricsResult], path: Path) -> Pa
         for row in _metrics_rows(result)
     ]
     return write_csv(path, METRICS_COLUMNS, rows)
+
+
+AGREEMENT_FILES = ("agreement.csv", "agreement_signs.csv")
+AGREEMENT_COLUMNS = (
+    "base", "unit", "statistic", "scorer_a", "reading_a", "scorer_b", "reading_b", "estimate",
+    "lo", "hi", "reliable", "n_pairs", "n_clusters", "n_left_out", "missing_a", "missing_b",
+    "n_empty_resamples", "stages", "flag",
+)  # fmt: skip
+SIGN_COLUMNS = (
+    "base", "stage", "kind", "chain", "unit_a", "unit_b", "metric", "scorer_a", "estimate_a",
+    "lo_a", "hi_a", "verdict_a", "scorer_b", "estimate_b", "lo_b", "hi_b", "verdict_b",
+    "agreement", "one_sided", "changes",
+)  # fmt: skip
+
+
+def _agreement_rows(agreement: Agreement) -> Iterable[list[Any]]:
+    for r in agreement.readings:
+        yield [
+            r.base, r.unit, r.statistic, r.scorer_a, r.reading_a, r.scorer_b, r.reading_b,
+            *_iv(r.value), r.n_pairs, r.value.n_clusters, r.n_left_out, r.missing_a,
+            r.missing_b, r.value.n_empty_resamples, " ".join(r.stages), r.value.flag,
+        ]  # fmt: skip
+
+
+def _side(d: Difference | None) -> list[Any]:
+    return [math.nan] * 3 if d is None else [d.estimate, *_ends(d)]
+
+
+def _sign_rows(agreement: Agreement) -> Iterable[list[Any]]:
+    for s in agreement.signs:
+        yield [
+            s.base, s.stage, s.kind, s.chain, s.frm, s.to, "macro_f1_excess", s.scorer_a,
+            *_side(s.a), s.verdict_a, s.scorer_b, *_side(s.b), s.verdict_b, s.agreement,
+            s.one_sided, s.changes,
+        ]  # fmt: skip
+
+
+def write_agreement(agreement: Agreement, out_dir: str | Path) -> list[Path]:
+    """agreement.csv (kappa and Spearman between scorers' readings, per base and unit) and
+    agreement_signs.csv (whether two scorers agree on the sign of each rung's loss), from
+    `stats.agreement`."""
+    out = Path(out_dir)
+    return [
+        write_csv(out / AGREEMENT_FILES[0], AGREEMENT_COLUMNS, _agreement_rows(agreement)),
+        write_csv(out / AGREEMENT_FILES[1], SIGN_COLUMNS, _sign_rows(agreement)),
+    ]
 
 
 def _per_persona_rows(result: MetricsResult) -> Iterable[list[Any]]:

@@ -12,7 +12,9 @@ prediction files lives in `charshift.external`, writing tables in `charshift.tab
 
 Modules: `results` (the records), `counts` (records -> per-cluster counts -> statistics),
 `intervals` (draws, intervals, p-values, flags), `nulls` (the permutation null), `cells`,
-`differences`, `chains`, `family`, `scorer`, `depth`, `compute` (the entry points).
+`differences`, `chains`, `family`, `scorer`, `depth`, `compute` (the entry points), and
+`agreement` (whether several scorers agree: kappa and Spearman between their readings, and the
+sign of each rung's loss; its own docstring defines them).
 
 Definitions (the only ones in the code base):
 
