@@ -211,12 +211,22 @@ def test_a_run_scores_with_the_classifier_the_judge_and_persona_vectors(tmp_path
         assert s.judge_outcome in JUDGE_OUTCOMES
         assert (s.judge_outcome == "ok") == bool(s.scores or s.prediction), s
     assert first["scored"] == len(scores) and again == {"scored": 0, "already": len(scores)}
-    # each label-giving scorer's cells, against their own null, in metrics_by_scorer.csv
+    # each label-giving scorer's cells, against their own null, beside the classifier's in
+    # metrics.csv (its `scorer` column); every table names the scorer of each row
     import csv
 
-    with (tmp_path / "run" / "metrics_by_scorer.csv").open() as fh:
-        table = list(csv.DictReader(fh))
+    def read(name: str) -> list[dict[str, str]]:
+        with (tmp_path / "run" / name).open() as fh:
+            return list(csv.DictReader(fh))
+
+    table = read("metrics.csv")
     cells = {(r["scorer"], r["stage"], r["slice"]): r for r in table}
+    assert len(cells) == len(table) and ("classifier", "prompted", "id_chat") in cells
+    for name in ("per_persona.csv", "differences.csv", "chains.csv", "scorer_check.csv"):
+        rows = read(name)
+        assert {r["scorer"] for r in rows} <= {"classifier", *ids}, name
+    names = {r["scorer"] for r in read("per_persona.csv")}
+    assert {"classifier", "persona_vector_text", "persona_vector_state"} <= names
     for name in ("persona_vector_text", "persona_vector_state"):
         cell = cells[(name, "prompted", "id_chat")]
         assert int(cell["n_scored"]) == int(cell["n_rows"]) > 0

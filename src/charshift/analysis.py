@@ -56,6 +56,9 @@ class AnalysisInput:
     control: str | None = PROMPTED_EXPLICIT_STAGE
     # whether the run's scorers agree (`stats.agreement`); None: not computed (one source)
     agreement: Agreement | None = None
+    # the statistics of the run's other label-giving scorers (`scorer_results`), by name: every
+    # table carries their rows beside the classifier's, under its `scorer` column
+    others: dict[str, MetricsResult] = field(default_factory=dict)
 
 
 def compute(inp: AnalysisInput) -> MetricsResult:
@@ -94,7 +97,7 @@ def analyse(
     out = Path(out_dir)
     try:
         with report_mod.staging(out) as staged:
-            written = tables.write_tables(result, staged)
+            written = tables.write_tables(result, staged, inp.others)
             if inp.agreement is not None and inp.agreement.compared:
                 written += tables.write_agreement(inp.agreement, staged)
             report_mod.write_report(
@@ -481,10 +484,12 @@ def report_run(cfg: RunConfig, store: RunStore, out_dir: Path | None = None) -> 
     )
     by_records = scorer_records(cfg, store)
     by_scorer = scorer_results(cfg, store, by_records)
+    inp.others = by_scorer
     if by_scorer:
         inp.notes.append(
-            f"Per-scorer figures ({', '.join(by_scorer)}), each against its own null: "
-            f"{SCORER_METRICS}; the tables and this report read the classifier"
+            f"Every table has a `scorer` column: beside the classifier's rows, those of "
+            f"{', '.join(by_scorer)}, each against its own null and with its own scorer check; "
+            "the figures of this report read the classifier"
         )
     result = compute(inp)
     inp.agreement = run_agreement(inp, result, by_records, by_scorer)
@@ -495,12 +500,7 @@ def report_run(cfg: RunConfig, store: RunStore, out_dir: Path | None = None) -> 
         inp.settings["manifest"] = {**inp.settings["manifest"], "label_sets": label_sets}
     out = Path(out_dir) if out_dir else store.root
     # written only if the run is as it was read, so a stale reader never overwrites a newer report
-    path = analyse(inp, out, result, publish=lambda: store.report_snapshot(out))
-    if by_scorer:
-        from charshift import tables
-
-        tables.write_scorer_metrics(by_scorer, out / SCORER_METRICS)
-    return path
+    return analyse(inp, out, result, publish=lambda: store.report_snapshot(out))
 
 
 # The scorers besides the classifier that name a persona, so that the classifier's machinery
@@ -508,7 +508,6 @@ def report_run(cfg: RunConfig, store: RunStore, out_dir: Path | None = None) -> 
 LABEL_SCORERS = ("judge_identify", "persona_vector_text", "persona_vector_state")
 # The scorers that give only a number (no persona): read by the agreement, not by the metrics.
 NUMBER_SCORERS = ("judge_likert",)
-SCORER_METRICS = "metrics_by_scorer.csv"
 
 
 def scorer_ids(store: RunStore, name: str) -> dict[str, str]:
@@ -540,7 +539,7 @@ def scorer_results(
 ) -> dict[str, MetricsResult]:
     """The statistics of each label-giving scorer of `LABEL_SCORERS` the run has, computed from
     its own verdicts exactly as the classifier's (a judge left without a verdict is a missing
-    prediction); without a positive control (its check reads the classifier). `records`: as
+    prediction), with its own scorer check from the run's positive control. `records`: as
     `scorer_records` gives them (default: read here)."""
     records_of = scorer_records(cfg, store) if records is None else records
     out: dict[str, MetricsResult] = {}
@@ -553,7 +552,7 @@ def scorer_results(
                 stats=cfg.stats,
                 title=name,
                 settings={},
-                control=None,
+                control=cfg.analysis.positive_control,
             )
             out[name] = compute(inp)
     return out

@@ -34,7 +34,8 @@ class ResultsError(ValueError):
 class Results:
     """A run's (or a predictions report's) results as pandas DataFrames.
 
-    `metrics`: one row per (base, stage, slice) cell (metrics.csv); `differences`: ladder rungs,
+    `metrics`: one row per (base, stage, slice, scorer) cell (metrics.csv; every table has a
+    `scorer` column, the classifier's rows first); `differences`: ladder rungs,
     chain totals, contrasts, stage differences and the primary family (differences.csv);
     `chains`: every chain's units with their estimates (chains.csv); `per_persona`
     (per_persona.csv); `scorer_check` and `retention`; `rows`: generations joined with

@@ -23,6 +23,7 @@ import numpy as np
 from charshift.fileio import atomic_write_text as write_atomic
 from charshift.stats import (
     BLIND_TEXT,
+    DEFAULT_SCORER,
     CellMetrics,
     Difference,
     Interval,
@@ -89,18 +90,18 @@ METRICS_COLUMNS = (
     "n_empty_resamples", "mean_p_true", "scorer_blind", "flag",
 )  # fmt: skip
 PER_PERSONA_COLUMNS = (
-    "base", "stage", "slice", "persona", "precision", "recall", "f1", "f1_lo", "f1_hi",
+    "base", "stage", "slice", "scorer", "persona", "precision", "recall", "f1", "f1_lo", "f1_hi",
     "f1_reliable", "f1_null", "f1_excess", "f1_excess_lo", "f1_excess_hi", "f1_itt", "n",
     "n_scored", "yield", "scorer_blind",
 )  # fmt: skip
 DIFFERENCE_COLUMNS = (
-    "kind", "chain", "base", "metric", "itt", "stage_a", "slice_a", "stage_b", "slice_b",
+    "kind", "chain", "base", "scorer", "metric", "itt", "stage_a", "slice_a", "stage_b", "slice_b",
     "estimate", "lo", "hi", "reliable", "p", "family", "p_holm", "lo_simul", "hi_simul", "k",
     "n_personas", "n_clusters", "paired", "n_empty_resamples", "scorer_blind", "blind_units",
     "changes", "flag", "note",
 )  # fmt: skip
 CHAIN_COLUMNS = (
-    "base", "stage", "chain", "metric", "itt", "position", "slice", "item_kind", "estimate",
+    "base", "scorer", "stage", "chain", "metric", "itt", "position", "slice", "item_kind", "estimate",
     "lo", "hi", "reliable", "k", "n_personas", "common_items", "dropped_items", "scorer_blind",
     "null_top_share", "flag",
 )  # fmt: skip
@@ -110,13 +111,13 @@ SCORER_CHECK_COLUMNS = (
     "flag",
 )  # fmt: skip
 RETENTION_COLUMNS = (
-    "base", "stage", "unit", "control", "itt", "retention", "lo", "hi", "reliable",
+    "base", "scorer", "stage", "unit", "control", "itt", "retention", "lo", "hi", "reliable",
     "n_clusters", "k", "n_personas", "scorer_blind", "flag",
 )  # fmt: skip
 
 
 DEPTH_COLUMNS = (
-    "base", "stage", "persona", "depth", "n_units", "depth_not_blind", "n_units_not_blind",
+    "base", "scorer", "stage", "persona", "depth", "n_units", "depth_not_blind", "n_units_not_blind",
     "n_detected", "units", "definition",
 )  # fmt: skip
 DEPTH_DEFINITION = (
@@ -152,17 +153,6 @@ def _metrics_rows(result: MetricsResult) -> Iterable[list[Any]]:
             + [m.macro_f1_null.estimate, m.macro_f1_null_itt.estimate, m.p_null, m.p_null_itt]
             + [m.n_perm, m.macro_f1.n_empty_resamples, m.mean_p_true, m.scorer_blind, _cell_flag(m)]
         )  # fmt: skip
-
-
-def write_scorer_metrics(results: Mapping[str, MetricsResult], path: Path) -> Path:
-    """metrics.csv's columns for the cells of several scorers' results, the `scorer` column
-    naming each (`analysis.scorer_results`)."""
-    rows = [
-        [*row[:3], name, *row[4:]]
-        for name, result in results.items()
-        for row in _metrics_rows(result)
-    ]
-    return write_csv(path, METRICS_COLUMNS, rows)
 
 
 AGREEMENT_FILES = ("agreement.csv", "agreement_signs.csv")
@@ -293,34 +283,63 @@ def settings_json(result: MetricsResult) -> dict[str, Any]:
     }
 
 
-def write_tables(result: MetricsResult, out_dir: str | Path) -> list[Path]:
+# Where each table's `scorer` column sits (tables whose rows carry no scorer of their own get it
+# here): every table holds the rows of every scorer of the run, the classifier's first.
+_SCORER_AT = {
+    "metrics.csv": 3, "per_persona.csv": 3, "confusion.csv": 3, "pred_distribution.csv": 3,
+    "differences.csv": 3, "chains.csv": 1, "scorer_check.csv": 1, "retention.csv": 1,
+    "depth.csv": 1,
+}  # fmt: skip
+_REPLACES = {"metrics.csv", "scorer_check.csv"}  # their rows carry a scorer field: named here
+
+
+def _tables() -> dict[str, tuple[Sequence[str], Any]]:
+    dist_head = (
+        "base", "stage", "slice", "scorer", "label", "count", "share_of_scored",
+        "share_of_attempted",
+    )  # fmt: skip
+    return {
+        "metrics.csv": (METRICS_COLUMNS, _metrics_rows),
+        "per_persona.csv": (PER_PERSONA_COLUMNS, _per_persona_rows),
+        "confusion.csv": (
+            ("base", "stage", "slice", "scorer", "true", "predicted", "count"),
+            _confusion_rows,
+        ),
+        "pred_distribution.csv": (dist_head, _distribution_rows),
+        "differences.csv": (DIFFERENCE_COLUMNS, _difference_rows),
+        "chains.csv": (CHAIN_COLUMNS, _chain_rows),
+        "scorer_check.csv": (SCORER_CHECK_COLUMNS, _scorer_rows),
+        "retention.csv": (RETENTION_COLUMNS, _retention_rows),
+        "depth.csv": (DEPTH_COLUMNS, _depth_rows),
+    }
+
+
+def _named_rows(
+    name: str, results: Mapping[str, MetricsResult], rows_of: Any
+) -> Iterable[list[Any]]:
+    at, replace = _SCORER_AT[name], name in _REPLACES
+    for scorer, result in results.items():
+        for row in rows_of(result):
+            row = list(row)
+            yield [*row[:at], scorer, *row[at + replace :]]
+
+
+def write_tables(
+    result: MetricsResult,
+    out_dir: str | Path,
+    others: Mapping[str, MetricsResult] | None = None,
+) -> list[Path]:
     """Write metrics.csv, per_persona.csv, confusion.csv, pred_distribution.csv,
     differences.csv, chains.csv, scorer_check.csv, retention.csv, depth.csv and stats.json (settings,
-    label sets) into `out_dir`."""
+    label sets) into `out_dir`. Every table has a `scorer` column: the rows of `result` (the
+    run's classifier, `DEFAULT_SCORER`) come first, then those of each of `others` (scorer name
+    -> its own statistics, `analysis.scorer_results`), each against its own null."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dist_head = (
-        "base",
-        "stage",
-        "slice",
-        "label",
-        "count",
-        "share_of_scored",
-        "share_of_attempted",
-    )
-    return [
-        write_csv(out / "metrics.csv", METRICS_COLUMNS, _metrics_rows(result)),
-        write_csv(out / "per_persona.csv", PER_PERSONA_COLUMNS, _per_persona_rows(result)),
-        write_csv(
-            out / "confusion.csv",
-            ("base", "stage", "slice", "true", "predicted", "count"),
-            _confusion_rows(result),
-        ),
-        write_csv(out / "pred_distribution.csv", dist_head, _distribution_rows(result)),
-        write_csv(out / "differences.csv", DIFFERENCE_COLUMNS, _difference_rows(result)),
-        write_csv(out / "chains.csv", CHAIN_COLUMNS, _chain_rows(result)),
-        write_csv(out / "scorer_check.csv", SCORER_CHECK_COLUMNS, _scorer_rows(result)),
-        write_csv(out / "retention.csv", RETENTION_COLUMNS, _retention_rows(result)),
-        write_csv(out / "depth.csv", DEPTH_COLUMNS, _depth_rows(result)),
-        write_atomic(out / "stats.json", json.dumps(settings_json(result), indent=2) + "\n"),
+    results = {DEFAULT_SCORER: result, **(others or {})}
+    written = [
+        write_csv(out / name, head, _named_rows(name, results, rows_of))
+        for name, (head, rows_of) in _tables().items()
     ]
+    stats_json = json.dumps(settings_json(result), indent=2) + "\n"
+    return [*written, write_atomic(out / "stats.json", stats_json)]
