@@ -155,5 +155,9 @@ def test_limit_personas_slices(tmp_path):
     assert res.exit_code == 0, res.output
     assert "personas (2): sarcasm, humor" in res.output
     assert "id_chat" in res.output and "chat_email" not in res.output
+    # a preset's per-slice token budgets follow its slices (demo_quick sets them for five)
+    narrow = runner.invoke(app, ["run", "--preset", "demo_quick", "--dry-run", "--slices",
+                                 "id_chat,chat_email"])  # fmt: skip
+    assert narrow.exit_code == 0, narrow.output
     bad = runner.invoke(app, ["run", "--preset", "smoke", "--dry-run", "--slices", "nope"])
     assert bad.exit_code == 2 and "--slices nope" in bad.output

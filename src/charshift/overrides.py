@@ -117,7 +117,8 @@ def _edit(data: dict[str, Any], o: Overrides) -> list[str]:
 
 def _only_slices(data: dict[str, Any], chosen: list[str]) -> None:
     """Exactly `chosen` slices: opt-in blocks are switched off (an enabled one would add its
-    slices back), and an `items:` selection no remaining slice can render is dropped."""
+    slices back), and an `items:` selection no remaining slice can render is dropped, as is a
+    per-slice token budget (`sampling.max_tokens_by_slice`) of a slice left out."""
     data["slices"] = chosen
     blocks = data.get("opt_in") or {}
     for block in blocks.values():
@@ -128,6 +129,10 @@ def _only_slices(data: dict[str, Any], chosen: list[str]) -> None:
         for kind, sel in (data.get("items") or {}).items()
         if any(s in offered for s in slice_registry.names(items=kind))
     }
+    sampling = data.get("sampling") or {}
+    if sampling.get("max_tokens_by_slice"):
+        budgets = sampling["max_tokens_by_slice"]
+        sampling["max_tokens_by_slice"] = {k: v for k, v in budgets.items() if k in offered}
 
 
 def apply_overrides(cfg: RunConfig, o: Overrides) -> RunConfig:
