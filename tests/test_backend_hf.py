@@ -137,6 +137,29 @@ def test_row_alone_equals_row_in_padded_batch(backend):
         assert signature(alone) == signature(batched[1:])
 
 
+def test_only_one_row_per_forward_is_batch_invariant(backend):
+    """What a seed guarantees (recorded in the manifest): with batches, a seeded row's text may
+    depend on its batch-mates (CPU matmuls take other kernels for other batch sizes); with
+    batch_size 1, forty sampled rows of forty prompt lengths give, in one call, the texts each
+    gives alone."""
+    assert backend.reproducibility()["guarantee"] == "seeded"
+    sampling = Sampling(temperature=1.0, top_p=0.95, max_tokens=12, repetition_penalty=1.1)
+    words = LONG_PROMPT.split()
+    requests = [
+        req(" ".join(words[: 1 + i]), (None, "a", "b")[i % 3], sampling, seed=100 + i)
+        for i in range(40)
+    ]
+    backend.batch_size = 1
+    try:
+        assert backend.reproducibility()["guarantee"] == "batch_invariant"
+        together = backend.generate(requests)
+        alone = [backend.generate([r])[0] for r in reversed(requests)][::-1]
+    finally:
+        backend.batch_size = 32
+    assert len({r.prompt_tokens for r in together}) > 20
+    assert signature(together) == signature(alone)
+
+
 @pytest.mark.parametrize(
     "bad",
     [

@@ -686,6 +686,23 @@ class HFBackend(Backend):
         else:
             self._peft.delete_adapter(name)
 
+    def reproducibility(self) -> dict[str, Any]:
+        """Batch-invariant only with `batch_size: 1`: CPU and GPU matmuls round differently for
+        different batch shapes (on CPU one row, two or three, and four or more take different
+        kernels), and padded attention sums a row's keys in other groups, so a sampled row whose
+        nucleus holds two nearly tied tokens can come out differently in another batch (a
+        resumed run regenerates its lost rows in other batches)."""
+        if self.batch_size == 1:
+            return {
+                "guarantee": "batch_invariant",
+                "detail": "batch_size 1: one forward per row, never batched with another",
+            }
+        return {
+            "guarantee": "seeded",
+            "detail": f"batches of up to {self.batch_size} rows (batch_size: 1 for one "
+            "forward per row, so a rerun or resume reproduces every text)",
+        }
+
     def info(self) -> BackendInfo:
         import peft
         import transformers
