@@ -371,7 +371,9 @@ def test_demo_quick_end_to_end(tmp_path):
     assert all(0 < float(c["null_top_share"]) <= 1 for c in checks.values() if c["null_top_share"])
 
     diffs = table("differences.csv")
-    assert not any(d["stage_b"] == "base" for d in diffs)  # prompted minus base is not evidence
+    # prompted minus base is not evidence: no difference sets a stage against the base stage (the
+    # base stage's own ladder, within the base, is the scorer's shift on text with no persona)
+    assert not any(d["stage_b"] == "base" != d["stage_a"] for d in diffs)
     family = [d for d in diffs if d["family"] == "primary"]
     assert {(d["kind"], d["chain"]) for d in family} == {
         ("excess", ""),
@@ -381,15 +383,19 @@ def test_demo_quick_end_to_end(tmp_path):
     assert all(d["stage_a"] == "prompted" and d["metric"] == "macro_f1_excess" for d in family)
     (excess,) = [d for d in family if d["kind"] == "excess"]
     assert float(excess["lo_simul"]) > 0 and float(excess["p_holm"]) < 0.05, excess
-    for d in family:  # (a total whose far unit has no output at all is undefined: blank)
-        if d["estimate"]:
+    for d in family:  # (undefined where nothing is scored; no interval, band or p on one item)
+        if d["lo"]:
             assert float(d["lo_simul"]) <= float(d["lo"]) and float(d["p"]) <= float(d["p_holm"])
+        else:
+            assert d["lo_simul"] == d["p"] == d["p_holm"] == "", d
     assert any(d["metric"] == "macro_f1_excess" and d["kind"] == "rung" for d in diffs)
 
     ladder = [c for c in table("chains.csv") if c["stage"] == "prompted"
               and c["chain"] == "agentic" and c["metric"] == "macro_f1_excess"]  # fmt: skip
     assert {c["slice"] for c in ladder} >= {"chat_email", "agentic_email"}
-    assert all(c["lo"] != "" and c["hi"] != "" for c in ladder if c["estimate"] != "")
+    for c in ladder:  # an interval wherever two items or more carry the unit, none on one
+        has = c["lo"] != "" and c["hi"] != ""
+        assert has == (c["estimate"] != "" and int(c["common_items"]) >= 2), c
 
     md = (out / "report.md").read_text()
     # the answer's table first, then the prose, which names the scorer check and the family

@@ -1044,6 +1044,40 @@ def test_primary_family_is_declared_joint_and_adjusted():
     assert (home.b.stage, home.k, home.n_personas) == (stats.OWN_NULL, 3, 3)
 
 
+def _demo_shaped_records(seed: int) -> list[R]:
+    """The quick demo's shape: 10 prompt items at home, ONE scenario item behind every chain."""
+    rng = np.random.default_rng(seed)
+    p3 = [S, H, RM]
+    out = []
+    for st, hit in (("prompted", 0.45), ("prompted_explicit", 0.8)):
+        for unit in ("id_chat", "scenario_chat", "chat_email", "agentic_email"):
+            kind, n = ("prompt", 10) if unit == "id_chat" else ("scenario", 1)
+            for i in range(n):
+                for t in p3:
+                    ok = rng.random() < hit
+                    out.append(R("b", st, unit, t, f"{kind}:{i}", t if ok else p3[rng.integers(3)]))
+    for unit in ("id_chat", "scenario_chat", "chat_email", "agentic_email"):
+        kind, n = ("prompt", 10) if unit == "id_chat" else ("scenario", 1)
+        out += [R("b", "base", unit, NULL_PERSONA, f"{kind}:{i}", p3[rng.integers(3)])
+                for i in range(n)]  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_simultaneous_band_holds_each_members_interval_and_one_item_has_neither(seed):
+    """Regression (the quick demo): the home excess's percentile interval, widened by its
+    permutation null, reached below its symmetric max-t band (lo 0.055 < lo_simul 0.089); and a
+    chain total over one scenario item had no interval but a p-value (0.08) that entered Holm."""
+    res = stats.compute_metrics(_demo_shaped_records(seed), [S, H, RM], n_boot=300)
+    assert res.family
+    for d in res.family:
+        if d.has_interval:
+            assert d.lo_simul <= d.lo <= d.hi <= d.hi_simul, d
+        else:
+            assert math.isnan(d.p) and math.isnan(d.p_holm) and math.isnan(d.lo_simul), d
+    assert any(not d.has_interval and d.kind == "total" for d in res.family)
+
+
 def test_scorer_check_flags_a_blind_unit_and_marks_its_figures(tmp_path):
     """The control shows its persona in id_chat and chat_email; in agentic_email the scorer's
     verdicts are noise: blind there, and every figure of agentic_email says so."""

@@ -9,8 +9,11 @@ bootstrap standard error, `intervals.p_two_sided`),
 `p_holm` (Holm's step-down adjustment within the base's family) and `lo_simul` / `hi_simul`, a
 simultaneous max-t band: estimate +- c * f * SE, SE the member's bootstrap standard deviation,
 c the `ci` quantile over resamples of max over members |resample - estimate| / SE, and f the
-small-sample expansion of the smallest member (`intervals.expansion`). Everything else is
-exploratory.
+small-sample expansion of the smallest member (`intervals.expansion`), widened where needed
+to hold the member's own interval (a percentile interval of a skewed resample, widened by its
+permutation null, can reach further on one side than a symmetric band: a simultaneous band is
+never narrower than the marginal one). A member without an interval (one item) has neither band
+nor p-value. Everything else is exploratory.
 """
 
 from __future__ import annotations
@@ -124,4 +127,8 @@ def mark_family(members: Sequence[Member], o: Opts) -> None:
     p_holm = holm([m.row.p for m in members])
     band = _max_t_band(members, o)
     for m, ph, (lo, hi) in zip(members, p_holm, band, strict=True):
+        if not m.row.has_interval:  # no marginal interval (one item): no band either
+            lo = hi = math.nan
+        elif math.isfinite(lo):  # never narrower than the member's own interval
+            lo, hi = min(lo, m.row.lo), max(hi, m.row.hi)
         m.row.family, m.row.p_holm, m.row.lo_simul, m.row.hi_simul = PRIMARY, ph, lo, hi

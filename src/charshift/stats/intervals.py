@@ -143,15 +143,15 @@ def p_two_sided(boot: np.ndarray, estimate: float, g: int, o: Opts, se_floor: fl
     freedom, else a normal z = |estimate| / SE. (A percentile-count p-value cannot go below
     1 / n_boot, too coarse for a multiplicity adjustment; the max-t band of the primary family
     uses the same SE.) `se_floor`: a standard error the SE may not fall below (the permutation
-    null's, `nulls.null_se`)."""
+    null's, `nulls.null_se`). NaN with fewer than two clusters, as the interval is absent."""
     b = np.asarray(boot, dtype=np.float64)
     b = b[np.isfinite(b)]
-    if b.size < 2 or not math.isfinite(estimate):
-        return math.nan
+    if b.size < 2 or not math.isfinite(estimate) or g < 2:
+        return math.nan  # one cluster: the resamples hold none of its variance
     se = max(float(b.std(ddof=1)), se_floor)
     if se == 0.0:
         return 1.0 if estimate == 0.0 else 0.0
-    if not o.small_sample or g < 2:
+    if not o.small_sample:
         return float(2.0 * _ND.cdf(-abs(estimate) / se))
     t = abs(estimate) / (se * math.sqrt(g / (g - 1)))
     return float(min(1.0, 2.0 * student_t.sf(t, g - 1)))
