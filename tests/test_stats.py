@@ -1076,6 +1076,43 @@ def test_the_simultaneous_band_holds_each_members_interval_and_one_item_has_neit
         else:
             assert math.isnan(d.p) and math.isnan(d.p_holm) and math.isnan(d.lo_simul), d
     assert any(not d.has_interval and d.kind == "total" for d in res.family)
+    from charshift.report import _family_verdict
+
+    for d in res.family:  # the report's family table: no claim on one item, not "undefined"
+        if not d.has_interval and math.isfinite(d.estimate):
+            assert _family_verdict(d).startswith("no claim: interval n/a (1 item)"), d
+
+
+def test_members_over_one_item_leave_the_others_band_alone():
+    """Review finding: a one-item chain total (g = 1, no band of its own) entered the family's
+    small-sample expansion as its smallest member and switched it off, narrowing the home
+    member's band by about 15%. The home band is the same with and without those members."""
+    rng = np.random.default_rng(5)
+    p3, recs = [S, H, RM], []
+    for st, hit in (("prompted", 0.34), ("full", 0.34), ("prompted_explicit", 0.9)):
+        for unit in ("id_chat", "scenario_chat", "chat_email", "agentic_email"):
+            kind, n = ("prompt", 6) if unit == "id_chat" else ("scenario", 1)
+            for i in range(n):
+                for t in p3:
+                    ok = rng.random() < hit
+                    recs.append(
+                        R("b", st, unit, t, f"{kind}:{i}", t if ok else p3[rng.integers(3)])
+                    )
+    for unit in ("id_chat", "scenario_chat", "chat_email", "agentic_email"):
+        kind, n = ("prompt", 6) if unit == "id_chat" else ("scenario", 1)
+        recs += [R("b", "base", unit, NULL_PERSONA, f"{kind}:{i}", p3[rng.integers(3)])
+                 for i in range(n)]  # fmt: skip
+    home_only = [r for r in recs if r.slice == "id_chat"]
+    bands = []
+    for rs in (home_only, recs):
+        res = stats.compute_metrics(rs, [S, H, RM], n_boot=300)
+        homes = sorted(
+            (d.a.stage, d.lo_simul, d.hi_simul) for d in res.family if d.kind == "excess"
+        )
+        assert len(homes) == 2
+        bands.append(homes)
+    flat = [[v for b in one for v in b[1:]] for one in bands]
+    assert flat[0] == pytest.approx(flat[1])
 
 
 def test_scorer_check_flags_a_blind_unit_and_marks_its_figures(tmp_path):

@@ -358,10 +358,10 @@ def _family_table(result: MetricsResult) -> Table:
 
 
 def _family_verdict(d: Difference) -> str:
+    if not d.has_interval and d.estimate == d.estimate:  # an estimate over one item
+        return f"no claim: interval {no_interval_text(d.n_clusters)}"
     if d.lo_simul != d.lo_simul:
         return "undefined"
-    if not d.has_interval:
-        return f"no claim: interval {no_interval_text(d.n_clusters)}"
     if d.blind:
         return f"{BLIND} not evidence: the scorer is blind in {', '.join(d.blind)}"
     if d.kind == "excess":

@@ -30,7 +30,15 @@ from charshift.stats.counts import CellData, k_of, macro_joint
 from charshift.stats.differences import DiffIv, make_difference
 from charshift.stats.intervals import Opts, expansion, flag, interval, p_two_sided, side
 from charshift.stats.nulls import null_floor, null_se
-from charshift.stats.results import HOME, OWN_NULL, PRIMARY, Cell, Difference, Interval
+from charshift.stats.results import (
+    HOME,
+    MIN_INTERVAL_CLUSTERS,
+    OWN_NULL,
+    PRIMARY,
+    Cell,
+    Difference,
+    Interval,
+)
 
 EXCESS = "macro_f1_excess"
 FAMILY_TEXT = (
@@ -101,7 +109,10 @@ def _max_t_band(members: Sequence[Member], o: Opts) -> list[tuple[float, float]]
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         se = np.where(finite > 1, np.nanstd(boots, axis=1, ddof=1), np.nan)
-    ok = np.isfinite(est) & np.isfinite(se)
+    # a member over one item has no band and takes no part in the others' (neither in the
+    # max-t quantile nor, through its g of 1, in switching the small-sample expansion off)
+    carried = np.array([m.g >= MIN_INTERVAL_CLUSTERS for m in members])
+    ok = np.isfinite(est) & np.isfinite(se) & carried
     live = ok & (se > 0)
     if not live.any():
         return [(e, e) if k else (math.nan, math.nan) for e, k in zip(est, ok, strict=True)]
@@ -110,7 +121,7 @@ def _max_t_band(members: Sequence[Member], o: Opts) -> list[tuple[float, float]]
     t_max = np.nanmax(np.where(np.isfinite(t), t, -np.inf), axis=0)
     t_max = t_max[np.isfinite(t_max)]
     c = float(np.quantile(t_max, o.ci)) if t_max.size else math.nan
-    f = expansion(o.ci, min(m.g for m in members), o.small_sample)
+    f = expansion(o.ci, min(m.g for m, k in zip(members, ok, strict=True) if k), o.small_sample)
     floor = np.array([m.se_floor for m in members])
     half = np.where(live, c * np.maximum(f * se, floor), 0.0)
     return [
