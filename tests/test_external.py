@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -140,7 +141,7 @@ def test_the_example_predictions_file_is_current_and_its_truth_is_recovered(tmp_
 
     from charshift.cli import app
 
-    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location(
         "make_example_predictions", root / "scripts" / "make_example_predictions.py"
     )
@@ -171,7 +172,7 @@ def test_the_annotated_example_config_plans(tmp_path):
 
     from charshift.cli import app
 
-    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[1]
     res = CliRunner().invoke(app, ["run", str(root / "examples" / "config.yaml"), "--dry-run"])
     assert res.exit_code == 0, res.output
     assert "stoic (own)" in res.output and "agentic_email" in res.output

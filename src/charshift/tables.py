@@ -283,14 +283,9 @@ def settings_json(result: MetricsResult) -> dict[str, Any]:
     }
 
 
-# Where each table's `scorer` column sits (tables whose rows carry no scorer of their own get it
-# here): every table holds the rows of every scorer of the run, the classifier's first.
-_SCORER_AT = {
-    "metrics.csv": 3, "per_persona.csv": 3, "confusion.csv": 3, "pred_distribution.csv": 3,
-    "differences.csv": 3, "chains.csv": 1, "scorer_check.csv": 1, "retention.csv": 1,
-    "depth.csv": 1,
-}  # fmt: skip
-_REPLACES = {"metrics.csv", "scorer_check.csv"}  # their rows carry a scorer field: named here
+# Every table holds the rows of every scorer of the run, the classifier's first, under its
+# `scorer` column (where its header puts it); these two tables' rows carry a scorer field already.
+_REPLACES = {"metrics.csv", "scorer_check.csv"}
 
 
 def _tables() -> dict[str, tuple[Sequence[str], Any]]:
@@ -315,9 +310,9 @@ def _tables() -> dict[str, tuple[Sequence[str], Any]]:
 
 
 def _named_rows(
-    name: str, results: Mapping[str, MetricsResult], rows_of: Any
+    name: str, head: Sequence[str], results: Mapping[str, MetricsResult], rows_of: Any
 ) -> Iterable[list[Any]]:
-    at, replace = _SCORER_AT[name], name in _REPLACES
+    at, replace = list(head).index("scorer"), name in _REPLACES
     for scorer, result in results.items():
         for row in rows_of(result):
             row = list(row)
@@ -338,7 +333,7 @@ def write_tables(
     out.mkdir(parents=True, exist_ok=True)
     results = {DEFAULT_SCORER: result, **(others or {})}
     written = [
-        write_csv(out / name, head, _named_rows(name, results, rows_of))
+        write_csv(out / name, head, _named_rows(name, head, results, rows_of))
         for name, (head, rows_of) in _tables().items()
     ]
     stats_json = json.dumps(settings_json(result), indent=2) + "\n"
