@@ -177,7 +177,7 @@ def test_a_run_scores_with_the_classifier_the_judge_and_persona_vectors(tmp_path
         "scorers": ["classifier", "judge", "persona_vector"],
         "judge": {
             "model": str(tiny_llama), "backend": {"kind": "hf", "device": "cpu", "dtype": "float32"},
-            "samples": 2, "retries": 0, "max_tokens": 12,
+            "samples": 2, "retries": 0, "max_tokens": 24, "constrained": True,
         },
     }  # fmt: skip
     data["sampling"] = {**data["sampling"], "max_tokens": 12, "n_samples": 1}
@@ -238,6 +238,17 @@ def test_a_run_scores_with_the_classifier_the_judge_and_persona_vectors(tmp_path
         assert int(row["n_scored"]) <= verdicts  # no verdict is a missing prediction
     assert "persona_vector_text" in (tmp_path / "run" / "report.md").read_text()
     _assert_agreement(tmp_path / "run", eval_rows)
+    # the Likert judge's own figures exist exactly where it gave a score
+    # (answers constrained to the schema: the tiny judge's Likert answers parse)
+    assert any(s.judge_outcome == "ok" for s in by["judge_likert"])
+    with (tmp_path / "run" / "likert.csv").open() as fh:
+        likert = {(r["stage"], r["slice"]): r for r in csv.DictReader(fh)}
+    assert int(likert[("prompted", "id_chat")]["n_rows"]) == persona_rows(eval_rows)
+    assert "The Likert judge's own figures" in (tmp_path / "run" / "report.md").read_text()
+
+
+def persona_rows(eval_rows: list) -> int:
+    return sum(r.stage == "prompted" for r in eval_rows)  # the base stage has no persona
 
 
 def _assert_agreement(run: Path, eval_rows: list) -> None:
@@ -262,10 +273,12 @@ def _assert_agreement(run: Path, eval_rows: list) -> None:
         ("spearman", "classifier", "judge_likert"),
         ("spearman", "classifier", "persona_vector_text"),
         ("spearman", "judge_likert", "persona_vector_text"),
+        ("spearman", "classifier", "persona_vector_state"),
+        ("spearman", "persona_vector_text", "persona_vector_state"),
     }
-    persona_rows = sum(r.stage == "prompted" for r in eval_rows)  # the base stage has no persona
+    n_persona = persona_rows(eval_rows)
     for row in pairs.values():
-        assert int(row["n_pairs"]) + int(row["n_left_out"]) == persona_rows > 0, row
+        assert int(row["n_pairs"]) + int(row["n_left_out"]) == n_persona > 0, row
         assert row["stages"] == "prompted"
     text = pairs[("spearman", "classifier", "persona_vector_text")]
     assert int(text["n_pairs"]) == sum(r.stage == "prompted" and bool(r.text) for r in eval_rows)

@@ -34,6 +34,7 @@ from charshift.store.table import shard_problem
 if TYPE_CHECKING:
     from charshift.stats import MetricsResult
     from charshift.stats.agreement import Agreement
+    from charshift.stats.likert import LikertResult
 
 
 @dataclass
@@ -59,6 +60,8 @@ class AnalysisInput:
     # the statistics of the run's other label-giving scorers (`scorer_results`), by name: every
     # table carries their rows beside the classifier's, under its `scorer` column
     others: dict[str, MetricsResult] = field(default_factory=dict)
+    # the Likert judge's figures (`stats.likert`); None: the run has no Likert judge
+    likert: LikertResult | None = None
 
 
 def compute(inp: AnalysisInput) -> MetricsResult:
@@ -97,9 +100,11 @@ def analyse(
     out = Path(out_dir)
     try:
         with report_mod.staging(out) as staged:
-            written = tables.write_tables(result, staged, inp.others)
+            written = tables.write_tables(result, staged, inp.others, inp.likert)
             if inp.agreement is not None and inp.agreement.compared:
                 written += tables.write_agreement(inp.agreement, staged)
+            names = {p.name for p in written}
+            stale = [n for n in tables.OPTIONAL_FILES if n not in names and (out / n).exists()]
             report_mod.write_report(
                 staged,
                 inp.records,
@@ -112,10 +117,13 @@ def analyse(
                 notes=[*inp.notes, *(n.text() for n in result.label_notes)],
                 warnings=inp.warnings,
                 agreement=inp.agreement,
+                likert=inp.likert,
             )
             with publish():
                 for p in written:
                     os.replace(p, out / p.name)
+                for name in stale:  # a table an earlier report wrote that this one has not
+                    (out / name).unlink(missing_ok=True)
                 report_mod.swap_in(staged, out)
         return out / "report" / "index.html"
     except OSError as err:
@@ -492,6 +500,7 @@ def report_run(cfg: RunConfig, store: RunStore, out_dir: Path | None = None) -> 
             "the figures of this report read the classifier"
         )
     result = compute(inp)
+    inp.likert = run_likert(inp, result, by_records)
     inp.agreement = run_agreement(inp, result, by_records, by_scorer)
     label_sets = {"labels": result.labels, "notes": [n.text() for n in result.label_notes]}
     if store.writable:
@@ -573,9 +582,27 @@ def run_agreement(
     s = inp.stats
     o = make_opts(s.n_boot, s.ci, s.method, s.seed, result.min_clusters,
                   small_sample=s.small_sample, n_perm=0, control=None)  # fmt: skip
+    likert = None if inp.likert is None else inp.likert.differences
     return compute_agreement(
-        {DEFAULT_SCORER: inp.records, **records}, {DEFAULT_SCORER: result, **results}, o
+        {DEFAULT_SCORER: inp.records, **records}, {DEFAULT_SCORER: result, **results}, o, likert
     )
+
+
+def run_likert(
+    inp: AnalysisInput, result: MetricsResult, records: dict[str, list[PredictionRecord]]
+) -> LikertResult | None:
+    """The Likert judge's figures (`stats.likert`) where the run has a Likert judge with a
+    score, on the run's interval settings and positive control."""
+    from charshift.stats.compute import make_opts
+    from charshift.stats.likert import likert_result
+
+    recs = records.get("judge_likert", [])
+    if not any(r.judge_score is not None or r.scores for r in recs):
+        return None
+    s = inp.stats
+    o = make_opts(s.n_boot, s.ci, s.method, s.seed, result.min_clusters,
+                  small_sample=s.small_sample, n_perm=0, control=inp.control)  # fmt: skip
+    return likert_result(recs, inp.personas, o)
 
 
 def _nothing_to_report(store: RunStore, cids: dict[str, str]) -> str:

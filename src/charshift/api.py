@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from charshift.config import RunConfig
 
 TABLES = ("metrics", "differences", "chains", "per_persona", "scorer_check", "retention")
+# written only where the run has several scorers / a Likert judge: an empty frame otherwise
+OPTIONAL_TABLES = ("agreement", "agreement_signs", "likert")
 
 
 class ResultsError(ValueError):
@@ -40,7 +42,9 @@ class Results:
     `chains`: every chain's units with their estimates (chains.csv); `per_persona`
     (per_persona.csv); `scorer_check` and `retention`; `rows`: generations joined with
     predictions (see the module docstring); `settings`: stats.json (interval settings, label
-    sets); `path`: where they were read from; `report`: the HTML report's path."""
+    sets); `path`: where they were read from; `report`: the HTML report's path. Where the run
+    has them (else empty): `agreement` and `agreement_signs` (whether its scorers agree) and
+    `likert` (the Likert judge's mean score and excess per cell)."""
 
     path: Path
     metrics: pd.DataFrame
@@ -51,6 +55,9 @@ class Results:
     retention: pd.DataFrame
     rows: pd.DataFrame
     settings: dict[str, Any] = field(default_factory=dict)
+    agreement: pd.DataFrame | None = None
+    agreement_signs: pd.DataFrame | None = None
+    likert: pd.DataFrame | None = None
 
     @property
     def report(self) -> Path:
@@ -74,6 +81,12 @@ def _read_csv(path: Path) -> pd.DataFrame:
     # strings stay strings: a base or persona called "1" or "NA" must not become a number/NaN
     frame = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"base": str})
     return frame
+
+
+def _empty() -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.DataFrame()
 
 
 def _record_rows(
@@ -130,6 +143,8 @@ def load_results(path: str | Path) -> Results:
             "run` or `charshift report` first"
         )
     tables = {t: _read_csv(root / f"{t}.csv") for t in TABLES}
+    for t in OPTIONAL_TABLES:
+        tables[t] = _read_csv(root / f"{t}.csv") if (root / f"{t}.csv").is_file() else _empty()
     stats_json = root / "stats.json"
     settings = json.loads(stats_json.read_text(encoding="utf-8")) if stats_json.is_file() else {}
     return Results(path=root, rows=_rows(root), settings=settings, **tables)

@@ -18,6 +18,7 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from charshift import inputs
 from charshift.schema import (
@@ -28,6 +29,10 @@ from charshift.schema import (
 )
 from charshift.scoring.base import ScoreInput
 from charshift.scoring.settings import JudgeSettings
+
+if TYPE_CHECKING:
+    from charshift.analysis import AnalysisInput
+    from charshift.stats import MetricsResult
 
 PREDICTIONS_COPY = "predictions.jsonl"  # what `report --predictions` keeps beside its tables
 
@@ -197,9 +202,22 @@ def report_predictions(
         control=positive_control,
         warnings=gaps,
     )  # fmt: skip
-    page = analyse(inp, Path(out))
+    page = analyse(inp, Path(out), _with_likert(inp, records))
     inputs.write_text_atomic(Path(out) / PREDICTIONS_COPY, Path(path).read_text(encoding="utf-8"))
     return page
+
+
+def _with_likert(inp: AnalysisInput, records: list[PredictionRecord]) -> MetricsResult:
+    """The file's statistics; where its rows carry a Likert judge's numbers (`score --scorer
+    judge --judge-mode likert`), also that judge's own figures (`stats.likert`) on `inp`."""
+    from charshift.analysis import compute, run_likert
+
+    result = compute(inp)
+    likert = [r for r in records if r.judge_score is not None or (r.judge_outcome and r.scores)]
+    if likert:
+        judged = [r for r in records if r.judge_outcome is not None and r.prediction is None]
+        inp.likert = run_likert(inp, result, {"judge_likert": judged})
+    return result
 
 
 def unknown_labels(personas: list[str], records: list[PredictionRecord]) -> dict[str, int]:

@@ -45,6 +45,7 @@ from charshift.stats import (
     no_interval_text,
 )
 from charshift.stats.agreement import DISAGREE, GAIN, LOSS, Agreement, SignAgreement
+from charshift.stats.likert import LIKERT_EXCESS
 
 DAGGER = "\u2020"  # marks an interval flagged as not to be trusted (see the method notes)
 BLIND = "\u2021"  # marks a figure in a unit where the scorer cannot see persona
@@ -444,7 +445,8 @@ _SIGN_VERBS = {LOSS: "loses persona", GAIN: "gains persona"}
 
 
 def _sign_side(scorer: str, verdict: str, d: Difference | None) -> str:
-    figure = "" if d is None else f" ({_diff_text(d)})"
+    unit = " Likert points" if d is not None and d.metric == LIKERT_EXCESS else ""
+    figure = "" if d is None else f" ({_diff_text(d)}{unit})"
     return f"{scorer} {_SIGN_VERBS.get(verdict, 'cannot tell')}{figure}"
 
 

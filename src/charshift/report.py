@@ -91,6 +91,7 @@ from charshift.stats import (
 )
 from charshift.stats.agreement import Agreement, ReadingAgreement, SignAgreement
 from charshift.stats.family import FAMILY_TEXT
+from charshift.stats.likert import LikertResult
 from charshift.summary import legend, summary_tables, summary_text
 
 __all__ = [
@@ -1020,6 +1021,7 @@ class ReportContent:
     samples: list[Sample]
     sample_note: str
     agreement: Agreement | None = None
+    likert: LikertResult | None = None
 
 
 _NAV = (
@@ -1197,6 +1199,50 @@ def _agreement_section(doc: _Doc, rep: ReportContent) -> None:
     doc.details("Every rung and pair of scorers", _sign_table(ag.signs))
 
 
+def _likert_table(lk: LikertResult) -> Table:
+    head = ["base / stage", "unit", "mean score", "base-stage null", "excess (points)",
+            "scored / rows", "judge sees the control here"]  # fmt: skip
+    seen = {True: "no (blind)", False: "yes", None: "not checked"}
+    out = [
+        [f"{c.cell.base} / {c.cell.stage}", c.cell.slice, fmt_iv(c.mean, 2),
+         num(c.null, 2), fmt_iv(c.excess, 2), f"{c.n_scored} / {c.n_rows}",
+         seen[c.scorer_blind]]
+        for c in lk.cells
+        if c.cell.stage != BASE_STAGE
+    ]  # fmt: skip
+    return head, out
+
+
+def _likert_diff_table(lk: LikertResult) -> Table:
+    head = ["base / stage", "kind", "from -> to", "excess lost (points)", "changes"]
+    out = [
+        [f"{d.a.base} / {d.a.stage}", d.kind + (f" ({d.chain})" if d.chain else ""),
+         f"{d.a.slice} -> {d.b.slice}", fmt_diff(d, 2) + (" (blind)" if d.blind else ""),
+         d.changes]
+        for d in lk.differences
+    ]  # fmt: skip
+    return head, out
+
+
+def _likert_section(doc: _Doc, rep: ReportContent) -> None:
+    lk = rep.likert
+    if lk is None:
+        return
+    doc.h3("The Likert judge's own figures")
+    doc.p(
+        "The Likert judge gives a number (1-5: how fully the text expresses its row's persona), "
+        "not a persona, so it has no macro-F1. Per cell: its mean score (per persona, then "
+        "averaged over personas), the base stage's mean score against the same personas in the "
+        "same unit (how persona-like the judge finds neutral text of this format), and the "
+        f"excess of the one over the other, in Likert points, with a {rep.result.ci:.0%} "
+        "cluster-bootstrap interval over items. Rows without a score are left out and counted. "
+        "Its rungs (positive = persona lost) are in differences.csv under scorer judge_likert; "
+        "likert.csv has every cell."
+    )
+    doc.table(_likert_table(lk), empty="No persona rows were scored by the Likert judge.")
+    doc.details("The Likert judge's rungs, totals and contrasts", _likert_diff_table(lk))
+
+
 def _family_section(doc: _Doc, rep: ReportContent) -> None:
     doc.h2("family", "Primary family")
     doc.p(f"Declared before looking: {FAMILY_TEXT}. The verdicts read the simultaneous band.")
@@ -1353,7 +1399,7 @@ def render_report(
     figures = [f for f in figures if f not in main]
     _nav(doc, rep)
     for section in (_metrics_section, _classifier_section, _scorer_section, _agreement_section,
-                    _family_section,
+                    _likert_section, _family_section,
                     _ladder_section, _stage_section, _outcomes_section,
                     _persona_section):  # fmt: skip
         section(doc, rep)
@@ -1429,6 +1475,7 @@ def prepare_report(
     context: HeadlineContext | None = None,
     max_samples: int = MAX_SAMPLES,
     agreement: Agreement | None = None,
+    likert: LikertResult | None = None,
 ) -> ReportContent:
     """Everything the report shows besides the figures (see `write_report` for the arguments);
     computes the outcome counts and the differential-censoring tests."""
@@ -1445,7 +1492,8 @@ def prepare_report(
     pool = samples_from_records(records) if samples is None else samples
     shown, note = select_samples(pool, max_samples)
     return ReportContent(result, title, settings, meaningless, published == "paper", notes,
-                         list(warnings), ctx, outcomes, tests, shown, note, agreement)  # fmt: skip
+                         list(warnings), ctx, outcomes, tests, shown, note, agreement,
+                         likert)  # fmt: skip
 
 
 def write_report(
@@ -1463,6 +1511,7 @@ def write_report(
     context: HeadlineContext | None = None,
     max_samples: int = MAX_SAMPLES,
     agreement: Agreement | None = None,
+    likert: LikertResult | None = None,
 ) -> Path:
     """Write report/index.html (self-contained), report/plots/* and report.md; return the HTML path.
 
@@ -1471,7 +1520,8 @@ def write_report(
     browser; None builds minimal ones from `records`. `warnings` are shown first, in a box at
     the top. `context`: facts for the headline (tool protocol, trained classifiers, ...); None
     reads them from `settings` ({"config": ..., "manifest": ...}). `agreement`: whether the
-    run's scorers agree (`stats.agreement`; None: one source). `published="paper"` sets the
+    run's scorers agree (`stats.agreement`; None: one source); `likert`: the Likert judge's
+    figures (`stats.likert`; None: no Likert judge). `published="paper"` sets the
     published OCT/DCT figures beside the run's own. The whole report is replaced atomically;
     on any failure the previous one is left as it was (ReportError for bad text or a folder
     that cannot be written).
@@ -1480,7 +1530,7 @@ def write_report(
     content = prepare_report(
         records, result, settings=settings, samples=samples, title=title,
         meaningless=meaningless, published=published, notes=notes, warnings=warnings,
-        context=context, max_samples=max_samples, agreement=agreement,
+        context=context, max_samples=max_samples, agreement=agreement, likert=likert,
     )  # fmt: skip
     with staging(root) as staged:
         figures = make_figures(result, staged / "report" / "plots")

@@ -30,8 +30,9 @@ from charshift.stats import (
     MetricsResult,
     has_interval,
 )
-from charshift.stats.agreement import Agreement
+from charshift.stats.agreement import LIKERT_SCORER, Agreement
 from charshift.stats.family import FAMILY_TEXT
+from charshift.stats.likert import LikertResult
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
@@ -162,9 +163,9 @@ AGREEMENT_COLUMNS = (
     "n_empty_resamples", "stages", "flag",
 )  # fmt: skip
 SIGN_COLUMNS = (
-    "base", "stage", "kind", "chain", "unit_a", "unit_b", "metric", "scorer_a", "estimate_a",
-    "lo_a", "hi_a", "verdict_a", "scorer_b", "estimate_b", "lo_b", "hi_b", "verdict_b",
-    "agreement", "one_sided", "changes",
+    "base", "stage", "kind", "chain", "unit_a", "unit_b", "scorer_a", "metric_a", "estimate_a",
+    "lo_a", "hi_a", "verdict_a", "scorer_b", "metric_b", "estimate_b", "lo_b", "hi_b",
+    "verdict_b", "agreement", "one_sided", "changes",
 )  # fmt: skip
 
 
@@ -178,15 +179,14 @@ def _agreement_rows(agreement: Agreement) -> Iterable[list[Any]]:
 
 
 def _side(d: Difference | None) -> list[Any]:
-    return [math.nan] * 3 if d is None else [d.estimate, *_ends(d)]
+    return [None, *[math.nan] * 3] if d is None else [d.metric, d.estimate, *_ends(d)]
 
 
 def _sign_rows(agreement: Agreement) -> Iterable[list[Any]]:
     for s in agreement.signs:
         yield [
-            s.base, s.stage, s.kind, s.chain, s.frm, s.to, "macro_f1_excess", s.scorer_a,
-            *_side(s.a), s.verdict_a, s.scorer_b, *_side(s.b), s.verdict_b, s.agreement,
-            s.one_sided, s.changes,
+            s.base, s.stage, s.kind, s.chain, s.frm, s.to, s.scorer_a, *_side(s.a), s.verdict_a,
+            s.scorer_b, *_side(s.b), s.verdict_b, s.agreement, s.one_sided, s.changes,
         ]  # fmt: skip
 
 
@@ -226,7 +226,11 @@ def _distribution_rows(result: MetricsResult) -> Iterable[list[Any]]:
 
 
 def _difference_rows(result: MetricsResult) -> Iterable[list[Any]]:
-    for d in result.differences:
+    return _differences_of(result.differences)
+
+
+def _differences_of(differences: Iterable[Difference]) -> Iterable[list[Any]]:
+    for d in differences:
         yield [
             d.kind, d.chain, d.a.base, d.metric, d.itt, d.a.stage, d.a.slice, d.b.stage,
             d.b.slice, d.estimate, *_ends(d), d.reliable, d.p, d.family, d.p_holm,
@@ -262,6 +266,40 @@ def _retention_rows(result: MetricsResult) -> Iterable[list[Any]]:
             r.reliable,
             r.n_clusters, r.k, r.n_personas, r.scorer_blind, r.flag,
         ]  # fmt: skip
+
+
+LIKERT_FILE = "likert.csv"
+LIKERT_COLUMNS = (
+    "base", "stage", "slice", "scorer", "n_rows", "n_scored", "n_missing", "n_personas",
+    "n_clusters", *(f"mean{s}" for s in _IV), "null", *(f"excess{s}" for s in _IV),
+    "n_empty_resamples", "scorer_blind", "flag",
+)  # fmt: skip
+
+
+def _likert_rows(likert: LikertResult) -> Iterable[list[Any]]:
+    for c in likert.cells:
+        excess = [math.nan] * 4 if c.excess.fixed_by_construction else _iv(c.excess)
+        if c.excess.fixed_by_construction:
+            excess[0] = c.excess.estimate
+        f = "; ".join(x for x in (c.mean.flag, c.excess.flag) if x)
+        if c.scorer_blind:
+            f = f"SCORER BLIND: {BLIND_TEXT}" + (f"; {f}" if f else "")
+        yield [
+            *c.cell, LIKERT_SCORER, c.n_rows, c.n_scored, c.n_missing, c.n_personas,
+            c.mean.n_clusters, *_iv(c.mean), c.null, *excess, c.excess.n_empty_resamples,
+            c.scorer_blind, f,
+        ]  # fmt: skip
+
+
+# Tables a report writes only where the run has what they need: a later report that has not
+# removes them, so a run folder never holds figures that no longer belong to its report.
+OPTIONAL_FILES = (*AGREEMENT_FILES, LIKERT_FILE)
+
+
+def write_likert(likert: LikertResult, out_dir: str | Path) -> Path:
+    """likert.csv: the Likert judge's mean score and its excess over the base stage per cell
+    (`stats.likert`); its rungs, totals and contrasts are in differences.csv."""
+    return write_csv(Path(out_dir) / LIKERT_FILE, LIKERT_COLUMNS, _likert_rows(likert))
 
 
 def settings_json(result: MetricsResult) -> dict[str, Any]:
@@ -319,22 +357,36 @@ def _named_rows(
             yield [*row[:at], scorer, *row[at + replace :]]
 
 
+def _with_likert(rows: Iterable[list[Any]], likert: LikertResult | None) -> Iterable[list[Any]]:
+    yield from rows
+    if likert is not None:
+        at = DIFFERENCE_COLUMNS.index("scorer")
+        for row in _differences_of(likert.differences):
+            yield [*row[:at], LIKERT_SCORER, *row[at:]]
+
+
 def write_tables(
     result: MetricsResult,
     out_dir: str | Path,
     others: Mapping[str, MetricsResult] | None = None,
+    likert: LikertResult | None = None,
 ) -> list[Path]:
     """Write metrics.csv, per_persona.csv, confusion.csv, pred_distribution.csv,
     differences.csv, chains.csv, scorer_check.csv, retention.csv, depth.csv and stats.json (settings,
     label sets) into `out_dir`. Every table has a `scorer` column: the rows of `result` (the
     run's classifier, `DEFAULT_SCORER`) come first, then those of each of `others` (scorer name
-    -> its own statistics, `analysis.scorer_results`), each against its own null."""
+    -> its own statistics, `analysis.scorer_results`), each against its own null. `likert`: the
+    Likert judge's figures (`stats.likert`): likert.csv, and its rungs in differences.csv."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = {DEFAULT_SCORER: result, **(others or {})}
-    written = [
-        write_csv(out / name, head, _named_rows(name, head, results, rows_of))
-        for name, (head, rows_of) in _tables().items()
-    ]
+    written = []
+    for name, (head, rows_of) in _tables().items():
+        rows = _named_rows(name, head, results, rows_of)
+        if name == "differences.csv":
+            rows = _with_likert(rows, likert)
+        written.append(write_csv(out / name, head, rows))
+    if likert is not None:
+        written.append(write_likert(likert, out))
     stats_json = json.dumps(settings_json(result), indent=2) + "\n"
     return [*written, write_atomic(out / "stats.json", stats_json)]

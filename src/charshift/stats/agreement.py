@@ -14,11 +14,13 @@ This module owns two definitions; tables, the report and the headline read them 
 * Readings (`MEASURES`): a label scorer's correctness (its verdict is the row's persona: 1,
   else 0; "none" or another persona: 0); the classifier's p(true) (its probability of the row's
   persona); the Likert judge's score for the row's persona (the median of its samples); the
-  persona-vector text reading's projection on the row's persona's direction.
+  persona-vector readings' projections on the row's persona's direction (text: the scored text
+  through the base model; state: the generating model while it wrote the row).
 * Statistics (`COMPARISONS`): Cohen's kappa between the classifier's and the identify judge's
   correctness, (p_o - p_e) / (1 - p_e) with p_e = p_a p_b + (1 - p_a)(1 - p_b); Spearman's rank
   correlation (Pearson's correlation of mid-ranks) between the classifier's p(true), the Likert
-  score and the text projection. Both are undefined, an empty cell and never 0, where either
+  score and the text projection, and of the state projection with the classifier's p(true) and
+  the text projection. Both are undefined, an empty cell and never 0, where either
   reading is constant over the paired rows (a constant scorer carries no information to agree
   with) or nothing is paired.
 * Intervals: the cluster bootstrap of `stats.intervals` with the item id as the cluster (every
@@ -29,9 +31,10 @@ This module owns two definitions; tables, the report and the headline read them 
   `MIN_INTERVAL_CLUSTERS` items: no interval; fewer than `min_clusters`: flagged.
 
 **Sign agreement**, per rung: for each pair of scorers with their own statistics (the classifier
-and the label-giving scorers, `analysis.LABEL_SCORERS`), each chain rung, chain total and
-contrast of every persona stage, in conditional macro-F1 excess over each scorer's own null
-(positive = persona lost). Each scorer's verdict on the difference: "loss" (interval above 0),
+and the label-giving scorers, `analysis.LABEL_SCORERS`, in conditional macro-F1 excess over each
+scorer's own null; the Likert judge in its excess over the base stage, in Likert points,
+`stats.likert`), each chain rung, chain total and contrast of every persona stage (positive =
+persona lost; each scorer in its own unit, so only signs are compared). Each scorer's verdict on the difference: "loss" (interval above 0),
 "gain" (below 0), "contains 0", "no interval" (undefined, or fewer than two items), "blind" (the
 scorer cannot see persona in a unit of the rung, so its difference is not evidence) or "absent"
 (the scorer has no such difference). The pair:
@@ -54,6 +57,7 @@ import numpy as np
 
 from charshift.schema import BASE_STAGE, NULL_PERSONA_MARKERS, PredictionRecord, derive_seed
 from charshift.stats.intervals import Opts, draw, flag, interval
+from charshift.stats.likert import LIKERT_EXCESS
 from charshift.stats.results import (
     MIN_INTERVAL_CLUSTERS,
     Difference,
@@ -66,6 +70,8 @@ from charshift.stats.results import (
 KAPPA = "kappa"
 SPEARMAN = "spearman"
 EXCESS = "macro_f1_excess"
+LIKERT_SCORER = "judge_likert"
+SIGN_METRICS = (EXCESS, LIKERT_EXCESS)  # each scorer's own chance-corrected excess
 SIGN_KINDS = ("rung", "total", "contrast")  # differences whose positive value is persona lost
 AGREE, DISAGREE, INCONCLUSIVE = "agree", "disagree", "inconclusive"
 LOSS, GAIN = "loss", "gain"
@@ -107,6 +113,7 @@ MEASURES = {
         Measure("judge_identify", "correct", correct),
         Measure("judge_likert", "score", own_score),
         Measure("persona_vector_text", "projection", own_score),
+        Measure("persona_vector_state", "projection", own_score),
     )
 }
 COMPARISONS: tuple[tuple[str, tuple[str, str], tuple[str, str]], ...] = (
@@ -114,6 +121,8 @@ COMPARISONS: tuple[tuple[str, tuple[str, str], tuple[str, str]], ...] = (
     (SPEARMAN, ("classifier", "p_true"), ("judge_likert", "score")),
     (SPEARMAN, ("classifier", "p_true"), ("persona_vector_text", "projection")),
     (SPEARMAN, ("judge_likert", "score"), ("persona_vector_text", "projection")),
+    (SPEARMAN, ("classifier", "p_true"), ("persona_vector_state", "projection")),
+    (SPEARMAN, ("persona_vector_text", "projection"), ("persona_vector_state", "projection")),
 )
 
 
@@ -365,20 +374,30 @@ def sign_category(verdict_a: str, verdict_b: str) -> str:
     return INCONCLUSIVE
 
 
-def _sign_differences(result: MetricsResult) -> dict[SignKey, Difference]:
+def _sign_differences(differences: Iterable[Difference]) -> dict[SignKey, Difference]:
     out = {}
-    for d in result.differences:
-        if d.kind in SIGN_KINDS and d.metric == EXCESS and not d.itt and d.a.stage != BASE_STAGE:
+    for d in differences:
+        if (
+            d.kind in SIGN_KINDS
+            and d.metric in SIGN_METRICS
+            and not d.itt
+            and d.a.stage != BASE_STAGE
+        ):
             out[(d.a.base, d.a.stage, d.kind, d.chain, d.a.slice, d.b.slice)] = d
     return out
 
 
-def sign_agreement(results: Mapping[str, MetricsResult]) -> list[SignAgreement]:
-    """For every pair of scorers in `results` (scorer -> its statistics, in the order given) and
-    every rung, total and contrast either has: the two verdicts and the pair's category."""
-    diffs = {name: _sign_differences(r) for name, r in results.items()}
+def sign_agreement(
+    results: Mapping[str, MetricsResult], likert: Sequence[Difference] | None = None
+) -> list[SignAgreement]:
+    """For every pair of scorers in `results` (scorer -> its statistics, in the order given;
+    then the Likert judge, `likert`: its differences from `stats.likert`) and every rung, total
+    and contrast either has: the two verdicts and the pair's category."""
+    diffs = {name: _sign_differences(r.differences) for name, r in results.items()}
+    if likert is not None:
+        diffs[LIKERT_SCORER] = _sign_differences(likert)
     out = []
-    for sa, sb in combinations(results, 2):
+    for sa, sb in combinations(diffs, 2):
         keys = list(dict.fromkeys([*diffs[sa], *diffs[sb]]))
         for key in keys:
             da, db = diffs[sa].get(key), diffs[sb].get(key)
@@ -395,6 +414,7 @@ def compute_agreement(
     records: Mapping[str, Sequence[PredictionRecord]],
     results: Mapping[str, MetricsResult],
     o: Opts,
+    likert: Sequence[Difference] | None = None,
 ) -> Agreement:
     """The run's agreement: `records` (scorer -> records) of every scorer, `results` (scorer ->
     statistics) of those with a label. A scorer with records is present even where it gave no
@@ -404,5 +424,8 @@ def compute_agreement(
     agreement = Agreement(present)
     if agreement.compared:
         agreement.readings = reading_agreement({n: records[n] for n in present}, o)
-        agreement.signs = sign_agreement({n: r for n, r in results.items() if n in present})
+        with_likert = likert if LIKERT_SCORER in present else None
+        agreement.signs = sign_agreement(
+            {n: r for n, r in results.items() if n in present}, with_likert
+        )
     return agreement
