@@ -144,3 +144,15 @@ def test_report_predictions_of_a_likert_file_writes_its_figures(tmp_path) -> Non
     rung = next(r for r in rungs if r["kind"] == "rung" and r["stage_a"] == "trained")
     assert rung["metric"] == LIKERT_EXCESS and float(rung["lo"]) > 0
     assert "The Likert judge's own figures" in (tmp_path / "out" / "report.md").read_text()
+    # a later report of a file without a Likert judge leaves no stale likert.csv behind
+    from charshift.external import report_predictions as again
+
+    plain = []
+    for line in lines:
+        row = {k: v for k, v in json.loads(line).items() if not k.startswith("judge")}
+        row.pop("scores", None)
+        plain.append({**row, "prediction": row["persona"] or PERSONAS[0]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in plain))
+    again(path, tmp_path / "out", n_boot=50, positive_control="prompted_explicit")
+    assert (tmp_path / "out" / "metrics.csv").is_file()
+    assert not (tmp_path / "out" / "likert.csv").exists()
