@@ -78,12 +78,12 @@ def _cfg(tiny_llama: Path) -> cfgmod.RunConfig:
     data = cfgmod.config_to_dict(cfgmod.load_preset("smoke"))
     data.update(
         items={},
-        # a base needs a classifier until the report reads other scorers' figures (issue 14.4)
+        # every run has a classifier: the report's primary figures read it
         bases=[{"name": "tiny", "model": str(tiny_llama), "classifier": "tiny:modernbert:a,b"}],
         stages=[BASE_STAGE, "prompted"],
         personas=PERSONAS,
         slices=["id_chat"],
-        scorers=["persona_vector"],
+        scorers=["classifier", "persona_vector"],
         id_prompts={"source": "bundled", "n_eval": 2, "n_train": 8, "seed": 0},
         persona_vector={"heldout_fraction": 0.5, "batch_size": 16},
     )

@@ -136,7 +136,10 @@ def test_smoke_runs_every_scaffold_against_its_control(smoke_run):
         assert manifest["banks"][kind]["sha256"] == hashlib.sha256(bundled.read_bytes()).hexdigest()
     actions = [r for r in rows if r["slice"] == "agentic_actions"]
     assert all(r["tool_log"] or r["outcome"] == "malformed" for r in actions)
-    assert "Not scored: agentic_actions.behaviour" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "Not scored: agentic_actions.behaviour" in md
+    # the config's description opens the report's notes (the demo's says why its judge is off)
+    assert "About this run: Pipeline check only" in md
 
 
 def test_rerun_is_a_no_op(smoke_run, cache):

@@ -80,7 +80,8 @@ def test_config_scorers_default_and_validation():
     cfg = cfgmod.parse_config(_smoke())
     assert cfg.scorers == list(DEFAULT_SCORERS) == ["classifier"]
     for bad, said in (
-        (["judge"], "judge: `scorers` names judge, so the config needs a `judge` section"),
+        (["classifier", "judge"], "judge: `scorers` names judge, so the config needs a `judge`"),
+        (["judge"], r"leaves out classifier, which every run needs.*\[classifier, judge\]"),
         (["nope"], "scorers:.*unknown"),
         ([], "scorers:.*at least"),
     ):

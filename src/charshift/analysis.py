@@ -451,8 +451,10 @@ def shard_warnings(plan: Any, store: RunStore, cfg: RunConfig, cids: dict[str, s
 
 
 def _run_notes(cfg: RunConfig, store: RunStore) -> list[str]:
-    """The report's notes on a run: skipped adapters, units no scorer of the run can score."""
-    notes = [
+    """The report's notes on a run: its config's description (what the run is, and why a
+    scorer is off), skipped adapters, units no scorer of the run can score."""
+    notes = [f"About this run: {cfg.description}"] if cfg.description else []
+    notes += [
         f"Skipped adapter {name}: {msg}" for name, msg in store.recorded("skipped_adapters").items()
     ]
     return notes + [

@@ -536,7 +536,16 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _scorer_sections(self) -> RunConfig:
-        """The judge's section and backend, and what persona vectors are fitted on."""
+        """The classifier, the judge's section and backend, and what persona vectors are fitted
+        on. The classifier is required: the report's primary family, figures and headline read
+        it, and every other scorer is compared with it."""
+        if "classifier" not in self.scorers:
+            raise ValueError(
+                f"scorers: {self.scorers} leaves out classifier, which every run needs (the "
+                "report's primary figures read it; the others are compared with it). Add it, e.g. "
+                "scorers: [classifier, " + ", ".join(self.scorers) + "], with a classifier per "
+                "base or one trained in the run (classifier_training: {mode: probe})"
+            )
         if "judge" in self.scorers and self.judge is None:
             raise ValueError("judge: `scorers` names judge, so the config needs a `judge` section")
         if self.judge is not None:
