@@ -400,3 +400,30 @@ def test_form_schemas_compile_to_real_grammars(tiny_model_dir):
             assert r.error is None and r.text.startswith('{"' + first + '": ')
     finally:
         b.close()
+
+
+def test_show_prompts_under_a_persona_of_the_users_own(tmp_path):
+    """`items show` and `scenarios show` take --persona from a run config (--config), so a
+    persona of one's own shows its own description; without --config its name is an error that
+    says how to give one."""
+    runner = CliRunner()
+    cfg = Path(__file__).parent.parent / "examples" / "config.yaml"
+    res = runner.invoke(app, ["items", "show", "code_review", "orders-pagination",
+                              "--persona", "stoic", "--config", str(cfg)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "calm, measured and unflappable" in res.output
+    res = runner.invoke(app, ["scenarios", "show", "--persona", "stoic", "--config", str(cfg),
+                              _first_scenario()])  # fmt: skip
+    assert res.exit_code == 0 and "calm, measured and unflappable" in res.output
+    res = runner.invoke(app, ["items", "show", "code_review", "orders-pagination",
+                              "--persona", "stoic"])  # fmt: skip
+    assert res.exit_code == 2 and "add --config CONFIG" in res.output
+    res = runner.invoke(app, ["items", "show", "code_review", "orders-pagination",
+                              "--persona", "pirate", "--config", str(cfg)])  # fmt: skip
+    assert res.exit_code == 2 and "has no persona 'pirate'" in res.output
+
+
+def _first_scenario() -> str:
+    from charshift import scenarios
+
+    return scenarios.load_bank()[0].id

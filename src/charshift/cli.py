@@ -1059,12 +1059,24 @@ def scenarios_validate(
     typer.echo(_ok_line(bank, "scenarios"))
 
 
-def _check_persona(persona: str | None) -> None:
-    if persona is not None and persona not in cfgmod.ALL_PERSONAS:
-        _fail(f"--persona: unknown persona {persona!r}; known: {', '.join(cfgmod.ALL_PERSONAS)}")
+def _check_persona(persona: str | None, config: Path | None = None) -> Any:
+    """The persona to show a prompt under: a bundled name, or one of `config`'s personas (a
+    persona of the user's own, `{name, description}`); None without --persona."""
+    if persona is None:
+        return None
+    if config is not None:
+        cfg = _load(config, None, None)
+        specs = {p.name: p for p in cfg.personas}
+        if persona not in specs:
+            _fail(f"--persona: {config} has no persona {persona!r}; it has {', '.join(specs)}")
+        return specs[persona]
+    if persona not in cfgmod.ALL_PERSONAS:
+        _fail(f"--persona: unknown persona {persona!r}; known: {', '.join(cfgmod.ALL_PERSONAS)} "
+              "(a persona of your own: add --config CONFIG, the run config that describes it)")  # fmt: skip
+    return persona
 
 
-def _print_messages(ep: Any, persona: str | None) -> None:
+def _print_messages(ep: Any, persona: Any) -> None:
     from charshift import formats, prompts
 
     pp = prompts.persona_system_prompt(persona) if persona else None
@@ -1078,7 +1090,12 @@ def _print_messages(ep: Any, persona: str | None) -> None:
 
 
 PersonaOpt = Annotated[
-    str | None, typer.Option(help="Show it under the prompted stage of this persona.")
+    str | None,
+    typer.Option(help="Show it under the prompted stage of this persona (bundled, or --config's)."),
+]
+PersonaConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", help="A run config whose personas --persona may name (your own)."),
 ]
 
 
@@ -1089,6 +1106,7 @@ def scenarios_show(
         str, typer.Option("--slice", help="Which scenario slice (scenario_chat or an email slice).")
     ] = "chat_email",
     persona: PersonaOpt = None,
+    config: PersonaConfigOpt = None,
 ) -> None:
     """Print the exact messages a slice sends for one scenario."""
     from charshift import formats, scenarios
@@ -1098,8 +1116,8 @@ def scenarios_show(
     bank = {sc.id: sc for sc in scenarios.load_bank()}
     if scenario_id not in bank:
         _fail(f"no scenario {scenario_id!r}; see `charshift scenarios list`")
-    _check_persona(persona)
-    _print_messages(formats.render_scenario(slice_, bank[scenario_id]), persona)
+    spec = _check_persona(persona, config)
+    _print_messages(formats.render_scenario(slice_, bank[scenario_id]), spec)
 
 
 KindArg = Annotated[
@@ -1168,12 +1186,13 @@ def items_show(
         str | None, typer.Option("--slice", help="The scaffold (default) or its NAME_chat control.")
     ] = None,
     persona: PersonaOpt = None,
+    config: PersonaConfigOpt = None,
 ) -> None:
     """Print the exact messages a scaffold (or its chat control) sends for one item."""
     from charshift import render
     from charshift.slices import RenderContext
 
-    _check_persona(persona)
+    spec = _check_persona(persona, config)
     bank = _validated(_kind(kind), None)
     slice_ = slice_ or kind
     if slice_ not in registry.names(items=kind):
@@ -1182,7 +1201,7 @@ def items_show(
     found = [it for it in bank.items if it.id == item_id]
     if not found:
         _fail(f"no {kind} item {item_id!r}; see `charshift items list {kind}`")
-    _print_messages(render.render(slice_, found[0], RenderContext(worlds=bank.worlds)), persona)
+    _print_messages(render.render(slice_, found[0], RenderContext(worlds=bank.worlds)), spec)
 
 
 @app.command("slices")
