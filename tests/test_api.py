@@ -161,3 +161,37 @@ def test_limit_personas_slices(tmp_path):
     assert narrow.exit_code == 0, narrow.output
     bad = runner.invoke(app, ["run", "--preset", "smoke", "--dry-run", "--slices", "nope"])
     assert bad.exit_code == 2 and "--slices nope" in bad.output
+
+
+def test_export_parquet_writes_rows_and_predictions(reported, tmp_path):
+    """`charshift export --parquet`: rows.parquet holds every row with its text, predictions.parquet
+    the same rows without conversations; a nested cell reads back as exactly what it held."""
+    import pandas as pd
+
+    res = runner.invoke(app, ["export", str(reported), "--parquet", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    rows = pd.read_parquet(tmp_path / "rows.parquet")
+    preds = pd.read_parquet(tmp_path / "predictions.parquet")
+    assert len(rows) == len(preds) == len(_rows())
+    assert {"prediction", "text", "persona", "stage"} <= set(rows.columns)
+    assert "messages" not in preds.columns
+    assert sorted(rows["text"]) == sorted(r["text"] for r in _rows())
+    assert runner.invoke(app, ["export", str(reported)]).exit_code == 2
+    missing = runner.invoke(app, ["export", str(tmp_path / "none"), "--parquet"])
+    assert missing.exit_code == 2 and "not a folder" in missing.output
+
+
+def test_export_keeps_nested_cells_as_json(tmp_path):
+    import pandas as pd
+
+    from charshift.api import Results, export_parquet
+
+    nested = [{"role": "user", "content": "hi"}, {"role": "tool", "content": None, "x": [1, 2]}]
+    rows = pd.DataFrame({"key": ["a", "b"], "messages": [nested, None],
+                         "probs": [{"humor": 0.5}, None]})  # fmt: skip
+    empty = pd.DataFrame()
+    res = Results(tmp_path, *[empty] * 6, rows=rows)
+    export_parquet(res, tmp_path / "x")
+    back = pd.read_parquet(tmp_path / "x" / "rows.parquet")
+    assert json.loads(back["messages"][0]) == nested and pd.isna(back["messages"][1])
+    assert json.loads(back["probs"][0]) == {"humor": 0.5}

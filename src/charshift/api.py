@@ -170,3 +170,50 @@ def run(config: RunConfig | str | Path, out: str | Path | None = None) -> Result
     target = Path(out) if out is not None else Path("runs") / cfg.name
     run_all(cfg, target)
     return load_results(target)
+
+
+# Columns whose cells are nested (lists, dicts): stored in parquet as their JSON text, so every
+# row keeps exactly what it held whatever shape its neighbours have.
+NESTED_COLUMNS = (
+    "messages", "email", "tool_log", "probs", "scores", "judge_scores", "judge_rationale",
+)  # fmt: skip
+GENERATION_COLUMNS = ("messages", "email", "tool_log")  # the generation's side of `rows`
+EXPORT_FILES = ("rows.parquet", "predictions.parquet")
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and v != v)  # None, or pandas' NaN for it
+
+
+def _flat(frame: pd.DataFrame) -> pd.DataFrame:
+    out = frame.copy()
+    for col in NESTED_COLUMNS:
+        if col in out.columns:
+            out[col] = [
+                None if _missing(v) else json.dumps(v, ensure_ascii=False, allow_nan=False)
+                for v in out[col]
+            ]
+    return out
+
+
+def export_parquet(results: Results, out: str | Path) -> list[Path]:
+    """Write `results.rows` (generations joined with predictions) as rows.parquet and the
+    predictions alone (without the conversation, email and tool log) as predictions.parquet,
+    each atomically, into `out`. Nested cells (`NESTED_COLUMNS`) are stored as JSON text:
+    `json.loads` gives back exactly what the row held."""
+    import io
+
+    from charshift.fileio import atomic_write_bytes
+
+    if results.rows.empty:
+        raise ResultsError(f"{results.path}: no rows to export (no generations or predictions)")
+    target = Path(out)
+    target.mkdir(parents=True, exist_ok=True)
+    rows = _flat(results.rows)
+    frames = (rows, rows.drop(columns=[c for c in GENERATION_COLUMNS if c in rows.columns]))
+    written = []
+    for name, frame in zip(EXPORT_FILES, frames, strict=True):
+        buf = io.BytesIO()
+        frame.to_parquet(buf, index=False, engine="pyarrow")
+        written.append(atomic_write_bytes(target / name, buf.getvalue()))
+    return written

@@ -1204,6 +1204,34 @@ def items_show(
     _print_messages(render.render(slice_, found[0], RenderContext(worlds=bank.worlds)), spec)
 
 
+@app.command("export")
+def export_cmd(
+    path: Annotated[
+        Path, typer.Argument(help="A run directory, or the --out folder of `report --predictions`.")
+    ],
+    parquet: Annotated[
+        bool,
+        typer.Option(
+            "--parquet",
+            help="Write rows.parquet (generations joined with predictions) and "
+            "predictions.parquet (without conversations); nested cells as JSON text.",
+        ),
+    ] = False,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Folder for the files (default: PATH).")
+    ] = None,
+) -> None:
+    """Export a run's rows for other tools (pandas, polars, DuckDB, Spark)."""
+    from charshift import api
+
+    if not parquet:
+        _fail("export: say which format, e.g. --parquet")
+    with _user_errors():
+        written = api.export_parquet(api.load_results(path), out or path)
+    for p in written:
+        typer.echo(f"wrote {p}")
+
+
 @app.command("slices")
 def slices_cmd() -> None:
     """The slice registry: each slice's family, mode, item bank, scored output, and the one
