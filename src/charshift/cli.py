@@ -78,6 +78,9 @@ def _main(
     ] = False,
 ) -> None:
     """charshift: does a character-trained persona survive a change of format?"""
+    from charshift.progress import quiet_third_parties
+
+    quiet_third_parties()
 
 
 def _fail(msg: str, code: int = 2) -> None:

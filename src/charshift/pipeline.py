@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
-from charshift import banks, prompts, tools, units
+from charshift import banks, progress, prompts, tools, units
 from charshift.adapter_probe import not_applied, probe_adapters, require_applied
 from charshift.backends.base import Backend, SteppedBackend
 from charshift.backends.build import backend_for, cache_dir, materialise_tiny_adapters
@@ -252,8 +252,8 @@ def _generate_base(
         todo = [r for r in todo if not (r.adapter and r.adapter.name in failed)]
         engine = RolloutEngine(backend, rollout_settings(cfg), tools.required_args())
         written = 0
-        bar = tqdm(total=len(todo), desc=f"generate {base.name}", unit="row", dynamic_ncols=True)
-        calls = tqdm(desc="  model calls", unit="call", dynamic_ncols=True, leave=False)
+        bar = progress.bar(len(todo), f"generate {base.name}", "row")
+        calls = progress.bar(None, "  model calls", "call", nested=True)
         for finished in _drive(cfg, plan, engine, todo, wave, calls):
             written += store.generations.append(finished)
             bar.update(len(finished))
@@ -597,7 +597,7 @@ def _score_items(
     """Score `todo` in chunks, appending each chunk's scores as it is done."""
     raw = cfg.scoring.text == "raw"
     chunk = max(cfg.scoring.batch_size * 16, 64)
-    bar = tqdm(total=len(todo), desc=f"score {base}", unit="unit", dynamic_ncols=True)
+    bar = progress.bar(len(todo), f"score {base}", "unit")
     for i in range(0, len(todo), chunk):
         part = todo[i : i + chunk]
         found = verdicts_of(scorer, [ScoreInput(u.text or "", u.row, u.unit) for u in part])

@@ -86,9 +86,9 @@ class ProgressBar:
         if callable(progress):
             self.cb = progress
         elif progress:
-            from tqdm.auto import tqdm
+            from charshift.progress import bar
 
-            self.bar = tqdm(total=total, desc=desc, unit="it")
+            self.bar = bar(total, desc)
 
     def update(self, n: int, **postfix: Any) -> None:
         self.done += n
