@@ -195,3 +195,13 @@ def test_export_keeps_nested_cells_as_json(tmp_path):
     back = pd.read_parquet(tmp_path / "x" / "rows.parquet")
     assert json.loads(back["messages"][0]) == nested and pd.isna(back["messages"][1])
     assert json.loads(back["probs"][0]) == {"humor": 0.5}
+
+
+def test_report_svg_only_when_asked(tmp_path):
+    _write(tmp_path / "p.jsonl", _rows())
+    args = ["report", "--predictions", str(tmp_path / "p.jsonl"), "--n-boot", "20"]
+    assert runner.invoke(app, [*args, "--out", str(tmp_path / "a")]).exit_code == 0
+    assert runner.invoke(app, [*args, "--out", str(tmp_path / "b"), "--svg"]).exit_code == 0
+    plain, svg = (tmp_path / d / "report" / "plots" for d in ("a", "b"))
+    assert list(plain.glob("*.png")) and not list(plain.glob("*.svg"))
+    assert {p.stem for p in svg.glob("*.svg")} == {p.stem for p in svg.glob("*.png")}

@@ -172,7 +172,8 @@ def test_the_report_shows_the_figures_and_the_depth_table(result, tmp_path):
         assert caption in page, caption  # fmt: skip
     plots_dir = tmp_path / "out" / "report" / "plots"
     assert (plots_dir / "depth.png").is_file()
-    assert (plots_dir / f"{plots.figure_stem('persona_unit', 'c')}.svg").is_file()
+    assert (plots_dir / f"{plots.figure_stem('persona_unit', 'c')}.png").is_file()
+    assert not list(plots_dir.glob("*.svg"))  # SVG only when asked for
     d = next(d for d in result.depth if (d.base, d.persona) == ("c", "pirate"))
     row = f"<td>c</td><td>full</td><td>pirate</td><td>{d.depth:.3f}</td>"
     assert row in page.replace("\n", "")

@@ -62,6 +62,7 @@ class AnalysisInput:
     others: dict[str, MetricsResult] = field(default_factory=dict)
     # the Likert judge's figures (`stats.likert`); None: the run has no Likert judge
     likert: LikertResult | None = None
+    svg: bool = False  # each figure also as SVG (`report.svg`)
 
 
 def compute(inp: AnalysisInput) -> MetricsResult:
@@ -118,6 +119,7 @@ def analyse(
                 warnings=inp.warnings,
                 agreement=inp.agreement,
                 likert=inp.likert,
+                svg=inp.svg,
             )
             with publish():
                 for p in written:
@@ -491,6 +493,7 @@ def report_run(cfg: RunConfig, store: RunStore, out_dir: Path | None = None) -> 
         notes=_run_notes(cfg, store),
         warnings=warnings,
         control=cfg.analysis.positive_control,
+        svg=cfg.report.svg,
     )
     by_records = scorer_records(cfg, store)
     by_scorer = scorer_results(cfg, store, by_records)

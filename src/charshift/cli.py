@@ -884,6 +884,10 @@ def report(
         ),
     ] = "prompted_explicit",
     allow_unknown_labels: AllowUnknownOpt = False,
+    svg: Annotated[
+        bool,
+        typer.Option("--svg", help="Each figure also as SVG (default: PNG only; `report.svg`)."),
+    ] = False,
 ) -> None:
     """Compute metrics, intervals, plots and the HTML/markdown report (of a run: its config's
     stats settings; of a predictions file: --n-boot and --seed)."""
@@ -891,7 +895,7 @@ def report(
     if predictions is not None:
         _only_with("a run's report (not --predictions)", {"--run": run_dir is not None})
         control = None if positive_control == "none" else positive_control
-        flags = {"duplicates": allow_duplicates, "unknown": allow_unknown_labels}
+        flags = {"duplicates": allow_duplicates, "unknown": allow_unknown_labels, "svg": svg}
         _report_predictions(predictions, target, n_boot, seed, flags, control)
         return
     given = {"--n-boot": n_boot is not None, "--seed": seed is not None}
@@ -907,6 +911,8 @@ def report(
     with _user_errors():  # a reader: takes no lock and changes nothing in the tables
         store = pipeline.RunStore(run_dir, create=False, writable=False)
         cfg = pipeline.open_run_config(store)
+        if svg:
+            cfg = cfg.model_copy(update={"report": cfgmod.ReportConfig(svg=True)})
         path = pipeline.report(cfg, store, target)
     _finished(path)
 
@@ -933,6 +939,7 @@ def _report_predictions(
             warn=_warn,
             positive_control=control,
             allow_unknown_labels=allow["unknown"],
+            svg=allow["svg"],
         )
     _finished(path)
 

@@ -307,6 +307,12 @@ class AnalysisConfig(_Strict):
         return v
 
 
+class ReportConfig(_Strict):
+    # each figure also as an SVG file beside its PNG (off by default: at paper scale the SVGs
+    # run to tens of MB, and the report embeds the PNGs)
+    svg: bool = False
+
+
 # A persona's name is a plain label: it is the classifier's label, fills `{persona}` in adapter
 # paths (a folder name), and heads a column of every table and plot. Letters, digits, '_' and '-',
 # starting with a letter (so never one of the null persona's markers, `__null__` or `-`).
@@ -405,6 +411,8 @@ class RunConfig(_Strict):
     persona_vector: PersonaVectorSettings | None = None  # None: the defaults, where it is used
     stats: StatsConfig = Field(default_factory=StatsConfig)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
+    # how the report is written (not what it says)
+    report: ReportConfig = Field(default_factory=ReportConfig)
     persona_prompts: PersonaPromptsConfig = Field(default_factory=PersonaPromptsConfig)
     published: str | None = None  # "paper": set figures beside the published ones
     # what an adapter that changes nothing does (adapter_probe.py): stop the run, skip only its

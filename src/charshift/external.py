@@ -163,6 +163,7 @@ def report_predictions(
     warn: Callable[[str], None] | None = None,
     positive_control: str | None = PROMPTED_EXPLICIT_STAGE,
     allow_unknown_labels: bool = False,
+    svg: bool = False,
 ) -> Path:
     """Every metric, plot and the report from a predictions JSONL (the run's analysis tail).
 
@@ -172,7 +173,8 @@ def report_predictions(
     Rows of the stage `positive_control` (when present) are the positive control of the scorer
     check. A prediction outside the file's personas is an error listing every such label
     (`unknown_labels`); with `allow_unknown_labels` it counts as wrong, with a warning. A copy
-    of the file is kept as `out/predictions.jsonl` (`charshift.load_results` reads its rows)."""
+    of the file is kept as `out/predictions.jsonl` (`charshift.load_results` reads its rows).
+    `svg`: each figure also as SVG (PNG only by default)."""
     from charshift.analysis import AnalysisInput, analyse
     from charshift.config import StatsConfig
 
@@ -201,6 +203,7 @@ def report_predictions(
                   "positive_control": positive_control},
         control=positive_control,
         warnings=gaps,
+        svg=svg,
     )  # fmt: skip
     page = analyse(inp, Path(out), _with_likert(inp, records))
     inputs.write_text_atomic(Path(out) / PREDICTIONS_COPY, Path(path).read_text(encoding="utf-8"))

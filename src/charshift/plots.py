@@ -643,24 +643,77 @@ def figure_specs(result: MetricsResult) -> Iterator[FigureSpec]:
     yield from _persona_specs(result)
 
 
-def make_figures(result: MetricsResult, out_dir: str | Path) -> list[tuple[str, Path, Path]]:
-    """Save every figure as PNG and SVG; returns (caption, png, svg) in report order."""
+SavedFigure = tuple[str, Path, Path | None]  # caption, PNG, SVG (None: not asked for)
+# figures below this many are drawn in this process: starting workers would cost more
+PARALLEL_FROM = 12
+_WORKER_SPECS: list[FigureSpec] = []
+
+
+def _save(fig: Figure, out: Path, stem: str, svg: bool) -> tuple[Path, Path | None]:
+    png = out / f"{stem}.png"
+    fig.savefig(png, dpi=110, metadata={"Software": None})
+    svg_path = out / f"{stem}.svg" if svg else None
+    if svg_path is not None:
+        fig.savefig(svg_path, metadata=_SVG_META)
+    return png, svg_path
+
+
+def _worker_init(result: MetricsResult) -> None:
+    global _WORKER_SPECS
+    _WORKER_SPECS = list(figure_specs(result))
+
+
+def _worker_draw(job: tuple[int, Path, bool]) -> int:
+    index, out, svg = job
+    stem, _caption, build = _WORKER_SPECS[index]
+    _save(build(), out, stem, svg)
+    return index
+
+
+def figure_workers(n_figures: int, workers: int | None = None) -> int:
+    """How many processes draw `n_figures` figures: `workers` if given, else
+    `CHARSHIFT_FIGURE_WORKERS`, else one per CPU core (at most 8) once there are
+    `PARALLEL_FROM` figures or more."""
+    import os
+
+    if workers is None:
+        env = os.environ.get("CHARSHIFT_FIGURE_WORKERS", "").strip()
+        workers = int(env) if env.isdigit() else None
+    if workers is None:
+        workers = min(os.cpu_count() or 1, 8) if n_figures >= PARALLEL_FROM else 1
+    return max(1, min(workers, n_figures))
+
+
+def make_figures(
+    result: MetricsResult, out_dir: str | Path, *, svg: bool = False, workers: int | None = None
+) -> list[SavedFigure]:
+    """Save every figure as PNG (and SVG with `svg`); returns (caption, png, svg or None) in
+    report order. With several workers (`figure_workers`) the figures are drawn in fresh
+    processes (spawned: never a fork of a process that holds a model's threads), each
+    file written whole by one of them."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    saved = []
-    seen: set[str] = set()
-    for stem, caption, build in figure_specs(result):
-        if stem in seen:  # distinct names hash apart; this guards the invariant
-            raise RuntimeError(f"two figures would share the file stem {stem!r}")
-        seen.add(stem)
-        fig = build()
-        png, svg = out / f"{stem}.png", out / f"{stem}.svg"
-        fig.savefig(png, dpi=110, metadata={"Software": None})
-        fig.savefig(svg, metadata=_SVG_META)
-        saved.append((caption, png, svg))
-    return saved
+    specs = list(figure_specs(result))
+    stems = [stem for stem, _, _ in specs]
+    if len(set(stems)) != len(stems):  # distinct names hash apart; this guards the invariant
+        raise RuntimeError(f"two figures would share a file stem: {stems}")
+    n = figure_workers(len(specs), workers)
+    if n > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = multiprocessing.get_context("spawn")
+        jobs = [(i, out, svg) for i in range(len(specs))]
+        with ProcessPoolExecutor(n, mp_context=ctx, initializer=_worker_init,
+                                 initargs=(result,)) as pool:  # fmt: skip
+            list(pool.map(_worker_draw, jobs))
+    else:
+        for stem, _caption, build in specs:
+            _save(build(), out, stem, svg)
+    return [(cap, out / f"{stem}.png", out / f"{stem}.svg" if svg else None)
+            for stem, cap, _ in specs]  # fmt: skip
 
 
-def make_plots(result: MetricsResult, out_dir: str | Path) -> list[Path]:
-    """Save every figure as PNG and SVG into `out_dir`; returns all paths (PNG, SVG pairs)."""
-    return [p for _, png, svg in make_figures(result, out_dir) for p in (png, svg)]
+def make_plots(result: MetricsResult, out_dir: str | Path, *, svg: bool = True) -> list[Path]:
+    """Save every figure as PNG (and SVG) into `out_dir`; returns every path written."""
+    return [p for _, png, sv in make_figures(result, out_dir, svg=svg) for p in (png, sv) if p]

@@ -66,7 +66,7 @@ from charshift.headline import (
 )
 from charshift.ladder import split_unit
 from charshift.outcomes import CensoringTest, censoring_tests, outcome_table
-from charshift.plots import make_figures
+from charshift.plots import SavedFigure, make_figures
 from charshift.published import published_for, published_text
 from charshift.schema import (
     BASE_STAGE,
@@ -1336,20 +1336,26 @@ def _persona_section(doc: _Doc, rep: ReportContent) -> None:
         doc.details(m.cell.label(), _confusion_table(m))
 
 
-def _figure_html(caption: str, png: Path) -> str:
+def _figure_html(caption: str, png: Path, svg: Path | None = None) -> str:
     b64 = base64.b64encode(png.read_bytes()).decode("ascii")
+    files = f"{png.stem}.png" + (" / .svg" if svg is not None else "")
     return (
         f'<figure class="fig"><img alt="{_e(caption)}" src="data:image/png;base64,{b64}">'
-        f"<figcaption>{_e(caption)} ({_e(png.stem)}.png / .svg in report/plots)</figcaption>"
+        f"<figcaption>{_e(caption)} ({_e(files)} in report/plots)</figcaption>"
         "</figure>"
     )
 
 
-def _figures_section(doc: _Doc, figures: Sequence[tuple[str, Path, Path]]) -> None:
+def _figure_md(caption: str, png: Path, svg: Path | None) -> str:
+    files = [png, svg] if svg is not None else [png]
+    return f"- {_md_block(caption)}: " + ", ".join(f"`report/plots/{f.name}`" for f in files)
+
+
+def _figures_section(doc: _Doc, figures: Sequence[SavedFigure]) -> None:
     doc.h2("figures", "Figures")
     for cap, png, svg in figures:
-        doc.raw_html(_figure_html(cap, png))
-        doc.md.append(f"- {_md_block(cap)}: `report/plots/{png.name}`, `report/plots/{svg.name}`")
+        doc.raw_html(_figure_html(cap, png, svg))
+        doc.md.append(_figure_md(cap, png, svg))
     doc.md.append("")
 
 
@@ -1369,9 +1375,7 @@ def _condition_table(settings: Mapping[str, Any], ctx: HeadlineContext) -> Table
     return ["setting", "value"], rows
 
 
-def _closing_sections(
-    doc: _Doc, rep: ReportContent, figures: Sequence[tuple[str, Path, Path]]
-) -> None:
+def _closing_sections(doc: _Doc, rep: ReportContent, figures: Sequence[SavedFigure]) -> None:
     _figures_section(doc, figures)
     doc.raw_html('<h2 id="samples">Sample browser</h2>')
     doc.raw_html(_sample_browser(rep.samples, rep.sample_note))
@@ -1386,16 +1390,14 @@ def _closing_sections(
     doc.md_lines(["```json", text, "```"])
 
 
-def render_report(
-    rep: ReportContent, figures: Sequence[tuple[str, Path, Path]] = ()
-) -> tuple[str, str]:
+def render_report(rep: ReportContent, figures: Sequence[SavedFigure] = ()) -> tuple[str, str]:
     """(the HTML page, the markdown) of the report; `figures`: (caption, png, svg) to show."""
     doc = _Doc()
     _top(doc, rep)
     main = [f for f in figures if f[1].stem.startswith("ladder_")]
     for cap, png, svg in main:  # the main figure, right after the answer and its prose
-        doc.raw_html(_figure_html(cap, png))
-        doc.md += [f"- {_md_block(cap)}: `report/plots/{png.name}`, `report/plots/{svg.name}`", ""]
+        doc.raw_html(_figure_html(cap, png, svg))
+        doc.md += [_figure_md(cap, png, svg), ""]
     figures = [f for f in figures if f not in main]
     _nav(doc, rep)
     for section in (_metrics_section, _classifier_section, _scorer_section, _agreement_section,
@@ -1512,6 +1514,7 @@ def write_report(
     max_samples: int = MAX_SAMPLES,
     agreement: Agreement | None = None,
     likert: LikertResult | None = None,
+    svg: bool = False,
 ) -> Path:
     """Write report/index.html (self-contained), report/plots/* and report.md; return the HTML path.
 
@@ -1521,7 +1524,8 @@ def write_report(
     the top. `context`: facts for the headline (tool protocol, trained classifiers, ...); None
     reads them from `settings` ({"config": ..., "manifest": ...}). `agreement`: whether the
     run's scorers agree (`stats.agreement`; None: one source); `likert`: the Likert judge's
-    figures (`stats.likert`; None: no Likert judge). `published="paper"` sets the
+    figures (`stats.likert`; None: no Likert judge). `svg`: each figure also as SVG (PNG
+    only by default). `published="paper"` sets the
     published OCT/DCT figures beside the run's own. The whole report is replaced atomically;
     on any failure the previous one is left as it was (ReportError for bad text or a folder
     that cannot be written).
@@ -1533,7 +1537,7 @@ def write_report(
         context=context, max_samples=max_samples, agreement=agreement, likert=likert,
     )  # fmt: skip
     with staging(root) as staged:
-        figures = make_figures(result, staged / "report" / "plots")
+        figures = make_figures(result, staged / "report" / "plots", svg=svg)
         page, md = render_report(content, figures)
         _write_utf8(staged / "report" / "index.html", page)
         _write_utf8(staged / "report.md", md)
