@@ -12,12 +12,23 @@ sample browser, method notes and the settings (the tool protocol named first).
 Safety: every string from the data (names, slices, labels, model text) is escaped where it is
 shown. HTML: `html.escape`; the sample browser's data sits in a `<script type="application/json">`
 block in which every `<`, `>` and `&` is a JSON unicode escape (so neither `</script>` nor `<!--`
-can occur inside it), and the page's script renders it with `textContent` only. A
-Content-Security-Policy allows no network access and runs only the page's own script (by hash).
+can occur inside it), and the page's script renders it with `textContent` only (the search is a
+plain lowercase substring test, never a regular expression from the reader's input); the first
+`STATIC_CARDS` cards are also written as static, `html.escape`d HTML, so the page shows them
+without JavaScript. A card's id comes from its key (`sample_anchor`: letters, digits, `_`, `-`
+and `.` only). A Content-Security-Policy allows no network access and runs only the page's own
+script (by hash).
+
 Markdown (plain, no HTML entities): a `<` that could open a tag and an `&` that could start an
 entity are backslash-escaped, as are markdown control characters, and newlines become spaces
 (`md_escape`); the settings' JSON sits in a code fence with `<`, `>`,
 `&` and backticks written as JSON unicode escapes.
+
+The sample browser: a search box (scored text, email, messages, prediction), filters (base,
+stage, persona, unit, outcome, and the verdict: correct / wrong / no true label, the base stage
+/ no output; `sample_verdict`), sorts (unit, stage, p(true persona) either way, text length),
+pages of `BROWSER_PAGE` cards, system prompts collapsed, each tool call shown as a step, and a
+permalink per card (`#s-...`) that opens the page at that sample whatever page it falls on.
 
 Writing is atomic as a whole: the report folder and report.md are built in a staging folder
 beside them (`out_dir/.report-staging-*`), then swapped in; if anything fails first (a figure, a
@@ -41,6 +52,7 @@ import json
 import os
 import re
 import shutil
+import string
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -107,6 +119,8 @@ __all__ = [
     "prepare_report",
     "render_report",
     "ReportContent",
+    "sample_anchor",
+    "sample_verdict",
     "samples_from_records",
     "select_samples",
     "write_report",
@@ -844,8 +858,17 @@ padding:.2em 1em;margin:1em 0}.headline h2{border:none;margin-top:.4em}.headline
 .fig figcaption{font-size:.85em;color:#555}
 pre{white-space:pre-wrap;word-break:break-word;background:#f7f7f7;padding:.4em;margin:.2em 0;
 font-size:.85em}
-.filters label{margin-right:1em}.sample{border:1px solid #ccc;margin:.8em 0;padding:.5em}
-.sample .meta{font-weight:bold;font-size:.9em}.msg{margin:.3em 0 .3em .5em}
+.filters{position:sticky;top:0;z-index:1;background:#fff;padding:.4em 0;border-bottom:1px solid #ddd}
+.filters label{margin-right:1em;display:inline-block;margin-bottom:.2em}
+#sample-search{width:22em}.pager{margin:.6em 0}.pager button{margin-right:.6em}
+.sample{border:1px solid #ccc;margin:.8em 0;padding:.5em;scroll-margin-top:5em}
+.sample.linked,.sample:target{border:2px solid #4C72B0;box-shadow:0 0 0 3px #dbe6f4}
+.sample .meta{font-weight:bold;font-size:.9em}.permalink{font-weight:normal;color:#4C72B0}
+.msg{margin:.3em 0 .3em .5em}details.role-system>summary{cursor:pointer;color:#666}
+.steps{margin:.2em 0;padding-left:1.6em}.step{margin:.3em 0}
+.step-head{font-weight:bold;font-size:.85em}.arg-name{font-size:.75em;color:#666}
+.verdict{font-weight:bold}.v-correct{color:#1b7f2a}.v-wrong{color:#b00020}
+.v-no-label{color:#555}.v-no-output{color:#555;font-style:italic}
 .role{font-size:.75em;text-transform:uppercase;color:#666}.role-user pre{background:#eef4ff}
 .role-assistant pre{background:#f1fbef}.role-tool pre{background:#fff7e6}
 .role-system pre{background:#f0f0f0}.email{border-left:4px solid #4C72B0;padding-left:.5em}
@@ -856,14 +879,49 @@ font-size:.85em}
 .ok{color:#1b7f2a}.bad{color:#b00020}nav a{margin-right:.8em}
 """
 
-_JS = """
+BROWSER_PAGE = 50  # sample cards per page of the browser
+STATIC_CARDS = 20  # cards written as static HTML: what a reader sees without JavaScript
+NO_TRUE_LABEL = frozenset({NULL_SHOWN, *(m for m in NULL_PERSONA_MARKERS if m is not None)})
+VERDICTS = {
+    "correct": "correct",
+    "wrong": "wrong",
+    "no-label": "no true label: base stage",
+    "no-output": "no output",
+}
+_ANCHOR_SAFE = frozenset(string.ascii_letters + string.digits + "_-")
+_BROWSER_FILTERS = (
+    ("base", "base"), ("stage", "stage"), ("persona", "persona"), ("slice", "unit"),
+    ("outcome", "outcome"),
+)  # fmt: skip
+_BROWSER_SORTS = (
+    ("data", "base, stage, unit, persona, item"),
+    ("unit", "unit first"),
+    ("stage", "stage first"),
+    ("ptrue-asc", "p(true persona) ascending: most confidently wrong first"),
+    ("ptrue-desc", "p(true persona) descending"),
+    ("length-desc", "scored text: longest first"),
+    ("length-asc", "scored text: shortest first"),
+)
+
+_JS_TEMPLATE = """
 (function () {
   "use strict";
-  var PAGE = 50;
+  var PAGE = __PAGE__;
+  var NO_LABEL = __NO_LABEL__;
+  var ALL = "__all__";
   var data = JSON.parse(document.getElementById("sample-data").textContent);
   var fields = ["base", "stage", "persona", "slice", "outcome"];
   var selects = {};
-  var shown = PAGE;
+  var hay = [];
+  var anchors = null;
+  var order = null;
+  var hits = [];
+  var start = 0;
+  var end = PAGE;
+  var query = "";
+  var timer = null;
+  var own = Object.prototype.hasOwnProperty;
+  function byId(id) { return document.getElementById(id); }
   function el(tag, cls, text) {
     var e = document.createElement(tag);
     if (cls) { e.className = cls; }
@@ -874,15 +932,109 @@ _JS = """
     if (v === null || v === undefined) { return ""; }
     return typeof v === "string" ? v : JSON.stringify(v, null, 2);
   }
-  function messageBox(m) {
-    var role = String(m.role || "?");
-    var box = el("div", "msg role-" + role.replace(/[^a-z]/g, ""));
-    var label = role + (m.name ? " (" + m.name + ")" : "");
-    box.appendChild(el("div", "role", label));
-    if (m.content !== undefined && m.content !== null && m.content !== "") {
-      box.appendChild(el("pre", "", asText(m.content)));
+  function isObj(v) { return v !== null && typeof v === "object" && !Array.isArray(v); }
+  function anchor(key) {
+    var out = "s-";
+    for (var ch of String(key)) {
+      out += /^[A-Za-z0-9_-]$/.test(ch) ? ch : "." + ch.codePointAt(0).toString(16) + ".";
     }
-    if (m.tool_calls) { box.appendChild(el("pre", "", "tool calls: " + asText(m.tool_calls))); }
+    return out;
+  }
+  function noLabel(s) {
+    return s.persona === null || s.persona === undefined || NO_LABEL.indexOf(s.persona) !== -1;
+  }
+  function verdict(s) {
+    if (s.prediction === null || s.prediction === undefined) { return "no-output"; }
+    if (noLabel(s)) { return "no-label"; }
+    return s.prediction === s.persona ? "correct" : "wrong";
+  }
+  var VERDICT_TEXT = {"correct": "correct", "wrong": "wrong",
+    "no-label": "no true label: base stage", "no-output": "no output"};
+  function pTrue(s) {
+    if (noLabel(s) || !isObj(s.probs) || !own.call(s.probs, s.persona)) { return null; }
+    var p = Number(s.probs[s.persona]);
+    return isNaN(p) ? null : p;
+  }
+  function scoredText(s) {
+    if (typeof s.text === "string") { return s.text; }
+    return isObj(s.email) ? asText(s.email.body) : "";
+  }
+  function haystack(s) {
+    var parts = [asText(s.text), asText(s.prediction)];
+    if (isObj(s.email)) { parts.push(asText(s.email.to), asText(s.email.subject), asText(s.email.body)); }
+    (Array.isArray(s.messages) ? s.messages : []).forEach(function (m) {
+      if (isObj(m)) { parts.push(asText(m.content), asText(m.tool_calls)); }
+    });
+    return parts.join("\\u0000").toLowerCase();
+  }
+  function argsBlock(args) {
+    var wrap = el("div", "args");
+    if (isObj(args)) {
+      Object.keys(args).forEach(function (k) {
+        wrap.appendChild(el("div", "arg-name", k));
+        wrap.appendChild(el("pre", "", asText(args[k])));
+      });
+    } else if (args !== undefined && args !== null && args !== "") {
+      wrap.appendChild(el("pre", "", asText(args)));
+    }
+    return wrap;
+  }
+  function step(head, args, result, hasResult) {
+    var li = el("li", "step");
+    li.appendChild(el("div", "step-head", head));
+    li.appendChild(argsBlock(args));
+    if (hasResult) {
+      li.appendChild(el("div", "arg-name", "result"));
+      li.appendChild(el("pre", "", asText(result)));
+    }
+    return li;
+  }
+  function callList(calls) {
+    var ol = el("ol", "steps");
+    (Array.isArray(calls) ? calls : [calls]).forEach(function (c, k) {
+      var f = isObj(c) && isObj(c.function) ? c.function : (isObj(c) ? c : {arguments: c});
+      ol.appendChild(step("call " + (k + 1) + ": " + asText(f.name || "?"), f.arguments, null, false));
+    });
+    return ol;
+  }
+  function toolSteps(log) {
+    var d = el("details", "tools");
+    d.open = true;
+    d.appendChild(el("summary", "", "tool trajectory (" + log.length + " calls)"));
+    var ol = el("ol", "steps");
+    log.forEach(function (t, k) {
+      t = isObj(t) ? t : {result: t};
+      var ok = t.ok === true ? " (ok)" : (t.ok === false ? " (failed)" : "");
+      var args = own.call(t, "arguments") ? t.arguments : t.args;
+      var hasRes = own.call(t, "result") || own.call(t, "content");
+      var res = own.call(t, "result") ? t.result : t.content;
+      ol.appendChild(step("step " + (k + 1) + ": " + asText(t.tool || t.name || "?") + ok,
+        args, res, hasRes));
+    });
+    d.appendChild(ol);
+    return d;
+  }
+  function messageBox(m) {
+    m = isObj(m) ? m : {content: m};
+    var role = String(m.role || "?");
+    var cls = "msg role-" + role.replace(/[^a-z]/g, "");
+    var label = role + (m.name ? " (" + asText(m.name) + ")" : "") +
+      (m.note ? " " + asText(m.note) : "");
+    var parts = [];
+    if (m.content !== undefined && m.content !== null && m.content !== "") {
+      parts.push(el("pre", "", asText(m.content)));
+    }
+    if (m.tool_calls) { parts.push(callList(m.tool_calls)); }
+    var box;
+    if (role === "system") {
+      box = el("details", cls);
+      box.appendChild(el("summary", "role",
+        label + ": " + asText(m.content).length + " characters (click to show)"));
+    } else {
+      box = el("div", cls);
+      box.appendChild(el("div", "role", label));
+    }
+    parts.forEach(function (p) { box.appendChild(p); });
     return box;
   }
   function probBars(probs) {
@@ -906,16 +1058,23 @@ _JS = """
   }
   function card(s) {
     var c = el("div", "sample");
+    var id = anchor(s.key);
+    var v = verdict(s);
+    c.id = id;
     c.setAttribute("data-key", String(s.key));
-    c.appendChild(el("div", "meta", [s.base, s.stage, s.persona, s.slice].join(" / ") +
-      "  item " + s.item_id + "  sample " + s.sample_idx + "  outcome " + s.outcome));
+    c.setAttribute("data-verdict", v);
+    var meta = el("div", "meta", [s.base, s.stage, s.persona, s.slice].join(" / ") +
+      "  item " + s.item_id + "  sample " + s.sample_idx + "  outcome " + s.outcome + "  ");
+    var link = el("a", "permalink", "#" + id);
+    link.href = "#" + id;
+    meta.appendChild(link);
+    c.appendChild(meta);
     var pred = el("div", "");
-    var ok = s.prediction !== null && s.prediction === s.persona;
-    pred.appendChild(el("span", ok ? "ok" : "bad",
-      "prediction: " + (s.prediction === null ? "(no output)" : s.prediction)));
+    pred.appendChild(el("span", "verdict v-" + v, "prediction: " +
+      (v === "no-output" ? "(no output)" : s.prediction + " [" + VERDICT_TEXT[v] + "]")));
     c.appendChild(pred);
-    if (s.probs && typeof s.probs === "object") { c.appendChild(probBars(s.probs)); }
-    if (s.email && typeof s.email === "object") {
+    if (isObj(s.probs)) { c.appendChild(probBars(s.probs)); }
+    if (isObj(s.email)) {
       var em = el("div", "email");
       em.appendChild(el("div", "role", "extracted email"));
       em.appendChild(el("div", "", "To: " + asText(s.email.to)));
@@ -928,38 +1087,106 @@ _JS = """
     }
     var msgs = Array.isArray(s.messages) ? s.messages : [];
     if (msgs.length) {
-      var conv = el("details", "");
+      var conv = el("details", "conv");
       conv.appendChild(el("summary", "", "conversation (" + msgs.length + " messages)"));
-      msgs.forEach(function (m) { conv.appendChild(messageBox(m || {})); });
+      msgs.forEach(function (m) { conv.appendChild(messageBox(m)); });
       conv.open = true;
       c.appendChild(conv);
     }
     var log = Array.isArray(s.tool_log) ? s.tool_log : [];
-    if (log.length) {
-      var tl = el("details", "");
-      tl.appendChild(el("summary", "", "tool log (" + log.length + " calls)"));
-      log.forEach(function (t) { tl.appendChild(el("pre", "", asText(t))); });
-      c.appendChild(tl);
-    }
+    if (log.length) { c.appendChild(toolSteps(log)); }
     return c;
   }
-  function matches(s) {
-    return fields.every(function (f) {
-      var v = selects[f].value;
-      return v === "__all__" || String(s[f]) === v;
-    });
+  function keyed(fn, desc) {
+    var keys = data.map(fn);
+    return function (i, j) {
+      var a = keys[i], b = keys[j];
+      if (a === null || b === null) { return a === b ? i - j : (a === null ? 1 : -1); }
+      if (a < b) { return desc ? 1 : -1; }
+      if (a > b) { return desc ? -1 : 1; }
+      return i - j;
+    };
+  }
+  var SORTS = {
+    "unit": function () { return keyed(function (s) { return String(s.slice); }); },
+    "stage": function () { return keyed(function (s) { return String(s.stage); }); },
+    "ptrue-asc": function () { return keyed(pTrue); },
+    "ptrue-desc": function () { return keyed(pTrue, true); },
+    "length-desc": function () { return keyed(function (s) { return scoredText(s).length; }, true); },
+    "length-asc": function () { return keyed(function (s) { return scoredText(s).length; }); }
+  };
+  function sorted() {
+    var idx = data.map(function (_, i) { return i; });
+    var how = byId("sample-sort").value;
+    if (own.call(SORTS, how)) { idx.sort(SORTS[how]()); }
+    return idx;
+  }
+  function matches(i) {
+    var s = data[i];
+    for (var k = 0; k < fields.length; k++) {
+      var v = selects[fields[k]].value;
+      if (v !== ALL && String(s[fields[k]]) !== v) { return false; }
+    }
+    var want = byId("f-verdict").value;
+    if (want !== ALL && verdict(s) !== want) { return false; }
+    if (query) {
+      if (hay[i] === undefined) { hay[i] = haystack(s); }
+      if (hay[i].indexOf(query) === -1) { return false; }
+    }
+    return true;
+  }
+  function refilter() {
+    if (order === null) { order = sorted(); }
+    hits = order.filter(matches);
+    start = 0;
+    end = PAGE;
+  }
+  function status() {
+    var last = Math.min(end, hits.length);
+    byId("sample-count").textContent = String(hits.length);
+    byId("sample-range").textContent = last > start ? (start + 1) + "\\u2013" + last : "0";
+    byId("sample-prev").hidden = start === 0;
+    byId("sample-next").hidden = end >= hits.length;
+    byId("sample-more").hidden = end >= hits.length;
+  }
+  function append(from, to) {
+    var frag = document.createDocumentFragment();
+    hits.slice(from, to).forEach(function (i) { frag.appendChild(card(data[i])); });
+    byId("sample-list").appendChild(frag);
   }
   function render() {
-    var list = document.getElementById("sample-list");
-    while (list.firstChild) { list.removeChild(list.firstChild); }
-    var hits = data.filter(matches);
-    document.getElementById("sample-count").textContent = String(hits.length);
-    hits.slice(0, shown).forEach(function (s) { list.appendChild(card(s)); });
-    var more = document.getElementById("sample-more");
-    more.hidden = hits.length <= shown;
+    byId("sample-list").textContent = "";
+    append(start, end);
+    status();
   }
+  function reset() {
+    fields.concat(["verdict"]).forEach(function (f) { byId("f-" + f).value = ALL; });
+    byId("sample-search").value = "";
+    query = "";
+  }
+  function goTo(id) {
+    if (id.indexOf("s-") !== 0) { return; }
+    if (anchors === null) { anchors = data.map(function (s) { return anchor(s.key); }); }
+    var i = anchors.indexOf(id);
+    if (i === -1) { return; }
+    var pos = hits.indexOf(i);
+    if (pos === -1) { reset(); refilter(); pos = hits.indexOf(i); }
+    if (pos < start || pos >= end) {
+      start = pos - (pos % PAGE);
+      end = start + PAGE;
+      render();
+    }
+    var old = document.querySelector(".sample.linked");
+    if (old) { old.classList.remove("linked"); }
+    var c = byId(id);
+    if (c) { c.classList.add("linked"); c.scrollIntoView(); }
+  }
+  function fragment() {
+    try { return decodeURIComponent(location.hash.slice(1)); } catch (err) { return ""; }
+  }
+  function update() { refilter(); render(); }
   fields.forEach(function (f) {
-    var sel = document.getElementById("f-" + f);
+    var sel = byId("f-" + f);
     var seen = {};
     data.forEach(function (s) { seen[String(s[f])] = true; });
     Object.keys(seen).sort().forEach(function (v) {
@@ -967,15 +1194,57 @@ _JS = """
       o.value = v;
       sel.appendChild(o);
     });
-    sel.addEventListener("change", function () { shown = PAGE; render(); });
+    sel.addEventListener("change", update);
     selects[f] = sel;
   });
-  document.getElementById("sample-more").addEventListener("click", function () {
-    shown += PAGE; render();
+  byId("f-verdict").addEventListener("change", update);
+  byId("sample-sort").addEventListener("change", function () { order = null; update(); });
+  byId("sample-search").addEventListener("input", function () {
+    clearTimeout(timer);
+    timer = setTimeout(function () {
+      query = byId("sample-search").value.toLowerCase();
+      update();
+    }, 200);
   });
-  render();
+  byId("sample-more").addEventListener("click", function () {
+    var from = end;
+    end += PAGE;
+    append(from, end);
+    status();
+  });
+  function page(delta) {
+    start = Math.max(0, start + delta);
+    end = start + PAGE;
+    render();
+    byId("sample-status").scrollIntoView();
+  }
+  byId("sample-prev").addEventListener("click", function () { page(-PAGE); });
+  byId("sample-next").addEventListener("click", function () { page(end - start); });
+  document.addEventListener("keydown", function (e) {
+    var t = e.target && e.target.tagName;
+    if (e.key === "/" && t !== "INPUT" && t !== "SELECT" && t !== "TEXTAREA") {
+      e.preventDefault();
+      byId("sample-search").focus();
+    }
+  });
+  window.addEventListener("hashchange", function () { goTo(fragment()); });
+  byId("sample-nojs").hidden = true;
+  byId("sample-controls").hidden = false;
+  byId("sample-pager").hidden = false;
+  update();
+  var start0 = fragment();
+  if (start0.indexOf("s-") === 0) {
+    goTo(start0);
+  } else if (start0 && byId(start0)) {
+    byId(start0).scrollIntoView();
+  }
 })();
 """
+
+
+_JS = _JS_TEMPLATE.replace("__PAGE__", str(BROWSER_PAGE)).replace(
+    "__NO_LABEL__", json.dumps(sorted(NO_TRUE_LABEL))
+)
 
 
 def _csp() -> str:
@@ -986,17 +1255,176 @@ def _csp() -> str:
     )
 
 
-def _sample_browser(samples: list[Sample], note: str) -> str:
-    filters = "".join(
-        f'<label>{f} <select id="f-{f}"><option value="__all__">all</option></select></label>'
-        for f in ("base", "stage", "persona", "slice", "outcome")
-    )
+def sample_anchor(key: str) -> str:
+    """The HTML id of a sample's card: "s-" and its key, every character other than an ASCII
+    letter, digit, `_` or `-` written as `.HEX.` (its code point); the page's script builds the
+    same id, and a link to `#id` opens the page at that sample."""
+    return "s-" + "".join(c if c in _ANCHOR_SAFE else f".{ord(c):x}." for c in str(key))
+
+
+def sample_verdict(s: Sample) -> str:
+    """The browser's verdict on a sample: "no-output" (no prediction), "no-label" (a base-stage
+    sample: its persona is the null persona, so there is no true label), else "correct" or
+    "wrong". The page's script applies the same rule (its filter and its colours)."""
+    if s.prediction is None:
+        return "no-output"
+    if s.persona is None or s.persona in NO_TRUE_LABEL:
+        return "no-label"
+    return "correct" if s.prediction == s.persona else "wrong"
+
+
+def _as_text(v: Any) -> str:
+    if v is None:
+        return ""
+    return v if isinstance(v, str) else json.dumps(v, indent=2, ensure_ascii=False, default=str)
+
+
+def _pre(v: Any) -> str:
+    return f"<pre>{_e(_as_text(v))}</pre>"
+
+
+def _static_args(args: Any) -> str:
+    if isinstance(args, dict):
+        inner = "".join(f'<div class="arg-name">{_e(k)}</div>{_pre(v)}' for k, v in args.items())
+    else:
+        inner = "" if args in (None, "") else _pre(args)
+    return f'<div class="args">{inner}</div>'
+
+
+def _static_step(head: str, args: Any, result: Any = None, has_result: bool = False) -> str:
+    res = f'<div class="arg-name">result</div>{_pre(result)}' if has_result else ""
+    return f'<li class="step"><div class="step-head">{_e(head)}</div>{_static_args(args)}{res}</li>'
+
+
+def _static_calls(calls: Any) -> str:
+    steps = []
+    for k, c in enumerate(calls if isinstance(calls, list) else [calls], 1):
+        f = c.get("function") if isinstance(c, dict) else None
+        f = f if isinstance(f, dict) else (c if isinstance(c, dict) else {"arguments": c})
+        steps.append(
+            _static_step(f"call {k}: {_as_text(f.get('name') or '?')}", f.get("arguments"))
+        )
+    return f'<ol class="steps">{"".join(steps)}</ol>'
+
+
+def _static_tool_log(log: list[Any]) -> str:
+    steps = []
+    for k, t in enumerate(log, 1):
+        t = t if isinstance(t, dict) else {"result": t}
+        ok = " (ok)" if t.get("ok") is True else " (failed)" if t.get("ok") is False else ""
+        head = f"step {k}: {_as_text(t.get('tool') or t.get('name') or '?')}{ok}"
+        args = t["arguments"] if "arguments" in t else t.get("args")
+        has = "result" in t or "content" in t
+        steps.append(
+            _static_step(head, args, t["result"] if "result" in t else t.get("content"), has)
+        )
     return (
-        f'<p>{_e(note)} Showing <span id="sample-count">0</span> matching samples '
-        "(50 at a time). Model text is shown verbatim as plain text.</p>"
-        f'<div class="filters">{filters}</div>'
-        '<div id="sample-list"></div><button id="sample-more" type="button" hidden>show more'
-        "</button>"
+        f'<details class="tools" open><summary>tool trajectory ({len(log)} calls)</summary>'
+        f'<ol class="steps">{"".join(steps)}</ol></details>'
+    )
+
+
+def _static_message(m: Any) -> str:
+    m = m if isinstance(m, dict) else {"content": m}
+    role = str(m.get("role") or "?")
+    cls = "msg role-" + re.sub("[^a-z]", "", role)
+    label = role + (f" ({_as_text(m['name'])})" if m.get("name") else "")
+    label += f" {_as_text(m['note'])}" if m.get("note") else ""
+    body = "" if m.get("content") in (None, "") else _pre(m["content"])
+    body += _static_calls(m["tool_calls"]) if m.get("tool_calls") else ""
+    if role == "system":
+        n = len(_as_text(m.get("content")))
+        head = f'<summary class="role">{_e(label)}: {n} characters (click to show)</summary>'
+        return f'<details class="{cls}">{head}{body}</details>'
+    return f'<div class="{cls}"><div class="role">{_e(label)}</div>{body}</div>'
+
+
+def _static_probs(probs: dict[str, Any]) -> str:
+    rows = []
+    top = sorted(probs.items(), key=lambda kv: -float(kv[1]))[:5]
+    for lab, p in top:
+        w = max(0.0, min(100.0, float(p) * 100))
+        rows.append(
+            f'<div class="prob"><span class="lab" title="{_e(lab)}">{_e(lab)}</span>'
+            f'<span class="track"><span class="bar" style="width:{w:.1f}%"></span></span>'
+            f'<span class="val">{float(p):.3f}</span></div>'
+        )
+    return f'<div class="probs">{"".join(rows)}</div>'
+
+
+def _static_scored(s: Sample) -> str:
+    if isinstance(s.email, dict):
+        return (
+            '<div class="email"><div class="role">extracted email</div>'
+            f"<div>To: {_e(_as_text(s.email.get('to')))}</div>"
+            f"<div>Subject: {_e(_as_text(s.email.get('subject')))}</div>"
+            f"{_pre(s.email.get('body'))}</div>"
+        )
+    if s.text is None:
+        return ""
+    return f'<div class="role">scored text</div><pre class="scored">{_e(s.text)}</pre>'
+
+
+def _static_card(s: Sample) -> str:
+    """One sample's card as static, escaped HTML (the page's script replaces it when it runs)."""
+    sid, v = sample_anchor(s.key), sample_verdict(s)
+    meta = (
+        " / ".join(str(x) for x in (s.base, s.stage, s.persona, s.slice))
+        + f"  item {s.item_id}  sample {s.sample_idx}  outcome {s.outcome}  "
+    )
+    shown = "(no output)" if v == "no-output" else f"{s.prediction} [{VERDICTS[v]}]"
+    conv = "".join(_static_message(m) for m in s.messages)
+    if conv:
+        conv = (
+            f'<details class="conv" open><summary>conversation ({len(s.messages)} messages)'
+            f"</summary>{conv}</details>"
+        )
+    return (
+        f'<div class="sample" id="{_e(sid)}" data-key="{_e(s.key)}" data-verdict="{v}">'
+        f'<div class="meta">{_e(meta)}<a class="permalink" href="#{_e(sid)}">#{_e(sid)}</a></div>'
+        f'<div><span class="verdict v-{v}">prediction: {_e(shown)}</span></div>'
+        + (_static_probs(s.probs) if isinstance(s.probs, dict) else "")
+        + _static_scored(s)
+        + conv
+        + (_static_tool_log(s.tool_log) if s.tool_log else "")
+        + "</div>"
+    )
+
+
+def _browser_controls() -> str:
+    """The search box, the filters and the sort (hidden until the page's script fills them)."""
+    filters = "".join(
+        f'<label>{label} <select id="f-{f}"><option value="__all__">all</option></select></label>'
+        for f, label in _BROWSER_FILTERS
+    )
+    verdicts = "".join(f'<option value="{v}">{_e(t)}</option>' for v, t in VERDICTS.items())
+    sorts = "".join(f'<option value="{v}">{_e(t)}</option>' for v, t in _BROWSER_SORTS)
+    return (
+        '<label>search <input id="sample-search" type="search" autocomplete="off" '
+        'placeholder="scored text, email, messages, prediction (press /)"></label>'
+        f"{filters}"
+        '<label>verdict <select id="f-verdict"><option value="__all__">all</option>'
+        f"{verdicts}</select></label>"
+        f'<label>sort <select id="sample-sort">{sorts}</select></label>'
+    )
+
+
+def _sample_browser(samples: list[Sample], note: str) -> str:
+    """The sample browser: the first `STATIC_CARDS` samples as static HTML (what a reader sees
+    without JavaScript), the controls, and every sample as inert JSON for the page's script."""
+    n, k = len(samples), min(len(samples), STATIC_CARDS)
+    shown = f"1\u2013{k}" if k else "0"
+    return (
+        f'<p id="sample-status">{_e(note)} Showing <span id="sample-range">{shown}</span> of '
+        f'<span id="sample-count">{n}</span> matching samples<span id="sample-nojs"> (with '
+        "JavaScript off: searching, filtering, sorting and paging need it)</span>. Model text is "
+        "shown verbatim as plain text.</p>"
+        f'<div class="filters" id="sample-controls" hidden>{_browser_controls()}</div>'
+        f'<div id="sample-list">{"".join(_static_card(s) for s in samples[:k])}</div>'
+        '<div class="pager" id="sample-pager" hidden>'
+        '<button id="sample-prev" type="button" hidden>previous page</button> '
+        '<button id="sample-next" type="button" hidden>next page</button> '
+        f'<button id="sample-more" type="button" hidden>show {BROWSER_PAGE} more</button></div>'
         f'<script type="application/json" id="sample-data">{_json_for_script([x.to_dict() for x in samples])}</script>'
     )
 
