@@ -24,6 +24,10 @@ import pytest
 
 from charshift.tiny import build_tiny_causal_lm, build_tiny_lora
 
+# Figures are drawn in this process (a monkeypatched figure builder reaches them, and the many
+# small reports of the suite pay no worker start-up); tests of the parallel path set it themselves.
+os.environ.setdefault("CHARSHIFT_FIGURE_WORKERS", "1")
+
 TinyModelFactory = Callable[[str], Path]
 TinyLoraFactory = Callable[..., Path]
 

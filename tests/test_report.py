@@ -916,3 +916,16 @@ def test_report_predictions_uses_control_rows_when_present(tmp_path):
         assert len(retention) == (3 if control else 1)  # header, conditional, ITT
         md = (out / "report.md").read_text()
         assert ("Scorer check for b" in md) == bool(control)
+
+
+def test_a_figure_failing_in_a_worker_process_fails_the_report(tmp_path, monkeypatch):
+    """Drawn by two spawned workers, a figure that cannot be drawn is an error in the report's
+    own process, and the report folder is left as it was."""
+    monkeypatch.setenv("CHARSHIFT_FIGURE_WORKERS", "2")
+    recs = make_records(2)
+    res = stats.compute_metrics(recs, PERSONAS, n_boot=30)
+    cell = next(iter(res.cells.values()))
+    cell.confusion = np.zeros(3)  # one axis: its confusion figure cannot be drawn
+    with pytest.raises(np.exceptions.AxisError):  # raised in a worker, re-raised here
+        report.write_report(tmp_path, recs, res, settings={}, samples=None, title="x")
+    assert not (tmp_path / "report").exists()
