@@ -143,7 +143,9 @@ def test_report_predictions_of_a_likert_file_writes_its_figures(tmp_path) -> Non
         rungs = [r for r in csv.DictReader(fh) if r["scorer"] == "judge_likert"]
     rung = next(r for r in rungs if r["kind"] == "rung" and r["stage_a"] == "trained")
     assert rung["metric"] == LIKERT_EXCESS and float(rung["lo"]) > 0
-    assert "The Likert judge's own figures" in (tmp_path / "out" / "report.md").read_text()
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "The Likert judge's own figures" in md
+    assert "holds a Likert judge's scores (numbers, 1-5), not persona predictions" in md
     # a later report of a file without a Likert judge leaves no stale likert.csv behind
     from charshift.external import report_predictions as again
 
@@ -156,3 +158,71 @@ def test_report_predictions_of_a_likert_file_writes_its_figures(tmp_path) -> Non
     again(path, tmp_path / "out", n_boot=50, positive_control="prompted_explicit")
     assert (tmp_path / "out" / "metrics.csv").is_file()
     assert not (tmp_path / "out" / "likert.csv").exists()
+
+
+def test_base_readings_lost_for_one_persona_are_counted_and_flag_the_excess() -> None:
+    """A base row judged for every persona but unparseable for one: that reading is missing
+    (not the whole row scored), and the trained cell's excess names the null's missing ones."""
+    recs = simulate({"id_chat": 1.0, "scenario_chat": 0.0}, n_items=10)
+    for r in recs[:5]:
+        if r.stage == BASE_STAGE:
+            r.scores.pop("humor")
+    result = likert_result(recs, PERSONAS, _opts())
+    base = _cell(result, BASE_STAGE, "id_chat")
+    assert base.n_rows == 30 and base.n_missing == sum(r.stage == BASE_STAGE for r in recs[:5])
+    home = _cell(result, "trained", "id_chat")
+    assert "of the base stage (the null) have no score" in home.excess.flag
+
+
+def test_expanded_base_rows_with_the_number_in_judge_score_are_read() -> None:
+    recs = []
+    for r in simulate({"id_chat": 1.0, "scenario_chat": 0.0}, n_items=12):
+        if r.stage != BASE_STAGE:
+            recs.append(r)
+            continue
+        for p, v in r.scores.items():  # one record per persona, the number in judge_score only
+            recs.append(PredictionRecord("m", BASE_STAGE, r.slice, p, r.item_id, None,
+                                         judge_score=v))  # fmt: skip
+    home = _cell(likert_result(recs, PERSONAS, _opts()), "trained", "id_chat")
+    assert home.excess.lo > 0.4 and home.n_missing == 0
+
+
+def test_a_rung_over_a_persona_subset_says_so_and_a_unit_without_base_rows_is_kept() -> None:
+    recs = simulate({"id_chat": 1.0, "scenario_chat": 0.0}, n_items=12)
+    no_sarcasm = [r for r in recs if not (r.stage == "trained" and r.slice == "scenario_chat"
+                                          and r.persona == "sarcasm")]  # fmt: skip
+    rung = _rung(likert_result(no_sarcasm, PERSONAS, _opts()))
+    assert (rung.k, rung.n_personas) == (2, 3) and "2 of 3 personas" in rung.note
+    no_base = [r for r in recs if not (r.stage == BASE_STAGE and r.slice == "scenario_chat")]
+    rung = _rung(likert_result(no_base, PERSONAS, _opts()))
+    assert math.isnan(rung.estimate) and "no base-stage rows in scenario_chat" in rung.flag
+
+
+def test_a_total_over_two_units_is_its_one_rung() -> None:
+    result = likert_result(simulate({"id_chat": 1.0, "scenario_chat": 0.0}), PERSONAS, _opts())
+    rung = _rung(result)
+    total = next(d for d in result.differences if d.kind == "total" and d.a.stage == "trained")
+    assert (total.estimate, total.lo, total.hi) == (rung.estimate, rung.lo, rung.hi)
+
+
+def test_rows_with_a_prediction_and_a_likert_score_feed_both(tmp_path) -> None:
+    """A file whose rows carry a classifier's prediction and a Likert judge's score: both sets
+    of figures, and no warning that the predictions are empty."""
+    import csv
+    import json
+
+    from charshift.external import report_predictions
+
+    lines = []
+    for r in simulate({"id_chat": 1.0, "scenario_chat": 0.0}, n_items=10):
+        row = {k: v for k, v in r.to_dict().items() if v is not None and k != "probs"}
+        row.update(prediction=r.persona if r.stage != BASE_STAGE else PERSONAS[0], text="t",
+                   judge_outcome="ok", persona=None if r.stage == BASE_STAGE else r.persona)  # fmt: skip
+        lines.append(json.dumps(row))
+    path = tmp_path / "both.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    report_predictions(path, tmp_path / "out", n_boot=100, positive_control="prompted_explicit")
+    with (tmp_path / "out" / "likert.csv").open() as fh:
+        stages = {r["stage"] for r in csv.DictReader(fh)}
+    assert {"trained", "prompted_explicit", BASE_STAGE} <= stages
+    assert "not persona predictions" not in (tmp_path / "out" / "report.md").read_text()

@@ -210,17 +210,40 @@ def report_predictions(
     return page
 
 
+def likert_records(records: list[PredictionRecord]) -> list[PredictionRecord]:
+    """The rows a Likert judge scored (`score --scorer judge --judge-mode likert`): judged rows
+    that are not an identify judge's, whatever else they carry (a classifier's prediction too)."""
+    return [
+        r
+        for r in records
+        if (r.judge_outcome is not None or r.judge_score is not None)
+        and IDENTIFY_KEY not in (r.judge_scores or {})
+    ]
+
+
 def _with_likert(inp: AnalysisInput, records: list[PredictionRecord]) -> MetricsResult:
-    """The file's statistics; where its rows carry a Likert judge's numbers (`score --scorer
-    judge --judge-mode likert`), also that judge's own figures (`stats.likert`) on `inp`."""
+    """The file's statistics; where its rows carry a Likert judge's numbers, also that judge's
+    own figures (`stats.likert`) on `inp`, and, where no row names a persona at all, a warning
+    at the top of the report that its classifier-style figures are empty by construction."""
     from charshift.analysis import compute, run_likert
 
+    judged = likert_records(records)
+    if judged and all(r.prediction is None for r in records):
+        inp.warnings.insert(0, LIKERT_ONLY)
     result = compute(inp)
-    likert = [r for r in records if r.judge_score is not None or (r.judge_outcome and r.scores)]
-    if likert:
-        judged = [r for r in records if r.judge_outcome is not None and r.prediction is None]
+    if judged:
         inp.likert = run_likert(inp, result, {"judge_likert": judged})
     return result
+
+
+IDENTIFY_KEY = "identify"  # the key of an identify judge's samples in judge_scores
+LIKERT_ONLY = (
+    "This file holds a Likert judge's scores (numbers, 1-5), not persona predictions: every "
+    "macro-F1, yield and scorer-check figure below is empty by construction. The judge's own "
+    "figures (its mean score and excess over the base stage, per cell, and its rungs) are in "
+    "the section 'The Likert judge's own figures', likert.csv and differences.csv (scorer "
+    "judge_likert)."
+)
 
 
 def unknown_labels(personas: list[str], records: list[PredictionRecord]) -> dict[str, int]:

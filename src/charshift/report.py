@@ -49,6 +49,7 @@ import dataclasses
 import hashlib
 import html
 import json
+import math
 import os
 import re
 import shutil
@@ -1645,11 +1646,19 @@ def _likert_diff_table(lk: LikertResult) -> Table:
     head = ["base / stage", "kind", "from -> to", "excess lost (points)", "changes"]
     out = [
         [f"{d.a.base} / {d.a.stage}", d.kind + (f" ({d.chain})" if d.chain else ""),
-         f"{d.a.slice} -> {d.b.slice}", fmt_diff(d, 2) + (" (blind)" if d.blind else ""),
-         d.changes]
+         f"{d.a.slice} -> {d.b.slice}", fmt_diff(d, 2) + _likert_marks(d), d.changes]
         for d in lk.differences
     ]  # fmt: skip
     return head, out
+
+
+def _likert_marks(d: Difference) -> str:
+    marks = [" (blind)" if d.blind else ""]
+    if 0 < d.k < d.n_personas:  # not the difference of the two cells' own figures
+        marks.append(f" ({d.k} of {d.n_personas} personas, those scored in both units)")
+    if not math.isfinite(d.estimate) and d.note:
+        marks.append(f" ({d.note})")
+    return "".join(marks)
 
 
 def _likert_section(doc: _Doc, rep: ReportContent) -> None:

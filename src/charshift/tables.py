@@ -281,7 +281,8 @@ def _likert_rows(likert: LikertResult) -> Iterable[list[Any]]:
         excess = [math.nan] * 4 if c.excess.fixed_by_construction else _iv(c.excess)
         if c.excess.fixed_by_construction:
             excess[0] = c.excess.estimate
-        f = "; ".join(x for x in (c.mean.flag, c.excess.flag) if x)
+        # the excess's flag names what the mean's does (and the null's missing readings)
+        f = c.mean.flag if c.excess.fixed_by_construction else (c.excess.flag or c.mean.flag)
         if c.scorer_blind:
             f = f"SCORER BLIND: {BLIND_TEXT}" + (f"; {f}" if f else "")
         yield [

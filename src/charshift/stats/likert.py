@@ -27,8 +27,12 @@ Its figures, defined here once (tables, the report and the agreement read them f
   flagged. Percentile intervals with the small-sample expansion of `stats.intervals`.
 * Differences (`likert_excess`, positive = persona lost): for every chain rung and total of
   `ladder.CHAINS` and every contrast of `ladder.ALL_CONTRASTS`, excess(frm) - excess(to) in one
-  (base, stage). Units whose items are of one kind share one draw over the union of their items
-  (paired); otherwise each is drawn on its own (unpaired, the smaller side's items govern).
+  (base, stage), both averaged over the personas scored in both units (`k` of `n_personas`;
+  where k < n, not the difference of the two cells' own figures, and the note says so). Units
+  whose items are of one kind share one draw over the union of their items (paired; a chain
+  total over two units is its one rung, the same draw); otherwise each is drawn on its own
+  (unpaired, the smaller side's items govern). A unit without base-stage rows has no excess,
+  and a difference touching it is undefined (kept, with a note), never dropped.
 * Scorer check: the positive control's excess in a unit is the judge's sensitivity there. Where
   its interval reaches 0 the judge is blind in that unit and every difference touching it says
   so (`Difference.blind`); with no interval, or no control, it is not checked.
@@ -57,7 +61,8 @@ _NAN = Interval(math.nan, math.nan, math.nan)
 @dataclass
 class Sums:
     """One (base, stage, unit)'s scores per item (rows) and persona (columns): their sum and
-    count; `rows`: records in the cell (a base row once), `scored`: those with a score."""
+    count; `rows`: the readings asked for in the cell (a persona row's for its persona; a base
+    row's for every persona), `scored`: those with a score."""
 
     items: np.ndarray
     total: np.ndarray
@@ -111,11 +116,20 @@ def _readings(rec: PredictionRecord, personas: Sequence[str]) -> dict[str, float
     scores = dict(rec.scores or {})
     if rec.persona in NULL_PERSONA_MARKERS or rec.stage == BASE_STAGE:
         if rec.persona not in NULL_PERSONA_MARKERS:  # expanded base rows: one persona each
-            scores = {rec.persona: scores[rec.persona]} if rec.persona in scores else {}
+            v = scores.get(rec.persona, rec.judge_score)
+            scores = {rec.persona: v} if v is not None else {}
         out = {p: float(v) for p, v in scores.items() if p in personas and math.isfinite(v)}
         return out or None
     v = scores.get(rec.persona, rec.judge_score)
     return {rec.persona: float(v)} if v is not None and math.isfinite(v) else None
+
+
+def _reading_ids(rec: PredictionRecord, personas: Sequence[str]) -> list[tuple[str, str, int]]:
+    """The readings a record stands for, (persona, item, sample): its own persona's, or, for a
+    base row judged against every persona, one per persona."""
+    if rec.persona in NULL_PERSONA_MARKERS:
+        return [(p, str(rec.item_id), rec.sample_idx) for p in personas]
+    return [(str(rec.persona), str(rec.item_id), rec.sample_idx)]
 
 
 def likert_sums(records: Sequence[PredictionRecord], personas: Sequence[str]) -> dict[Cell, Sums]:
@@ -128,12 +142,13 @@ def likert_sums(records: Sequence[PredictionRecord], personas: Sequence[str]) ->
         if r.outcome in FAILED_OUTCOMES:
             continue
         cell = Cell(r.base, r.stage, r.slice)
-        row_id = (r.persona if r.stage != BASE_STAGE else "", r.item_id, r.sample_idx)
-        rows.setdefault(cell, set()).add(row_id)
-        read = _readings(r, personas)
+        read = _readings(r, personas) or {}
+        for reading in _reading_ids(r, personas):  # a base row: one reading per persona
+            rows.setdefault(cell, set()).add(reading)
+            if reading[0] in read:
+                scored.setdefault(cell, set()).add(reading)
         if not read:
             continue
-        scored.setdefault(cell, set()).add(row_id)
         t, c = acc.setdefault(cell, {}).setdefault(
             str(r.item_id), (np.zeros(len(personas)), np.zeros(len(personas)))
         )
@@ -215,15 +230,31 @@ def _iv(point: float, boot: np.ndarray, g: int, o: Opts, note: str = "") -> Inte
     return Interval(point, float(lo), float(hi), g, n_empty, False, f)
 
 
+def missing_note(sums: Mapping[Cell, Sums], cell: Cell, with_null: bool = True) -> str:
+    """What a figure of `cell` leaves out: its readings without a score and (`with_null`, for
+    an excess) those of the base stage in its unit, the null it is measured against."""
+    parts = []
+    cells = [cell] + ([Cell(cell.base, BASE_STAGE, cell.slice)] if with_null else [])
+    for c in dict.fromkeys(cells):
+        s = sums.get(c)
+        if s is not None and s.rows > s.scored:
+            whose = "" if c == cell else " of the base stage (the null)"
+            parts.append(f"{s.rows - s.scored} of {s.rows} readings{whose} have no score")
+    if not parts:
+        return ""
+    return "; ".join(parts) + (
+        " (left out: if the judge fails more often on some texts, the figure is biased)"
+    )
+
+
 def likert_cell(sums: Mapping[Cell, Sums], cell: Cell, o: Opts) -> LikertCell:
     """One cell's mean and excess with their intervals (see the module doc)."""
     s = sums[cell]
     pair = _pair(sums, cell)
     w = _weights(o, len(pair.ids), *cell)
     g = int((pair.stage[1].sum(axis=1) > 0).sum())
-    missing = s.rows - s.scored
-    note = f"{missing} of {s.rows} rows have no score (left out)" if missing else ""
-    mean = _iv(pair.point(False), pair.values(w, False), g, o, note)
+    note = missing_note(sums, cell)
+    mean = _iv(pair.point(False), pair.values(w, False), g, o, missing_note(sums, cell, False))
     if cell.stage == BASE_STAGE:
         excess = Interval(0.0, math.nan, math.nan, g, 0, True, "")
         return LikertCell(cell, s.rows, s.scored, int(pair.keep().sum()), mean, math.nan, excess)
@@ -247,21 +278,30 @@ def _rung(
     if ka == kb:
         ids = np.union1d(_pair(sums, a).ids, _pair(sums, b).ids)
         pa, pb = _pair(sums, a, ids), _pair(sums, b, ids)
-        w = _weights(o, len(ids), a.base, a.stage, kind, a.slice, b.slice)
+        w = _weights(o, len(ids), a.base, a.stage, a.slice, b.slice)
         wa = wb = w
         g = int(((pa.stage[1].sum(axis=1) > 0) & (pb.stage[1].sum(axis=1) > 0)).sum())
         note = f"paired on {ka} items"
     else:
         pa, pb = _pair(sums, a), _pair(sums, b)
-        wa, wb = (_weights(o, len(p.ids), *c, kind) for p, c in ((pa, a), (pb, b)))
+        wa, wb = (_weights(o, len(p.ids), *c, "unpaired") for p, c in ((pa, a), (pb, b)))
         g = min(int((p.stage[1].sum(axis=1) > 0).sum()) for p in (pa, pb))
         note = f"unpaired: {ka} items vs {kb} items, bootstrapped independently"
-    if pa.base is None or pb.base is None:
-        return None
+    no_null = [c.slice for c, p in ((a, pa), (b, pb)) if p.base is None]
     keep = pa.keep() & pb.keep()  # one persona set for both sides
-    est = pa.point(True, keep) - pb.point(True, keep)
-    boot = pa.values(wa, True, keep) - pb.values(wb, True, keep)
-    iv = _iv(est, boot, g, o)
+    if no_null:
+        est, boot = math.nan, np.full(o.n_boot, math.nan)
+        note = f"no base-stage rows in {', '.join(no_null)}: no excess there, so no rung"
+    else:
+        est = pa.point(True, keep) - pb.point(True, keep)
+        boot = pa.values(wa, True, keep) - pb.values(wb, True, keep)
+    if 0 < keep.sum() < len(keep):
+        note += (f"; over the {int(keep.sum())} of {len(keep)} personas scored in both units "
+                 "(not the difference of the two cells' own figures)")  # fmt: skip
+    lacking = "; ".join(x for x in (missing_note(sums, a), missing_note(sums, b)) if x)
+    iv = _iv(est, boot, g, o, lacking)
+    if no_null:
+        iv = Interval(math.nan, math.nan, math.nan, g, 0, False, note)
     return Difference(
         kind=kind, a=a, b=b, metric=LIKERT_EXCESS, itt=False, estimate=est, lo=iv.lo, hi=iv.hi,
         n_clusters=g, paired=ka == kb, note=note, changes=changes, chain=chain,
