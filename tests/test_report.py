@@ -929,3 +929,22 @@ def test_a_figure_failing_in_a_worker_process_fails_the_report(tmp_path, monkeyp
     with pytest.raises(np.exceptions.AxisError):  # raised in a worker, re-raised here
         report.write_report(tmp_path, recs, res, settings={}, samples=None, title="x")
     assert not (tmp_path / "report").exists()
+
+
+def test_outcomes_and_the_censoring_test_are_tables_too(tmp_path):
+    """outcomes.csv counts every row's outcome once (a base output once, not once per persona)
+    and censoring.csv holds the report's differential-censoring tests."""
+    import csv
+
+    recs = make_records(2)
+    res = stats.compute_metrics(recs, PERSONAS, n_boot=30)
+    report.write_report(tmp_path, recs, res, settings={}, samples=None, title="t")
+    with (tmp_path / "outcomes.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert sum(int(r["n"]) for r in rows) == len(report.outcome_records(recs)) > 0
+    with (tmp_path / "censoring.csv").open() as fh:
+        reader = csv.DictReader(fh)
+        assert tuple(reader.fieldnames or ()) == report.CENSORING_COLUMNS
+        tests = list(reader)
+    content = report.prepare_report(recs, res, settings={}, samples=None, title="t")
+    assert len(tests) == len(content.censoring)

@@ -1884,6 +1884,30 @@ def staging(root: Path) -> Iterator[Path]:
         shutil.rmtree(staged, ignore_errors=True)
 
 
+OUTCOME_FILES = ("outcomes.csv", "censoring.csv")
+CENSORING_COLUMNS = (
+    "base", "stage", "unit", "n_rows", "statistic", "dof", "p_asymptotic", "p_permutation",
+    "n_perm", "personas", "outcomes", "table", "note",
+)  # fmt: skip
+
+
+def write_outcome_tables(rep: ReportContent, out: Path) -> None:
+    """outcomes.csv (each row's outcome counted per base, stage, persona and unit, with the
+    yield) and censoring.csv (the differential-censoring test per base, stage and unit: does a
+    missing output depend on the persona?), the figures of the report's Outcomes section."""
+    from charshift.tables import write_csv
+
+    table = outcome_table(rep.outcomes)
+    head = list(table[0]) if table else ["base", "stage", "persona", "unit", "n"]
+    write_csv(out / OUTCOME_FILES[0], head, ([row[h] for h in head] for row in table))
+    rows = (
+        [t.base, t.stage, t.unit, t.n_rows, t.statistic, t.dof, t.p_asymptotic, t.p_permutation,
+         t.n_perm, " ".join(t.personas), " ".join(t.outcomes), json.dumps(t.table), t.note]
+        for t in rep.censoring
+    )  # fmt: skip
+    write_csv(out / OUTCOME_FILES[1], CENSORING_COLUMNS, rows)
+
+
 def swap_in(staged: Path, root: Path) -> None:
     """Move the staged report folder and report.md into place; the old folder goes into the
     staging folder (removed with it). If the folder move fails, the old one is put back."""
@@ -1898,6 +1922,9 @@ def swap_in(staged: Path, root: Path) -> None:
             os.replace(old, cur)
         raise
     os.replace(staged / "report.md", root / "report.md")
+    for name in OUTCOME_FILES:  # written beside report.md, from the same records
+        if (staged / name).exists():
+            os.replace(staged / name, root / name)
 
 
 def prepare_report(
@@ -1978,6 +2005,7 @@ def write_report(
         page, md = render_report(content, figures)
         _write_utf8(staged / "report" / "index.html", page)
         _write_utf8(staged / "report.md", md)
+        write_outcome_tables(content, staged)
         _write_utf8(staged / "report" / "summary.txt", summary_text(result))
         swap_in(staged, root)
     return root / "report" / "index.html"
