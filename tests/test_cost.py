@@ -303,3 +303,32 @@ def test_bench_bound_counts_kv_cache_reads_and_the_json_names_engine_paths(tmp_p
     data = json.loads((tmp_path / "b.json").read_text())
     assert data["engines"] == {"hf": "hf-mixed"}  # vLLM not measured: no figure for it
     assert planning.throughput_from_json(data, "b", engine="hf").tok_per_s == 80.0
+
+
+def test_prompt_tokens_count_every_resent_request():
+    """Prompt tokens sent: one call sends its first request; a multi-turn chat resends it with
+    every reply and user turn since; the persona prompt is part of it; the dry run prints it."""
+    plan = planning.build_plan(_cfg())
+    est = planning.estimate_cost(plan, fraction=0.5)
+    cells = _by_slice(est)
+    chat = [r for r in plan.rows if r.spec.slice == "id_chat"]
+    first = sum(planning.first_prompt_chars(r) for r in chat) / planning.CHARS_PER_TOKEN
+    assert cells["id_chat"].prompt_tokens == pytest.approx(first)  # one call per row
+    prompted = next(r for r in chat if r.condition.system_prompt)
+    bare = next(r for r in chat if not r.condition.system_prompt)
+    gap = planning.first_prompt_chars(prompted) - planning.first_prompt_chars(bare)
+    assert gap >= len(prompted.condition.system_prompt)  # the persona prompt is sent
+    multi = next(r for r in plan.rows if r.spec.slice == "chat_email_multiturn")
+    turns = len(multi.spec.user_turns)
+    later = [len(t) / planning.CHARS_PER_TOKEN for t in multi.spec.user_turns[1:]]
+    want = turns * planning.first_prompt_chars(multi) / planning.CHARS_PER_TOKEN + (
+        turns * (turns - 1) / 2 * (50.0 + sum(later) / len(later))
+    )
+    assert planning.prompt_tokens(multi, turns, 50.0) == pytest.approx(want)
+    tool = next(r for r in plan.rows if r.spec.slice == "agentic_email")
+    assert (
+        planning.first_prompt_chars(tool)
+        > len(tool.spec.user_turns[0]) + len(json.dumps(tool.spec.tools)) - 1
+    )  # tool descriptions are part of the first request
+    res = runner.invoke(app, ["run", "--preset", "smoke", "--dry-run"])
+    assert res.exit_code == 0 and "prompt~" in res.output and "prompt tokens sent" in res.output

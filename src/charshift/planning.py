@@ -9,6 +9,7 @@ of the pipeline starts from `build_plan`.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -511,6 +512,8 @@ class CellCost:
     expected_calls: float
     tokens_per_call: float  # expected completion tokens per call
     basis: str  # "assumed" or "measured"
+    # expected prompt tokens sent over the expected calls (`prompt_tokens`: ~4 characters a token)
+    prompt_tokens: float = 0.0
 
     @property
     def max_tokens(self) -> int:
@@ -579,7 +582,8 @@ def estimate_cost(
     cells, notes = [], []
     for (base, sl), grp in groups.items():
         measured = calibration.cells.get((model_of[base], sl)) if calibration else None
-        cell = _cell_cost(base, sl, grp, steps, fraction, measured)
+        native = plan.cfg.rollout.tool_protocol == "native"
+        cell = _cell_cost(base, sl, grp, steps, fraction, measured, native)
         if measured and measured.budget and measured.budget < cell.budget:
             notes.append(
                 f"{base} / {sl}: measured at a budget of {measured.budget} tokens per call, "
@@ -598,6 +602,34 @@ def estimate_cost(
     )
 
 
+CHARS_PER_TOKEN = 4.0  # the prompt estimate's rule of thumb (no tokenizer is loaded to plan)
+
+
+def first_prompt_chars(row: PlannedRow, native_tools: bool = False) -> int:
+    """Characters of a row's first request: its system message (persona prompt and the slice's
+    system, `formats.compose_system`, which holds a tool slice's tool descriptions), pre-written
+    context and first user turn; with `native_tools` the tool schemas sent beside them."""
+    from charshift.formats import compose_system
+
+    system = compose_system(row.condition.system_prompt, row.spec.system) or ""
+    context = sum(len(str(m.get("content") or "")) for m in row.spec.context)
+    tools = len(json.dumps(row.spec.tools)) if native_tools and row.spec.tools else 0
+    return len(system) + context + len(row.spec.user_turns[0]) + tools
+
+
+def prompt_tokens(
+    row: PlannedRow, calls: float, reply_tokens: float, native_tools: bool = False
+) -> float:
+    """Prompt tokens a row sends over `calls` calls: each call resends the first request and
+    everything since (the replies at `reply_tokens` each, the later user turns of a chat);
+    characters / `CHARS_PER_TOKEN`. A tool loop's tool results are not counted (a lower bound
+    there), and prefix caching or KV reuse computes fewer than are sent."""
+    first = first_prompt_chars(row, native_tools) / CHARS_PER_TOKEN
+    later = [len(t) / CHARS_PER_TOKEN for t in row.spec.user_turns[1:]]
+    grown = reply_tokens + (sum(later) / len(later) if later else 0.0)
+    return calls * first + calls * (calls - 1) / 2 * grown
+
+
 def _cell_cost(
     base: str,
     slice_: str,
@@ -605,17 +637,20 @@ def _cell_cost(
     steps: int,
     fraction: float,
     measured: CalibrationCell | None,
+    native: bool = False,
 ) -> CellCost:
     budget = max(r.sampling.max_tokens for r in rows)
     top = sum(max_calls(r, steps) for r in rows)
     if measured is None:
-        expected_calls = float(sum(assumed_calls(r, steps) for r in rows))
-        return CellCost(
-            base, slice_, len(rows), budget, top, expected_calls, fraction * budget, "assumed"
-        )
-    expected_calls = min(measured.calls_per_row * len(rows), float(top))
-    per_call = min(measured.tokens_per_call, float(budget))
-    return CellCost(base, slice_, len(rows), budget, top, expected_calls, per_call, "measured")
+        calls = [float(assumed_calls(r, steps)) for r in rows]
+        per_call, basis = fraction * budget, "assumed"
+    else:
+        calls = [min(measured.calls_per_row, float(max_calls(r, steps))) for r in rows]
+        per_call, basis = min(measured.tokens_per_call, float(budget)), "measured"
+    prompt = sum(prompt_tokens(r, c, per_call, native) for r, c in zip(rows, calls, strict=True))
+    per_row = measured.calls_per_row * len(rows) if measured else sum(calls)
+    expected_calls = min(per_row, float(top))
+    return CellCost(base, slice_, len(rows), budget, top, expected_calls, per_call, basis, prompt)
 
 
 def _largest_shard_share(
@@ -650,20 +685,21 @@ def _hours(h: float | None) -> str:
 
 def _cost_lines(est: CostEstimate) -> list[str]:
     head = f"  {'base':<10} {'slice':<26} {'rows':>7} {'budget':>6} {'calls<=':>8} {'tokens<=':>9}"
-    head += f" {'calls~':>9} {'tok/call~':>9} {'tokens~':>9}  basis"
-    lines = ["cost estimate: generated tokens (prompt tokens and scoring not counted)", head]
+    head += f" {'calls~':>9} {'tok/call~':>9} {'tokens~':>9} {'prompt~':>9}  basis"
+    lines = ["cost estimate: generated tokens, and prompt tokens sent (scoring not counted)", head]
     for c in est.cells:
         lines.append(
             f"  {c.base:<10} {c.slice:<26} {c.rows:>7} {c.budget:>6} {c.max_calls:>8} "
             f"{_tokens(c.max_tokens):>9} {c.expected_calls:>9.0f} {c.tokens_per_call:>9.1f} "
-            f"{_tokens(c.expected_tokens):>9}  {c.basis}"
+            f"{_tokens(c.expected_tokens):>9} {_tokens(c.prompt_tokens):>9}  {c.basis}"
         )
     rows = sum(c.rows for c in est.cells)
     calls = sum(c.max_calls for c in est.cells)
     lines.append(
         f"  {'total':<37} {rows:>7} {'':>6} {calls:>8} {_tokens(est.max_tokens):>9} "
         f"{sum(c.expected_calls for c in est.cells):>9.0f} {'':>9} "
-        f"{_tokens(est.expected_tokens):>9}"
+        f"{_tokens(est.expected_tokens):>9} "
+        f"{_tokens(sum(c.prompt_tokens for c in est.cells)):>9}"
     )
     lines += _cost_basis_lines(est)
     lines += [f"note: {n}" for n in est.notes]
@@ -681,6 +717,12 @@ def _cost_basis_lines(est: CostEstimate) -> list[str]:
             f"tool episode, each call generating {est.fraction:g} of its budget "
             "(--expected-fraction; or measure with --calibrate-from RUN_DIR)."
         )
+    out.append(
+        "prompt~: prompt tokens sent over the expected calls, each call resending the first "
+        "request (system, persona prompt, context, tool descriptions) and every turn since, at "
+        f"~{CHARS_PER_TOKEN:g} characters a token; a tool loop's tool results are not counted "
+        "(a lower bound there), and prefix caching or KV reuse computes fewer than are sent."
+    )
     if est.calibration:
         out.append(
             f"~ measured (basis 'measured'): mean calls per row and completion tokens per call "
