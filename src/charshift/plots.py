@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
 
 from charshift.headline import chain_heading
 from charshift.ladder import split_unit
@@ -219,7 +220,8 @@ def _heatmap(
     fmt: str = "{:.2f}",
     cmap: str = "viridis",
     dark_low: bool = True,
-) -> None:
+    colorbar: bool = True,
+) -> AxesImage:
     im = ax.imshow(np.ma.masked_invalid(data), vmin=0, vmax=vmax, cmap=cmap, aspect="auto")
     ax.set_xticks(np.arange(len(cols)), [_t(c) for c in cols], rotation=45, ha="right",
                   fontsize=7)  # fmt: skip
@@ -229,8 +231,10 @@ def _heatmap(
             if np.isfinite(v):
                 low = v < 0.6 * vmax
                 color = "white" if low == dark_low else "black"
-                ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=6, color=color)
-    ax.figure.colorbar(im, ax=ax, shrink=0.8)
+                ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7, color=color)
+    if colorbar:
+        ax.figure.colorbar(im, ax=ax, shrink=0.8)
+    return im
 
 
 def _persona_f1_fig(result: MetricsResult, slice_: str) -> Figure:
@@ -261,10 +265,12 @@ def _confusion_fig(result: MetricsResult, base: str, slice_: str) -> Figure:
     for ax, c in zip(axes, cells, strict=True):
         tot = c.confusion.sum(axis=1, keepdims=True)
         norm = np.divide(c.confusion, tot, out=np.zeros(c.confusion.shape), where=tot > 0)
-        _heatmap(ax, norm, c.confusion_rows, c.confusion_cols, cmap="Blues", dark_low=False)
+        im = _heatmap(ax, norm, c.confusion_rows, c.confusion_cols, cmap="Blues",
+                      dark_low=False, colorbar=False)  # fmt: skip
         ax.set_title(f"{_t(c.cell.stage)} (n={c.n_rows})", fontsize=9)
         ax.set_xlabel("predicted", fontsize=8)
     axes[0].set_ylabel("true persona", fontsize=8)
+    fig.colorbar(im, ax=list(axes), shrink=0.8, label="row share")  # one scale for every panel
     mark = f" ({BLIND} scorer blind here)" if result.blind(base, slice_) else ""
     fig.suptitle(f"{_t(base)} / {_t(slice_)}: confusion (row share){mark}", fontsize=10)
     return fig
