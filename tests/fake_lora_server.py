@@ -17,7 +17,14 @@ Behaviour reproduced, read from the engines' sources:
     base or an adapter already loaded; 404 for a folder without an adapter; 500 for a rank
     above --max-lora-rank or weights that do not load; 200 with a text body on success.
     Without the variable the route does not exist (404).
-  - SGLang (`--model-path M --lora-paths NAME=PATH ...`): the adapter is taken from `model` only
+  - SGLang (`--model-path M --lora-paths NAME=PATH ...`, or `--enable-lora` with no
+    `--lora-paths`, which then needs both `--max-lora-rank` and `--lora-target-modules`, else
+    startup fails with SGLang's assertion): with LoRA enabled, POST /load_lora_adapter (no /v1)
+    `{lora_name, lora_path}` loads one adapter: 200 `{success: true, ...}`; else 400 `{success:
+    false, error_message}` for a name already loaded, a folder without an adapter, weights that
+    do not load, or an adapter the pool cannot hold (its rank above --max-lora-rank, or target
+    modules outside --lora-target-modules unless `all`: "... is incompatible with the current
+    LoRA memory pool configuration ..."). The adapter is taken from `model` only
     when it has the form `BASE:NAME` (`_parse_model_parameter`), else from a `lora_path` body
     field; a bare `model: "NAME"` has no colon and runs the BASE model, silently. An adapter name
     that is not loaded is a 400. `--max-loaded-loras` must be >= `--max-loras-per-batch`. With
@@ -155,10 +162,12 @@ class FakeLoraServer:
         latency_per_word: float = 0.0,
         runtime_lora: bool = False,
         max_lora_rank: int | None = None,
+        target_modules: list[str] | None = None,
     ) -> None:
         assert flavor in ("vllm", "sglang")
         self.flavor, self.model, self.loras = flavor, model, dict(loras)
         self.runtime_lora, self.max_lora_rank = runtime_lora, max_lora_rank
+        self.target_modules = target_modules
         self.use_model_defaults = generation_config_defaults
         self.max_model_len = max_model_len
         self.latency_per_word = latency_per_word
@@ -268,6 +277,40 @@ class FakeLoraServer:
         record({"event": "load_lora_adapter", "name": name, "path": path})
         return 200, f"Success: LoRA adapter '{name}' added successfully."
 
+    def load_lora_sglang(self, body: dict[str, Any]) -> tuple[int, Any]:
+        """SGLang's POST /load_lora_adapter (TokenizerManager.load_lora_adapter, then the
+        LoRAManager's checks): 200 with success, else 400 with the reason."""
+        name, path = body.get("lora_name"), body.get("lora_path")
+
+        def fail(why: str) -> tuple[int, Any]:
+            return 400, {"success": False, "error_message": why}
+
+        if not name or not path:
+            return fail("lora_name and lora_path are required")
+        if name in self.loras:
+            return fail(f"Failed to load LoRA adapter {name}: {name} is already loaded")
+        config = Path(path) / "adapter_config.json"
+        if not config.is_file():
+            return fail(f"Failed to load LoRA adapter {name}: no adapter_config.json in {path}")
+        cfg = json.loads(config.read_text())
+        rank, mods = cfg.get("r"), cfg.get("target_modules") or []
+        outside = self.target_modules != ["all"] and not set(mods) <= set(self.target_modules or [])
+        if (isinstance(rank, int) and rank > (self.max_lora_rank or 0)) or outside:
+            return fail(
+                f"Failed to load LoRA adapter {name}: LoRA adapter {name} with rank {rank} is "
+                "incompatible with the current LoRA memory pool configuration. Please ensure that "
+                "the LoRA adapter's rank is within the configured `--max-lora-rank` and that the "
+                "target modules are included in `--lora-target-modules`."
+            )
+        try:
+            adapter_strength(Path(path))
+        except (ValueError, FileNotFoundError) as exc:
+            return fail(f"Failed to load LoRA adapter {name}: {exc}")
+        with self.lock:
+            self.loras[name] = path
+        record({"event": "load_lora_adapter", "name": name, "path": path})
+        return 200, {"success": True, "error_message": "", "loaded_adapters": dict(self.loras)}
+
     def complete(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         status, adapter, error = self.select_adapter(body)
         if status != 200:
@@ -325,9 +368,14 @@ class FakeLoraServer:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length))
-                if self.path == "/v1/load_lora_adapter" and server.runtime_lora:
-                    self._send(*server.load_lora(body))
-                    return
+                if server.runtime_lora and server.flavor == "vllm":
+                    if self.path == "/v1/load_lora_adapter":
+                        self._send(*server.load_lora(body))
+                        return
+                if server.runtime_lora and server.flavor == "sglang":
+                    if self.path == "/load_lora_adapter":
+                        self._send(*server.load_lora_sglang(body))
+                        return
                 if self.path != "/v1/chat/completions":
                     self._send(404, {"detail": "not found"})
                     return
@@ -395,7 +443,9 @@ def sglang_main(argv: list[str]) -> FakeLoraServer:
     p.add_argument("--port", type=int, default=30000)
     p.add_argument("--random-seed", type=int)
     p.add_argument("--sampling-defaults", choices=["openai", "model"], default="model")
+    p.add_argument("--enable-lora", action="store_true")
     p.add_argument("--lora-paths", nargs="*", default=[])
+    p.add_argument("--lora-target-modules", nargs="*")
     p.add_argument("--max-lora-rank", type=int)
     p.add_argument("--max-loras-per-batch", type=int, default=8)
     p.add_argument("--max-loaded-loras", type=int)
@@ -407,6 +457,11 @@ def sglang_main(argv: list[str]) -> FakeLoraServer:
     a = p.parse_args(argv)
     if a.max_loaded_loras is not None and a.max_loaded_loras < a.max_loras_per_batch:
         sys.exit("max_loaded_loras must be >= max_loras_per_batch")
+    if a.enable_lora and not a.lora_paths and not (a.max_lora_rank and a.lora_target_modules):
+        sys.exit(
+            "AssertionError: When no initial --lora-paths is provided, you need to specify both "
+            "--max-lora-rank and --lora-target-modules for LoRA initialization."
+        )
     loras = dict(item.split("=", 1) for item in a.lora_paths)
     for path in loras.values():
         _check_adapter(path, a.max_lora_rank)
@@ -419,6 +474,9 @@ def sglang_main(argv: list[str]) -> FakeLoraServer:
         port=a.port,
         generation_config_defaults=use_defaults,
         max_model_len=a.context_length,
+        runtime_lora=a.enable_lora or bool(a.lora_paths),
+        max_lora_rank=a.max_lora_rank,
+        target_modules=a.lora_target_modules,
     )
 
 

@@ -101,13 +101,23 @@ def test_sglang_command_line():
     argv, env = sglang_command(spec(seed=3, max_loras=4, max_lora_rank=64))
     assert argv[:3] == [sys.executable, "-m", "sglang.launch_server"]
     assert flag(argv, "--model-path") == "/m" and flag(argv, "--random-seed") == "3"
-    i = argv.index("--lora-paths")
-    assert argv[i + 1 : i + 3] == ["full/sarcasm=/ad/sarcasm", "full/humor=/ad/humor"]
+    # loaded at runtime: the pool is sized from the rank and the target modules (unknown: all)
+    assert "--lora-paths" not in argv and "--enable-lora" in argv
+    assert flag(argv, "--lora-target-modules") == "all"
     assert flag(argv, "--max-lora-rank") == "64"
     assert flag(argv, "--max-loras-per-batch") == "5"  # counts the base model
     assert flag(argv, "--max-loaded-loras") == "5"
     assert "--enable-deterministic-inference" in argv
     assert flag(argv, "--sampling-defaults") == "openai" and env == {}
+    known = [ServedAdapter("a", Path("/a"), 8, ("q_proj", "v_proj")),
+             ServedAdapter("b", Path("/b"), 16, ("o_proj", "q_proj"))]  # fmt: skip
+    argv, _ = sglang_command(spec(adapters=known))
+    i = argv.index("--lora-target-modules")
+    assert argv[i + 1 : i + 4] == ["o_proj", "q_proj", "v_proj"]  # their union
+    assert flag(argv, "--max-lora-rank") == "16"
+    unranked = [ServedAdapter("a", Path("/a"), None)]  # no rank to size a pool: named at start
+    argv, _ = sglang_command(spec(adapters=unranked))
+    assert flag(argv, "--lora-paths") == "a=/a" and "--enable-lora" not in argv
 
 
 def test_command_template():
@@ -329,12 +339,28 @@ def test_a_server_that_never_comes_up_is_stopped_after_the_timeout(tmp_path):
     assert b.server is None
 
 
-def test_the_engine_failing_on_an_adapter_at_startup_is_reported(fake_engines, tmp_path):
-    # SGLang refuses to start when an adapter's rank exceeds --max-lora-rank (a user-set rank).
-    sources = [AdapterSource(name="wide", path=str(make_adapter(tmp_path / "wide", r=64)))]
+def test_sglang_loads_adapters_at_runtime_so_a_bad_one_is_named_and_the_rest_run(
+    fake_engines, tmp_path
+):
+    """SGLang takes each adapter by POST /load_lora_adapter once it is up: one whose rank
+    exceeds --max-lora-rank (a user-set rank) is an error naming it, the base and the others
+    run (before, it was on the command line and stopped the whole server)."""
+    sources = [
+        AdapterSource(name="good", path=str(make_adapter(tmp_path / "good"))),
+        AdapterSource(name="wide", path=str(make_adapter(tmp_path / "wide", r=64))),
+    ]
     b = ServerBackend(str(tmp_path), engine="sglang", log_path=tmp_path / "s.log", max_lora_rank=8)
-    with pytest.raises(ServerStartError, match="greater than max_lora_rank"):
-        b.load_adapters(sources)
+    try:
+        errors = b.load_adapters(sources)
+        assert list(errors) == ["wide"] and "HTTP 400" in errors["wide"]
+        assert "incompatible with the current LoRA memory pool" in errors["wide"]
+        results = b.generate([req("a", "good"), req("b")])
+        assert [r.text.split()[0] for r in results] == ["[good]", "[base]"]
+        [start] = events(fake_engines, "start")
+        assert "--lora-paths" not in start["argv"] and "--enable-lora" in start["argv"]
+        assert [e["name"] for e in events(fake_engines, "load_lora_adapter")] == ["good"]
+    finally:
+        b.close()
 
 
 def test_vllm_loads_adapters_at_runtime_so_a_bad_one_is_named_and_the_rest_run(

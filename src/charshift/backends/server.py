@@ -24,9 +24,16 @@ The command lines (flags read from vLLM 0.33.0 and SGLang 0.5.23):
             the model's generation_config (the client also sends every field), so served and
             offline runs sample alike. Requests name an adapter by its NAME.
   - sglang: `python -m sglang.launch_server --model-path MODEL --host H --port P --random-seed S
-            --sampling-defaults openai [--lora-paths NAME=PATH ... --max-lora-rank R
+            --sampling-defaults openai [--enable-lora --lora-target-modules T ... --max-lora-rank R
             --max-loras-per-batch N+1 --max-loaded-loras M] [--enable-deterministic-inference]
             [--context-length L] [--dtype D] [--revision REV] [--mem-fraction-static G]`.
+            The adapters are loaded once the server is up, by POST /load_lora_adapter
+            `{lora_name, lora_path}` (sglang/srt/entrypoints/http_server.py; 400 with the
+            engine's reason on failure), so one bad adapter is an error naming it, as with vLLM.
+            Starting without --lora-paths, SGLang needs the pool's shape: the rank (the
+            adapters' largest, or `max_lora_rank`) and the target modules (the union of the
+            adapters' lists, `all` where one is not a list). With no rank known the adapters are
+            given at startup instead (`--lora-paths NAME=PATH ...`, where a bad one stops it).
             `--max-loras-per-batch` counts the base model, hence N+1. Requests select an adapter
             with `model: "MODEL:NAME"` (a bare NAME would silently run the base model).
             SGLang's radix (prefix) cache is on by default.
@@ -47,6 +54,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import logging
 import os
 import shlex
@@ -101,6 +109,7 @@ class ServedAdapter:
     name: str  # the adapter name requests use, as served
     folder: Path
     rank: int | None
+    target_modules: tuple[str, ...] | None = None  # adapter_config.json's list (None: unknown)
 
 
 @dataclass
@@ -120,6 +129,19 @@ class LaunchSpec:
     dtype: str = "auto"
     revision: str | None = None
     deterministic: bool = True
+
+
+def read_target_modules(folder: Path) -> tuple[str, ...] | None:
+    """adapter_config.json's `target_modules` where it is a list of names (PEFT may also store
+    one string, a regex or `all-linear`: None, as for a file without it)."""
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    mods = config.get("target_modules") if isinstance(config, dict) else None
+    if isinstance(mods, list) and mods and all(isinstance(m, str) for m in mods):
+        return tuple(mods)
+    return None
 
 
 def _lora_rank(spec: LaunchSpec) -> int | None:
@@ -158,14 +180,31 @@ def vllm_command(spec: LaunchSpec) -> tuple[list[str], dict[str, str]]:
     return argv, env
 
 
+def sglang_runtime_lora(spec: LaunchSpec) -> bool:
+    """SGLang takes the adapters at runtime (POST /load_lora_adapter) where it can size its LoRA
+    pool without them: a rank is known (SGLang requires --max-lora-rank and
+    --lora-target-modules when it starts with no --lora-paths)."""
+    return bool(spec.adapters) and _lora_rank(spec) is not None
+
+
+def _target_modules(spec: LaunchSpec) -> list[str]:
+    """The union of the adapters' target modules, or `all` where one is not a plain list."""
+    if any(a.target_modules is None for a in spec.adapters):
+        return ["all"]
+    return sorted({m for a in spec.adapters for m in a.target_modules or ()})
+
+
 def sglang_command(spec: LaunchSpec) -> tuple[list[str], dict[str, str]]:
     """`python -m sglang.launch_server` argv for `spec` (see the module docstring)."""
     argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", spec.model]
     argv += ["--host", spec.host, "--port", str(spec.port), "--random-seed", str(spec.seed)]
     argv += ["--sampling-defaults", "openai"]
     if spec.adapters:
-        argv += ["--lora-paths", *(f"{a.name}={a.folder}" for a in spec.adapters)]
         rank = _lora_rank(spec)
+        if sglang_runtime_lora(spec):
+            argv += ["--enable-lora", "--lora-target-modules", *_target_modules(spec)]
+        else:  # no rank to size the pool with: the adapters are named at startup
+            argv += ["--lora-paths", *(f"{a.name}={a.folder}" for a in spec.adapters)]
         if rank is not None:
             argv += ["--max-lora-rank", str(rank)]
         per_batch = spec.max_loras + 1  # SGLang counts the base model as one of the batch's LoRAs
@@ -439,11 +478,11 @@ class ServerBackend(OpenAIBackend):
             except Exception as exc:  # missing/gated repo, bad folder: skip its cells
                 errors[src.name] = f"adapter {src.name!r} could not be loaded: {exc}"
                 continue
-            served.append(ServedAdapter(src.name, folder, rank))
+            served.append(ServedAdapter(src.name, folder, rank, read_target_modules(folder)))
         if self.server is None:
             self.spec.adapters = served
             self.start()
-        if self.engine == "vllm":
+        if self.engine == "vllm" or (self.engine == "sglang" and sglang_runtime_lora(self.spec)):
             errors.update(self._load_at_runtime(served))
         self._served_override.update({a.name: a.name for a in served})
         good = [a for a in adapters if a.name not in errors]
@@ -451,21 +490,24 @@ class ServerBackend(OpenAIBackend):
         return errors
 
     def _load_at_runtime(self, served: list[ServedAdapter]) -> dict[str, str]:
-        """Load each adapter into the running vLLM server, one POST /v1/load_lora_adapter each:
-        an adapter the engine cannot load (corrupt weights, a rank above --max-lora-rank) is an
-        error naming it and the server's reason, and the others and the base run on."""
+        """Load each adapter into the running server, one request each (vLLM: POST
+        /v1/load_lora_adapter; SGLang: POST /load_lora_adapter, both `{lora_name, lora_path}`):
+        an adapter the engine cannot load (corrupt weights, a rank above --max-lora-rank, target
+        modules outside --lora-target-modules) is an error naming it and the server's reason, and
+        the others and the base run on."""
         errors: dict[str, str] = {}
         root = self.base_url.removesuffix("/v1")
+        route = "/v1/load_lora_adapter" if self.engine == "vllm" else "/load_lora_adapter"
         for adapter in served:
             body = {"lora_name": adapter.name, "lora_path": str(adapter.folder)}
             try:
-                response = httpx.post(f"{root}/v1/load_lora_adapter", json=body, timeout=600)
+                response = httpx.post(f"{root}{route}", json=body, timeout=600)
             except httpx.HTTPError as exc:
                 errors[adapter.name] = f"adapter {adapter.name!r}: loading it failed: {exc}"
                 continue
             if response.status_code != 200:
                 errors[adapter.name] = (
-                    f"adapter {adapter.name!r} could not be loaded by the vllm server "
+                    f"adapter {adapter.name!r} could not be loaded by the {self.engine} server "
                     f"(HTTP {response.status_code}): {response.text[:500]}"
                 )
         return errors
