@@ -113,7 +113,8 @@ def _bars(
     _daggers(ax, xs, ivs)
     for x, iv in zip(xs, ivs, strict=True):
         if not np.isfinite(iv.estimate):  # undefined: say so rather than show an empty slot
-            ax.text(x, 0, "n/a", rotation=90, ha="center", va="bottom", fontsize=6, color="grey")
+            ax.text(x, 0, "n/a", rotation=90, ha="center", va="bottom", fontsize=8,
+                    color="dimgrey", clip_on=True)  # fmt: skip
 
 
 def _persona_values(c: CellMetrics, personas: list[str], attr: str) -> list[float]:
