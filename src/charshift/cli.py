@@ -842,6 +842,48 @@ def _no_training_in_shard(cfg: cfgmod.RunConfig, store: RunStore) -> None:
         )
 
 
+ReportNBootOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--n-boot",
+        min=10,
+        max=cfgmod.MAX_N_BOOT,
+        help="Bootstrap resamples (with --predictions; default 1000).",
+        show_default=False,
+    ),
+]
+ReportSeedOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--seed",
+        min=0,
+        max=cfgmod.SEED_MAX,
+        help="Bootstrap seed (with --predictions; default 0).",
+        show_default=False,
+    ),
+]
+AllowDuplicatesOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-duplicates",
+        help="With --predictions: keep the first of rows that repeat a key (base, stage, "
+        "slice, persona, item_id, sample_idx) and warn, instead of refusing the file.",
+    ),
+]
+PositiveControlOpt = Annotated[
+    str,
+    typer.Option(
+        "--positive-control",
+        help="With --predictions: the stage whose rows are the positive control of the "
+        "scorer check (the persona told to show in every format); 'none' for none.",
+    ),
+]
+SvgOpt = Annotated[
+    bool,
+    typer.Option("--svg", help="Each figure also as SVG (default: PNG only; `report.svg`)."),
+]
+
+
 @app.command()
 def report(
     run_dir: Annotated[Path | None, typer.Option("--run", "-r", help="Run directory.")] = None,
@@ -850,44 +892,12 @@ def report(
         typer.Option("--predictions", help="JSONL of predictions made elsewhere (README schema)."),
     ] = None,
     out: Annotated[str | None, typer.Option("--out", "-o", help="Output folder.")] = None,
-    n_boot: Annotated[
-        int | None,
-        typer.Option(
-            min=10,
-            max=cfgmod.MAX_N_BOOT,
-            help="Bootstrap resamples (with --predictions; default 1000).",
-            show_default=False,
-        ),
-    ] = None,
-    seed: Annotated[
-        int | None,
-        typer.Option(
-            min=0,
-            max=cfgmod.SEED_MAX,
-            help="Bootstrap seed (with --predictions; default 0).",
-            show_default=False,
-        ),
-    ] = None,
-    allow_duplicates: Annotated[
-        bool,
-        typer.Option(
-            "--allow-duplicates",
-            help="With --predictions: keep the first of rows that repeat a key (base, stage, "
-            "slice, persona, item_id, sample_idx) and warn, instead of refusing the file.",
-        ),
-    ] = False,
-    positive_control: Annotated[
-        str,
-        typer.Option(
-            help="With --predictions: the stage whose rows are the positive control of the "
-            "scorer check (the persona told to show in every format); 'none' for none.",
-        ),
-    ] = "prompted_explicit",
+    n_boot: ReportNBootOpt = None,
+    seed: ReportSeedOpt = None,
+    allow_duplicates: AllowDuplicatesOpt = False,
+    positive_control: PositiveControlOpt = "prompted_explicit",
     allow_unknown_labels: AllowUnknownOpt = False,
-    svg: Annotated[
-        bool,
-        typer.Option("--svg", help="Each figure also as SVG (default: PNG only; `report.svg`)."),
-    ] = False,
+    svg: SvgOpt = False,
 ) -> None:
     """Compute metrics, intervals, plots and the HTML/markdown report (of a run: its config's
     stats settings; of a predictions file: --n-boot and --seed)."""
