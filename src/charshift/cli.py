@@ -681,61 +681,68 @@ def generate(
     _report_gaps(done, target, allow_skipped)
 
 
+GenerationsOpt = Annotated[
+    Path | None,
+    typer.Option("--generations", help="Score an external JSONL of texts instead of a run's rows."),
+]
+ScoreClassifierOpt = Annotated[
+    str | None,
+    typer.Option("--classifier", help="Classifier id or folder (with --generations)."),
+]
+ScoreOutOpt = Annotated[
+    str | None, typer.Option("--out", "-o", help="Predictions JSONL (with --generations).")
+]
+ScorerOpt = Annotated[
+    str,
+    typer.Option(
+        "--scorer",
+        help="With --generations: classifier (--classifier) or judge (an LLM judge on an "
+        "OpenAI-compatible server: --judge-base-url, --judge-model).",
+    ),
+]
+JudgeBaseUrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--judge-base-url", help="With --scorer judge: the server, e.g. http://host:8000/v1."
+    ),
+]
+JudgeModelOpt = Annotated[
+    str | None, typer.Option("--judge-model", help="With --scorer judge: the served model name.")
+]
+JudgeSamplesOpt = Annotated[
+    int, typer.Option("--judge-samples", min=1, max=99, help="Answers per question (median kept).")
+]
+JudgeModeOpt = Annotated[
+    str,
+    typer.Option(
+        "--judge-mode",
+        help="likert (how strongly the text expresses its row's persona, 1-5) or identify "
+        "(which persona wrote it, or none).",
+    ),
+]
+JudgeKeyEnvOpt = Annotated[
+    str,
+    typer.Option(
+        "--judge-api-key-env",
+        help="The NAME of the environment variable holding the server's API key (the key "
+        "is read from it and never written anywhere).",
+    ),
+]
+
+
 @app.command()
 def score(
     run_dir: Annotated[Path | None, typer.Option("--run", "-r", help="Run directory.")] = None,
-    generations: Annotated[
-        Path | None,
-        typer.Option(
-            "--generations", help="Score an external JSONL of texts instead of a run's rows."
-        ),
-    ] = None,
-    classifier: Annotated[
-        str | None,
-        typer.Option("--classifier", help="Classifier id or folder (with --generations)."),
-    ] = None,
-    out: Annotated[
-        str | None, typer.Option("--out", "-o", help="Predictions JSONL (with --generations).")
-    ] = None,
+    generations: GenerationsOpt = None,
+    classifier: ScoreClassifierOpt = None,
+    out: ScoreOutOpt = None,
     shard: ShardOpt = None,
-    scorer: Annotated[
-        str,
-        typer.Option(
-            "--scorer",
-            help="With --generations: classifier (--classifier) or judge (an LLM judge on an "
-            "OpenAI-compatible server: --judge-base-url, --judge-model).",
-        ),
-    ] = "classifier",
-    judge_base_url: Annotated[
-        str | None,
-        typer.Option(
-            "--judge-base-url", help="With --scorer judge: the server, e.g. http://host:8000/v1."
-        ),
-    ] = None,
-    judge_model: Annotated[
-        str | None,
-        typer.Option("--judge-model", help="With --scorer judge: the served model name."),
-    ] = None,
-    judge_samples: Annotated[
-        int,
-        typer.Option("--judge-samples", min=1, max=99, help="Answers per question (median kept)."),
-    ] = 3,
-    judge_mode: Annotated[
-        str,
-        typer.Option(
-            "--judge-mode",
-            help="likert (how strongly the text expresses its row's persona, 1-5) or identify "
-            "(which persona wrote it, or none).",
-        ),
-    ] = "likert",
-    judge_api_key_env: Annotated[
-        str,
-        typer.Option(
-            "--judge-api-key-env",
-            help="The NAME of the environment variable holding the server's API key (the key "
-            "is read from it and never written anywhere).",
-        ),
-    ] = "OPENAI_API_KEY",
+    scorer: ScorerOpt = "classifier",
+    judge_base_url: JudgeBaseUrlOpt = None,
+    judge_model: JudgeModelOpt = None,
+    judge_samples: JudgeSamplesOpt = 3,
+    judge_mode: JudgeModeOpt = "likert",
+    judge_api_key_env: JudgeKeyEnvOpt = "OPENAI_API_KEY",
 ) -> None:
     """Score a run's outputs, or one shard's (training its classifier and fitting its persona
     vectors first where the config says so; a shard never does: that needs every shard's rows).
@@ -749,13 +756,8 @@ def score(
         _only_with(
             "a run (not --generations)", {"--run": run_dir is not None, "--shard": part is not None}
         )
-        judge = None
-        if scorer == "judge":
-            judge = _judge_settings(
-                judge_base_url, judge_model, judge_samples, judge_mode, judge_api_key_env
-            )
-        else:
-            _only_with("--scorer judge", _judge_flags(judge_base_url, judge_model))
+        flags = (judge_base_url, judge_model, judge_samples, judge_mode, judge_api_key_env)
+        judge = _judge_or_none(scorer, *flags)
         _score_generations(generations, _out_path(out), scorer, classifier, judge)
         return
     _only_with(
@@ -807,6 +809,16 @@ def _judge_settings(
     except (ValidationError, ValueError) as err:
         _fail(f"--judge-*: {err}")
     return settings
+
+
+def _judge_or_none(
+    scorer: str, base_url: str | None, model: str | None, samples: int, mode: str, key_env: str
+) -> Any:
+    """The judge `--scorer judge` asks for, or None (its flags then refused)."""
+    if scorer == "judge":
+        return _judge_settings(base_url, model, samples, mode, key_env)
+    _only_with("--scorer judge", _judge_flags(base_url, model))
+    return None
 
 
 def _score_generations(
