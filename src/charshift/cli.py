@@ -382,15 +382,26 @@ def presets() -> None:
         typer.echo(f"{name:<12} {cfg.description}")
 
 
+DryRunOpt = Annotated[
+    bool, typer.Option("--dry-run", help="Print the plan and its cost; load no model.")
+]
+WithOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--with",
+        help="Switch on an opt-in block of the config (the paper preset's `scaffolds`); "
+        "repeatable. --dry-run prints each block's cost on its own, on or off.",
+    ),
+]
+
+
 @app.command()
 def run(
     config: ConfigArg = None,
     preset: PresetOpt = None,
     out: OutOpt = None,
     id_prompts: IdPromptsOpt = None,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Print the plan and its cost; load no model.")
-    ] = False,
+    dry_run: DryRunOpt = False,
     shard: ShardOpt = None,
     executor: ExecutorOpt = "local",
     shards: ShardsOpt = None,
@@ -403,14 +414,7 @@ def run(
     retry_errors: RetryErrorsOpt = False,
     allow_skipped: AllowSkippedOpt = False,
     new_folder: NewFolderOpt = False,
-    with_: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--with",
-            help="Switch on an opt-in block of the config (the paper preset's `scaffolds`); "
-            "repeatable. --dry-run prints each block's cost on its own, on or off.",
-        ),
-    ] = None,
+    with_: WithOpt = None,
     set_: SetOpt = None,
     limit: LimitOpt = None,
     personas: PersonasOpt = None,
