@@ -229,7 +229,7 @@ def _top_children(driver) -> list[str]:
 
 def test_warning_box_then_answer_then_headline_open_the_page(page):
     driver, *_ = page
-    assert _top_children(driver) == ["h1", "warnings", "answer", "headline", "figure"]
+    assert _top_children(driver) == ["h1", "warnings", "answer", "figure", "headline"]
     box = driver.find_element("id", "warnings")
     items = [li.text for li in box.find_elements("css selector", "li")]
     assert items == WARNINGS  # shown literally, the payload as text
@@ -237,22 +237,25 @@ def test_warning_box_then_answer_then_headline_open_the_page(page):
     head = driver.find_element("id", "headline")
     assert box.is_displayed() and answer.is_displayed() and head.is_displayed()
     assert box.rect["y"] + box.rect["height"] <= answer.rect["y"]
-    assert answer.rect["y"] + answer.rect["height"] <= head.rect["y"]
     first = head.find_elements("css selector", "p")[0].text
     assert first.startswith("This run measured 3 personas")
-    # the main figure comes right after the prose; nothing else the page shows sits above it
+    # the main figure comes right after the answer, the prose after it; nothing else above
     fig = driver.find_element("css selector", "body > figure")
     assert "macro-F1 excess over each cell" in fig.text
-    assert fig.rect["y"] >= head.rect["y"] + head.rect["height"]
+    assert fig.rect["y"] >= answer.rect["y"] + answer.rect["height"]
+    assert head.rect["y"] >= fig.rect["y"] + fig.rect["height"]
+    link = fig.find_element("css selector", "a").get_attribute("href")
+    assert link.endswith(".png") and "/report/plots/ladder_" in link  # full size on a click
     later = driver.find_elements(
         "css selector", "nav, h2:not(#headline h2):not(#answer h2), table:not(#answer table)"
     )
-    assert later and all(e.rect["y"] >= fig.rect["y"] + fig.rect["height"] for e in later)
+    assert later and all(e.rect["y"] >= head.rect["y"] + head.rect["height"] for e in later)
     assert driver.execute_script("return typeof window.__pwned") == "undefined"
 
 
 def test_the_answer_fits_the_first_screen(page):
-    """At 1400x900 (no warnings) the answer's table lies wholly within the first screen."""
+    """At 1400x900 (no warnings) the answer's table and the main figure lie wholly within
+    the first screen."""
     driver, _, main, plain = page
     try:
         driver.set_window_size(1400, 900)
@@ -262,6 +265,8 @@ def test_the_answer_fits_the_first_screen(page):
         cells = [c.text for c in table.find_elements("css selector", "tbody td")]
         assert cells[0] == "full" and cells[1].endswith(("detected", "no claim"))
         assert table.rect["y"] + table.rect["height"] <= inner, (table.rect, inner)
+        fig = driver.find_element("css selector", "body > figure")  # the main figure too
+        assert fig.rect["y"] + fig.rect["height"] <= inner, (fig.rect, inner)
     finally:
         driver.get(main.resolve().as_uri())
 
@@ -271,7 +276,7 @@ def test_without_warnings_the_answer_is_first(page):
     try:
         driver.get(plain.resolve().as_uri())
         assert driver.find_elements("id", "warnings") == []
-        assert _top_children(driver) == ["h1", "answer", "headline", "figure"]
+        assert _top_children(driver) == ["h1", "answer", "figure", "headline"]
         h1 = driver.find_element("css selector", "h1")
         answer = driver.find_element("id", "answer")
         assert h1.rect["y"] + h1.rect["height"] <= answer.rect["y"]

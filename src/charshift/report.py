@@ -855,7 +855,7 @@ th{background:#f3f3f3}tbody tr:nth-child(even){background:#fafafa}
 .warnings{background:#fff4e5;border:2px solid #b35c00;padding:.6em 1em;margin:1em 0}
 .warnings ul{margin:.3em 0}.headline{background:#f4f8fc;border-left:5px solid #4C72B0;
 padding:.2em 1em;margin:1em 0}.headline h2{border:none;margin-top:.4em}.headline p{margin:.45em 0}
-.notes li{margin:.2em 0}.fig{margin:1em 0}.fig img{max-width:100%;border:1px solid #eee}
+.notes li{margin:.2em 0}.fig{margin:1em 0}.fig img{max-width:100%;border:1px solid #eee}.main-fig img{max-height:36vh;width:auto}
 .fig figcaption{font-size:.85em;color:#555}
 pre{white-space:pre-wrap;word-break:break-word;background:#f7f7f7;padding:.4em;margin:.2em 0;
 font-size:.85em}
@@ -1462,8 +1462,9 @@ _NAV = (
 )  # fmt: skip
 
 
-def _top(doc: _Doc, rep: ReportContent) -> None:
-    """Title, the warning box, the smoke banner and the headline: what a person reads first."""
+def _top(doc: _Doc, rep: ReportContent, main: Sequence[SavedFigure] = ()) -> None:
+    """Title, the warning box, the smoke banner, the answer, the main figure (`main`, sized to
+    fit the first screen below the answer) and the headline: what a person reads first."""
     doc.h1(rep.title)
     if rep.warnings:
         items = "".join(f"<li>{_e(w)}</li>" for w in rep.warnings)
@@ -1480,6 +1481,11 @@ def _top(doc: _Doc, rep: ReportContent) -> None:
         )
         doc.md_lines(["> **Smoke run: these numbers mean nothing.**"])
     _answer(doc, rep.result)
+    for cap, png, svg in main:  # sized to the first screen; a click opens it at full size
+        html_ = _figure_html(cap, png, svg).replace('class="fig"', 'class="fig main-fig"')
+        html_ = html_.replace("<img ", f'<a href="plots/{_e(png.name)}"><img ', 1)
+        doc.raw_html(html_.replace("<figcaption>", "</a><figcaption>", 1))
+        doc.md += [_figure_md(cap, png, svg), ""]
     sentences = headline_text(rep.result, rep.context)
     doc.raw_html(
         '<section id="headline" class="headline"><h2>Headline</h2>'
@@ -1830,11 +1836,8 @@ def _closing_sections(doc: _Doc, rep: ReportContent, figures: Sequence[SavedFigu
 def render_report(rep: ReportContent, figures: Sequence[SavedFigure] = ()) -> tuple[str, str]:
     """(the HTML page, the markdown) of the report; `figures`: (caption, png, svg) to show."""
     doc = _Doc()
-    _top(doc, rep)
     main = [f for f in figures if f[1].stem.startswith("ladder_")]
-    for cap, png, svg in main:  # the main figure, right after the answer and its prose
-        doc.raw_html(_figure_html(cap, png, svg))
-        doc.md += [_figure_md(cap, png, svg), ""]
+    _top(doc, rep, main)
     figures = [f for f in figures if f not in main]
     _nav(doc, rep)
     for section in (_metrics_section, _classifier_section, _scorer_section, _agreement_section,
