@@ -78,18 +78,18 @@ def test_no_effect_claims_nothing(null):
     assert verdicts == ["not detected", "no loss shown", "no loss shown"]
 
 
-def test_report_and_markdown_open_with_the_answer_then_prose_then_main_figure(planted, tmp_path):
+def test_report_and_markdown_open_with_the_answer_then_main_figure_then_prose(planted, tmp_path):
     recs = world({"id_chat": 0.9}, n=12)
     res = stats.compute_metrics(recs, PERSONAS, n_boot=50, n_perm=50)
     path = report.write_report(tmp_path, recs, res, settings={}, samples=None, title="t")
     page = path.read_text()
     answer, headline = page.index('id="answer"'), page.index('id="headline"')
     figure = page.index("<figure")
-    assert answer < headline < figure < page.index('id="metrics"') < page.index('id="figures"')
+    assert answer < figure < headline < page.index('id="metrics"') < page.index('id="figures"')
     assert "macro-F1 excess over each cell" in page[figure : page.index("</figure>")]
     md = (tmp_path / "report.md").read_text()
-    assert md.index("## The answer") < md.index("## Headline") < md.index("ladder_")
-    assert md.index("ladder_") < md.index("## Metrics per cell")
+    assert md.index("## The answer") < md.index("ladder_") < md.index("## Headline")
+    assert md.index("## Headline") < md.index("## Metrics per cell")
     text = (tmp_path / "report" / "summary.txt").read_text()
     assert text == summary.summary_text(res) and "home ground (id_chat): excess" in text
 
