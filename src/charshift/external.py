@@ -213,11 +213,13 @@ def report_predictions(
 def likert_records(records: list[PredictionRecord]) -> list[PredictionRecord]:
     """The rows a Likert judge scored (`score --scorer judge --judge-mode likert`): judged rows
     that are not an identify judge's, whatever else they carry (a classifier's prediction too)."""
+    from charshift.scoring.judge import IDENTIFY
+
     return [
         r
         for r in records
         if (r.judge_outcome is not None or r.judge_score is not None)
-        and IDENTIFY_KEY not in (r.judge_scores or {})
+        and IDENTIFY not in (r.judge_scores or {})  # an identify judge's samples' key
     ]
 
 
@@ -236,7 +238,6 @@ def _with_likert(inp: AnalysisInput, records: list[PredictionRecord]) -> Metrics
     return result
 
 
-IDENTIFY_KEY = "identify"  # the key of an identify judge's samples in judge_scores
 LIKERT_ONLY = (
     "This file holds a Likert judge's scores (numbers, 1-5), not persona predictions: every "
     "macro-F1, yield and scorer-check figure below is empty by construction. The judge's own "
